@@ -1,0 +1,157 @@
+//! `shears bench`: throughput numbers for choosing the default backend. Numbers are printed,
+//! never asserted.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use clap::Subcommand;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde_json::json;
+use shears_core::{DType, LlamaConfig, ModelFiles};
+use shears_models::{dispatch, dispatch_autodiff, load, AutodiffTask, BackendKind, BackendTask};
+use shears_trainer::{AdamWSettings, LmTrainer};
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Tokens/s of a real model's forward (batch 1 x L and 8 x L) and of a tiny LLaMA training
+    /// step (vocab 8192, hidden 256, 4 layers, 4 heads, intermediate 688, batch 8 x L).
+    Forward {
+        /// Model for the forward figures (path or known name).
+        #[arg(long, default_value = "smollm2")]
+        model: String,
+        /// Timed repetitions per figure (after one warm-up).
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        /// Sequence length L.
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Skip the real-model forward figures.
+        #[arg(long)]
+        skip_model: bool,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn random_ids<B: Backend>(batch: usize, len: usize, vocab: usize, seed: u64, device: &B::Device) -> Tensor<B, 2, Int> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let v: Vec<i64> = (0..batch * len).map(|_| rng.random_range(0..vocab as i64)).collect();
+    Tensor::from_data(TensorData::new(v, [batch, len]), device)
+}
+
+fn timed(iters: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm-up: first-call allocation and kernel selection
+    let start = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    start.elapsed().as_secs_f64()
+}
+
+struct ForwardBench<'a> {
+    files: &'a ModelFiles,
+    batches: &'a [usize],
+    len: usize,
+    iters: usize,
+}
+
+impl BackendTask for ForwardBench<'_> {
+    type Output = shears_core::Result<Vec<(usize, f64)>>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let model = load::from_files::<B>(self.files, &device, DType::F32)?;
+        let vocab = self.files.config.vocab_size;
+        Ok(self
+            .batches
+            .iter()
+            .map(|&b| {
+                let ids = random_ids::<B>(b, self.len, vocab, 1, &device);
+                let secs = timed(self.iters, || {
+                    let logits = model.forward(ids.clone());
+                    // Reading one value forces the whole computation to finish.
+                    let _ = logits.narrow(2, 0, 1).sum().into_data();
+                });
+                (b, (b * self.len * self.iters) as f64 / secs)
+            })
+            .collect())
+    }
+}
+
+/// The tiny LLaMA of the benchmark.
+pub fn tiny_config(seq_len: usize) -> LlamaConfig {
+    LlamaConfig::from_json_str(&format!(
+        r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":8192,"hidden_size":256,
+        "intermediate_size":688,"num_hidden_layers":4,"num_attention_heads":4,
+        "num_key_value_heads":4,"rms_norm_eps":1e-5,"max_position_embeddings":{seq_len},
+        "tie_word_embeddings":false}}"#
+    ))
+    .expect("valid tiny config")
+}
+
+struct TrainBench {
+    batch: usize,
+    len: usize,
+    iters: usize,
+}
+
+impl AutodiffTask for TrainBench {
+    type Output = shears_core::Result<f64>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let config = tiny_config(self.len);
+        let model = load::random_model::<B>(&config, 0, &device)?;
+        let mut trainer = LmTrainer::new(model, AdamWSettings::default());
+        let ids = random_ids::<B>(self.batch, self.len, config.vocab_size, 2, &device);
+        let secs = timed(self.iters, || {
+            trainer.step(ids.clone());
+        });
+        Ok((self.batch * self.len * self.iters) as f64 / secs)
+    }
+}
+
+/// Run a benchmark on `only` (the global `--backend`), or on every compiled CPU backend.
+pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
+    let BenchCmd::Forward {
+        model,
+        iters,
+        seq_len,
+        skip_model,
+        json: as_json,
+    } = cmd;
+    let backends: Vec<BackendKind> = match only {
+        Some(b) => vec![b],
+        None => BackendKind::compiled().into_iter().filter(|b| b.is_cpu()).collect(),
+    };
+    let files = if skip_model {
+        None
+    } else {
+        Some(crate::commands::load_model_files(&model)?)
+    };
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if !as_json {
+        println!("# shears bench forward: L = {seq_len}, {iters} timed iterations after 1 warm-up, {threads} CPU threads");
+        println!("{:<8} {:>22} {:>22} {:>26}", "backend", "model fwd 1xL tok/s", "model fwd 8xL tok/s", "tiny train step 8xL tok/s");
+    }
+    for kind in backends {
+        let fwd = match &files {
+            Some(f) => dispatch(kind, ForwardBench { files: f, batches: &[1, 8], len: seq_len, iters })??,
+            None => vec![],
+        };
+        let train = dispatch_autodiff(kind, TrainBench { batch: 8, len: seq_len, iters })??;
+        let f1 = fwd.iter().find(|x| x.0 == 1).map(|x| x.1);
+        let f8 = fwd.iter().find(|x| x.0 == 8).map(|x| x.1);
+        if as_json {
+            println!(
+                "{}",
+                json!({"backend": kind.name(), "seq_len": seq_len, "iters": iters, "threads": threads,
+                    "model": files.as_ref().map(|f| f.source.display().to_string()),
+                    "forward_1_tok_s": f1, "forward_8_tok_s": f8, "tiny_train_8_tok_s": train})
+            );
+        } else {
+            let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.0}"));
+            println!("{:<8} {:>22} {:>22} {:>26.0}", kind.name(), fmt(f1), fmt(f8), train);
+        }
+    }
+    Ok(())
+}

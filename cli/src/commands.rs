@@ -1,0 +1,222 @@
+//! The model commands: import, export, score, generate, fetch, info.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::Backend;
+use serde_json::json;
+use shears_core::{hub, ChatMessage, DType, ModelFiles};
+use shears_models::generate::{self, SamplingConfig, Scored};
+use shears_models::{dispatch, load, BackendKind, BackendTask};
+
+fn log(msg: &str) {
+    eprintln!("{msg}");
+}
+
+/// Resolve a `--model` argument and load it into host memory.
+pub fn load_model_files(arg: &str) -> Result<ModelFiles> {
+    let path = hub::resolve_model(arg, log)?;
+    let files = ModelFiles::load(&path).with_context(|| format!("cannot load model {}", path.display()))?;
+    for w in &files.tokenizer.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(files)
+}
+
+pub fn import(src: &str, out: &Path, dtype: Option<DType>, force: bool) -> Result<()> {
+    let files = load_model_files(src)?;
+    let dir = files
+        .write_hf_dir(out, dtype, force)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!(
+        "imported {} ({} layers, {} parameters) into {}",
+        files.source.display(),
+        files.layers.len(),
+        files.weights.values().map(|t| t.numel()).sum::<usize>(),
+        dir.display()
+    );
+    Ok(())
+}
+
+struct ExportTask {
+    files: ModelFiles,
+    dtype: DType,
+}
+
+impl BackendTask for ExportTask {
+    type Output = shears_core::Result<ModelFiles>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let model = load::from_files::<B>(&self.files, &device, DType::F32)?;
+        let mut files = self.files;
+        files.weights = load::to_weights(&model, self.dtype);
+        files.layers = load::layer_shapes(&model);
+        Ok(files)
+    }
+}
+
+pub fn export(backend: BackendKind, model: &str, out: &Path, dtype: Option<DType>, force: bool) -> Result<()> {
+    let files = load_model_files(model)?;
+    let dtype = dtype.unwrap_or(DType::F32);
+    let files = dispatch(backend, ExportTask { files, dtype })??;
+    let dir = files
+        .write_hf_dir(out, None, force)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!("exported to {}", dir.display());
+    Ok(())
+}
+
+struct ScoreTask {
+    files: ModelFiles,
+    ids: Vec<u32>,
+    dtype: DType,
+}
+
+impl BackendTask for ScoreTask {
+    type Output = shears_core::Result<Scored>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let model = load::from_files::<B>(&self.files, &device, self.dtype)?;
+        model.check_context(self.ids.len())?;
+        Ok(generate::score(&model, &self.ids))
+    }
+}
+
+pub fn score(
+    backend: BackendKind,
+    model: &str,
+    text_file: Option<&Path>,
+    text: Option<String>,
+    as_json: bool,
+    dtype: DType,
+) -> Result<()> {
+    let text = match (text_file, text) {
+        (Some(f), _) => std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
+        (None, Some(t)) => t,
+        (None, None) => bail!("give the text with --text-file or --text"),
+    };
+    let files = load_model_files(model)?;
+    let ids = files.tokenizer.encode(&text, true)?;
+    if ids.len() < 2 {
+        bail!("the text is {} token(s) long; scoring needs at least two", ids.len());
+    }
+    let scored = dispatch(backend, ScoreTask { files, ids: ids.clone(), dtype })??;
+    let mean = scored.mean_nll();
+    let top = scored.top_logits(10);
+    if as_json {
+        let v = json!({
+            "token_ids": ids,
+            "nll": scored.nll,
+            "mean_nll": mean,
+            "perplexity": mean.exp(),
+            "top_logits": top.iter().map(|(i, l)| json!([i, l])).collect::<Vec<_>>(),
+        });
+        println!("{v}");
+    } else {
+        println!("tokens:      {}", ids.len());
+        println!("mean NLL:    {mean:.6} nats/token");
+        println!("perplexity:  {:.4}", mean.exp());
+        println!("top next tokens after the text:");
+        for (id, logit) in top.iter().take(5) {
+            println!("  {id:>7}  {logit:>9.4}");
+        }
+    }
+    Ok(())
+}
+
+struct GenerateTask {
+    files: ModelFiles,
+    prompt: Vec<u32>,
+    cfg: SamplingConfig,
+    stop: Vec<u32>,
+    dtype: DType,
+}
+
+impl BackendTask for GenerateTask {
+    type Output = shears_core::Result<Vec<u32>>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let model = load::from_files::<B>(&self.files, &device, self.dtype)?;
+        model.check_context(self.prompt.len() + self.cfg.max_new_tokens)?;
+        let tok = self.files.tokenizer.inner();
+        let mut stream = tok.decode_stream(true);
+        let mut stdout = std::io::stdout();
+        let out = generate::generate(&model, &self.prompt, self.cfg, &self.stop, |id| {
+            if let Ok(Some(piece)) = stream.step(id) {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            }
+            true
+        });
+        let _ = writeln!(stdout);
+        Ok(out)
+    }
+}
+
+pub fn generate(
+    backend: BackendKind,
+    model: &str,
+    prompt: &str,
+    chat: bool,
+    system: Option<String>,
+    cfg: SamplingConfig,
+    dtype: DType,
+) -> Result<()> {
+    let files = load_model_files(model)?;
+    let tok = &files.tokenizer;
+    let ids = if chat {
+        let mut messages = vec![];
+        if let Some(s) = system {
+            messages.push(ChatMessage { role: "system".into(), content: s });
+        }
+        messages.push(ChatMessage { role: "user".into(), content: prompt.to_string() });
+        let text = tok.apply_chat_template(&messages, true)?;
+        tok.encode(&text, false)?
+    } else {
+        tok.encode(prompt, true)?
+    };
+    if ids.is_empty() {
+        bail!("the prompt tokenizes to nothing");
+    }
+    let mut stop = files.config.eos_token_ids();
+    if let Some(id) = tok.eos_token().and_then(|t| tok.token_to_id(&t)) {
+        stop.push(id);
+    }
+    let generated = dispatch(backend, GenerateTask { files, prompt: ids, cfg, stop, dtype })??;
+    eprintln!("[{} tokens]", generated.len());
+    Ok(())
+}
+
+pub fn fetch(name: &str) -> Result<()> {
+    let m = hub::known(name).with_context(|| {
+        format!(
+            "unknown model '{name}' (known: {})",
+            hub::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    let path = hub::ensure(&m, log)?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+pub fn info(model: &str) -> Result<()> {
+    let files = load_model_files(model)?;
+    let c = &files.config;
+    let total: usize = files.weights.values().map(|t| t.numel()).sum();
+    println!("source:        {}", files.source.display());
+    println!("architecture:  {}", c.architectures.join(", "));
+    println!(
+        "shape:         {} layers, hidden {}, {} heads / {} kv heads x {}, intermediate {}, vocab {}",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_kv_heads(),
+        c.head_dim(),
+        c.intermediate_size,
+        c.vocab_size
+    );
+    println!("rope:          {:?}", c.rope().map_err(anyhow::Error::msg)?);
+    println!("tied head:     {}", c.tie_word_embeddings);
+    println!("uniform:       {}", files.is_uniform());
+    println!("parameters:    {total}");
+    println!("tokenizer:     {} tokens, chat template: {}", files.tokenizer.vocab_size(), files.tokenizer.chat_template().is_some());
+    Ok(())
+}

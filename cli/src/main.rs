@@ -1,0 +1,188 @@
+//! The `shears` command-line tool: the binary edge of the workspace, where library errors get
+//! their context and become exit codes.
+
+mod bench;
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use shears_core::DType;
+use shears_models::BackendKind;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "shears",
+    version,
+    about = "Targeted structured pruning and continued pre-training of LLaMA-family models"
+)]
+struct Cli {
+    /// Tensor backend: ndarray, flex, wgpu or cuda (default: flex when built, else ndarray).
+    #[arg(long, global = true)]
+    backend: Option<BackendKind>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Convert an HF model directory or a GGUF file into an HF-format model directory.
+    Import {
+        /// HF model directory, `.gguf` file, or a known model name (smollm2).
+        src: String,
+        /// Output directory (must not already hold a model unless --force).
+        #[arg(long)]
+        out: PathBuf,
+        /// Store weights as f32, f16 or bf16 (default: as read; GGUF is dequantised to f32).
+        #[arg(long)]
+        dtype: Option<DType>,
+        /// Replace an existing model in --out.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Export a model through Shears' model to an HF directory (LlamaForCausalLM).
+    Export {
+        /// HF model directory, `.gguf` file, or a known model name.
+        model: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Store weights as f32, f16 or bf16 (default f32).
+        #[arg(long)]
+        dtype: Option<DType>,
+        /// Replace an existing model in --out.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Per-token negative log-likelihoods, perplexity and top last-position logits of a text.
+    Score {
+        /// HF model directory, `.gguf` file, or a known model name.
+        #[arg(long)]
+        model: String,
+        /// File with the text to score (read as is).
+        #[arg(long, conflicts_with = "text")]
+        text_file: Option<PathBuf>,
+        /// Text to score.
+        #[arg(long)]
+        text: Option<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Parameter dtype on the device (f32, bf16, f16).
+        #[arg(long, default_value = "f32")]
+        dtype: DType,
+    },
+    /// Generate text, streaming it to stdout.
+    Generate {
+        /// HF model directory, `.gguf` file, or a known model name.
+        #[arg(long)]
+        model: String,
+        /// The prompt (or the user message with --chat).
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// System message for --chat (default: the template's own).
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
+        /// Stop after this many new tokens.
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Nucleus sampling threshold.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Random seed for sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Parameter dtype on the device (f32, bf16, f16).
+        #[arg(long, default_value = "f32")]
+        dtype: DType,
+    },
+    /// Download a known model into the cache ($SHEARS_CACHE or ~/.cache/shears) and print its path.
+    Fetch {
+        /// Model name (smollm2).
+        name: String,
+    },
+    /// Describe a model: config, per-layer widths, parameter counts.
+    Info {
+        /// HF model directory, `.gguf` file, or a known model name.
+        model: String,
+    },
+    /// Benchmarks that print numbers.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCmd,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let only = cli.backend;
+    let backend = match cli.backend.or_else(BackendKind::default_backend) {
+        Some(b) => b,
+        None => {
+            eprintln!("error: this binary was built without any backend");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.cmd {
+        Cmd::Import {
+            src,
+            out,
+            dtype,
+            force,
+        } => commands::import(&src, &out, dtype, force),
+        Cmd::Export {
+            model,
+            out,
+            dtype,
+            force,
+        } => commands::export(backend, &model, &out, dtype, force),
+        Cmd::Score {
+            model,
+            text_file,
+            text,
+            json,
+            dtype,
+        } => commands::score(backend, &model, text_file.as_deref(), text, json, dtype),
+        Cmd::Generate {
+            model,
+            prompt,
+            chat,
+            system,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            dtype,
+        } => commands::generate(
+            backend,
+            &model,
+            &prompt,
+            chat,
+            system,
+            shears_models::generate::SamplingConfig {
+                temperature,
+                top_p,
+                seed,
+                max_new_tokens,
+            },
+            dtype,
+        ),
+        Cmd::Fetch { name } => commands::fetch(&name),
+        Cmd::Info { model } => commands::info(&model),
+        Cmd::Bench { what } => bench::run(what, only),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The model configuration, read straight from an HF `config.json` (`LlamaForCausalLM`,
+//! `MistralForCausalLM`), in both the older form (top-level `rope_theta` / `rope_scaling`) and the
+//! transformers-5 form (`rope_parameters`).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, IoContext, Result};
+
+/// An HF LLaMA-family `config.json`. Field names and meanings are HF's; keys Shears does not use
+/// are kept in `extra` and written back unchanged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// Model classes (`["LlamaForCausalLM"]`).
+    #[serde(default = "default_architectures")]
+    pub architectures: Vec<String>,
+    /// `llama` or `mistral`.
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    /// Vocabulary size (rows of the embedding and of the LM head).
+    pub vocab_size: usize,
+    /// Width of the residual stream, d.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP, I.
+    pub intermediate_size: usize,
+    /// Number of decoder layers, L.
+    pub num_hidden_layers: usize,
+    /// Number of query heads, H.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads, G (GQA); defaults to H (MHA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    /// Width of one head; defaults to hidden_size / num_attention_heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base (older form; see `rope_parameters`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// RoPE scaling (older form): `{"rope_type": "llama3", "factor": 8.0, ...}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<Value>,
+    /// RoPE parameters (transformers 5): `{"rope_theta": .., "rope_type": "default" | "llama3", ..}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Value>,
+    /// Longest context the model was trained for.
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Whether the LM head shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Activation of the MLP gate; only `silu` is supported.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Biases on q/k/v/o (unsupported when true).
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on the MLP projections (unsupported when true).
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// Mistral's sliding-window attention span; Shears runs full attention and refuses contexts
+    /// longer than the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Beginning-of-sequence token id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<Value>,
+    /// End-of-sequence token id(s): an integer or a list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<Value>,
+    /// Padding token id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<Value>,
+    /// Every other key, preserved.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+fn default_architectures() -> Vec<String> {
+    vec!["LlamaForCausalLM".into()]
+}
+fn default_model_type() -> String {
+    "llama".into()
+}
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+/// RoPE frequency scaling.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama-3.1 / 3.2 frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// Resolved RoPE settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+/// Per-layer widths. Finalised pruned models may differ from layer to layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerShape {
+    /// Query heads in this layer.
+    pub num_attention_heads: usize,
+    /// Key/value heads in this layer.
+    pub num_key_value_heads: usize,
+    /// MLP width in this layer.
+    pub intermediate_size: usize,
+}
+
+impl LlamaConfig {
+    /// Read and validate `path` (a `config.json`).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).at(path, "cannot read")?;
+        Self::from_json_str(&text).map_err(|m| Error::format(path, m))
+    }
+
+    /// Parse and validate JSON text; the error is a message without the path.
+    pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
+        let cfg: LlamaConfig =
+            serde_json::from_str(text).map_err(|e| format!("invalid model config: {e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check that Shears can run this configuration.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let known = ["LlamaForCausalLM", "MistralForCausalLM"];
+        if !self.architectures.iter().any(|a| known.contains(&a.as_str())) {
+            return Err(format!(
+                "architectures {:?} is not supported (expected LlamaForCausalLM or MistralForCausalLM)",
+                self.architectures
+            ));
+        }
+        let nonzero = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_kv_heads()),
+            ("head_dim", self.head_dim()),
+        ];
+        for (name, v) in nonzero {
+            if v == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+        }
+        if self.num_attention_heads % self.num_kv_heads() != 0 {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads,
+                self.num_kv_heads()
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(format!("head_dim {} must be even for RoPE", self.head_dim()));
+        }
+        if self.hidden_act != "silu" {
+            return Err(format!("hidden_act '{}' is not supported (only silu)", self.hidden_act));
+        }
+        if self.attention_bias || self.mlp_bias {
+            return Err("attention_bias / mlp_bias = true is not supported".into());
+        }
+        if !(self.rms_norm_eps > 0.0) {
+            return Err(format!("rms_norm_eps {} must be positive", self.rms_norm_eps));
+        }
+        self.rope()?;
+        Ok(())
+    }
+
+    /// Key/value heads (defaults to the query heads).
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Head width (defaults to hidden_size / num_attention_heads).
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// The same widths for every layer.
+    pub fn uniform_layer_shapes(&self) -> Vec<LayerShape> {
+        vec![
+            LayerShape {
+                num_attention_heads: self.num_attention_heads,
+                num_key_value_heads: self.num_kv_heads(),
+                intermediate_size: self.intermediate_size,
+            };
+            self.num_hidden_layers
+        ]
+    }
+
+    /// First end-of-sequence id, and all of them.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            _ => vec![],
+        }
+    }
+
+    /// Beginning-of-sequence id.
+    pub fn bos_token(&self) -> Option<u32> {
+        self.bos_token_id.as_ref().and_then(|v| v.as_u64()).map(|v| v as u32)
+    }
+
+    /// Resolve the RoPE settings from either config form.
+    pub fn rope(&self) -> std::result::Result<Rope, String> {
+        let params = self.rope_parameters.as_ref().and_then(|v| v.as_object());
+        let theta = params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|v| v.as_f64())
+            .or(self.rope_theta)
+            .unwrap_or(10000.0);
+        // transformers 5 keeps the scaling keys inside rope_parameters; older files use rope_scaling.
+        let scaling = match (params, self.rope_scaling.as_ref().and_then(|v| v.as_object())) {
+            (Some(p), _) if p.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default") != "default" => {
+                Some(p)
+            }
+            (_, Some(s)) => Some(s),
+            _ => None,
+        };
+        let scaling = match scaling {
+            None => RopeScaling::None,
+            Some(s) => {
+                let kind = s
+                    .get("rope_type")
+                    .or_else(|| s.get("type"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("default");
+                let num = |k: &str| -> std::result::Result<f64, String> {
+                    s.get(k)
+                        .and_then(|v| v.as_f64())
+                        .ok_or_else(|| format!("rope scaling '{kind}' needs a numeric '{k}'"))
+                };
+                match kind {
+                    "default" => RopeScaling::None,
+                    "linear" => RopeScaling::Linear {
+                        factor: num("factor")?,
+                    },
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: num("factor")?,
+                        low_freq_factor: num("low_freq_factor")?,
+                        high_freq_factor: num("high_freq_factor")?,
+                        original_max_position_embeddings: num("original_max_position_embeddings")?,
+                    },
+                    other => {
+                        return Err(format!(
+                            "rope type '{other}' is not supported (default, linear and llama3 are)"
+                        ))
+                    }
+                }
+            }
+        };
+        Ok(Rope { theta, scaling })
+    }
+
+    /// A copy with the RoPE settings written in both forms (top-level `rope_theta` /
+    /// `rope_scaling` for transformers 4, `rope_parameters` for transformers 5), so every loader
+    /// reads the same thing.
+    pub fn with_canonical_rope(&self) -> std::result::Result<Self, String> {
+        let rope = self.rope()?;
+        let mut c = self.clone();
+        c.rope_theta = Some(rope.theta);
+        let mut params = Map::new();
+        params.insert("rope_theta".into(), rope.theta.into());
+        match rope.scaling {
+            RopeScaling::None => {
+                params.insert("rope_type".into(), "default".into());
+                c.rope_scaling = None;
+            }
+            RopeScaling::Linear { factor } => {
+                params.insert("rope_type".into(), "linear".into());
+                params.insert("factor".into(), factor.into());
+                c.rope_scaling = Some(serde_json::json!({"rope_type": "linear", "factor": factor}));
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let s = serde_json::json!({
+                    "rope_type": "llama3",
+                    "factor": factor,
+                    "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings as u64,
+                });
+                for (k, v) in s.as_object().unwrap() {
+                    params.insert(k.clone(), v.clone());
+                }
+                c.rope_scaling = Some(s);
+            }
+        }
+        c.rope_parameters = Some(Value::Object(params));
+        Ok(c)
+    }
+
+    /// Pretty JSON with canonical RoPE keys.
+    pub fn to_json_string(&self) -> Result<String> {
+        let c = self.with_canonical_rope().map_err(Error::invalid)?;
+        Ok(serde_json::to_string_pretty(&c).expect("config serialises"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":8,
+        "intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2,"rms_norm_eps":1e-5"#;
+
+    fn parse(extra: &str) -> std::result::Result<LlamaConfig, String> {
+        LlamaConfig::from_json_str(&format!("{BASE}{extra}}}"))
+    }
+
+    #[test]
+    fn defaults_follow_hf() {
+        let c = parse("").unwrap();
+        assert_eq!(c.num_kv_heads(), 2);
+        assert_eq!(c.head_dim(), 4);
+        assert!(!c.tie_word_embeddings);
+        assert_eq!(c.rope().unwrap(), Rope { theta: 10000.0, scaling: RopeScaling::None });
+    }
+
+    #[test]
+    fn both_rope_forms() {
+        let old = parse(r#","rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#)
+        .unwrap();
+        let new = parse(r#","rope_parameters":{"rope_theta":500000.0,"rope_type":"llama3","factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#)
+        .unwrap();
+        assert_eq!(old.rope().unwrap(), new.rope().unwrap());
+        let canon = old.with_canonical_rope().unwrap();
+        assert_eq!(canon.rope().unwrap(), old.rope().unwrap());
+        let t5 = parse(r#","rope_parameters":{"rope_theta":100000.0,"rope_type":"default"}"#).unwrap();
+        assert_eq!(t5.rope().unwrap().theta, 100000.0);
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let e = LlamaConfig::from_json_str(r#"{"vocab_size":10}"#).unwrap_err();
+        assert!(e.contains("missing field `hidden_size`"), "{e}");
+    }
+
+    #[test]
+    fn rejects_bad_gqa_and_rope() {
+        assert!(parse(r#","num_key_value_heads":3"#).unwrap_err().contains("multiple"));
+        assert!(parse(r#","rope_scaling":{"type":"yarn","factor":2.0}"#)
+            .unwrap_err()
+            .contains("yarn"));
+    }
+
+    #[test]
+    fn extra_keys_round_trip() {
+        let c = parse(r#","initializer_range":0.02"#).unwrap();
+        let back = LlamaConfig::from_json_str(&c.to_json_string().unwrap()).unwrap();
+        assert_eq!(back.extra.get("initializer_range"), Some(&serde_json::json!(0.02)));
+    }
+}

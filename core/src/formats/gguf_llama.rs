@@ -1,0 +1,299 @@
+//! GGUF (llama.cpp) LLaMA-family models to Shears' one model format: HF tensor names and
+//! layout, and an HF `config.json` built from the `llama.*` metadata.
+
+use serde_json::json;
+
+use super::gguf::GgufFile;
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use crate::tensor::{HostTensor, WeightMap};
+
+fn arch(g: &GgufFile) -> Result<String> {
+    let a = g
+        .get("general.architecture")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Error::format(g.path(), "general.architecture is missing"))?;
+    match a {
+        "llama" | "mistral" => Ok(a.to_string()),
+        other => Err(Error::format(
+            g.path(),
+            format!("GGUF architecture '{other}' is not supported (llama-family models only)"),
+        )),
+    }
+}
+
+/// Build the HF config of a GGUF model from its metadata.
+pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
+    let arch = arch(g)?;
+    let path = g.path();
+    let key = |k: &str| format!("{arch}.{k}");
+    let req = |k: &str| -> Result<u64> {
+        g.get(&key(k))
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| Error::format(path, format!("metadata '{}' is missing or not an integer", key(k))))
+    };
+    let opt = |k: &str| g.get(&key(k)).and_then(|v| v.as_u64());
+    let hidden = req("embedding_length")?;
+    let heads = req("attention.head_count")?;
+    let kv = opt("attention.head_count_kv").unwrap_or(heads);
+    let head_dim = opt("attention.key_length")
+        .or_else(|| opt("rope.dimension_count"))
+        .unwrap_or(hidden / heads.max(1));
+    let vocab = match opt("vocab_size") {
+        Some(v) => v,
+        None => g
+            .get("tokenizer.ggml.tokens")
+            .and_then(|t| t.as_array())
+            .map(|a| a.len() as u64)
+            .ok_or_else(|| Error::format(path, "cannot tell the vocabulary size"))?,
+    };
+    let eps = g
+        .get(&key("attention.layer_norm_rms_epsilon"))
+        .and_then(|v| v.as_f64())
+        .ok_or_else(|| {
+            Error::format(path, format!("metadata '{}' is missing", key("attention.layer_norm_rms_epsilon")))
+        })?;
+    let theta = g.get(&key("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0);
+    let ctx = opt("context_length").unwrap_or(2048);
+    let tied = g.tensor_info("output.weight").is_none();
+
+    let mut rope_scaling = None;
+    match g.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
+        None | Some("none") => {}
+        Some("linear") => {
+            let factor = g
+                .get(&key("rope.scaling.factor"))
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| Error::format(path, "linear rope scaling without a factor"))?;
+            rope_scaling = Some(json!({"rope_type": "linear", "factor": factor}));
+        }
+        Some(other) => {
+            return Err(Error::format(
+                path,
+                format!("rope scaling '{other}' is not supported (linear and llama3 are)"),
+            ))
+        }
+    }
+    if let Some(info) = g.tensor_info("rope_freqs.weight") {
+        let (_, freqs) = g.dequantize(info)?;
+        rope_scaling = Some(llama3_scaling_from_freqs(&freqs, head_dim as usize, theta).ok_or_else(
+            || {
+                Error::format(
+                    path,
+                    "rope_freqs.weight does not match Llama-3 rope scaling with any known parameters",
+                )
+            },
+        )?);
+    }
+
+    let mut cfg = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": req("feed_forward_length")?,
+        "num_hidden_layers": req("block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": head_dim,
+        "rms_norm_eps": eps,
+        "rope_theta": theta,
+        "max_position_embeddings": ctx,
+        "tie_word_embeddings": tied,
+        "hidden_act": "silu",
+    });
+    let obj = cfg.as_object_mut().expect("object");
+    if let Some(s) = rope_scaling {
+        obj.insert("rope_scaling".into(), s);
+    }
+    for (hf, gg) in [
+        ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+        ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+        ("pad_token_id", "tokenizer.ggml.padding_token_id"),
+    ] {
+        if let Some(id) = g.get(gg).and_then(|v| v.as_u64()) {
+            obj.insert(hf.into(), id.into());
+        }
+    }
+    let cfg: LlamaConfig = serde_json::from_value(cfg)
+        .map_err(|e| Error::format(path, format!("metadata gives an invalid config: {e}")))?;
+    cfg.validate().map_err(|m| Error::format(path, m))?;
+    Ok(cfg)
+}
+
+/// llama.cpp stores Llama-3.1/3.2 rope scaling as per-frequency divisors (`rope_freqs.weight`)
+/// rather than as parameters. Recover the parameters by regenerating the divisors for the
+/// published settings and keeping the set that reproduces the tensor.
+fn llama3_scaling_from_freqs(freqs: &[f32], head_dim: usize, theta: f64) -> Option<serde_json::Value> {
+    if freqs.len() != head_dim / 2 {
+        return None;
+    }
+    let factor = freqs.iter().cloned().fold(f32::MIN, f32::max) as f64;
+    for (low, high, orig) in [(1.0, 4.0, 8192.0), (1.0, 4.0, 4096.0), (1.0, 2.0, 8192.0)] {
+        let ok = freqs.iter().enumerate().all(|(i, &f)| {
+            let inv = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
+            let want = llama3_divisor(inv, factor, low, high, orig);
+            ((f as f64) - want).abs() <= 1e-4 * want.max(1.0)
+        });
+        if ok {
+            return Some(json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                "high_freq_factor": high, "original_max_position_embeddings": orig as u64}));
+        }
+    }
+    None
+}
+
+/// How much Llama-3 scaling divides the inverse frequency `inv_freq` by.
+pub fn llama3_divisor(inv_freq: f64, factor: f64, low: f64, high: f64, orig: f64) -> f64 {
+    let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+    let low_wavelen = orig / low;
+    let high_wavelen = orig / high;
+    if wavelen < high_wavelen {
+        1.0
+    } else if wavelen > low_wavelen {
+        factor
+    } else {
+        let smooth = (orig / wavelen - low) / (high - low);
+        1.0 / ((1.0 - smooth) / factor + smooth)
+    }
+}
+
+/// Map a GGUF tensor name to its HF name.
+fn hf_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, suffix) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match suffix {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Undo llama.cpp's row permutation of q/k projections (made for its interleaved RoPE): view
+/// the rows as `[n_head, head_dim/2, 2]` and swap the last two axes.
+pub fn unpermute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+    let hd = rows / n_head;
+    let half = hd / 2;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_head {
+        for a in 0..2 {
+            for b in 0..half {
+                let dst = h * hd + a * half + b;
+                let src = h * hd + b * 2 + a;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Dequantise every tensor of a GGUF LLaMA model to f32 under its HF name and in HF layout.
+pub fn weights_from_gguf(g: &GgufFile, cfg: &LlamaConfig) -> Result<WeightMap> {
+    for t in &g.tensors {
+        if !t.ggml_type.is_supported() {
+            return Err(Error::format(
+                g.path(),
+                format!(
+                    "tensor '{}' has ggml type {} which Shears cannot dequantise",
+                    t.name,
+                    t.ggml_type.name()
+                ),
+            ));
+        }
+    }
+    let mut out = WeightMap::new();
+    for t in &g.tensors {
+        if t.name == "rope_freqs.weight" {
+            continue; // folded into the config's rope_scaling
+        }
+        let name = hf_name(&t.name).ok_or_else(|| {
+            Error::format(
+                g.path(),
+                format!("unexpected tensor '{}' (not part of a LLaMA-family model)", t.name),
+            )
+        })?;
+        let (shape, mut data) = g.dequantize(t)?;
+        let heads = if name.ends_with("q_proj.weight") {
+            Some(cfg.num_attention_heads)
+        } else if name.ends_with("k_proj.weight") {
+            Some(cfg.num_kv_heads())
+        } else {
+            None
+        };
+        if let Some(n_head) = heads {
+            if shape.len() != 2 || shape[0] % n_head != 0 || (shape[0] / n_head) % 2 != 0 {
+                return Err(Error::format(
+                    g.path(),
+                    format!("tensor '{}' has shape {shape:?}, not [{n_head} heads x even head_dim, hidden]", t.name),
+                ));
+            }
+            data = unpermute_qk(&data, shape[0], shape[1], n_head);
+        }
+        out.insert(name, HostTensor::f32(shape, data));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // llama.cpp's permute: reshape(n_head, 2, hd/2, cols).swapaxes(1, 2).
+        let (n_head, hd, cols) = (3, 8, 2);
+        let rows = n_head * hd;
+        let hf: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        let mut permuted = vec![0f32; hf.len()];
+        for h in 0..n_head {
+            for a in 0..2 {
+                for b in 0..hd / 2 {
+                    let src = h * hd + a * (hd / 2) + b;
+                    let dst = h * hd + b * 2 + a;
+                    permuted[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        assert_eq!(unpermute_qk(&permuted, rows, cols, n_head), hf);
+    }
+
+    #[test]
+    fn names_map() {
+        assert_eq!(hf_name("blk.12.attn_q.weight").unwrap(), "model.layers.12.self_attn.q_proj.weight");
+        assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
+        assert!(hf_name("blk.1.attn_q.bias").is_none());
+    }
+
+    #[test]
+    fn llama3_freqs_recovered() {
+        let (hd, theta) = (64usize, 500000.0);
+        let freqs: Vec<f32> = (0..hd / 2)
+            .map(|i| {
+                let inv = 1.0 / f64::powf(theta, 2.0 * i as f64 / hd as f64);
+                llama3_divisor(inv, 32.0, 1.0, 4.0, 8192.0) as f32
+            })
+            .collect();
+        let s = llama3_scaling_from_freqs(&freqs, hd, theta).unwrap();
+        assert_eq!(s["factor"], 32.0);
+        assert_eq!(s["original_max_position_embeddings"], 8192);
+    }
+}

@@ -1,0 +1,350 @@
+//! Reading and writing the safetensors format (8-byte little-endian header length, a JSON header,
+//! then raw little-endian tensor bytes). Written here rather than taken from a crate so that every
+//! inconsistency in a file becomes an error that names the file and the tensor.
+
+use std::collections::BTreeMap;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use serde_json::Value;
+
+use crate::error::{Error, IoContext, Result};
+use crate::tensor::{HostData, HostTensor, WeightMap};
+
+/// Element types a safetensors file may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StDtype {
+    Bool,
+    U8,
+    I8,
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
+    F16,
+    BF16,
+    F32,
+    F64,
+}
+
+impl StDtype {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "BOOL" => StDtype::Bool,
+            "U8" => StDtype::U8,
+            "I8" => StDtype::I8,
+            "U16" => StDtype::U16,
+            "I16" => StDtype::I16,
+            "U32" => StDtype::U32,
+            "I32" => StDtype::I32,
+            "U64" => StDtype::U64,
+            "I64" => StDtype::I64,
+            "F16" => StDtype::F16,
+            "BF16" => StDtype::BF16,
+            "F32" => StDtype::F32,
+            "F64" => StDtype::F64,
+            _ => return None,
+        })
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            StDtype::Bool | StDtype::U8 | StDtype::I8 => 1,
+            StDtype::U16 | StDtype::I16 | StDtype::F16 | StDtype::BF16 => 2,
+            StDtype::U32 | StDtype::I32 | StDtype::F32 => 4,
+            StDtype::U64 | StDtype::I64 | StDtype::F64 => 8,
+        }
+    }
+}
+
+/// One tensor's header entry; `start..end` is relative to the start of the data section.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub dtype: StDtype,
+    pub shape: Vec<usize>,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// A memory-mapped, validated safetensors file.
+pub struct SafeTensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    entries: BTreeMap<String, Entry>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for SafeTensorsFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafeTensorsFile")
+            .field("path", &self.path)
+            .field("tensors", &self.entries.len())
+            .finish()
+    }
+}
+
+impl SafeTensorsFile {
+    /// Open and validate `path`: the header must parse and every tensor's byte range must lie in
+    /// the file and match its dtype and shape exactly.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = std::fs::File::open(path).at(path, "cannot open")?;
+        // SAFETY: the map is read-only; a file truncated underneath us is the user's doing and
+        // is the documented hazard of memory-mapping.
+        let mmap = unsafe { Mmap::map(&file) }.at(path, "cannot memory-map")?;
+        let bad = |msg: String| Error::format(path, format!("invalid safetensors file: {msg}"));
+        if mmap.len() < 8 {
+            return Err(bad(format!(
+                "file is {} bytes, too short to hold the 8-byte header length",
+                mmap.len()
+            )));
+        }
+        let header_len = u64::from_le_bytes(mmap[..8].try_into().unwrap());
+        let header_end = 8u64
+            .checked_add(header_len)
+            .filter(|&e| e <= mmap.len() as u64)
+            .ok_or_else(|| {
+                bad(format!(
+                    "header length {header_len} runs past the end of the {}-byte file",
+                    mmap.len()
+                ))
+            })? as usize;
+        let header: BTreeMap<String, Value> = serde_json::from_slice(&mmap[8..header_end])
+            .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
+        let data_len = mmap.len() - header_end;
+        let mut entries = BTreeMap::new();
+        let mut metadata = BTreeMap::new();
+        for (name, v) in header {
+            if name == "__metadata__" {
+                if let Value::Object(m) = v {
+                    for (k, v) in m {
+                        if let Value::String(s) = v {
+                            metadata.insert(k, s);
+                        }
+                    }
+                }
+                continue;
+            }
+            let entry = parse_entry(&name, &v).map_err(|m| bad(format!("tensor '{name}': {m}")))?;
+            let numel = entry
+                .shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| bad(format!("tensor '{name}': shape overflows")))?;
+            let want = numel
+                .checked_mul(entry.dtype.size())
+                .ok_or_else(|| bad(format!("tensor '{name}': size overflows")))?;
+            if entry.end < entry.start {
+                return Err(bad(format!(
+                    "tensor '{name}': data_offsets [{}, {}] are reversed",
+                    entry.start, entry.end
+                )));
+            }
+            if entry.end - entry.start != want {
+                return Err(bad(format!(
+                    "tensor '{name}': header says {:?} {:?} = {want} bytes but data_offsets [{}, {}] span {} bytes",
+                    entry.dtype,
+                    entry.shape,
+                    entry.start,
+                    entry.end,
+                    entry.end - entry.start
+                )));
+            }
+            if entry.end > data_len {
+                return Err(bad(format!(
+                    "tensor '{name}': data_offsets end at {} but the data section has only {data_len} bytes (file truncated?)",
+                    entry.end
+                )));
+            }
+            entries.insert(name, entry);
+        }
+        Ok(SafeTensorsFile {
+            path: path.to_path_buf(),
+            mmap,
+            data_start: header_end,
+            entries,
+            metadata,
+        })
+    }
+
+    /// The file this was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensor names in sorted order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(|s| s.as_str())
+    }
+
+    /// The `__metadata__` string map.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// The header entry of `name`.
+    pub fn entry(&self, name: &str) -> Option<&Entry> {
+        self.entries.get(name)
+    }
+
+    fn get(&self, name: &str) -> Result<(&Entry, &[u8])> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::format(&self.path, format!("no tensor named '{name}'")))?;
+        let bytes = &self.mmap[self.data_start + e.start..self.data_start + e.end];
+        Ok((e, bytes))
+    }
+
+    /// A floating-point tensor in its stored precision (F64 is narrowed to F32).
+    pub fn tensor(&self, name: &str) -> Result<HostTensor> {
+        let (e, b) = self.get(name)?;
+        let data = match e.dtype {
+            StDtype::F32 => HostData::F32(le_chunks::<4>(b).map(f32::from_le_bytes).collect()),
+            StDtype::F16 => HostData::F16(le_chunks::<2>(b).map(f16::from_le_bytes).collect()),
+            StDtype::BF16 => HostData::BF16(le_chunks::<2>(b).map(bf16::from_le_bytes).collect()),
+            StDtype::F64 => HostData::F32(
+                le_chunks::<8>(b)
+                    .map(|c| f64::from_le_bytes(c) as f32)
+                    .collect(),
+            ),
+            other => {
+                return Err(Error::format(
+                    &self.path,
+                    format!("tensor '{name}' has dtype {other:?}; a floating-point tensor was expected"),
+                ))
+            }
+        };
+        Ok(HostTensor {
+            shape: e.shape.clone(),
+            data,
+        })
+    }
+
+    /// Any floating-point tensor widened to f32.
+    pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let t = self.tensor(name)?;
+        Ok((t.shape.clone(), t.into_f32_vec()))
+    }
+
+    /// Any integer tensor widened to i64.
+    pub fn read_i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
+        let (e, b) = self.get(name)?;
+        let v: Vec<i64> = match e.dtype {
+            StDtype::I64 => le_chunks::<8>(b).map(i64::from_le_bytes).collect(),
+            StDtype::I32 => le_chunks::<4>(b).map(|c| i32::from_le_bytes(c) as i64).collect(),
+            StDtype::U32 => le_chunks::<4>(b).map(|c| u32::from_le_bytes(c) as i64).collect(),
+            StDtype::I16 => le_chunks::<2>(b).map(|c| i16::from_le_bytes(c) as i64).collect(),
+            StDtype::U16 => le_chunks::<2>(b).map(|c| u16::from_le_bytes(c) as i64).collect(),
+            StDtype::U8 | StDtype::Bool => b.iter().map(|&x| x as i64).collect(),
+            StDtype::I8 => b.iter().map(|&x| x as i8 as i64).collect(),
+            other => {
+                return Err(Error::format(
+                    &self.path,
+                    format!("tensor '{name}' has dtype {other:?}; an integer tensor was expected"),
+                ))
+            }
+        };
+        Ok((e.shape.clone(), v))
+    }
+
+    /// Every floating-point tensor of the file.
+    pub fn all_tensors(&self) -> Result<WeightMap> {
+        let mut out = WeightMap::new();
+        for name in self.entries.keys() {
+            out.insert(name.clone(), self.tensor(name)?);
+        }
+        Ok(out)
+    }
+}
+
+fn le_chunks<const N: usize>(b: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
+    b.chunks_exact(N).map(|c| c.try_into().unwrap())
+}
+
+fn parse_entry(_name: &str, v: &Value) -> std::result::Result<Entry, String> {
+    let obj = v.as_object().ok_or("header entry is not an object")?;
+    let dtype_s = obj
+        .get("dtype")
+        .and_then(|d| d.as_str())
+        .ok_or("missing 'dtype'")?;
+    let dtype = StDtype::parse(dtype_s).ok_or_else(|| format!("unknown dtype '{dtype_s}'"))?;
+    let shape = obj
+        .get("shape")
+        .and_then(|s| s.as_array())
+        .ok_or("missing 'shape'")?
+        .iter()
+        .map(|d| d.as_u64().map(|d| d as usize).ok_or("shape entries must be non-negative integers"))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let offs = obj
+        .get("data_offsets")
+        .and_then(|s| s.as_array())
+        .filter(|a| a.len() == 2)
+        .ok_or("missing or malformed 'data_offsets'")?;
+    let start = offs[0].as_u64().ok_or("data_offsets must be integers")? as usize;
+    let end = offs[1].as_u64().ok_or("data_offsets must be integers")? as usize;
+    Ok(Entry {
+        dtype,
+        shape,
+        start,
+        end,
+    })
+}
+
+/// Write `tensors` (in name order) to `path` with the given `__metadata__`.
+pub fn write(
+    path: impl AsRef<Path>,
+    tensors: &WeightMap,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert(
+            "__metadata__".into(),
+            Value::Object(
+                metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect(),
+            ),
+        );
+    }
+    let mut offset = 0usize;
+    for (name, t) in tensors {
+        let n = t.numel() * t.dtype().size();
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": t.dtype().safetensors_name(),
+                "shape": t.shape,
+                "data_offsets": [offset, offset + n],
+            }),
+        );
+        offset += n;
+    }
+    let mut header_bytes = serde_json::to_vec(&Value::Object(header)).expect("json");
+    // Pad with spaces so the data section starts 8-byte aligned, as the reference writer does.
+    while header_bytes.len() % 8 != 0 {
+        header_bytes.push(b' ');
+    }
+    let file = std::fs::File::create(path).at(path, "cannot create")?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    w.write_all(&(header_bytes.len() as u64).to_le_bytes())
+        .and_then(|_| w.write_all(&header_bytes))
+        .at(path, "cannot write")?;
+    for t in tensors.values() {
+        w.write_all(&t.to_le_bytes()).at(path, "cannot write")?;
+    }
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io(path, "cannot write", e.into_error()))?;
+    file.sync_all().at(path, "cannot sync")?;
+    Ok(())
+}

@@ -1,0 +1,22 @@
+//! # shears-core
+//!
+//! What every Shears crate shares and nothing that needs a tensor backend: the model config (an HF
+//! `config.json`), host-side tensors, the error type, the file formats (safetensors, GGUF with
+//! dequantisation, HF model directories), tokenizers and chat templates, and atomic output
+//! directories. It must not depend on burn: format code stays testable without a backend and
+//! quick to build.
+
+pub mod config;
+pub mod error;
+pub mod formats;
+pub mod fsutil;
+pub mod hub;
+pub mod model_files;
+pub mod tensor;
+pub mod tokenizer;
+
+pub use config::{LayerShape, LlamaConfig, Rope, RopeScaling};
+pub use error::{Error, Result};
+pub use model_files::ModelFiles;
+pub use tensor::{DType, HostData, HostTensor, WeightMap};
+pub use tokenizer::{ChatMessage, Tokenizer};

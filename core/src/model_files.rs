@@ -1,0 +1,276 @@
+//! A model on disk, in either form Shears reads (an HF directory or a `.gguf` file), loaded into
+//! host memory and checked against its config; and the writer of Shears' one model format, an
+//! HF directory that transformers loads as `LlamaForCausalLM`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::config::{LayerShape, LlamaConfig};
+use crate::error::{Error, IoContext, Result};
+use crate::formats::{gguf::GgufFile, gguf_llama, safetensors};
+use crate::fsutil::StagedDir;
+use crate::tensor::{DType, WeightMap};
+use crate::tokenizer::Tokenizer;
+
+/// A loaded model: config, weights under HF names, tokenizer, and the widths of every layer.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub config: LlamaConfig,
+    pub weights: WeightMap,
+    pub tokenizer: Tokenizer,
+    /// Widths per layer, read off the weights (finalised pruned models may be non-uniform).
+    pub layers: Vec<LayerShape>,
+    /// Where the model was read from.
+    pub source: PathBuf,
+}
+
+/// HF name of a per-layer tensor.
+pub fn layer_key(layer: usize, suffix: &str) -> String {
+    format!("model.layers.{layer}.{suffix}")
+}
+
+/// Names of the per-layer tensors, HF spelling.
+pub const LAYER_TENSORS: &[&str] = &[
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+];
+
+impl ModelFiles {
+    /// Load an HF model directory or a `.gguf` file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if path.is_dir() {
+            Self::load_hf_dir(path)
+        } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            Self::load_gguf(path)
+        } else if !path.exists() {
+            Err(Error::format(path, "no such file or directory"))
+        } else {
+            Err(Error::format(
+                path,
+                "not a model: expected an HF model directory (config.json, model.safetensors, tokenizer.json) or a .gguf file",
+            ))
+        }
+    }
+
+    /// Load a GGUF model: dequantise to f32, undo llama.cpp's q/k permutation, rebuild the
+    /// config and tokenizer from the metadata.
+    pub fn load_gguf(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let g = GgufFile::open(path)?;
+        let config = gguf_llama::config_from_gguf(&g)?;
+        let tokenizer = Tokenizer::from_gguf(&g)?;
+        let weights = gguf_llama::weights_from_gguf(&g, &config)?;
+        let layers = check_weights(&config, &weights, path)?;
+        Ok(ModelFiles {
+            config,
+            weights,
+            tokenizer,
+            layers,
+            source: path.to_path_buf(),
+        })
+    }
+
+    /// Load an HF directory: `config.json`, `model.safetensors` or a sharded
+    /// `model.safetensors.index.json`, and `tokenizer.json`.
+    pub fn load_hf_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = LlamaConfig::from_file(dir.join("config.json"))?;
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let (weights, weights_path) = if single.exists() {
+            (safetensors::SafeTensorsFile::open(&single)?.all_tensors()?, single)
+        } else if index.exists() {
+            (read_sharded(&index)?, index)
+        } else {
+            return Err(Error::format(
+                dir,
+                "no model.safetensors or model.safetensors.index.json (PyTorch .bin checkpoints are not read; convert them to safetensors first)",
+            ));
+        };
+        let tokenizer = Tokenizer::from_hf_dir(dir)?;
+        let mut weights = weights;
+        // Some tied checkpoints also store the shared matrix as lm_head.weight.
+        if config.tie_word_embeddings {
+            weights.remove("lm_head.weight");
+        }
+        weights.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
+        let layers = check_weights(&config, &weights, &weights_path)?;
+        Ok(ModelFiles {
+            config,
+            weights,
+            tokenizer,
+            layers,
+            source: dir.to_path_buf(),
+        })
+    }
+
+    /// Whether every layer has the config's widths (what plain HF `LlamaForCausalLM` can load).
+    pub fn is_uniform(&self) -> bool {
+        self.layers.iter().all(|l| *l == self.config.uniform_layer_shapes()[0])
+    }
+
+    /// Write an HF model directory at `out`, atomically. `dtype` converts the weights (default:
+    /// keep them). Refuses an `out` that already holds a model unless `overwrite`.
+    pub fn write_hf_dir(&self, out: impl AsRef<Path>, dtype: Option<DType>, overwrite: bool) -> Result<PathBuf> {
+        if !self.is_uniform() {
+            return Err(Error::invalid(format!(
+                "the model has per-layer widths ({}) that HF LlamaForCausalLM cannot represent; exporting non-uniform models is not supported yet",
+                describe_layers(&self.layers)
+            )));
+        }
+        let stage = StagedDir::new(out, overwrite)?;
+        let dir = stage.path().to_path_buf();
+        let weights: WeightMap = match dtype {
+            Some(d) => self.weights.iter().map(|(k, t)| (k.clone(), t.to_dtype(d))).collect(),
+            None => self.weights.clone(),
+        };
+        let stored = weights.values().next().map(|t| t.dtype()).unwrap_or(DType::F32);
+        let mut config = self.config.clone();
+        config.extra.remove("dtype");
+        config.extra.insert("torch_dtype".into(), stored.torch_name().into());
+        let p = dir.join("config.json");
+        std::fs::write(&p, config.to_json_string()?).at(&p, "cannot write")?;
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        safetensors::write(dir.join("model.safetensors"), &weights, &meta)?;
+        self.tokenizer.save(&dir)?;
+        let mut gen = serde_json::Map::new();
+        if let Some(b) = &config.bos_token_id {
+            gen.insert("bos_token_id".into(), b.clone());
+        }
+        if let Some(e) = &config.eos_token_id {
+            gen.insert("eos_token_id".into(), e.clone());
+        }
+        if let Some(p) = &config.pad_token_id {
+            gen.insert("pad_token_id".into(), p.clone());
+        }
+        let p = dir.join("generation_config.json");
+        let text = serde_json::to_string_pretty(&json!(gen)).expect("json");
+        std::fs::write(&p, text).at(&p, "cannot write")?;
+        stage.commit()
+    }
+}
+
+fn describe_layers(layers: &[LayerShape]) -> String {
+    layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            format!(
+                "layer {i}: {} heads / {} kv / {} mlp",
+                l.num_attention_heads, l.num_key_value_heads, l.intermediate_size
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn read_sharded(index: &Path) -> Result<WeightMap> {
+    let text = std::fs::read_to_string(index).at(index, "cannot read")?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(index, format!("index does not parse: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::format(index, "index has no 'weight_map' object"))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| Error::format(index, format!("weight_map['{name}'] is not a file name")))?;
+        by_file.entry(file.to_string()).or_default().push(name.clone());
+    }
+    let mut out = WeightMap::new();
+    for (file, names) in by_file {
+        let shard = safetensors::SafeTensorsFile::open(dir.join(&file))?;
+        for n in names {
+            out.insert(n.clone(), shard.tensor(&n)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Check that `weights` are a LLaMA model of `config` and read off each layer's widths.
+pub fn check_weights(config: &LlamaConfig, weights: &WeightMap, path: &Path) -> Result<Vec<LayerShape>> {
+    let bad = |m: String| Error::format(path, m);
+    let (v, d, hd) = (config.vocab_size, config.hidden_size, config.head_dim());
+    let shape = |name: &str| -> Result<&[usize]> {
+        weights
+            .get(name)
+            .map(|t| t.shape.as_slice())
+            .ok_or_else(|| bad(format!("tensor '{name}' is missing")))
+    };
+    let expect = |name: &str, want: &[usize]| -> Result<()> {
+        let got = shape(name)?;
+        if got != want {
+            return Err(bad(format!("tensor '{name}' has shape {got:?}, config.json implies {want:?}")));
+        }
+        Ok(())
+    };
+    expect("model.embed_tokens.weight", &[v, d])?;
+    expect("model.norm.weight", &[d])?;
+    if !config.tie_word_embeddings {
+        expect("lm_head.weight", &[v, d])?;
+    }
+    let mut layers = Vec::with_capacity(config.num_hidden_layers);
+    for l in 0..config.num_hidden_layers {
+        let k = |s: &str| layer_key(l, s);
+        expect(&k("input_layernorm.weight"), &[d])?;
+        expect(&k("post_attention_layernorm.weight"), &[d])?;
+        let q = shape(&k("self_attn.q_proj.weight"))?;
+        let kk = shape(&k("self_attn.k_proj.weight"))?;
+        if q.len() != 2 || q[1] != d || q[0] % hd != 0 || kk.len() != 2 || kk[1] != d || kk[0] % hd != 0 {
+            return Err(bad(format!(
+                "layer {l}: q_proj {q:?} / k_proj {kk:?} are not [heads x head_dim {hd}, hidden {d}]"
+            )));
+        }
+        let (h, g) = (q[0] / hd, kk[0] / hd);
+        if g == 0 || h % g != 0 {
+            return Err(bad(format!("layer {l}: {h} query heads do not split into {g} kv heads")));
+        }
+        expect(&k("self_attn.v_proj.weight"), &[g * hd, d])?;
+        expect(&k("self_attn.o_proj.weight"), &[d, h * hd])?;
+        let gate = shape(&k("mlp.gate_proj.weight"))?;
+        if gate.len() != 2 || gate[1] != d {
+            return Err(bad(format!("layer {l}: gate_proj has shape {gate:?}")));
+        }
+        let i = gate[0];
+        expect(&k("mlp.up_proj.weight"), &[i, d])?;
+        expect(&k("mlp.down_proj.weight"), &[d, i])?;
+        layers.push(LayerShape {
+            num_attention_heads: h,
+            num_key_value_heads: g,
+            intermediate_size: i,
+        });
+    }
+    let known = 2 + usize::from(!config.tie_word_embeddings) + LAYER_TENSORS.len() * config.num_hidden_layers;
+    if weights.len() != known {
+        let extra: Vec<&String> = weights
+            .keys()
+            .filter(|k| {
+                !(k.as_str() == "model.embed_tokens.weight"
+                    || k.as_str() == "model.norm.weight"
+                    || k.as_str() == "lm_head.weight"
+                    || (0..config.num_hidden_layers)
+                        .any(|l| LAYER_TENSORS.iter().any(|s| **k == layer_key(l, s))))
+            })
+            .take(5)
+            .collect();
+        return Err(bad(format!(
+            "unexpected tensors for a {}-layer LLaMA model: {extra:?}",
+            config.num_hidden_layers
+        )));
+    }
+    Ok(layers)
+}

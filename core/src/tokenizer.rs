@@ -1,0 +1,466 @@
+//! Tokenizers: HF `tokenizer.json` files, tokenizers rebuilt from GGUF metadata, and chat
+//! templates. The GGUF conversion produces a `tokenizer.json` document, so what Shears runs is
+//! exactly what it writes next to an imported model.
+
+use std::path::Path;
+
+use serde_json::{json, Map, Value};
+
+use crate::error::{Error, IoContext, Result};
+use crate::formats::gguf::GgufFile;
+
+/// One chat message for a chat template.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// A tokenizer with the settings around it (special tokens, chat template) that HF keeps in
+/// `tokenizer_config.json`.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// The `tokenizer.json` document `inner` was built from.
+    json: String,
+    /// `tokenizer_config.json` (at least bos/eos tokens and the chat template when known).
+    pub config: Map<String, Value>,
+    /// Things a user should know about how the tokenizer was built.
+    pub warnings: Vec<String>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab", &self.inner.get_vocab_size(true))
+            .finish()
+    }
+}
+
+// The pre-tokenisation regex of Llama-3's tokenizer.json.
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+impl Tokenizer {
+    /// Build from a `tokenizer.json` document and a `tokenizer_config.json` map. `origin` names
+    /// the file for errors.
+    pub fn from_json(json: String, config: Map<String, Value>, origin: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
+            .map_err(|e| Error::format(origin, format!("invalid tokenizer: {e}")))?;
+        Ok(Tokenizer {
+            inner,
+            json,
+            config,
+            warnings: vec![],
+        })
+    }
+
+    /// Load `tokenizer.json`, and `tokenizer_config.json` / `chat_template.jinja` when present,
+    /// from an HF model directory.
+    pub fn from_hf_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let tj = dir.join("tokenizer.json");
+        let json = std::fs::read_to_string(&tj).at(&tj, "cannot read")?;
+        serde_json::from_str::<Value>(&json)
+            .map_err(|e| Error::format(&tj, format!("tokenizer.json does not parse: {e}")))?;
+        let tc = dir.join("tokenizer_config.json");
+        let mut config = if tc.exists() {
+            let text = std::fs::read_to_string(&tc).at(&tc, "cannot read")?;
+            match serde_json::from_str::<Value>(&text) {
+                Ok(Value::Object(m)) => m,
+                Ok(_) => return Err(Error::format(&tc, "tokenizer_config.json is not a JSON object")),
+                Err(e) => {
+                    return Err(Error::format(&tc, format!("tokenizer_config.json does not parse: {e}")))
+                }
+            }
+        } else {
+            Map::new()
+        };
+        let jinja = dir.join("chat_template.jinja");
+        if !config.contains_key("chat_template") && jinja.exists() {
+            let t = std::fs::read_to_string(&jinja).at(&jinja, "cannot read")?;
+            config.insert("chat_template".into(), Value::String(t));
+        }
+        Self::from_json(json, config, &tj)
+    }
+
+    /// Rebuild the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let bad = |m: String| Error::format(g.path(), m);
+        let model = g
+            .get("tokenizer.ggml.model")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| bad("GGUF has no tokenizer (tokenizer.ggml.model missing)".into()))?;
+        let tokens: Vec<String> = g
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| bad("tokenizer.ggml.tokens missing".into()))?
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("tokenizer.ggml.tokens must be strings".into()))?;
+        let types: Option<Vec<i64>> = g
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().map(|v| v.as_i64().unwrap_or(1)).collect());
+        if let Some(t) = &types {
+            if t.len() != tokens.len() {
+                return Err(bad(format!(
+                    "tokenizer.ggml.token_type has {} entries for {} tokens",
+                    t.len(),
+                    tokens.len()
+                )));
+            }
+        }
+        let id_key = |k: &str| g.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+        let bos = id_key("tokenizer.ggml.bos_token_id");
+        let eos = id_key("tokenizer.ggml.eos_token_id");
+        let unk = id_key("tokenizer.ggml.unknown_token_id");
+        let pad = id_key("tokenizer.ggml.padding_token_id");
+        for (name, id) in [("bos", bos), ("eos", eos), ("unknown", unk), ("padding", pad)] {
+            if let Some(id) = id {
+                if id >= tokens.len() {
+                    return Err(bad(format!(
+                        "tokenizer.ggml.{name}_token_id {id} is outside the {}-token vocabulary",
+                        tokens.len()
+                    )));
+                }
+            }
+        }
+        let flag = |k: &str| g.get(k).and_then(|v| v.as_bool());
+        let is_spm = model == "llama";
+        let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(is_spm);
+        let add_eos = flag("tokenizer.ggml.add_eos_token").unwrap_or(false);
+        let mut warnings = vec![];
+
+        // Control tokens are special (matched whole in raw text, skippable when decoding);
+        // user-defined tokens are matched whole but are ordinary text.
+        let mut added = vec![];
+        for (id, tok) in tokens.iter().enumerate() {
+            let ty = types.as_ref().map(|t| t[id]).unwrap_or_else(|| {
+                if Some(id) == bos || Some(id) == eos || Some(id) == unk {
+                    3
+                } else {
+                    1
+                }
+            });
+            let special = ty == 3 || (ty == 2 && is_spm);
+            if special || ty == 4 {
+                added.push(json!({"id": id, "content": tok, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": special}));
+            }
+        }
+        let vocab: Map<String, Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
+        if vocab.len() != tokens.len() {
+            warnings.push(format!(
+                "the GGUF vocabulary repeats {} token strings; later ids win when encoding",
+                tokens.len() - vocab.len()
+            ));
+        }
+
+        let merges: Vec<(String, String)> = match g.get("tokenizer.ggml.merges").and_then(|v| v.as_array()) {
+            Some(a) => a
+                .iter()
+                .map(|m| {
+                    m.as_str()
+                        .and_then(|s| s.split_once(' '))
+                        .map(|(l, r)| (l.to_string(), r.to_string()))
+                        .ok_or_else(|| bad(format!("tokenizer.ggml.merges entry {m:?} is not 'left right'")))
+                })
+                .collect::<Result<_>>()?,
+            None if is_spm => {
+                let scores: Vec<f64> = g
+                    .get("tokenizer.ggml.scores")
+                    .and_then(|v| v.as_array())
+                    .ok_or_else(|| bad("a llama (SentencePiece) tokenizer needs tokenizer.ggml.scores or merges".into()))?
+                    .iter()
+                    .map(|v| v.as_f64().unwrap_or(0.0))
+                    .collect();
+                if scores.len() != tokens.len() {
+                    return Err(bad("tokenizer.ggml.scores and tokens differ in length".into()));
+                }
+                merges_from_scores(&tokens, &scores)
+            }
+            None => return Err(bad("a gpt2 (byte-level BPE) tokenizer needs tokenizer.ggml.merges".into())),
+        };
+        let merges_json: Vec<Value> = merges.into_iter().map(|(l, r)| json!([l, r])).collect();
+
+        let bos_tok = bos.map(|i| tokens[i].clone());
+        let eos_tok = eos.map(|i| tokens[i].clone());
+        let template = |add_bos: bool, add_eos: bool| -> Value {
+            let mut single = vec![];
+            let mut pair = vec![];
+            let mut specials = Map::new();
+            if let (true, Some(b)) = (add_bos, &bos_tok) {
+                single.push(json!({"SpecialToken": {"id": b, "type_id": 0}}));
+                pair.push(json!({"SpecialToken": {"id": b, "type_id": 0}}));
+                specials.insert(b.clone(), json!({"id": b, "ids": [bos.unwrap()], "tokens": [b]}));
+            }
+            single.push(json!({"Sequence": {"id": "A", "type_id": 0}}));
+            pair.push(json!({"Sequence": {"id": "A", "type_id": 0}}));
+            if let (true, Some(e)) = (add_eos, &eos_tok) {
+                single.push(json!({"SpecialToken": {"id": e, "type_id": 0}}));
+                pair.push(json!({"SpecialToken": {"id": e, "type_id": 0}}));
+                specials.insert(e.clone(), json!({"id": e, "ids": [eos.unwrap()], "tokens": [e]}));
+            }
+            if let (true, Some(b)) = (add_bos, &bos_tok) {
+                pair.push(json!({"SpecialToken": {"id": b, "type_id": 1}}));
+            }
+            pair.push(json!({"Sequence": {"id": "B", "type_id": 1}}));
+            if let (true, Some(e)) = (add_eos, &eos_tok) {
+                pair.push(json!({"SpecialToken": {"id": e, "type_id": 1}}));
+            }
+            json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials})
+        };
+
+        let doc = if is_spm {
+            let prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+            let mut normalizers = vec![];
+            if prefix {
+                normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+            }
+            normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+            let mut decoders = vec![
+                json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+                json!({"type": "ByteFallback"}),
+                json!({"type": "Fuse"}),
+            ];
+            if prefix {
+                decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+            }
+            json!({
+                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+                "normalizer": {"type": "Sequence", "normalizers": normalizers},
+                "pre_tokenizer": null,
+                "post_processor": template(add_bos, add_eos),
+                "decoder": {"type": "Sequence", "decoders": decoders},
+                "model": {"type": "BPE", "dropout": null, "unk_token": unk.map(|i| tokens[i].clone()),
+                    "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+                    "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges_json}
+            })
+        } else if model == "gpt2" {
+            let byte_level = |use_regex: bool| {
+                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
+            };
+            let pre = g.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+            let pre_tokenizer = match pre {
+                "default" | "gpt2" | "gpt-2" => byte_level(true),
+                "smollm" => json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+                "llama-bpe" | "llama3" | "llama-v3" => json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": false},
+                    byte_level(false)]}),
+                other => {
+                    warnings.push(format!(
+                        "GGUF pre-tokenizer '{other}' is not known to Shears; using GPT-2's byte-level split, which may tokenize some text differently from llama.cpp"
+                    ));
+                    byte_level(true)
+                }
+            };
+            let post = if add_bos || add_eos {
+                template(add_bos, add_eos)
+            } else {
+                json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+            };
+            json!({
+                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+                "normalizer": null,
+                "pre_tokenizer": pre_tokenizer,
+                "post_processor": post,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                    "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                    "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges_json}
+            })
+        } else {
+            return Err(bad(format!(
+                "GGUF tokenizer model '{model}' is not supported (gpt2 and llama are)"
+            )));
+        };
+
+        let mut config = Map::new();
+        config.insert("add_bos_token".into(), add_bos.into());
+        config.insert("add_eos_token".into(), add_eos.into());
+        config.insert("clean_up_tokenization_spaces".into(), false.into());
+        config.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+        for (k, id) in [("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)] {
+            if let Some(id) = id {
+                config.insert(k.into(), tokens[id].clone().into());
+            }
+        }
+        if let Some(ctx) = g
+            .get(&format!(
+                "{}.context_length",
+                g.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("llama")
+            ))
+            .and_then(|v| v.as_u64())
+        {
+            config.insert("model_max_length".into(), ctx.into());
+        }
+        if let Some(t) = g.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
+            config.insert("chat_template".into(), t.into());
+        }
+        let json = serde_json::to_string(&doc).expect("tokenizer json");
+        let mut tok = Self::from_json(json, config, g.path())?;
+        tok.warnings = warnings;
+        Ok(tok)
+    }
+
+    /// The underlying HF tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Encode `text`. With `add_special_tokens`, the tokenizer's post-processor adds what the
+    /// model expects by default (BOS for Llama-2, nothing for SmolLM2).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::invalid(format!("tokenization failed: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decode ids to text.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::invalid(format!("decoding failed: {e}")))
+    }
+
+    /// The string of one token id.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The id of a token string.
+    pub fn token_to_id(&self, tok: &str) -> Option<u32> {
+        self.inner.token_to_id(tok)
+    }
+
+    fn config_token(&self, key: &str) -> Option<String> {
+        match self.config.get(key)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            _ => None,
+        }
+    }
+
+    /// The end-of-sequence token string, if configured.
+    pub fn eos_token(&self) -> Option<String> {
+        self.config_token("eos_token")
+    }
+
+    /// The chat template, if the model has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        match self.config.get("chat_template")? {
+            Value::String(s) => Some(s),
+            // A list of named templates: take the default one.
+            Value::Array(list) => list.iter().find_map(|t| {
+                (t.get("name")?.as_str()? == "default").then(|| t.get("template")?.as_str())?
+            }),
+            _ => None,
+        }
+    }
+
+    /// Render the chat template the way HF's `apply_chat_template` does (jinja with
+    /// trim_blocks and lstrip_blocks), ready to be encoded without added special tokens.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self
+            .chat_template()
+            .ok_or_else(|| Error::invalid("this model's tokenizer has no chat template"))?;
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |fmt: String| -> String {
+            // Templates use this for "today's date"; a fixed date keeps prompts reproducible.
+            fmt.replace("%d", "26").replace("%b", "Jul").replace("%B", "July").replace("%Y", "2024")
+        });
+        env.add_template("chat", template)
+            .map_err(|e| Error::invalid(format!("chat template does not parse: {e}")))?;
+        let ctx = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.config_token("bos_token").unwrap_or_default(),
+            eos_token => self.config_token("eos_token").unwrap_or_default(),
+        };
+        env.get_template("chat")
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| Error::invalid(format!("chat template failed: {e}")))
+    }
+
+    /// Write `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` into `dir`.
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        let p = dir.join("tokenizer.json");
+        std::fs::write(&p, &self.json).at(&p, "cannot write")?;
+        let p = dir.join("tokenizer_config.json");
+        let text = serde_json::to_string_pretty(&Value::Object(self.config.clone())).expect("json");
+        std::fs::write(&p, text).at(&p, "cannot write")?;
+        let mut map = Map::new();
+        for k in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+            if let Some(t) = self.config_token(k) {
+                map.insert(k.into(), t.into());
+            }
+        }
+        let p = dir.join("special_tokens_map.json");
+        let text = serde_json::to_string_pretty(&Value::Object(map)).expect("json");
+        std::fs::write(&p, text).at(&p, "cannot write")?;
+        Ok(())
+    }
+}
+
+/// SentencePiece BPE merges recovered from token scores: every split of a token into two vocabulary
+/// tokens is a merge, ranked by the merged token's score (highest first), then by the scores of its
+/// halves, as HF's converter ranks them.
+fn merges_from_scores(tokens: &[String], scores: &[f64]) -> Vec<(String, String)> {
+    let index: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let mut merges: Vec<(f64, f64, f64, String, String)> = vec![];
+    for (tok, &score) in tokens.iter().zip(scores) {
+        for (cut, _) in tok.char_indices().skip(1) {
+            let (l, r) = tok.split_at(cut);
+            if let (Some(&il), Some(&ir)) = (index.get(l), index.get(r)) {
+                merges.push((score, scores[il], scores[ir], l.to_string(), r.to_string()));
+            }
+        }
+    }
+    merges.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(b.1.total_cmp(&a.1))
+            .then(b.2.total_cmp(&a.2))
+    });
+    merges.into_iter().map(|m| (m.3, m.4)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spm_merges_rank_by_score() {
+        let toks: Vec<String> = ["a", "b", "ab", "c", "abc", "bc"].iter().map(|s| s.to_string()).collect();
+        let scores = [0.0, 0.0, -1.0, 0.0, -3.0, -2.0];
+        let m = merges_from_scores(&toks, &scores);
+        assert_eq!(m[0], ("a".into(), "b".into()));
+        assert_eq!(m[1], ("b".into(), "c".into()));
+        assert!(m[2..].contains(&("ab".into(), "c".into())));
+        assert!(m[2..].contains(&("a".into(), "bc".into())));
+    }
+}

@@ -1,0 +1,19 @@
+//! # shears-models
+//!
+//! The LLaMA family on burn, generic over the backend: one model definition for CPU, wgpu and
+//! CUDA. It owns the modules (HF-named), the forward pass and KV cache, RoPE, the causal-LM loss,
+//! scoring and generation, conversion between host weights and device parameters, and the
+//! run-time backend choice. It must not know about pruning, data or training loops; those crates
+//! build on it.
+
+pub mod backend;
+pub mod cache;
+pub mod generate;
+pub mod llama;
+pub mod load;
+pub mod loss;
+pub mod rope;
+
+pub use backend::{dispatch, dispatch_autodiff, AutodiffTask, BackendKind, BackendTask};
+pub use cache::KvCache;
+pub use llama::Llama;

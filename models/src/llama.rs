@@ -1,0 +1,282 @@
+//! The LLaMA-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, tied or untied
+//! LM head. Module paths mirror HF names (`model.layers.N.self_attn.q_proj`), and every layer
+//! carries its own widths so finalised pruned models with non-uniform layers run unchanged.
+//!
+//! The forward keeps the places where the pruning masks of the spec (§1.3, §11.1) act as
+//! separate, named values: the embedding output, each norm output, the per-head attention
+//! context before `o_proj` ([`Attention::context`]), the `o_proj` output, the MLP up-projection
+//! ([`Mlp::forward`]) and the MLP output.
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear};
+use burn::tensor::{activation, backend::Backend, Bool, DType, Int, Tensor};
+use shears_core::{LlamaConfig, Rope};
+
+use crate::cache::KvCache;
+use crate::rope;
+
+/// Root-mean-square layer norm, computed in f32 whatever the parameter dtype (as HF does).
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// Per-channel gain `[d]`.
+    pub weight: Param<Tensor<B, 1>>,
+    /// Added to the mean square before the square root.
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// Normalise over the last axis.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let xf = x.cast(DType::F32);
+        let var = xf.clone().square().mean_dim(D - 1);
+        let normed = xf * var.add_scalar(self.eps).sqrt().recip();
+        normed.cast(dtype) * self.weight.val().unsqueeze::<D>()
+    }
+}
+
+/// Grouped-query self-attention (`num_kv_heads` divides `num_heads`; MHA when equal).
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    /// Query heads, H.
+    pub num_heads: usize,
+    /// Key/value heads, G.
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Per-head attention context `[batch, H, len, head_dim]`, before the heads are merged and
+    /// projected by `o_proj` (where a head mask multiplies in). `mask` is the causal mask
+    /// `[len, past+len]` (true = hidden), `None` when no position needs hiding.
+    pub fn context(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 2>,
+        sin: &Tensor<B, 2>,
+        mask: Option<&Tensor<B, 2, Bool>>,
+        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+    ) -> Tensor<B, 4> {
+        let [b, t, _] = x.dims();
+        let (h, g, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let r = h / g;
+        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, hd]).swap_dims(1, 2);
+        let k = self.k_proj.forward(x.clone()).reshape([b, t, g, hd]).swap_dims(1, 2);
+        let v = self.v_proj.forward(x).reshape([b, t, g, hd]).swap_dims(1, 2);
+        let q = rope::apply(q, cos, sin);
+        let k = rope::apply(k, cos, sin);
+        let (k, v) = match cache {
+            Some((ck, cv)) => {
+                let k = match ck.take() {
+                    Some(prev) => Tensor::cat(vec![prev, k], 2),
+                    None => k,
+                };
+                let v = match cv.take() {
+                    Some(prev) => Tensor::cat(vec![prev, v], 2),
+                    None => v,
+                };
+                *ck = Some(k.clone());
+                *cv = Some(v.clone());
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let tk = k.dims()[2];
+        // Query head j reads kv head j / r: group the r query heads of a kv head along the
+        // sequence axis so one batched matmul serves them without copying k and v r times.
+        let q = q.reshape([b, g, r * t, hd]);
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (hd as f64).sqrt());
+        let scores = match mask {
+            Some(m) => {
+                let m = m
+                    .clone()
+                    .unsqueeze_dim::<3>(0)
+                    .repeat_dim(0, r)
+                    .reshape([1, 1, r * t, tk])
+                    .expand([b, g, r * t, tk]);
+                scores.mask_fill(m, f32::NEG_INFINITY)
+            }
+            None => scores,
+        };
+        let dtype = scores.dtype();
+        let probs = activation::softmax(scores.cast(DType::F32), 3).cast(dtype);
+        probs.matmul(v).reshape([b, h, t, hd])
+    }
+
+    /// Merge the heads of `ctx` and project back to the residual width.
+    pub fn project(&self, ctx: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, h, t, hd] = ctx.dims();
+        self.o_proj.forward(ctx.swap_dims(1, 2).reshape([b, t, h * hd]))
+    }
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// Apply the MLP (the intermediate mask multiplies the `up_proj` output).
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = activation::silu(self.gate_proj.forward(x.clone()));
+        let up = self.up_proj.forward(x);
+        self.down_proj.forward(gate * up)
+    }
+}
+
+/// One pre-norm decoder block.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub self_attn: Attention<B>,
+    pub mlp: Mlp<B>,
+    pub input_layernorm: RmsNorm<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// `x + attn(norm1(x))`, then `+ mlp(norm2(.))`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 2>,
+        sin: &Tensor<B, 2>,
+        mask: Option<&Tensor<B, 2, Bool>>,
+        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+    ) -> Tensor<B, 3> {
+        let ctx = self
+            .self_attn
+            .context(self.input_layernorm.forward(x.clone()), cos, sin, mask, cache);
+        let x = x + self.self_attn.project(ctx);
+        let m = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
+        x + m
+    }
+}
+
+/// HF's `model.` submodule: embeddings, decoder layers, final norm.
+#[derive(Module, Debug)]
+pub struct LlamaModel<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+}
+
+/// A LLaMA-family causal language model.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    pub model: LlamaModel<B>,
+    /// `None` when the LM head is tied to `model.embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+    /// The HF config the model was built from.
+    #[module(skip)]
+    pub config: LlamaConfig,
+    #[module(skip)]
+    pub rope: Rope,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Parameter dtype (that of the embedding).
+    pub fn dtype(&self) -> DType {
+        self.model.embed_tokens.weight.val().dtype()
+    }
+
+    /// Device the parameters live on.
+    pub fn device(&self) -> B::Device {
+        self.model.embed_tokens.weight.val().device()
+    }
+
+    /// RoPE tables and causal mask for `len` new positions after `past` cached ones.
+    pub fn position_inputs(
+        &self,
+        past: usize,
+        len: usize,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 2, Bool>>) {
+        let device = self.device();
+        let (cos, sin) = rope::tables::<B>(
+            &self.rope,
+            self.config.head_dim(),
+            past,
+            len,
+            self.dtype(),
+            &device,
+        );
+        let mask = (len > 1).then(|| Tensor::<B, 2, Bool>::tril_mask([len, past + len], past as i64, &device));
+        (cos, sin, mask)
+    }
+
+    /// Final-norm hidden states `[batch, len, d]`. With a cache, `ids` continue the cached
+    /// sequence and the cache is extended.
+    pub fn hidden_states(&self, ids: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let [_, t] = ids.dims();
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let (cos, sin, mask) = self.position_inputs(past, t);
+        let mut x = self.model.embed_tokens.forward(ids);
+        match cache {
+            Some(cache) => {
+                for (layer, slot) in self.model.layers.iter().zip(cache.slots_mut()) {
+                    x = layer.forward(x, &cos, &sin, mask.as_ref(), Some(slot));
+                }
+                cache.advance(t);
+            }
+            None => {
+                for layer in &self.model.layers {
+                    x = layer.forward(x, &cos, &sin, mask.as_ref(), None);
+                }
+            }
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Logits `[batch, len, vocab]` of hidden states.
+    pub fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => {
+                let [b, t, d] = h.dims();
+                let w = self.model.embed_tokens.weight.val();
+                let v = w.dims()[0];
+                h.reshape([b * t, d]).matmul(w.transpose()).reshape([b, t, v])
+            }
+        }
+    }
+
+    /// Logits for every position of `ids` `[batch, len]`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.logits(self.hidden_states(ids, None))
+    }
+
+    /// f32 logits `[batch, vocab]` of the last position only, extending `cache` (generation).
+    pub fn forward_last(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 2> {
+        let h = self.hidden_states(ids, Some(cache));
+        let [b, t, _] = h.dims();
+        let logits = self.logits(h.narrow(1, t - 1, 1));
+        let v = logits.dims()[2];
+        logits.reshape([b, v]).cast(DType::F32)
+    }
+
+    /// A fresh KV cache for this model.
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.model.layers.len())
+    }
+
+    /// Refuse contexts the model cannot attend over faithfully (Mistral's sliding window).
+    pub fn check_context(&self, len: usize) -> shears_core::Result<()> {
+        if let Some(w) = self.config.sliding_window {
+            if len > w {
+                return Err(shears_core::Error::invalid(format!(
+                    "context of {len} tokens exceeds the model's sliding window of {w}; Shears runs full attention only"
+                )));
+            }
+        }
+        Ok(())
+    }
+}

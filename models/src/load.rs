@@ -1,0 +1,240 @@
+//! Between host weights under HF names ([`WeightMap`]) and a [`Llama`] on a device: the one
+//! table of names and layouts. HF stores linear weights `[out, in]`; burn's `Linear` computes
+//! `x · W` with `W` as `[in, out]`, so linear weights are transposed on the way in and out.
+
+use burn::module::Param;
+use burn::nn::{Embedding, Linear};
+use burn::tensor::{backend::Backend, DType as BurnDType, Tensor, TensorData};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use shears_core::model_files::{check_weights, layer_key};
+use shears_core::{DType, Error, HostTensor, LayerShape, LlamaConfig, ModelFiles, Result, WeightMap};
+
+use crate::llama::{Attention, DecoderLayer, Llama, LlamaModel, Mlp, RmsNorm};
+
+/// burn's name for a Shears dtype.
+pub fn burn_dtype(d: DType) -> BurnDType {
+    match d {
+        DType::F32 => BurnDType::F32,
+        DType::F16 => BurnDType::F16,
+        DType::BF16 => BurnDType::BF16,
+    }
+}
+
+struct Builder<'a, B: Backend> {
+    weights: &'a WeightMap,
+    device: &'a B::Device,
+    dtype: BurnDType,
+}
+
+impl<B: Backend> Builder<'_, B> {
+    fn host(&self, name: &str) -> &HostTensor {
+        // Presence and shapes were checked by `check_weights`.
+        &self.weights[name]
+    }
+
+    fn tensor<const D: usize>(&self, name: &str) -> Tensor<B, D> {
+        let t = self.host(name);
+        let data = TensorData::new(t.to_f32_vec(), t.shape.clone());
+        Tensor::<B, D>::from_data(data, self.device).cast(self.dtype)
+    }
+
+    fn linear(&self, name: &str) -> Linear<B> {
+        let w: Tensor<B, 2> = self.tensor(name);
+        Linear {
+            weight: Param::from_tensor(w.transpose()),
+            bias: None,
+        }
+    }
+
+    fn norm(&self, name: &str, eps: f64) -> RmsNorm<B> {
+        RmsNorm {
+            weight: Param::from_tensor(self.tensor(name)),
+            eps,
+        }
+    }
+}
+
+/// Build a model on `device` from host weights that [`check_weights`] accepted, with
+/// parameters in `dtype`.
+pub fn build<B: Backend>(
+    config: &LlamaConfig,
+    layers: &[LayerShape],
+    weights: &WeightMap,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<Llama<B>> {
+    let bdt = burn_dtype(dtype);
+    if !B::supports_dtype(device, bdt) {
+        return Err(Error::invalid(format!(
+            "the {} backend does not support {dtype:?} parameters; use f32 or another backend",
+            B::name(device)
+        )));
+    }
+    let rope = config.rope().map_err(Error::invalid)?;
+    let b = Builder::<B> {
+        weights,
+        device,
+        dtype: bdt,
+    };
+    let eps = config.rms_norm_eps;
+    let decoder = layers
+        .iter()
+        .enumerate()
+        .map(|(l, shape)| {
+            let k = |s: &str| layer_key(l, s);
+            DecoderLayer {
+                self_attn: Attention {
+                    q_proj: b.linear(&k("self_attn.q_proj.weight")),
+                    k_proj: b.linear(&k("self_attn.k_proj.weight")),
+                    v_proj: b.linear(&k("self_attn.v_proj.weight")),
+                    o_proj: b.linear(&k("self_attn.o_proj.weight")),
+                    num_heads: shape.num_attention_heads,
+                    num_kv_heads: shape.num_key_value_heads,
+                    head_dim: config.head_dim(),
+                },
+                mlp: Mlp {
+                    gate_proj: b.linear(&k("mlp.gate_proj.weight")),
+                    up_proj: b.linear(&k("mlp.up_proj.weight")),
+                    down_proj: b.linear(&k("mlp.down_proj.weight")),
+                },
+                input_layernorm: b.norm(&k("input_layernorm.weight"), eps),
+                post_attention_layernorm: b.norm(&k("post_attention_layernorm.weight"), eps),
+            }
+        })
+        .collect();
+    Ok(Llama {
+        model: LlamaModel {
+            embed_tokens: Embedding {
+                weight: Param::from_tensor(b.tensor("model.embed_tokens.weight")),
+            },
+            layers: decoder,
+            norm: b.norm("model.norm.weight", eps),
+        },
+        lm_head: (!config.tie_word_embeddings).then(|| b.linear("lm_head.weight")),
+        config: config.clone(),
+        rope,
+    })
+}
+
+/// Build a model from loaded model files.
+pub fn from_files<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType) -> Result<Llama<B>> {
+    build(&files.config, &files.layers, &files.weights, device, dtype)
+}
+
+/// Host copy of a device tensor, stored as `dtype`.
+pub fn host_of<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> HostTensor {
+    let shape = t.dims().to_vec();
+    let data = t.cast(BurnDType::F32).into_data();
+    let values: Vec<f32> = data.into_vec().expect("f32 tensor data");
+    HostTensor::f32(shape, values).to_dtype(dtype)
+}
+
+/// Visits every parameter of a [`Llama`] with its HF name. `hf_layout_transposed` is true for
+/// linear weights, whose burn layout is the transpose of HF's.
+pub trait ParamVisitor<B: Backend> {
+    /// Called once per parameter.
+    fn visit<const D: usize>(&mut self, hf_name: String, param: &Param<Tensor<B, D>>, hf_layout_transposed: bool);
+}
+
+/// Walk the parameters in a fixed order under their HF names.
+pub fn visit_params<B: Backend, V: ParamVisitor<B>>(model: &Llama<B>, v: &mut V) {
+    v.visit("model.embed_tokens.weight".into(), &model.model.embed_tokens.weight, false);
+    for (l, layer) in model.model.layers.iter().enumerate() {
+        let k = |s: &str| layer_key(l, s);
+        let a = &layer.self_attn;
+        v.visit(k("input_layernorm.weight"), &layer.input_layernorm.weight, false);
+        v.visit(k("self_attn.q_proj.weight"), &a.q_proj.weight, true);
+        v.visit(k("self_attn.k_proj.weight"), &a.k_proj.weight, true);
+        v.visit(k("self_attn.v_proj.weight"), &a.v_proj.weight, true);
+        v.visit(k("self_attn.o_proj.weight"), &a.o_proj.weight, true);
+        v.visit(k("post_attention_layernorm.weight"), &layer.post_attention_layernorm.weight, false);
+        v.visit(k("mlp.gate_proj.weight"), &layer.mlp.gate_proj.weight, true);
+        v.visit(k("mlp.up_proj.weight"), &layer.mlp.up_proj.weight, true);
+        v.visit(k("mlp.down_proj.weight"), &layer.mlp.down_proj.weight, true);
+    }
+    v.visit("model.norm.weight".into(), &model.model.norm.weight, false);
+    if let Some(head) = &model.lm_head {
+        v.visit("lm_head.weight".into(), &head.weight, true);
+    }
+}
+
+/// The model's parameters as host tensors under HF names, in HF layout, stored as `dtype`.
+pub fn to_weights<B: Backend>(model: &Llama<B>, dtype: DType) -> WeightMap {
+    struct Collect(WeightMap, DType);
+    impl<B: Backend> ParamVisitor<B> for Collect {
+        fn visit<const D: usize>(&mut self, name: String, p: &Param<Tensor<B, D>>, transposed: bool) {
+            let t = p.val();
+            let t = if transposed { t.transpose() } else { t };
+            self.0.insert(name, host_of(t, self.1));
+        }
+    }
+    let mut c = Collect(WeightMap::new(), dtype);
+    visit_params(model, &mut c);
+    c.0
+}
+
+/// Widths of every layer of a built model.
+pub fn layer_shapes<B: Backend>(model: &Llama<B>) -> Vec<LayerShape> {
+    model
+        .model
+        .layers
+        .iter()
+        .map(|l| LayerShape {
+            num_attention_heads: l.self_attn.num_heads,
+            num_key_value_heads: l.self_attn.num_kv_heads,
+            intermediate_size: l.mlp.gate_proj.weight.dims()[1],
+        })
+        .collect()
+}
+
+/// Seeded random weights for `config` (normal with std 0.02, norms at 1 + small noise), the
+/// same on every backend: tiny models for tests and benchmarks.
+pub fn random_weights(config: &LlamaConfig, seed: u64) -> WeightMap {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut normal = |n: usize, std: f32| -> Vec<f32> {
+        // Box-Muller: enough for initialisation, and independent of rand_distr's versions.
+        (0..n)
+            .map(|_| {
+                let u1: f32 = rng.random::<f32>().max(1e-7);
+                let u2: f32 = rng.random::<f32>();
+                std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+            })
+            .collect()
+    };
+    let (v, d, hd) = (config.vocab_size, config.hidden_size, config.head_dim());
+    let (h, g, i) = (config.num_attention_heads, config.num_kv_heads(), config.intermediate_size);
+    let mut w = WeightMap::new();
+    let mut put = |name: String, shape: Vec<usize>, data: Vec<f32>| {
+        w.insert(name, HostTensor::f32(shape, data));
+    };
+    put("model.embed_tokens.weight".into(), vec![v, d], normal(v * d, 0.02));
+    put(
+        "model.norm.weight".into(),
+        vec![d],
+        normal(d, 0.1).iter().map(|x| 1.0 + x).collect(),
+    );
+    if !config.tie_word_embeddings {
+        put("lm_head.weight".into(), vec![v, d], normal(v * d, 0.02));
+    }
+    for l in 0..config.num_hidden_layers {
+        let k = |s: &str| layer_key(l, s);
+        put(k("self_attn.q_proj.weight"), vec![h * hd, d], normal(h * hd * d, 0.02));
+        put(k("self_attn.k_proj.weight"), vec![g * hd, d], normal(g * hd * d, 0.02));
+        put(k("self_attn.v_proj.weight"), vec![g * hd, d], normal(g * hd * d, 0.02));
+        put(k("self_attn.o_proj.weight"), vec![d, h * hd], normal(d * h * hd, 0.02));
+        put(k("mlp.gate_proj.weight"), vec![i, d], normal(i * d, 0.02));
+        put(k("mlp.up_proj.weight"), vec![i, d], normal(i * d, 0.02));
+        put(k("mlp.down_proj.weight"), vec![d, i], normal(d * i, 0.02));
+        for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+            put(k(n), vec![d], normal(d, 0.1).iter().map(|x| 1.0 + x).collect());
+        }
+    }
+    w
+}
+
+/// A seeded random model of `config` on `device` (f32).
+pub fn random_model<B: Backend>(config: &LlamaConfig, seed: u64, device: &B::Device) -> Result<Llama<B>> {
+    let weights = random_weights(config, seed);
+    let layers = check_weights(config, &weights, std::path::Path::new("<random>"))?;
+    build(config, &layers, &weights, device, DType::F32)
+}

@@ -1,0 +1,103 @@
+//! Rotary position embeddings in HF's `rotate_half` convention, with the `linear` and `llama3`
+//! frequency scalings. The tables are computed on the host in f32 exactly as transformers
+//! computes them, so positions match bit for bit where it matters.
+
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+use shears_core::{Rope, RopeScaling};
+
+/// Inverse frequencies `1 / theta^(2i/d)` after scaling, in f32 as transformers computes them.
+pub fn inv_freq(rope: &Rope, head_dim: usize) -> Vec<f32> {
+    let theta = rope.theta as f32;
+    (0..head_dim / 2)
+        .map(|i| {
+            let base = 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32);
+            match rope.scaling {
+                RopeScaling::None => base,
+                RopeScaling::Linear { factor } => base / factor as f32,
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                } => {
+                    let (factor, low, high, orig) = (
+                        factor as f32,
+                        low_freq_factor as f32,
+                        high_freq_factor as f32,
+                        original_max_position_embeddings as f32,
+                    );
+                    let wavelen = 2.0 * std::f32::consts::PI / base;
+                    if wavelen < orig / high {
+                        base
+                    } else if wavelen > orig / low {
+                        base / factor
+                    } else {
+                        let smooth = (orig / wavelen - low) / (high - low);
+                        (1.0 - smooth) * base / factor + smooth * base
+                    }
+                }
+            }
+        })
+        .collect()
+}
+
+/// `cos` and `sin` tables of shape `[len, head_dim]` for positions `start..start+len`.
+pub fn tables<B: Backend>(
+    rope: &Rope,
+    head_dim: usize,
+    start: usize,
+    len: usize,
+    dtype: DType,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let inv = inv_freq(rope, head_dim);
+    let mut cos = Vec::with_capacity(len * head_dim);
+    let mut sin = Vec::with_capacity(len * head_dim);
+    for p in start..start + len {
+        // emb = cat(freqs, freqs): the two halves of a head share frequencies.
+        for f in inv.iter().chain(inv.iter()) {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    let mk = |v: Vec<f32>| {
+        Tensor::<B, 2>::from_data(TensorData::new(v, [len, head_dim]), device).cast(dtype)
+    };
+    (mk(cos), mk(sin))
+}
+
+/// Apply RoPE to `x` of shape `[batch, heads, len, head_dim]`.
+pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+    let [_, _, t, d] = x.dims();
+    let half = d / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    let cos = cos.clone().reshape([1, 1, t, d]);
+    let sin = sin.clone().reshape([1, 1, t, d]);
+    x * cos + rotated * sin
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let plain = Rope { theta: 500000.0, scaling: RopeScaling::None };
+        let scaled = Rope {
+            theta: 500000.0,
+            scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192.0,
+            },
+        };
+        let (a, b) = (inv_freq(&plain, 128), inv_freq(&scaled, 128));
+        assert_eq!(a[0], b[0]);
+        assert!((a[63] / 8.0 - b[63]).abs() <= 1e-12);
+        assert!(b.iter().zip(&a).all(|(s, p)| s <= p));
+    }
+}
