@@ -190,6 +190,11 @@ pub fn layer_shapes<B: Backend>(model: &Llama<B>) -> Vec<LayerShape> {
 /// Seeded random weights for `config` (normal with std 0.02, norms at 1 + small noise), the
 /// same on every backend: tiny models for tests and benchmarks.
 pub fn random_weights(config: &LlamaConfig, seed: u64) -> WeightMap {
+    random_weights_for(config, &config.uniform_layer_shapes(), seed)
+}
+
+/// Like [`random_weights`], with per-layer widths.
+pub fn random_weights_for(config: &LlamaConfig, layers: &[LayerShape], seed: u64) -> WeightMap {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut normal = |n: usize, std: f32| -> Vec<f32> {
         // Box-Muller: enough for initialisation, and independent of rand_distr's versions.
@@ -202,7 +207,6 @@ pub fn random_weights(config: &LlamaConfig, seed: u64) -> WeightMap {
             .collect()
     };
     let (v, d, hd) = (config.vocab_size, config.hidden_size, config.head_dim());
-    let (h, g, i) = (config.num_attention_heads, config.num_kv_heads(), config.intermediate_size);
     let mut w = WeightMap::new();
     let mut put = |name: String, shape: Vec<usize>, data: Vec<f32>| {
         w.insert(name, HostTensor::f32(shape, data));
@@ -216,7 +220,8 @@ pub fn random_weights(config: &LlamaConfig, seed: u64) -> WeightMap {
     if !config.tie_word_embeddings {
         put("lm_head.weight".into(), vec![v, d], normal(v * d, 0.02));
     }
-    for l in 0..config.num_hidden_layers {
+    for (l, shape) in layers.iter().enumerate() {
+        let (h, g, i) = (shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size);
         let k = |s: &str| layer_key(l, s);
         put(k("self_attn.q_proj.weight"), vec![h * hd, d], normal(h * hd * d, 0.02));
         put(k("self_attn.k_proj.weight"), vec![g * hd, d], normal(g * hd * d, 0.02));

@@ -1,0 +1,228 @@
+//! The `shears` binary end to end: JSON scoring and chat generation on the real SmolLM2, and one
+//! test per kind of bad input, each of which must fail with a clear message naming the file and
+//! the problem, a non-zero exit, no panic, and no output left behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use shears_tests::{fixture, smollm2_gguf, tiny_gguf_model, write_gguf, GgufTensor};
+
+fn shears(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shears"))
+        .args(args)
+        .env("SHEARS_CACHE", cache_dir())
+        .output()
+        .expect("run shears")
+}
+
+fn cache_dir() -> PathBuf {
+    // Shares the cache the tests' own fetch uses.
+    shears_core::hub::cache_dir()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// The command failed cleanly: exit code 1 (not a panic's 101), a message that names `file` and
+/// contains `problem`, and nothing left in `out_parent` except what was there before.
+fn assert_clean_failure(o: &Output, file: &Path, problem: &str, out: &Path) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "exit status; stderr:\n{err}");
+    assert!(!err.contains("panicked"), "panicked:\n{err}");
+    let name = file.file_name().unwrap().to_string_lossy();
+    assert!(err.contains(&*name), "error does not name {name}:\n{err}");
+    assert!(err.contains(problem), "error does not say '{problem}':\n{err}");
+    assert!(!out.exists(), "output {} was created", out.display());
+    let parent = out.parent().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "half-written output left behind: {leftovers:?}");
+}
+
+/// A tiny valid GGUF model in `dir`.
+fn tiny_gguf(dir: &Path) -> PathBuf {
+    let (meta, tensors) = tiny_gguf_model();
+    let p = dir.join("tiny.gguf");
+    write_gguf(&p, &meta, &tensors, None);
+    p
+}
+
+/// A tiny valid HF model directory in `dir/hf`, imported from the tiny GGUF.
+fn tiny_hf(dir: &Path) -> PathBuf {
+    let src = tiny_gguf(dir);
+    let out = dir.join("hf");
+    let o = shears(&["import", src.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "import failed: {}", stderr(&o));
+    out
+}
+
+#[test]
+fn score_json_matches_transformers() {
+    smollm2_gguf();
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/manifest.json")).unwrap()).unwrap();
+    let entry = &manifest["texts"]["text1_fox"];
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("fox.txt");
+    std::fs::write(&text, entry["text"].as_str().unwrap()).unwrap();
+    let o = shears(&["score", "--model", "smollm2", "--text-file", text.to_str().unwrap(), "--json", "--backend", "ndarray"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON object");
+    assert_eq!(v["token_ids"], entry["input_ids"]);
+    let t = entry["n_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(v["nll"].as_array().unwrap().len(), t - 1);
+    let mean = v["mean_nll"].as_f64().unwrap();
+    assert!((mean - entry["mean_ce"].as_f64().unwrap()).abs() <= 1e-4);
+    assert!((v["perplexity"].as_f64().unwrap() - mean.exp()).abs() < 1e-9);
+    let top = v["top_logits"].as_array().unwrap();
+    assert_eq!(top.len(), 10);
+    assert_eq!(top[0][0], entry["argmax_last"]);
+    let logits: Vec<f64> = top.iter().map(|p| p[1].as_f64().unwrap()).collect();
+    assert!(logits.windows(2).all(|w| w[0] >= w[1]), "largest first");
+}
+
+#[test]
+fn chat_generation_answers_paris() {
+    smollm2_gguf();
+    let o = shears(&["generate", "--model", "smollm2", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "20"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "The capital of France is Paris.");
+}
+
+#[test]
+fn import_then_export_tiny_gguf_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tiny_hf(tmp.path());
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(hf.join(f).exists(), "{f}");
+    }
+    let out = tmp.path().join("exported");
+    let o = shears(&["export", hf.to_str().unwrap(), "--out", out.to_str().unwrap(), "--backend", "ndarray"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = shears(&["score", "--model", out.to_str().unwrap(), "--text", "the thethe the", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn truncated_gguf_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = std::fs::read(smollm2_gguf()).unwrap();
+    // Cut inside the tensor data: the directory parses, the data does not fit.
+    let cut = tmp.path().join("cut-data.gguf");
+    std::fs::write(&cut, &real[..40 << 20]).unwrap();
+    let out = tmp.path().join("out");
+    let o = shears(&["import", cut.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_clean_failure(&o, &cut, "runs past the end of the file", &out);
+    // Cut inside the metadata.
+    let cut = tmp.path().join("cut-meta.gguf");
+    std::fs::write(&cut, &real[..4096]).unwrap();
+    let o = shears(&["import", cut.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_clean_failure(&o, &cut, "truncated GGUF", &out);
+}
+
+#[test]
+fn gguf_tensor_offset_past_end_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (meta, tensors) = tiny_gguf_model();
+    let bad = tmp.path().join("offset.gguf");
+    write_gguf(&bad, &meta, &tensors, Some(("blk.1.ffn_down.weight", 1 << 30)));
+    let out = tmp.path().join("out");
+    let o = shears(&["import", bad.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_clean_failure(&o, &bad, "blk.1.ffn_down.weight", &out);
+    assert!(stderr(&o).contains("runs past the end"), "{}", stderr(&o));
+}
+
+#[test]
+fn gguf_unknown_ggml_type_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (meta, mut tensors) = tiny_gguf_model();
+    let t: &mut GgufTensor = tensors.iter_mut().find(|t| t.name == "blk.0.attn_q.weight").unwrap();
+    t.type_id = 99;
+    let bad = tmp.path().join("type.gguf");
+    write_gguf(&bad, &meta, &tensors, None);
+    let out = tmp.path().join("out");
+    let o = shears(&["import", bad.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_clean_failure(&o, &bad, "unknown ggml type id 99", &out);
+}
+
+#[test]
+fn safetensors_header_lying_about_sizes_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tiny_hf(tmp.path());
+    let st = hf.join("model.safetensors");
+    let header = br#"{"model.norm.weight":{"dtype":"F32","shape":[32,32],"data_offsets":[0,128]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header);
+    bytes.extend([0u8; 128]);
+    std::fs::write(&st, bytes).unwrap();
+    let out = tmp.path().join("out");
+    let o = shears(&["import", hf.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_clean_failure(&o, &st, "header says", &out);
+}
+
+#[test]
+fn config_missing_a_field_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tiny_hf(tmp.path());
+    let cfg_path = hf.join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let out = tmp.path().join("out");
+    let o = shears(&["import", hf.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_clean_failure(&o, &cfg_path, "missing field `hidden_size`", &out);
+}
+
+#[test]
+fn unparsable_tokenizer_json_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tiny_hf(tmp.path());
+    let tok = hf.join("tokenizer.json");
+    std::fs::write(&tok, "{\"model\": {\"type\": \"BPE\", ").unwrap();
+    let out = tmp.path().join("out");
+    let o = shears(&["import", hf.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_clean_failure(&o, &tok, "does not parse", &out);
+}
+
+#[test]
+fn output_directory_holding_a_model_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tiny_gguf(tmp.path());
+    let out = tmp.path().join("existing");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("config.json"), "{\"keep\": true}").unwrap();
+    let o = shears(&["import", src.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"));
+    assert!(err.contains("existing") && err.contains("already holds a model"), "{err}");
+    assert_eq!(std::fs::read_to_string(out.join("config.json")).unwrap(), "{\"keep\": true}");
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1, "nothing added to the existing directory");
+    // --force replaces it whole.
+    let o = shears(&["import", src.to_str().unwrap(), "--out", out.to_str().unwrap(), "--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.join("model.safetensors").exists());
+}
+
+#[test]
+fn backend_not_built_is_a_clear_error() {
+    let missing = ["wgpu", "cuda"].into_iter().find(|b| {
+        !shears_models::BackendKind::compiled().iter().any(|k| k.name() == *b)
+    });
+    let Some(b) = missing else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tiny_gguf(tmp.path());
+    let o = shears(&["score", "--model", src.to_str().unwrap(), "--text", "the the", "--backend", b]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains(&format!("built without the '{b}' backend")), "{}", stderr(&o));
+}
