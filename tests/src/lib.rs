@@ -67,6 +67,7 @@ pub enum Meta {
     Str(String),
     StrArray(Vec<String>),
     I32Array(Vec<i32>),
+    F32Array(Vec<f32>),
 }
 
 /// A tensor for [`write_gguf`]: name, ggml type id, dims in ggml order, raw bytes.
@@ -115,6 +116,14 @@ pub fn write_gguf(path: &Path, meta: &[(&str, Meta)], tensors: &[GgufTensor], of
                 out.extend((a.len() as u64).to_le_bytes());
                 for s in a {
                     put_str(&mut out, s);
+                }
+            }
+            Meta::F32Array(a) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(6u32.to_le_bytes());
+                out.extend((a.len() as u64).to_le_bytes());
+                for x in a {
+                    out.extend(x.to_le_bytes());
                 }
             }
             Meta::I32Array(a) => {

@@ -1,0 +1,100 @@
+//! Tokenizers rebuilt from GGUF metadata for the two tokenizer models llama.cpp writes for LLaMA
+//! families: SentencePiece-style BPE (`llama`: scores, byte fallback, BOS) and byte-level BPE
+//! (`gpt2`) with the pre-tokenizer named by `tokenizer.ggml.pre`.
+
+use shears_core::formats::gguf::GgufFile;
+use shears_core::Tokenizer;
+use shears_tests::{tiny_gguf_model, write_gguf, Meta};
+
+fn spm_gguf(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types = vec![2, 3, 3];
+    let mut scores = vec![0f32, 0.0, 0.0];
+    for b in 0..256 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+        scores.push(0.0);
+    }
+    // Pieces with SentencePiece scores: higher merges first.
+    let pieces = [
+        ("\u{2581}", -1.0), ("h", -2.0), ("e", -2.0), ("l", -2.0), ("o", -2.0), ("w", -2.0),
+        ("r", -2.0), ("d", -2.0), ("\u{2581}h", -3.0), ("ll", -3.5), ("\u{2581}he", -4.0),
+        ("llo", -4.5), ("\u{2581}hello", -5.0), ("\u{2581}w", -5.5), ("or", -6.0), ("ld", -6.5),
+        ("\u{2581}wor", -7.0), ("\u{2581}world", -7.5),
+    ];
+    for (p, s) in pieces {
+        tokens.push(p.into());
+        types.push(1);
+        scores.push(s);
+    }
+    let p = dir.join("spm.gguf");
+    let (mut meta, tensors) = tiny_gguf_model();
+    meta.retain(|(k, _)| !k.starts_with("tokenizer."));
+    meta.extend([
+        ("tokenizer.ggml.model", Meta::Str("llama".into())),
+        ("tokenizer.ggml.tokens", Meta::StrArray(tokens)),
+        ("tokenizer.ggml.token_type", Meta::I32Array(types)),
+        ("tokenizer.ggml.bos_token_id", Meta::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Meta::U32(2)),
+        ("tokenizer.ggml.unknown_token_id", Meta::U32(0)),
+    ]);
+    meta.push(("tokenizer.ggml.scores", Meta::F32Array(scores)));
+    write_gguf(&p, &meta, &tensors, None);
+    p
+}
+
+#[test]
+fn sentencepiece_bpe_with_byte_fallback_and_bos() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = GgufFile::open(spm_gguf(tmp.path())).unwrap();
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    let id = |t: &str| tok.token_to_id(t).unwrap();
+    let ids = tok.encode("hello world", true).unwrap();
+    assert_eq!(ids, vec![1, id("\u{2581}hello"), id("\u{2581}world")]);
+    // An unknown character falls back to its UTF-8 bytes.
+    let ids = tok.encode("hello \u{2603}", true).unwrap();
+    assert_eq!(ids, vec![1, id("\u{2581}hello"), id("\u{2581}"), id("<0xE2>"), id("<0x98>"), id("<0x83>")]);
+    assert_eq!(tok.decode(&ids, true).unwrap(), "hello \u{2603}");
+    // Special tokens in raw text are matched whole.
+    let ids = tok.encode("hello</s>", false).unwrap();
+    assert_eq!(ids, vec![id("\u{2581}hello"), 2]);
+}
+
+#[test]
+fn byte_level_pre_tokenizer_follows_ggml_pre() {
+    let tmp = tempfile::tempdir().unwrap();
+    let build = |pre: &str| {
+        let (mut meta, tensors) = tiny_gguf_model();
+        for (k, v) in meta.iter_mut() {
+            if *k == "tokenizer.ggml.tokens" {
+                if let Meta::StrArray(t) = v {
+                    t.extend(["12", "34", "123"].map(String::from));
+                }
+            }
+            if *k == "tokenizer.ggml.token_type" {
+                if let Meta::I32Array(t) = v {
+                    t.extend([1, 1, 1]);
+                }
+            }
+            if *k == "tokenizer.ggml.merges" {
+                *v = Meta::StrArray(["3 4", "1 2", "12 3"].map(String::from).to_vec());
+            }
+        }
+        meta.push(("tokenizer.ggml.pre", Meta::Str(pre.into())));
+        let p = tmp.path().join(format!("{pre}.gguf"));
+        write_gguf(&p, &meta, &tensors, None);
+        Tokenizer::from_gguf(&GgufFile::open(p).unwrap()).unwrap()
+    };
+    let pieces = |tok: &Tokenizer, text: &str| -> Vec<String> {
+        tok.encode(text, false).unwrap().iter().map(|&i| tok.id_to_token(i).unwrap()).collect()
+    };
+    // GPT-2's split keeps the digit run whole, so the "3 4" merge crosses it.
+    assert_eq!(pieces(&build("gpt2"), "12345"), ["12", "34", "5"]);
+    // Llama-3's split cuts digit runs into groups of at most three.
+    assert_eq!(pieces(&build("llama-bpe"), "12345"), ["123", "4", "5"]);
+    // SmolLM2's splits every digit.
+    assert_eq!(pieces(&build("smollm"), "12345"), ["1", "2", "3", "4", "5"]);
+    // An unknown pre-tokenizer falls back to GPT-2's, with a warning.
+    let tok = build("mystery");
+    assert!(tok.warnings.iter().any(|w| w.contains("mystery")));
+}
