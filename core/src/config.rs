@@ -145,7 +145,11 @@ impl LlamaConfig {
     /// Check that Shears can run this configuration.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let known = ["LlamaForCausalLM", "MistralForCausalLM"];
-        if !self.architectures.iter().any(|a| known.contains(&a.as_str())) {
+        if !self
+            .architectures
+            .iter()
+            .any(|a| known.contains(&a.as_str()))
+        {
             return Err(format!(
                 "architectures {:?} is not supported (expected LlamaForCausalLM or MistralForCausalLM)",
                 self.architectures
@@ -165,24 +169,33 @@ impl LlamaConfig {
                 return Err(format!("{name} must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.num_kv_heads()
             ));
         }
-        if self.head_dim() % 2 != 0 {
-            return Err(format!("head_dim {} must be even for RoPE", self.head_dim()));
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim()
+            ));
         }
         if self.hidden_act != "silu" {
-            return Err(format!("hidden_act '{}' is not supported (only silu)", self.hidden_act));
+            return Err(format!(
+                "hidden_act '{}' is not supported (only silu)",
+                self.hidden_act
+            ));
         }
         if self.attention_bias || self.mlp_bias {
             return Err("attention_bias / mlp_bias = true is not supported".into());
         }
         if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
-            return Err(format!("rms_norm_eps {} must be positive", self.rms_norm_eps));
+            return Err(format!(
+                "rms_norm_eps {} must be positive",
+                self.rms_norm_eps
+            ));
         }
         self.rope()?;
         Ok(())
@@ -215,14 +228,21 @@ impl LlamaConfig {
     pub fn eos_token_ids(&self) -> Vec<u32> {
         match &self.eos_token_id {
             Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
             _ => vec![],
         }
     }
 
     /// Beginning-of-sequence id.
     pub fn bos_token(&self) -> Option<u32> {
-        self.bos_token_id.as_ref().and_then(|v| v.as_u64()).map(|v| v as u32)
+        self.bos_token_id
+            .as_ref()
+            .and_then(|v| v.as_u64())
+            .map(|v| v as u32)
     }
 
     /// Resolve the RoPE settings from either config form.
@@ -234,8 +254,16 @@ impl LlamaConfig {
             .or(self.rope_theta)
             .unwrap_or(10000.0);
         // transformers 5 keeps the scaling keys inside rope_parameters; older files use rope_scaling.
-        let scaling = match (params, self.rope_scaling.as_ref().and_then(|v| v.as_object())) {
-            (Some(p), _) if p.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default") != "default" => {
+        let scaling = match (
+            params,
+            self.rope_scaling.as_ref().and_then(|v| v.as_object()),
+        ) {
+            (Some(p), _)
+                if p.get("rope_type")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("default")
+                    != "default" =>
+            {
                 Some(p)
             }
             (_, Some(s)) => Some(s),
@@ -342,21 +370,32 @@ mod tests {
         assert_eq!(c.num_kv_heads(), 2);
         assert_eq!(c.head_dim(), 4);
         assert!(!c.tie_word_embeddings);
-        assert_eq!(c.rope().unwrap(), Rope { theta: 10000.0, scaling: RopeScaling::None });
+        assert_eq!(
+            c.rope().unwrap(),
+            Rope {
+                theta: 10000.0,
+                scaling: RopeScaling::None
+            }
+        );
     }
 
     #[test]
     fn both_rope_forms() {
-        let old = parse(r#","rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,
-            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#)
+        let old = parse(
+            r#","rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+        )
         .unwrap();
-        let new = parse(r#","rope_parameters":{"rope_theta":500000.0,"rope_type":"llama3","factor":8.0,
-            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#)
+        let new = parse(
+            r#","rope_parameters":{"rope_theta":500000.0,"rope_type":"llama3","factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+        )
         .unwrap();
         assert_eq!(old.rope().unwrap(), new.rope().unwrap());
         let canon = old.with_canonical_rope().unwrap();
         assert_eq!(canon.rope().unwrap(), old.rope().unwrap());
-        let t5 = parse(r#","rope_parameters":{"rope_theta":100000.0,"rope_type":"default"}"#).unwrap();
+        let t5 =
+            parse(r#","rope_parameters":{"rope_theta":100000.0,"rope_type":"default"}"#).unwrap();
         assert_eq!(t5.rope().unwrap().theta, 100000.0);
     }
 
@@ -368,7 +407,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_gqa_and_rope() {
-        assert!(parse(r#","num_key_value_heads":3"#).unwrap_err().contains("multiple"));
+        assert!(parse(r#","num_key_value_heads":3"#)
+            .unwrap_err()
+            .contains("multiple"));
         assert!(parse(r#","rope_scaling":{"type":"yarn","factor":2.0}"#)
             .unwrap_err()
             .contains("yarn"));
@@ -378,6 +419,9 @@ mod tests {
     fn extra_keys_round_trip() {
         let c = parse(r#","initializer_range":0.02"#).unwrap();
         let back = LlamaConfig::from_json_str(&c.to_json_string().unwrap()).unwrap();
-        assert_eq!(back.extra.get("initializer_range"), Some(&serde_json::json!(0.02)));
+        assert_eq!(
+            back.extra.get("initializer_range"),
+            Some(&serde_json::json!(0.02))
+        );
     }
 }

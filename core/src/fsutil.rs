@@ -14,7 +14,11 @@ pub struct StagedDir {
 }
 
 /// Files whose presence means a directory holds a model.
-const MODEL_MARKERS: &[&str] = &["config.json", "model.safetensors", "model.safetensors.index.json"];
+const MODEL_MARKERS: &[&str] = &[
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+];
 
 impl StagedDir {
     /// Prepare to write `target`. Refuses a target that already holds a model, or any non-empty
@@ -23,7 +27,10 @@ impl StagedDir {
         let target = target.as_ref().to_path_buf();
         if target.exists() {
             if !target.is_dir() {
-                return Err(Error::format(&target, "output path exists and is not a directory"));
+                return Err(Error::format(
+                    &target,
+                    "output path exists and is not a directory",
+                ));
             }
             if !overwrite {
                 if let Some(m) = MODEL_MARKERS.iter().find(|m| target.join(m).exists()) {
@@ -82,10 +89,12 @@ impl StagedDir {
         if self.target.exists() {
             let old = self.staging.with_extension("old");
             std::fs::rename(&self.target, &old).at(&self.target, "cannot move aside")?;
-            std::fs::rename(&self.staging, &self.target).at(&self.target, "cannot rename into place")?;
+            std::fs::rename(&self.staging, &self.target)
+                .at(&self.target, "cannot rename into place")?;
             std::fs::remove_dir_all(&old).at(&old, "cannot remove")?;
         } else {
-            std::fs::rename(&self.staging, &self.target).at(&self.target, "cannot rename into place")?;
+            std::fs::rename(&self.staging, &self.target)
+                .at(&self.target, "cannot rename into place")?;
         }
         self.committed = true;
         Ok(self.target.clone())
@@ -128,7 +137,10 @@ mod tests {
         let s = StagedDir::new(&out, true).unwrap();
         std::fs::write(s.path().join("config.json"), "{\"v\":2}").unwrap();
         s.commit().unwrap();
-        assert_eq!(std::fs::read_to_string(out.join("config.json")).unwrap(), "{\"v\":2}");
+        assert_eq!(
+            std::fs::read_to_string(out.join("config.json")).unwrap(),
+            "{\"v\":2}"
+        );
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
     }
 }

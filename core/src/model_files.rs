@@ -51,7 +51,10 @@ impl ModelFiles {
         let path = path.as_ref();
         if path.is_dir() {
             Self::load_hf_dir(path)
-        } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        } else if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
             Self::load_gguf(path)
         } else if !path.exists() {
             Err(Error::format(path, "no such file or directory"))
@@ -89,7 +92,10 @@ impl ModelFiles {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         let (weights, weights_path) = if single.exists() {
-            (safetensors::SafeTensorsFile::open(&single)?.all_tensors()?, single)
+            (
+                safetensors::SafeTensorsFile::open(&single)?.all_tensors()?,
+                single,
+            )
         } else if index.exists() {
             (read_sharded(&index)?, index)
         } else {
@@ -122,18 +128,28 @@ impl ModelFiles {
     /// The tokenizer, or an error naming the model when it has none.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| {
-            Error::format(&self.source, "this model has no tokenizer (tokenizer.json is missing)")
+            Error::format(
+                &self.source,
+                "this model has no tokenizer (tokenizer.json is missing)",
+            )
         })
     }
 
     /// Whether every layer has the config's widths (what plain HF `LlamaForCausalLM` can load).
     pub fn is_uniform(&self) -> bool {
-        self.layers.iter().all(|l| *l == self.config.uniform_layer_shapes()[0])
+        self.layers
+            .iter()
+            .all(|l| *l == self.config.uniform_layer_shapes()[0])
     }
 
     /// Write an HF model directory at `out`, atomically. `dtype` converts the weights (default:
     /// keep them). Refuses an `out` that already holds a model unless `overwrite`.
-    pub fn write_hf_dir(&self, out: impl AsRef<Path>, dtype: Option<DType>, overwrite: bool) -> Result<PathBuf> {
+    pub fn write_hf_dir(
+        &self,
+        out: impl AsRef<Path>,
+        dtype: Option<DType>,
+        overwrite: bool,
+    ) -> Result<PathBuf> {
         if !self.is_uniform() {
             return Err(Error::invalid(format!(
                 "the model has per-layer widths ({}) that HF LlamaForCausalLM cannot represent; exporting non-uniform models is not supported yet",
@@ -143,13 +159,23 @@ impl ModelFiles {
         let stage = StagedDir::new(out, overwrite)?;
         let dir = stage.path().to_path_buf();
         let weights: WeightMap = match dtype {
-            Some(d) => self.weights.iter().map(|(k, t)| (k.clone(), t.to_dtype(d))).collect(),
+            Some(d) => self
+                .weights
+                .iter()
+                .map(|(k, t)| (k.clone(), t.to_dtype(d)))
+                .collect(),
             None => self.weights.clone(),
         };
-        let stored = weights.values().next().map(|t| t.dtype()).unwrap_or(DType::F32);
+        let stored = weights
+            .values()
+            .next()
+            .map(|t| t.dtype())
+            .unwrap_or(DType::F32);
         let mut config = self.config.clone();
         config.extra.remove("dtype");
-        config.extra.insert("torch_dtype".into(), stored.torch_name().into());
+        config
+            .extra
+            .insert("torch_dtype".into(), stored.torch_name().into());
         let p = dir.join("config.json");
         std::fs::write(&p, config.to_json_string()?).at(&p, "cannot write")?;
         let mut meta = BTreeMap::new();
@@ -200,10 +226,13 @@ fn read_sharded(index: &Path) -> Result<WeightMap> {
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| Error::format(index, format!("weight_map['{name}'] is not a file name")))?;
-        by_file.entry(file.to_string()).or_default().push(name.clone());
+        let file = file.as_str().ok_or_else(|| {
+            Error::format(index, format!("weight_map['{name}'] is not a file name"))
+        })?;
+        by_file
+            .entry(file.to_string())
+            .or_default()
+            .push(name.clone());
     }
     let mut out = WeightMap::new();
     for (file, names) in by_file {
@@ -216,7 +245,11 @@ fn read_sharded(index: &Path) -> Result<WeightMap> {
 }
 
 /// Check that `weights` are a LLaMA model of `config` and read off each layer's widths.
-pub fn check_weights(config: &LlamaConfig, weights: &WeightMap, path: &Path) -> Result<Vec<LayerShape>> {
+pub fn check_weights(
+    config: &LlamaConfig,
+    weights: &WeightMap,
+    path: &Path,
+) -> Result<Vec<LayerShape>> {
     let bad = |m: String| Error::format(path, m);
     let (v, d, hd) = (config.vocab_size, config.hidden_size, config.head_dim());
     let shape = |name: &str| -> Result<&[usize]> {
@@ -228,7 +261,9 @@ pub fn check_weights(config: &LlamaConfig, weights: &WeightMap, path: &Path) -> 
     let expect = |name: &str, want: &[usize]| -> Result<()> {
         let got = shape(name)?;
         if got != want {
-            return Err(bad(format!("tensor '{name}' has shape {got:?}, config.json implies {want:?}")));
+            return Err(bad(format!(
+                "tensor '{name}' has shape {got:?}, config.json implies {want:?}"
+            )));
         }
         Ok(())
     };
@@ -244,14 +279,22 @@ pub fn check_weights(config: &LlamaConfig, weights: &WeightMap, path: &Path) -> 
         expect(&k("post_attention_layernorm.weight"), &[d])?;
         let q = shape(&k("self_attn.q_proj.weight"))?;
         let kk = shape(&k("self_attn.k_proj.weight"))?;
-        if q.len() != 2 || q[1] != d || q[0] % hd != 0 || kk.len() != 2 || kk[1] != d || kk[0] % hd != 0 {
+        if q.len() != 2
+            || q[1] != d
+            || q[0] % hd != 0
+            || kk.len() != 2
+            || kk[1] != d
+            || kk[0] % hd != 0
+        {
             return Err(bad(format!(
                 "layer {l}: q_proj {q:?} / k_proj {kk:?} are not [heads x head_dim {hd}, hidden {d}]"
             )));
         }
         let (h, g) = (q[0] / hd, kk[0] / hd);
         if g == 0 || h % g != 0 {
-            return Err(bad(format!("layer {l}: {h} query heads do not split into {g} kv heads")));
+            return Err(bad(format!(
+                "layer {l}: {h} query heads do not split into {g} kv heads"
+            )));
         }
         expect(&k("self_attn.v_proj.weight"), &[g * hd, d])?;
         expect(&k("self_attn.o_proj.weight"), &[d, h * hd])?;
@@ -268,7 +311,9 @@ pub fn check_weights(config: &LlamaConfig, weights: &WeightMap, path: &Path) -> 
             intermediate_size: i,
         });
     }
-    let known = 2 + usize::from(!config.tie_word_embeddings) + LAYER_TENSORS.len() * config.num_hidden_layers;
+    let known = 2
+        + usize::from(!config.tie_word_embeddings)
+        + LAYER_TENSORS.len() * config.num_hidden_layers;
     if weights.len() != known {
         let extra: Vec<&String> = weights
             .keys()

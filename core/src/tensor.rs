@@ -48,7 +48,9 @@ impl std::str::FromStr for DType {
             "f32" | "float32" | "fp32" => Ok(DType::F32),
             "f16" | "float16" | "fp16" | "half" => Ok(DType::F16),
             "bf16" | "bfloat16" => Ok(DType::BF16),
-            other => Err(format!("unknown dtype '{other}' (expected f32, f16 or bf16)")),
+            other => Err(format!(
+                "unknown dtype '{other}' (expected f32, f16 or bf16)"
+            )),
         }
     }
 }
@@ -71,7 +73,11 @@ pub struct HostTensor {
 impl HostTensor {
     /// An f32 tensor; panics if `data.len()` does not match `shape` (a programming error).
     pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape/data mismatch");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape/data mismatch"
+        );
         HostTensor {
             shape,
             data: HostData::F32(data),

@@ -67,9 +67,17 @@ impl Tokenizer {
             let text = std::fs::read_to_string(&tc).at(&tc, "cannot read")?;
             match serde_json::from_str::<Value>(&text) {
                 Ok(Value::Object(m)) => m,
-                Ok(_) => return Err(Error::format(&tc, "tokenizer_config.json is not a JSON object")),
+                Ok(_) => {
+                    return Err(Error::format(
+                        &tc,
+                        "tokenizer_config.json is not a JSON object",
+                    ))
+                }
                 Err(e) => {
-                    return Err(Error::format(&tc, format!("tokenizer_config.json does not parse: {e}")))
+                    return Err(Error::format(
+                        &tc,
+                        format!("tokenizer_config.json does not parse: {e}"),
+                    ))
                 }
             }
         } else {
@@ -116,7 +124,12 @@ impl Tokenizer {
         let eos = id_key("tokenizer.ggml.eos_token_id");
         let unk = id_key("tokenizer.ggml.unknown_token_id");
         let pad = id_key("tokenizer.ggml.padding_token_id");
-        for (name, id) in [("bos", bos), ("eos", eos), ("unknown", unk), ("padding", pad)] {
+        for (name, id) in [
+            ("bos", bos),
+            ("eos", eos),
+            ("unknown", unk),
+            ("padding", pad),
+        ] {
             if let Some(id) = id {
                 if id >= tokens.len() {
                     return Err(bad(format!(
@@ -145,8 +158,10 @@ impl Tokenizer {
             });
             let special = ty == 3 || (ty == 2 && is_spm);
             if special || ty == 4 {
-                added.push(json!({"id": id, "content": tok, "single_word": false, "lstrip": false,
-                    "rstrip": false, "normalized": false, "special": special}));
+                added.push(
+                    json!({"id": id, "content": tok, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": special}),
+                );
             }
         }
         let vocab: Map<String, Value> = tokens
@@ -161,14 +176,21 @@ impl Tokenizer {
             ));
         }
 
-        let merges: Vec<(String, String)> = match g.get("tokenizer.ggml.merges").and_then(|v| v.as_array()) {
+        let merges: Vec<(String, String)> = match g
+            .get("tokenizer.ggml.merges")
+            .and_then(|v| v.as_array())
+        {
             Some(a) => a
                 .iter()
                 .map(|m| {
                     m.as_str()
                         .and_then(|s| s.split_once(' '))
                         .map(|(l, r)| (l.to_string(), r.to_string()))
-                        .ok_or_else(|| bad(format!("tokenizer.ggml.merges entry {m:?} is not 'left right'")))
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "tokenizer.ggml.merges entry {m:?} is not 'left right'"
+                            ))
+                        })
                 })
                 .collect::<Result<_>>()?,
             None if is_spm => {
@@ -180,11 +202,17 @@ impl Tokenizer {
                     .map(|v| v.as_f64().unwrap_or(0.0))
                     .collect();
                 if scores.len() != tokens.len() {
-                    return Err(bad("tokenizer.ggml.scores and tokens differ in length".into()));
+                    return Err(bad(
+                        "tokenizer.ggml.scores and tokens differ in length".into()
+                    ));
                 }
                 merges_from_scores(&tokens, &scores)
             }
-            None => return Err(bad("a gpt2 (byte-level BPE) tokenizer needs tokenizer.ggml.merges".into())),
+            None => {
+                return Err(bad(
+                    "a gpt2 (byte-level BPE) tokenizer needs tokenizer.ggml.merges".into(),
+                ))
+            }
         };
         let merges_json: Vec<Value> = merges.into_iter().map(|(l, r)| json!([l, r])).collect();
 
@@ -197,14 +225,20 @@ impl Tokenizer {
             if let (true, Some(b)) = (add_bos, &bos_tok) {
                 single.push(json!({"SpecialToken": {"id": b, "type_id": 0}}));
                 pair.push(json!({"SpecialToken": {"id": b, "type_id": 0}}));
-                specials.insert(b.clone(), json!({"id": b, "ids": [bos.unwrap()], "tokens": [b]}));
+                specials.insert(
+                    b.clone(),
+                    json!({"id": b, "ids": [bos.unwrap()], "tokens": [b]}),
+                );
             }
             single.push(json!({"Sequence": {"id": "A", "type_id": 0}}));
             pair.push(json!({"Sequence": {"id": "A", "type_id": 0}}));
             if let (true, Some(e)) = (add_eos, &eos_tok) {
                 single.push(json!({"SpecialToken": {"id": e, "type_id": 0}}));
                 pair.push(json!({"SpecialToken": {"id": e, "type_id": 0}}));
-                specials.insert(e.clone(), json!({"id": e, "ids": [eos.unwrap()], "tokens": [e]}));
+                specials.insert(
+                    e.clone(),
+                    json!({"id": e, "ids": [eos.unwrap()], "tokens": [e]}),
+                );
             }
             if let (true, Some(b)) = (add_bos, &bos_tok) {
                 pair.push(json!({"SpecialToken": {"id": b, "type_id": 1}}));
@@ -222,7 +256,9 @@ impl Tokenizer {
             if prefix {
                 normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
             }
-            normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+            normalizers.push(
+                json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
+            );
             let mut decoders = vec![
                 json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
                 json!({"type": "ByteFallback"}),
@@ -242,17 +278,20 @@ impl Tokenizer {
                     "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges_json}
             })
         } else if model == "gpt2" {
-            let byte_level = |use_regex: bool| {
-                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-            };
-            let pre = g.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+            let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+            let pre = g
+                .get("tokenizer.ggml.pre")
+                .and_then(|v| v.as_str())
+                .unwrap_or("default");
             let pre_tokenizer = match pre {
                 "default" | "gpt2" | "gpt-2" => byte_level(true),
                 "smollm" => json!({"type": "Sequence", "pretokenizers": [
                     {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-                "llama-bpe" | "llama3" | "llama-v3" => json!({"type": "Sequence", "pretokenizers": [
+                "llama-bpe" | "llama3" | "llama-v3" => {
+                    json!({"type": "Sequence", "pretokenizers": [
                     {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": false},
-                    byte_level(false)]}),
+                    byte_level(false)]})
+                }
                 other => {
                     warnings.push(format!(
                         "GGUF pre-tokenizer '{other}' is not known to Shears; using GPT-2's byte-level split, which may tokenize some text differently from llama.cpp"
@@ -286,7 +325,12 @@ impl Tokenizer {
         config.insert("add_eos_token".into(), add_eos.into());
         config.insert("clean_up_tokenization_spaces".into(), false.into());
         config.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
-        for (k, id) in [("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)] {
+        for (k, id) in [
+            ("bos_token", bos),
+            ("eos_token", eos),
+            ("unk_token", unk),
+            ("pad_token", pad),
+        ] {
             if let Some(id) = id {
                 config.insert(k.into(), tokens[id].clone().into());
             }
@@ -294,7 +338,9 @@ impl Tokenizer {
         if let Some(ctx) = g
             .get(&format!(
                 "{}.context_length",
-                g.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("llama")
+                g.get("general.architecture")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("llama")
             ))
             .and_then(|v| v.as_u64())
         {
@@ -349,7 +395,10 @@ impl Tokenizer {
     fn config_token(&self, key: &str) -> Option<String> {
         match self.config.get(key)? {
             Value::String(s) => Some(s.clone()),
-            Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            Value::Object(o) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
             _ => None,
         }
     }
@@ -385,12 +434,21 @@ impl Tokenizer {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_function("strftime_now", |fmt: String| -> String {
             // Templates use this for "today's date"; a fixed date keeps prompts reproducible.
-            fmt.replace("%d", "26").replace("%b", "Jul").replace("%B", "July").replace("%Y", "2024")
+            fmt.replace("%d", "26")
+                .replace("%b", "Jul")
+                .replace("%B", "July")
+                .replace("%Y", "2024")
         });
         env.add_template("chat", template)
             .map_err(|e| Error::invalid(format!("chat template does not parse: {e}")))?;
@@ -430,8 +488,11 @@ impl Tokenizer {
 /// tokens is a merge, ranked by the merged token's score (highest first), then by the scores of its
 /// halves, as HF's converter ranks them.
 fn merges_from_scores(tokens: &[String], scores: &[f64]) -> Vec<(String, String)> {
-    let index: std::collections::HashMap<&str, usize> =
-        tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let index: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
     let mut merges: Vec<(f64, f64, f64, String, String)> = vec![];
     for (tok, &score) in tokens.iter().zip(scores) {
         for (cut, _) in tok.char_indices().skip(1) {
@@ -455,7 +516,10 @@ mod tests {
 
     #[test]
     fn spm_merges_rank_by_score() {
-        let toks: Vec<String> = ["a", "b", "ab", "c", "abc", "bc"].iter().map(|s| s.to_string()).collect();
+        let toks: Vec<String> = ["a", "b", "ab", "c", "abc", "bc"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let scores = [0.0, 0.0, -1.0, 0.0, -3.0, -2.0];
         let m = merges_from_scores(&toks, &scores);
         assert_eq!(m[0], ("a".into(), "b".into()));

@@ -60,9 +60,14 @@ impl BackendKind {
     /// The default backend: flex when built (it won the CPU benchmark, see the README), else
     /// ndarray, else the first compiled one.
     pub fn default_backend() -> Option<BackendKind> {
-        [BackendKind::Flex, BackendKind::NdArray, BackendKind::Cuda, BackendKind::Wgpu]
-            .into_iter()
-            .find(|b| b.is_compiled())
+        [
+            BackendKind::Flex,
+            BackendKind::NdArray,
+            BackendKind::Cuda,
+            BackendKind::Wgpu,
+        ]
+        .into_iter()
+        .find(|b| b.is_compiled())
     }
 }
 

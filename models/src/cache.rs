@@ -2,10 +2,34 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-/// Per-layer cached keys and values `[batch, kv_heads, len, head_dim]`.
+/// One layer's cached keys and values `[batch, kv_heads, len, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct LayerCache<B: Backend> {
+    k: Option<Tensor<B, 4>>,
+    v: Option<Tensor<B, 4>>,
+}
+
+impl<B: Backend> LayerCache<B> {
+    /// Append new keys and values; returns everything cached so far.
+    pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let k = match self.k.take() {
+            Some(prev) => Tensor::cat(vec![prev, k], 2),
+            None => k,
+        };
+        let v = match self.v.take() {
+            Some(prev) => Tensor::cat(vec![prev, v], 2),
+            None => v,
+        };
+        self.k = Some(k.clone());
+        self.v = Some(v.clone());
+        (k, v)
+    }
+}
+
+/// Cached keys and values of every layer.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    slots: Vec<(Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+    layers: Vec<LayerCache<B>>,
     len: usize,
 }
 
@@ -13,7 +37,7 @@ impl<B: Backend> KvCache<B> {
     /// An empty cache for `layers` layers.
     pub fn new(layers: usize) -> Self {
         KvCache {
-            slots: vec![(None, None); layers],
+            layers: vec![LayerCache { k: None, v: None }; layers],
             len: 0,
         }
     }
@@ -28,8 +52,8 @@ impl<B: Backend> KvCache<B> {
         self.len == 0
     }
 
-    pub(crate) fn slots_mut(&mut self) -> impl Iterator<Item = &mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)> {
-        self.slots.iter_mut()
+    pub(crate) fn layers_mut(&mut self) -> impl Iterator<Item = &mut LayerCache<B>> {
+        self.layers.iter_mut()
     }
 
     pub(crate) fn advance(&mut self, n: usize) {

@@ -31,8 +31,15 @@ impl Scored {
 /// The `k` largest values with their indices, largest first, lower index first on ties.
 pub fn top_k(values: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut idx: Vec<u32> = (0..values.len() as u32).collect();
-    idx.sort_by(|&a, &b| values[b as usize].total_cmp(&values[a as usize]).then(a.cmp(&b)));
-    idx.into_iter().take(k).map(|i| (i, values[i as usize])).collect()
+    idx.sort_by(|&a, &b| {
+        values[b as usize]
+            .total_cmp(&values[a as usize])
+            .then(a.cmp(&b))
+    });
+    idx.into_iter()
+        .take(k)
+        .map(|i| (i, values[i as usize]))
+        .collect()
 }
 
 /// An id tensor `[1, len]`.
@@ -55,7 +62,11 @@ pub fn score<B: Backend>(model: &Llama<B>, ids: &[u32]) -> Scored {
         .into_data()
         .into_vec()
         .expect("f32 logits");
-    let nll: Vec<f32> = token_nll(logits, t).reshape([ids.len() - 1]).into_data().into_vec().expect("f32");
+    let nll: Vec<f32> = token_nll(logits, t)
+        .reshape([ids.len() - 1])
+        .into_data()
+        .into_vec()
+        .expect("f32");
     Scored {
         nll,
         last_logits: last,

@@ -15,5 +15,5 @@ pub mod loss;
 pub mod rope;
 
 pub use backend::{dispatch, dispatch_autodiff, AutodiffTask, BackendKind, BackendTask};
-pub use cache::KvCache;
+pub use cache::{KvCache, LayerCache};
 pub use llama::Llama;

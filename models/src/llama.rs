@@ -12,7 +12,7 @@ use burn::nn::{Embedding, Linear};
 use burn::tensor::{activation, backend::Backend, Bool, DType, Int, Tensor};
 use shears_core::{LlamaConfig, Rope};
 
-use crate::cache::KvCache;
+use crate::cache::{KvCache, LayerCache};
 use crate::rope;
 
 /// Root-mean-square layer norm, computed in f32 whatever the parameter dtype (as HF does).
@@ -62,30 +62,30 @@ impl<B: Backend> Attention<B> {
         cos: &Tensor<B, 2>,
         sin: &Tensor<B, 2>,
         mask: Option<&Tensor<B, 2, Bool>>,
-        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+        cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 4> {
         let [b, t, _] = x.dims();
         let (h, g, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let r = h / g;
-        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, hd]).swap_dims(1, 2);
-        let k = self.k_proj.forward(x.clone()).reshape([b, t, g, hd]).swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, t, g, hd]).swap_dims(1, 2);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, t, h, hd])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, t, g, hd])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, t, g, hd])
+            .swap_dims(1, 2);
         let q = rope::apply(q, cos, sin);
         let k = rope::apply(k, cos, sin);
         let (k, v) = match cache {
-            Some((ck, cv)) => {
-                let k = match ck.take() {
-                    Some(prev) => Tensor::cat(vec![prev, k], 2),
-                    None => k,
-                };
-                let v = match cv.take() {
-                    Some(prev) => Tensor::cat(vec![prev, v], 2),
-                    None => v,
-                };
-                *ck = Some(k.clone());
-                *cv = Some(v.clone());
-                (k, v)
-            }
+            Some(c) => c.append(k, v),
             None => (k, v),
         };
         let tk = k.dims()[2];
@@ -115,7 +115,8 @@ impl<B: Backend> Attention<B> {
     /// Merge the heads of `ctx` and project back to the residual width.
     pub fn project(&self, ctx: Tensor<B, 4>) -> Tensor<B, 3> {
         let [b, h, t, hd] = ctx.dims();
-        self.o_proj.forward(ctx.swap_dims(1, 2).reshape([b, t, h * hd]))
+        self.o_proj
+            .forward(ctx.swap_dims(1, 2).reshape([b, t, h * hd]))
     }
 }
 
@@ -153,13 +154,19 @@ impl<B: Backend> DecoderLayer<B> {
         cos: &Tensor<B, 2>,
         sin: &Tensor<B, 2>,
         mask: Option<&Tensor<B, 2, Bool>>,
-        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+        cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let ctx = self
-            .self_attn
-            .context(self.input_layernorm.forward(x.clone()), cos, sin, mask, cache);
+        let ctx = self.self_attn.context(
+            self.input_layernorm.forward(x.clone()),
+            cos,
+            sin,
+            mask,
+            cache,
+        );
         let x = x + self.self_attn.project(ctx);
-        let m = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
+        let m = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(x.clone()));
         x + m
     }
 }
@@ -211,20 +218,25 @@ impl<B: Backend> Llama<B> {
             self.dtype(),
             &device,
         );
-        let mask = (len > 1).then(|| Tensor::<B, 2, Bool>::tril_mask([len, past + len], past as i64, &device));
+        let mask = (len > 1)
+            .then(|| Tensor::<B, 2, Bool>::tril_mask([len, past + len], past as i64, &device));
         (cos, sin, mask)
     }
 
     /// Final-norm hidden states `[batch, len, d]`. With a cache, `ids` continue the cached
     /// sequence and the cache is extended.
-    pub fn hidden_states(&self, ids: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    pub fn hidden_states(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
         let [_, t] = ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len());
         let (cos, sin, mask) = self.position_inputs(past, t);
         let mut x = self.model.embed_tokens.forward(ids);
         match cache {
             Some(cache) => {
-                for (layer, slot) in self.model.layers.iter().zip(cache.slots_mut()) {
+                for (layer, slot) in self.model.layers.iter().zip(cache.layers_mut()) {
                     x = layer.forward(x, &cos, &sin, mask.as_ref(), Some(slot));
                 }
                 cache.advance(t);
@@ -246,7 +258,9 @@ impl<B: Backend> Llama<B> {
                 let [b, t, d] = h.dims();
                 let w = self.model.embed_tokens.weight.val();
                 let v = w.dims()[0];
-                h.reshape([b * t, d]).matmul(w.transpose()).reshape([b, t, v])
+                h.reshape([b * t, d])
+                    .matmul(w.transpose())
+                    .reshape([b, t, v])
             }
         }
     }

@@ -7,7 +7,9 @@ use burn::nn::{Embedding, Linear};
 use burn::tensor::{backend::Backend, DType as BurnDType, Tensor, TensorData};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use shears_core::model_files::{check_weights, layer_key};
-use shears_core::{DType, Error, HostTensor, LayerShape, LlamaConfig, ModelFiles, Result, WeightMap};
+use shears_core::{
+    DType, Error, HostTensor, LayerShape, LlamaConfig, ModelFiles, Result, WeightMap,
+};
 
 use crate::llama::{Attention, DecoderLayer, Llama, LlamaModel, Mlp, RmsNorm};
 
@@ -117,7 +119,11 @@ pub fn build<B: Backend>(
 }
 
 /// Build a model from loaded model files.
-pub fn from_files<B: Backend>(files: &ModelFiles, device: &B::Device, dtype: DType) -> Result<Llama<B>> {
+pub fn from_files<B: Backend>(
+    files: &ModelFiles,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<Llama<B>> {
     build(&files.config, &files.layers, &files.weights, device, dtype)
 }
 
@@ -133,21 +139,38 @@ pub fn host_of<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Hos
 /// linear weights, whose burn layout is the transpose of HF's.
 pub trait ParamVisitor<B: Backend> {
     /// Called once per parameter.
-    fn visit<const D: usize>(&mut self, hf_name: String, param: &Param<Tensor<B, D>>, hf_layout_transposed: bool);
+    fn visit<const D: usize>(
+        &mut self,
+        hf_name: String,
+        param: &Param<Tensor<B, D>>,
+        hf_layout_transposed: bool,
+    );
 }
 
 /// Walk the parameters in a fixed order under their HF names.
 pub fn visit_params<B: Backend, V: ParamVisitor<B>>(model: &Llama<B>, v: &mut V) {
-    v.visit("model.embed_tokens.weight".into(), &model.model.embed_tokens.weight, false);
+    v.visit(
+        "model.embed_tokens.weight".into(),
+        &model.model.embed_tokens.weight,
+        false,
+    );
     for (l, layer) in model.model.layers.iter().enumerate() {
         let k = |s: &str| layer_key(l, s);
         let a = &layer.self_attn;
-        v.visit(k("input_layernorm.weight"), &layer.input_layernorm.weight, false);
+        v.visit(
+            k("input_layernorm.weight"),
+            &layer.input_layernorm.weight,
+            false,
+        );
         v.visit(k("self_attn.q_proj.weight"), &a.q_proj.weight, true);
         v.visit(k("self_attn.k_proj.weight"), &a.k_proj.weight, true);
         v.visit(k("self_attn.v_proj.weight"), &a.v_proj.weight, true);
         v.visit(k("self_attn.o_proj.weight"), &a.o_proj.weight, true);
-        v.visit(k("post_attention_layernorm.weight"), &layer.post_attention_layernorm.weight, false);
+        v.visit(
+            k("post_attention_layernorm.weight"),
+            &layer.post_attention_layernorm.weight,
+            false,
+        );
         v.visit(k("mlp.gate_proj.weight"), &layer.mlp.gate_proj.weight, true);
         v.visit(k("mlp.up_proj.weight"), &layer.mlp.up_proj.weight, true);
         v.visit(k("mlp.down_proj.weight"), &layer.mlp.down_proj.weight, true);
@@ -162,7 +185,12 @@ pub fn visit_params<B: Backend, V: ParamVisitor<B>>(model: &Llama<B>, v: &mut V)
 pub fn to_weights<B: Backend>(model: &Llama<B>, dtype: DType) -> WeightMap {
     struct Collect(WeightMap, DType);
     impl<B: Backend> ParamVisitor<B> for Collect {
-        fn visit<const D: usize>(&mut self, name: String, p: &Param<Tensor<B, D>>, transposed: bool) {
+        fn visit<const D: usize>(
+            &mut self,
+            name: String,
+            p: &Param<Tensor<B, D>>,
+            transposed: bool,
+        ) {
             let t = p.val();
             let t = if transposed { t.transpose() } else { t };
             self.0.insert(name, host_of(t, self.1));
@@ -211,7 +239,11 @@ pub fn random_weights_for(config: &LlamaConfig, layers: &[LayerShape], seed: u64
     let mut put = |name: String, shape: Vec<usize>, data: Vec<f32>| {
         w.insert(name, HostTensor::f32(shape, data));
     };
-    put("model.embed_tokens.weight".into(), vec![v, d], normal(v * d, 0.02));
+    put(
+        "model.embed_tokens.weight".into(),
+        vec![v, d],
+        normal(v * d, 0.02),
+    );
     put(
         "model.norm.weight".into(),
         vec![d],
@@ -221,24 +253,52 @@ pub fn random_weights_for(config: &LlamaConfig, layers: &[LayerShape], seed: u64
         put("lm_head.weight".into(), vec![v, d], normal(v * d, 0.02));
     }
     for (l, shape) in layers.iter().enumerate() {
-        let (h, g, i) = (shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size);
+        let (h, g, i) = (
+            shape.num_attention_heads,
+            shape.num_key_value_heads,
+            shape.intermediate_size,
+        );
         let k = |s: &str| layer_key(l, s);
-        put(k("self_attn.q_proj.weight"), vec![h * hd, d], normal(h * hd * d, 0.02));
-        put(k("self_attn.k_proj.weight"), vec![g * hd, d], normal(g * hd * d, 0.02));
-        put(k("self_attn.v_proj.weight"), vec![g * hd, d], normal(g * hd * d, 0.02));
-        put(k("self_attn.o_proj.weight"), vec![d, h * hd], normal(d * h * hd, 0.02));
+        put(
+            k("self_attn.q_proj.weight"),
+            vec![h * hd, d],
+            normal(h * hd * d, 0.02),
+        );
+        put(
+            k("self_attn.k_proj.weight"),
+            vec![g * hd, d],
+            normal(g * hd * d, 0.02),
+        );
+        put(
+            k("self_attn.v_proj.weight"),
+            vec![g * hd, d],
+            normal(g * hd * d, 0.02),
+        );
+        put(
+            k("self_attn.o_proj.weight"),
+            vec![d, h * hd],
+            normal(d * h * hd, 0.02),
+        );
         put(k("mlp.gate_proj.weight"), vec![i, d], normal(i * d, 0.02));
         put(k("mlp.up_proj.weight"), vec![i, d], normal(i * d, 0.02));
         put(k("mlp.down_proj.weight"), vec![d, i], normal(d * i, 0.02));
         for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
-            put(k(n), vec![d], normal(d, 0.1).iter().map(|x| 1.0 + x).collect());
+            put(
+                k(n),
+                vec![d],
+                normal(d, 0.1).iter().map(|x| 1.0 + x).collect(),
+            );
         }
     }
     w
 }
 
 /// A seeded random model of `config` on `device` (f32).
-pub fn random_model<B: Backend>(config: &LlamaConfig, seed: u64, device: &B::Device) -> Result<Llama<B>> {
+pub fn random_model<B: Backend>(
+    config: &LlamaConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Result<Llama<B>> {
     let weights = random_weights(config, seed);
     let layers = check_weights(config, &weights, std::path::Path::new("<random>"))?;
     build(config, &layers, &weights, device, DType::F32)

@@ -7,7 +7,10 @@ use burn::tensor::{activation, backend::Backend, DType, Int, Tensor};
 pub fn token_nll<B: Backend>(logits: Tensor<B, 3>, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
     let [b, t, v] = logits.dims();
     assert!(t >= 2, "a causal LM loss needs at least two tokens");
-    let logits = logits.narrow(1, 0, t - 1).reshape([b * (t - 1), v]).cast(DType::F32);
+    let logits = logits
+        .narrow(1, 0, t - 1)
+        .reshape([b * (t - 1), v])
+        .cast(DType::F32);
     let targets = ids.narrow(1, 1, t - 1).reshape([b * (t - 1), 1]);
     let logp = activation::log_softmax(logits, 1);
     logp.gather(1, targets).neg().reshape([b, t - 1])

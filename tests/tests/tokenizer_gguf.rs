@@ -17,10 +17,24 @@ fn spm_gguf(dir: &std::path::Path) -> std::path::PathBuf {
     }
     // Pieces with SentencePiece scores: higher merges first.
     let pieces = [
-        ("\u{2581}", -1.0), ("h", -2.0), ("e", -2.0), ("l", -2.0), ("o", -2.0), ("w", -2.0),
-        ("r", -2.0), ("d", -2.0), ("\u{2581}h", -3.0), ("ll", -3.5), ("\u{2581}he", -4.0),
-        ("llo", -4.5), ("\u{2581}hello", -5.0), ("\u{2581}w", -5.5), ("or", -6.0), ("ld", -6.5),
-        ("\u{2581}wor", -7.0), ("\u{2581}world", -7.5),
+        ("\u{2581}", -1.0),
+        ("h", -2.0),
+        ("e", -2.0),
+        ("l", -2.0),
+        ("o", -2.0),
+        ("w", -2.0),
+        ("r", -2.0),
+        ("d", -2.0),
+        ("\u{2581}h", -3.0),
+        ("ll", -3.5),
+        ("\u{2581}he", -4.0),
+        ("llo", -4.5),
+        ("\u{2581}hello", -5.0),
+        ("\u{2581}w", -5.5),
+        ("or", -6.0),
+        ("ld", -6.5),
+        ("\u{2581}wor", -7.0),
+        ("\u{2581}world", -7.5),
     ];
     for (p, s) in pieces {
         tokens.push(p.into());
@@ -53,7 +67,17 @@ fn sentencepiece_bpe_with_byte_fallback_and_bos() {
     assert_eq!(ids, vec![1, id("\u{2581}hello"), id("\u{2581}world")]);
     // An unknown character falls back to its UTF-8 bytes.
     let ids = tok.encode("hello \u{2603}", true).unwrap();
-    assert_eq!(ids, vec![1, id("\u{2581}hello"), id("\u{2581}"), id("<0xE2>"), id("<0x98>"), id("<0x83>")]);
+    assert_eq!(
+        ids,
+        vec![
+            1,
+            id("\u{2581}hello"),
+            id("\u{2581}"),
+            id("<0xE2>"),
+            id("<0x98>"),
+            id("<0x83>")
+        ]
+    );
     assert_eq!(tok.decode(&ids, true).unwrap(), "hello \u{2603}");
     // Special tokens in raw text are matched whole.
     let ids = tok.encode("hello</s>", false).unwrap();
@@ -86,7 +110,11 @@ fn byte_level_pre_tokenizer_follows_ggml_pre() {
         Tokenizer::from_gguf(&GgufFile::open(p).unwrap()).unwrap()
     };
     let pieces = |tok: &Tokenizer, text: &str| -> Vec<String> {
-        tok.encode(text, false).unwrap().iter().map(|&i| tok.id_to_token(i).unwrap()).collect()
+        tok.encode(text, false)
+            .unwrap()
+            .iter()
+            .map(|&i| tok.id_to_token(i).unwrap())
+            .collect()
     };
     // GPT-2's split keeps the digit run whole, so the "3 4" merge crosses it.
     assert_eq!(pieces(&build("gpt2"), "12345"), ["12", "34", "5"]);

@@ -9,8 +9,8 @@ use shears_core::formats::safetensors::SafeTensorsFile;
 use shears_core::{DType, ModelFiles};
 use shears_models::backend::NdArrayBackend;
 use shears_models::load;
-use shears_trainer::{AdamWSettings, LmTrainer};
 use shears_tests::{fixture, read_i64, rel_l2};
+use shears_trainer::{AdamWSettings, LmTrainer};
 
 #[test]
 fn five_adamw_steps_match_pytorch_on_ndarray() {
@@ -25,24 +25,46 @@ fn five_adamw_steps_match_pytorch_on_flex() {
 fn five_adamw_steps_match_pytorch<AB: AutodiffBackend>() {
     let files = ModelFiles::load(fixture("tiny-train/model")).unwrap();
     assert_eq!(files.layers[0].num_key_value_heads, 2, "fixture is GQA");
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-train/expected.json")).unwrap()).unwrap();
-    let losses: Vec<f64> = expected["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-    let norms: Vec<f64> =
-        expected["grad_global_norm"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny-train/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let losses: Vec<f64> = expected["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let norms: Vec<f64> = expected["grad_global_norm"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
 
     let device = Default::default();
     let (shape, ids) = read_i64(&fixture("tiny-train/batch.safetensors"), "input_ids");
-    let batch = Tensor::<AB, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device);
+    let batch =
+        Tensor::<AB, 2, Int>::from_data(TensorData::new(ids, [shape[0], shape[1]]), &device);
 
     let model = load::from_files::<AB>(&files, &device, DType::F32).unwrap();
-    let settings = AdamWSettings { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0 };
+    let settings = AdamWSettings {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
     let mut trainer = LmTrainer::new(model, settings);
 
     // Step-0 gradients of every parameter.
     let (loss0, grads) = trainer.loss_and_gradients(batch.clone());
     let gref = SafeTensorsFile::open(fixture("tiny-train/grads_step0.safetensors")).unwrap();
-    assert_eq!(grads.len(), gref.names().count(), "one gradient per parameter");
+    assert_eq!(
+        grads.len(),
+        gref.names().count(),
+        "one gradient per parameter"
+    );
     let mut sq = 0f64;
     let mut worst_grad = 0f64;
     for (name, g) in &grads {
@@ -51,11 +73,18 @@ fn five_adamw_steps_match_pytorch<AB: AutodiffBackend>() {
         sq += got.iter().map(|x| (*x as f64).powi(2)).sum::<f64>();
         let r = rel_l2(&got, &want);
         worst_grad = worst_grad.max(r);
-        assert!(r <= 1e-4, "step-0 gradient of {name}: relative error {r:.2e}");
+        assert!(
+            r <= 1e-4,
+            "step-0 gradient of {name}: relative error {r:.2e}"
+        );
     }
     eprintln!("worst relative step-0 gradient error: {worst_grad:.2e}");
     let norm = sq.sqrt();
-    assert!((norm - norms[0]).abs() / norms[0] <= 1e-4, "grad norm {norm} vs {}", norms[0]);
+    assert!(
+        (norm - norms[0]).abs() / norms[0] <= 1e-4,
+        "grad norm {norm} vs {}",
+        norms[0]
+    );
     assert!(((loss0 as f64) - losses[0]).abs() / losses[0] <= 1e-5);
 
     for (step, want) in losses.iter().enumerate() {
@@ -65,7 +94,8 @@ fn five_adamw_steps_match_pytorch<AB: AutodiffBackend>() {
         assert!(rel <= 1e-5, "step {step}: loss {loss} vs {want}");
     }
 
-    let wref = SafeTensorsFile::open(fixture("tiny-train/weights_after_5_steps.safetensors")).unwrap();
+    let wref =
+        SafeTensorsFile::open(fixture("tiny-train/weights_after_5_steps.safetensors")).unwrap();
     let weights = load::to_weights(trainer.model(), DType::F32);
     assert_eq!(weights.len(), wref.names().count());
     let mut worst = 0f64;

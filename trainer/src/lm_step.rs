@@ -47,7 +47,12 @@ impl<B: AutodiffBackend> LmTrainer<B> {
         let grads = loss.backward();
         struct Collect<'a, B: AutodiffBackend>(&'a B::Gradients, WeightMap);
         impl<B: AutodiffBackend> ParamVisitor<B> for Collect<'_, B> {
-            fn visit<const D: usize>(&mut self, name: String, p: &Param<Tensor<B, D>>, transposed: bool) {
+            fn visit<const D: usize>(
+                &mut self,
+                name: String,
+                p: &Param<Tensor<B, D>>,
+                transposed: bool,
+            ) {
                 if let Some(g) = p.val().grad(self.0) {
                     let g = if transposed { g.transpose() } else { g };
                     self.1.insert(name, host_of(g, DType::F32));
@@ -77,5 +82,9 @@ impl<B: AutodiffBackend> LmTrainer<B> {
 }
 
 fn scalar<B: AutodiffBackend>(t: &Tensor<B, 1>) -> f32 {
-    t.clone().into_data().convert::<f32>().to_vec::<f32>().expect("f32")[0]
+    t.clone()
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32")[0]
 }

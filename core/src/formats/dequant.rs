@@ -199,7 +199,7 @@ fn h(b: &[u8], at: usize) -> f32 {
 /// Dequantise `numel` elements of type `ty` from `data` (which must hold exactly their blocks).
 pub fn dequantize(ty: GgmlType, data: &[u8], numel: usize) -> Result<Vec<f32>, String> {
     let (blk, bytes) = ty.block();
-    if numel % blk != 0 || data.len() != numel / blk * bytes {
+    if !numel.is_multiple_of(blk) || data.len() != numel / blk * bytes {
         return Err(format!(
             "{} data of {} bytes does not hold {numel} elements",
             ty.name(),

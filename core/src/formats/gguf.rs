@@ -180,8 +180,7 @@ impl<'a> Cursor<'a> {
         let len = self.u64(what)?;
         let len = usize::try_from(len).map_err(|_| self.err(format!("{what}: absurd length")))?;
         let b = self.take(len, what)?;
-        String::from_utf8(b.to_vec())
-            .map_err(|_| self.err(format!("{what} is not valid UTF-8")))
+        String::from_utf8(b.to_vec()).map_err(|_| self.err(format!("{what} is not valid UTF-8")))
     }
     fn err(&self, msg: String) -> Error {
         Error::format(self.path, msg)
@@ -226,9 +225,7 @@ impl<'a> Cursor<'a> {
             10 => Value::U64(self.u64(key)?),
             11 => Value::I64(self.u64(key)? as i64),
             12 => Value::F64(f64::from_bits(self.u64(key)?)),
-            other => {
-                return Err(self.err(format!("metadata '{key}': unknown value type {other}")))
-            }
+            other => return Err(self.err(format!("metadata '{key}': unknown value type {other}"))),
         })
     }
 }
@@ -284,7 +281,10 @@ impl GgufFile {
                 .as_u64()
                 .filter(|a| *a > 0 && a.is_power_of_two())
                 .ok_or_else(|| {
-                    Error::format(path, format!("general.alignment {v:?} is not a power of two"))
+                    Error::format(
+                        path,
+                        format!("general.alignment {v:?} is not a power of two"),
+                    )
                 })?,
         };
         let mut tensors = Vec::with_capacity(n_tensors as usize);
@@ -303,7 +303,10 @@ impl GgufFile {
             }
             let type_id = c.u32(&name)?;
             let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
-                Error::format(path, format!("tensor '{name}': unknown ggml type id {type_id}"))
+                Error::format(
+                    path,
+                    format!("tensor '{name}': unknown ggml type id {type_id}"),
+                )
             })?;
             let offset = c.u64(&name)?;
             let numel = dims

@@ -28,9 +28,12 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
     let path = g.path();
     let key = |k: &str| format!("{arch}.{k}");
     let req = |k: &str| -> Result<u64> {
-        g.get(&key(k))
-            .and_then(|v| v.as_u64())
-            .ok_or_else(|| Error::format(path, format!("metadata '{}' is missing or not an integer", key(k))))
+        g.get(&key(k)).and_then(|v| v.as_u64()).ok_or_else(|| {
+            Error::format(
+                path,
+                format!("metadata '{}' is missing or not an integer", key(k)),
+            )
+        })
     };
     let opt = |k: &str| g.get(&key(k)).and_then(|v| v.as_u64());
     let hidden = req("embedding_length")?;
@@ -51,9 +54,18 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
         .get(&key("attention.layer_norm_rms_epsilon"))
         .and_then(|v| v.as_f64())
         .ok_or_else(|| {
-            Error::format(path, format!("metadata '{}' is missing", key("attention.layer_norm_rms_epsilon")))
+            Error::format(
+                path,
+                format!(
+                    "metadata '{}' is missing",
+                    key("attention.layer_norm_rms_epsilon")
+                ),
+            )
         })?;
-    let theta = g.get(&key("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0);
+    let theta = g
+        .get(&key("rope.freq_base"))
+        .and_then(|v| v.as_f64())
+        .unwrap_or(10000.0);
     let ctx = opt("context_length").unwrap_or(2048);
     let tied = g.tensor_info("output.weight").is_none();
 
@@ -124,7 +136,11 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
 /// llama.cpp stores Llama-3.1/3.2 rope scaling as per-frequency divisors (`rope_freqs.weight`)
 /// rather than as parameters. Recover the parameters by regenerating the divisors for the
 /// published settings and keeping the set that reproduces the tensor.
-fn llama3_scaling_from_freqs(freqs: &[f32], head_dim: usize, theta: f64) -> Option<serde_json::Value> {
+fn llama3_scaling_from_freqs(
+    freqs: &[f32],
+    head_dim: usize,
+    theta: f64,
+) -> Option<serde_json::Value> {
     if freqs.len() != head_dim / 2 {
         return None;
     }
@@ -136,8 +152,10 @@ fn llama3_scaling_from_freqs(freqs: &[f32], head_dim: usize, theta: f64) -> Opti
             ((f as f64) - want).abs() <= 1e-4 * want.max(1.0)
         });
         if ok {
-            return Some(json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                "high_freq_factor": high, "original_max_position_embeddings": orig as u64}));
+            return Some(
+                json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                "high_freq_factor": high, "original_max_position_embeddings": orig as u64}),
+            );
         }
     }
     None
@@ -227,7 +245,10 @@ pub fn weights_from_gguf(g: &GgufFile, cfg: &LlamaConfig) -> Result<WeightMap> {
         let name = hf_name(&t.name).ok_or_else(|| {
             Error::format(
                 g.path(),
-                format!("unexpected tensor '{}' (not part of a LLaMA-family model)", t.name),
+                format!(
+                    "unexpected tensor '{}' (not part of a LLaMA-family model)",
+                    t.name
+                ),
             )
         })?;
         let (shape, mut data) = g.dequantize(t)?;
@@ -278,7 +299,10 @@ mod tests {
 
     #[test]
     fn names_map() {
-        assert_eq!(hf_name("blk.12.attn_q.weight").unwrap(), "model.layers.12.self_attn.q_proj.weight");
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight").unwrap(),
+            "model.layers.12.self_attn.q_proj.weight"
+        );
         assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
         assert!(hf_name("blk.1.attn_q.bias").is_none());
     }

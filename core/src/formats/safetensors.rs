@@ -217,7 +217,9 @@ impl SafeTensorsFile {
             other => {
                 return Err(Error::format(
                     &self.path,
-                    format!("tensor '{name}' has dtype {other:?}; a floating-point tensor was expected"),
+                    format!(
+                        "tensor '{name}' has dtype {other:?}; a floating-point tensor was expected"
+                    ),
                 ))
             }
         };
@@ -238,10 +240,18 @@ impl SafeTensorsFile {
         let (e, b) = self.get(name)?;
         let v: Vec<i64> = match e.dtype {
             StDtype::I64 => le_chunks::<8>(b).map(i64::from_le_bytes).collect(),
-            StDtype::I32 => le_chunks::<4>(b).map(|c| i32::from_le_bytes(c) as i64).collect(),
-            StDtype::U32 => le_chunks::<4>(b).map(|c| u32::from_le_bytes(c) as i64).collect(),
-            StDtype::I16 => le_chunks::<2>(b).map(|c| i16::from_le_bytes(c) as i64).collect(),
-            StDtype::U16 => le_chunks::<2>(b).map(|c| u16::from_le_bytes(c) as i64).collect(),
+            StDtype::I32 => le_chunks::<4>(b)
+                .map(|c| i32::from_le_bytes(c) as i64)
+                .collect(),
+            StDtype::U32 => le_chunks::<4>(b)
+                .map(|c| u32::from_le_bytes(c) as i64)
+                .collect(),
+            StDtype::I16 => le_chunks::<2>(b)
+                .map(|c| i16::from_le_bytes(c) as i64)
+                .collect(),
+            StDtype::U16 => le_chunks::<2>(b)
+                .map(|c| u16::from_le_bytes(c) as i64)
+                .collect(),
             StDtype::U8 | StDtype::Bool => b.iter().map(|&x| x as i64).collect(),
             StDtype::I8 => b.iter().map(|&x| x as i8 as i64).collect(),
             other => {
@@ -280,7 +290,11 @@ fn parse_entry(_name: &str, v: &Value) -> std::result::Result<Entry, String> {
         .and_then(|s| s.as_array())
         .ok_or("missing 'shape'")?
         .iter()
-        .map(|d| d.as_u64().map(|d| d as usize).ok_or("shape entries must be non-negative integers"))
+        .map(|d| {
+            d.as_u64()
+                .map(|d| d as usize)
+                .ok_or("shape entries must be non-negative integers")
+        })
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let offs = obj
         .get("data_offsets")
@@ -331,7 +345,7 @@ pub fn write(
     }
     let mut header_bytes = serde_json::to_vec(&Value::Object(header)).expect("json");
     // Pad with spaces so the data section starts 8-byte aligned, as the reference writer does.
-    while header_bytes.len() % 8 != 0 {
+    while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
     let file = std::fs::File::create(path).at(path, "cannot create")?;
