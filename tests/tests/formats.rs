@@ -1,0 +1,163 @@
+//! Model-format corners: sharded safetensors with half-precision tensors, GGUF version 2, and
+//! the refusal to export per-layer widths that HF's LlamaForCausalLM cannot represent.
+
+use std::collections::BTreeMap;
+
+use shears_core::formats::safetensors;
+use shears_core::{DType, LayerShape, LlamaConfig, ModelFiles, WeightMap};
+use shears_models::load;
+use shears_tests::{tiny_gguf_model, write_gguf};
+
+fn tiny_model(dir: &std::path::Path) -> ModelFiles {
+    let (meta, tensors) = tiny_gguf_model();
+    let p = dir.join("tiny.gguf");
+    write_gguf(&p, &meta, &tensors, None);
+    ModelFiles::load(&p).unwrap()
+}
+
+#[test]
+fn sharded_half_precision_directory_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = tiny_model(tmp.path());
+    let dir = files
+        .write_hf_dir(tmp.path().join("hf"), None, false)
+        .unwrap();
+    // Re-shard: layer 0 in bf16 in one file, everything else in f16 in another.
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let (mut a, mut b) = (WeightMap::new(), WeightMap::new());
+    let mut map = serde_json::Map::new();
+    for (name, t) in &files.weights {
+        if name.starts_with("model.layers.0.") {
+            a.insert(name.clone(), t.to_dtype(DType::BF16));
+            map.insert(name.clone(), "model-00001-of-00002.safetensors".into());
+        } else {
+            b.insert(name.clone(), t.to_dtype(DType::F16));
+            map.insert(name.clone(), "model-00002-of-00002.safetensors".into());
+        }
+    }
+    safetensors::write(
+        dir.join("model-00001-of-00002.safetensors"),
+        &a,
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    safetensors::write(
+        dir.join("model-00002-of-00002.safetensors"),
+        &b,
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let loaded = ModelFiles::load(&dir).unwrap();
+    assert_eq!(loaded.weights.len(), files.weights.len());
+    for (name, t) in &loaded.weights {
+        let want = if name.starts_with("model.layers.0.") {
+            DType::BF16
+        } else {
+            DType::F16
+        };
+        assert_eq!(t.dtype(), want, "{name}");
+        assert!(t.bit_eq(&files.weights[name].to_dtype(want)), "{name}");
+    }
+    // A missing shard is named.
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let e = ModelFiles::load(&dir).unwrap_err().to_string();
+    assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+}
+
+#[test]
+fn gguf_version_2_reads_like_version_3() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v3 = tiny_model(tmp.path());
+    let mut bytes = std::fs::read(tmp.path().join("tiny.gguf")).unwrap();
+    bytes[4..8].copy_from_slice(&2u32.to_le_bytes());
+    let p = tmp.path().join("v2.gguf");
+    std::fs::write(&p, &bytes).unwrap();
+    let v2 = ModelFiles::load(&p).unwrap();
+    assert_eq!(v2.config, v3.config);
+    assert!(v2.weights.iter().all(|(n, t)| t.bit_eq(&v3.weights[n])));
+    bytes[4..8].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&p, &bytes).unwrap();
+    let e = ModelFiles::load(&p).unwrap_err().to_string();
+    assert!(e.contains("unsupported GGUF version 1"), "{e}");
+}
+
+#[test]
+fn non_uniform_models_run_but_are_not_exported_as_llama() {
+    let config = LlamaConfig::from_json_str(
+        r#"{"vocab_size":64,"hidden_size":16,"intermediate_size":32,"num_hidden_layers":2,
+        "num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-5}"#,
+    )
+    .unwrap();
+    let layers = vec![
+        LayerShape {
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            intermediate_size: 32,
+        },
+        LayerShape {
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            intermediate_size: 8,
+        },
+    ];
+    let weights = load::random_weights_for(&config, &layers, 5);
+    let files = ModelFiles {
+        layers: shears_core::model_files::check_weights(
+            &config,
+            &weights,
+            std::path::Path::new("x"),
+        )
+        .unwrap(),
+        config,
+        weights,
+        tokenizer: None,
+        source: "x".into(),
+    };
+    assert_eq!(files.layers, layers);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let e = files
+        .write_hf_dir(&out, None, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("per-layer widths") && e.contains("layer 1: 2 heads / 1 kv / 8 mlp"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "nothing left behind"
+    );
+}
+
+#[test]
+fn mistral_sliding_window_is_enforced() {
+    let mut config = LlamaConfig::from_json_str(
+        r#"{"architectures":["MistralForCausalLM"],"model_type":"mistral","vocab_size":64,
+        "hidden_size":16,"intermediate_size":32,"num_hidden_layers":1,"num_attention_heads":4,
+        "num_key_value_heads":2,"rms_norm_eps":1e-5,"sliding_window":8}"#,
+    )
+    .unwrap();
+    let model = load::random_model::<shears_models::backend::NdArrayBackend>(
+        &config,
+        1,
+        &Default::default(),
+    )
+    .unwrap();
+    assert!(model.check_context(8).is_ok());
+    let e = model.check_context(9).unwrap_err().to_string();
+    assert!(e.contains("sliding window of 8"), "{e}");
+    config.sliding_window = None;
+    let model = load::random_model::<shears_models::backend::NdArrayBackend>(
+        &config,
+        1,
+        &Default::default(),
+    )
+    .unwrap();
+    assert!(model.check_context(100_000).is_ok());
+}
