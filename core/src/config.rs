@@ -108,6 +108,38 @@ pub enum RopeScaling {
     },
 }
 
+impl RopeScaling {
+    /// Apply the scaling to one inverse frequency, in f32 with transformers' order of operations.
+    pub fn scale_inv_freq(&self, inv_freq: f32) -> f32 {
+        match *self {
+            RopeScaling::None => inv_freq,
+            RopeScaling::Linear { factor } => inv_freq / factor as f32,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let (factor, low, high, orig) = (
+                    factor as f32,
+                    low_freq_factor as f32,
+                    high_freq_factor as f32,
+                    original_max_position_embeddings as f32,
+                );
+                let wavelen = 2.0 * std::f32::consts::PI / inv_freq;
+                if wavelen < orig / high {
+                    inv_freq
+                } else if wavelen > orig / low {
+                    inv_freq / factor
+                } else {
+                    let smooth = (orig / wavelen - low) / (high - low);
+                    (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+                }
+            }
+        }
+    }
+}
+
 /// Resolved RoPE settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rope {

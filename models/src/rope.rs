@@ -3,40 +3,15 @@
 //! computes them, so positions match bit for bit where it matters.
 
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
-use shears_core::{Rope, RopeScaling};
+use shears_core::Rope;
 
 /// Inverse frequencies `1 / theta^(2i/d)` after scaling, in f32 as transformers computes them.
 pub fn inv_freq(rope: &Rope, head_dim: usize) -> Vec<f32> {
     let theta = rope.theta as f32;
     (0..head_dim / 2)
         .map(|i| {
-            let base = 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32);
-            match rope.scaling {
-                RopeScaling::None => base,
-                RopeScaling::Linear { factor } => base / factor as f32,
-                RopeScaling::Llama3 {
-                    factor,
-                    low_freq_factor,
-                    high_freq_factor,
-                    original_max_position_embeddings,
-                } => {
-                    let (factor, low, high, orig) = (
-                        factor as f32,
-                        low_freq_factor as f32,
-                        high_freq_factor as f32,
-                        original_max_position_embeddings as f32,
-                    );
-                    let wavelen = 2.0 * std::f32::consts::PI / base;
-                    if wavelen < orig / high {
-                        base
-                    } else if wavelen > orig / low {
-                        base / factor
-                    } else {
-                        let smooth = (orig / wavelen - low) / (high - low);
-                        (1.0 - smooth) * base / factor + smooth * base
-                    }
-                }
-            }
+            rope.scaling
+                .scale_inv_freq(1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32))
         })
         .collect()
 }
@@ -82,6 +57,7 @@ pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shears_core::RopeScaling;
 
     #[test]
     fn llama3_scaling_keeps_high_and_divides_low_frequencies() {

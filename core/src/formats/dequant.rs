@@ -379,6 +379,13 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+// Scale and offset `(d * scale, dmin * min)` of sub-block `j` (Q4_K and Q5_K).
+#[inline]
+fn sub_block_k4(j: usize, scales: &[u8], d: f32, dmin: f32) -> (f32, f32) {
+    let (sc, m) = scale_min_k4(j, scales);
+    (d * sc as f32, dmin * m as f32)
+}
+
 // Q4_K: f16 d, f16 dmin, 12 bytes of scales, 128 bytes of nibbles.
 fn q4_k(b: &[u8], y: &mut [f32]) {
     let d = h(b, 0);
@@ -388,12 +395,8 @@ fn q4_k(b: &[u8], y: &mut [f32]) {
     let mut yi = 0;
     for j in 0..4 {
         let q = &b[16 + 32 * j..16 + 32 * j + 32];
-        let (sc, m) = scale_min_k4(is, scales);
-        let d1 = d * sc as f32;
-        let m1 = min * m as f32;
-        let (sc, m) = scale_min_k4(is + 1, scales);
-        let d2 = d * sc as f32;
-        let m2 = min * m as f32;
+        let (d1, m1) = sub_block_k4(is, scales, d, min);
+        let (d2, m2) = sub_block_k4(is + 1, scales, d, min);
         for &ql in q {
             y[yi] = d1 * (ql & 0x0f) as f32 - m1;
             yi += 1;
@@ -417,12 +420,8 @@ fn q5_k(b: &[u8], y: &mut [f32]) {
     let (mut u1, mut u2) = (1u8, 2u8);
     for j in 0..4 {
         let ql = &b[48 + 32 * j..48 + 32 * j + 32];
-        let (sc, m) = scale_min_k4(is, scales);
-        let d1 = d * sc as f32;
-        let m1 = min * m as f32;
-        let (sc, m) = scale_min_k4(is + 1, scales);
-        let d2 = d * sc as f32;
-        let m2 = min * m as f32;
+        let (d1, m1) = sub_block_k4(is, scales, d, min);
+        let (d2, m2) = sub_block_k4(is + 1, scales, d, min);
         for l in 0..32 {
             let hi = if qh[l] & u1 != 0 { 16 } else { 0 };
             y[yi] = d1 * ((ql[l] & 0x0f) + hi) as f32 - m1;

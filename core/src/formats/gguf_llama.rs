@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use super::gguf::GgufFile;
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::tensor::{HostTensor, WeightMap};
 
@@ -146,10 +146,16 @@ fn llama3_scaling_from_freqs(
     }
     let factor = freqs.iter().cloned().fold(f32::MIN, f32::max) as f64;
     for (low, high, orig) in [(1.0, 4.0, 8192.0), (1.0, 4.0, 4096.0), (1.0, 2.0, 8192.0)] {
+        let scaling = RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: low,
+            high_freq_factor: high,
+            original_max_position_embeddings: orig,
+        };
         let ok = freqs.iter().enumerate().all(|(i, &f)| {
-            let inv = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
-            let want = llama3_divisor(inv, factor, low, high, orig);
-            ((f as f64) - want).abs() <= 1e-4 * want.max(1.0)
+            let inv = 1.0 / (theta as f32).powf(2.0 * i as f32 / head_dim as f32);
+            let want = inv / scaling.scale_inv_freq(inv);
+            (f - want).abs() <= 1e-4 * want.max(1.0)
         });
         if ok {
             return Some(
@@ -159,21 +165,6 @@ fn llama3_scaling_from_freqs(
         }
     }
     None
-}
-
-/// How much Llama-3 scaling divides the inverse frequency `inv_freq` by.
-pub fn llama3_divisor(inv_freq: f64, factor: f64, low: f64, high: f64, orig: f64) -> f64 {
-    let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
-    let low_wavelen = orig / low;
-    let high_wavelen = orig / high;
-    if wavelen < high_wavelen {
-        1.0
-    } else if wavelen > low_wavelen {
-        factor
-    } else {
-        let smooth = (orig / wavelen - low) / (high - low);
-        1.0 / ((1.0 - smooth) / factor + smooth)
-    }
 }
 
 /// Map a GGUF tensor name to its HF name.
@@ -310,10 +301,16 @@ mod tests {
     #[test]
     fn llama3_freqs_recovered() {
         let (hd, theta) = (64usize, 500000.0);
+        let scaling = RopeScaling::Llama3 {
+            factor: 32.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
         let freqs: Vec<f32> = (0..hd / 2)
             .map(|i| {
-                let inv = 1.0 / f64::powf(theta, 2.0 * i as f64 / hd as f64);
-                llama3_divisor(inv, 32.0, 1.0, 4.0, 8192.0) as f32
+                let inv = 1.0 / (theta as f32).powf(2.0 * i as f32 / hd as f32);
+                inv / scaling.scale_inv_freq(inv)
             })
             .collect();
         let s = llama3_scaling_from_freqs(&freqs, hd, theta).unwrap();
