@@ -16,6 +16,16 @@ fn shears(args: &[&str]) -> Output {
         .expect("run shears")
 }
 
+/// `shears import SRC --out OUT`.
+fn import(src: &Path, out: &Path) -> Output {
+    shears(&[
+        "import",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 fn cache_dir() -> PathBuf {
     // Shares the cache the tests' own fetch uses.
     shears_core::hub::cache_dir()
@@ -67,12 +77,7 @@ fn tiny_gguf(dir: &Path) -> PathBuf {
 fn tiny_hf(dir: &Path) -> PathBuf {
     let src = tiny_gguf(dir);
     let out = dir.join("hf");
-    let o = shears(&[
-        "import",
-        src.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = import(&src, &out);
     assert!(o.status.success(), "import failed: {}", stderr(&o));
     out
 }
@@ -170,22 +175,12 @@ fn truncated_gguf_is_refused() {
     let cut = tmp.path().join("cut-data.gguf");
     std::fs::write(&cut, &real[..40 << 20]).unwrap();
     let out = tmp.path().join("out");
-    let o = shears(&[
-        "import",
-        cut.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = import(&cut, &out);
     assert_clean_failure(&o, &cut, "runs past the end of the file", &out);
     // Cut inside the metadata.
     let cut = tmp.path().join("cut-meta.gguf");
     std::fs::write(&cut, &real[..4096]).unwrap();
-    let o = shears(&[
-        "import",
-        cut.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = import(&cut, &out);
     assert_clean_failure(&o, &cut, "truncated GGUF", &out);
 }
 
@@ -201,12 +196,7 @@ fn gguf_tensor_offset_past_end_is_refused() {
         Some(("blk.1.ffn_down.weight", 1 << 30)),
     );
     let out = tmp.path().join("out");
-    let o = shears(&[
-        "import",
-        bad.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = import(&bad, &out);
     assert_clean_failure(&o, &bad, "blk.1.ffn_down.weight", &out);
     assert!(stderr(&o).contains("runs past the end"), "{}", stderr(&o));
 }
@@ -223,12 +213,7 @@ fn gguf_unknown_ggml_type_is_refused() {
     let bad = tmp.path().join("type.gguf");
     write_gguf(&bad, &meta, &tensors, None);
     let out = tmp.path().join("out");
-    let o = shears(&[
-        "import",
-        bad.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = import(&bad, &out);
     assert_clean_failure(&o, &bad, "unknown ggml type id 99", &out);
 }
 
@@ -243,12 +228,7 @@ fn safetensors_header_lying_about_sizes_is_refused() {
     bytes.extend([0u8; 128]);
     std::fs::write(&st, bytes).unwrap();
     let out = tmp.path().join("out");
-    let o = shears(&[
-        "import",
-        hf.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = import(&hf, &out);
     assert_clean_failure(&o, &st, "header says", &out);
 }
 
@@ -262,12 +242,7 @@ fn config_missing_a_field_is_refused() {
     cfg.as_object_mut().unwrap().remove("hidden_size");
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let out = tmp.path().join("out");
-    let o = shears(&[
-        "import",
-        hf.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = import(&hf, &out);
     assert_clean_failure(&o, &cfg_path, "missing field `hidden_size`", &out);
 }
 
@@ -278,12 +253,7 @@ fn unparsable_tokenizer_json_is_refused() {
     let tok = hf.join("tokenizer.json");
     std::fs::write(&tok, "{\"model\": {\"type\": \"BPE\", ").unwrap();
     let out = tmp.path().join("out");
-    let o = shears(&[
-        "import",
-        hf.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = import(&hf, &out);
     assert_clean_failure(&o, &tok, "does not parse", &out);
 }
 
@@ -294,12 +264,7 @@ fn output_directory_holding_a_model_is_refused() {
     let out = tmp.path().join("existing");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("config.json"), "{\"keep\": true}").unwrap();
-    let o = shears(&[
-        "import",
-        src.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = import(&src, &out);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(!err.contains("panicked"));
