@@ -60,11 +60,13 @@ pub fn score<B: Backend>(model: &Llama<B>, ids: &[u32]) -> Scored {
         .reshape([v])
         .cast(burn::tensor::DType::F32)
         .into_data()
+        .convert::<f32>()
         .into_vec()
         .expect("f32 logits");
     let nll: Vec<f32> = token_nll(logits, t)
         .reshape([ids.len() - 1])
         .into_data()
+        .convert::<f32>()
         .into_vec()
         .expect("f32");
     Scored {
@@ -167,6 +169,7 @@ pub fn generate<B: Backend>(
         let logits: Vec<f32> = model
             .forward_last(ids_tensor::<B>(&input, &device), &mut cache)
             .into_data()
+            .convert::<f32>()
             .into_vec()
             .expect("f32 logits");
         let next = sampler.pick(&logits);

@@ -12,8 +12,10 @@ pub mod generate;
 pub mod llama;
 pub mod load;
 pub mod loss;
+pub mod masks;
 pub mod rope;
 
 pub use backend::{dispatch, dispatch_autodiff, AutodiffTask, BackendKind, BackendTask};
 pub use cache::{KvCache, LayerCache};
 pub use llama::Llama;
+pub use masks::ForwardMasks;

@@ -13,7 +13,32 @@ use burn::tensor::{activation, backend::Backend, Bool, DType, Int, Tensor};
 use shears_core::{LlamaConfig, Rope};
 
 use crate::cache::{KvCache, LayerCache};
+use crate::masks::{ForwardMasks, LayerMasks};
 use crate::rope;
+
+/// `sigmoid`, exact in f64: burn's own computes in f32 whatever the input type, which is fine
+/// for f32 and half models but not for f64 checks (finite differences).
+pub fn sigmoid<const D: usize, B: Backend>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match x.dtype() {
+        DType::F64 => x.neg().exp().add_scalar(1.0).recip(),
+        _ => activation::sigmoid(x),
+    }
+}
+
+fn silu<const D: usize, B: Backend>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match x.dtype() {
+        DType::F64 => x.clone() * sigmoid(x),
+        _ => activation::silu(x),
+    }
+}
+
+/// Half-precision values are widened to f32 for reductions (as HF does); f32 and f64 stay.
+pub(crate) fn upcast<const D: usize, B: Backend>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => x.cast(DType::F32),
+        _ => x,
+    }
+}
 
 /// Root-mean-square layer norm, computed in f32 whatever the parameter dtype (as HF does).
 #[derive(Module, Debug)]
@@ -28,8 +53,33 @@ impl<B: Backend> RmsNorm<B> {
     /// Normalise over the last axis.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
-        let xf = x.cast(DType::F32);
+        let xf = upcast(x);
         let var = xf.clone().square().mean_dim(D - 1);
+        self.finish(xf, var, dtype)
+    }
+
+    /// The masked norm of the spec (§1.3): the mean square is taken over the `kept` channels
+    /// where `z` is non-zero (the others are exactly zero in the residual stream), and the
+    /// output is multiplied by `z`. With every channel kept this is [`RmsNorm::forward`] times z.
+    pub fn forward_masked<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        z: &Tensor<B, 1>,
+        kept: &Tensor<B, 1>,
+    ) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let xf = upcast(x);
+        let kept = upcast(kept.clone()).reshape([1; D]);
+        let var = xf.clone().square().sum_dim(D - 1) / kept;
+        self.finish(xf, var, dtype) * z.clone().unsqueeze::<D>()
+    }
+
+    fn finish<const D: usize>(
+        &self,
+        xf: Tensor<B, D>,
+        var: Tensor<B, D>,
+        dtype: DType,
+    ) -> Tensor<B, D> {
         // A true division: burn-ndarray's SIMD `recip` is an approximation (~2e-5 relative
         // gradient error against PyTorch with it, ~5e-7 without).
         let normed = xf / var.add_scalar(self.eps).sqrt();
@@ -108,7 +158,7 @@ impl<B: Backend> Attention<B> {
             None => scores,
         };
         let dtype = scores.dtype();
-        let probs = activation::softmax(scores.cast(DType::F32), 3).cast(dtype);
+        let probs = activation::softmax(upcast(scores), 3).cast(dtype);
         probs.matmul(v).reshape([b, h, t, hd])
     }
 
@@ -129,10 +179,18 @@ pub struct Mlp<B: Backend> {
 }
 
 impl<B: Backend> Mlp<B> {
-    /// Apply the MLP (the intermediate mask multiplies the `up_proj` output).
+    /// Apply the MLP.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = activation::silu(self.gate_proj.forward(x.clone()));
-        let up = self.up_proj.forward(x);
+        self.forward_masked(x, None)
+    }
+
+    /// Apply the MLP with the intermediate mask `z_int [I]` on the `up_proj` output.
+    pub fn forward_masked(&self, x: Tensor<B, 3>, z_int: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        let mut up = self.up_proj.forward(x);
+        if let Some(z) = z_int {
+            up = up * z.clone().unsqueeze::<3>();
+        }
         self.down_proj.forward(gate * up)
     }
 }
@@ -156,18 +214,49 @@ impl<B: Backend> DecoderLayer<B> {
         mask: Option<&Tensor<B, 2, Bool>>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let ctx = self.self_attn.context(
-            self.input_layernorm.forward(x.clone()),
+        self.forward_masked(x, cos, sin, mask, cache, &LayerMasks::none())
+    }
+
+    /// The block with pruning masks applied where the spec puts them (§1.3, §11.1).
+    pub fn forward_masked(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 2>,
+        sin: &Tensor<B, 2>,
+        mask: Option<&Tensor<B, 2, Bool>>,
+        cache: Option<&mut LayerCache<B>>,
+        m: &LayerMasks<B>,
+    ) -> Tensor<B, 3> {
+        let norm = |n: &RmsNorm<B>, x: Tensor<B, 3>| match &m.hidden {
+            Some((z, kept)) => n.forward_masked(x, z, kept),
+            None => n.forward(x),
+        };
+        // Layer and hidden masks scale what a sublayer adds to the residual stream.
+        let scale_out = |mut y: Tensor<B, 3>| {
+            if let Some(z) = &m.layer {
+                y = y * z.clone().unsqueeze::<3>();
+            }
+            if let Some((z, _)) = &m.hidden {
+                y = y * z.clone().unsqueeze::<3>();
+            }
+            y
+        };
+        let mut ctx = self.self_attn.context(
+            norm(&self.input_layernorm, x.clone()),
             cos,
             sin,
             mask,
             cache,
         );
-        let x = x + self.self_attn.project(ctx);
-        let m = self
-            .mlp
-            .forward(self.post_attention_layernorm.forward(x.clone()));
-        x + m
+        if let Some(z) = &m.heads {
+            ctx = ctx * z.clone().reshape([1, self.self_attn.num_heads, 1, 1]);
+        }
+        let x = x + scale_out(self.self_attn.project(ctx));
+        let y = self.mlp.forward_masked(
+            norm(&self.post_attention_layernorm, x.clone()),
+            m.intermediate.as_ref(),
+        );
+        x + scale_out(y)
     }
 }
 
@@ -230,24 +319,54 @@ impl<B: Backend> Llama<B> {
         ids: Tensor<B, 2, Int>,
         cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
+        self.hidden_states_masked(ids, cache, None)
+    }
+
+    /// [`Llama::hidden_states`] with pruning masks. Masks need uniform layers.
+    pub fn hidden_states_masked(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+        masks: Option<&ForwardMasks<B>>,
+    ) -> Tensor<B, 3> {
         let [_, t] = ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len());
         let (cos, sin, mask) = self.position_inputs(past, t);
+        let kept = masks.and_then(|m| m.hidden_kept());
+        let layer_masks = |l: usize| match masks {
+            Some(m) => m.layer(l, kept.as_ref()),
+            None => LayerMasks::none(),
+        };
         let mut x = self.model.embed_tokens.forward(ids);
+        if let Some(z) = masks.and_then(|m| m.hidden.as_ref()) {
+            x = x * z.clone().unsqueeze::<3>();
+        }
         match cache {
             Some(cache) => {
-                for (layer, slot) in self.model.layers.iter().zip(cache.layers_mut()) {
-                    x = layer.forward(x, &cos, &sin, mask.as_ref(), Some(slot));
+                for (l, (layer, slot)) in
+                    self.model.layers.iter().zip(cache.layers_mut()).enumerate()
+                {
+                    x = layer.forward_masked(
+                        x,
+                        &cos,
+                        &sin,
+                        mask.as_ref(),
+                        Some(slot),
+                        &layer_masks(l),
+                    );
                 }
                 cache.advance(t);
             }
             None => {
-                for layer in &self.model.layers {
-                    x = layer.forward(x, &cos, &sin, mask.as_ref(), None);
+                for (l, layer) in self.model.layers.iter().enumerate() {
+                    x = layer.forward_masked(x, &cos, &sin, mask.as_ref(), None, &layer_masks(l));
                 }
             }
         }
-        self.model.norm.forward(x)
+        match (masks.and_then(|m| m.hidden.as_ref()), &kept) {
+            (Some(z), Some(k)) => self.model.norm.forward_masked(x, z, k),
+            _ => self.model.norm.forward(x),
+        }
     }
 
     /// Logits `[batch, len, vocab]` of hidden states.
@@ -270,13 +389,18 @@ impl<B: Backend> Llama<B> {
         self.logits(self.hidden_states(ids, None))
     }
 
+    /// Logits with pruning masks applied (the LM head itself is never masked).
+    pub fn forward_masked(&self, ids: Tensor<B, 2, Int>, masks: &ForwardMasks<B>) -> Tensor<B, 3> {
+        self.logits(self.hidden_states_masked(ids, None, Some(masks)))
+    }
+
     /// f32 logits `[batch, vocab]` of the last position only, extending `cache` (generation).
     pub fn forward_last(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 2> {
         let h = self.hidden_states(ids, Some(cache));
         let [b, t, _] = h.dims();
         let logits = self.logits(h.narrow(1, t - 1, 1));
         let v = logits.dims()[2];
-        logits.reshape([b, v]).cast(DType::F32)
+        upcast(logits.reshape([b, v]))
     }
 
     /// A fresh KV cache for this model.

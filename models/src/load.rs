@@ -37,7 +37,12 @@ impl<B: Backend> Builder<'_, B> {
     fn tensor<const D: usize>(&self, name: &str) -> Tensor<B, D> {
         let t = self.host(name);
         let data = TensorData::new(t.to_f32_vec(), t.shape.clone());
-        Tensor::<B, D>::from_data(data, self.device).cast(self.dtype)
+        let t = Tensor::<B, D>::from_data(data, self.device);
+        // "f32" means full precision: the backend's float type (f64 backends stay f64).
+        match self.dtype {
+            BurnDType::F32 => t,
+            half => t.cast(half),
+        }
     }
 
     fn linear(&self, name: &str) -> Linear<B> {
@@ -66,7 +71,7 @@ pub fn build<B: Backend>(
     dtype: DType,
 ) -> Result<Llama<B>> {
     let bdt = burn_dtype(dtype);
-    if !B::supports_dtype(device, bdt) {
+    if dtype != DType::F32 && !B::supports_dtype(device, bdt) {
         return Err(Error::invalid(format!(
             "the {} backend does not support {dtype:?} parameters; use f32 or another backend",
             B::name(device)

@@ -1,10 +1,31 @@
 //! # shears-pruning
 //!
-//! Will own targeted structured pruning (`../shared/shearing-spec.md` §1-§4, §6, §11):
-//! hard-concrete (L0) masks over hidden channels, layers, MLP channels and GQA-aware attention
-//! groups; expected-size accounting and the per-module Lagrangian with multipliers trained by
-//! gradient ascent; target shapes; and finalize, which folds deterministic masks into the weights
-//! and slices out a dense model of exactly the target shape.
+//! Targeted structured pruning (`../shared/shearing-spec.md` §1-§4, §6, §11), in the order a run
+//! uses it:
 //!
-//! Nothing is implemented yet (the pruning-core issue fills it). It must not own training loops
-//! or data: the trainer drives it.
+//! - [`target`]: the target shape, its validation against the source, which modules carry masks;
+//! - [`hard_concrete`]: the L0 distribution (sampling, scores, deterministic masks);
+//! - [`masks`]: the mask module (`log_alpha`s) and the multipliers it hands the model;
+//! - [`size`]: parameter accounting and the expected remaining size;
+//! - [`constraint`]: the per-module Lagrangian and its multipliers;
+//! - [`model`]: the three parameter groups (weights, masks, multipliers) of a pruning run;
+//! - [`finalize`]: folding deterministic masks into the weights and slicing out the dense model;
+//! - [`plan`]: the pre-flight report of `shears plan`.
+//!
+//! It must not own training loops or data: the trainer drives it. Mask math is f32 (or wider)
+//! whatever the model's dtype.
+
+pub mod constraint;
+pub mod finalize;
+pub mod hard_concrete;
+pub mod masks;
+pub mod model;
+pub mod plan;
+pub mod size;
+pub mod target;
+
+pub use constraint::Lagrangian;
+pub use finalize::{finalize, FinalizeOptions};
+pub use masks::{HostMasks, L0Masks, MaskValues};
+pub use model::PruningModel;
+pub use target::{PruneModule, PruningSpec, TargetShape};

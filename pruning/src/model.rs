@@ -1,0 +1,156 @@
+//! A model under pruning: the LLaMA weights, the L0 masks and the Lagrange multipliers, kept as
+//! three modules so the trainer steps them as three parameter groups (spec §4.3): the weights
+//! and masks by descent, the multipliers by ascent.
+
+use burn::module::{AutodiffModule, Module};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor};
+use rand::Rng;
+use shears_core::{Error, Result};
+use shears_models::{loss, Llama};
+
+use crate::constraint::{target_at, Lagrangian};
+use crate::masks::{HostMasks, L0Masks};
+use crate::target::{PruneModule, PruningSpec};
+
+/// The three parameter groups of a pruning run.
+#[derive(Module, Debug)]
+pub struct PruningModel<B: Backend> {
+    pub model: Llama<B>,
+    pub masks: L0Masks<B>,
+    pub lagrangian: Lagrangian<B>,
+}
+
+/// The losses of one training forward.
+#[derive(Debug, Clone)]
+pub struct PruningLoss<B: Backend> {
+    /// Next-token cross-entropy under the sampled masks.
+    pub lm: Tensor<B, 1>,
+    /// The Lagrangian penalty.
+    pub lagrangian: Tensor<B, 1>,
+    /// Expected sparsity per module and row.
+    pub expected_sparsity: Vec<(PruneModule, Tensor<B, 1>)>,
+    /// Target sparsity per module at this step (after the warm-up ramp).
+    pub target_sparsity: Vec<(PruneModule, f64)>,
+}
+
+impl<B: Backend> PruningLoss<B> {
+    /// `lm + lagrangian`, what is differentiated.
+    pub fn total(&self) -> Tensor<B, 1> {
+        self.lm.clone() + self.lagrangian.clone()
+    }
+}
+
+impl<B: Backend> PruningModel<B> {
+    /// Start pruning `model` towards `spec`'s target with fresh masks and zero multipliers.
+    pub fn new(model: Llama<B>, spec: &PruningSpec, rng: &mut impl Rng) -> Result<Self> {
+        check_model(&model, spec)?;
+        let device = model.device();
+        Ok(PruningModel {
+            masks: L0Masks::new(spec, rng, &device),
+            lagrangian: Lagrangian::new(spec, &device),
+            model,
+        })
+    }
+
+    /// Clamp the masks' `log_alpha` in place; call before every training forward, as the
+    /// reference does at every L0 call.
+    pub fn clamp_masks(mut self) -> Self {
+        self.masks = self.masks.clamped();
+        self
+    }
+
+    /// One training forward (spec §1.3, §4.2): sample the masks once for the batch, run the
+    /// masked model, and add the Lagrangian with targets ramped over `warmup` steps.
+    pub fn forward_train(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        rng: &mut impl Rng,
+        step: usize,
+        warmup: usize,
+    ) -> PruningLoss<B> {
+        let masks = self.masks.sample(rng).forward_masks(self.model.dtype());
+        let logits = self.model.forward_masked(ids.clone(), &masks);
+        let lm = loss::causal_lm_loss(logits, ids);
+        let spec = &self.masks.spec;
+        let target_sparsity: Vec<(PruneModule, f64)> = spec
+            .modules
+            .iter()
+            .map(|m| (*m, target_at(spec.target_sparsity(*m), step, warmup)))
+            .collect();
+        let expected_sparsity = self.masks.expected_sparsity();
+        let lagrangian = self.lagrangian.loss(&expected_sparsity, &target_sparsity);
+        PruningLoss {
+            lm: lm.clone(),
+            lagrangian: lagrangian.cast(lm.dtype()),
+            expected_sparsity,
+            target_sparsity,
+        }
+    }
+
+    /// Logits under deterministic masks: the expected structure (`exact_target = false`, what
+    /// evaluation during pruning uses) or exactly the target's (`true`, what finalize keeps).
+    pub fn forward_eval(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        exact_target: bool,
+    ) -> (Tensor<B, 3>, HostMasks) {
+        let host = self.masks.deterministic(exact_target);
+        let masks = host
+            .to_device::<B>(&self.model.device())
+            .forward_masks(self.model.dtype());
+        (self.model.forward_masked(ids, &masks), host)
+    }
+}
+
+/// Gradients of the three groups; the multipliers' are negated so a descent optimizer ascends.
+pub struct GroupGradients {
+    pub model: GradientsParams,
+    pub masks: GradientsParams,
+    pub multipliers: GradientsParams,
+}
+
+impl<B: AutodiffBackend> PruningModel<B> {
+    /// Split the gradients of a backward pass into the three groups, negating the multipliers'
+    /// (gradient ascent, spec §4.3 and pitfall §10.1).
+    pub fn split_gradients(&self, mut grads: B::Gradients) -> GroupGradients {
+        let model = GradientsParams::from_module(&mut grads, &self.model);
+        let masks = GradientsParams::from_module(&mut grads, &self.masks);
+        let mut multipliers = GradientsParams::from_module(&mut grads, &self.lagrangian);
+        for id in [self.lagrangian.lambda_1.id, self.lagrangian.lambda_2.id] {
+            if let Some(g) = multipliers.remove::<B::InnerBackend, 1>(id) {
+                multipliers.register(id, g.neg());
+            }
+        }
+        GroupGradients {
+            model,
+            masks,
+            multipliers,
+        }
+    }
+
+    /// The model without autodiff tracking.
+    pub fn valid(&self) -> PruningModel<B::InnerBackend> {
+        AutodiffModule::valid(self)
+    }
+}
+
+/// Pruning needs a model whose config is the spec's source and whose layers are uniform.
+fn check_model<B: Backend>(model: &Llama<B>, spec: &PruningSpec) -> Result<()> {
+    let uniform = spec.source.uniform_layer_shapes();
+    let layers = shears_models::load::layer_shapes(model);
+    if layers != uniform {
+        return Err(Error::invalid(
+            "pruning needs a source model with uniform layers (an already pruned, non-uniform model cannot be pruned again yet)",
+        ));
+    }
+    if model.config.hidden_size != spec.source.hidden_size
+        || model.config.vocab_size != spec.source.vocab_size
+    {
+        return Err(Error::invalid(
+            "the model does not match the pruning spec's source config",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! `shears plan`: what a pruning run from a source to a target involves, before any weights are
+//! loaded: shapes, parameter counts, per-module target sparsity, hardware-friendliness, and the
+//! memory a pruning run needs per device.
+
+use serde::Serialize;
+use shears_core::LlamaConfig;
+
+use crate::size::Dims;
+use crate::target::{PruneModule, PruningSpec, TargetShape};
+
+/// Shape summary of one model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShapeReport {
+    pub num_hidden_layers: usize,
+    pub hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub prunable_params: u64,
+    pub total_params: u64,
+}
+
+/// One pruned module.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModuleReport {
+    pub module: &'static str,
+    pub mask_shape: [usize; 2],
+    pub kept_per_row: usize,
+    pub target_sparsity: f64,
+}
+
+/// Whether a target width is a multiple of 64, and the parameter count if it were rounded to
+/// the nearest multiple (spec §11.4).
+#[derive(Debug, Clone, Serialize)]
+pub struct AlignmentReport {
+    pub dimension: &'static str,
+    pub value: usize,
+    pub multiple_of_64: bool,
+    pub nearest_multiple_of_64: usize,
+    pub total_params_at_nearest: u64,
+}
+
+/// Bytes per device for one precision.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryReport {
+    pub precision: &'static str,
+    pub weights: u64,
+    pub gradients: u64,
+    /// f32 master weights (half precision only).
+    pub master_weights: u64,
+    /// Adam first and second moments, f32.
+    pub optimizer_state: u64,
+    /// `log_alpha`s and multipliers with their gradients and Adam state, f32.
+    pub masks: u64,
+    /// Tensors kept for the backward pass (estimate, no activation checkpointing).
+    pub activations: u64,
+    pub total: u64,
+}
+
+/// The whole plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanReport {
+    pub source: ShapeReport,
+    pub target: ShapeReport,
+    pub target_sparsity: f64,
+    pub modules: Vec<ModuleReport>,
+    pub alignment: Vec<AlignmentReport>,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub memory: Vec<MemoryReport>,
+}
+
+fn shape(d: &Dims) -> ShapeReport {
+    ShapeReport {
+        num_hidden_layers: d.layers as usize,
+        hidden_size: d.hidden as usize,
+        num_attention_heads: d.heads as usize,
+        num_key_value_heads: d.kv_heads as usize,
+        head_dim: d.head_dim as usize,
+        intermediate_size: d.intermediate as usize,
+        vocab_size: d.vocab as usize,
+        prunable_params: d.prunable(),
+        total_params: d.total(),
+    }
+}
+
+/// Activation estimate per device: for every layer and token, the tensors burn's autodiff keeps
+/// (norm inputs and outputs, q/k/v before and after RoPE, context, projections, the four MLP
+/// intermediates, residuals) plus two `[H, T]` attention rows (scores and probabilities), and
+/// three copies of the logits (logits, log-softmax, gradient).
+fn activation_elems(d: &Dims, batch: u64, seq: u64) -> u64 {
+    let per_token_layer = 8 * d.hidden
+        + 3 * d.heads * d.head_dim
+        + 4 * d.kv_heads * d.head_dim
+        + 4 * d.intermediate
+        + 2 * d.heads * seq;
+    batch * seq * (d.layers * per_token_layer + 3 * d.vocab)
+}
+
+/// Plan pruning `source` to `target` for a batch of `batch` sequences of `seq_len` tokens.
+pub fn plan(spec: &PruningSpec, batch: usize, seq_len: usize) -> PlanReport {
+    let src = Dims::of(&spec.source);
+    let tgt = Dims::of_target(&spec.target, &spec.source);
+    let modules = spec
+        .modules
+        .iter()
+        .map(|&m| {
+            let (rows, n) = spec.mask_shape(m);
+            ModuleReport {
+                module: m.name(),
+                mask_shape: [rows, n],
+                kept_per_row: spec.target_kept(m),
+                target_sparsity: spec.target_sparsity(m),
+            }
+        })
+        .collect();
+    let nearest = |v: usize| ((v + 32) / 64 * 64).max(64);
+    let alignment = [
+        ("hidden_size", spec.target.hidden_size),
+        ("intermediate_size", spec.target.intermediate_size),
+        (
+            "attention width (heads x head_dim)",
+            spec.target.num_attention_heads * tgt.head_dim as usize,
+        ),
+    ]
+    .into_iter()
+    .map(|(name, v)| {
+        let mut rounded = spec.target;
+        match name {
+            "hidden_size" => rounded.hidden_size = nearest(v),
+            "intermediate_size" => rounded.intermediate_size = nearest(v),
+            _ => {}
+        }
+        AlignmentReport {
+            dimension: name,
+            value: v,
+            multiple_of_64: v % 64 == 0,
+            nearest_multiple_of_64: nearest(v),
+            total_params_at_nearest: Dims::of_target(&rounded, &spec.source).total(),
+        }
+    })
+    .collect();
+    let mask_entries: u64 = spec
+        .modules
+        .iter()
+        .map(|&m| {
+            let (r, n) = spec.mask_shape(m);
+            (r * n) as u64
+        })
+        .sum::<u64>()
+        + 2 * spec.modules.len() as u64;
+    let p = src.total();
+    let acts = activation_elems(&src, batch as u64, seq_len as u64);
+    let memory = [("f32", 4u64), ("bf16", 2u64)]
+        .into_iter()
+        .map(|(precision, bytes)| {
+            let weights = p * bytes;
+            let gradients = p * bytes;
+            let master_weights = if bytes < 4 { p * 4 } else { 0 };
+            let optimizer_state = p * 8;
+            let masks = mask_entries * 16;
+            let activations = acts * bytes;
+            MemoryReport {
+                precision,
+                weights,
+                gradients,
+                master_weights,
+                optimizer_state,
+                masks,
+                activations,
+                total: weights + gradients + master_weights + optimizer_state + masks + activations,
+            }
+        })
+        .collect();
+    PlanReport {
+        source: shape(&src),
+        target: shape(&tgt),
+        target_sparsity: 1.0 - tgt.prunable() as f64 / src.prunable() as f64,
+        modules,
+        alignment,
+        batch_size: batch,
+        seq_len,
+        memory,
+    }
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl PlanReport {
+    /// The human-readable report.
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let row = |name: &str, s: &ShapeReport| {
+            format!(
+                "{name:<8} L={:<3} d={:<6} heads={:<3} kv={:<3} head_dim={:<4} I={:<6} vocab={:<7} prunable={:>15} total={:>15}\n",
+                s.num_hidden_layers,
+                s.hidden_size,
+                s.num_attention_heads,
+                s.num_key_value_heads,
+                s.head_dim,
+                s.intermediate_size,
+                s.vocab_size,
+                group(s.prunable_params),
+                group(s.total_params)
+            )
+        };
+        o += &row("source", &self.source);
+        o += &row("target", &self.target);
+        o += &format!(
+            "overall target sparsity (prunable params): {:.5}\n\n",
+            self.target_sparsity
+        );
+        o += "pruned modules:\n";
+        for m in &self.modules {
+            o += &format!(
+                "  {:<13} mask [{} x {}], keep {} per row, target sparsity {:.6}\n",
+                m.module, m.mask_shape[0], m.mask_shape[1], m.kept_per_row, m.target_sparsity
+            );
+        }
+        o += "\nhardware alignment:\n";
+        for a in &self.alignment {
+            if a.multiple_of_64 {
+                o += &format!("  {:<36} {:>6}  multiple of 64\n", a.dimension, a.value);
+            } else {
+                o += &format!(
+                    "  {:<36} {:>6}  WARNING: not a multiple of 64 (nearest {}, total params there {})\n",
+                    a.dimension,
+                    a.value,
+                    a.nearest_multiple_of_64,
+                    group(a.total_params_at_nearest)
+                );
+            }
+        }
+        o += &format!(
+            "\nmemory per device for pruning at batch {} x {} tokens (activations estimated, no checkpointing):\n",
+            self.batch_size, self.seq_len
+        );
+        for m in &self.memory {
+            o += &format!(
+                "  {:<5} weights {:>11}  grads {:>11}  master {:>11}  adam {:>11}  masks {:>11}  activations {:>11}  total {:>11}\n",
+                m.precision,
+                gib(m.weights),
+                gib(m.gradients),
+                gib(m.master_weights),
+                gib(m.optimizer_state),
+                gib(m.masks),
+                gib(m.activations),
+                gib(m.total)
+            );
+        }
+        o
+    }
+}
+
+/// Convenience: plan from configs.
+pub fn plan_configs(
+    source: &LlamaConfig,
+    target: TargetShape,
+    modules: Option<&[PruneModule]>,
+    batch: usize,
+    seq_len: usize,
+) -> shears_core::Result<PlanReport> {
+    let spec = PruningSpec::new(source, target, modules)?;
+    Ok(plan(&spec, batch, seq_len))
+}

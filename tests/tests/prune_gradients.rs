@@ -1,0 +1,163 @@
+//! The direction of a multiplier step (ascent), hard-concrete sampling statistics, and the
+//! determinism of eval masks. (Finite-difference gradient checks: `prune_fd.rs`.)
+
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use shears_core::LlamaConfig;
+use shears_models::backend::NdArrayBackend;
+use shears_models::load;
+use shears_pruning::hard_concrete;
+use shears_pruning::{L0Masks, PruneModule, PruningModel, PruningSpec, TargetShape};
+use shears_trainer::{PruneStepSettings, PruneTrainer};
+
+fn source() -> LlamaConfig {
+    LlamaConfig::from_json_str(
+        r#"{"vocab_size":24,"hidden_size":8,"intermediate_size":6,"num_hidden_layers":2,
+        "num_attention_heads":4,"num_key_value_heads":2,"head_dim":4,"rms_norm_eps":1e-5}"#,
+    )
+    .unwrap()
+}
+
+fn spec() -> PruningSpec {
+    let target = TargetShape {
+        num_hidden_layers: 1,
+        hidden_size: 6,
+        num_attention_heads: 1,
+        num_key_value_heads: 1,
+        intermediate_size: 4,
+    };
+    PruningSpec::new(&source(), target, None).unwrap()
+}
+
+fn log_alphas(spec: &PruningSpec) -> Vec<(PruneModule, Vec<f32>)> {
+    let mut rng = StdRng::seed_from_u64(9);
+    spec.modules
+        .iter()
+        .map(|&m| {
+            let (rows, n) = spec.mask_shape(m);
+            (
+                m,
+                (0..rows * n).map(|_| rng.random_range(-2.0..2.0)).collect(),
+            )
+        })
+        .collect()
+}
+
+fn batch<BB: Backend>() -> Tensor<BB, 2, Int> {
+    let ids: Vec<i64> = (0..2 * 6).map(|i| (i * 7 + 3) % 24).collect();
+    Tensor::from_data(TensorData::new(ids, [2, 6]), &Default::default())
+}
+
+#[test]
+fn a_multiplier_step_is_ascent() {
+    // At initialisation the expected sparsity (~0.002) is below every target: the gap e - t is
+    // negative, so ascent moves λ1 down (towards the sign of the gap) and λ2 up, and the
+    // penalty λ1(e - t) + λ2(e - t)² becomes positive: the constraint starts to bite.
+    type NA = Autodiff<NdArrayBackend>;
+    let cfg = source();
+    let device = Default::default();
+    let model = load::random_model::<NA>(&cfg, 3, &device).unwrap();
+    let mut rng = StdRng::seed_from_u64(1);
+    let state = PruningModel::new(model, &spec(), &mut rng).unwrap();
+    let settings = PruneStepSettings {
+        lagrangian_warmup_steps: 0,
+        ..Default::default()
+    };
+    let mut trainer = PruneTrainer::new(state, settings, 7);
+    let report = trainer.step(batch::<NA>(), 1.0);
+    for ((m, e), (_, t)) in report.expected_sparsity.iter().zip(&report.target_sparsity) {
+        assert!(
+            e < t,
+            "{}: expected {e} should start below target {t}",
+            m.name()
+        );
+    }
+    assert_eq!(report.lagrangian_loss, 0.0, "multipliers start at zero");
+    for (m, l1, l2) in trainer.state().lagrangian.values() {
+        assert!(
+            l1 < 0.0,
+            "{}: λ1 {l1} should move towards the (negative) gap",
+            m.name()
+        );
+        assert!(l2 > 0.0, "{}: λ2 {l2} should grow", m.name());
+    }
+    let second = trainer.step(batch::<NA>(), 1.0);
+    assert!(
+        second.lagrangian_loss > 0.0,
+        "the penalty is now positive: {}",
+        second.lagrangian_loss
+    );
+    // The masks moved towards the target: expected sparsity increased.
+    for ((m, before), (_, after)) in report
+        .expected_sparsity
+        .iter()
+        .zip(&second.expected_sparsity)
+    {
+        assert!(after >= before, "{}: {before} -> {after}", m.name());
+    }
+    let _ = trainer.state().model.valid();
+}
+
+#[test]
+fn hard_concrete_zero_fraction_matches_one_minus_score() {
+    type NB = NdArrayBackend;
+    let las = [-3.0f32, -1.0, 0.0, 1.0, 3.0];
+    let n = 40_000;
+    let mut rng = StdRng::seed_from_u64(5);
+    let eps = hard_concrete::EPSILON as f32;
+    let u: Vec<f32> = (0..n * las.len())
+        .map(|_| rng.random_range(eps..1.0 - eps))
+        .collect();
+    let la: Vec<f32> = (0..n).flat_map(|_| las).collect();
+    let device = Default::default();
+    let z = hard_concrete::sample(
+        Tensor::<NB, 2>::from_data(TensorData::new(la, [n, las.len()]), &device),
+        Tensor::<NB, 2>::from_data(TensorData::new(u, [n, las.len()]), &device),
+    );
+    let z: Vec<f32> = z.into_data().into_vec().unwrap();
+    for (j, &a) in las.iter().enumerate() {
+        let zeros = (0..n).filter(|i| z[i * las.len() + j] == 0.0).count() as f64 / n as f64;
+        let p = 1.0 - hard_concrete::score_host(a) as f64;
+        let sigma = (p * (1.0 - p) / n as f64).sqrt();
+        assert!(
+            (zeros - p).abs() <= 4.0 * sigma + 1e-4,
+            "log_alpha {a}: zeros {zeros} vs P(z=0) {p}"
+        );
+        // Samples are in [0, 1], with mass at both ends.
+        assert!((0..n).all(|i| (0.0..=1.0).contains(&z[i * las.len() + j])));
+    }
+}
+
+#[test]
+fn eval_masks_are_deterministic_and_training_samples_are_seeded() {
+    type NB = NdArrayBackend;
+    let spec = spec();
+    let device = Default::default();
+    let masks = L0Masks::<NB>::from_values(&spec, &log_alphas(&spec), &device);
+    assert_eq!(masks.deterministic(false), masks.deterministic(false));
+    assert_eq!(masks.deterministic(true), masks.deterministic(true));
+    let draw = |seed| {
+        let mut rng = StdRng::seed_from_u64(seed);
+        masks
+            .sample(&mut rng)
+            .values
+            .into_iter()
+            .flat_map(|(_, t)| t.into_data().into_vec::<f32>().unwrap())
+            .collect::<Vec<f32>>()
+    };
+    assert_eq!(draw(3), draw(3));
+    assert_ne!(draw(3), draw(4));
+    // Exact-target masks keep exactly the target's counts per row.
+    let exact = masks.deterministic(true);
+    for &m in &spec.modules {
+        let (rows, n) = spec.mask_shape(m);
+        let v = exact.get(m).unwrap();
+        for r in 0..rows {
+            let kept = v[r * n..(r + 1) * n].iter().filter(|x| **x != 0.0).count();
+            assert_eq!(kept, spec.target_kept(m), "{} row {r}", m.name());
+        }
+    }
+}
