@@ -15,6 +15,25 @@ use shears_trainer::{AdamWSettings, LmTrainer};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
+    /// Training-step time of a real model with and without pruning masks (sampled hard-concrete
+    /// masks, Lagrangian, three optimizers) on one backend (default: the default backend).
+    Prune {
+        /// Model (path or known name).
+        #[arg(long, default_value = "smollm2")]
+        model: String,
+        /// Sequences per step.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Timed steps per variant (after one warm-up step).
+        #[arg(long, default_value_t = 2)]
+        iters: usize,
+        /// Print one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Tokens/s of a real model's forward (batch 1 x L and 8 x L) and of a tiny LLaMA training
     /// step (vocab 8192, hidden 256, 4 layers, 4 heads, intermediate 688, batch 8 x L).
     Forward {
@@ -118,15 +137,106 @@ impl AutodiffTask for TrainBench {
     }
 }
 
+struct PruneBench<'a> {
+    files: &'a ModelFiles,
+    batch: usize,
+    len: usize,
+    iters: usize,
+}
+
+impl AutodiffTask for PruneBench<'_> {
+    /// Seconds per step without and with masks.
+    type Output = shears_core::Result<(f64, f64)>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        use shears_pruning::{PruningModel, PruningSpec, TargetShape};
+        use shears_trainer::{PruneStepSettings, PruneTrainer};
+        let vocab = self.files.config.vocab_size;
+        let ids = random_ids::<B>(self.batch, self.len, vocab, 3, &device);
+        let settings = PruneStepSettings::default();
+        let plain = {
+            let model = load::from_files::<B>(self.files, &device, DType::F32)?;
+            let mut trainer = LmTrainer::new(model, settings.model);
+            timed(self.iters, || {
+                trainer.step(ids.clone());
+            }) / self.iters as f64
+        };
+        // Prune every structure at once (the heaviest mask configuration): a target two thirds
+        // the source's size in every dimension.
+        let c = &self.files.config;
+        let g = (c.num_kv_heads() * 2 / 3).max(1);
+        let r = (c.num_attention_heads / c.num_kv_heads())
+            .saturating_sub(1)
+            .max(1);
+        let target = TargetShape {
+            num_hidden_layers: (c.num_hidden_layers * 2 / 3).max(1),
+            hidden_size: (c.hidden_size * 2 / 3).max(1),
+            num_attention_heads: g * r,
+            num_key_value_heads: g,
+            intermediate_size: (c.intermediate_size * 2 / 3).max(1),
+        };
+        let spec = PruningSpec::new(c, target, None)?;
+        let masked = {
+            let model = load::from_files::<B>(self.files, &device, DType::F32)?;
+            let mut rng = StdRng::seed_from_u64(0);
+            let state = PruningModel::new(model, &spec, &mut rng)?;
+            let mut trainer = PruneTrainer::new(state, settings, 0);
+            timed(self.iters, || {
+                trainer.step(ids.clone(), 1.0);
+            }) / self.iters as f64
+        };
+        Ok((plain, masked))
+    }
+}
+
 /// Run a benchmark on `only` (the global `--backend`), or on every compiled CPU backend.
 pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
-    let BenchCmd::Forward {
-        model,
-        iters,
-        seq_len,
-        skip_model,
-        json: as_json,
-    } = cmd;
+    let (model, iters, seq_len, skip_model, as_json) = match cmd {
+        BenchCmd::Forward {
+            model,
+            iters,
+            seq_len,
+            skip_model,
+            json,
+        } => (model, iters, seq_len, skip_model, json),
+        BenchCmd::Prune {
+            model,
+            batch,
+            seq_len,
+            iters,
+            json,
+        } => {
+            let kind = only
+                .or_else(BackendKind::default_backend)
+                .expect("a compiled backend");
+            let files = crate::commands::load_model_files(&model)?;
+            let (plain, masked) = dispatch_autodiff(
+                kind,
+                PruneBench {
+                    files: &files,
+                    batch,
+                    len: seq_len,
+                    iters,
+                },
+            )??;
+            let overhead = masked / plain - 1.0;
+            if json {
+                println!(
+                    "{}",
+                    json!({"backend": kind.name(), "model": files.source.display().to_string(), "batch": batch,
+                        "seq_len": seq_len, "iters": iters, "step_s_without_masks": plain,
+                        "step_s_with_masks": masked, "mask_overhead": overhead})
+                );
+            } else {
+                println!("# shears bench prune: {} on {kind}, batch {batch} x {seq_len}, {iters} timed steps after 1 warm-up", files.source.display());
+                println!("training step without masks: {plain:.3} s");
+                println!(
+                    "training step with masks:    {masked:.3} s  ({:+.1}%)",
+                    100.0 * overhead
+                );
+            }
+            return Ok(());
+        }
+    };
     let backends: Vec<BackendKind> = match only {
         Some(b) => vec![b],
         None => BackendKind::compiled()

@@ -265,3 +265,25 @@ pub fn info(model: &str) -> Result<()> {
     }
     Ok(())
 }
+
+pub fn plan(
+    source: &str,
+    target: &Path,
+    modules: &[shears_pruning::PruneModule],
+    batch: usize,
+    seq_len: usize,
+    as_json: bool,
+) -> Result<()> {
+    let path = hub::resolve_model(source, log)?;
+    let config = shears_core::model_files::load_config(&path)?;
+    let target = shears_pruning::TargetShape::from_file(target)?;
+    let modules = (!modules.is_empty()).then_some(modules);
+    let report = shears_pruning::plan::plan_configs(&config, target, modules, batch, seq_len)
+        .with_context(|| format!("cannot prune {} to that target", path.display()))?;
+    if as_json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(())
+}

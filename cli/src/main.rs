@@ -108,6 +108,29 @@ enum Cmd {
         /// Model name (smollm2).
         name: String,
     },
+    /// Plan a pruning run: shapes, parameter counts, per-module target sparsity, alignment and
+    /// memory per device. Reads configs only.
+    Plan {
+        /// Source model (HF directory, `.gguf`, known name) or its `config.json`.
+        #[arg(long)]
+        source: String,
+        /// Target shape: a TOML file, or an existing model's `config.json` / directory.
+        #[arg(long)]
+        target: PathBuf,
+        /// Pruned modules (default: every module whose target differs): hidden, layer,
+        /// intermediate, kv_heads, query_heads.
+        #[arg(long, value_delimiter = ',')]
+        modules: Vec<shears_pruning::PruneModule>,
+        /// Sequences per device for the memory estimate.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Tokens per sequence for the memory estimate.
+        #[arg(long, default_value_t = 4096)]
+        seq_len: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Describe a model: config, per-layer widths, parameter counts.
     Info {
         /// HF model directory, `.gguf` file, or a known model name.
@@ -176,6 +199,14 @@ fn main() -> ExitCode {
         ),
         Cmd::Fetch { name } => commands::fetch(&name),
         Cmd::Info { model } => commands::info(&model),
+        Cmd::Plan {
+            source,
+            target,
+            modules,
+            batch,
+            seq_len,
+            json,
+        } => commands::plan(&source, &target, &modules, batch, seq_len, json),
         Cmd::Bench { what } => bench::run(what, only),
     };
     match result {

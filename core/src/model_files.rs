@@ -27,6 +27,24 @@ pub struct ModelFiles {
     pub source: PathBuf,
 }
 
+/// Only the config of a model: from an HF directory, a `config.json`, or a `.gguf` file's
+/// metadata. Reads no weights, so a 70B model can be planned on a laptop.
+pub fn load_config(path: impl AsRef<Path>) -> Result<LlamaConfig> {
+    let path = path.as_ref();
+    if path.is_dir() {
+        LlamaConfig::from_file(path.join("config.json"))
+    } else if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        gguf_llama::config_from_gguf(&GgufFile::open(path)?)
+    } else if path.exists() {
+        LlamaConfig::from_file(path)
+    } else {
+        Err(Error::format(path, "no such file or directory"))
+    }
+}
+
 /// HF name of a per-layer tensor.
 pub fn layer_key(layer: usize, suffix: &str) -> String {
     format!("model.layers.{layer}.{suffix}")

@@ -211,6 +211,18 @@ impl PruneModule {
     }
 }
 
+impl std::str::FromStr for PruneModule {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        PruneModule::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                format!("unknown module '{s}' (hidden, layer, intermediate, kv_heads, query_heads)")
+            })
+    }
+}
+
 /// A validated pruning problem: source, target, and the modules that carry masks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PruningSpec {

@@ -1,0 +1,201 @@
+//! `shears plan` reproduces the spec's numbers for LLaMA2-7B → Sheared-LLaMA-2.7B / 1.3B from
+//! configs alone, plans GQA models, and refuses bad targets clearly.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const LLAMA2_7B: &str = r#"{"architectures":["LlamaForCausalLM"],"bos_token_id":1,"eos_token_id":2,
+"hidden_act":"silu","hidden_size":4096,"initializer_range":0.02,"intermediate_size":11008,
+"max_position_embeddings":4096,"model_type":"llama","num_attention_heads":32,"num_hidden_layers":32,
+"num_key_value_heads":32,"pretraining_tp":1,"rms_norm_eps":1e-05,"rope_scaling":null,
+"tie_word_embeddings":false,"torch_dtype":"float16","use_cache":true,"vocab_size":32000}"#;
+
+fn shears(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shears"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn plan_json(source: &Path, target: &Path) -> Value {
+    let o = shears(&[
+        "plan",
+        "--source",
+        source.to_str().unwrap(),
+        "--target",
+        target.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn sheared_llama_numbers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("config.json");
+    std::fs::write(&src, LLAMA2_7B).unwrap();
+    for (toml, prunable, total, sparsity, modules) in [
+        (
+            "layers = 32\nhidden = 2560\nheads = 20\nintermediate = 6912\n",
+            2_537_553_920u64,
+            2_701_560_320u64,
+            0.60816,
+            vec!["hidden", "intermediate", "kv_heads"],
+        ),
+        (
+            "layers = 24\nhidden = 2048\nheads = 16\nintermediate = 5504\n",
+            1_214_251_008,
+            1_345_423_360,
+            0.8125,
+            vec!["hidden", "layer", "intermediate", "kv_heads"],
+        ),
+    ] {
+        let t = tmp.path().join("target.toml");
+        std::fs::write(&t, toml).unwrap();
+        let v = plan_json(&src, &t);
+        assert_eq!(v["source"]["prunable_params"], 6_476_005_376u64);
+        assert_eq!(v["source"]["total_params"], 6_738_415_616u64);
+        assert_eq!(v["target"]["prunable_params"], prunable);
+        assert_eq!(v["target"]["total_params"], total);
+        assert!((v["target_sparsity"].as_f64().unwrap() - sparsity).abs() < 5e-6);
+        let names: Vec<&str> = v["modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["module"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, modules);
+        let mem = v["memory"].as_array().unwrap();
+        assert_eq!(mem[0]["precision"], "f32");
+        assert_eq!(mem[0]["weights"], 6_738_415_616u64 * 4);
+        assert_eq!(mem[1]["master_weights"], 6_738_415_616u64 * 4);
+    }
+    // The human-readable report says the same.
+    let t = tmp.path().join("target.toml");
+    let o = shears(&[
+        "plan",
+        "--source",
+        src.to_str().unwrap(),
+        "--target",
+        t.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("1,214,251,008") && text.contains("0.81250"),
+        "{text}"
+    );
+}
+
+#[test]
+fn gqa_plan_warns_about_alignment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("config.json");
+    std::fs::write(
+        &src,
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":49152,"hidden_size":576,"intermediate_size":1536,
+        "num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"head_dim":64,
+        "rms_norm_eps":1e-5,"tie_word_embeddings":true}"#,
+    )
+    .unwrap();
+    let t = tmp.path().join("t.toml");
+    std::fs::write(
+        &t,
+        "[target]\nlayers = 20\nhidden = 400\nheads = 6\nkv_heads = 3\nintermediate = 1000\n",
+    )
+    .unwrap();
+    let v = plan_json(&src, &t);
+    let modules: Vec<&str> = v["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["module"].as_str().unwrap())
+        .collect();
+    assert_eq!(modules, ["hidden", "layer", "intermediate", "query_heads"]);
+    let q = &v["modules"][3];
+    assert_eq!(q["mask_shape"], serde_json::json!([90, 3]));
+    assert_eq!(q["kept_per_row"], 2);
+    let hidden = &v["alignment"][0];
+    assert_eq!(hidden["multiple_of_64"], false);
+    assert_eq!(hidden["nearest_multiple_of_64"], 384);
+    // 20 x (2*384*64*(6+3) + 3*384*1000) + 49152*384 + 41*384
+    assert_eq!(
+        hidden["total_params_at_nearest"],
+        20u64 * (2 * 384 * 64 * 9 + 3 * 384 * 1000) + 49152 * 384 + 41 * 384
+    );
+    let o = shears(&[
+        "plan",
+        "--source",
+        src.to_str().unwrap(),
+        "--target",
+        t.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("WARNING: not a multiple of 64"));
+}
+
+#[test]
+fn bad_targets_fail_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("config.json");
+    std::fs::write(&src, LLAMA2_7B).unwrap();
+    for (toml, msg) in [
+        (
+            "layers = 40\nhidden = 2048\nheads = 16\nintermediate = 5504\n",
+            "larger than the source",
+        ),
+        (
+            "layers = 0\nhidden = 2048\nheads = 16\nintermediate = 5504\n",
+            "is 0",
+        ),
+        (
+            "layers = 24\nhidden = 2048\nheads = 16\nkv_heads = 3\nintermediate = 5504\n",
+            "not a multiple",
+        ),
+        (
+            "layers = 24\nhidden = 2000\nheads = 16\nintermediate = 5504\n",
+            "num_attention_heads x head_dim",
+        ),
+        (
+            "layers = 24\nheads = 16\nintermediate = 5504\n",
+            "missing field `hidden_size`",
+        ),
+    ] {
+        let t = tmp.path().join("bad.toml");
+        std::fs::write(&t, toml).unwrap();
+        let o = shears(&[
+            "plan",
+            "--source",
+            src.to_str().unwrap(),
+            "--target",
+            t.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(!err.contains("panicked"));
+        assert!(err.contains(msg), "{toml}: {err}");
+    }
+    // A module switched off although its dimension changes (upstream issue #74).
+    let t = tmp.path().join("t.toml");
+    std::fs::write(
+        &t,
+        "layers = 24\nhidden = 2048\nheads = 16\nintermediate = 5504\n",
+    )
+    .unwrap();
+    let o = shears(&[
+        "plan",
+        "--source",
+        src.to_str().unwrap(),
+        "--target",
+        t.to_str().unwrap(),
+        "--modules",
+        "kv_heads,intermediate",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err.contains("hidden, layer") && err.contains("not pruned"),
+        "{err}"
+    );
+}
