@@ -161,3 +161,61 @@ fn eval_masks_are_deterministic_and_training_samples_are_seeded() {
         }
     }
 }
+
+#[test]
+fn expected_size_matches_the_closed_form_for_gqa() {
+    // Every entry of a module shares one log_alpha, so every score is one known number and the
+    // §11.1 formula can be written out by hand:
+    // E = (d·s_h) · L·s_l · (2·hd·G·s_kv·r·s_q + 2·hd·G·s_kv + 3·I·s_i)
+    type NB = NdArrayBackend;
+    let spec = spec(); // 2 layers, d 8, 4 heads in 2 groups (r = 2), head_dim 4, I 6
+    let per_module = [
+        (PruneModule::Hidden, 1.5f32),
+        (PruneModule::Layer, -0.5),
+        (PruneModule::Intermediate, 0.25),
+        (PruneModule::KvHeads, 3.0),
+        (PruneModule::QueryHeads, -2.0),
+    ];
+    let las: Vec<(PruneModule, Vec<f32>)> = per_module
+        .iter()
+        .map(|&(m, a)| {
+            let (rows, n) = spec.mask_shape(m);
+            (m, vec![a; rows * n])
+        })
+        .collect();
+    let masks = L0Masks::<NB>::from_values(&spec, &las, &Default::default());
+    let got: f64 = shears_pruning::size::expected_params(&masks)
+        .into_data()
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .unwrap()[0];
+    let s = |m: PruneModule| {
+        hard_concrete::score_host(per_module.iter().find(|p| p.0 == m).unwrap().1) as f64
+    };
+    let (d, l, hd, g, r, i) = (8.0, 2.0, 4.0, 2.0, 2.0, 6.0);
+    let want = d
+        * s(PruneModule::Hidden)
+        * l
+        * s(PruneModule::Layer)
+        * (2.0 * hd * g * s(PruneModule::KvHeads) * r * s(PruneModule::QueryHeads)
+            + 2.0 * hd * g * s(PruneModule::KvHeads)
+            + 3.0 * i * s(PruneModule::Intermediate));
+    assert!(
+        (got - want).abs() <= 1e-5 * want,
+        "expected params {got} vs closed form {want}"
+    );
+    // At the top of the clamp every score is s = score(ln 100): the same formula with one s.
+    let full: Vec<(PruneModule, Vec<f32>)> =
+        las.iter().map(|(m, v)| (*m, vec![10.0; v.len()])).collect();
+    let masks = L0Masks::<NB>::from_values(&spec, &full, &Default::default()).clamped();
+    let got: f64 = shears_pruning::size::expected_params(&masks)
+        .into_data()
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .unwrap()[0];
+    let s = hard_concrete::score_host(100f32.ln()) as f64;
+    let want = d * s * l * s * (2.0 * hd * g * s * r * s + 2.0 * hd * g * s + 3.0 * i * s);
+    assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
+    let prunable = shears_pruning::size::Dims::of(&spec.source).prunable() as f64;
+    assert!(got < prunable && got > 0.98 * prunable);
+}
