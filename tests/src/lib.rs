@@ -295,3 +295,55 @@ fn byte_char(b: u32) -> String {
         char::from_u32(256 + n).unwrap().to_string()
     }
 }
+
+/// Shared pruning fixtures: a tiny GQA source (2 layers, d 8, 4 heads in 2 groups, head_dim 4,
+/// I 6, vocab 24) and a target that prunes every structure.
+pub mod prune {
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{Int, Tensor, TensorData};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use shears_core::LlamaConfig;
+    use shears_pruning::{PruneModule, PruningSpec, TargetShape};
+
+    /// The tiny GQA source config.
+    pub fn source() -> LlamaConfig {
+        LlamaConfig::from_json_str(
+            r#"{"vocab_size":24,"hidden_size":8,"intermediate_size":6,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":2,"head_dim":4,"rms_norm_eps":1e-5}"#,
+        )
+        .unwrap()
+    }
+
+    /// Prune it to 1 layer, d 6, one group of one head, I 4 (all five modules masked).
+    pub fn spec() -> PruningSpec {
+        let target = TargetShape {
+            num_hidden_layers: 1,
+            hidden_size: 6,
+            num_attention_heads: 1,
+            num_key_value_heads: 1,
+            intermediate_size: 4,
+        };
+        PruningSpec::new(&source(), target, None).unwrap()
+    }
+
+    /// Seeded `log_alpha`s in `[-2, 2)` (away from the clamp) for every module of `spec`.
+    pub fn log_alphas(spec: &PruningSpec) -> Vec<(PruneModule, Vec<f32>)> {
+        let mut rng = StdRng::seed_from_u64(9);
+        spec.modules
+            .iter()
+            .map(|&m| {
+                let (rows, n) = spec.mask_shape(m);
+                (
+                    m,
+                    (0..rows * n).map(|_| rng.random_range(-2.0..2.0)).collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// A fixed batch `[2, 6]` of ids below 24.
+    pub fn batch<B: Backend>() -> Tensor<B, 2, Int> {
+        let ids: Vec<i64> = (0..2 * 6).map(|i| (i * 7 + 3) % 24).collect();
+        Tensor::from_data(TensorData::new(ids, [2, 6]), &Default::default())
+    }
+}

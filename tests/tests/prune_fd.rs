@@ -7,48 +7,16 @@
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use burn::tensor::Tensor;
+use rand::{rngs::StdRng, SeedableRng};
 use shears_core::model_files::check_weights;
-use shears_core::{DType, LlamaConfig, WeightMap};
+use shears_core::{DType, WeightMap};
 use shears_models::load;
-use shears_pruning::{L0Masks, Lagrangian, PruneModule, PruningModel, PruningSpec, TargetShape};
+use shears_pruning::{L0Masks, Lagrangian, PruneModule, PruningModel};
+use shears_tests::prune::{batch, log_alphas, source, spec};
 
 type F64 = burn::backend::NdArray<f64>;
 type AD = Autodiff<F64>;
-
-fn source() -> LlamaConfig {
-    LlamaConfig::from_json_str(
-        r#"{"vocab_size":24,"hidden_size":8,"intermediate_size":6,"num_hidden_layers":2,
-        "num_attention_heads":4,"num_key_value_heads":2,"head_dim":4,"rms_norm_eps":1e-5}"#,
-    )
-    .unwrap()
-}
-
-fn spec() -> PruningSpec {
-    let target = TargetShape {
-        num_hidden_layers: 1,
-        hidden_size: 6,
-        num_attention_heads: 1,
-        num_key_value_heads: 1,
-        intermediate_size: 4,
-    };
-    PruningSpec::new(&source(), target, None).unwrap()
-}
-
-fn log_alphas(spec: &PruningSpec) -> Vec<(PruneModule, Vec<f32>)> {
-    let mut rng = StdRng::seed_from_u64(9);
-    spec.modules
-        .iter()
-        .map(|&m| {
-            let (rows, n) = spec.mask_shape(m);
-            (
-                m,
-                (0..rows * n).map(|_| rng.random_range(-2.0..2.0)).collect(),
-            )
-        })
-        .collect()
-}
 
 fn state<BB: Backend>(
     weights: &WeightMap,
@@ -65,11 +33,6 @@ fn state<BB: Backend>(
         masks: L0Masks::from_values(&spec, las, &device),
         lagrangian: Lagrangian::from_values(&spec, l1, l2, &device),
     }
-}
-
-fn batch<BB: Backend>() -> Tensor<BB, 2, Int> {
-    let ids: Vec<i64> = (0..2 * 6).map(|i| (i * 7 + 3) % 24).collect();
-    Tensor::from_data(TensorData::new(ids, [2, 6]), &Default::default())
 }
 
 fn total_loss<BB: Backend>(s: &PruningModel<BB>) -> Tensor<BB, 1> {

@@ -3,53 +3,14 @@
 
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
-use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use shears_core::LlamaConfig;
 use shears_models::backend::NdArrayBackend;
 use shears_models::load;
 use shears_pruning::hard_concrete;
-use shears_pruning::{L0Masks, PruneModule, PruningModel, PruningSpec, TargetShape};
+use shears_pruning::{L0Masks, PruneModule, PruningModel};
+use shears_tests::prune::{batch, log_alphas, source, spec};
 use shears_trainer::{PruneStepSettings, PruneTrainer};
-
-fn source() -> LlamaConfig {
-    LlamaConfig::from_json_str(
-        r#"{"vocab_size":24,"hidden_size":8,"intermediate_size":6,"num_hidden_layers":2,
-        "num_attention_heads":4,"num_key_value_heads":2,"head_dim":4,"rms_norm_eps":1e-5}"#,
-    )
-    .unwrap()
-}
-
-fn spec() -> PruningSpec {
-    let target = TargetShape {
-        num_hidden_layers: 1,
-        hidden_size: 6,
-        num_attention_heads: 1,
-        num_key_value_heads: 1,
-        intermediate_size: 4,
-    };
-    PruningSpec::new(&source(), target, None).unwrap()
-}
-
-fn log_alphas(spec: &PruningSpec) -> Vec<(PruneModule, Vec<f32>)> {
-    let mut rng = StdRng::seed_from_u64(9);
-    spec.modules
-        .iter()
-        .map(|&m| {
-            let (rows, n) = spec.mask_shape(m);
-            (
-                m,
-                (0..rows * n).map(|_| rng.random_range(-2.0..2.0)).collect(),
-            )
-        })
-        .collect()
-}
-
-fn batch<BB: Backend>() -> Tensor<BB, 2, Int> {
-    let ids: Vec<i64> = (0..2 * 6).map(|i| (i * 7 + 3) % 24).collect();
-    Tensor::from_data(TensorData::new(ids, [2, 6]), &Default::default())
-}
 
 #[test]
 fn a_multiplier_step_is_ascent() {
