@@ -15,6 +15,16 @@ use shears_trainer::{AdamWSettings, LmTrainer};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
+    /// Tokenization + packing throughput (tokens/s, all cores) of a data plan, and sampler
+    /// throughput (sequences/s read from the memory-mapped shards).
+    Data {
+        /// Data plan (default: the demo corpus's, from `shears corpus fetch-demo`).
+        #[arg(long)]
+        plan: Option<std::path::PathBuf>,
+        /// Sequences drawn for the sampler figure.
+        #[arg(long, default_value_t = 200_000)]
+        draws: usize,
+    },
     /// Training-step time of a real model with and without pruning masks (sampled hard-concrete
     /// masks, Lagrangian, three optimizers) on one backend (default: the default backend).
     Prune {
@@ -198,6 +208,7 @@ pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
             skip_model,
             json,
         } => (model, iters, seq_len, skip_model, json),
+        BenchCmd::Data { plan, draws } => return bench_data(plan, draws),
         BenchCmd::Prune {
             model,
             batch,
@@ -300,5 +311,74 @@ pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn bench_data(plan: Option<std::path::PathBuf>, draws: usize) -> Result<()> {
+    use shears_data::{Dataset, DomainSampler, SamplerConfig, Split};
+    let path = plan.unwrap_or_else(|| {
+        shears_core::hub::cache_dir()
+            .join("corpus")
+            .join("demo")
+            .join("plan.toml")
+    });
+    let plan = shears_data::DataPlan::from_file(&path).map_err(|e| {
+        anyhow::anyhow!("{e} (run `shears corpus fetch-demo` first, or pass --plan)")
+    })?;
+    let files = crate::commands::load_model_files(&plan.tokenizer)?;
+    let tok = files.tokenizer()?;
+    let tmp = std::env::temp_dir().join(format!("shears-bench-data-{}", std::process::id()));
+    let started = Instant::now();
+    let outcome = shears_data::prepare(&plan, tok, &plan.tokenizer, &tmp, true, &|_| {})?;
+    let secs = started.elapsed().as_secs_f64();
+    let tokens: u64 = outcome
+        .manifest
+        .domains
+        .values()
+        .map(|d| d.train_tokens + d.eval_tokens + d.dropped_train_tokens + d.dropped_eval_tokens)
+        .sum();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "# shears bench data: {} ({} domains), {threads} threads",
+        path.display(),
+        outcome.manifest.domains.len()
+    );
+    println!("prepare (read, tokenize, split, pack, write): {tokens} tokens in {secs:.1} s = {:.0} tokens/s", tokens as f64 / secs);
+
+    let ds = Dataset::open(&tmp)?;
+    let sizes: std::collections::BTreeMap<String, u64> = ds
+        .domains()
+        .into_iter()
+        .map(|d| {
+            let n = ds.split(&d, Split::Train).map(|s| s.len()).unwrap_or(0);
+            (d, n)
+        })
+        .collect();
+    let weights = sizes.keys().map(|k| (k.clone(), 1.0)).collect();
+    let cfg = SamplerConfig {
+        exhaustion: shears_data::Exhaustion::Wrap,
+        ..Default::default()
+    };
+    let mut sampler = DomainSampler::new(cfg, &sizes, &weights)?;
+    let mut buf = Vec::with_capacity(ds.seq_len());
+    let mut checksum = 0u64;
+    let started = Instant::now();
+    for _ in 0..draws {
+        let d = sampler.draw()?;
+        buf.clear();
+        ds.split(&d.domain, Split::Train)?
+            .read_into(d.index, &mut buf);
+        checksum = checksum.wrapping_add(buf[0] as u64);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "sampler (draw + read {} tokens from mmap): {:.0} sequences/s = {:.0} tokens/s (checksum {checksum})",
+        ds.seq_len(),
+        draws as f64 / secs,
+        (draws * ds.seq_len()) as f64 / secs
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
 }

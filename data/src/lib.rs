@@ -1,9 +1,26 @@
 //! # shears-data
 //!
-//! Will own the data side of the pipeline (`../shared/shearing-spec.md` §5): tokenizing
-//! multi-domain corpora into token shards, deterministic per-domain sampling with exact resumable
-//! state, and dynamic batch loading (domain weights that follow each domain's excess loss over a
-//! reference loss).
+//! The data side of the pipeline (`../shared/shearing-spec.md` §5), in the order a run uses it:
 //!
-//! Nothing is implemented yet (the data issue fills it). It must not run models: the trainer
-//! feeds it losses.
+//! - [`documents`]: reading a domain's input files into documents;
+//! - [`prepare`]: tokenizing, splitting train/eval by document, packing into token shards;
+//! - [`manifest`] and [`shards`]: the prepared dataset on disk, memory-mapped;
+//! - [`sampler`]: deterministic, resumable, rank-aware per-sample domain draws;
+//! - [`dbl`]: dynamic batch loading (reweighting rules and reference losses);
+//! - [`demo`]: the demo corpus fetched from package registries.
+//!
+//! It must not run models: the trainer measures losses and hands them to [`dbl`].
+
+pub mod dbl;
+pub mod demo;
+pub mod documents;
+pub mod manifest;
+pub mod prepare;
+pub mod sampler;
+pub mod shards;
+
+pub use dbl::{ReferenceSource, ReweightRule, RuleConfig};
+pub use manifest::Manifest;
+pub use prepare::{prepare, DataPlan, DomainPlan};
+pub use sampler::{DomainSampler, Exhaustion, SamplerConfig, SamplerState};
+pub use shards::{Dataset, Split};

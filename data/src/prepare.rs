@@ -1,0 +1,459 @@
+//! `shears prepare`: tokenize each domain's documents, split them between train and eval by
+//! document, pack them into fixed-length sequences and write token shards plus `manifest.json`.
+//!
+//! - Every document becomes `[BOS] + tokens + [EOS]` (BOS only for tokenizers that add one by
+//!   default, such as Llama-2's; EOS is `<|endoftext|>` when the vocabulary has it, else the
+//!   tokenizer's EOS; both can be set in the plan). Special-token strings inside a text are
+//!   tokenized as text.
+//! - Split: documents in a seeded random order go to eval until it holds `eval_fraction` of the
+//!   domain's tokens (at least one full sequence, and never every document); the rest is train.
+//!   No document is in both.
+//! - Packing: the documents of a split are concatenated, in that seeded order, into one token
+//!   stream cut into `seq_len`-token sequences; documents run across sequence boundaries, and the
+//!   final partial sequence of each split is dropped (its size is in the manifest).
+//! - The output appears atomically (written under a temporary name, renamed at the end); a
+//!   re-run whose settings, tokenizer and input files (sha256) are unchanged does nothing.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use shears_core::error::IoContext;
+use shears_core::fsutil::StagedDir;
+use shears_core::{Error, Result, Tokenizer};
+
+use crate::documents::{read_documents, resolve_inputs};
+use crate::manifest::{
+    DomainManifest, Manifest, ShardInfo, SourceInfo, TokenDType, TokenizerInfo, FORMAT,
+};
+
+/// One domain of a data plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainPlan {
+    /// Files, directories or glob patterns.
+    pub inputs: Vec<String>,
+    /// The JSONL field holding the text.
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+}
+
+fn default_text_field() -> String {
+    "text".into()
+}
+fn default_seq_len() -> usize {
+    2048
+}
+fn default_eval_fraction() -> f64 {
+    0.02
+}
+fn default_shard_sequences() -> usize {
+    16384
+}
+
+/// A data plan: the `[data]` part of a run plan, or a file of its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataPlan {
+    /// Model whose tokenizer is used (HF directory, `.gguf`, known name).
+    pub tokenizer: String,
+    /// Tokens per sequence.
+    #[serde(default = "default_seq_len")]
+    pub seq_len: usize,
+    /// Share of each domain's tokens held out for evaluation.
+    #[serde(default = "default_eval_fraction")]
+    pub eval_fraction: f64,
+    /// Seed of the document order and the split.
+    #[serde(default)]
+    pub seed: u64,
+    /// Sequences per shard file.
+    #[serde(default = "default_shard_sequences")]
+    pub shard_sequences: usize,
+    /// Document start token: unset = the tokenizer's default, `"none"`, or a token string.
+    #[serde(default)]
+    pub bos: Option<String>,
+    /// Document end token: unset = `<|endoftext|>` if present, else the tokenizer's EOS.
+    #[serde(default)]
+    pub eos: Option<String>,
+    /// Domains by name.
+    pub domains: BTreeMap<String, DomainPlan>,
+}
+
+impl DataPlan {
+    /// Read a TOML plan (the plan itself, or a run plan's `[data]` table).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).at(path, "cannot read")?;
+        let v: toml::Value =
+            toml::from_str(&text).map_err(|e| Error::format(path, format!("invalid TOML: {e}")))?;
+        let table = v.get("data").cloned().unwrap_or(v);
+        let plan: DataPlan = table
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::format(path, format!("invalid data plan: {e}")))?;
+        plan.validate().map_err(|m| Error::format(path, m))?;
+        Ok(plan)
+    }
+
+    /// Check settings and domain names.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.domains.is_empty() {
+            return Err("the plan names no domains".into());
+        }
+        for name in self.domains.keys() {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+                || name.starts_with('.')
+            {
+                return Err(format!(
+                    "domain name '{name}' must be letters, digits, '_', '-' or '.'"
+                ));
+            }
+        }
+        if self.seq_len < 2 {
+            return Err(format!("seq_len {} must be at least 2", self.seq_len));
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            return Err(format!(
+                "eval_fraction {} must be in [0, 1)",
+                self.eval_fraction
+            ));
+        }
+        if self.shard_sequences == 0 {
+            return Err("shard_sequences must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Progress of a prepare, for a progress bar.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress<'a> {
+    pub domain: &'a str,
+    pub documents_done: usize,
+    pub documents: usize,
+}
+
+/// What `prepare` did.
+#[derive(Debug, Clone)]
+pub struct PrepareOutcome {
+    pub manifest: Manifest,
+    /// True when the existing output already matched and nothing was written.
+    pub up_to_date: bool,
+    /// Skipped lines and other things a user should see.
+    pub warnings: Vec<String>,
+}
+
+fn sha256_file(path: &Path) -> Result<(u64, String)> {
+    let mut f = std::fs::File::open(path).at(path, "cannot open")?;
+    let mut h = Sha256::new();
+    let n = std::io::copy(&mut f, &mut h).at(path, "cannot read")?;
+    Ok((n, format!("{:x}", h.finalize())))
+}
+
+fn seed_for(seed: u64, domain: &str) -> u64 {
+    let mut h = Sha256::new();
+    h.update(seed.to_le_bytes());
+    h.update(domain.as_bytes());
+    u64::from_le_bytes(h.finalize()[..8].try_into().unwrap())
+}
+
+/// The document boundary tokens the plan asks for.
+pub fn boundary_tokens(plan: &DataPlan, tok: &Tokenizer) -> Result<(Option<u32>, u32)> {
+    let lookup = |t: &str, what: &str| {
+        tok.token_to_id(t).ok_or_else(|| {
+            Error::invalid(format!(
+                "{what} token '{t}' is not in the tokenizer's vocabulary"
+            ))
+        })
+    };
+    let bos = match plan.bos.as_deref() {
+        None => tok.default_prefix_token(),
+        Some("none") => None,
+        Some(t) => Some(lookup(t, "bos")?),
+    };
+    let eos = match plan.eos.as_deref() {
+        Some(t) => lookup(t, "eos")?,
+        None => match tok.token_to_id("<|endoftext|>") {
+            Some(id) => id,
+            None => match tok.eos_token() {
+                Some(t) => lookup(&t, "eos")?,
+                None => {
+                    return Err(Error::invalid(
+                        "cannot tell the end-of-document token; set `eos` in the data plan",
+                    ))
+                }
+            },
+        },
+    };
+    Ok((bos, eos))
+}
+
+struct PackedSplit {
+    sequences: u64,
+    dropped: u64,
+    shards: Vec<ShardInfo>,
+}
+
+fn write_split(
+    dir: &Path,
+    domain: &str,
+    split: &str,
+    docs: &[&Vec<u32>],
+    seq_len: usize,
+    per_shard: usize,
+    dtype: TokenDType,
+) -> Result<PackedSplit> {
+    let total: u64 = docs.iter().map(|d| d.len() as u64).sum();
+    let sequences = total / seq_len as u64;
+    let dropped = total % seq_len as u64;
+    let keep = sequences * seq_len as u64;
+    let mut shards = Vec::new();
+    let mut stream = docs
+        .iter()
+        .flat_map(|d| d.iter().copied())
+        .take(keep as usize);
+    let mut written = 0u64;
+    while written < sequences {
+        let n = (sequences - written).min(per_shard as u64);
+        let rel = format!("{domain}/{split}-{:05}.bin", shards.len());
+        let path = dir.join(&rel);
+        let mut bytes = Vec::with_capacity(n as usize * seq_len * dtype.size());
+        for id in stream.by_ref().take(n as usize * seq_len) {
+            match dtype {
+                TokenDType::U16 => bytes.extend((id as u16).to_le_bytes()),
+                TokenDType::U32 => bytes.extend(id.to_le_bytes()),
+            }
+        }
+        let mut f = std::fs::File::create(&path).at(&path, "cannot create shard")?;
+        f.write_all(&bytes).at(&path, "cannot write shard")?;
+        f.sync_all().at(&path, "cannot sync shard")?;
+        shards.push(ShardInfo {
+            file: rel,
+            sequences: n,
+            sha256: format!("{:x}", Sha256::digest(&bytes)),
+        });
+        written += n;
+    }
+    Ok(PackedSplit {
+        sequences,
+        dropped,
+        shards,
+    })
+}
+
+/// Prepare `plan` into `out` with tokenizer `tok` (named `tokenizer_source` in the manifest).
+/// `overwrite` allows replacing a directory that is not a previous dataset.
+pub fn prepare(
+    plan: &DataPlan,
+    tok: &Tokenizer,
+    tokenizer_source: &str,
+    out: &Path,
+    overwrite: bool,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<PrepareOutcome> {
+    plan.validate().map_err(Error::invalid)?;
+    let (bos, eos) = boundary_tokens(plan, tok)?;
+    let vocab = tok.vocab_size();
+    let dtype = TokenDType::for_vocab(vocab);
+
+    // Inputs and their hashes decide whether anything needs doing.
+    let mut files: BTreeMap<&str, Vec<PathBuf>> = BTreeMap::new();
+    for (name, d) in &plan.domains {
+        files.insert(name, resolve_inputs(&d.inputs)?);
+    }
+    let all: Vec<&PathBuf> = files.values().flatten().collect();
+    let hashes: Vec<(u64, String)> = all
+        .par_iter()
+        .map(|p| sha256_file(p))
+        .collect::<Result<_>>()?;
+    let hash_of: BTreeMap<&PathBuf, &(u64, String)> =
+        all.iter().copied().zip(hashes.iter()).collect();
+    let tokenizer_sha = format!("{:x}", Sha256::digest(tok.json().as_bytes()));
+    let fingerprint = {
+        let domains: BTreeMap<&str, serde_json::Value> = files
+            .iter()
+            .map(|(name, fs)| {
+                let list: Vec<_> = fs.iter().map(|f| serde_json::json!([f.to_string_lossy(), hash_of[f].0, hash_of[f].1])).collect();
+                (*name, serde_json::json!({"text_field": plan.domains[*name].text_field, "files": list}))
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "format": FORMAT, "seq_len": plan.seq_len, "eval_fraction": plan.eval_fraction, "seed": plan.seed,
+            "shard_sequences": plan.shard_sequences, "bos": bos, "eos": eos, "tokenizer": tokenizer_sha,
+            "domains": domains,
+        });
+        format!("{:x}", Sha256::digest(doc.to_string().as_bytes()))
+    };
+    let previous = out.join("manifest.json");
+    if previous.exists() {
+        if let Ok(m) = Manifest::read(out) {
+            if m.fingerprint == fingerprint {
+                return Ok(PrepareOutcome {
+                    manifest: m,
+                    up_to_date: true,
+                    warnings: vec![],
+                });
+            }
+        }
+    }
+
+    let stage = StagedDir::new(out, overwrite || previous.exists())?;
+    let dir = stage.path().to_path_buf();
+    let encoder = tok.plain_text_encoder();
+    let mut warnings = Vec::new();
+    let mut domains = BTreeMap::new();
+    for (name, dplan) in &plan.domains {
+        let docs = read_documents(files[name.as_str()].clone(), &dplan.text_field)?;
+        if docs.documents.is_empty() {
+            return Err(Error::invalid(format!(
+                "domain '{name}' has no documents (inputs: {})",
+                dplan.inputs.join(", ")
+            )));
+        }
+        warnings.extend(docs.warnings.iter().cloned());
+        std::fs::create_dir_all(dir.join(name)).at(dir.join(name), "cannot create directory")?;
+
+        // Tokenize in chunks (all cores per chunk) so progress can be shown.
+        let n = docs.documents.len();
+        let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(n);
+        for chunk in docs.documents.chunks(512) {
+            let texts: Vec<&str> = chunk.iter().map(|d| d.text.as_str()).collect();
+            for ids in encoder.encode_batch(&texts)? {
+                let mut doc = Vec::with_capacity(ids.len() + 2);
+                doc.extend(bos);
+                doc.extend(ids);
+                doc.push(eos);
+                tokens.push(doc);
+            }
+            progress(Progress {
+                domain: name,
+                documents_done: tokens.len(),
+                documents: n,
+            });
+        }
+
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut rand_pcg::Pcg64Mcg::seed_from_u64(seed_for(
+            plan.seed, name,
+        )));
+        let total: u64 = tokens.iter().map(|t| t.len() as u64).sum();
+        let eval_target = if plan.eval_fraction > 0.0 {
+            ((plan.eval_fraction * total as f64).ceil() as u64).max(plan.seq_len as u64)
+        } else {
+            0
+        };
+        let mut eval_docs = Vec::new();
+        let mut eval_tokens = 0u64;
+        for &i in &order {
+            if eval_tokens >= eval_target || eval_docs.len() + 1 >= n {
+                break;
+            }
+            eval_docs.push(i);
+            eval_tokens += tokens[i].len() as u64;
+        }
+        let in_eval: std::collections::HashSet<usize> = eval_docs.iter().copied().collect();
+        let train_docs: Vec<usize> = order
+            .iter()
+            .copied()
+            .filter(|i| !in_eval.contains(i))
+            .collect();
+        let pick = |ix: &[usize]| ix.iter().map(|&i| &tokens[i]).collect::<Vec<_>>();
+        let train = write_split(
+            &dir,
+            name,
+            "train",
+            &pick(&train_docs),
+            plan.seq_len,
+            plan.shard_sequences,
+            dtype,
+        )?;
+        let eval = write_split(
+            &dir,
+            name,
+            "eval",
+            &pick(&eval_docs),
+            plan.seq_len,
+            plan.shard_sequences,
+            dtype,
+        )?;
+        if train.sequences == 0 {
+            warnings.push(format!(
+                "domain '{name}': fewer than {} train tokens, no train sequence",
+                plan.seq_len
+            ));
+        }
+        if eval.sequences == 0 && plan.eval_fraction > 0.0 {
+            warnings.push(format!(
+                "domain '{name}': not enough documents for a full eval sequence"
+            ));
+        }
+        let mut per_file = vec![0usize; docs.files.len()];
+        for d in &docs.documents {
+            per_file[d.file] += 1;
+        }
+        let sources = docs
+            .files
+            .iter()
+            .zip(per_file)
+            .map(|(f, documents)| SourceInfo {
+                path: f.to_string_lossy().to_string(),
+                bytes: hash_of[f].0,
+                sha256: hash_of[f].1.clone(),
+                documents,
+            })
+            .collect();
+        domains.insert(
+            name.clone(),
+            DomainManifest {
+                documents: n,
+                train_documents: train_docs.len(),
+                eval_documents: eval_docs.len(),
+                train_tokens: train.sequences * plan.seq_len as u64,
+                eval_tokens: eval.sequences * plan.seq_len as u64,
+                train_sequences: train.sequences,
+                eval_sequences: eval.sequences,
+                dropped_train_tokens: train.dropped,
+                dropped_eval_tokens: eval.dropped,
+                empty_documents: docs.empty,
+                skipped_lines: docs.warnings.len(),
+                train_shards: train.shards,
+                eval_shards: eval.shards,
+                sources,
+            },
+        );
+    }
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        fingerprint,
+        seq_len: plan.seq_len,
+        dtype,
+        tokenizer: TokenizerInfo {
+            source: tokenizer_source.into(),
+            sha256: tokenizer_sha,
+            vocab_size: vocab,
+            bos_id: bos,
+            eos_id: eos,
+        },
+        packing: "each document is [BOS] + tokens + [EOS]; a split's documents are concatenated in a seeded random order into one stream cut into seq_len-token sequences (documents run across sequence boundaries); the final partial sequence of each split is dropped".into(),
+        split_rule: "by document: documents in a seeded random order go to eval until it holds eval_fraction of the domain's tokens (at least one sequence, never every document); the rest is train".into(),
+        eval_fraction: plan.eval_fraction,
+        seed: plan.seed,
+        domains,
+    };
+    let p = dir.join("manifest.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&manifest).expect("json"))
+        .at(&p, "cannot write")?;
+    stage.commit()?;
+    Ok(PrepareOutcome {
+        manifest,
+        up_to_date: false,
+        warnings,
+    })
+}
