@@ -4,6 +4,7 @@
 mod bench;
 mod commands;
 mod data;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -172,6 +173,85 @@ enum Cmd {
         /// HF model directory, `.gguf` file, or a known model name.
         model: String,
     },
+    /// Prune a model towards a target shape (the L0 stage) into a run directory.
+    Prune {
+        /// The pruning plan (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Run directory (default: runs/<plan name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue from the run directory's newest checkpoint.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Turn a pruning run's checkpoint into a dense HF model of exactly the target shape, with
+    /// its masks in masks.safetensors.
+    Finalize {
+        /// The pruning run directory.
+        #[arg(long)]
+        run: PathBuf,
+        /// Output model directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Use the checkpoint after this step (default: the newest).
+        #[arg(long)]
+        step: Option<usize>,
+        /// Store weights as f32, f16 or bf16 (default f32).
+        #[arg(long)]
+        dtype: Option<DType>,
+        /// Reproduce the reference conversion's LM-head scaling (spec §6.1).
+        #[arg(long)]
+        compat_reference_lm_head: bool,
+        /// Replace an existing model in --out.
+        #[arg(long)]
+        force: bool,
+        /// Print a JSON report.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continued pre-training with dynamic batch loading.
+    Train {
+        /// The training plan (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Run directory (default: runs/<plan name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue from the run directory's newest checkpoint.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Run a whole pipeline: prepare, prune, finalize, train, evaluate, export.
+    Run {
+        /// The pipeline plan (TOML).
+        plan: PathBuf,
+        /// Continue a pipeline stage by stage.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Prune SmolLM2-135M on the demo corpus, train it, and compare per-domain perplexity
+    /// (about 15 minutes on 2 CPU cores; --quick: a few minutes).
+    Demo {
+        /// The few-minutes budget.
+        #[arg(long)]
+        quick: bool,
+        /// Output directory (default: runs/demo or runs/demo-quick).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue an interrupted demo.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Plot a run (loss, per-domain loss against reference, domain weights, expected sparsity,
+    /// λ) into SVG files and an HTML page.
+    Report {
+        /// Run directory (of `shears prune` or `shears train`).
+        run: PathBuf,
+        /// Output directory (default: RUN/report).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Benchmarks that print numbers.
     Bench {
         #[command(subcommand)]
@@ -203,7 +283,60 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.cmd {
+    let ended = |r: anyhow::Result<train::Ended>| match r {
+        Ok(train::Ended::Done) => Ok(()),
+        Ok(train::Ended::Interrupted) => Err(None),
+        Err(e) => Err(Some(e)),
+    };
+    let result: Result<(), Option<anyhow::Error>> = match cli.cmd {
+        Cmd::Prune {
+            config,
+            out,
+            resume,
+        } => ended(train::prune(backend, &config, out, resume)),
+        Cmd::Train {
+            config,
+            out,
+            resume,
+        } => ended(train::train(backend, &config, out, resume)),
+        Cmd::Finalize {
+            run,
+            out,
+            step,
+            dtype,
+            compat_reference_lm_head,
+            force,
+            json,
+        } => train::finalize(
+            backend,
+            run,
+            out,
+            step,
+            dtype,
+            compat_reference_lm_head,
+            force,
+            json,
+        )
+        .map_err(Some),
+        Cmd::Run { plan, resume } => ended(train::run(backend, &plan, resume)),
+        Cmd::Report { run, out } => shears_trainer::report::write_report(&run, out.as_deref())
+            .map(|p| println!("{}", p.display()))
+            .map_err(|e| Some(anyhow::Error::new(e))),
+        Cmd::Demo { quick, out, resume } => ended(train::demo(backend, quick, out, resume)),
+        cmd => other(cmd, backend, only).map_err(Some),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(None) => ExitCode::from(130),
+        Err(Some(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn other(cmd: Cmd, backend: BackendKind, only: Option<BackendKind>) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Import {
             src,
             out,
@@ -286,12 +419,11 @@ fn main() -> ExitCode {
             json,
         } => commands::plan(&source, &target, &modules, batch, seq_len, json),
         Cmd::Bench { what } => bench::run(what, only),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Cmd::Prune { .. }
+        | Cmd::Train { .. }
+        | Cmd::Finalize { .. }
+        | Cmd::Run { .. }
+        | Cmd::Report { .. }
+        | Cmd::Demo { .. } => unreachable!("handled in main"),
     }
 }

@@ -66,7 +66,17 @@ impl<B: Backend> ForwardMasks<B> {
     pub fn hidden_kept(&self) -> Option<Tensor<B, 1>> {
         self.hidden
             .as_ref()
-            .map(|z| z.clone().not_equal_elem(0.0).float().sum().cast(z.dtype()))
+            // At least 1: when a sample zeroes every channel the stream is exactly zero and the
+            // norm's output must be zero, not 0/0 (the reference's mean over an empty index set
+            // is NaN there; a short run on a small model hits it).
+            .map(|z| {
+                z.clone()
+                    .not_equal_elem(0.0)
+                    .float()
+                    .sum()
+                    .clamp_min(1.0)
+                    .cast(z.dtype())
+            })
     }
 
     /// Layer `l`'s masks; `kept` is [`ForwardMasks::hidden_kept`], computed once per forward.

@@ -347,3 +347,115 @@ pub mod prune {
         Tensor::from_data(TensorData::new(ids, [2, 6]), &Default::default())
     }
 }
+
+/// Fixtures for the trainer's end-to-end tests: the tiny GGUF model and a small prepared
+/// three-domain corpus tokenized with its byte-level tokenizer.
+pub mod runs {
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Output};
+
+    /// Write the tiny GGUF model to `dir/tiny.gguf`.
+    pub fn tiny_model(dir: &Path) -> PathBuf {
+        let (meta, tensors) = super::tiny_gguf_model();
+        let p = dir.join("tiny.gguf");
+        super::write_gguf(&p, &meta, &tensors, None);
+        p
+    }
+
+    /// Three domains of synthetic text with different statistics, as JSONL files.
+    pub fn corpus(dir: &Path) -> Vec<(String, PathBuf)> {
+        let mut seed = 11u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize
+        };
+        let vocab: [&[&str]; 3] = [
+            &["the", "cat", "sat", "on", "mat", "then", "they", "thought"],
+            &["fn", "let", "mut", "x", "=", "{", "}", ";", "1", "2"],
+            &[
+                "Lorem",
+                "ipsum",
+                "dolor",
+                "sit",
+                "amet",
+                "consectetur",
+                "QED",
+                "theorem",
+            ],
+        ];
+        let names = ["alpha", "beta", "gamma"];
+        let mut out = vec![];
+        for (k, words) in vocab.iter().enumerate() {
+            let p = dir.join(format!("{}.jsonl", names[k]));
+            let lines: Vec<String> = (0..60)
+                .map(|_| {
+                    let n = 20 + next() % 30;
+                    let text: Vec<&str> = (0..n).map(|_| words[next() % words.len()]).collect();
+                    serde_json::json!({ "text": text.join(" ") }).to_string()
+                })
+                .collect();
+            std::fs::write(&p, lines.join("\n")).unwrap();
+            out.push((names[k].to_string(), p));
+        }
+        out
+    }
+
+    /// `shears` with `args`.
+    pub fn shears(bin: &str, args: &[&str]) -> Output {
+        Command::new(bin).args(args).output().unwrap()
+    }
+
+    /// The tiny model and a prepared corpus (sequences of 32 tokens) under `dir`.
+    pub fn setup(bin: &str, dir: &Path) -> (PathBuf, PathBuf) {
+        let model = tiny_model(dir);
+        let data = dir.join("data");
+        let mut args: Vec<String> = vec![
+            "prepare".into(),
+            "--tokenizer".into(),
+            model.display().to_string(),
+        ];
+        for (name, p) in corpus(dir) {
+            args.push("--domain".into());
+            args.push(format!("{name}={}", p.display()));
+        }
+        args.extend(
+            [
+                "--seq-len",
+                "32",
+                "--eval-fraction",
+                "0.15",
+                "--seed",
+                "1",
+                "--out",
+            ]
+            .map(String::from),
+        );
+        args.push(data.display().to_string());
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let o = shears(bin, &a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (model, data)
+    }
+
+    /// The target every tiny pruning test uses: 1 layer, hidden 16, 2 heads in 1 kv group,
+    /// intermediate 32 (from 2 / 32 / 4 in 2 / 64).
+    pub const TINY_TARGET: &str = "[target]\nnum_hidden_layers = 1\nhidden_size = 16\nnum_attention_heads = 2\nnum_key_value_heads = 1\nintermediate_size = 32\n";
+
+    /// Records of a run's metrics.jsonl without the wall-clock fields.
+    pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        text.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                if let Some(o) = v.as_object_mut() {
+                    for k in ["tokens_per_s", "step_s", "eval_s"] {
+                        o.remove(k);
+                    }
+                }
+                v
+            })
+            .collect()
+    }
+}

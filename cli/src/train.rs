@@ -1,0 +1,336 @@
+//! The training commands: prune, finalize, train, run (the pipeline) and demo.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use shears_core::DType;
+use shears_models::{dispatch, dispatch_autodiff, AutodiffTask, BackendKind, BackendTask};
+use shears_pruning::{FinalizeOptions, TargetShape};
+use shears_trainer::config::{read_toml, RunSettings};
+use shears_trainer::jobs::{self, JobOptions};
+use shears_trainer::pipeline::{
+    self, DataSource, EvalPart, ExportPart, PipelineOptions, PipelineOutcome, PipelinePlan,
+    PrunePart, TrainPart,
+};
+use shears_trainer::{Outcome, PruneConfig, TrainConfig};
+
+/// What a command run to completion or interruption means for the exit code.
+pub enum Ended {
+    Done,
+    Interrupted,
+}
+
+fn read_plan(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn backend_of(cli: BackendKind, run: &RunSettings) -> Result<BackendKind> {
+    match &run.backend {
+        Some(name) => name
+            .parse::<BackendKind>()
+            .map_err(|e| anyhow::anyhow!("run.backend: {e}")),
+        None => Ok(cli),
+    }
+}
+
+fn report(outcome: Outcome, what: &str, run: &Path) -> Ended {
+    match outcome {
+        Outcome::Finished { step, checkpoint } => {
+            eprintln!(
+                "{what} finished after {step} steps; final checkpoint {}",
+                checkpoint.display()
+            );
+            println!("{}", run.display());
+            Ended::Done
+        }
+        Outcome::Interrupted { step, checkpoint } => {
+            eprintln!(
+                "{what} interrupted after step {step}; checkpoint {}; continue with --resume",
+                checkpoint.display()
+            );
+            Ended::Interrupted
+        }
+    }
+}
+
+struct PruneTask {
+    config: PruneConfig,
+    job: JobOptions,
+}
+
+impl AutodiffTask for PruneTask {
+    type Output = shears_core::Result<Outcome>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        jobs::prune::<B>(&self.config, &self.job, device)
+    }
+}
+
+struct TrainTask {
+    config: TrainConfig,
+    job: JobOptions,
+}
+
+impl AutodiffTask for TrainTask {
+    type Output = shears_core::Result<Outcome>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        jobs::train::<B>(&self.config, &self.job, device)
+    }
+}
+
+fn job(out: PathBuf, plan_text: String, resume: bool) -> JobOptions {
+    JobOptions {
+        out,
+        plan_text,
+        resume,
+        progress: true,
+        echo: true,
+        interrupt: jobs::interrupt_flag(),
+        source_losses: None,
+    }
+}
+
+fn out_dir(flag: Option<PathBuf>, config: &Path, stage: &str) -> PathBuf {
+    flag.unwrap_or_else(|| {
+        let stem = config
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| stage.to_string());
+        PathBuf::from("runs").join(stem)
+    })
+}
+
+pub fn prune(
+    backend: BackendKind,
+    config: &Path,
+    out: Option<PathBuf>,
+    resume: bool,
+) -> Result<Ended> {
+    let text = read_plan(config)?;
+    let cfg: PruneConfig = read_toml(config)?;
+    let out = out_dir(out, config, "prune");
+    let kind = backend_of(backend, &cfg.run)?;
+    let outcome = dispatch_autodiff(
+        kind,
+        PruneTask {
+            config: cfg,
+            job: job(out.clone(), text, resume),
+        },
+    )??;
+    Ok(report(outcome, "pruning", &out))
+}
+
+pub fn train(
+    backend: BackendKind,
+    config: &Path,
+    out: Option<PathBuf>,
+    resume: bool,
+) -> Result<Ended> {
+    let text = read_plan(config)?;
+    let cfg: TrainConfig = read_toml(config)?;
+    let out = out_dir(out, config, "train");
+    let kind = backend_of(backend, &cfg.run)?;
+    let outcome = dispatch_autodiff(
+        kind,
+        TrainTask {
+            config: cfg,
+            job: job(out.clone(), text, resume),
+        },
+    )??;
+    Ok(report(outcome, "training", &out))
+}
+
+struct FinalizeTask {
+    run: PathBuf,
+    step: Option<usize>,
+    out: PathBuf,
+    opts: FinalizeOptions,
+    dtype: Option<DType>,
+    force: bool,
+}
+
+impl BackendTask for FinalizeTask {
+    type Output = shears_core::Result<jobs::FinalizeReport>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        jobs::finalize_run::<B>(
+            &self.run, self.step, &self.out, self.opts, self.dtype, self.force, &device,
+        )
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn finalize(
+    backend: BackendKind,
+    run: PathBuf,
+    out: PathBuf,
+    step: Option<usize>,
+    dtype: Option<DType>,
+    compat_reference_lm_head: bool,
+    force: bool,
+    json: bool,
+) -> Result<()> {
+    let r = dispatch(
+        backend,
+        FinalizeTask {
+            run: run.clone(),
+            step,
+            out: out.clone(),
+            opts: FinalizeOptions {
+                compat_reference_lm_head,
+            },
+            dtype,
+            force,
+        },
+    )?
+    .with_context(|| format!("cannot finalize {}", run.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        let t = TargetShape::of(&r.config);
+        eprintln!(
+            "finalized {} (step {}): {} → {} parameters; {} layers, hidden {}, {} heads ({} kv), intermediate {}",
+            r.checkpoint.display(),
+            r.step,
+            r.source_params,
+            r.pruned_params,
+            t.num_hidden_layers,
+            t.hidden_size,
+            t.num_attention_heads,
+            t.num_key_value_heads,
+            t.intermediate_size
+        );
+        println!("{}", r.out.display());
+    }
+    Ok(())
+}
+
+struct PipelineTask {
+    plan: PipelinePlan,
+    text: String,
+    resume: bool,
+}
+
+impl AutodiffTask for PipelineTask {
+    type Output = shears_core::Result<PipelineOutcome>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        pipeline::run_pipeline::<B>(
+            &self.plan,
+            &self.text,
+            &PipelineOptions {
+                resume: self.resume,
+                progress: true,
+                interrupt: jobs::interrupt_flag(),
+            },
+            device,
+        )
+    }
+}
+
+fn run_plan(backend: BackendKind, plan: PipelinePlan, text: String, resume: bool) -> Result<Ended> {
+    let started = std::time::Instant::now();
+    let out = plan.out.clone();
+    let outcome = dispatch_autodiff(backend, PipelineTask { plan, text, resume })??;
+    match outcome {
+        PipelineOutcome::Done(s) => {
+            print!("{}", pipeline::render_summary(&s));
+            eprintln!(
+                "pipeline finished in {:.1} min; summary: {}",
+                started.elapsed().as_secs_f64() / 60.0,
+                out.join("summary.json").display()
+            );
+            Ok(Ended::Done)
+        }
+        PipelineOutcome::Interrupted { stage, step } => {
+            eprintln!("interrupted in stage {stage} after step {step}; continue with --resume");
+            Ok(Ended::Interrupted)
+        }
+    }
+}
+
+pub fn run(backend: BackendKind, plan: &Path, resume: bool) -> Result<Ended> {
+    let text = read_plan(plan)?;
+    let p: PipelinePlan = read_toml(plan)?;
+    run_plan(backend, p, text, resume)
+}
+
+/// The demo's plan: SmolLM2-135M-Instruct pruned to 20 layers, hidden 384, 6 heads (3 kv),
+/// intermediate 1024, on the demo corpus; `quick` is the few-minutes budget CI runs.
+pub fn demo_plan(out: &Path, corpus: &Path, quick: bool) -> Result<PipelinePlan> {
+    let mut data = shears_data::DataPlan::from_file(corpus.join("plan.toml"))?;
+    // (tokens per sequence, pruning steps, training steps, batch, eval intervals, eval
+    // sequences per domain). The quick budget checkpoints only at the end of each stage: a
+    // SmolLM2 checkpoint (weights and AdamW moments) is 1.6 GB.
+    let (seq, steps_p, steps_t, batch, every_p, every_t, eval_seqs) = if quick {
+        (64, 4, 4, 1, 2, 2, 1)
+    } else {
+        (128, 30, 50, 2, 10, 25, 4)
+    };
+    data.seq_len = seq;
+    let run = |steps: usize, every: usize| RunSettings {
+        steps,
+        batch_size: batch,
+        eval_interval: Some(every),
+        checkpoint_interval: Some(if quick { steps } else { every }),
+        eval_sequences: Some(eval_seqs),
+        eval_batch: 4,
+        seed: 17,
+        ..RunSettings::default()
+    };
+    let mut prune = PrunePart {
+        run: run(steps_p, every_p),
+        ..PrunePart::default()
+    };
+    prune.dbl.exhaustion = shears_data::Exhaustion::Wrap;
+    let mut train = TrainPart {
+        run: run(steps_t, every_t),
+        ..TrainPart::default()
+    };
+    train.optim.lr = 3e-4;
+    train.dbl.exhaustion = shears_data::Exhaustion::Wrap;
+    Ok(PipelinePlan {
+        model: "smollm2".into(),
+        out: out.to_path_buf(),
+        data: DataSource::Plan(data),
+        target: TargetShape {
+            num_hidden_layers: 20,
+            hidden_size: 384,
+            num_attention_heads: 6,
+            num_key_value_heads: 3,
+            intermediate_size: 1024,
+        },
+        prune,
+        train,
+        eval: EvalPart {
+            sequences: Some(eval_seqs),
+            seq_len: Some(seq),
+            batch: 4,
+        },
+        export: ExportPart::default(),
+    })
+}
+
+pub fn demo(
+    backend: BackendKind,
+    quick: bool,
+    out: Option<PathBuf>,
+    resume: bool,
+) -> Result<Ended> {
+    let cache = shears_core::hub::cache_dir();
+    let out = out
+        .unwrap_or_else(|| PathBuf::from("runs").join(if quick { "demo-quick" } else { "demo" }));
+    shears_core::hub::resolve_model("smollm2", |m| eprintln!("{m}"))?;
+    let corpus = cache.join("corpus").join("demo");
+    if !corpus.join("plan.toml").exists() {
+        eprintln!("fetching the demo corpus into {}", corpus.display());
+        crate::data::fetch_demo(Some(corpus.clone()), 12.0)?;
+    }
+    let plan = demo_plan(&out, &corpus, quick)?;
+    let text = toml::to_string(&plan)?;
+    if out.join("stages.json").exists() && !resume {
+        bail!(
+            "{} already holds a demo run; pass --resume to continue it or --out to choose another directory",
+            out.display()
+        );
+    }
+    run_plan(backend, plan, text, resume)
+}

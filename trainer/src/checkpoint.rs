@@ -1,0 +1,253 @@
+//! Checkpoints that are either complete or absent. A checkpoint is written into a hidden
+//! temporary directory; every file is fsynced, a `MANIFEST.json` with each file's size and
+//! sha256 is written last, and only then is the directory renamed to `step-NNNNNNNN`. Loading
+//! verifies the manifest, so a torn or tampered checkpoint is never resumed from.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use shears_core::error::IoContext;
+use shears_core::{Error, Result};
+
+/// Manifest file name; its presence marks a complete checkpoint.
+pub const MANIFEST: &str = "MANIFEST.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FileEntry {
+    bytes: u64,
+    sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Manifest {
+    step: usize,
+    files: BTreeMap<String, FileEntry>,
+}
+
+/// The directory name of the checkpoint after `step` optimizer steps.
+pub fn dir_name(step: usize) -> String {
+    format!("step-{step:08}")
+}
+
+/// A checkpoint being written; dropped without [`Staging::commit`], it removes itself.
+pub struct Staging {
+    root: PathBuf,
+    tmp: PathBuf,
+    step: usize,
+    done: bool,
+}
+
+impl Staging {
+    /// Start the checkpoint of `step` under `root` (the run's `checkpoints/`).
+    pub fn begin(root: &Path, step: usize) -> Result<Self> {
+        std::fs::create_dir_all(root).at(root, "cannot create the checkpoint directory")?;
+        let tmp = root.join(format!(".tmp-{}-{}", dir_name(step), std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).at(&tmp, "cannot remove a stale temporary checkpoint")?;
+        }
+        std::fs::create_dir_all(&tmp).at(&tmp, "cannot create")?;
+        Ok(Staging {
+            root: root.to_path_buf(),
+            tmp,
+            step,
+            done: false,
+        })
+    }
+
+    /// Where the files go.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Hash and fsync every file, write the manifest, rename into place. Returns the final path.
+    pub fn commit(mut self) -> Result<PathBuf> {
+        let mut files = BTreeMap::new();
+        for rel in list_files(&self.tmp)? {
+            let path = self.tmp.join(&rel);
+            let (bytes, sha256) = hash_file(&path)?;
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .at(&path, "cannot sync")?;
+            files.insert(rel, FileEntry { bytes, sha256 });
+        }
+        let manifest = Manifest {
+            step: self.step,
+            files,
+        };
+        let mpath = self.tmp.join(MANIFEST);
+        write_synced(
+            &mpath,
+            serde_json::to_string_pretty(&manifest)
+                .expect("manifest")
+                .as_bytes(),
+        )?;
+        sync_dir(&self.tmp)?;
+        let target = self.root.join(dir_name(self.step));
+        if target.exists() {
+            std::fs::remove_dir_all(&target).at(&target, "cannot replace")?;
+        }
+        std::fs::rename(&self.tmp, &target)
+            .at(&target, "cannot rename the checkpoint into place")?;
+        sync_dir(&self.root)?;
+        self.done = true;
+        Ok(target)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Write `bytes` to `path` and fsync it.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).at(path, "cannot create")?;
+    f.write_all(bytes).at(path, "cannot write")?;
+    f.sync_all().at(path, "cannot sync")
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    // Directory fsync makes the rename durable; not every platform allows it.
+    if let Ok(f) = File::open(dir) {
+        let _ = f.sync_all();
+    }
+    Ok(())
+}
+
+fn list_files(dir: &Path) -> Result<Vec<String>> {
+    let mut out = vec![];
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let abs = dir.join(&rel);
+        for e in std::fs::read_dir(&abs).at(&abs, "cannot list")? {
+            let e = e.at(&abs, "cannot list")?;
+            let r = rel.join(e.file_name());
+            if e.file_type().at(&abs, "cannot stat")?.is_dir() {
+                stack.push(r);
+            } else {
+                out.push(r.to_string_lossy().replace('\\', "/"));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn hash_file(path: &Path) -> Result<(u64, String)> {
+    let mut f = File::open(path).at(path, "cannot open")?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).at(path, "cannot read")?;
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+        h.update(&buf[..k]);
+    }
+    Ok((n, format!("{:x}", h.finalize())))
+}
+
+/// Check a checkpoint against its manifest: every file present with its size and hash.
+pub fn verify(dir: &Path) -> Result<usize> {
+    let mpath = dir.join(MANIFEST);
+    let text = std::fs::read_to_string(&mpath).at(&mpath, "not a complete checkpoint")?;
+    let m: Manifest =
+        serde_json::from_str(&text).map_err(|e| Error::format(&mpath, format!("invalid: {e}")))?;
+    for (rel, want) in &m.files {
+        let p = dir.join(rel);
+        let (bytes, sha) = hash_file(&p)?;
+        if bytes != want.bytes || sha != want.sha256 {
+            return Err(Error::format(
+                &p,
+                "does not match the checkpoint manifest (size or sha256 differ)",
+            ));
+        }
+    }
+    Ok(m.step)
+}
+
+/// Complete-looking checkpoints under `root` (those with a manifest), newest first.
+pub fn list(root: &Path) -> Vec<(usize, PathBuf)> {
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step-")?.parse::<usize>().ok()?;
+            let p = e.path();
+            p.join(MANIFEST).exists().then_some((step, p))
+        })
+        .collect();
+    out.sort_by_key(|e| std::cmp::Reverse(e.0));
+    out
+}
+
+/// The newest checkpoint that verifies; damaged newer ones are reported through `warn` and
+/// skipped.
+pub fn newest_valid(root: &Path, mut warn: impl FnMut(String)) -> Option<(usize, PathBuf)> {
+    for (step, p) in list(root) {
+        match verify(&p) {
+            Ok(_) => return Some((step, p)),
+            Err(e) => warn(format!("skipping damaged checkpoint {}: {e}", p.display())),
+        }
+    }
+    None
+}
+
+/// Remove all but the newest `keep` checkpoints, and temporary leftovers of dead writers.
+pub fn prune_old(root: &Path, keep: usize) -> Result<()> {
+    for (_, p) in list(root).into_iter().skip(keep) {
+        std::fs::remove_dir_all(&p).at(&p, "cannot remove an old checkpoint")?;
+    }
+    for e in std::fs::read_dir(root).at(root, "cannot list")?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with(".tmp-") && !name.ends_with(&format!("-{}", std::process::id())) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_verify_keep_and_damage() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("checkpoints");
+        for step in [1, 2, 3] {
+            let s = Staging::begin(&root, step).unwrap();
+            std::fs::create_dir_all(s.path().join("model")).unwrap();
+            std::fs::write(s.path().join("model/w.bin"), vec![step as u8; 10]).unwrap();
+            std::fs::write(s.path().join("state.json"), "{}").unwrap();
+            s.commit().unwrap();
+        }
+        // An abandoned write leaves nothing.
+        {
+            let s = Staging::begin(&root, 4).unwrap();
+            std::fs::write(s.path().join("state.json"), "{}").unwrap();
+        }
+        assert_eq!(list(&root).len(), 3);
+        prune_old(&root, 2).unwrap();
+        let l = list(&root);
+        assert_eq!(l.iter().map(|x| x.0).collect::<Vec<_>>(), vec![3, 2]);
+        assert_eq!(verify(&l[0].1).unwrap(), 3);
+        // Damage the newest: resume falls back to the previous one.
+        std::fs::write(l[0].1.join("model/w.bin"), vec![9u8; 10]).unwrap();
+        let mut warned = vec![];
+        let (step, _) = newest_valid(&root, |w| warned.push(w)).unwrap();
+        assert_eq!(step, 2);
+        assert!(warned[0].contains("w.bin"), "{warned:?}");
+    }
+}

@@ -1,0 +1,368 @@
+//! Run plans: the TOML files `shears prune` and `shears train` read. Every field is documented
+//! and has a default that follows the paper's recipe (spec §7) where the recipe has one; steps,
+//! batch and lengths are settings because a laptop run and an 8-GPU run differ there.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use shears_core::error::IoContext;
+use shears_core::{Error, Result};
+use shears_data::{Exhaustion, ReferenceSource, RuleConfig};
+use shears_pruning::{PruneModule, TargetShape};
+
+use crate::optim::AdamWSettings;
+
+/// The loop: length, batches, evaluation, checkpoints and guards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunSettings {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per optimizer step (the global batch).
+    pub batch_size: usize,
+    /// Sequences per forward pass; `batch_size / micro_batch` forwards are accumulated per step.
+    /// Default: the whole batch in one forward.
+    pub micro_batch: Option<usize>,
+    /// Tokens per training sequence: the prepared sequences are cut to their first `seq_len`
+    /// tokens. Default: the data's sequence length.
+    pub seq_len: Option<usize>,
+    /// Seed of the data order and the mask samples.
+    pub seed: u64,
+    /// Evaluate (and update the domain weights) every this many steps (default: 50 when
+    /// pruning, 400 in continued pre-training).
+    pub eval_interval: Option<usize>,
+    /// Also evaluate before the first step (default: no when pruning, yes in continued
+    /// pre-training, as the reference).
+    pub eval_first: Option<bool>,
+    /// Eval sequences per domain (default: all of them).
+    pub eval_sequences: Option<usize>,
+    /// Eval tokens per sequence (default: the training `seq_len`).
+    pub eval_seq_len: Option<usize>,
+    /// Sequences per eval forward.
+    pub eval_batch: usize,
+    /// Write a checkpoint every this many steps (and always at the end); default: every eval.
+    pub checkpoint_interval: Option<usize>,
+    /// Checkpoints kept on disk (the newest ones).
+    pub keep_checkpoints: usize,
+    /// Consecutive non-finite steps that stop the run.
+    pub max_bad_steps: usize,
+    /// Tensor backend: ndarray, flex, wgpu or cuda (default: the CLI's).
+    pub backend: Option<String>,
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        RunSettings {
+            steps: 3200,
+            batch_size: 32,
+            micro_batch: None,
+            seq_len: None,
+            seed: 17,
+            eval_interval: None,
+            eval_first: None,
+            eval_sequences: None,
+            eval_seq_len: None,
+            eval_batch: 8,
+            checkpoint_interval: None,
+            keep_checkpoints: 2,
+            max_bad_steps: 5,
+            backend: None,
+        }
+    }
+}
+
+/// Optimizer and schedule of the model weights (spec §4.3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimSettings {
+    /// Peak learning rate of the model weights.
+    pub lr: f64,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Warm-up steps of the cosine schedule (default: 10% of the steps).
+    pub warmup_steps: Option<usize>,
+    /// Final learning-rate multiplier of the cosine schedule (`α_f`).
+    pub final_lr_ratio: f64,
+    /// Global L2 norm the gradients are clipped to (over all parameter groups); 0 disables.
+    pub grad_clip: f64,
+}
+
+impl Default for OptimSettings {
+    fn default() -> Self {
+        OptimSettings {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: None,
+            final_lr_ratio: 0.1,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+impl OptimSettings {
+    /// AdamW with these settings.
+    pub fn adamw(&self) -> AdamWSettings {
+        AdamWSettings {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
+/// Dynamic batch loading (spec §5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DblSettings {
+    /// Reweighting rule: `{ rule = "code", eta = 1.0, smoothing = 1e-4 }` (default), `paper`
+    /// or `constant`.
+    pub rule: RuleConfig,
+    /// Reference losses: `{ source = "source_model" }` (default: the starting model's own eval
+    /// loss per domain), `{ source = "given", losses = {..} }`, or a scaling-law fit.
+    pub reference: ReferenceSource,
+    /// Starting domain weights by name (default: proportional to each domain's train tokens).
+    pub initial_weights: Option<BTreeMap<String, f64>>,
+    /// Start from the final domain weights of a finished run directory (continued pre-training
+    /// after pruning); overrides `initial_weights`.
+    pub initial_weights_from: Option<PathBuf>,
+    /// When a domain runs out: `error` (the reference's behaviour) or `wrap` into a new epoch.
+    pub exhaustion: Exhaustion,
+}
+
+impl Default for DblSettings {
+    fn default() -> Self {
+        DblSettings {
+            rule: RuleConfig::default(),
+            reference: ReferenceSource::SourceModel,
+            initial_weights: None,
+            initial_weights_from: None,
+            exhaustion: Exhaustion::Error,
+        }
+    }
+}
+
+/// The L0 stage's own settings (spec §4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PruningSettings {
+    /// Learning rate of the masks' `log_alpha` (`lag_lr`).
+    pub mask_lr: f64,
+    /// Learning rate of the Lagrange multipliers, applied as gradient ascent.
+    pub multiplier_lr: f64,
+    /// Steps over which the target sparsity ramps up from 0 (default: 20% of the steps).
+    pub lagrangian_warmup_steps: Option<usize>,
+    /// Pruned modules (default: every module whose target differs from the source).
+    pub modules: Option<Vec<PruneModule>>,
+}
+
+impl Default for PruningSettings {
+    fn default() -> Self {
+        PruningSettings {
+            mask_lr: 1.0,
+            multiplier_lr: 1.0,
+            lagrangian_warmup_steps: None,
+            modules: None,
+        }
+    }
+}
+
+/// Deliberate failures, for tests of the guards. Not for normal use.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Steps (1-based) whose loss is made NaN.
+    pub nan_loss_at_steps: Vec<usize>,
+    /// Steps whose checkpoint write fails as if the disk were full.
+    pub checkpoint_error_at_steps: Vec<usize>,
+    /// Sleep this long after every step (to make a run slow enough to kill mid-way).
+    pub step_delay_ms: u64,
+}
+
+impl Faults {
+    pub fn is_empty(&self) -> bool {
+        *self == Faults::default()
+    }
+}
+
+/// `shears prune --config prune.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneConfig {
+    /// Source model: an HF directory, a `.gguf` file or a known name (smollm2).
+    pub model: String,
+    /// Prepared data directory (`shears prepare`).
+    pub data: PathBuf,
+    /// Target shape.
+    pub target: TargetShape,
+    #[serde(default)]
+    pub run: RunSettings,
+    #[serde(default)]
+    pub optim: OptimSettings,
+    #[serde(default)]
+    pub pruning: PruningSettings,
+    #[serde(default)]
+    pub dbl: DblSettings,
+    #[serde(default, skip_serializing_if = "Faults::is_empty")]
+    pub faults: Faults,
+}
+
+/// `shears train --config train.toml`: continued pre-training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Model to train: an HF directory (e.g. a finalized pruned model), `.gguf` or known name.
+    pub model: String,
+    /// Prepared data directory.
+    pub data: PathBuf,
+    /// Replace the model's weights with a seeded random initialisation of the same shape
+    /// (normal, std 0.02): the from-scratch baseline a pruned model is compared with.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_scratch: bool,
+    #[serde(default)]
+    pub run: RunSettings,
+    #[serde(default)]
+    pub optim: OptimSettings,
+    #[serde(default)]
+    pub dbl: DblSettings,
+    #[serde(default, skip_serializing_if = "Faults::is_empty")]
+    pub faults: Faults,
+}
+
+/// Which loop a plan is for; the defaults that differ between them follow from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageKind {
+    Prune,
+    Train,
+}
+
+/// Read a TOML plan; errors name the file.
+pub fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).at(path, "cannot read")?;
+    toml::from_str(&text).map_err(|e| Error::format(path, format!("invalid plan: {e}")))
+}
+
+impl RunSettings {
+    /// Check what can be checked without the data.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::invalid(m));
+        if self.steps == 0 {
+            return bad("run.steps must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return bad("run.batch_size must be at least 1".into());
+        }
+        let micro = self.micro_batch.unwrap_or(self.batch_size);
+        if micro == 0 || !self.batch_size.is_multiple_of(micro) {
+            return bad(format!(
+                "run.micro_batch ({micro}) must divide run.batch_size ({})",
+                self.batch_size
+            ));
+        }
+        if self.eval_interval == Some(0) || self.checkpoint_interval == Some(0) {
+            return bad("run.eval_interval and run.checkpoint_interval must be at least 1".into());
+        }
+        if self.keep_checkpoints == 0 {
+            return bad("run.keep_checkpoints must be at least 1".into());
+        }
+        if self.max_bad_steps == 0 {
+            return bad("run.max_bad_steps must be at least 1".into());
+        }
+        if matches!(self.seq_len, Some(n) if n < 2) || matches!(self.eval_seq_len, Some(n) if n < 2)
+        {
+            return bad("sequence lengths must be at least 2 tokens".into());
+        }
+        Ok(())
+    }
+
+    /// Fill the stage-dependent defaults (spec §5.3, §7): pruning evaluates every 50 steps
+    /// and not before the first; continued pre-training every 400 and once before step 1.
+    pub fn resolve(&mut self, stage: StageKind) {
+        let (interval, first) = match stage {
+            StageKind::Prune => (50, false),
+            StageKind::Train => (400, true),
+        };
+        let interval = *self
+            .eval_interval
+            .get_or_insert(interval.min(self.steps.max(1)));
+        self.eval_first.get_or_insert(first);
+        self.checkpoint_interval.get_or_insert(interval);
+    }
+
+    /// Evaluation interval (after [`RunSettings::resolve`]).
+    pub fn eval_every(&self) -> usize {
+        self.eval_interval.unwrap_or(50)
+    }
+
+    /// Checkpoint interval (after [`RunSettings::resolve`]).
+    pub fn checkpoint_every(&self) -> usize {
+        self.checkpoint_interval
+            .unwrap_or_else(|| self.eval_every())
+    }
+
+    /// Sequences per forward.
+    pub fn micro(&self) -> usize {
+        self.micro_batch.unwrap_or(self.batch_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_prune_plan_gets_recipe_defaults() {
+        let c: PruneConfig = toml::from_str(
+            r#"
+model = "smollm2"
+data = "data"
+[target]
+num_hidden_layers = 20
+hidden_size = 384
+num_attention_heads = 6
+num_key_value_heads = 3
+intermediate_size = 1024
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.optim.lr, 1e-4);
+        assert_eq!(c.optim.beta2, 0.95);
+        let mut run = c.run.clone();
+        run.resolve(StageKind::Prune);
+        assert_eq!(run.eval_interval, Some(50));
+        assert_eq!(run.eval_first, Some(false));
+        assert_eq!(c.pruning.mask_lr, 1.0);
+        assert_eq!(c.dbl.reference, ReferenceSource::SourceModel);
+        // It prints back and reads again to the same plan.
+        let back: PruneConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_batches_are_errors() {
+        let e = toml::from_str::<PruneConfig>(
+            "model='m'\ndata='d'\nstepz=3\n[target]\nnum_hidden_layers=1\nhidden_size=1\nnum_attention_heads=1\nnum_key_value_heads=1\nintermediate_size=1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("stepz"), "{e}");
+        let r = RunSettings {
+            batch_size: 6,
+            micro_batch: Some(4),
+            ..RunSettings::default()
+        };
+        assert!(r.validate().unwrap_err().to_string().contains("divide"));
+        let t: TrainConfig = toml::from_str("model='m'\ndata='d'\n[run]\nsteps=1000\n").unwrap();
+        let mut run = t.run.clone();
+        run.resolve(StageKind::Train);
+        assert_eq!(run.eval_interval, Some(400));
+        assert_eq!(run.eval_first, Some(true));
+    }
+}

@@ -1,0 +1,554 @@
+//! The training loop both stages share (spec §4.3, §5.3): draw a batch from the domain sampler,
+//! forward and backward (accumulated over micro-batches), clip the global gradient norm, step
+//! the optimizers with the cosine schedule's multiplier; every `eval_interval` steps evaluate
+//! per domain and update the domain weights; checkpoint, guard against non-finite steps, stop
+//! cleanly on SIGINT/SIGTERM. What differs between pruning and continued pre-training is behind
+//! [`Stage`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::tensor::backend::AutodiffBackend;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use shears_core::error::IoContext;
+use shears_core::{Error, Result};
+use shears_data::dbl::DomainValues;
+use shears_data::{Dataset, DomainSampler, ReferenceSource, SamplerConfig, SamplerState, Split};
+
+use crate::checkpoint::{self, Staging};
+use crate::config::{DblSettings, Faults, OptimSettings, RunSettings, StageKind};
+use crate::eval::{DomainEval, EvalSettings};
+use crate::run_dir::RunDir;
+use crate::schedule::CosineWithWarmup;
+
+/// Losses of one step (means over its micro-batches).
+#[derive(Debug, Clone, Copy)]
+pub struct StepLosses {
+    pub lm: f64,
+    pub lagrangian: Option<f64>,
+}
+
+/// What a stage contributes to the loop.
+pub trait Stage<B: AutodiffBackend> {
+    /// Which stage this is.
+    fn kind(&self) -> StageKind;
+    /// Forward and backward over `micro` (each a list of equal-length sequences); the
+    /// gradients are summed and kept until [`Stage::apply`] or [`Stage::discard`]. `seeds`
+    /// gives each micro-batch its random stream; `poison` makes the loss NaN (a test hook).
+    fn backward(
+        &mut self,
+        micro: &[Vec<Vec<u32>>],
+        step: usize,
+        seeds: &[u64],
+        poison: bool,
+    ) -> StepLosses;
+    /// L2 norm over all pending gradients.
+    fn grad_norm(&self) -> f64;
+    /// Multiply the pending gradients by `s`.
+    fn scale_grads(&mut self, s: f64);
+    /// Step every optimizer with its learning rate times `lr_scale`.
+    fn apply(&mut self, lr_scale: f64);
+    /// Drop the pending gradients.
+    fn discard(&mut self);
+    /// The model weights' learning rate at `lr_scale`.
+    fn lr(&self, lr_scale: f64) -> f64;
+    /// Per-domain eval losses of the model as it is.
+    fn eval(&self, data: &Dataset, s: &EvalSettings) -> Result<BTreeMap<String, DomainEval>>;
+    /// Per-domain eval losses of the starting model, for reference losses from the source.
+    fn eval_source(
+        &self,
+        data: &Dataset,
+        s: &EvalSettings,
+    ) -> Result<BTreeMap<String, DomainEval>> {
+        self.eval(data, s)
+    }
+    /// Extra fields of an eval record (expected sparsity, λ, parameter counts).
+    fn eval_extras(&self, step: usize) -> Map<String, Value>;
+    /// Write the stage's state into `dir`; returns what goes into `state.json`.
+    fn save(&self, dir: &Path) -> Result<Value>;
+    /// Restore what [`Stage::save`] wrote.
+    fn load(&mut self, dir: &Path, state: &Value) -> Result<()>;
+}
+
+/// The loop's inputs besides the stage.
+pub struct LoopInputs<'a> {
+    /// Resolved run settings.
+    pub run: &'a RunSettings,
+    pub optim: &'a OptimSettings,
+    pub dbl: &'a DblSettings,
+    pub faults: &'a Faults,
+    pub data: &'a Dataset,
+    /// Starting domain weights (used on a fresh start).
+    pub initial_weights: BTreeMap<String, f64>,
+    /// Reference losses already known (given, fitted, or from an earlier stage); `None` with
+    /// `reference = source_model` means: measure the starting model.
+    pub reference: Option<DomainValues>,
+    /// Set by SIGINT/SIGTERM.
+    pub interrupt: Arc<AtomicBool>,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// How a loop ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// All steps done; the final checkpoint.
+    Finished { step: usize, checkpoint: PathBuf },
+    /// Stopped by a signal after writing a checkpoint.
+    Interrupted { step: usize, checkpoint: PathBuf },
+}
+
+/// `state.json` of a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoopState {
+    pub format: String,
+    pub stage: String,
+    /// Optimizer steps taken.
+    pub step: usize,
+    /// The run is complete (final eval and checkpoint written).
+    pub finished: bool,
+    /// Length of `metrics.jsonl` when the checkpoint was written.
+    pub metrics_bytes: u64,
+    pub sampler: SamplerState,
+    pub reference_losses: DomainValues,
+    /// Consecutive non-finite steps so far.
+    pub bad_steps: usize,
+    /// The stage's own state.
+    pub stage_state: Value,
+}
+
+const FORMAT: &str = "shears-checkpoint/1";
+
+/// Read a checkpoint's `state.json`.
+pub fn read_state(dir: &Path) -> Result<LoopState> {
+    let p = dir.join("state.json");
+    let text = std::fs::read_to_string(&p).at(&p, "cannot read")?;
+    let s: LoopState =
+        serde_json::from_str(&text).map_err(|e| Error::format(&p, format!("invalid: {e}")))?;
+    if s.format != FORMAT {
+        return Err(Error::format(&p, format!("unknown format '{}'", s.format)));
+    }
+    Ok(s)
+}
+
+fn mix(mut x: u64) -> u64 {
+    // splitmix64 finaliser.
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The seed of micro-batch `i` of step `t`: a pure function, so a resumed run samples the same
+/// masks without carrying an RNG.
+pub fn micro_seed(seed: u64, t: usize, i: usize) -> u64 {
+    mix(mix(seed ^ 0x5348_4541_5253) ^ mix(t as u64) ^ mix((i as u64) << 32))
+}
+
+fn train_sizes(data: &Dataset) -> Result<BTreeMap<String, u64>> {
+    data.domains()
+        .into_iter()
+        .map(|d| Ok((d.clone(), data.split(&d, Split::Train)?.len())))
+        .collect()
+}
+
+/// The training sequence length of `run` on `data`.
+pub fn seq_len(run: &RunSettings, data: &Dataset) -> Result<usize> {
+    let n = run.seq_len.unwrap_or(data.seq_len());
+    if n > data.seq_len() {
+        return Err(Error::invalid(format!(
+            "run.seq_len {n} is longer than the data's sequences ({})",
+            data.seq_len()
+        )));
+    }
+    Ok(n)
+}
+
+/// Eval settings of `run` on `data`.
+pub fn eval_settings(run: &RunSettings, data: &Dataset) -> Result<EvalSettings> {
+    let train = seq_len(run, data)?;
+    let n = run.eval_seq_len.unwrap_or(train);
+    if n > data.seq_len() {
+        return Err(Error::invalid(format!(
+            "run.eval_seq_len {n} is longer than the data's sequences ({})",
+            data.seq_len()
+        )));
+    }
+    Ok(EvalSettings {
+        sequences: run.eval_sequences,
+        seq_len: n,
+        batch: run.eval_batch.max(1),
+    })
+}
+
+/// Default starting weights: each domain's share of the train tokens.
+pub fn token_share(data: &Dataset) -> BTreeMap<String, f64> {
+    data.manifest
+        .domains
+        .iter()
+        .map(|(k, d)| (k.clone(), d.train_tokens as f64))
+        .collect()
+}
+
+fn map_of(e: &BTreeMap<String, DomainEval>) -> DomainValues {
+    e.iter().map(|(k, v)| (k.clone(), v.loss)).collect()
+}
+
+struct Ctx<'a, 'b> {
+    inp: &'b LoopInputs<'a>,
+    dir: &'b mut RunDir,
+    sampler: DomainSampler,
+    reference: DomainValues,
+    bad: usize,
+    /// Sampler warnings already logged.
+    warned: usize,
+    pb: ProgressBar,
+}
+
+impl Ctx<'_, '_> {
+    fn log(&mut self, msg: &str) {
+        let dir = &mut *self.dir;
+        self.pb.suspend(|| dir.log(msg));
+    }
+
+    fn evaluate<B: AutodiffBackend, S: Stage<B>>(
+        &mut self,
+        stage: &S,
+        t: usize,
+        es: &EvalSettings,
+    ) -> Result<()> {
+        let start = Instant::now();
+        let evals = stage.eval(self.inp.data, es)?;
+        let losses = map_of(&evals);
+        let before = self.sampler.weights().clone();
+        let rule = self.inp.dbl.rule.build();
+        let after = rule.update(&before, &losses, &self.reference)?;
+        self.sampler.set_weights(t as u64, &after, Some(&losses))?;
+        let after = self.sampler.weights().clone();
+        let mut rec = Map::new();
+        rec.insert("kind".into(), json!("eval"));
+        rec.insert("step".into(), json!(t));
+        rec.insert("domain_loss".into(), json!(losses));
+        rec.insert(
+            "domain_tokens".into(),
+            json!(evals
+                .iter()
+                .map(|(k, v)| (k.clone(), v.tokens))
+                .collect::<BTreeMap<_, _>>()),
+        );
+        rec.insert("reference_loss".into(), json!(self.reference));
+        rec.insert(
+            "excess_loss".into(),
+            json!(losses
+                .iter()
+                .map(|(k, v)| (k.clone(), v - self.reference[k]))
+                .collect::<BTreeMap<_, _>>()),
+        );
+        rec.insert("weights_before".into(), json!(before));
+        rec.insert("domain_weights".into(), json!(after));
+        rec.insert("rule".into(), json!(rule.name()));
+        rec.extend(stage.eval_extras(t));
+        rec.insert("eval_s".into(), json!(start.elapsed().as_secs_f64()));
+        self.dir.metric(&Value::Object(rec))?;
+        let worst = losses
+            .iter()
+            .map(|(k, v)| (k, v - self.reference[k]))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        let mean = losses.values().sum::<f64>() / losses.len().max(1) as f64;
+        let msg = match worst {
+            Some((k, gap)) => format!(
+                "eval @ step {t}: mean domain loss {mean:.4}; largest excess over reference {gap:+.4} ({k}); weights {}",
+                fmt_weights(&after)
+            ),
+            None => format!("eval @ step {t}"),
+        };
+        self.log(&msg);
+        Ok(())
+    }
+
+    fn save<B: AutodiffBackend, S: Stage<B>>(
+        &mut self,
+        stage: &S,
+        t: usize,
+        finished: bool,
+    ) -> Result<PathBuf> {
+        let root = self.dir.checkpoints();
+        let staging = Staging::begin(&root, t)?;
+        if self.inp.faults.checkpoint_error_at_steps.contains(&t) {
+            let p = staging.path().join("model.safetensors");
+            std::fs::write(&p, b"partial").at(&p, "cannot write")?;
+            return Err(Error::io(
+                &p,
+                "cannot write (injected fault)",
+                std::io::Error::from_raw_os_error(28),
+            ));
+        }
+        let stage_state = stage.save(staging.path())?;
+        let state = LoopState {
+            format: FORMAT.into(),
+            stage: match stage.kind() {
+                StageKind::Prune => "prune".into(),
+                StageKind::Train => "train".into(),
+            },
+            step: t,
+            finished,
+            metrics_bytes: self.dir.metrics_len(),
+            sampler: self.sampler.state().clone(),
+            reference_losses: self.reference.clone(),
+            bad_steps: self.bad,
+            stage_state,
+        };
+        checkpoint::write_synced(
+            &staging.path().join("state.json"),
+            serde_json::to_string_pretty(&state)
+                .expect("state")
+                .as_bytes(),
+        )?;
+        let path = staging.commit()?;
+        checkpoint::prune_old(&root, self.inp.run.keep_checkpoints)?;
+        self.log(&format!("checkpoint {}", path.display()));
+        Ok(path)
+    }
+}
+
+fn fmt_weights(w: &BTreeMap<String, f64>) -> String {
+    w.iter()
+        .map(|(k, v)| format!("{k}={v:.3}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Run `stage` in `dir` from its newest checkpoint (when `resume` and one exists) or from the
+/// start.
+pub fn run_loop<B: AutodiffBackend, S: Stage<B>>(
+    stage: &mut S,
+    inp: &LoopInputs<'_>,
+    dir: &mut RunDir,
+    resume: bool,
+) -> Result<Outcome> {
+    let run = inp.run;
+    let data = inp.data;
+    let steps = run.steps;
+    let len = seq_len(run, data)?;
+    let es = eval_settings(run, data)?;
+    let sizes = train_sizes(data)?;
+    let schedule = CosineWithWarmup {
+        warmup: inp.optim.warmup_steps.unwrap_or(steps / 10),
+        max: steps,
+        final_ratio: inp.optim.final_lr_ratio,
+    };
+    let found = if resume {
+        checkpoint::newest_valid(&dir.checkpoints(), |w| dir.log(&w))
+    } else {
+        None
+    };
+    let (start, sampler, reference, bad) = match found {
+        Some((_, path)) => {
+            let st = read_state(&path)?;
+            stage.load(&path, &st.stage_state)?;
+            dir.truncate_metrics(st.metrics_bytes)?;
+            dir.log(&format!(
+                "resumed from {} (step {})",
+                path.display(),
+                st.step
+            ));
+            if st.finished {
+                return Ok(Outcome::Finished {
+                    step: st.step,
+                    checkpoint: path,
+                });
+            }
+            let sampler = DomainSampler::restore(st.sampler, &sizes)?;
+            (st.step, sampler, st.reference_losses, st.bad_steps)
+        }
+        None => {
+            if resume {
+                dir.log("no checkpoint to resume from; starting from step 0");
+                dir.truncate_metrics(0)?;
+            }
+            let sampler = DomainSampler::new(
+                SamplerConfig {
+                    seed: run.seed,
+                    rank: 0,
+                    world_size: 1,
+                    exhaustion: inp.dbl.exhaustion,
+                },
+                &sizes,
+                &inp.initial_weights,
+            )?;
+            let reference = match (&inp.reference, &inp.dbl.reference) {
+                (Some(r), _) => r.clone(),
+                (None, ReferenceSource::SourceModel) => {
+                    dir.log(
+                        "measuring the starting model's per-domain eval loss (reference losses)",
+                    );
+                    let evals = stage.eval_source(data, &es)?;
+                    map_of(&evals)
+                }
+                (None, other) => other.resolve(None)?,
+            };
+            dir.metric(&json!({"kind": "reference", "step": 0, "reference_loss": reference}))?;
+            dir.log(&format!("reference losses: {}", fmt_weights(&reference)));
+            (0, sampler, reference, 0)
+        }
+    };
+
+    let pb = if inp.progress {
+        let pb = ProgressBar::new(steps as u64);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{prefix} step {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+            )
+            .expect("template"),
+        );
+        pb.set_prefix(match stage.kind() {
+            StageKind::Prune => "prune",
+            StageKind::Train => "train",
+        });
+        pb.set_position(start as u64);
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+    let warned = sampler.state().warnings.len();
+    let mut ctx = Ctx {
+        inp,
+        dir,
+        warned,
+        sampler,
+        reference,
+        bad,
+        pb,
+    };
+    let eval_every = run.eval_every();
+    let ckpt_every = run.checkpoint_every();
+    let micro = run.micro();
+    for t in start..steps {
+        if (t == 0 && run.eval_first.unwrap_or(false)) || (t > 0 && t % eval_every == 0) {
+            ctx.evaluate(stage, t, &es)?;
+        }
+        let mut seqs = Vec::with_capacity(run.batch_size);
+        for _ in 0..run.batch_size {
+            let d = ctx.sampler.draw()?;
+            let s = data.split(&d.domain, Split::Train)?.sequence(d.index);
+            seqs.push(s[..len].to_vec());
+        }
+        let chunks: Vec<Vec<Vec<u32>>> = seqs.chunks(micro).map(|c| c.to_vec()).collect();
+        let seeds: Vec<u64> = (0..chunks.len())
+            .map(|i| micro_seed(run.seed, t, i))
+            .collect();
+        let poison = inp.faults.nan_loss_at_steps.contains(&(t + 1));
+        let timer = Instant::now();
+        let losses = stage.backward(&chunks, t, &seeds, poison);
+        let norm = stage.grad_norm();
+        let scale = schedule.at(t);
+        let finite = losses.lm.is_finite()
+            && losses.lagrangian.is_none_or(f64::is_finite)
+            && norm.is_finite();
+        if finite {
+            let clip = inp.optim.grad_clip;
+            if clip > 0.0 {
+                let coef = clip / (norm + 1e-6);
+                if coef < 1.0 {
+                    stage.scale_grads(coef);
+                }
+            }
+            stage.apply(scale);
+            ctx.bad = 0;
+        } else {
+            stage.discard();
+            ctx.bad += 1;
+        }
+        if inp.faults.step_delay_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(inp.faults.step_delay_ms));
+        }
+        let secs = timer.elapsed().as_secs_f64();
+        let tokens = run.batch_size * len;
+        let loss = losses.lm + losses.lagrangian.unwrap_or(0.0);
+        let mut rec = json!({
+            "kind": "step",
+            "step": t + 1,
+            "loss": num(loss),
+            "lm_loss": num(losses.lm),
+            "lr": stage.lr(scale),
+            "lr_scale": scale,
+            "grad_norm": num(norm),
+            "tokens": tokens,
+            "skipped": !finite,
+            "tokens_per_s": tokens as f64 / secs.max(1e-9),
+            "step_s": secs,
+        });
+        if let Some(l) = losses.lagrangian {
+            rec["lagrangian_loss"] = num(l);
+        }
+        ctx.dir.metric(&rec)?;
+        ctx.pb.set_position((t + 1) as u64);
+        ctx.pb.set_message(format!(
+            "loss {loss:.4} | {:.0} tok/s",
+            tokens as f64 / secs.max(1e-9)
+        ));
+        if !finite {
+            let msg = format!(
+                "step {}: non-finite loss or gradient (lm loss {}, grad norm {}); step skipped ({} in a row)",
+                t + 1,
+                losses.lm,
+                norm,
+                ctx.bad
+            );
+            ctx.log(&msg);
+            if ctx.bad >= run.max_bad_steps {
+                let p = ctx.save(stage, t + 1, false)?;
+                ctx.pb.abandon();
+                return Err(Error::invalid(format!(
+                    "stopped: {} consecutive steps had a non-finite loss or gradient (steps {}..={}); checkpoint written to {}; lower the learning rate or check the data, then resume with --resume",
+                    ctx.bad,
+                    t + 2 - ctx.bad,
+                    t + 1,
+                    p.display()
+                )));
+            }
+        }
+        let fresh: Vec<String> = ctx.sampler.state().warnings[ctx.warned..].to_vec();
+        ctx.warned += fresh.len();
+        for w in fresh {
+            ctx.log(&format!("warning: {w}"));
+        }
+        if inp.interrupt.load(Ordering::SeqCst) {
+            let p = ctx.save(stage, t + 1, false)?;
+            ctx.pb.abandon();
+            ctx.log(&format!(
+                "interrupted after step {}; resume with --resume",
+                t + 1
+            ));
+            return Ok(Outcome::Interrupted {
+                step: t + 1,
+                checkpoint: p,
+            });
+        }
+        if (t + 1) % ckpt_every == 0 && t + 1 < steps {
+            ctx.save(stage, t + 1, false)?;
+        }
+    }
+    ctx.evaluate(stage, steps, &es)?;
+    let p = ctx.save(stage, steps, true)?;
+    ctx.pb.finish_and_clear();
+    ctx.log(&format!("finished {steps} steps"));
+    Ok(Outcome::Finished {
+        step: steps,
+        checkpoint: p,
+    })
+}
+
+/// JSON has no NaN: non-finite numbers are written as strings.
+fn num(x: f64) -> Value {
+    if x.is_finite() {
+        json!(x)
+    } else {
+        json!(x.to_string())
+    }
+}

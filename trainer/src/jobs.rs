@@ -1,0 +1,303 @@
+//! Whole stages as the CLI runs them: `prune`, `train` and `finalize` on a run directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use serde::Serialize;
+use shears_core::fsutil::StagedDir;
+use shears_core::{hub, DType, Error, ModelFiles, Result};
+use shears_data::dbl::DomainValues;
+use shears_data::{Dataset, ReferenceSource};
+use shears_pruning::size::Dims;
+use shears_pruning::{finalize, FinalizeOptions, PruneModule, PruningSpec, TargetShape};
+
+use crate::checkpoint;
+use crate::config::{DblSettings, PruneConfig, StageKind, TrainConfig};
+use crate::driver::{self, read_state, run_loop, LoopInputs, Outcome};
+use crate::lm_stage::LmStage;
+use crate::prune_stage::{read_pruning, PruneRates, PruneStage};
+use crate::run_dir::{RunDir, CHECKPOINTS};
+
+/// How a stage is started.
+#[derive(Clone)]
+pub struct JobOptions {
+    /// Run directory.
+    pub out: PathBuf,
+    /// The plan file's text, saved as given.
+    pub plan_text: String,
+    /// Continue from the newest checkpoint in `out`.
+    pub resume: bool,
+    /// Show a progress bar.
+    pub progress: bool,
+    /// Echo the log to stderr.
+    pub echo: bool,
+    /// Set by SIGINT/SIGTERM.
+    pub interrupt: Arc<AtomicBool>,
+    /// Reference losses already measured (the pipeline's source evaluation, when it uses the
+    /// same eval settings); used instead of measuring the source model again.
+    pub source_losses: Option<DomainValues>,
+}
+
+/// Make SIGINT and SIGTERM set a flag instead of killing the process, so the loops can write
+/// a checkpoint and exit cleanly.
+pub fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register(sig, flag.clone());
+    }
+    flag
+}
+
+/// Load a model argument (HF directory, `.gguf`, known name).
+pub fn load_model(arg: &str) -> Result<ModelFiles> {
+    let path = hub::resolve_model(arg, |m| eprintln!("{m}"))?;
+    ModelFiles::load(&path)
+}
+
+fn open_data(path: &Path, files: &ModelFiles) -> Result<Dataset> {
+    let data = Dataset::open(path)?;
+    let v = data.manifest.tokenizer.vocab_size;
+    if v > files.config.vocab_size {
+        return Err(Error::format(
+            path,
+            format!(
+                "was tokenized with a vocabulary of {v} tokens, larger than the model's {}; prepare the data with the model's tokenizer",
+                files.config.vocab_size
+            ),
+        ));
+    }
+    Ok(data)
+}
+
+/// The final domain weights and reference losses of a finished (or interrupted) run.
+pub fn run_results(run: &Path) -> Result<(BTreeMap<String, f64>, DomainValues)> {
+    let root = run.join(CHECKPOINTS);
+    let (_, ckpt) = checkpoint::newest_valid(&root, |w| eprintln!("warning: {w}"))
+        .ok_or_else(|| Error::format(run, "has no complete checkpoint"))?;
+    let st = read_state(&ckpt)?;
+    Ok((st.sampler.weights.clone(), st.reference_losses))
+}
+
+fn start_weights(
+    dbl: &DblSettings,
+    data: &Dataset,
+) -> Result<(BTreeMap<String, f64>, Option<DomainValues>)> {
+    if let Some(run) = &dbl.initial_weights_from {
+        let (w, r) = run_results(run)?;
+        return Ok((w, Some(r)));
+    }
+    Ok((
+        dbl.initial_weights
+            .clone()
+            .unwrap_or_else(|| driver::token_share(data)),
+        None,
+    ))
+}
+
+fn reference(
+    dbl: &DblSettings,
+    from_run: Option<DomainValues>,
+    measured: Option<&DomainValues>,
+) -> Result<Option<DomainValues>> {
+    match &dbl.reference {
+        ReferenceSource::SourceModel => Ok(from_run.or_else(|| measured.cloned())),
+        other => other.resolve(None).map(Some),
+    }
+}
+
+/// The pruning plan with every default filled in (what `resolved.toml` holds).
+pub fn resolve_prune(
+    c: &PruneConfig,
+    source: &shears_core::LlamaConfig,
+) -> Result<(PruneConfig, PruningSpec)> {
+    let mut c = c.clone();
+    c.run.validate()?;
+    c.run.resolve(StageKind::Prune);
+    c.optim.warmup_steps.get_or_insert(c.run.steps / 10);
+    c.pruning
+        .lagrangian_warmup_steps
+        .get_or_insert(c.run.steps / 5);
+    let spec = PruningSpec::new(source, c.target, c.pruning.modules.as_deref())?;
+    c.pruning.modules = Some(spec.modules.clone());
+    Ok((c, spec))
+}
+
+/// `shears prune`: run (or resume) the pruning stage.
+pub fn prune<B: AutodiffBackend>(
+    config: &PruneConfig,
+    job: &JobOptions,
+    device: B::Device,
+) -> Result<Outcome> {
+    let files = load_model(&config.model)?;
+    let (resolved, spec) = resolve_prune(config, &files.config)?;
+    let data = open_data(&resolved.data, &files)?;
+    let mut dir = RunDir::open(
+        &job.out,
+        &job.plan_text,
+        &toml::to_string(&resolved).expect("toml"),
+        job.resume,
+    )?;
+    dir.echo = job.echo;
+    let (initial_weights, from_run) = start_weights(&resolved.dbl, &data)?;
+    let rates = PruneRates {
+        model: resolved.optim.adamw(),
+        mask_lr: resolved.pruning.mask_lr,
+        multiplier_lr: resolved.pruning.multiplier_lr,
+        lagrangian_warmup_steps: resolved.pruning.lagrangian_warmup_steps.unwrap_or(0),
+    };
+    let mut stage = PruneStage::<B>::new(&files, &spec, rates, resolved.run.seed, &device)?;
+    drop(files);
+    let inputs = LoopInputs {
+        run: &resolved.run,
+        optim: &resolved.optim,
+        dbl: &resolved.dbl,
+        faults: &resolved.faults,
+        data: &data,
+        initial_weights,
+        reference: reference(&resolved.dbl, from_run, job.source_losses.as_ref())?,
+        interrupt: job.interrupt.clone(),
+        progress: job.progress,
+    };
+    run_loop(&mut stage, &inputs, &mut dir, job.resume)
+}
+
+/// The training plan with every default filled in.
+pub fn resolve_train(c: &TrainConfig) -> Result<TrainConfig> {
+    let mut c = c.clone();
+    c.run.validate()?;
+    c.run.resolve(StageKind::Train);
+    c.optim.warmup_steps.get_or_insert(c.run.steps * 3 / 100);
+    Ok(c)
+}
+
+/// `shears train`: run (or resume) continued pre-training.
+pub fn train<B: AutodiffBackend>(
+    config: &TrainConfig,
+    job: &JobOptions,
+    device: B::Device,
+) -> Result<Outcome> {
+    let mut files = load_model(&config.model)?;
+    let resolved = resolve_train(config)?;
+    if resolved.from_scratch {
+        files.weights = shears_models::load::random_weights(&files.config, resolved.run.seed);
+    }
+    let data = open_data(&resolved.data, &files)?;
+    let mut dir = RunDir::open(
+        &job.out,
+        &job.plan_text,
+        &toml::to_string(&resolved).expect("toml"),
+        job.resume,
+    )?;
+    dir.echo = job.echo;
+    let (initial_weights, from_run) = start_weights(&resolved.dbl, &data)?;
+    let mut stage = LmStage::<B>::new(&files, resolved.optim.adamw(), &device)?;
+    drop(files);
+    let inputs = LoopInputs {
+        run: &resolved.run,
+        optim: &resolved.optim,
+        dbl: &resolved.dbl,
+        faults: &resolved.faults,
+        data: &data,
+        initial_weights,
+        reference: reference(&resolved.dbl, from_run, job.source_losses.as_ref())?,
+        interrupt: job.interrupt.clone(),
+        progress: job.progress,
+    };
+    run_loop(&mut stage, &inputs, &mut dir, job.resume)
+}
+
+/// What `shears finalize` wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinalizeReport {
+    pub checkpoint: PathBuf,
+    pub step: usize,
+    pub out: PathBuf,
+    pub source_params: u64,
+    pub pruned_params: u64,
+    pub config: shears_core::LlamaConfig,
+}
+
+/// A pruning run's checkpoint: the one after `step`, or the newest complete one.
+pub fn find_checkpoint(run: &Path, step: Option<usize>) -> Result<PathBuf> {
+    let root = run.join(CHECKPOINTS);
+    match step {
+        Some(s) => {
+            let p = root.join(checkpoint::dir_name(s));
+            checkpoint::verify(&p)?;
+            Ok(p)
+        }
+        None => checkpoint::newest_valid(&root, |w| eprintln!("warning: {w}"))
+            .map(|(_, p)| p)
+            .ok_or_else(|| {
+                Error::format(run, "has no complete checkpoint (is it a run directory?)")
+            }),
+    }
+}
+
+/// `shears finalize`: fold a pruning checkpoint's deterministic masks into its weights and
+/// write the dense model of exactly the target shape, with `masks.safetensors` (the masks and
+/// `log_alpha`s) next to it.
+pub fn finalize_run<B: Backend>(
+    run: &Path,
+    step: Option<usize>,
+    out: &Path,
+    opts: FinalizeOptions,
+    dtype: Option<DType>,
+    overwrite: bool,
+    device: &B::Device,
+) -> Result<FinalizeReport> {
+    let ckpt = find_checkpoint(run, step)?;
+    let st = read_state(&ckpt)?;
+    if st.stage != "prune" {
+        return Err(Error::format(
+            &ckpt,
+            format!("is a '{}' checkpoint, not a pruning one", st.stage),
+        ));
+    }
+    let bad = |e: serde_json::Error| Error::format(ckpt.join("state.json"), e.to_string());
+    let target: TargetShape =
+        serde_json::from_value(st.stage_state["target"].clone()).map_err(bad)?;
+    let modules: Vec<PruneModule> =
+        serde_json::from_value(st.stage_state["modules"].clone()).map_err(bad)?;
+    let files = ModelFiles::load_hf_dir(ckpt.join("model"))?;
+    let spec = PruningSpec::new(&files.config, target, Some(&modules))?;
+    let (masks, _) = read_pruning::<B>(&ckpt, &spec, device)?;
+    let masks = masks.clamped();
+    let host = masks.deterministic(true);
+    let (config, weights) = finalize(&files.weights, &host, opts)?;
+    let mut pruned = files.clone();
+    pruned.config = config.clone();
+    pruned.layers = pruned.config.uniform_layer_shapes();
+    pruned.weights = weights;
+    let stage = StagedDir::new(out, overwrite)?;
+    pruned.write_hf_dir(stage.path(), dtype, true)?;
+    let mut mask_map = host.to_weight_map();
+    for (m, t) in masks.log_alphas() {
+        mask_map.insert(
+            format!("log_alpha.{}", m.name()),
+            shears_models::load::host_of(t, DType::F32),
+        );
+    }
+    let meta: BTreeMap<String, String> = [
+        ("checkpoint".to_string(), ckpt.display().to_string()),
+        ("step".to_string(), st.step.to_string()),
+    ]
+    .into();
+    shears_core::formats::safetensors::write(
+        stage.path().join("masks.safetensors"),
+        &mask_map,
+        &meta,
+    )?;
+    let out = stage.commit()?;
+    Ok(FinalizeReport {
+        checkpoint: ckpt,
+        step: st.step,
+        out,
+        source_params: Dims::of(&files.config).total(),
+        pruned_params: Dims::of(&config).total(),
+        config,
+    })
+}

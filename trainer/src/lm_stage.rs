@@ -1,0 +1,173 @@
+//! Continued pre-training (spec §7.2): the same loop without masks and multipliers; one AdamW
+//! group over the model weights.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{adaptor::OptimizerAdaptor, AdamW, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use serde_json::{json, Map, Value};
+use shears_core::formats::safetensors;
+use shears_core::{DType, Error, ModelFiles, Result, WeightMap};
+use shears_data::Dataset;
+use shears_models::loss::causal_lm_loss;
+use shears_models::{load, Llama};
+
+use crate::config::StageKind;
+use crate::driver::{Stage, StepLosses};
+use crate::eval::{batch_tensor, domain_losses, summed_nll, DomainEval, EvalSettings};
+use crate::optim::AdamWSettings;
+use crate::params::{self, NamedParam};
+
+/// A continued pre-training run's model and optimizer.
+pub struct LmStage<B: AutodiffBackend> {
+    model: Option<Llama<B>>,
+    opt: OptimizerAdaptor<AdamW, Llama<B>, B>,
+    settings: AdamWSettings,
+    meta: ModelFiles,
+    names: Vec<NamedParam>,
+    pending: Option<GradientsParams>,
+    device: B::Device,
+}
+
+impl<B: AutodiffBackend> LmStage<B> {
+    /// Start training `files`' model.
+    pub fn new(files: &ModelFiles, settings: AdamWSettings, device: &B::Device) -> Result<Self> {
+        let model = load::from_files::<B>(files, device, DType::F32)?;
+        let mut meta = files.clone();
+        meta.weights = WeightMap::new();
+        Ok(LmStage {
+            names: params::named_params::<B, _>(&model),
+            model: Some(model),
+            opt: settings.to_burn().init(),
+            settings,
+            meta,
+            pending: None,
+            device: device.clone(),
+        })
+    }
+
+    /// The model as it is.
+    pub fn model(&self) -> &Llama<B> {
+        self.model.as_ref().expect("model between steps")
+    }
+}
+
+impl<B: AutodiffBackend> Stage<B> for LmStage<B> {
+    fn kind(&self) -> StageKind {
+        StageKind::Train
+    }
+
+    fn backward(
+        &mut self,
+        micro: &[Vec<Vec<u32>>],
+        _step: usize,
+        _seeds: &[u64],
+        poison: bool,
+    ) -> StepLosses {
+        let model = self.model();
+        let n = micro.len();
+        let mut acc = GradientsParams::new();
+        let mut lm = 0.0;
+        for (i, seqs) in micro.iter().enumerate() {
+            let ids = batch_tensor::<B>(seqs, &self.device);
+            let loss = causal_lm_loss(model.forward(ids.clone()), ids);
+            let v: Vec<f64> = loss
+                .clone()
+                .into_data()
+                .convert::<f64>()
+                .into_vec()
+                .expect("loss");
+            lm += v[0];
+            let mut total = loss.div_scalar(n as f64);
+            if poison && i == 0 {
+                total = total.mul_scalar(f64::NAN);
+                lm = f64::NAN;
+            }
+            let g = GradientsParams::from_grads(total.backward(), model);
+            params::accumulate::<B::InnerBackend>(&self.names, &mut acc, g);
+        }
+        self.pending = Some(acc);
+        StepLosses {
+            lm: lm / n as f64,
+            lagrangian: None,
+        }
+    }
+
+    fn grad_norm(&self) -> f64 {
+        let p = self.pending.as_ref().expect("gradients pending");
+        params::global_norm::<B::InnerBackend>(&[(&self.names, p)])
+    }
+
+    fn scale_grads(&mut self, s: f64) {
+        let p = self.pending.as_mut().expect("gradients pending");
+        params::scale_grads::<B::InnerBackend>(&self.names, p, s);
+    }
+
+    fn apply(&mut self, lr_scale: f64) {
+        let g = self.pending.take().expect("gradients pending");
+        let model = self.model.take().expect("model");
+        self.model = Some(self.opt.step(self.settings.lr * lr_scale, model, g));
+    }
+
+    fn discard(&mut self) {
+        self.pending = None;
+    }
+
+    fn lr(&self, lr_scale: f64) -> f64 {
+        self.settings.lr * lr_scale
+    }
+
+    fn eval(&self, data: &Dataset, s: &EvalSettings) -> Result<BTreeMap<String, DomainEval>> {
+        let v = self.model().valid();
+        let device = self.device.clone();
+        domain_losses(data, s, |seqs| {
+            let ids = batch_tensor::<B::InnerBackend>(seqs, &device);
+            summed_nll(v.forward(ids.clone()), ids)
+        })
+    }
+
+    fn eval_extras(&self, _step: usize) -> Map<String, Value> {
+        let mut m = Map::new();
+        let params: usize = self.model().num_params();
+        m.insert("params".into(), json!(params));
+        m
+    }
+
+    fn save(&self, dir: &Path) -> Result<Value> {
+        let model = self.model();
+        let mut files = self.meta.clone();
+        files.weights = load::to_weights(model, DType::F32);
+        files.layers = load::layer_shapes(model);
+        files.write_hf_dir(dir.join("model"), None, false)?;
+        let mut opt = WeightMap::new();
+        let mut times = BTreeMap::new();
+        params::save_adamw(&self.opt, model, "model", &mut opt, &mut times);
+        safetensors::write(dir.join("optimizer.safetensors"), &opt, &Default::default())?;
+        Ok(json!({ "optimizer_steps": times }))
+    }
+
+    fn load(&mut self, dir: &Path, state: &Value) -> Result<()> {
+        let files = ModelFiles::load_hf_dir(dir.join("model"))?;
+        let model = load::from_files::<B>(&files, &self.device, DType::F32)?;
+        let opt =
+            safetensors::SafeTensorsFile::open(dir.join("optimizer.safetensors"))?.all_tensors()?;
+        let times: BTreeMap<String, usize> =
+            serde_json::from_value(state["optimizer_steps"].clone()).map_err(|e| {
+                Error::format(dir.join("state.json"), format!("optimizer_steps: {e}"))
+            })?;
+        self.opt = params::load_adamw(
+            self.settings.to_burn().init(),
+            &model,
+            "model",
+            &opt,
+            &times,
+            &self.device,
+        )?;
+        self.names = params::named_params::<B, _>(&model);
+        self.model = Some(model);
+        self.pending = None;
+        Ok(())
+    }
+}

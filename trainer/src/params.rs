@@ -1,0 +1,234 @@
+//! Parameters by name, for what burn keys by run-local ids: global-norm gradient clipping over
+//! several modules, and optimizer state that survives a restart (saved under module paths,
+//! loaded onto the new process's parameter ids).
+
+use std::collections::BTreeMap;
+
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::record::AdaptorRecord;
+use burn::optim::{AdamW, AdamWState, AdaptiveMomentumState, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use shears_core::{DType, Error, HostTensor, Result, WeightMap};
+use shears_models::load::host_of;
+
+/// A float parameter: its module path (`layers.3.self_attn.q_proj.weight`), id and rank.
+#[derive(Debug, Clone)]
+pub struct NamedParam {
+    pub name: String,
+    pub id: ParamId,
+    pub dims: usize,
+}
+
+struct Collect {
+    path: Vec<String>,
+    out: Vec<NamedParam>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Collect {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.out.push(NamedParam {
+            name: self.path.join("."),
+            id: param.id,
+            dims: D,
+        });
+    }
+}
+
+/// Every float parameter of `module`, in visiting order (deterministic).
+pub fn named_params<B: Backend, M: Module<B>>(module: &M) -> Vec<NamedParam> {
+    let mut c = Collect {
+        path: vec![],
+        out: vec![],
+    };
+    module.visit(&mut c);
+    c.out
+}
+
+fn sum_squares<B: Backend, const D: usize>(g: Tensor<B, D>) -> f64 {
+    let v: Vec<f64> = g
+        .square()
+        .sum()
+        .into_data()
+        .convert::<f64>()
+        .into_vec()
+        .expect("scalar");
+    v[0]
+}
+
+/// The L2 norm over all gradients of `groups` (each a parameter list and its gradients),
+/// accumulated in f64. Non-finite when any gradient is.
+pub fn global_norm<B: Backend>(groups: &[(&[NamedParam], &GradientsParams)]) -> f64 {
+    let mut total = 0.0f64;
+    for (params, grads) in groups {
+        for p in params.iter() {
+            total += match p.dims {
+                1 => grads.get::<B, 1>(p.id).map(sum_squares).unwrap_or(0.0),
+                2 => grads.get::<B, 2>(p.id).map(sum_squares).unwrap_or(0.0),
+                3 => grads.get::<B, 3>(p.id).map(sum_squares).unwrap_or(0.0),
+                4 => grads.get::<B, 4>(p.id).map(sum_squares).unwrap_or(0.0),
+                d => panic!("parameter {} has rank {d}", p.name),
+            };
+        }
+    }
+    total.sqrt()
+}
+
+fn scale_one<B: Backend, const D: usize>(grads: &mut GradientsParams, id: ParamId, s: f64) {
+    if let Some(g) = grads.remove::<B, D>(id) {
+        grads.register(id, g.mul_scalar(s));
+    }
+}
+
+/// Multiply every gradient of `params` in `grads` by `s`.
+pub fn scale_grads<B: Backend>(params: &[NamedParam], grads: &mut GradientsParams, s: f64) {
+    for p in params {
+        match p.dims {
+            1 => scale_one::<B, 1>(grads, p.id, s),
+            2 => scale_one::<B, 2>(grads, p.id, s),
+            3 => scale_one::<B, 3>(grads, p.id, s),
+            4 => scale_one::<B, 4>(grads, p.id, s),
+            d => panic!("parameter {} has rank {d}", p.name),
+        }
+    }
+}
+
+fn add_one<B: Backend, const D: usize>(
+    acc: &mut GradientsParams,
+    new: &mut GradientsParams,
+    id: ParamId,
+) {
+    if let Some(g) = new.remove::<B, D>(id) {
+        let sum = match acc.remove::<B, D>(id) {
+            Some(a) => a + g,
+            None => g,
+        };
+        acc.register(id, sum);
+    }
+}
+
+/// `acc += new` for the gradients of `params` (gradient accumulation in a fixed order).
+pub fn accumulate<B: Backend>(
+    params: &[NamedParam],
+    acc: &mut GradientsParams,
+    mut new: GradientsParams,
+) {
+    for p in params {
+        match p.dims {
+            1 => add_one::<B, 1>(acc, &mut new, p.id),
+            2 => add_one::<B, 2>(acc, &mut new, p.id),
+            3 => add_one::<B, 3>(acc, &mut new, p.id),
+            4 => add_one::<B, 4>(acc, &mut new, p.id),
+            d => panic!("parameter {} has rank {d}", p.name),
+        }
+    }
+}
+
+/// AdamW moments of one parameter group, keyed `{prefix}.{path}.m` / `.v`, plus each
+/// parameter's step count.
+pub fn save_adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
+    optim: &OptimizerAdaptor<AdamW, M, B>,
+    module: &M,
+    prefix: &str,
+    tensors: &mut WeightMap,
+    times: &mut BTreeMap<String, usize>,
+) {
+    let mut record = optim.to_record();
+    for p in named_params::<B, M>(module) {
+        let Some(rec) = record.remove(&p.id) else {
+            continue;
+        };
+        let key = format!("{prefix}.{}", p.name);
+        let (time, m, v) = match p.dims {
+            1 => moments::<B, 1>(rec),
+            2 => moments::<B, 2>(rec),
+            3 => moments::<B, 3>(rec),
+            4 => moments::<B, 4>(rec),
+            d => panic!("parameter {} has rank {d}", p.name),
+        };
+        tensors.insert(format!("{key}.m"), m);
+        tensors.insert(format!("{key}.v"), v);
+        times.insert(key, time);
+    }
+}
+
+fn moments<B: AutodiffBackend, const D: usize>(
+    rec: AdaptorRecord<AdamW, B>,
+) -> (usize, HostTensor, HostTensor) {
+    let state: AdamWState<B::InnerBackend, D> = rec.into_state::<D>();
+    let m = state.momentum;
+    (
+        m.time,
+        host_of(m.moment_1, DType::F32),
+        host_of(m.moment_2, DType::F32),
+    )
+}
+
+fn state_of<B: AutodiffBackend, const D: usize>(
+    time: usize,
+    m: &HostTensor,
+    v: &HostTensor,
+    device: &B::Device,
+) -> AdaptorRecord<AdamW, B> {
+    let t = |h: &HostTensor| {
+        let t = Tensor::<B::InnerBackend, D>::from_data(
+            TensorData::new(h.to_f32_vec(), h.shape.clone()),
+            device,
+        );
+        t.cast(burn::tensor::DType::F32)
+    };
+    AdaptorRecord::from_state::<D>(AdamWState {
+        momentum: AdaptiveMomentumState {
+            time,
+            moment_1: t(m),
+            moment_2: t(v),
+            max_moment_2: None,
+        },
+    })
+}
+
+/// Load the state [`save_adamw`] wrote onto `module`'s parameters (matched by path).
+pub fn load_adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
+    optim: OptimizerAdaptor<AdamW, M, B>,
+    module: &M,
+    prefix: &str,
+    tensors: &WeightMap,
+    times: &BTreeMap<String, usize>,
+    device: &B::Device,
+) -> Result<OptimizerAdaptor<AdamW, M, B>> {
+    let mut record: <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record = Default::default();
+    for p in named_params::<B, M>(module) {
+        let key = format!("{prefix}.{}", p.name);
+        let Some(&time) = times.get(&key) else {
+            continue;
+        };
+        let get = |s: &str| {
+            tensors
+                .get(&format!("{key}.{s}"))
+                .ok_or_else(|| Error::invalid(format!("optimizer state has no '{key}.{s}'")))
+        };
+        let (m, v) = (get("m")?, get("v")?);
+        if m.shape.len() != p.dims || m.shape != v.shape {
+            return Err(Error::invalid(format!(
+                "optimizer state '{key}' has shape {:?}, the parameter has rank {}",
+                m.shape, p.dims
+            )));
+        }
+        let rec = match p.dims {
+            1 => state_of::<B, 1>(time, m, v, device),
+            2 => state_of::<B, 2>(time, m, v, device),
+            3 => state_of::<B, 3>(time, m, v, device),
+            4 => state_of::<B, 4>(time, m, v, device),
+            d => panic!("parameter {} has rank {d}", p.name),
+        };
+        record.insert(p.id, rec);
+    }
+    Ok(optim.load_record(record))
+}

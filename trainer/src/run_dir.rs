@@ -1,0 +1,145 @@
+//! A run directory: the plan as given (`plan.toml`) and resolved (`resolved.toml`),
+//! `metrics.jsonl` (one JSON object per line: per step and per evaluation), `log.txt` (the human
+//! log) and `checkpoints/`. Everything needed to resume, inspect and plot a run.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use shears_core::error::IoContext;
+use shears_core::{Error, Result};
+
+use crate::checkpoint;
+
+/// An open run directory.
+pub struct RunDir {
+    pub root: PathBuf,
+    metrics: File,
+    metrics_len: u64,
+    log: File,
+    /// Also print log lines to stderr.
+    pub echo: bool,
+}
+
+/// File names inside a run directory.
+pub const PLAN: &str = "plan.toml";
+pub const RESOLVED: &str = "resolved.toml";
+pub const METRICS: &str = "metrics.jsonl";
+pub const LOG: &str = "log.txt";
+pub const CHECKPOINTS: &str = "checkpoints";
+
+impl RunDir {
+    /// Open `root` for a new run (it must not hold one) or, with `resume`, for continuing the
+    /// run there. The resolved plan must equal the one the run was started with.
+    pub fn open(root: &Path, plan_text: &str, resolved: &str, resume: bool) -> Result<Self> {
+        let has_run = root.join(RESOLVED).exists();
+        if has_run && !resume {
+            return Err(Error::format(
+                root,
+                "already holds a run; pass --resume to continue it or choose another output directory",
+            ));
+        }
+        std::fs::create_dir_all(root).at(root, "cannot create the run directory")?;
+        if has_run {
+            let old = std::fs::read_to_string(root.join(RESOLVED))
+                .at(root.join(RESOLVED), "cannot read")?;
+            if old != resolved {
+                return Err(Error::format(
+                    root.join(RESOLVED),
+                    "the plan differs from the one this run was started with; resume with the same plan or start a new run",
+                ));
+            }
+        } else {
+            checkpoint::write_synced(&root.join(PLAN), plan_text.as_bytes())?;
+            checkpoint::write_synced(&root.join(RESOLVED), resolved.as_bytes())?;
+        }
+        let mpath = root.join(METRICS);
+        let metrics = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&mpath)
+            .at(&mpath, "cannot open")?;
+        let metrics_len = metrics.metadata().at(&mpath, "cannot stat")?.len();
+        let lpath = root.join(LOG);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&lpath)
+            .at(&lpath, "cannot open")?;
+        Ok(RunDir {
+            root: root.to_path_buf(),
+            metrics,
+            metrics_len,
+            log,
+            echo: true,
+        })
+    }
+
+    /// The checkpoint directory.
+    pub fn checkpoints(&self) -> PathBuf {
+        self.root.join(CHECKPOINTS)
+    }
+
+    /// Bytes of `metrics.jsonl` written so far (saved in checkpoints).
+    pub fn metrics_len(&self) -> u64 {
+        self.metrics_len
+    }
+
+    /// Cut `metrics.jsonl` back to `len` bytes: what a checkpoint had seen, so a resumed run
+    /// writes exactly the lines an uninterrupted one would.
+    pub fn truncate_metrics(&mut self, len: u64) -> Result<()> {
+        let mpath = self.root.join(METRICS);
+        if len > self.metrics_len {
+            return Err(Error::format(
+                &mpath,
+                format!(
+                    "is shorter ({} bytes) than the checkpoint recorded ({len} bytes)",
+                    self.metrics_len
+                ),
+            ));
+        }
+        self.metrics.set_len(len).at(&mpath, "cannot truncate")?;
+        self.metrics_len = len;
+        Ok(())
+    }
+
+    /// Append one metrics record.
+    pub fn metric(&mut self, v: &Value) -> Result<()> {
+        let mut line = serde_json::to_string(v).expect("json");
+        line.push('\n');
+        let mpath = self.root.join(METRICS);
+        self.metrics
+            .write_all(line.as_bytes())
+            .at(&mpath, "cannot write")?;
+        self.metrics.flush().at(&mpath, "cannot write")?;
+        self.metrics_len += line.len() as u64;
+        Ok(())
+    }
+
+    /// Append a line to the human log (and echo it).
+    pub fn log(&mut self, msg: &str) {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let _ = writeln!(self.log, "[{secs}] {msg}");
+        if self.echo {
+            eprintln!("{msg}");
+        }
+    }
+}
+
+/// Read every record of a run's `metrics.jsonl`.
+pub fn read_metrics(root: &Path) -> Result<Vec<Value>> {
+    let p = root.join(METRICS);
+    let text = std::fs::read_to_string(&p).at(&p, "cannot read")?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| Error::format(&p, format!("line {}: invalid JSON: {e}", i + 1)))
+        })
+        .collect()
+}
