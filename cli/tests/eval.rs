@@ -1,0 +1,146 @@
+//! `shears eval` on the tiny model: per-domain perplexity, a pruning checkpoint with its masks
+//! equals the finalized model, and clear errors.
+
+use serde_json::Value;
+use shears_tests::runs::{setup, shears, TINY_TARGET};
+
+const BIN: &str = env!("CARGO_BIN_EXE_shears");
+
+fn json(o: &std::process::Output) -> Value {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn per_domain_perplexity_and_masked_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = setup(BIN, tmp.path());
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let v = json(&shears(
+        BIN,
+        &["eval", "--model", m, "--data", d, "--json", "--batch", "3"],
+    ));
+    let domains = v["domains"].as_object().unwrap();
+    assert_eq!(domains.len(), 3);
+    for (name, r) in domains {
+        let (loss, ppl) = (
+            r["loss"].as_f64().unwrap(),
+            r["perplexity"].as_f64().unwrap(),
+        );
+        assert!((ppl - loss.exp()).abs() < 1e-9 * ppl, "{name}");
+        // An untrained model over 262 tokens: close to uniform.
+        assert!((loss - 262f64.ln()).abs() < 0.2, "{name}: {loss}");
+        assert!(r["tokens"].as_u64().unwrap() > 0);
+    }
+    // The batch size does not change the numbers.
+    let w = json(&shears(
+        BIN,
+        &["eval", "--model", m, "--data", d, "--json", "--batch", "1"],
+    ));
+    for (name, r) in domains {
+        assert!(
+            (r["loss"].as_f64().unwrap() - w["domains"][name]["loss"].as_f64().unwrap()).abs()
+                < 1e-6
+        );
+    }
+
+    // A pruning run evaluated with its deterministic masks equals the finalized model.
+    let plan = tmp.path().join("p.toml");
+    std::fs::write(
+        &plan,
+        format!("model = \"{m}\"\ndata = \"{d}\"\n{TINY_TARGET}\n[run]\nsteps = 6\nbatch_size = 2\neval_sequences = 1\n"),
+    )
+    .unwrap();
+    let run = tmp.path().join("run");
+    let o = shears(
+        BIN,
+        &[
+            "prune",
+            "--config",
+            plan.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = tmp.path().join("pruned");
+    let o = shears(
+        BIN,
+        &[
+            "finalize",
+            "--run",
+            run.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let masked = json(&shears(
+        BIN,
+        &[
+            "eval",
+            "--run",
+            run.to_str().unwrap(),
+            "--masked",
+            "--data",
+            d,
+            "--json",
+        ],
+    ));
+    let dense = json(&shears(
+        BIN,
+        &[
+            "eval",
+            "--model",
+            out.to_str().unwrap(),
+            "--data",
+            d,
+            "--json",
+        ],
+    ));
+    for (name, r) in dense["domains"].as_object().unwrap() {
+        let (a, b) = (
+            r["loss"].as_f64().unwrap(),
+            masked["domains"][name]["loss"].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-4, "{name}: finalized {a} vs masked {b}");
+    }
+    assert!(masked["model"].as_str().unwrap().contains("masked"));
+}
+
+#[test]
+fn bad_eval_arguments_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = shears_tests::runs::tiny_model(tmp.path());
+    let m = model.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["eval", "--model", m, "--tasks", "nope"],
+            "unknown task 'nope'",
+        ),
+        (
+            &[
+                "eval",
+                "--model",
+                m,
+                "--tasks",
+                "piqa",
+                "--tasks-dir",
+                "/nonexistent/oe",
+            ],
+            "/nonexistent/oe",
+        ),
+        (&["eval", "--model", m], "--tasks"),
+        (
+            &["eval", "--model", m, "--data", "/nonexistent/data"],
+            "/nonexistent/data",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = shears(BIN, args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
