@@ -15,8 +15,10 @@ use shears_pruning::size::Dims;
 use shears_pruning::{finalize, FinalizeOptions, PruneModule, PruningSpec, TargetShape};
 
 use crate::checkpoint;
-use crate::config::{DblSettings, PruneConfig, StageKind, TrainConfig};
-use crate::driver::{self, read_state, run_loop, LoopInputs, Outcome};
+use crate::config::{
+    DblSettings, Faults, OptimSettings, PruneConfig, RunSettings, StageKind, TrainConfig,
+};
+use crate::driver::{self, read_state, run_loop, LoopInputs, Outcome, Stage};
 use crate::lm_stage::LmStage;
 use crate::prune_stage::{read_pruning, PruneRates, PruneStage};
 use crate::run_dir::{RunDir, CHECKPOINTS};
@@ -134,34 +136,27 @@ pub fn prune<B: AutodiffBackend>(
     let files = load_model(&config.model)?;
     let (resolved, spec) = resolve_prune(config, &files.config)?;
     let data = open_data(&resolved.data, &files)?;
-    let mut dir = RunDir::open(
-        &job.out,
-        &job.plan_text,
-        &toml::to_string(&resolved).expect("toml"),
-        job.resume,
-    )?;
-    dir.echo = job.echo;
-    let (initial_weights, from_run) = start_weights(&resolved.dbl, &data)?;
     let rates = PruneRates {
         model: resolved.optim.adamw(),
         mask_lr: resolved.pruning.mask_lr,
         multiplier_lr: resolved.pruning.multiplier_lr,
         lagrangian_warmup_steps: resolved.pruning.lagrangian_warmup_steps.unwrap_or(0),
     };
-    let mut stage = PruneStage::<B>::new(&files, &spec, rates, resolved.run.seed, &device)?;
-    drop(files);
-    let inputs = LoopInputs {
+    let parts = Parts {
         run: &resolved.run,
         optim: &resolved.optim,
         dbl: &resolved.dbl,
         faults: &resolved.faults,
-        data: &data,
-        initial_weights,
-        reference: reference(&resolved.dbl, from_run, job.source_losses.as_ref())?,
-        interrupt: job.interrupt.clone(),
-        progress: job.progress,
     };
-    run_loop(&mut stage, &inputs, &mut dir, job.resume)
+    let seed = resolved.run.seed;
+    // The closure owns the host weights, so they are freed once the stage holds its copy.
+    run_stage(
+        job,
+        &toml::to_string(&resolved).expect("toml"),
+        parts,
+        &data,
+        move || PruneStage::<B>::new(&files, &spec, rates, seed, &device),
+    )
 }
 
 /// The training plan with every default filled in.
@@ -185,24 +180,51 @@ pub fn train<B: AutodiffBackend>(
         files.weights = shears_models::load::random_weights(&files.config, resolved.run.seed);
     }
     let data = open_data(&resolved.data, &files)?;
-    let mut dir = RunDir::open(
-        &job.out,
-        &job.plan_text,
-        &toml::to_string(&resolved).expect("toml"),
-        job.resume,
-    )?;
-    dir.echo = job.echo;
-    let (initial_weights, from_run) = start_weights(&resolved.dbl, &data)?;
-    let mut stage = LmStage::<B>::new(&files, resolved.optim.adamw(), &device)?;
-    drop(files);
-    let inputs = LoopInputs {
+    let parts = Parts {
         run: &resolved.run,
         optim: &resolved.optim,
         dbl: &resolved.dbl,
         faults: &resolved.faults,
-        data: &data,
+    };
+    let adamw = resolved.optim.adamw();
+    run_stage(
+        job,
+        &toml::to_string(&resolved).expect("toml"),
+        parts,
+        &data,
+        move || LmStage::<B>::new(&files, adamw, &device),
+    )
+}
+
+/// The settings both stage plans share.
+struct Parts<'a> {
+    run: &'a RunSettings,
+    optim: &'a OptimSettings,
+    dbl: &'a DblSettings,
+    faults: &'a Faults,
+}
+
+/// Open the run directory (before the model is built, so an existing run is refused early),
+/// build the stage and run the loop.
+fn run_stage<B: AutodiffBackend, S: Stage<B>>(
+    job: &JobOptions,
+    resolved: &str,
+    p: Parts<'_>,
+    data: &Dataset,
+    make_stage: impl FnOnce() -> Result<S>,
+) -> Result<Outcome> {
+    let mut dir = RunDir::open(&job.out, &job.plan_text, resolved, job.resume)?;
+    dir.echo = job.echo;
+    let (initial_weights, from_run) = start_weights(p.dbl, data)?;
+    let mut stage = make_stage()?;
+    let inputs = LoopInputs {
+        run: p.run,
+        optim: p.optim,
+        dbl: p.dbl,
+        faults: p.faults,
+        data,
         initial_weights,
-        reference: reference(&resolved.dbl, from_run, job.source_losses.as_ref())?,
+        reference: reference(p.dbl, from_run, job.source_losses.as_ref())?,
         interrupt: job.interrupt.clone(),
         progress: job.progress,
     };

@@ -52,7 +52,24 @@ pub fn named_params<B: Backend, M: Module<B>>(module: &M) -> Vec<NamedParam> {
     c.out
 }
 
-fn sum_squares<B: Backend, const D: usize>(g: Tensor<B, D>) -> f64 {
+/// Call `f::<B, D>(args)` at the parameter's rank `D` (1 to 4): burn's gradient and optimizer
+/// maps are typed by rank, the named list only knows it at run time.
+macro_rules! by_rank {
+    ($p:expr, $f:ident::<$b:ty>($($arg:expr),*)) => {
+        match $p.dims {
+            1 => $f::<$b, 1>($($arg),*),
+            2 => $f::<$b, 2>($($arg),*),
+            3 => $f::<$b, 3>($($arg),*),
+            4 => $f::<$b, 4>($($arg),*),
+            d => panic!("parameter {} has rank {d}", $p.name),
+        }
+    };
+}
+
+fn sum_squares<B: Backend, const D: usize>(grads: &GradientsParams, id: ParamId) -> f64 {
+    let Some(g) = grads.get::<B, D>(id) else {
+        return 0.0;
+    };
     let v: Vec<f64> = g
         .square()
         .sum()
@@ -69,13 +86,7 @@ pub fn global_norm<B: Backend>(groups: &[(&[NamedParam], &GradientsParams)]) -> 
     let mut total = 0.0f64;
     for (params, grads) in groups {
         for p in params.iter() {
-            total += match p.dims {
-                1 => grads.get::<B, 1>(p.id).map(sum_squares).unwrap_or(0.0),
-                2 => grads.get::<B, 2>(p.id).map(sum_squares).unwrap_or(0.0),
-                3 => grads.get::<B, 3>(p.id).map(sum_squares).unwrap_or(0.0),
-                4 => grads.get::<B, 4>(p.id).map(sum_squares).unwrap_or(0.0),
-                d => panic!("parameter {} has rank {d}", p.name),
-            };
+            total += by_rank!(p, sum_squares::<B>(grads, p.id));
         }
     }
     total.sqrt()
@@ -90,13 +101,7 @@ fn scale_one<B: Backend, const D: usize>(grads: &mut GradientsParams, id: ParamI
 /// Multiply every gradient of `params` in `grads` by `s`.
 pub fn scale_grads<B: Backend>(params: &[NamedParam], grads: &mut GradientsParams, s: f64) {
     for p in params {
-        match p.dims {
-            1 => scale_one::<B, 1>(grads, p.id, s),
-            2 => scale_one::<B, 2>(grads, p.id, s),
-            3 => scale_one::<B, 3>(grads, p.id, s),
-            4 => scale_one::<B, 4>(grads, p.id, s),
-            d => panic!("parameter {} has rank {d}", p.name),
-        }
+        by_rank!(p, scale_one::<B>(grads, p.id, s));
     }
 }
 
@@ -121,13 +126,7 @@ pub fn accumulate<B: Backend>(
     mut new: GradientsParams,
 ) {
     for p in params {
-        match p.dims {
-            1 => add_one::<B, 1>(acc, &mut new, p.id),
-            2 => add_one::<B, 2>(acc, &mut new, p.id),
-            3 => add_one::<B, 3>(acc, &mut new, p.id),
-            4 => add_one::<B, 4>(acc, &mut new, p.id),
-            d => panic!("parameter {} has rank {d}", p.name),
-        }
+        by_rank!(p, add_one::<B>(acc, &mut new, p.id));
     }
 }
 
@@ -146,13 +145,7 @@ pub fn save_adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
             continue;
         };
         let key = format!("{prefix}.{}", p.name);
-        let (time, m, v) = match p.dims {
-            1 => moments::<B, 1>(rec),
-            2 => moments::<B, 2>(rec),
-            3 => moments::<B, 3>(rec),
-            4 => moments::<B, 4>(rec),
-            d => panic!("parameter {} has rank {d}", p.name),
-        };
+        let (time, m, v) = by_rank!(p, moments::<B>(rec));
         tensors.insert(format!("{key}.m"), m);
         tensors.insert(format!("{key}.v"), v);
         times.insert(key, time);
@@ -221,13 +214,7 @@ pub fn load_adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
                 m.shape, p.dims
             )));
         }
-        let rec = match p.dims {
-            1 => state_of::<B, 1>(time, m, v, device),
-            2 => state_of::<B, 2>(time, m, v, device),
-            3 => state_of::<B, 3>(time, m, v, device),
-            4 => state_of::<B, 4>(time, m, v, device),
-            d => panic!("parameter {} has rank {d}", p.name),
-        };
+        let rec = by_rank!(p, state_of::<B>(time, m, v, device));
         record.insert(p.id, rec);
     }
     Ok(optim.load_record(record))
