@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::Subcommand;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -15,6 +15,33 @@ use shears_trainer::{AdamWSettings, LmTrainer};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
+    /// Each fused kernel (attention, LM head + cross-entropy) against its generic composition
+    /// of burn ops on one backend (default: the default backend), forward and forward +
+    /// backward, and the GEMM rate on the projection shapes. Shapes default to SmolLM2-135M's.
+    Kernels {
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 9)]
+        heads: usize,
+        #[arg(long, default_value_t = 3)]
+        kv_heads: usize,
+        #[arg(long, default_value_t = 64)]
+        head_dim: usize,
+        #[arg(long, default_value_t = 576)]
+        hidden: usize,
+        #[arg(long, default_value_t = 1536)]
+        intermediate: usize,
+        #[arg(long, default_value_t = 49152)]
+        vocab: usize,
+        /// Timed runs per figure (median reported, after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Tokenization + packing throughput (tokens/s, all cores) of a data plan, and sampler
     /// throughput (sequences/s read from the memory-mapped shards).
     Data {
@@ -97,7 +124,7 @@ struct ForwardBench<'a> {
 
 impl BackendTask for ForwardBench<'_> {
     type Output = shears_core::Result<Vec<(usize, f64)>>;
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+    fn run<B: shears_models::ShearsOps>(self, device: B::Device) -> Self::Output {
         let model = load::from_files::<B>(self.files, &device, DType::F32)?;
         let vocab = self.files.config.vocab_size;
         Ok(self
@@ -135,7 +162,7 @@ struct TrainBench {
 
 impl AutodiffTask for TrainBench {
     type Output = shears_core::Result<f64>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> Self::Output {
         let config = tiny_config(self.len);
         let model = load::random_model::<B>(&config, 0, &device)?;
         let mut trainer = LmTrainer::new(model, AdamWSettings::default());
@@ -157,7 +184,7 @@ struct PruneBench<'a> {
 impl AutodiffTask for PruneBench<'_> {
     /// Seconds per step without and with masks.
     type Output = shears_core::Result<(f64, f64)>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> Self::Output {
         use shears_pruning::{PruningModel, PruningSpec, TargetShape};
         use shears_trainer::{PruneStepSettings, PruneTrainer};
         let vocab = self.files.config.vocab_size;
@@ -209,6 +236,38 @@ pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
             json,
         } => (model, iters, seq_len, skip_model, json),
         BenchCmd::Data { plan, draws } => return bench_data(plan, draws),
+        BenchCmd::Kernels {
+            batch,
+            seq_len,
+            heads,
+            kv_heads,
+            head_dim,
+            hidden,
+            intermediate,
+            vocab,
+            iters,
+            json,
+        } => {
+            if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || batch == 0 || seq_len == 0 {
+                anyhow::bail!("--heads must be a positive multiple of --kv-heads, and --batch and --seq-len positive");
+            }
+            let kind = only
+                .or_else(BackendKind::default_backend)
+                .expect("a compiled backend");
+            let shapes = crate::bench_kernels::KernelShapes {
+                batch,
+                seq_len,
+                heads,
+                kv_heads,
+                head_dim,
+                hidden,
+                intermediate,
+                vocab,
+                iters,
+            };
+            dispatch_autodiff(kind, crate::bench_kernels::KernelBench { shapes, json })?;
+            return Ok(());
+        }
         BenchCmd::Prune {
             model,
             batch,

@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::Backend;
 use serde_json::json;
 use shears_core::{hub, ChatMessage, DType, ModelFiles};
 use shears_models::generate::{self, SamplingConfig, Scored};
@@ -47,7 +46,7 @@ struct ExportTask {
 
 impl BackendTask for ExportTask {
     type Output = shears_core::Result<ModelFiles>;
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+    fn run<B: shears_models::ShearsOps>(self, device: B::Device) -> Self::Output {
         let model = load::from_files::<B>(&self.files, &device, DType::F32)?;
         let mut files = self.files;
         files.weights = load::to_weights(&model, self.dtype);
@@ -81,7 +80,7 @@ struct ScoreTask {
 
 impl BackendTask for ScoreTask {
     type Output = shears_core::Result<Scored>;
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+    fn run<B: shears_models::ShearsOps>(self, device: B::Device) -> Self::Output {
         let model = load::from_files::<B>(&self.files, &device, self.dtype)?;
         model.check_context(self.ids.len())?;
         Ok(generate::score(&model, &self.ids))
@@ -152,7 +151,7 @@ struct GenerateTask {
 
 impl BackendTask for GenerateTask {
     type Output = shears_core::Result<Vec<u32>>;
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+    fn run<B: shears_models::ShearsOps>(self, device: B::Device) -> Self::Output {
         let model = load::from_files::<B>(&self.files, &device, self.dtype)?;
         model.check_context(self.prompt.len() + self.cfg.max_new_tokens)?;
         let tok = self.files.tokenizer()?.inner();

@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
@@ -100,7 +99,7 @@ type Output = shears_core::Result<Value>;
 
 impl BackendTask for EvalTask {
     type Output = Output;
-    fn run<B: Backend>(self, device: B::Device) -> Output {
+    fn run<B: shears_models::ShearsOps>(self, device: B::Device) -> Output {
         let model: Llama<B> = load::from_files::<B>(&self.subject.files, &device, DType::F32)?;
         let fm = match &self.subject.masks {
             Some((ckpt, spec)) => {
@@ -180,7 +179,10 @@ impl BackendTask for EvalTask {
         if let Some((data, es)) = &self.data {
             let e = domain_losses(data, es, |seqs| {
                 let ids = batch_tensor::<B>(seqs, &device);
-                summed_nll(forward(ids.clone()), ids)
+                summed_nll(match &fm {
+                    Some(m) => model.nll_masked(ids, m),
+                    None => model.nll(ids),
+                })
             })?;
             let domains: BTreeMap<String, Value> = e
                 .iter()

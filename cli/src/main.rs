@@ -2,6 +2,7 @@
 //! their context and become exit codes.
 
 mod bench;
+mod bench_kernels;
 mod commands;
 mod data;
 mod eval;
@@ -14,6 +15,12 @@ use clap::{Parser, Subcommand};
 use shears_core::DType;
 use shears_models::BackendKind;
 
+/// mimalloc instead of glibc malloc: burn allocates a fresh buffer for almost every op, and
+/// glibc's arena and trim behaviour made that churn (page faults on every large buffer) a
+/// tenth of a training step.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "shears",
@@ -24,6 +31,10 @@ struct Cli {
     /// Tensor backend: ndarray, flex, wgpu or cuda (default: flex when built, else ndarray).
     #[arg(long, global = true)]
     backend: Option<BackendKind>,
+    /// CPU threads for the CPU backends and kernels (default: `RAYON_NUM_THREADS`, else every
+    /// core), e.g. to match another framework's thread count in a benchmark.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -320,6 +331,20 @@ enum CorpusCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            eprintln!("error: --threads must be at least 1");
+            return ExitCode::FAILURE;
+        }
+        // Before any backend touches rayon's global pool; RAYON_NUM_THREADS applies otherwise.
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+        {
+            eprintln!("error: cannot set up {n} threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let only = cli.backend;
     let backend = match cli.backend.or_else(BackendKind::default_backend) {
         Some(b) => b,

@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use shears_core::DType;
 use shears_models::{dispatch, dispatch_autodiff, AutodiffTask, BackendKind, BackendTask};
 use shears_pruning::{FinalizeOptions, TargetShape};
@@ -61,7 +60,7 @@ struct PruneTask {
 
 impl AutodiffTask for PruneTask {
     type Output = shears_core::Result<Outcome>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> Self::Output {
         jobs::prune::<B>(&self.config, &self.job, device)
     }
 }
@@ -73,7 +72,7 @@ struct TrainTask {
 
 impl AutodiffTask for TrainTask {
     type Output = shears_core::Result<Outcome>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> Self::Output {
         jobs::train::<B>(&self.config, &self.job, device)
     }
 }
@@ -151,7 +150,7 @@ struct FinalizeTask {
 
 impl BackendTask for FinalizeTask {
     type Output = shears_core::Result<jobs::FinalizeReport>;
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+    fn run<B: shears_models::ShearsOps>(self, device: B::Device) -> Self::Output {
         jobs::finalize_run::<B>(
             &self.run, self.step, &self.out, self.opts, self.dtype, self.force, &device,
         )
@@ -212,7 +211,7 @@ struct PipelineTask {
 
 impl AutodiffTask for PipelineTask {
     type Output = shears_core::Result<PipelineOutcome>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> Self::Output {
         pipeline::run_pipeline::<B>(
             &self.plan,
             &self.text,

@@ -2,7 +2,7 @@
 //! once as a generic method and [`dispatch`] runs the copy monomorphised for the backend the
 //! user named, or says the binary was built without it.
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use crate::ops::{ShearsAutodiff, ShearsOps};
 use shears_core::{Error, Result};
 
 /// The backends Shears knows, whether or not this binary was built with them.
@@ -92,7 +92,7 @@ pub trait BackendTask {
     /// What the task returns.
     type Output;
     /// Run on backend `B`.
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output;
+    fn run<B: ShearsOps>(self, device: B::Device) -> Self::Output;
 }
 
 /// Work that needs gradients, run on the autodiff wrapper of the chosen backend.
@@ -100,7 +100,7 @@ pub trait AutodiffTask {
     /// What the task returns.
     type Output;
     /// Run on autodiff backend `B`.
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output;
+    fn run<B: ShearsAutodiff>(self, device: B::Device) -> Self::Output;
 }
 
 /// burn-ndarray with f32 floats.

@@ -2,7 +2,8 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-/// One layer's cached keys and values `[batch, kv_heads, len, head_dim]`.
+/// One layer's cached keys and values `[batch, len, kv_heads, head_dim]` (the layout the
+/// projections produce and the attention reads).
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: Backend> {
     k: Option<Tensor<B, 4>>,
@@ -13,11 +14,11 @@ impl<B: Backend> LayerCache<B> {
     /// Append new keys and values; returns everything cached so far.
     pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let k = match self.k.take() {
-            Some(prev) => Tensor::cat(vec![prev, k], 2),
+            Some(prev) => Tensor::cat(vec![prev, k], 1),
             None => k,
         };
         let v = match self.v.take() {
-            Some(prev) => Tensor::cat(vec![prev, v], 2),
+            Some(prev) => Tensor::cat(vec![prev, v], 1),
             None => v,
         };
         self.k = Some(k.clone());

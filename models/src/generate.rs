@@ -5,7 +5,7 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::llama::Llama;
-use crate::loss::token_nll;
+use crate::ops::ShearsOps;
 
 /// Likelihoods of a token sequence.
 #[derive(Debug, Clone)]
@@ -49,21 +49,22 @@ pub fn ids_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, I
 }
 
 /// Score `ids` (at least two tokens) in one forward pass.
-pub fn score<B: Backend>(model: &Llama<B>, ids: &[u32]) -> Scored {
+pub fn score<B: ShearsOps>(model: &Llama<B>, ids: &[u32]) -> Scored {
     let device = model.device();
     let t = ids_tensor::<B>(ids, &device);
-    let logits = model.forward(t.clone());
+    // Per-token NLL through the fused LM head; logits only for the last position.
+    let h = model.hidden_states(t.clone(), None);
+    let logits = model.logits(h.clone().narrow(1, ids.len() - 1, 1));
     let v = logits.dims()[2];
     let last: Vec<f32> = logits
-        .clone()
-        .narrow(1, ids.len() - 1, 1)
         .reshape([v])
         .cast(burn::tensor::DType::F32)
         .into_data()
         .convert::<f32>()
         .into_vec()
         .expect("f32 logits");
-    let nll: Vec<f32> = token_nll(logits, t)
+    let nll: Vec<f32> = model
+        .token_nll(h, t)
         .reshape([ids.len() - 1])
         .into_data()
         .convert::<f32>()
@@ -153,7 +154,7 @@ impl Sampler {
 
 /// Generate after `prompt`, calling `on_token` with each new id (return false to stop early).
 /// Stops at any id in `stop` (which is included in the result) or after `max_new_tokens`.
-pub fn generate<B: Backend>(
+pub fn generate<B: ShearsOps>(
     model: &Llama<B>,
     prompt: &[u32],
     cfg: SamplingConfig,

@@ -3,7 +3,8 @@
 //! The LLaMA family on burn, generic over the backend: one model definition for CPU, wgpu and
 //! CUDA. It owns the modules (HF-named), the forward pass and KV cache, RoPE, the causal-LM loss,
 //! scoring and generation, conversion between host weights and device parameters, and the
-//! run-time backend choice. It must not know about pruning, data or training loops; those crates
+//! run-time backend choice, and the fused operations behind the [`ShearsOps`] backend extension
+//! (native CPU kernels for attention and the LM-head cross-entropy, with their backward). It must not know about pruning, data or training loops; those crates
 //! build on it.
 
 pub mod backend;
@@ -13,9 +14,11 @@ pub mod llama;
 pub mod load;
 pub mod loss;
 pub mod masks;
+pub mod ops;
 pub mod rope;
 
 pub use backend::{dispatch, dispatch_autodiff, AutodiffTask, BackendKind, BackendTask};
 pub use cache::{KvCache, LayerCache};
 pub use llama::Llama;
 pub use masks::ForwardMasks;
+pub use ops::{ShearsAutodiff, ShearsOps};

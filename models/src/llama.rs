@@ -14,6 +14,7 @@ use shears_core::{LlamaConfig, Rope};
 
 use crate::cache::{KvCache, LayerCache};
 use crate::masks::{ForwardMasks, LayerMasks};
+use crate::ops::{self, ShearsOps};
 use crate::rope;
 
 /// `sigmoid`, exact in f64: burn's own computes in f32 whatever the input type, which is fine
@@ -102,10 +103,21 @@ pub struct Attention<B: Backend> {
     pub head_dim: usize,
 }
 
-impl<B: Backend> Attention<B> {
-    /// Per-head attention context `[batch, H, len, head_dim]`, before the heads are merged and
-    /// projected by `o_proj` (where a head mask multiplies in). `mask` is the causal mask
-    /// `[len, past+len]` (true = hidden), `None` when no position needs hiding.
+/// `x [.., in] · W [in, out]` as one 2-D GEMM over all leading positions (`[b·t, in]`), on the
+/// weight's contiguous `[in, out]` storage: no per-call copy of the weight and no batched
+/// matmul whose weight gradient is a sum of per-batch products.
+pub fn linear<B: Backend>(l: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, t, d] = x.dims();
+    let w = l.weight.val();
+    let n = w.dims()[1];
+    x.reshape([b * t, d]).matmul(w).reshape([b, t, n])
+}
+
+impl<B: ShearsOps> Attention<B> {
+    /// Per-head attention context `[batch, len, H, head_dim]` (the contiguous layout, heads
+    /// not yet merged), before `o_proj`; a head mask multiplies in here. `mask` is the causal
+    /// mask `[len, past+len]` (true = hidden) the generic attention reads, `None` when no
+    /// position needs hiding; a fused kernel applies causality itself.
     pub fn context(
         &self,
         x: Tensor<B, 3>,
@@ -116,57 +128,22 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 4> {
         let [b, t, _] = x.dims();
         let (h, g, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let r = h / g;
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([b, t, h, hd])
-            .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([b, t, g, hd])
-            .swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, t, g, hd])
-            .swap_dims(1, 2);
+        let q = linear(&self.q_proj, x.clone()).reshape([b, t, h, hd]);
+        let k = linear(&self.k_proj, x.clone()).reshape([b, t, g, hd]);
+        let v = linear(&self.v_proj, x).reshape([b, t, g, hd]);
         let q = rope::apply(q, cos, sin);
         let k = rope::apply(k, cos, sin);
         let (k, v) = match cache {
             Some(c) => c.append(k, v),
             None => (k, v),
         };
-        let tk = k.dims()[2];
-        // Query head j reads kv head j / r: group the r query heads of a kv head along the
-        // sequence axis so one batched matmul serves them without copying k and v r times.
-        let q = q.reshape([b, g, r * t, hd]);
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (hd as f64).sqrt());
-        let scores = match mask {
-            Some(m) => {
-                let m = m
-                    .clone()
-                    .unsqueeze_dim::<3>(0)
-                    .repeat_dim(0, r)
-                    .reshape([1, 1, r * t, tk])
-                    .expand([b, g, r * t, tk]);
-                scores.mask_fill(m, f32::NEG_INFINITY)
-            }
-            None => scores,
-        };
-        let dtype = scores.dtype();
-        let probs = activation::softmax(upcast(scores), 3).cast(dtype);
-        probs.matmul(v).reshape([b, h, t, hd])
+        ops::causal_attention(q, k, v, mask)
     }
 
-    /// Merge the heads of `ctx` and project back to the residual width.
+    /// Merge the heads of `ctx [b, t, H, hd]` and project back to the residual width.
     pub fn project(&self, ctx: Tensor<B, 4>) -> Tensor<B, 3> {
-        let [b, h, t, hd] = ctx.dims();
-        self.o_proj
-            .forward(ctx.swap_dims(1, 2).reshape([b, t, h * hd]))
+        let [b, t, h, hd] = ctx.dims();
+        linear(&self.o_proj, ctx.reshape([b, t, h * hd]))
     }
 }
 
@@ -186,12 +163,12 @@ impl<B: Backend> Mlp<B> {
 
     /// Apply the MLP with the intermediate mask `z_int [I]` on the `up_proj` output.
     pub fn forward_masked(&self, x: Tensor<B, 3>, z_int: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        let mut up = self.up_proj.forward(x);
+        let gate = silu(linear(&self.gate_proj, x.clone()));
+        let mut up = linear(&self.up_proj, x);
         if let Some(z) = z_int {
             up = up * z.clone().unsqueeze::<3>();
         }
-        self.down_proj.forward(gate * up)
+        linear(&self.down_proj, gate * up)
     }
 }
 
@@ -204,7 +181,7 @@ pub struct DecoderLayer<B: Backend> {
     pub post_attention_layernorm: RmsNorm<B>,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: ShearsOps> DecoderLayer<B> {
     /// `x + attn(norm1(x))`, then `+ mlp(norm2(.))`.
     pub fn forward(
         &self,
@@ -249,7 +226,7 @@ impl<B: Backend> DecoderLayer<B> {
             cache,
         );
         if let Some(z) = &m.heads {
-            ctx = ctx * z.clone().reshape([1, self.self_attn.num_heads, 1, 1]);
+            ctx = ctx * z.clone().reshape([1, 1, self.self_attn.num_heads, 1]);
         }
         let x = x + scale_out(self.self_attn.project(ctx));
         let y = self.mlp.forward_masked(
@@ -281,7 +258,7 @@ pub struct Llama<B: Backend> {
     pub rope: Rope,
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: ShearsOps> Llama<B> {
     /// Parameter dtype (that of the embedding).
     pub fn dtype(&self) -> DType {
         self.model.embed_tokens.weight.val().dtype()
@@ -307,8 +284,7 @@ impl<B: Backend> Llama<B> {
             self.dtype(),
             &device,
         );
-        let mask = (len > 1)
-            .then(|| Tensor::<B, 2, Bool>::tril_mask([len, past + len], past as i64, &device));
+        let mask = (len > 1).then(|| ops::causal_mask::<B>(past, len, &device));
         (cos, sin, mask)
     }
 
@@ -372,7 +348,7 @@ impl<B: Backend> Llama<B> {
     /// Logits `[batch, len, vocab]` of hidden states.
     pub fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => head.forward(h),
+            Some(head) => linear(head, h),
             None => {
                 let [b, t, d] = h.dims();
                 let w = self.model.embed_tokens.weight.val();
@@ -382,6 +358,46 @@ impl<B: Backend> Llama<B> {
                     .reshape([b, t, v])
             }
         }
+    }
+
+    /// Per-position next-token NLL `[batch, len-1]` of `ids` under the hidden states
+    /// `h [batch, len, d]` (positions `0..len-1` predict ids `1..len`), through the fused LM
+    /// head + cross-entropy where the backend has it (the logits are never materialised), else
+    /// [`Llama::logits`] and a log-softmax. f32 (f64 on f64 backends).
+    pub fn token_nll(&self, h: Tensor<B, 3>, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let [b, t, d] = h.dims();
+        assert!(t >= 2, "a causal LM loss needs at least two tokens");
+        let n = b * (t - 1);
+        let h = h.narrow(1, 0, t - 1).reshape([n, d]);
+        let targets = ids.narrow(1, 1, t - 1).reshape([n]);
+        let nll = match &self.lm_head {
+            Some(head) => ops::lm_head_nll(h, head.weight.val(), false, targets),
+            None => ops::lm_head_nll(h, self.model.embed_tokens.weight.val(), true, targets),
+        };
+        nll.reshape([b, t - 1])
+    }
+
+    /// Per-position next-token NLL `[batch, len-1]` of `ids` (fused LM head where available).
+    pub fn nll(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        self.token_nll(self.hidden_states(ids.clone(), None), ids)
+    }
+
+    /// [`Llama::nll`] with pruning masks applied.
+    pub fn nll_masked(&self, ids: Tensor<B, 2, Int>, masks: &ForwardMasks<B>) -> Tensor<B, 2> {
+        self.token_nll(
+            self.hidden_states_masked(ids.clone(), None, Some(masks)),
+            ids,
+        )
+    }
+
+    /// Mean next-token cross-entropy of `ids` (HF's causal-LM loss), a one-element tensor.
+    pub fn loss(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+        self.nll(ids).mean()
+    }
+
+    /// [`Llama::loss`] with pruning masks applied.
+    pub fn loss_masked(&self, ids: Tensor<B, 2, Int>, masks: &ForwardMasks<B>) -> Tensor<B, 1> {
+        self.nll_masked(ids, masks).mean()
     }
 
     /// Logits for every position of `ids` `[batch, len]`.

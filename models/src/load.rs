@@ -1,6 +1,7 @@
 //! Between host weights under HF names ([`WeightMap`]) and a [`Llama`] on a device: the one
 //! table of names and layouts. HF stores linear weights `[out, in]`; burn's `Linear` computes
-//! `x · W` with `W` as `[in, out]`, so linear weights are transposed on the way in and out.
+//! `x · W` with `W` as `[in, out]`, so linear weights are transposed on the way in (into
+//! contiguous `[in, out]` storage, never a strided view) and out.
 
 use burn::module::Param;
 use burn::nn::{Embedding, Linear};
@@ -12,6 +13,22 @@ use shears_core::{
 };
 
 use crate::llama::{Attention, DecoderLayer, Llama, LlamaModel, Mlp, RmsNorm};
+
+/// `[rows, cols]` row-major to `[cols, rows]` row-major, in cache-friendly tiles.
+pub fn transpose_2d(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
+    let mut out = vec![0f32; rows * cols];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    out[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+    out
+}
 
 /// burn's name for a Shears dtype.
 pub fn burn_dtype(d: DType) -> BurnDType {
@@ -45,10 +62,20 @@ impl<B: Backend> Builder<'_, B> {
         }
     }
 
+    /// A linear layer whose weight is stored contiguously as `[in, out]`, the layout the
+    /// projections multiply with (`x [n, in] · W [in, out]`): transposed once here, on the host,
+    /// instead of a transposed view that every call would copy.
     fn linear(&self, name: &str) -> Linear<B> {
-        let w: Tensor<B, 2> = self.tensor(name);
+        let t = self.host(name);
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let data = transpose_2d(&t.to_f32_vec(), rows, cols);
+        let w = Tensor::<B, 2>::from_data(TensorData::new(data, [cols, rows]), self.device);
+        let w = match self.dtype {
+            BurnDType::F32 => w,
+            half => w.cast(half),
+        };
         Linear {
-            weight: Param::from_tensor(w.transpose()),
+            weight: Param::from_tensor(w),
             bias: None,
         }
     }

@@ -16,7 +16,9 @@ pub fn inv_freq(rope: &Rope, head_dim: usize) -> Vec<f32> {
         .collect()
 }
 
-/// `cos` and `sin` tables of shape `[len, head_dim]` for positions `start..start+len`.
+/// `cos` and signed `sin` tables of shape `[len, head_dim]` for positions `start..start+len`.
+/// The sign of `rotate_half` is folded into the first half of `sin` (`-sin`, then `+sin`), so
+/// [`apply`] is `x·cos + swap_halves(x)·sin` with no negation.
 pub fn tables<B: Backend>(
     rope: &Rope,
     head_dim: usize,
@@ -30,10 +32,10 @@ pub fn tables<B: Backend>(
     let mut sin = Vec::with_capacity(len * head_dim);
     for p in start..start + len {
         // emb = cat(freqs, freqs): the two halves of a head share frequencies.
-        for f in inv.iter().chain(inv.iter()) {
+        for (i, f) in inv.iter().chain(inv.iter()).enumerate() {
             let a = p as f32 * f;
             cos.push(a.cos());
-            sin.push(a.sin());
+            sin.push(if i < inv.len() { -a.sin() } else { a.sin() });
         }
     }
     let mk = |v: Vec<f32>| {
@@ -42,16 +44,17 @@ pub fn tables<B: Backend>(
     (mk(cos), mk(sin))
 }
 
-/// Apply RoPE to `x` of shape `[batch, heads, len, head_dim]`.
+/// Apply RoPE to `x` of shape `[batch, len, heads, head_dim]` (the contiguous layout the
+/// projections produce) with the tables of [`tables`]: HF's `x·cos + rotate_half(x)·sin`.
 pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
-    let [_, _, t, d] = x.dims();
+    let [_, t, _, d] = x.dims();
     let half = d / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    let cos = cos.clone().reshape([1, 1, t, d]);
-    let sin = sin.clone().reshape([1, 1, t, d]);
-    x * cos + rotated * sin
+    let swapped = Tensor::cat(vec![x2, x1], 3);
+    let cos = cos.clone().reshape([1, t, 1, d]);
+    let sin = sin.clone().reshape([1, t, 1, d]);
+    x * cos + swapped * sin
 }
 
 #[cfg(test)]

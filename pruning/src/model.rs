@@ -4,11 +4,11 @@
 
 use burn::module::{AutodiffModule, Module};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use rand::Rng;
 use shears_core::{Error, Result};
-use shears_models::{loss, Llama};
+use shears_models::{Llama, ShearsAutodiff, ShearsOps};
 
 use crate::constraint::{target_at, Lagrangian};
 use crate::masks::{HostMasks, L0Masks};
@@ -42,7 +42,7 @@ impl<B: Backend> PruningLoss<B> {
     }
 }
 
-impl<B: Backend> PruningModel<B> {
+impl<B: ShearsOps> PruningModel<B> {
     /// Start pruning `model` towards `spec`'s target with fresh masks and zero multipliers.
     pub fn new(model: Llama<B>, spec: &PruningSpec, rng: &mut impl Rng) -> Result<Self> {
         check_model(&model, spec)?;
@@ -71,8 +71,7 @@ impl<B: Backend> PruningModel<B> {
         warmup: usize,
     ) -> PruningLoss<B> {
         let masks = self.masks.sample(rng).forward_masks(self.model.dtype());
-        let logits = self.model.forward_masked(ids.clone(), &masks);
-        let lm = loss::causal_lm_loss(logits, ids);
+        let lm = self.model.loss_masked(ids, &masks);
         let spec = &self.masks.spec;
         let target_sparsity: Vec<(PruneModule, f64)> = spec
             .modules
@@ -87,6 +86,17 @@ impl<B: Backend> PruningModel<B> {
             expected_sparsity,
             target_sparsity,
         }
+    }
+
+    /// Per-position next-token NLL `[batch, len-1]` under deterministic masks (see
+    /// [`PruningModel::forward_eval`]), through the fused LM head where available.
+    pub fn nll_eval(&self, ids: Tensor<B, 2, Int>, exact_target: bool) -> Tensor<B, 2> {
+        let masks = self
+            .masks
+            .deterministic(exact_target)
+            .to_device::<B>(&self.model.device())
+            .forward_masks(self.model.dtype());
+        self.model.nll_masked(ids, &masks)
     }
 
     /// Logits under deterministic masks: the expected structure (`exact_target = false`, what
@@ -111,7 +121,7 @@ pub struct GroupGradients {
     pub multipliers: GradientsParams,
 }
 
-impl<B: AutodiffBackend> PruningModel<B> {
+impl<B: ShearsAutodiff> PruningModel<B> {
     /// Split the gradients of a backward pass into the three groups, negating the multipliers'
     /// (gradient ascent, spec §4.3 and pitfall §10.1).
     pub fn split_gradients(&self, mut grads: B::Gradients) -> GroupGradients {

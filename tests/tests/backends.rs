@@ -3,7 +3,7 @@
 //! and gradients of a training step too. With `--features wgpu` this covers wgpu (Mesa's
 //! software Vulkan in CI).
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use shears_core::model_files::check_weights;
 use shears_core::{DType, LayerShape, LlamaConfig, WeightMap};
@@ -82,7 +82,7 @@ struct Forward<'a> {
 
 impl BackendTask for Forward<'_> {
     type Output = Vec<f32>;
-    fn run<B: Backend>(self, device: B::Device) -> Vec<f32> {
+    fn run<B: shears_models::ShearsOps>(self, device: B::Device) -> Vec<f32> {
         let model =
             load::build::<B>(self.config, self.layers, self.weights, &device, DType::F32).unwrap();
         model
@@ -102,7 +102,7 @@ struct Step<'a> {
 
 impl AutodiffTask for Step<'_> {
     type Output = (f32, WeightMap);
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> Self::Output {
         let model =
             load::build::<B>(self.config, self.layers, self.weights, &device, DType::F32).unwrap();
         LmTrainer::new(model, AdamWSettings::default()).loss_and_gradients(batch::<B>(&device))
@@ -159,7 +159,7 @@ fn half_precision_runs_where_supported_and_is_refused_where_not() {
     struct Half<'a>(&'a LlamaConfig, &'a WeightMap);
     impl BackendTask for Half<'_> {
         type Output = Result<Vec<f32>, String>;
-        fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        fn run<B: shears_models::ShearsOps>(self, device: B::Device) -> Self::Output {
             let layers = self.0.uniform_layer_shapes();
             let model = load::build::<B>(self.0, &layers, self.1, &device, DType::BF16)
                 .map_err(|e| e.to_string())?;

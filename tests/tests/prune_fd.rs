@@ -18,7 +18,7 @@ use shears_tests::prune::{batch, log_alphas, source, spec};
 type F64 = burn::backend::NdArray<f64>;
 type AD = Autodiff<F64>;
 
-fn state<BB: Backend>(
+fn state<BB: shears_models::ShearsOps>(
     weights: &WeightMap,
     las: &[(PruneModule, Vec<f32>)],
     l1: &[f32],
@@ -35,7 +35,7 @@ fn state<BB: Backend>(
     }
 }
 
-fn total_loss<BB: Backend>(s: &PruningModel<BB>) -> Tensor<BB, 1> {
+fn total_loss<BB: shears_models::ShearsOps>(s: &PruningModel<BB>) -> Tensor<BB, 1> {
     // A fresh RNG with a fixed seed: the same noise u at every evaluation.
     let mut rng = StdRng::seed_from_u64(1234);
     s.forward_train(batch::<BB>(), &mut rng, 5, 10).total()

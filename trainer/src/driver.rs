@@ -5,13 +5,13 @@
 //! cleanly on SIGINT/SIGTERM. What differs between pruning and continued pre-training is behind
 //! [`Stage`].
 
+use shears_models::ShearsAutodiff;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -34,7 +34,7 @@ pub struct StepLosses {
 }
 
 /// What a stage contributes to the loop.
-pub trait Stage<B: AutodiffBackend> {
+pub trait Stage<B: ShearsAutodiff> {
     /// Which stage this is.
     fn kind(&self) -> StageKind;
     /// Forward and backward over `micro` (each a list of equal-length sequences); the
@@ -216,7 +216,7 @@ impl Ctx<'_, '_> {
         self.pb.suspend(|| dir.log(msg));
     }
 
-    fn evaluate<B: AutodiffBackend, S: Stage<B>>(
+    fn evaluate<B: ShearsAutodiff, S: Stage<B>>(
         &mut self,
         stage: &S,
         t: usize,
@@ -271,7 +271,7 @@ impl Ctx<'_, '_> {
         Ok(())
     }
 
-    fn save<B: AutodiffBackend, S: Stage<B>>(
+    fn save<B: ShearsAutodiff, S: Stage<B>>(
         &mut self,
         stage: &S,
         t: usize,
@@ -325,7 +325,7 @@ fn fmt_weights(w: &BTreeMap<String, f64>) -> String {
 
 /// Run `stage` in `dir` from its newest checkpoint (when `resume` and one exists) or from the
 /// start.
-pub fn run_loop<B: AutodiffBackend, S: Stage<B>>(
+pub fn run_loop<B: ShearsAutodiff, S: Stage<B>>(
     stage: &mut S,
     inp: &LoopInputs<'_>,
     dir: &mut RunDir,

@@ -9,7 +9,6 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use shears_core::Result;
 use shears_data::Dataset;
-use shears_models::loss::token_nll;
 
 /// One domain's result.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -48,9 +47,9 @@ pub fn batch_tensor<B: Backend>(seqs: &[Vec<u32>], device: &B::Device) -> Tensor
     Tensor::from_data(TensorData::new(v, [seqs.len(), len]), device)
 }
 
-/// Summed next-token NLL (f64) and token count of `ids` under `logits`.
-pub fn summed_nll<B: Backend>(logits: Tensor<B, 3>, ids: Tensor<B, 2, Int>) -> (f64, u64) {
-    let nll = token_nll(logits, ids);
+/// Summed next-token NLL (f64) and token count of a per-position NLL `[batch, len-1]`
+/// (`Llama::nll`).
+pub fn summed_nll<B: Backend>(nll: Tensor<B, 2>) -> (f64, u64) {
     let n = nll.dims()[0] * nll.dims()[1];
     let v: Vec<f64> = nll.into_data().convert::<f64>().into_vec().expect("nll");
     (v.iter().sum(), n as u64)

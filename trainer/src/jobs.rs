@@ -1,11 +1,11 @@
 //! Whole stages as the CLI runs them: `prune`, `train` and `finalize` on a run directory.
 
+use shears_models::{ShearsAutodiff, ShearsOps};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::Serialize;
 use shears_core::fsutil::StagedDir;
 use shears_core::{hub, DType, Error, ModelFiles, Result};
@@ -128,7 +128,7 @@ pub fn resolve_prune(
 }
 
 /// `shears prune`: run (or resume) the pruning stage.
-pub fn prune<B: AutodiffBackend>(
+pub fn prune<B: ShearsAutodiff>(
     config: &PruneConfig,
     job: &JobOptions,
     device: B::Device,
@@ -169,7 +169,7 @@ pub fn resolve_train(c: &TrainConfig) -> Result<TrainConfig> {
 }
 
 /// `shears train`: run (or resume) continued pre-training.
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: ShearsAutodiff>(
     config: &TrainConfig,
     job: &JobOptions,
     device: B::Device,
@@ -206,7 +206,7 @@ struct Parts<'a> {
 
 /// Open the run directory (before the model is built, so an existing run is refused early),
 /// build the stage and run the loop.
-fn run_stage<B: AutodiffBackend, S: Stage<B>>(
+fn run_stage<B: ShearsAutodiff, S: Stage<B>>(
     job: &JobOptions,
     resolved: &str,
     p: Parts<'_>,
@@ -262,7 +262,7 @@ pub fn find_checkpoint(run: &Path, step: Option<usize>) -> Result<PathBuf> {
 /// `shears finalize`: fold a pruning checkpoint's deterministic masks into its weights and
 /// write the dense model of exactly the target shape, with `masks.safetensors` (the masks and
 /// `log_alpha`s) next to it.
-pub fn finalize_run<B: Backend>(
+pub fn finalize_run<B: ShearsOps>(
     run: &Path,
     step: Option<usize>,
     out: &Path,

@@ -1,17 +1,16 @@
 //! Continued pre-training (spec §7.2): the same loop without masks and multipliers; one AdamW
 //! group over the model weights.
 
+use shears_models::ShearsAutodiff;
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{adaptor::OptimizerAdaptor, AdamW, GradientsParams, Optimizer};
-use burn::tensor::backend::AutodiffBackend;
 use serde_json::{json, Map, Value};
 use shears_core::formats::safetensors;
 use shears_core::{DType, Error, ModelFiles, Result, WeightMap};
 use shears_data::Dataset;
-use shears_models::loss::causal_lm_loss;
 use shears_models::{load, Llama};
 
 use crate::config::StageKind;
@@ -21,7 +20,7 @@ use crate::optim::AdamWSettings;
 use crate::params::{self, NamedParam};
 
 /// A continued pre-training run's model and optimizer.
-pub struct LmStage<B: AutodiffBackend> {
+pub struct LmStage<B: ShearsAutodiff> {
     model: Option<Llama<B>>,
     opt: OptimizerAdaptor<AdamW, Llama<B>, B>,
     settings: AdamWSettings,
@@ -31,7 +30,7 @@ pub struct LmStage<B: AutodiffBackend> {
     device: B::Device,
 }
 
-impl<B: AutodiffBackend> LmStage<B> {
+impl<B: ShearsAutodiff> LmStage<B> {
     /// Start training `files`' model.
     pub fn new(files: &ModelFiles, settings: AdamWSettings, device: &B::Device) -> Result<Self> {
         let model = load::from_files::<B>(files, device, DType::F32)?;
@@ -54,7 +53,7 @@ impl<B: AutodiffBackend> LmStage<B> {
     }
 }
 
-impl<B: AutodiffBackend> Stage<B> for LmStage<B> {
+impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
     fn kind(&self) -> StageKind {
         StageKind::Train
     }
@@ -72,7 +71,7 @@ impl<B: AutodiffBackend> Stage<B> for LmStage<B> {
         let mut lm = 0.0;
         for (i, seqs) in micro.iter().enumerate() {
             let ids = batch_tensor::<B>(seqs, &self.device);
-            let loss = causal_lm_loss(model.forward(ids.clone()), ids);
+            let loss = model.loss(ids);
             let v: Vec<f64> = loss
                 .clone()
                 .into_data()
@@ -124,7 +123,7 @@ impl<B: AutodiffBackend> Stage<B> for LmStage<B> {
         let device = self.device.clone();
         domain_losses(data, s, |seqs| {
             let ids = batch_tensor::<B::InnerBackend>(seqs, &device);
-            summed_nll(v.forward(ids.clone()), ids)
+            summed_nll(v.nll(ids))
         })
     }
 

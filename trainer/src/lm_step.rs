@@ -5,20 +5,20 @@ use burn::optim::{adaptor::OptimizerAdaptor, AdamW, GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, Int, Tensor};
 use shears_core::{DType, WeightMap};
 use shears_models::load::{host_of, visit_params, ParamVisitor};
-use shears_models::loss::causal_lm_loss;
 use shears_models::Llama;
+use shears_models::ShearsAutodiff;
 
 use crate::optim::AdamWSettings;
 
 /// A model and its optimizer, stepped on batches of token ids.
-pub struct LmTrainer<B: AutodiffBackend> {
+pub struct LmTrainer<B: ShearsAutodiff> {
     model: Option<Llama<B>>,
     optim: OptimizerAdaptor<AdamW, Llama<B>, B>,
     settings: AdamWSettings,
     steps: usize,
 }
 
-impl<B: AutodiffBackend> LmTrainer<B> {
+impl<B: ShearsAutodiff> LmTrainer<B> {
     /// Start training `model` with AdamW `settings`.
     pub fn new(model: Llama<B>, settings: AdamWSettings) -> Self {
         LmTrainer {
@@ -42,7 +42,7 @@ impl<B: AutodiffBackend> LmTrainer<B> {
     /// Loss and gradients (HF names and layout, f32) of `ids` `[batch, len]`, without updating.
     pub fn loss_and_gradients(&self, ids: Tensor<B, 2, Int>) -> (f32, WeightMap) {
         let model = self.model();
-        let loss = causal_lm_loss(model.forward(ids.clone()), ids);
+        let loss = model.loss(ids);
         let value = scalar(&loss);
         let grads = loss.backward();
         struct Collect<'a, B: AutodiffBackend>(&'a B::Gradients, WeightMap);
@@ -67,7 +67,7 @@ impl<B: AutodiffBackend> LmTrainer<B> {
     /// One step on `ids`; returns the loss before the update.
     pub fn step(&mut self, ids: Tensor<B, 2, Int>) -> f32 {
         let model = self.model.take().expect("model present between steps");
-        let loss = causal_lm_loss(model.forward(ids.clone()), ids);
+        let loss = model.loss(ids);
         let value = scalar(&loss);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         self.model = Some(self.optim.step(self.settings.lr, model, grads));

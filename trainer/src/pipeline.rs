@@ -3,11 +3,11 @@
 //! `out`, resumable stage by stage. `shears demo` builds such a plan for SmolLM2 and the demo
 //! corpus.
 
+use shears_models::{ShearsAutodiff, ShearsOps};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use shears_core::error::IoContext;
@@ -175,7 +175,7 @@ fn write_json(p: &Path, v: &impl Serialize) -> Result<()> {
 }
 
 /// Per-domain eval of a model (plain forward).
-pub fn eval_model<B: Backend>(
+pub fn eval_model<B: ShearsOps>(
     files: &ModelFiles,
     data: &Dataset,
     s: &EvalSettings,
@@ -184,7 +184,7 @@ pub fn eval_model<B: Backend>(
     let model = shears_models::load::from_files::<B>(files, device, DType::F32)?;
     domain_losses(data, s, |seqs| {
         let ids = batch_tensor::<B>(seqs, device);
-        summed_nll(model.forward(ids.clone()), ids)
+        summed_nll(model.nll(ids))
     })
 }
 
@@ -222,7 +222,7 @@ fn log(msg: &str) {
 }
 
 /// Run `plan` (its text is saved as given).
-pub fn run_pipeline<B: AutodiffBackend>(
+pub fn run_pipeline<B: ShearsAutodiff>(
     plan: &PipelinePlan,
     plan_text: &str,
     opts: &PipelineOptions,
@@ -481,7 +481,7 @@ pub fn run_pipeline<B: AutodiffBackend>(
     Ok(PipelineOutcome::Done(Box::new(summary)))
 }
 
-fn cached_eval<B: Backend>(
+fn cached_eval<B: ShearsOps>(
     stages: &mut Stages,
     key: &str,
     files: &ModelFiles,

@@ -3,11 +3,11 @@
 //! Lagrange multipliers by ascent. Evaluation uses the deterministic masks of the expected
 //! structure; the reference losses from the source use the unmasked model.
 
+use shears_models::ShearsAutodiff;
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::optim::{adaptor::OptimizerAdaptor, AdamW, GradientsParams, Optimizer};
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 use rand::{rngs::StdRng, SeedableRng};
 use serde_json::{json, Map, Value};
@@ -37,7 +37,7 @@ pub struct PruneRates {
 type Opt<M, B> = OptimizerAdaptor<AdamW, M, B>;
 
 /// A pruning run's model state and optimizers.
-pub struct PruneStage<B: AutodiffBackend> {
+pub struct PruneStage<B: ShearsAutodiff> {
     state: Option<PruningModel<B>>,
     opt_model: Opt<Llama<B>, B>,
     opt_masks: Opt<L0Masks<B>, B>,
@@ -64,7 +64,7 @@ fn aux(rates: &PruneRates) -> AdamWSettings {
     }
 }
 
-impl<B: AutodiffBackend> PruneStage<B> {
+impl<B: ShearsAutodiff> PruneStage<B> {
     /// Start pruning `files`' model towards `spec` (masks initialised from `seed`).
     pub fn new(
         files: &ModelFiles,
@@ -112,7 +112,7 @@ impl<B: AutodiffBackend> PruneStage<B> {
     }
 }
 
-impl<B: AutodiffBackend> Stage<B> for PruneStage<B> {
+impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
     fn kind(&self) -> StageKind {
         StageKind::Prune
     }
@@ -205,8 +205,7 @@ impl<B: AutodiffBackend> Stage<B> for PruneStage<B> {
         let device = self.device.clone();
         domain_losses(data, s, |seqs| {
             let ids = batch_tensor::<B::InnerBackend>(seqs, &device);
-            let (logits, _) = v.forward_eval(ids.clone(), false);
-            summed_nll(logits, ids)
+            summed_nll(v.nll_eval(ids, false))
         })
     }
 
@@ -219,7 +218,7 @@ impl<B: AutodiffBackend> Stage<B> for PruneStage<B> {
         let device = self.device.clone();
         domain_losses(data, s, |seqs| {
             let ids = batch_tensor::<B::InnerBackend>(seqs, &device);
-            summed_nll(v.model.forward(ids.clone()), ids)
+            summed_nll(v.model.nll(ids))
         })
     }
 

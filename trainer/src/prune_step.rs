@@ -8,6 +8,7 @@ use burn::tensor::{Int, Tensor};
 use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use shears_models::Llama;
+use shears_models::ShearsAutodiff;
 use shears_pruning::{L0Masks, Lagrangian, PruneModule, PruningModel};
 
 use crate::optim::AdamWSettings;
@@ -56,7 +57,7 @@ pub struct PruneStepReport {
 }
 
 /// A pruning run's state and its three optimizers.
-pub struct PruneTrainer<B: AutodiffBackend> {
+pub struct PruneTrainer<B: ShearsAutodiff> {
     state: Option<PruningModel<B>>,
     opt_model: OptimizerAdaptor<AdamW, Llama<B>, B>,
     opt_masks: OptimizerAdaptor<AdamW, L0Masks<B>, B>,
@@ -73,7 +74,7 @@ fn scalar<B: AutodiffBackend>(t: Tensor<B, 1>) -> f64 {
         .expect("scalar")[0]
 }
 
-impl<B: AutodiffBackend> PruneTrainer<B> {
+impl<B: ShearsAutodiff> PruneTrainer<B> {
     /// Train `state` with `settings`; `seed` drives mask sampling.
     pub fn new(state: PruningModel<B>, settings: PruneStepSettings, seed: u64) -> Self {
         // The masks and multipliers use the same Adam (betas 0.9/0.95, eps 1e-8, no decay).

@@ -5,11 +5,11 @@
 //! `acc_per_char` (by characters), standard errors; LAMBADA greedy accuracy, perplexity and
 //! bits per byte.
 
+use shears_models::ShearsOps;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{activation, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -221,7 +221,7 @@ pub struct Scored {
 
 /// Score `requests` with `model` in batches of `batch` (right-padded; the causal mask makes the
 /// padding invisible to the scored positions). `progress` is called with the number done.
-pub fn score<B: Backend>(
+pub fn score<B: ShearsOps>(
     model: &Llama<B>,
     tok: &Tokenizer,
     requests: &[Request],
@@ -240,7 +240,7 @@ pub fn score<B: Backend>(
 }
 
 /// [`score`] with any forward (a masked model, say) and context length `max_len`.
-pub fn score_with<B: Backend>(
+pub fn score_with<B: ShearsOps>(
     forward: &dyn Fn(Tensor<B, 2, Int>) -> Tensor<B, 3>,
     max_len: usize,
     device: &B::Device,

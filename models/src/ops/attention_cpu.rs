@@ -1,0 +1,642 @@
+//! Fused causal attention on host slices, flash-style: queries and keys in tiles, an online
+//! softmax, no `[t, s]` score matrix kept, fully masked tiles skipped, GQA read in place (query
+//! head `j` reads kv head `j / r`, nothing is repeated), parallel over batch × heads × tiles.
+//! Tile products run on the `gemm` crate (the GEMM burn-flex uses, AVX-512 where present).
+//!
+//! Layouts, all contiguous row-major: `q [b, t, h, hd]`, `k, v [b, s, g, hd]` with `s ≥ t`
+//! (the first `s - t` keys are the cached past: query `i` sees keys `0 ..= s - t + i`),
+//! `out [b, t, h, hd]`, `lse [b, h, t]` (the log-sum-exp of each row's scaled scores, kept for the
+//! backward).
+
+use rayon::prelude::*;
+
+use super::simd::{with_isa, Real};
+
+/// Query rows per tile.
+const BQ: usize = 64;
+/// Keys per tile.
+const BK: usize = 64;
+
+/// Shapes of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    /// Batch.
+    pub b: usize,
+    /// Query length.
+    pub t: usize,
+    /// Key length (cached past + t).
+    pub s: usize,
+    /// Query heads.
+    pub h: usize,
+    /// Key/value heads (divides h).
+    pub g: usize,
+    /// Head width.
+    pub hd: usize,
+}
+
+impl AttnShape {
+    fn past(&self) -> usize {
+        self.s - self.t
+    }
+    fn r(&self) -> usize {
+        self.h / self.g
+    }
+    /// Whether the kernel handles this shape (else the caller falls back).
+    pub fn supported(&self) -> bool {
+        self.b > 0
+            && self.t > 0
+            && self.s >= self.t
+            && self.g > 0
+            && self.h % self.g == 0
+            && self.hd > 0
+    }
+}
+
+/// A raw pointer the tasks of one call share; each task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+/// `dst[m×n] (row stride ldd) (+)= alpha · A[m×k] · B[k×n]`, strides in elements.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn mm<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    ldd: usize,
+    accumulate: bool,
+    a: *const T,
+    a_rs: usize,
+    a_cs: usize,
+    bm: *const T,
+    b_rs: usize,
+    b_cs: usize,
+    alpha: T,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        ldd as isize,
+        accumulate,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        bm,
+        b_cs as isize,
+        b_rs as isize,
+        T::ONE,
+        alpha,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// Mask the scores of row `r` of a tile whose first query is `qi0` and first key `kj0`:
+/// key `kj0 + c` is visible to query `qi0 + r` iff `kj0 + c ≤ past + qi0 + r`. Returns the
+/// number of visible columns.
+#[inline]
+fn visible(past: usize, qi: usize, kj0: usize, n: usize) -> usize {
+    (past + qi + 1).saturating_sub(kj0).min(n)
+}
+
+/// Forward: fills `out` and `lse`.
+pub fn forward<T: Real>(
+    sh: AttnShape,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    scale: T,
+    out: &mut [T],
+    lse: &mut [T],
+) {
+    let AttnShape { b, t, s, h, g, hd } = sh;
+    assert!(sh.supported());
+    assert_eq!(q.len(), b * t * h * hd);
+    assert_eq!(k.len(), b * s * g * hd);
+    assert_eq!(v.len(), b * s * g * hd);
+    assert_eq!(out.len(), b * t * h * hd);
+    assert_eq!(lse.len(), b * h * t);
+    let (past, r) = (sh.past(), sh.r());
+    let qtiles = t.div_ceil(BQ);
+    let outp = Shared(out.as_mut_ptr());
+    let lsep = Shared(lse.as_mut_ptr());
+    (0..b * h * qtiles).into_par_iter().for_each(|task| {
+        let (outp, lsep) = (outp, lsep);
+        let qt = task % qtiles;
+        let head = (task / qtiles) % h;
+        let bi = task / (qtiles * h);
+        let kvh = head / r;
+        let i0 = qt * BQ;
+        let m = BQ.min(t - i0);
+        let last = past + i0 + m; // keys 0..last are visible to some row of the tile
+        let mut sc = vec![T::ZERO; m * BK];
+        let mut acc = vec![T::ZERO; m * hd];
+        let mut mx = vec![T::NEG_INFINITY; m];
+        let mut l = vec![T::ZERO; m];
+        let qrow = (bi * t + i0) * h * hd + head * hd;
+        let (q_rs, kv_rs) = (h * hd, g * hd);
+        for j0 in (0..last).step_by(BK) {
+            let n = BK.min(last - j0);
+            let kbase = (bi * s + j0) * kv_rs + kvh * hd;
+            // SAFETY: indices are within the asserted lengths; sc has m*BK >= m*n elements.
+            unsafe {
+                mm(
+                    m,
+                    n,
+                    hd,
+                    sc.as_mut_ptr(),
+                    n,
+                    false,
+                    q.as_ptr().add(qrow),
+                    q_rs,
+                    1,
+                    k.as_ptr().add(kbase),
+                    1,
+                    kv_rs,
+                    scale,
+                );
+            }
+            with_isa!(online_softmax_tile(
+                &mut sc[..m * n],
+                n,
+                past,
+                i0,
+                j0,
+                &mut mx,
+                &mut l,
+                &mut acc,
+                hd
+            ));
+            // acc += P · V
+            unsafe {
+                mm(
+                    m,
+                    hd,
+                    n,
+                    acc.as_mut_ptr(),
+                    hd,
+                    true,
+                    sc.as_ptr(),
+                    n,
+                    1,
+                    v.as_ptr().add(kbase),
+                    kv_rs,
+                    1,
+                    T::ONE,
+                );
+            }
+        }
+        for rr in 0..m {
+            let inv = T::ONE / l[rr];
+            // SAFETY: (bi, i0 + rr, head) is written by this task only.
+            unsafe {
+                let o = outp.0.add(qrow + rr * q_rs);
+                for d in 0..hd {
+                    *o.add(d) = acc[rr * hd + d] * inv;
+                }
+                *lsep.0.add((bi * h + head) * t + i0 + rr) = mx[rr] + l[rr].ln();
+            }
+        }
+    });
+}
+
+/// One tile of the online softmax: mask, new running max, `p = e^(s - max)` in place, running
+/// sums and the rescale of the accumulator rows.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn online_softmax_tile<T: Real>(
+    sc: &mut [T],
+    n: usize,
+    past: usize,
+    i0: usize,
+    j0: usize,
+    mx: &mut [T],
+    l: &mut [T],
+    acc: &mut [T],
+    hd: usize,
+) {
+    for (rr, row) in sc.chunks_exact_mut(n).enumerate() {
+        let vis = visible(past, i0 + rr, j0, n);
+        for x in &mut row[vis..] {
+            *x = T::NEG_INFINITY;
+        }
+        let mut m_new = mx[rr];
+        for &x in &row[..vis] {
+            m_new = m_new.max(x);
+        }
+        let mut sum = T::ZERO;
+        for x in row.iter_mut() {
+            let p = (*x - m_new).exp();
+            *x = p;
+            sum += p;
+        }
+        let corr = (mx[rr] - m_new).exp();
+        l[rr] = l[rr] * corr + sum;
+        mx[rr] = m_new;
+        if corr != T::ONE {
+            for a in &mut acc[rr * hd..(rr + 1) * hd] {
+                *a *= corr;
+            }
+        }
+    }
+}
+
+/// `p = e^(scaled score - lse)` for one tile, masked entries 0.
+#[inline(always)]
+fn probs_tile<T: Real>(sc: &mut [T], n: usize, past: usize, i0: usize, j0: usize, lse: &[T]) {
+    for (rr, row) in sc.chunks_exact_mut(n).enumerate() {
+        let vis = visible(past, i0 + rr, j0, n);
+        let m = lse[rr];
+        for x in &mut row[..vis] {
+            *x = (*x - m).exp();
+        }
+        for x in &mut row[vis..] {
+            *x = T::ZERO;
+        }
+    }
+}
+
+/// `ds = p ∘ (dp - D_row)` in place in `dp`.
+#[inline(always)]
+fn dscores_tile<T: Real>(p: &[T], dp: &mut [T], n: usize, dsum: &[T]) {
+    for (rr, (prow, drow)) in p.chunks_exact(n).zip(dp.chunks_exact_mut(n)).enumerate() {
+        let dd = dsum[rr];
+        for (x, &pp) in drow.iter_mut().zip(prow) {
+            *x = pp * (*x - dd);
+        }
+    }
+}
+
+/// Backward: `dq`, `dk`, `dv` from the forward's inputs, output, `lse` and the output gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Real>(
+    sh: AttnShape,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    lse: &[T],
+    dout: &[T],
+    scale: T,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    let AttnShape { b, t, s, h, g, hd } = sh;
+    assert!(sh.supported());
+    assert_eq!(q.len(), b * t * h * hd);
+    assert_eq!(out.len(), q.len());
+    assert_eq!(dout.len(), q.len());
+    assert_eq!(dq.len(), q.len());
+    assert_eq!(k.len(), b * s * g * hd);
+    assert_eq!(v.len(), k.len());
+    assert_eq!(dk.len(), k.len());
+    assert_eq!(dv.len(), k.len());
+    assert_eq!(lse.len(), b * h * t);
+    let (past, r) = (sh.past(), sh.r());
+    let (q_rs, kv_rs) = (h * hd, g * hd);
+    // D = rowsum(dO ∘ O), [b, h, t].
+    let mut dsum = vec![T::ZERO; b * h * t];
+    dsum.par_chunks_mut(t).enumerate().for_each(|(bh, rowd)| {
+        let (bi, head) = (bh / h, bh % h);
+        for (i, dd) in rowd.iter_mut().enumerate() {
+            let base = (bi * t + i) * q_rs + head * hd;
+            let mut acc = T::ZERO;
+            for d in 0..hd {
+                acc += dout[base + d] * out[base + d];
+            }
+            *dd = acc;
+        }
+    });
+    let qtiles = t.div_ceil(BQ);
+    // Pass 1: dq, one task per (batch, head, query tile).
+    let dqp = Shared(dq.as_mut_ptr());
+    (0..b * h * qtiles).into_par_iter().for_each(|task| {
+        let dqp = dqp;
+        let qt = task % qtiles;
+        let head = (task / qtiles) % h;
+        let bi = task / (qtiles * h);
+        let kvh = head / r;
+        let i0 = qt * BQ;
+        let m = BQ.min(t - i0);
+        let last = past + i0 + m;
+        let qrow = (bi * t + i0) * q_rs + head * hd;
+        let lrow = (bi * h + head) * t + i0;
+        let mut p = vec![T::ZERO; m * BK];
+        let mut dp = vec![T::ZERO; m * BK];
+        let mut acc = vec![T::ZERO; m * hd];
+        for j0 in (0..last).step_by(BK) {
+            let n = BK.min(last - j0);
+            let kbase = (bi * s + j0) * kv_rs + kvh * hd;
+            unsafe {
+                mm(
+                    m,
+                    n,
+                    hd,
+                    p.as_mut_ptr(),
+                    n,
+                    false,
+                    q.as_ptr().add(qrow),
+                    q_rs,
+                    1,
+                    k.as_ptr().add(kbase),
+                    1,
+                    kv_rs,
+                    scale,
+                );
+                // dP = dO · Vᵀ
+                mm(
+                    m,
+                    n,
+                    hd,
+                    dp.as_mut_ptr(),
+                    n,
+                    false,
+                    dout.as_ptr().add(qrow),
+                    q_rs,
+                    1,
+                    v.as_ptr().add(kbase),
+                    1,
+                    kv_rs,
+                    T::ONE,
+                );
+            }
+            with_isa!({
+                probs_tile(&mut p[..m * n], n, past, i0, j0, &lse[lrow..lrow + m]);
+                dscores_tile(&p[..m * n], &mut dp[..m * n], n, &dsum[lrow..lrow + m]);
+            });
+            // dq += scale · dS · K
+            unsafe {
+                mm(
+                    m,
+                    hd,
+                    n,
+                    acc.as_mut_ptr(),
+                    hd,
+                    true,
+                    dp.as_ptr(),
+                    n,
+                    1,
+                    k.as_ptr().add(kbase),
+                    kv_rs,
+                    1,
+                    scale,
+                );
+            }
+        }
+        for rr in 0..m {
+            unsafe {
+                let o = dqp.0.add(qrow + rr * q_rs);
+                for d in 0..hd {
+                    *o.add(d) = acc[rr * hd + d];
+                }
+            }
+        }
+    });
+    // Pass 2: dk and dv, one task per (batch, kv head, key tile), over the r query heads that
+    // read the kv head and the query tiles that see the key tile.
+    let ktiles = s.div_ceil(BK);
+    let dkp = Shared(dk.as_mut_ptr());
+    let dvp = Shared(dv.as_mut_ptr());
+    (0..b * g * ktiles).into_par_iter().for_each(|task| {
+        let (dkp, dvp) = (dkp, dvp);
+        let kt = task % ktiles;
+        let kvh = (task / ktiles) % g;
+        let bi = task / (ktiles * g);
+        let j0 = kt * BK;
+        let n = BK.min(s - j0);
+        let kbase = (bi * s + j0) * kv_rs + kvh * hd;
+        let mut p = vec![T::ZERO; BQ * n];
+        let mut dp = vec![T::ZERO; BQ * n];
+        let mut dk_acc = vec![T::ZERO; n * hd];
+        let mut dv_acc = vec![T::ZERO; n * hd];
+        // The first query that sees key j0 is i = j0 - past (all of them when j0 < past).
+        let first_q = j0.saturating_sub(past);
+        for head in kvh * r..(kvh + 1) * r {
+            for i0 in ((first_q / BQ) * BQ..t).step_by(BQ) {
+                let m = BQ.min(t - i0);
+                let qrow = (bi * t + i0) * q_rs + head * hd;
+                let lrow = (bi * h + head) * t + i0;
+                unsafe {
+                    mm(
+                        m,
+                        n,
+                        hd,
+                        p.as_mut_ptr(),
+                        n,
+                        false,
+                        q.as_ptr().add(qrow),
+                        q_rs,
+                        1,
+                        k.as_ptr().add(kbase),
+                        1,
+                        kv_rs,
+                        scale,
+                    );
+                    mm(
+                        m,
+                        n,
+                        hd,
+                        dp.as_mut_ptr(),
+                        n,
+                        false,
+                        dout.as_ptr().add(qrow),
+                        q_rs,
+                        1,
+                        v.as_ptr().add(kbase),
+                        1,
+                        kv_rs,
+                        T::ONE,
+                    );
+                }
+                with_isa!({
+                    probs_tile(&mut p[..m * n], n, past, i0, j0, &lse[lrow..lrow + m]);
+                    dscores_tile(&p[..m * n], &mut dp[..m * n], n, &dsum[lrow..lrow + m]);
+                });
+                unsafe {
+                    // dV += Pᵀ · dO
+                    mm(
+                        n,
+                        hd,
+                        m,
+                        dv_acc.as_mut_ptr(),
+                        hd,
+                        true,
+                        p.as_ptr(),
+                        1,
+                        n,
+                        dout.as_ptr().add(qrow),
+                        q_rs,
+                        1,
+                        T::ONE,
+                    );
+                    // dK += scale · dSᵀ · Q
+                    mm(
+                        n,
+                        hd,
+                        m,
+                        dk_acc.as_mut_ptr(),
+                        hd,
+                        true,
+                        dp.as_ptr(),
+                        1,
+                        n,
+                        q.as_ptr().add(qrow),
+                        q_rs,
+                        1,
+                        scale,
+                    );
+                }
+            }
+        }
+        for c in 0..n {
+            unsafe {
+                let ok = dkp.0.add(kbase + c * kv_rs);
+                let ov = dvp.0.add(kbase + c * kv_rs);
+                for d in 0..hd {
+                    *ok.add(d) = dk_acc[c * hd + d];
+                    *ov.add(d) = dv_acc[c * hd + d];
+                }
+            }
+        }
+    });
+}
+
+/// The plain definition (scores, mask, softmax, weighted sum) in f64, for tests.
+pub fn reference(sh: AttnShape, q: &[f64], k: &[f64], v: &[f64], scale: f64) -> Vec<f64> {
+    let AttnShape { b, t, s, h, g, hd } = sh;
+    let (past, r) = (sh.past(), sh.r());
+    let mut out = vec![0.0; b * t * h * hd];
+    for bi in 0..b {
+        for head in 0..h {
+            let kvh = head / r;
+            for i in 0..t {
+                let qo = ((bi * t + i) * h + head) * hd;
+                let vis = past + i + 1;
+                let sc: Vec<f64> = (0..vis)
+                    .map(|j| {
+                        let ko = ((bi * s + j) * g + kvh) * hd;
+                        (0..hd).map(|d| q[qo + d] * k[ko + d]).sum::<f64>() * scale
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (j, ej) in e.iter().enumerate() {
+                    let vo = ((bi * s + j) * g + kvh) * hd;
+                    for d in 0..hd {
+                        out[qo + d] += ej / z * v[vo + d];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f64> {
+        (0..n).map(|_| rng.random::<f64>() * 2.0 - 1.0).collect()
+    }
+
+    /// Loss `Σ out ∘ w` for a fixed random `w`, so its gradient wrt out is `w`.
+    fn loss(sh: AttnShape, q: &[f64], k: &[f64], v: &[f64], w: &[f64], scale: f64) -> f64 {
+        reference(sh, q, k, v, scale)
+            .iter()
+            .zip(w)
+            .map(|(a, b)| a * b)
+            .sum()
+    }
+
+    fn check(sh: AttnShape, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let nq = sh.b * sh.t * sh.h * sh.hd;
+        let nk = sh.b * sh.s * sh.g * sh.hd;
+        let (q, k, v) = (
+            rand_vec(&mut rng, nq),
+            rand_vec(&mut rng, nk),
+            rand_vec(&mut rng, nk),
+        );
+        let w = rand_vec(&mut rng, nq);
+        let scale = 1.0 / (sh.hd as f64).sqrt();
+        let want = reference(sh, &q, &k, &v, scale);
+        let mut out = vec![0.0; nq];
+        let mut lse = vec![0.0; sh.b * sh.h * sh.t];
+        forward(sh, &q, &k, &v, scale, &mut out, &mut lse);
+        let err = out
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(err < 1e-12, "{sh:?}: forward error {err}");
+        // f32 copy agrees to f32 precision.
+        let f = |x: &[f64]| x.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+        let mut out32 = vec![0f32; nq];
+        let mut lse32 = vec![0f32; sh.b * sh.h * sh.t];
+        forward(
+            sh,
+            &f(&q),
+            &f(&k),
+            &f(&v),
+            scale as f32,
+            &mut out32,
+            &mut lse32,
+        );
+        let err32 = out32
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max);
+        assert!(err32 < 2e-6, "{sh:?}: f32 forward error {err32}");
+        // Gradients against central finite differences of the f64 reference.
+        let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+        backward(
+            sh, &q, &k, &v, &out, &lse, &w, scale, &mut dq, &mut dk, &mut dv,
+        );
+        let eps = 1e-6;
+        for (which, grad) in [(0, &dq), (1, &dk), (2, &dv)] {
+            for _ in 0..6 {
+                let n = grad.len();
+                let idx = rng.random_range(0..n);
+                let mut xs = [q.clone(), k.clone(), v.clone()];
+                xs[which][idx] += eps;
+                let up = loss(sh, &xs[0], &xs[1], &xs[2], &w, scale);
+                xs[which][idx] -= 2.0 * eps;
+                let dn = loss(sh, &xs[0], &xs[1], &xs[2], &w, scale);
+                let fd = (up - dn) / (2.0 * eps);
+                assert!(
+                    (fd - grad[idx]).abs() < 1e-6 * (1.0 + fd.abs()),
+                    "{sh:?}: grad {which}[{idx}] {} vs fd {fd}",
+                    grad[idx]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matches_reference_and_finite_differences() {
+        let shapes = [
+            (1, 1, 1, 1, 1, 8),
+            (2, 5, 5, 3, 1, 8),
+            (1, 67, 67, 4, 4, 16),
+            (2, 130, 130, 6, 2, 8),
+            (1, 3, 70, 9, 1, 8),   // cached past of 67 keys
+            (1, 1, 129, 2, 2, 32), // one decode step
+        ];
+        for (i, (b, t, s, h, g, hd)) in shapes.into_iter().enumerate() {
+            check(AttnShape { b, t, s, h, g, hd }, i as u64);
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! [`ShearsOps`] on `Autodiff<B>`: the fused entry points run `B`'s kernels forward and record
+//! one backward node each, which calls `B`'s backward kernel (the pattern of burn-autodiff's own
+//! `linear`). Where `B` has no kernel they return `None` and the generic definition runs,
+//! differentiated op by op as before.
+
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::Autodiff;
+
+use super::ShearsOps;
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<B: ShearsOps> Backward<B, 3> for AttentionBackward {
+    /// q, k, v, out, lse, scale.
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        f64,
+    );
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [nq, nk, nv] = ops.parents;
+        let dout = grads.consume::<B>(&ops.node);
+        let (q, k, v, out, lse, scale) = ops.state;
+        let (dq, dk, dv) = B::attention_kernel_backward(q, k, v, out, lse, dout, scale)
+            .expect("a backend with an attention forward kernel has its backward kernel");
+        for (node, grad) in [(nq, dq), (nk, dk), (nv, dv)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LmNllBackward;
+
+impl<B: ShearsOps> Backward<B, 2> for LmNllBackward {
+    /// h, w, vocab_major, targets, lse.
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        bool,
+        IntTensor<B>,
+        FloatTensor<B>,
+    );
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [nh, nw] = ops.parents;
+        let dnll = grads.consume::<B>(&ops.node);
+        let (h, w, vocab_major, targets, lse) = ops.state;
+        let (dh, dw) = B::lm_nll_kernel_backward(h, w, vocab_major, targets, lse, dnll)
+            .expect("a backend with an LM-head NLL forward kernel has its backward kernel");
+        if let Some(node) = nh {
+            grads.register::<B>(node.id, dh);
+        }
+        if let Some(node) = nw {
+            grads.register::<B>(node.id, dw);
+        }
+    }
+}
+
+impl<B: ShearsOps, C: CheckpointStrategy> ShearsOps for Autodiff<B, C> {
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+    ) -> Option<FloatTensor<Self>> {
+        let (out, lse) = B::attention_kernel(
+            q.primitive.clone(),
+            k.primitive.clone(),
+            v.primitive.clone(),
+            scale,
+        )?;
+        Some(
+            match AttentionBackward
+                .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(
+                    (
+                        q.primitive,
+                        k.primitive,
+                        v.primitive,
+                        out.clone(),
+                        lse,
+                        scale,
+                    ),
+                    out,
+                ),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            },
+        )
+    }
+
+    fn fused_lm_nll(
+        h: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        vocab_major: bool,
+        targets: IntTensor<Self>,
+    ) -> Option<FloatTensor<Self>> {
+        let (nll, lse) = B::lm_nll_kernel(
+            h.primitive.clone(),
+            w.primitive.clone(),
+            vocab_major,
+            targets.clone(),
+        )?;
+        Some(
+            match LmNllBackward
+                .prepare::<C>([h.node.clone(), w.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => {
+                    prep.finish((h.primitive, w.primitive, vocab_major, targets, lse), nll)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(nll),
+            },
+        )
+    }
+}

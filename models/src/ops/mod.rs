@@ -1,0 +1,253 @@
+//! Hot operations of the model behind one backend extension trait, [`ShearsOps`].
+//!
+//! Each operation has a generic definition (a composition of burn ops, which every backend
+//! runs and autodiff differentiates op by op) and may have a native kernel. A backend offers a
+//! kernel by implementing the trait's `*_kernel` methods (forward, plus the backward the
+//! autodiff wrapper calls); they return `None` for inputs they do not handle (dtype, shape), and
+//! the caller then runs the generic definition. `Autodiff<B>` implements the fused entry points
+//! with its own backward node over `B`'s kernels, so one trait serves inference and training.
+//!
+//! Today the native kernels are CPU kernels for burn-flex (f32 and f64): fused causal attention
+//! (flash-style, GQA in place, any cached past) and the fused LM head + cross-entropy.
+//! ndarray, wgpu and cuda run the generic definitions; a GPU kernel plugs in the same way.
+//!
+//! [`set_fused`] turns every kernel off (the generic path everywhere) for comparisons and
+//! benchmarks; `SHEARS_FUSED=0` in the environment does the same at start-up.
+
+pub mod attention_cpu;
+mod autodiff;
+pub mod ce_cpu;
+#[cfg(feature = "flex")]
+mod flex;
+pub mod simd;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{activation, Bool, Int, Tensor, TensorPrimitive};
+
+use crate::llama::upcast;
+
+/// A backend the model runs on: burn's `Backend` plus Shears' fused operations.
+pub trait ShearsOps: Backend {
+    /// Causal attention through a native kernel, or `None` (then the generic definition runs).
+    /// `q [b, t, h, hd]`, `k, v [b, s, g, hd]` (`s ≥ t`; the first `s - t` keys are a cached
+    /// past), output `[b, t, h, hd]`. The default uses [`ShearsOps::attention_kernel`].
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+    ) -> Option<FloatTensor<Self>> {
+        Self::attention_kernel(q, k, v, scale).map(|(out, _)| out)
+    }
+
+    /// Per-token NLL `[n]` of `targets [n]` under the logits `h · Wᵀ`, never materialising
+    /// them, or `None`. `h [n, d]`; `w` is `[V, d]` when `vocab_major` (a tied embedding), else
+    /// `[d, V]` (a linear weight stored `[in, out]`).
+    fn fused_lm_nll(
+        h: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        vocab_major: bool,
+        targets: IntTensor<Self>,
+    ) -> Option<FloatTensor<Self>> {
+        Self::lm_nll_kernel(h, w, vocab_major, targets).map(|(nll, _)| nll)
+    }
+
+    /// Native attention forward: the output and the per-row log-sum-exp `[b, h, t]` its
+    /// backward needs. `None` where there is no kernel for these inputs.
+    fn attention_kernel(
+        _q: FloatTensor<Self>,
+        _k: FloatTensor<Self>,
+        _v: FloatTensor<Self>,
+        _scale: f64,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+
+    /// Native attention backward: `(dq, dk, dv)`. Must exist wherever the forward kernel does.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_kernel_backward(
+        _q: FloatTensor<Self>,
+        _k: FloatTensor<Self>,
+        _v: FloatTensor<Self>,
+        _out: FloatTensor<Self>,
+        _lse: FloatTensor<Self>,
+        _dout: FloatTensor<Self>,
+        _scale: f64,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+
+    /// Native LM-head NLL forward: the NLL and each row's log-sum-exp `[n]`.
+    fn lm_nll_kernel(
+        _h: FloatTensor<Self>,
+        _w: FloatTensor<Self>,
+        _vocab_major: bool,
+        _targets: IntTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+
+    /// Native LM-head NLL backward: `(dh, dw)` for the NLL's gradient `dnll [n]`.
+    fn lm_nll_kernel_backward(
+        _h: FloatTensor<Self>,
+        _w: FloatTensor<Self>,
+        _vocab_major: bool,
+        _targets: IntTensor<Self>,
+        _lse: FloatTensor<Self>,
+        _dnll: FloatTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+}
+
+/// An autodiff backend whose inner backend is also a [`ShearsOps`] (evaluation on
+/// `model.valid()` runs there).
+pub trait ShearsAutodiff: AutodiffBackend<InnerBackend: ShearsOps> + ShearsOps {}
+impl<T> ShearsAutodiff for T
+where
+    T: AutodiffBackend + ShearsOps,
+    T::InnerBackend: ShearsOps,
+{
+}
+
+#[cfg(feature = "ndarray")]
+impl ShearsOps for burn::backend::NdArray<f32> {}
+#[cfg(feature = "ndarray")]
+impl ShearsOps for burn::backend::NdArray<f64> {}
+#[cfg(feature = "wgpu")]
+impl ShearsOps for burn::backend::Wgpu {}
+#[cfg(feature = "cuda")]
+impl ShearsOps for burn::backend::Cuda {}
+
+/// 0: not read yet, 1: on, 2: off.
+static FUSED: AtomicU8 = AtomicU8::new(0);
+
+/// Whether native kernels are used (default on; `SHEARS_FUSED=0` turns them off).
+pub fn fused_enabled() -> bool {
+    match FUSED.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("SHEARS_FUSED").map_or(true, |v| v != "0");
+            FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Turn native kernels on or off for the whole process.
+pub fn set_fused(on: bool) {
+    FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+fn tensor<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+/// Causal attention `softmax(q kᵀ · scale + causal) v` with grouped-query heads: the native
+/// kernel where the backend has one (and [`fused_enabled`]), else [`causal_attention_generic`].
+/// `mask` (`[t, s]`, true = hidden) is only read by the generic path.
+pub fn causal_attention<B: ShearsOps>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 2, Bool>>,
+) -> Tensor<B, 4> {
+    let hd = q.dims()[3];
+    let scale = 1.0 / (hd as f64).sqrt();
+    if fused_enabled() {
+        if let Some(out) =
+            B::fused_attention(prim(q.clone()), prim(k.clone()), prim(v.clone()), scale)
+        {
+            return tensor(out);
+        }
+    }
+    causal_attention_generic(q, k, v, mask)
+}
+
+/// The generic definition of [`causal_attention`], in burn ops. `mask` is `[t, s]` (true =
+/// hidden), `None` when no position needs hiding (a single new token).
+pub fn causal_attention_generic<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 2, Bool>>,
+) -> Tensor<B, 4> {
+    let [b, t, h, hd] = q.dims();
+    let [_, s, g, _] = k.dims();
+    let r = h / g;
+    // Query head j reads kv head j / r: group the r query heads of a kv head along the
+    // sequence axis so one batched matmul serves them without copying k and v r times.
+    let q = q.swap_dims(1, 2).reshape([b, g, r * t, hd]);
+    let k = k.swap_dims(1, 2);
+    let v = v.swap_dims(1, 2);
+    let scores = q
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(1.0 / (hd as f64).sqrt());
+    let scores = match mask {
+        Some(m) => {
+            let m = m
+                .clone()
+                .unsqueeze_dim::<3>(0)
+                .repeat_dim(0, r)
+                .reshape([1, 1, r * t, s])
+                .expand([b, g, r * t, s]);
+            scores.mask_fill(m, f32::NEG_INFINITY)
+        }
+        None => scores,
+    };
+    let dtype = scores.dtype();
+    let probs = activation::softmax(upcast(scores), 3).cast(dtype);
+    probs.matmul(v).reshape([b, h, t, hd]).swap_dims(1, 2)
+}
+
+/// The causal mask `[t, past + t]` (true = hidden) the generic attention reads.
+pub fn causal_mask<B: Backend>(past: usize, t: usize, device: &B::Device) -> Tensor<B, 2, Bool> {
+    Tensor::<B, 2, Bool>::tril_mask([t, past + t], past as i64, device)
+}
+
+/// Per-token NLL `[n]` of `targets [n]` under logits `h [n, d] · Wᵀ` (`w [V, d]` when
+/// `vocab_major`, else `[d, V]`): the fused kernel where the backend has one, else logits and
+/// a log-softmax in f32 (f64 on f64 backends).
+pub fn lm_head_nll<B: ShearsOps>(
+    h: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    vocab_major: bool,
+    targets: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
+    if fused_enabled() {
+        if let Some(nll) = B::fused_lm_nll(
+            prim(h.clone()),
+            prim(w.clone()),
+            vocab_major,
+            targets.clone().into_primitive(),
+        ) {
+            return tensor(nll);
+        }
+    }
+    lm_head_nll_generic(h, w, vocab_major, targets)
+}
+
+/// The generic definition of [`lm_head_nll`].
+pub fn lm_head_nll_generic<B: Backend>(
+    h: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    vocab_major: bool,
+    targets: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
+    let n = h.dims()[0];
+    let logits = if vocab_major {
+        h.matmul(w.transpose())
+    } else {
+        h.matmul(w)
+    };
+    let logp = activation::log_softmax(upcast(logits), 1);
+    logp.gather(1, targets.reshape([n, 1])).neg().reshape([n])
+}
