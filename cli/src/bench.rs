@@ -83,9 +83,13 @@ pub enum BenchCmd {
         /// Sequence length L.
         #[arg(long, default_value_t = 256)]
         seq_len: usize,
-        /// Skip the real-model forward figures.
+        /// Skip the real-model figures.
         #[arg(long)]
         skip_model: bool,
+        /// Also time the real model's training step (forward + backward + AdamW, batch 1 x L
+        /// and 4 x L) and its pruning step (batch 4 x L, every structure masked).
+        #[arg(long)]
+        train: bool,
         /// Print JSON lines instead of a table.
         #[arg(long)]
         json: bool,
@@ -106,13 +110,19 @@ fn random_ids<B: Backend>(
     Tensor::from_data(TensorData::new(v, [batch, len]), device)
 }
 
+/// Median seconds of one run, over `iters` timed runs after one warm-up (first-call allocation
+/// and kernel selection).
 fn timed(iters: usize, mut f: impl FnMut()) -> f64 {
-    f(); // warm-up: first-call allocation and kernel selection
-    let start = Instant::now();
-    for _ in 0..iters {
-        f();
-    }
-    start.elapsed().as_secs_f64()
+    f();
+    let mut runs: Vec<f64> = (0..iters.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    runs.sort_by(|a, b| a.partial_cmp(b).expect("finite timings"));
+    runs[runs.len() / 2]
 }
 
 struct ForwardBench<'a> {
@@ -137,7 +147,7 @@ impl BackendTask for ForwardBench<'_> {
                     // Reading one value forces the whole computation to finish.
                     let _ = logits.narrow(2, 0, 1).sum().into_data();
                 });
-                (b, (b * self.len * self.iters) as f64 / secs)
+                (b, (b * self.len) as f64 / secs)
             })
             .collect())
     }
@@ -170,7 +180,36 @@ impl AutodiffTask for TrainBench {
         let secs = timed(self.iters, || {
             trainer.step(ids.clone());
         });
-        Ok((self.batch * self.len * self.iters) as f64 / secs)
+        Ok((self.batch * self.len) as f64 / secs)
+    }
+}
+
+/// Training steps (forward, backward, AdamW) of a real model at several batch sizes.
+struct ModelTrainBench<'a> {
+    files: &'a ModelFiles,
+    batches: &'a [usize],
+    len: usize,
+    iters: usize,
+}
+
+impl AutodiffTask for ModelTrainBench<'_> {
+    /// (batch, tokens/s, seconds per step)
+    type Output = shears_core::Result<Vec<(usize, f64, f64)>>;
+    fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> Self::Output {
+        let vocab = self.files.config.vocab_size;
+        let model = load::from_files::<B>(self.files, &device, DType::F32)?;
+        let mut trainer = LmTrainer::new(model, AdamWSettings::default());
+        Ok(self
+            .batches
+            .iter()
+            .map(|&b| {
+                let ids = random_ids::<B>(b, self.len, vocab, 4, &device);
+                let secs = timed(self.iters, || {
+                    trainer.step(ids.clone());
+                });
+                (b, (b * self.len) as f64 / secs, secs)
+            })
+            .collect())
     }
 }
 
@@ -195,7 +234,7 @@ impl AutodiffTask for PruneBench<'_> {
             let mut trainer = LmTrainer::new(model, settings.model);
             timed(self.iters, || {
                 trainer.step(ids.clone());
-            }) / self.iters as f64
+            })
         };
         // Prune every structure at once (the heaviest mask configuration): a target two thirds
         // the source's size in every dimension.
@@ -219,7 +258,7 @@ impl AutodiffTask for PruneBench<'_> {
             let mut trainer = PruneTrainer::new(state, settings, 0);
             timed(self.iters, || {
                 trainer.step(ids.clone(), 1.0);
-            }) / self.iters as f64
+            })
         };
         Ok((plain, masked))
     }
@@ -227,14 +266,15 @@ impl AutodiffTask for PruneBench<'_> {
 
 /// Run a benchmark on `only` (the global `--backend`), or on every compiled CPU backend.
 pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
-    let (model, iters, seq_len, skip_model, as_json) = match cmd {
+    let (model, iters, seq_len, skip_model, with_train, as_json) = match cmd {
         BenchCmd::Forward {
             model,
             iters,
             seq_len,
             skip_model,
+            train,
             json,
-        } => (model, iters, seq_len, skip_model, json),
+        } => (model, iters, seq_len, skip_model, train, json),
         BenchCmd::Data { plan, draws } => return bench_data(plan, draws),
         BenchCmd::Kernels {
             batch,
@@ -297,7 +337,7 @@ pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
                         "step_s_with_masks": masked, "mask_overhead": overhead})
                 );
             } else {
-                println!("# shears bench prune: {} on {kind}, batch {batch} x {seq_len}, {iters} timed steps after 1 warm-up", files.source.display());
+                println!("# shears bench prune: {} on {kind}, batch {batch} x {seq_len}, median of {iters} timed steps after 1 warm-up", files.source.display());
                 println!("training step without masks: {plain:.3} s");
                 println!(
                     "training step with masks:    {masked:.3} s  ({:+.1}%)",
@@ -319,11 +359,12 @@ pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
     } else {
         Some(crate::commands::load_model_files(&model)?)
     };
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let threads = rayon::current_num_threads();
     if !as_json {
-        println!("# shears bench forward: L = {seq_len}, {iters} timed iterations after 1 warm-up, {threads} CPU threads");
+        println!(
+            "# shears bench forward: L = {seq_len}, median of {iters} timed runs after 1 warm-up, {threads} CPU threads, {} kernels",
+            shears_models::ops::simd::Isa::detect().name()
+        );
         println!(
             "{:<8} {:>22} {:>22} {:>26}",
             "backend", "model fwd 1xL tok/s", "model fwd 8xL tok/s", "tiny train step 8xL tok/s"
@@ -352,12 +393,44 @@ pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
         )??;
         let f1 = fwd.iter().find(|x| x.0 == 1).map(|x| x.1);
         let f8 = fwd.iter().find(|x| x.0 == 8).map(|x| x.1);
+        let (mtrain, prune) = match (&files, with_train) {
+            (Some(f), true) => {
+                let t = dispatch_autodiff(
+                    kind,
+                    ModelTrainBench {
+                        files: f,
+                        batches: &[1, 4],
+                        len: seq_len,
+                        iters,
+                    },
+                )??;
+                let p = dispatch_autodiff(
+                    kind,
+                    PruneBench {
+                        files: f,
+                        batch: 4,
+                        len: seq_len,
+                        iters: iters.min(2),
+                    },
+                )??;
+                (t, Some(p))
+            }
+            _ => (vec![], None),
+        };
+        let t1 = mtrain.iter().find(|x| x.0 == 1).map(|x| x.1);
+        let t4 = mtrain.iter().find(|x| x.0 == 4).map(|x| x.1);
+        let t4s = mtrain.iter().find(|x| x.0 == 4).map(|x| x.2);
         if as_json {
             println!(
                 "{}",
                 json!({"backend": kind.name(), "seq_len": seq_len, "iters": iters, "threads": threads,
+                    "isa": shears_models::ops::simd::Isa::detect().name(),
                     "model": files.as_ref().map(|f| f.source.display().to_string()),
-                    "forward_1_tok_s": f1, "forward_8_tok_s": f8, "tiny_train_8_tok_s": train})
+                    "forward_1_tok_s": f1, "forward_8_tok_s": f8,
+                    "train_1_tok_s": t1, "train_4_tok_s": t4, "train_4_step_s": t4s,
+                    "prune_4_step_s": prune.map(|p| p.1), "plain_4_step_s": prune.map(|p| p.0),
+                    "prune_over_plain": prune.map(|p| p.1 / p.0),
+                    "tiny_train_8_tok_s": train})
             );
         } else {
             let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.0}"));
@@ -368,6 +441,16 @@ pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
                 fmt(f8),
                 train
             );
+            if let Some((plain, masked)) = prune {
+                println!(
+                    "{:<8} model train step 1xL {} tok/s, 4xL {} tok/s ({:.2} s); pruning step 4xL {masked:.2} s vs plain {plain:.2} s ({:.3}x)",
+                    "",
+                    fmt(t1),
+                    fmt(t4),
+                    t4s.unwrap_or(f64::NAN),
+                    masked / plain
+                );
+            }
         }
     }
     Ok(())

@@ -7,7 +7,7 @@ use std::time::Instant;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use serde_json::json;
 use shears_models::ops::{self, simd::Isa};
-use shears_models::{AutodiffTask, ShearsAutodiff};
+use shears_models::{AutodiffTask, ShearsAutodiff, ShearsOps};
 
 /// Shapes of the kernel benchmark (SmolLM2-135M's by default).
 #[derive(Debug, Clone)]
@@ -77,10 +77,16 @@ impl AutodiffTask for KernelBench {
             let x = Tensor::<I<B>, 2>::random([n, k], Distribution::Default, &device);
             let w = Tensor::<I<B>, 2>::random([k, nn], Distribution::Default, &device);
             let secs = time(it, || sync(x.clone().matmul(w.clone())));
+            let has = I::<B>::fused_matmul(
+                x.clone().into_primitive().tensor(),
+                w.clone().into_primitive().tensor(),
+            )
+            .is_some();
+            let fused = has.then(|| time(it, || sync(ops::matmul(x.clone(), w.clone()))));
             row(
                 &format!("{name} [{n}x{k}]x[{k}x{nn}]"),
                 secs,
-                None,
+                fused,
                 2.0 * (n * k * nn) as f64,
             );
         }

@@ -21,6 +21,26 @@ use shears_models::BackendKind;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+extern "C" {
+    /// mimalloc's option setter (linked in through the `mimalloc` crate).
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+
+/// `mi_option_purge_delay` in the mimalloc the `mimalloc` crate bundles (v3's `mi_option_e`,
+/// the same index in v2).
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+
+/// Never hand freed memory back to the OS: a training step frees and reallocates the same
+/// large buffers, and every purge turned into page faults on the next step (a sixth of a
+/// SmolLM2 training step). The process keeps its peak footprint, which it needs again anyway.
+/// `MIMALLOC_PURGE_DELAY` in the environment still wins.
+fn tune_allocator() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: a plain setter of an integer option; any value is valid.
+        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "shears",
@@ -330,6 +350,7 @@ enum CorpusCmd {
 }
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         if n == 0 {

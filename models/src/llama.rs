@@ -26,7 +26,8 @@ pub fn sigmoid<const D: usize, B: Backend>(x: Tensor<B, D>) -> Tensor<B, D> {
     }
 }
 
-fn silu<const D: usize, B: Backend>(x: Tensor<B, D>) -> Tensor<B, D> {
+/// `x · sigmoid(x)` (exact in f64).
+pub fn silu<const D: usize, B: Backend>(x: Tensor<B, D>) -> Tensor<B, D> {
     match x.dtype() {
         DType::F64 => x.clone() * sigmoid(x),
         _ => activation::silu(x),
@@ -50,9 +51,12 @@ pub struct RmsNorm<B: Backend> {
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
-    /// Normalise over the last axis.
+impl<B: ShearsOps> RmsNorm<B> {
+    /// Normalise over the last axis (the fused kernel where the backend has one).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if let Some(y) = ops::rms_norm_fused(&x, &self.weight.val(), self.eps) {
+            return y;
+        }
         let dtype = x.dtype();
         let xf = upcast(x);
         let var = xf.clone().square().mean_dim(D - 1);
@@ -106,11 +110,11 @@ pub struct Attention<B: Backend> {
 /// `x [.., in] · W [in, out]` as one 2-D GEMM over all leading positions (`[b·t, in]`), on the
 /// weight's contiguous `[in, out]` storage: no per-call copy of the weight and no batched
 /// matmul whose weight gradient is a sum of per-batch products.
-pub fn linear<B: Backend>(l: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+pub fn linear<B: ShearsOps>(l: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [b, t, d] = x.dims();
     let w = l.weight.val();
     let n = w.dims()[1];
-    x.reshape([b * t, d]).matmul(w).reshape([b, t, n])
+    ops::matmul(x.reshape([b * t, d]), w).reshape([b, t, n])
 }
 
 impl<B: ShearsOps> Attention<B> {
@@ -155,7 +159,7 @@ pub struct Mlp<B: Backend> {
     pub down_proj: Linear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: ShearsOps> Mlp<B> {
     /// Apply the MLP.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.forward_masked(x, None)
@@ -163,12 +167,12 @@ impl<B: Backend> Mlp<B> {
 
     /// Apply the MLP with the intermediate mask `z_int [I]` on the `up_proj` output.
     pub fn forward_masked(&self, x: Tensor<B, 3>, z_int: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
-        let gate = silu(linear(&self.gate_proj, x.clone()));
+        let gate = linear(&self.gate_proj, x.clone());
         let mut up = linear(&self.up_proj, x);
         if let Some(z) = z_int {
             up = up * z.clone().unsqueeze::<3>();
         }
-        linear(&self.down_proj, gate * up)
+        linear(&self.down_proj, ops::swiglu(gate, up))
     }
 }
 
@@ -353,9 +357,7 @@ impl<B: ShearsOps> Llama<B> {
                 let [b, t, d] = h.dims();
                 let w = self.model.embed_tokens.weight.val();
                 let v = w.dims()[0];
-                h.reshape([b * t, d])
-                    .matmul(w.transpose())
-                    .reshape([b, t, v])
+                ops::matmul(h.reshape([b * t, d]), w.transpose()).reshape([b, t, v])
             }
         }
     }

@@ -1,18 +1,22 @@
 //! Masked forward with deterministic (exact-target) masks equals the finalized dense model's
 //! forward, over random source shapes (MHA and GQA, tied and untied), random `log_alpha`s
 //! (with ties at the clamp) and random targets that remove layers, whole kv groups, query
-//! heads, hidden channels and MLP channels.
+//! heads, hidden channels and MLP channels. Runs on flex, through the fused kernels.
 
 use burn::tensor::{Int, Tensor, TensorData};
 use proptest::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use shears_core::model_files::check_weights;
 use shears_core::{DType, LlamaConfig, WeightMap};
-use shears_models::backend::NdArrayBackend;
 use shears_models::{load, Llama};
 use shears_pruning::{finalize, FinalizeOptions, L0Masks, PruneModule, PruningSpec, TargetShape};
 
-type B = NdArrayBackend;
+/// flex runs the native kernels (fused attention, GEMM, LM head): masked == finalized must hold
+/// through them. (ndarray's generic path is held to flex's by `backends.rs`.)
+#[cfg(feature = "flex")]
+type B = shears_models::backend::FlexBackend;
+#[cfg(not(feature = "flex"))]
+type B = shears_models::backend::NdArrayBackend;
 
 #[derive(Debug, Clone)]
 struct Case {

@@ -4,23 +4,26 @@
 
 use std::sync::OnceLock;
 
+use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde_json::Value;
 use shears_core::{ChatMessage, DType, ModelFiles};
 use shears_models::backend::NdArrayBackend;
 use shears_models::generate::{self, SamplingConfig};
-use shears_models::{load, loss, Llama};
+use shears_models::{load, loss, Llama, ShearsOps};
 use shears_tests::{fixture, max_abs_diff, read_f32, read_i64, smollm2_gguf};
 
 type B = NdArrayBackend;
+/// The backend with native kernels (fused attention, LM head, GEMM).
+type F = shears_models::backend::FlexBackend;
 
 fn files() -> &'static ModelFiles {
     static FILES: OnceLock<ModelFiles> = OnceLock::new();
     FILES.get_or_init(|| ModelFiles::load(smollm2_gguf()).expect("load SmolLM2"))
 }
 
-fn model() -> Llama<B> {
-    load::from_files::<B>(files(), &Default::default(), DType::F32).unwrap()
+fn model<Bk: ShearsOps>() -> Llama<Bk> {
+    load::from_files::<Bk>(files(), &Default::default(), DType::F32).unwrap()
 }
 
 fn manifest() -> Value {
@@ -28,14 +31,14 @@ fn manifest() -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-fn ids_tensor(ids: &[i64]) -> Tensor<B, 2, Int> {
+fn ids_tensor<Bk: Backend>(ids: &[i64]) -> Tensor<Bk, 2, Int> {
     Tensor::from_data(
         TensorData::new(ids.to_vec(), [1, ids.len()]),
         &Default::default(),
     )
 }
 
-fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+fn to_vec<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f32> {
     t.into_data().into_vec().unwrap()
 }
 
@@ -49,8 +52,17 @@ fn top10(v: &[f32]) -> Vec<i64> {
 
 #[test]
 fn logits_ce_and_top10_match_transformers_on_four_texts() {
+    logits_ce_and_top10::<B>();
+}
+
+#[test]
+fn logits_ce_and_top10_match_transformers_on_flex_with_fused_kernels() {
+    logits_ce_and_top10::<F>();
+}
+
+fn logits_ce_and_top10<B: ShearsOps>() {
     let m = manifest();
-    let model = model();
+    let model = model::<B>();
     let tok = files().tokenizer().unwrap();
     for name in ["text1_fox", "text2_paris", "text3_story", "code1_fib"] {
         let entry = &m["texts"][name];
@@ -72,6 +84,10 @@ fn logits_ce_and_top10_match_transformers_on_four_texts() {
         let d_logits = max_abs_diff(&all[(t - 1) * v..], &want_last);
 
         let nll = to_vec(loss::token_nll(logits, ids_tensor(&ids)).reshape([t - 1]));
+        // The fused LM head + cross-entropy (never materialising the logits) agrees.
+        let fused = to_vec(model.nll(ids_tensor(&ids)).reshape([t - 1]));
+        let d_fused = max_abs_diff(&fused, &nll);
+        assert!(d_fused <= 1e-4, "{name}: fused NLL differs by {d_fused}");
         let (_, want_nll) = read_f32(&f, "nll_per_pos");
         let mean = nll.iter().map(|&x| x as f64).sum::<f64>() / nll.len() as f64;
         let want_mean = entry["mean_ce"].as_f64().unwrap();
@@ -100,7 +116,16 @@ fn logits_ce_and_top10_match_transformers_on_four_texts() {
 
 #[test]
 fn layer0_intermediates_match_debug_fixture() {
-    let model = model();
+    layer0_intermediates::<B>();
+}
+
+#[test]
+fn layer0_intermediates_match_debug_fixture_on_flex() {
+    layer0_intermediates::<F>();
+}
+
+fn layer0_intermediates<B: ShearsOps>() {
+    let model = model::<B>();
     let f = fixture("smollm2/text1_fox.debug_layer0.safetensors");
     let (_, ids) = read_i64(&f, "input_ids");
     let t = ids.len();
@@ -226,7 +251,7 @@ fn greedy_chat_answers_paris() {
         .map(|v| v.as_u64().unwrap() as u32)
         .collect();
     assert_eq!(ids, want, "chat prompt ids");
-    let model = model();
+    let model = model::<B>();
     let stop = files().config.eos_token_ids();
     let cfg = SamplingConfig {
         max_new_tokens: 20,
@@ -248,7 +273,16 @@ fn greedy_chat_answers_paris() {
 
 #[test]
 fn kv_cache_decoding_matches_full_forward() {
-    let model = model();
+    kv_cache_decoding::<B>();
+}
+
+#[test]
+fn kv_cache_decoding_matches_full_forward_on_flex() {
+    kv_cache_decoding::<F>();
+}
+
+fn kv_cache_decoding<B: ShearsOps>() {
+    let model = model::<B>();
     let tok = files().tokenizer().unwrap();
     let ids: Vec<i64> = tok
         .encode(

@@ -5,8 +5,9 @@ use shears_models::ShearsAutodiff;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::optim::ShearsAdamW;
 use burn::module::{AutodiffModule, Module};
-use burn::optim::{adaptor::OptimizerAdaptor, AdamW, GradientsParams, Optimizer};
+use burn::optim::{adaptor::OptimizerAdaptor, GradientsParams, Optimizer};
 use serde_json::{json, Map, Value};
 use shears_core::formats::safetensors;
 use shears_core::{DType, Error, ModelFiles, Result, WeightMap};
@@ -22,7 +23,7 @@ use crate::params::{self, NamedParam};
 /// A continued pre-training run's model and optimizer.
 pub struct LmStage<B: ShearsAutodiff> {
     model: Option<Llama<B>>,
-    opt: OptimizerAdaptor<AdamW, Llama<B>, B>,
+    opt: OptimizerAdaptor<ShearsAdamW, Llama<B>, B>,
     settings: AdamWSettings,
     meta: ModelFiles,
     names: Vec<NamedParam>,
@@ -39,7 +40,7 @@ impl<B: ShearsAutodiff> LmStage<B> {
         Ok(LmStage {
             names: params::named_params::<B, _>(&model),
             model: Some(model),
-            opt: settings.to_burn().init(),
+            opt: settings.init(),
             settings,
             meta,
             pending: None,
@@ -157,7 +158,7 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
                 Error::format(dir.join("state.json"), format!("optimizer_steps: {e}"))
             })?;
         self.opt = params::load_adamw(
-            self.settings.to_burn().init(),
+            self.settings.init(),
             &model,
             "model",
             &opt,

@@ -1,7 +1,8 @@
 //! One causal-LM training step: forward, mean next-token cross-entropy, backward, AdamW update.
 
+use crate::optim::ShearsAdamW;
 use burn::module::{AutodiffModule, Param};
-use burn::optim::{adaptor::OptimizerAdaptor, AdamW, GradientsParams, Optimizer};
+use burn::optim::{adaptor::OptimizerAdaptor, GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, Int, Tensor};
 use shears_core::{DType, WeightMap};
 use shears_models::load::{host_of, visit_params, ParamVisitor};
@@ -13,7 +14,7 @@ use crate::optim::AdamWSettings;
 /// A model and its optimizer, stepped on batches of token ids.
 pub struct LmTrainer<B: ShearsAutodiff> {
     model: Option<Llama<B>>,
-    optim: OptimizerAdaptor<AdamW, Llama<B>, B>,
+    optim: OptimizerAdaptor<ShearsAdamW, Llama<B>, B>,
     settings: AdamWSettings,
     steps: usize,
 }
@@ -23,7 +24,7 @@ impl<B: ShearsAutodiff> LmTrainer<B> {
     pub fn new(model: Llama<B>, settings: AdamWSettings) -> Self {
         LmTrainer {
             model: Some(model),
-            optim: settings.to_burn().init(),
+            optim: settings.init(),
             settings,
             steps: 0,
         }

@@ -4,11 +4,12 @@
 
 use std::collections::BTreeMap;
 
+use crate::optim::ShearsAdamW;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::record::AdaptorRecord;
-use burn::optim::{AdamW, AdamWState, AdaptiveMomentumState, GradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::optim::{AdamWState, AdaptiveMomentumState, GradientsParams, Optimizer};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use shears_core::{DType, Error, HostTensor, Result, WeightMap};
 use shears_models::load::host_of;
@@ -132,8 +133,8 @@ pub fn accumulate<B: Backend>(
 
 /// AdamW moments of one parameter group, keyed `{prefix}.{path}.m` / `.v`, plus each
 /// parameter's step count.
-pub fn save_adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
-    optim: &OptimizerAdaptor<AdamW, M, B>,
+pub fn save_adamw<B: shears_models::ShearsAutodiff, M: AutodiffModule<B>>(
+    optim: &OptimizerAdaptor<ShearsAdamW, M, B>,
     module: &M,
     prefix: &str,
     tensors: &mut WeightMap,
@@ -152,8 +153,8 @@ pub fn save_adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
     }
 }
 
-fn moments<B: AutodiffBackend, const D: usize>(
-    rec: AdaptorRecord<AdamW, B>,
+fn moments<B: shears_models::ShearsAutodiff, const D: usize>(
+    rec: AdaptorRecord<ShearsAdamW, B>,
 ) -> (usize, HostTensor, HostTensor) {
     let state: AdamWState<B::InnerBackend, D> = rec.into_state::<D>();
     let m = state.momentum;
@@ -164,12 +165,12 @@ fn moments<B: AutodiffBackend, const D: usize>(
     )
 }
 
-fn state_of<B: AutodiffBackend, const D: usize>(
+fn state_of<B: shears_models::ShearsAutodiff, const D: usize>(
     time: usize,
     m: &HostTensor,
     v: &HostTensor,
     device: &B::Device,
-) -> AdaptorRecord<AdamW, B> {
+) -> AdaptorRecord<ShearsAdamW, B> {
     let t = |h: &HostTensor| {
         let t = Tensor::<B::InnerBackend, D>::from_data(
             TensorData::new(h.to_f32_vec(), h.shape.clone()),
@@ -188,15 +189,16 @@ fn state_of<B: AutodiffBackend, const D: usize>(
 }
 
 /// Load the state [`save_adamw`] wrote onto `module`'s parameters (matched by path).
-pub fn load_adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
-    optim: OptimizerAdaptor<AdamW, M, B>,
+pub fn load_adamw<B: shears_models::ShearsAutodiff, M: AutodiffModule<B>>(
+    optim: OptimizerAdaptor<ShearsAdamW, M, B>,
     module: &M,
     prefix: &str,
     tensors: &WeightMap,
     times: &BTreeMap<String, usize>,
     device: &B::Device,
-) -> Result<OptimizerAdaptor<AdamW, M, B>> {
-    let mut record: <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record = Default::default();
+) -> Result<OptimizerAdaptor<ShearsAdamW, M, B>> {
+    let mut record: <OptimizerAdaptor<ShearsAdamW, M, B> as Optimizer<M, B>>::Record =
+        Default::default();
     for p in named_params::<B, M>(module) {
         let key = format!("{prefix}.{}", p.name);
         let Some(&time) = times.get(&key) else {

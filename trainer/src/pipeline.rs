@@ -490,17 +490,32 @@ fn cached_eval<B: ShearsOps>(
     device: &B::Device,
 ) -> Result<BTreeMap<String, DomainEval>> {
     if let Some(v) = stages.done.get(key) {
-        if let Ok(e) = serde_json::from_value::<BTreeMap<String, DomainEval>>(v["domains"].clone())
+        if let Ok(mut e) =
+            serde_json::from_value::<BTreeMap<String, DomainEval>>(v["domains"].clone())
         {
+            // serde_json's float parser can be one ulp off; the exact bits are kept beside the
+            // numbers so a resumed pipeline reports exactly what an uninterrupted one does.
+            for (domain, d) in e.iter_mut() {
+                if let Some(bits) = v["loss_bits"][domain]
+                    .as_str()
+                    .and_then(|b| u64::from_str_radix(b, 16).ok())
+                {
+                    d.loss = f64::from_bits(bits);
+                }
+            }
             return Ok(e);
         }
     }
     log(&format!("== {}", key.replace('_', " ")));
     let t = Instant::now();
     let e = eval_model::<B>(files, data, es, device)?;
+    let bits: BTreeMap<&String, String> = e
+        .iter()
+        .map(|(k, d)| (k, format!("{:016x}", d.loss.to_bits())))
+        .collect();
     stages.mark(
         key,
-        json!({"domains": e, "seconds": t.elapsed().as_secs_f64()}),
+        json!({"domains": e, "loss_bits": bits, "seconds": t.elapsed().as_secs_f64()}),
     )?;
     Ok(e)
 }

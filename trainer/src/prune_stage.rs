@@ -7,7 +7,8 @@ use shears_models::ShearsAutodiff;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::optim::{adaptor::OptimizerAdaptor, AdamW, GradientsParams, Optimizer};
+use crate::optim::ShearsAdamW;
+use burn::optim::{adaptor::OptimizerAdaptor, GradientsParams, Optimizer};
 use burn::tensor::Tensor;
 use rand::{rngs::StdRng, SeedableRng};
 use serde_json::{json, Map, Value};
@@ -34,7 +35,7 @@ pub struct PruneRates {
     pub lagrangian_warmup_steps: usize,
 }
 
-type Opt<M, B> = OptimizerAdaptor<AdamW, M, B>;
+type Opt<M, B> = OptimizerAdaptor<ShearsAdamW, M, B>;
 
 /// A pruning run's model state and optimizers.
 pub struct PruneStage<B: ShearsAutodiff> {
@@ -79,9 +80,9 @@ impl<B: ShearsAutodiff> PruneStage<B> {
         let mut meta = files.clone();
         meta.weights = WeightMap::new();
         let mut s = PruneStage {
-            opt_model: rates.model.to_burn().init(),
-            opt_masks: aux(&rates).to_burn().init(),
-            opt_multipliers: aux(&rates).to_burn().init(),
+            opt_model: rates.model.init(),
+            opt_masks: aux(&rates).init(),
+            opt_multipliers: aux(&rates).init(),
             names: [vec![], vec![], vec![]],
             state: Some(state),
             rates,
@@ -330,24 +331,12 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
                 Error::format(dir.join("state.json"), format!("optimizer_steps: {e}"))
             })?;
         let r = self.rates;
-        self.opt_model = params::load_adamw(
-            r.model.to_burn().init(),
-            &model,
-            "model",
-            &opt,
-            &times,
-            &self.device,
-        )?;
-        self.opt_masks = params::load_adamw(
-            aux(&r).to_burn().init(),
-            &masks,
-            "masks",
-            &opt,
-            &times,
-            &self.device,
-        )?;
+        self.opt_model =
+            params::load_adamw(r.model.init(), &model, "model", &opt, &times, &self.device)?;
+        self.opt_masks =
+            params::load_adamw(aux(&r).init(), &masks, "masks", &opt, &times, &self.device)?;
         self.opt_multipliers = params::load_adamw(
-            aux(&r).to_burn().init(),
+            aux(&r).init(),
             &lagrangian,
             "multipliers",
             &opt,

@@ -2,7 +2,8 @@
 //! Lagrangian, backward, then three AdamW updates: model weights and mask `log_alpha`s by
 //! descent, Lagrange multipliers by ascent (their gradients are negated).
 
-use burn::optim::{adaptor::OptimizerAdaptor, AdamW, Optimizer};
+use crate::optim::ShearsAdamW;
+use burn::optim::{adaptor::OptimizerAdaptor, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor};
 use rand::{rngs::StdRng, SeedableRng};
@@ -59,9 +60,9 @@ pub struct PruneStepReport {
 /// A pruning run's state and its three optimizers.
 pub struct PruneTrainer<B: ShearsAutodiff> {
     state: Option<PruningModel<B>>,
-    opt_model: OptimizerAdaptor<AdamW, Llama<B>, B>,
-    opt_masks: OptimizerAdaptor<AdamW, L0Masks<B>, B>,
-    opt_multipliers: OptimizerAdaptor<AdamW, Lagrangian<B>, B>,
+    opt_model: OptimizerAdaptor<ShearsAdamW, Llama<B>, B>,
+    opt_masks: OptimizerAdaptor<ShearsAdamW, L0Masks<B>, B>,
+    opt_multipliers: OptimizerAdaptor<ShearsAdamW, Lagrangian<B>, B>,
     settings: PruneStepSettings,
     rng: StdRng,
     step: usize,
@@ -84,9 +85,9 @@ impl<B: ShearsAutodiff> PruneTrainer<B> {
         };
         PruneTrainer {
             state: Some(state),
-            opt_model: settings.model.to_burn().init(),
-            opt_masks: aux.to_burn().init(),
-            opt_multipliers: aux.to_burn().init(),
+            opt_model: settings.model.init(),
+            opt_masks: aux.init(),
+            opt_multipliers: aux.init(),
             settings,
             rng: StdRng::seed_from_u64(seed),
             step: 0,

@@ -1,7 +1,7 @@
 //! Fused causal attention on host slices, flash-style: queries and keys in tiles, an online
 //! softmax, no `[t, s]` score matrix kept, fully masked tiles skipped, GQA read in place (query
 //! head `j` reads kv head `j / r`, nothing is repeated), parallel over batch × heads × tiles.
-//! Tile products run on the `gemm` crate (the GEMM burn-flex uses, AVX-512 where present).
+//! Tile products run on [`super::gemm`] (AVX-512 or AVX2 micro-kernels).
 //!
 //! Layouts, all contiguous row-major: `q [b, t, h, hd]`, `k, v [b, s, g, hd]` with `s ≥ t`
 //! (the first `s - t` keys are the cached past: query `i` sees keys `0 ..= s - t + i`),
@@ -76,26 +76,26 @@ unsafe fn mm<T: Real>(
     b_cs: usize,
     alpha: T,
 ) {
-    gemm::gemm(
+    super::gemm::gemm(
         m,
         n,
         k,
-        dst,
-        1,
-        ldd as isize,
-        accumulate,
-        a,
-        a_cs as isize,
-        a_rs as isize,
-        bm,
-        b_cs as isize,
-        b_rs as isize,
-        T::ONE,
         alpha,
+        super::gemm::Mat {
+            ptr: a,
+            rs: a_rs as isize,
+            cs: a_cs as isize,
+        },
+        super::gemm::Mat {
+            ptr: bm,
+            rs: b_rs as isize,
+            cs: b_cs as isize,
+        },
+        dst,
+        ldd as isize,
+        1,
+        accumulate,
         false,
-        false,
-        false,
-        gemm::Parallelism::None,
     )
 }
 

@@ -13,6 +13,89 @@ use burn_autodiff::Autodiff;
 use super::ShearsOps;
 
 #[derive(Debug)]
+struct MatmulBackward;
+
+impl<B: ShearsOps> Backward<B, 2> for MatmulBackward {
+    /// lhs (when rhs needs a gradient), rhs (when lhs does).
+    type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [nl, nr] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (lhs, rhs) = ops.state;
+        // Transposes are views; the native GEMM reads them through strides.
+        let mm = |a: FloatTensor<B>, b: FloatTensor<B>| {
+            B::matmul_kernel(a.clone(), b.clone()).unwrap_or_else(|| B::float_matmul(a, b))
+        };
+        if let (Some(node), Some(rhs)) = (nl, rhs) {
+            grads.register::<B>(node.id, mm(grad.clone(), B::float_transpose(rhs)));
+        }
+        if let (Some(node), Some(lhs)) = (nr, lhs) {
+            grads.register::<B>(node.id, mm(B::float_transpose(lhs), grad));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl<B: ShearsOps> Backward<B, 2> for RmsNormBackward {
+    /// x, w, per-row scale.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [nx, nw] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, w, scale) = ops.state;
+        let (dx, dw) = B::rms_norm_kernel_backward(x, w, scale, dy)
+            .expect("a backend with an RMSNorm forward kernel has its backward kernel");
+        if let Some(node) = nx {
+            grads.register::<B>(node.id, dx);
+        }
+        if let Some(node) = nw {
+            grads.register::<B>(node.id, dw);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl<B: ShearsOps> Backward<B, 2> for SwigluBackward {
+    /// gate, up.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [ng, nu] = ops.parents;
+        let dout = grads.consume::<B>(&ops.node);
+        let (gate, up) = ops.state;
+        let (dg, du) = B::swiglu_kernel_backward(gate, up, dout)
+            .expect("a backend with a SwiGLU forward kernel has its backward kernel");
+        if let Some(node) = ng {
+            grads.register::<B>(node.id, dg);
+        }
+        if let Some(node) = nu {
+            grads.register::<B>(node.id, du);
+        }
+    }
+}
+
+#[derive(Debug)]
 struct AttentionBackward;
 
 impl<B: ShearsOps> Backward<B, 3> for AttentionBackward {
@@ -79,6 +162,56 @@ impl<B: ShearsOps> Backward<B, 2> for LmNllBackward {
 }
 
 impl<B: ShearsOps, C: CheckpointStrategy> ShearsOps for Autodiff<B, C> {
+    fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+        let out = B::matmul_kernel(lhs.primitive.clone(), rhs.primitive.clone())?;
+        let (lt, rt) = (lhs.is_tracked(), rhs.is_tracked());
+        Some(
+            match MatmulBackward
+                .prepare::<C>([lhs.node.clone(), rhs.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(
+                    (rt.then_some(lhs.primitive), lt.then_some(rhs.primitive)),
+                    out,
+                ),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            },
+        )
+    }
+
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        eps: f64,
+    ) -> Option<FloatTensor<Self>> {
+        let (y, scale) = B::rms_norm_kernel(x.primitive.clone(), w.primitive.clone(), eps)?;
+        Some(
+            match RmsNormBackward
+                .prepare::<C>([x.node.clone(), w.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish((x.primitive, w.primitive, scale), y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            },
+        )
+    }
+
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+        let out = B::swiglu_kernel(gate.primitive.clone(), up.primitive.clone())?;
+        Some(
+            match SwigluBackward
+                .prepare::<C>([gate.node.clone(), up.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish((gate.primitive, up.primitive), out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            },
+        )
+    }
+
     fn fused_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

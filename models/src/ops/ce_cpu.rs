@@ -1,6 +1,6 @@
 //! Fused LM head + cross-entropy on host slices: per-token `nll = logsumexp(h·Wᵀ) - (h·Wᵀ)[target]`
 //! computed over the vocabulary in tiles, so the `[N, V]` logits never exist, and its backward
-//! (`dh`, `dW`) recomputing each tile. Tiles run on the `gemm` crate, parallel over
+//! (`dh`, `dW`) recomputing each tile. Tiles run on [`super::gemm`], parallel over
 //! (row block × vocabulary chunk) forward and over vocabulary chunks backward.
 //!
 //! `h` is `[N, d]` row-major. The head weight is read through strides as a `[V, d]` matrix:
@@ -15,6 +15,8 @@ use super::simd::{with_isa, Real};
 const RB: usize = 256;
 /// Vocabulary entries per chunk.
 const VC: usize = 1024;
+/// Groups of vocabulary chunks whose `dh` partial sums the backward adds in a fixed order.
+const DH_GROUPS: usize = 8;
 
 /// Shapes and weight layout of one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,26 +60,26 @@ unsafe fn mm<T: Real>(
     (b_rs, b_cs): (usize, usize),
     alpha: T,
 ) {
-    gemm::gemm(
+    super::gemm::gemm(
         m,
         n,
         k,
-        dst,
-        d_cs as isize,
-        d_rs as isize,
-        accumulate,
-        a,
-        a_cs as isize,
-        a_rs as isize,
-        b,
-        b_cs as isize,
-        b_rs as isize,
-        T::ONE,
         alpha,
+        super::gemm::Mat {
+            ptr: a,
+            rs: a_rs as isize,
+            cs: a_cs as isize,
+        },
+        super::gemm::Mat {
+            ptr: b,
+            rs: b_rs as isize,
+            cs: b_cs as isize,
+        },
+        dst,
+        d_rs as isize,
+        d_cs as isize,
+        accumulate,
         false,
-        false,
-        false,
-        gemm::Parallelism::None,
     )
 }
 
@@ -221,15 +223,20 @@ pub fn backward<T: Real>(
     let (w_rs, w_cs) = sh.strides();
     let vchunks = v.div_ceil(VC);
     let dwp = Shared(dw.as_mut_ptr());
-    let partial = (0..vchunks)
+    // A fixed number of groups of consecutive vocabulary chunks, each summing into its own
+    // `dh`, added in group order: the same result on every run (a work-stealing fold would
+    // make the float sums depend on scheduling).
+    let groups = vchunks.min(DH_GROUPS);
+    let per_group = vchunks.div_ceil(groups);
+    let partials: Vec<Vec<T>> = (0..groups)
         .into_par_iter()
-        .fold(
-            || vec![T::ZERO; n * d],
-            |mut dh_acc, vc| {
-                let dwp = dwp;
+        .map(|gi| {
+            let dwp = dwp;
+            let mut dh_acc = vec![T::ZERO; n * d];
+            let mut tile = vec![T::ZERO; RB.min(n) * VC];
+            for vc in gi * per_group..((gi + 1) * per_group).min(vchunks) {
                 let v0 = vc * VC;
                 let nv = VC.min(v - v0);
-                let mut tile = vec![T::ZERO; RB.min(n) * nv];
                 for (bi, r0) in (0..n).step_by(RB).enumerate() {
                     let m = RB.min(n - r0);
                     let tile = &mut tile[..m * nv];
@@ -269,18 +276,15 @@ pub fn backward<T: Real>(
                         );
                     }
                 }
-                dh_acc
-            },
-        )
-        .reduce_with(|mut a, b| {
-            for (x, y) in a.iter_mut().zip(&b) {
-                *x += *y;
             }
-            a
-        });
-    match partial {
-        Some(p) => dh.copy_from_slice(&p),
-        None => dh.fill(T::ZERO),
+            dh_acc
+        })
+        .collect();
+    dh.fill(T::ZERO);
+    for p in &partials {
+        for (x, y) in dh.iter_mut().zip(p) {
+            *x += *y;
+        }
     }
 }
 

@@ -7,8 +7,9 @@ use burn_flex::{Flex, FlexTensor};
 
 use super::attention_cpu::{self, AttnShape};
 use super::ce_cpu::{self, CeShape};
-use super::simd::Real;
-use super::ShearsOps;
+use super::gemm::{gemm, Mat};
+use super::simd::{with_isa, Real};
+use super::{AdamWStep, ShearsOps};
 
 /// A contiguous copy (free when already contiguous) and its elements.
 fn contiguous(t: FlexTensor) -> FlexTensor {
@@ -130,7 +131,346 @@ fn is_real(d: DType) -> bool {
     matches!(d, DType::F32 | DType::F64)
 }
 
+/// A strided f32 view of a 2-D flex tensor (positive strides only).
+fn mat2(t: &FlexTensor) -> Option<(usize, usize, Mat<f32>)> {
+    let [r, c] = dims::<2>(t)?;
+    let st = t.layout().strides();
+    if t.dtype() != DType::F32 || st[0] < 0 || st[1] < 0 {
+        return None;
+    }
+    let data: &[f32] = t.storage();
+    // SAFETY: the layout addresses elements inside the storage.
+    let ptr = unsafe { data.as_ptr().add(t.layout().start_offset()) };
+    Some((
+        r,
+        c,
+        Mat {
+            ptr,
+            rs: st[0],
+            cs: st[1],
+        },
+    ))
+}
+
+/// `t` as a uniquely owned, contiguous, exactly sized f32 buffer (a copy only when shared or
+/// strided).
+fn owned_f32(t: FlexTensor) -> FlexTensor {
+    let simple = t.is_unique()
+        && t.is_contiguous()
+        && t.layout().start_offset() == 0
+        && t.bytes().len() == t.shape().num_elements() * 4;
+    if simple {
+        t
+    } else {
+        FlexTensor::from_data(t.into_data())
+    }
+}
+
+/// burn's AdamW arithmetic on one element, in the same order of f32 operations.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn adamw_elem(p: &mut f32, m: &mut f32, v: &mut f32, g: f32, first: bool, k: &AdamWScalars) {
+    if first {
+        *m = g * k.f1;
+        *v = (g * g) * k.f2;
+    } else {
+        *m = *m * k.b1 + g * k.f1;
+        *v = *v * k.b2 + (g * g) * k.f2;
+    }
+    let mh = *m / k.c1;
+    let vh = *v / k.c2;
+    let delta = mh / (vh.sqrt() + k.eps);
+    let decayed = if k.decay { *p * k.keep } else { *p };
+    *p = decayed - delta * k.lr;
+}
+
+struct AdamWScalars {
+    b1: f32,
+    b2: f32,
+    f1: f32,
+    f2: f32,
+    c1: f32,
+    c2: f32,
+    eps: f32,
+    lr: f32,
+    decay: bool,
+    keep: f32,
+}
+
+/// Rows per parallel task of the row-wise kernels (fixed, so reductions are deterministic).
+const ROWS: usize = 32;
+
+fn f32_2d(t: &FlexTensor) -> Option<[usize; 2]> {
+    (t.dtype() == DType::F32).then_some(())?;
+    dims::<2>(t)
+}
+
+#[inline(always)]
+fn sum_sq(x: &[f32]) -> f32 {
+    // 16 partial sums: vectorises, and is the same order on every run.
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += c[i] * c[i];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for &v in rest {
+        s += v * v;
+    }
+    s
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
 impl ShearsOps for Flex {
+    fn rms_norm_kernel(x: FlexTensor, w: FlexTensor, eps: f64) -> Option<(FlexTensor, FlexTensor)> {
+        use rayon::prelude::*;
+        let [n, d] = f32_2d(&x)?;
+        if w.dtype() != DType::F32 || dims::<1>(&w)? != [d] || d == 0 {
+            return None;
+        }
+        let (x, w) = (contiguous(x), contiguous(w));
+        let (xs, ws) = (slice::<f32>(&x), slice::<f32>(&w));
+        let mut y = vec![0f32; n * d];
+        let mut scale = vec![0f32; n];
+        let eps = eps as f32;
+        y.par_chunks_mut(ROWS * d)
+            .zip(scale.par_chunks_mut(ROWS))
+            .enumerate()
+            .for_each(|(ci, (yc, sc))| {
+                with_isa!({
+                    for (r, (yr, s)) in yc.chunks_exact_mut(d).zip(sc.iter_mut()).enumerate() {
+                        let xr = &xs[(ci * ROWS + r) * d..(ci * ROWS + r + 1) * d];
+                        let den = (sum_sq(xr) / d as f32 + eps).sqrt();
+                        *s = den;
+                        for ((o, &xv), &wv) in yr.iter_mut().zip(xr).zip(ws) {
+                            *o = (xv / den) * wv;
+                        }
+                    }
+                })
+            });
+        Some((make(y, vec![n, d]), make(scale, vec![n])))
+    }
+
+    fn rms_norm_kernel_backward(
+        x: FlexTensor,
+        w: FlexTensor,
+        scale: FlexTensor,
+        dy: FlexTensor,
+    ) -> Option<(FlexTensor, FlexTensor)> {
+        use rayon::prelude::*;
+        let [n, d] = f32_2d(&x)?;
+        if f32_2d(&dy)? != [n, d] || w.dtype() != DType::F32 || scale.dtype() != DType::F32 {
+            return None;
+        }
+        let [x, w, scale, dy] = [x, w, scale, dy].map(contiguous);
+        let (xs, ws, ss, gs) = (
+            slice::<f32>(&x),
+            slice::<f32>(&w),
+            slice::<f32>(&scale),
+            slice::<f32>(&dy),
+        );
+        let mut dx = vec![0f32; n * d];
+        let chunks = n.div_ceil(ROWS);
+        let mut dw_parts = vec![0f32; chunks * d];
+        dx.par_chunks_mut(ROWS * d)
+            .zip(dw_parts.par_chunks_mut(d))
+            .enumerate()
+            .for_each(|(ci, (dxc, dwp))| {
+                with_isa!({
+                    let mut dxn = vec![0f32; d];
+                    let mut xn = vec![0f32; d];
+                    for (r, dxr) in dxc.chunks_exact_mut(d).enumerate() {
+                        let row = ci * ROWS + r;
+                        let (xr, gr) = (&xs[row * d..(row + 1) * d], &gs[row * d..(row + 1) * d]);
+                        let den = ss[row];
+                        for i in 0..d {
+                            xn[i] = xr[i] / den;
+                            dxn[i] = gr[i] * ws[i];
+                            dwp[i] += gr[i] * xn[i];
+                        }
+                        let c = dot(&dxn, &xn) / d as f32;
+                        for i in 0..d {
+                            dxr[i] = (dxn[i] - xn[i] * c) / den;
+                        }
+                    }
+                })
+            });
+        let mut dw = vec![0f32; d];
+        for part in dw_parts.chunks_exact(d) {
+            for (a, b) in dw.iter_mut().zip(part) {
+                *a += *b;
+            }
+        }
+        Some((make(dx, vec![n, d]), make(dw, vec![d])))
+    }
+
+    fn swiglu_kernel(gate: FlexTensor, up: FlexTensor) -> Option<FlexTensor> {
+        use rayon::prelude::*;
+        if gate.dtype() != DType::F32 || up.dtype() != DType::F32 || gate.shape() != up.shape() {
+            return None;
+        }
+        let shape = gate.shape().to_vec();
+        let (g, u) = (contiguous(gate), contiguous(up));
+        let (gs, us) = (slice::<f32>(&g), slice::<f32>(&u));
+        let mut out = vec![0f32; gs.len()];
+        const CHUNK: usize = 1 << 14;
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, oc)| {
+            let (gc, uc) = (&gs[ci * CHUNK..], &us[ci * CHUNK..]);
+            with_isa!({
+                for i in 0..oc.len() {
+                    let gv = gc[i];
+                    let sig = 1.0 / (1.0 + super::simd::exp_f32(-gv));
+                    oc[i] = (gv * sig) * uc[i];
+                }
+            })
+        });
+        Some(make(out, shape))
+    }
+
+    fn swiglu_kernel_backward(
+        gate: FlexTensor,
+        up: FlexTensor,
+        dout: FlexTensor,
+    ) -> Option<(FlexTensor, FlexTensor)> {
+        use rayon::prelude::*;
+        if gate.dtype() != DType::F32 || gate.shape() != up.shape() || gate.shape() != dout.shape()
+        {
+            return None;
+        }
+        let shape = gate.shape().to_vec();
+        let [g, u, o] = [gate, up, dout].map(contiguous);
+        let (gs, us, os) = (slice::<f32>(&g), slice::<f32>(&u), slice::<f32>(&o));
+        let mut dg = vec![0f32; gs.len()];
+        let mut du = vec![0f32; gs.len()];
+        const CHUNK: usize = 1 << 14;
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(ci, (dgc, duc))| {
+                let base = ci * CHUNK;
+                with_isa!({
+                    for i in 0..dgc.len() {
+                        let (gv, uv, ov) = (gs[base + i], us[base + i], os[base + i]);
+                        let sig = 1.0 / (1.0 + super::simd::exp_f32(-gv));
+                        duc[i] = ov * (gv * sig);
+                        dgc[i] = ov * uv * (sig * (1.0 + gv * (1.0 - sig)));
+                    }
+                })
+            });
+        Some((make(dg, shape.clone()), make(du, shape)))
+    }
+
+    fn adamw_kernel(
+        param: FlexTensor,
+        grad: FlexTensor,
+        moments: Option<(FlexTensor, FlexTensor)>,
+        st: AdamWStep,
+    ) -> Option<(FlexTensor, FlexTensor, FlexTensor)> {
+        use rayon::prelude::*;
+        let shape = param.shape();
+        let all_f32 = param.dtype() == DType::F32
+            && grad.dtype() == DType::F32
+            && moments
+                .as_ref()
+                .is_none_or(|(m, v)| m.dtype() == DType::F32 && v.dtype() == DType::F32);
+        let same = grad.shape() == shape
+            && moments
+                .as_ref()
+                .is_none_or(|(m, v)| m.shape() == shape && v.shape() == shape);
+        if !all_f32 || !same || st.time == 0 {
+            return None;
+        }
+        let n = shape.num_elements();
+        let first = moments.is_none();
+        let (m, v) = match moments {
+            Some((m, v)) => (owned_f32(m), owned_f32(v)),
+            None => (
+                make(vec![0f32; n], shape.to_vec()),
+                make(vec![0f32; n], shape.to_vec()),
+            ),
+        };
+        let (mut p, mut m, mut v) = (owned_f32(param), m, v);
+        let g = contiguous(grad);
+        // As burn computes them: f32 factors, f64 scalars rounded to f32 by the scalar ops.
+        let decay_rate = st.lr * st.weight_decay as f64;
+        let k = AdamWScalars {
+            b1: st.beta1,
+            b2: st.beta2,
+            f1: 1.0 - st.beta1,
+            f2: 1.0 - st.beta2,
+            c1: 1f32 - st.beta1.powi(st.time as i32),
+            c2: 1f32 - st.beta2.powi(st.time as i32),
+            eps: st.eps,
+            lr: st.lr as f32,
+            decay: decay_rate != 0.0,
+            keep: (1.0 - decay_rate) as f32,
+        };
+        {
+            let gs = slice::<f32>(&g);
+            let ps: &mut [f32] = p.storage_mut();
+            let ms: &mut [f32] = m.storage_mut();
+            let vs: &mut [f32] = v.storage_mut();
+            const CHUNK: usize = 1 << 16;
+            ps.par_chunks_mut(CHUNK)
+                .zip(ms.par_chunks_mut(CHUNK))
+                .zip(vs.par_chunks_mut(CHUNK))
+                .zip(gs.par_chunks(CHUNK))
+                .for_each(|(((pc, mc), vc), gc)| {
+                    for i in 0..pc.len() {
+                        adamw_elem(&mut pc[i], &mut mc[i], &mut vc[i], gc[i], first, &k);
+                    }
+                });
+        }
+        Some((p, m, v))
+    }
+
+    fn matmul_kernel(lhs: FlexTensor, rhs: FlexTensor) -> Option<FlexTensor> {
+        let (m, k, a) = mat2(&lhs)?;
+        let (k2, n, b) = mat2(&rhs)?;
+        if k != k2 {
+            return None;
+        }
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
+        // SAFETY: strides and offsets come from the tensors' layouts; the output is a fresh
+        // buffer that the GEMM overwrites entirely (accumulate = false) before it is read.
+        unsafe {
+            gemm(
+                m,
+                n,
+                k,
+                1.0,
+                a,
+                b,
+                out.as_mut_ptr(),
+                n as isize,
+                1,
+                false,
+                true,
+            );
+            out.set_len(m * n);
+        }
+        Some(make(out, vec![m, n]))
+    }
+
     fn attention_kernel(
         q: FlexTensor,
         k: FlexTensor,

@@ -7,8 +7,10 @@
 //! the caller then runs the generic definition. `Autodiff<B>` implements the fused entry points
 //! with its own backward node over `B`'s kernels, so one trait serves inference and training.
 //!
-//! Today the native kernels are CPU kernels for burn-flex (f32 and f64): fused causal attention
-//! (flash-style, GQA in place, any cached past) and the fused LM head + cross-entropy.
+//! Today the native kernels are CPU kernels for burn-flex: the 2-D GEMM of every projection
+//! ([`gemm`], f32), a fused in-place AdamW step (f32), RMSNorm and SwiGLU (f32, vectorised
+//! `exp`), fused causal attention (flash-style, GQA in place, any cached past; f32 and
+//! f64) and the fused LM head + cross-entropy (f32 and f64).
 //! ndarray, wgpu and cuda run the generic definitions; a GPU kernel plugs in the same way.
 //!
 //! [`set_fused`] turns every kernel off (the generic path everywhere) for comparisons and
@@ -19,6 +21,7 @@ mod autodiff;
 pub mod ce_cpu;
 #[cfg(feature = "flex")]
 mod flex;
+pub mod gemm;
 pub mod simd;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -31,6 +34,21 @@ use crate::llama::upcast;
 
 /// A backend the model runs on: burn's `Backend` plus Shears' fused operations.
 pub trait ShearsOps: Backend {
+    /// `lhs [m, k] · rhs [k, n]` (2-D, any strides: transposed views are free) through a
+    /// native GEMM, or `None` (then burn's `matmul` runs). The default uses
+    /// [`ShearsOps::matmul_kernel`].
+    fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+        Self::matmul_kernel(lhs, rhs)
+    }
+
+    /// Native 2-D GEMM, `None` where there is none for these inputs.
+    fn matmul_kernel(
+        _lhs: FloatTensor<Self>,
+        _rhs: FloatTensor<Self>,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
     /// Causal attention through a native kernel, or `None` (then the generic definition runs).
     /// `q [b, t, h, hd]`, `k, v [b, s, g, hd]` (`s ≥ t`; the first `s - t` keys are a cached
     /// past), output `[b, t, h, hd]`. The default uses [`ShearsOps::attention_kernel`].
@@ -80,6 +98,70 @@ pub trait ShearsOps: Backend {
         None
     }
 
+    /// RMSNorm over the last axis of `x [n, d]` with gain `w [d]`: `x / √(mean(x²) + eps) · w`,
+    /// and each row's `√(mean(x²) + eps)` `[n]` for the backward. `None` where there is no
+    /// kernel.
+    fn rms_norm_kernel(
+        _x: FloatTensor<Self>,
+        _w: FloatTensor<Self>,
+        _eps: f64,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+
+    /// RMSNorm backward: `(dx, dw)`.
+    fn rms_norm_kernel_backward(
+        _x: FloatTensor<Self>,
+        _w: FloatTensor<Self>,
+        _scale: FloatTensor<Self>,
+        _dy: FloatTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+
+    /// RMSNorm through a native kernel (with a backward node on autodiff backends), or `None`.
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        eps: f64,
+    ) -> Option<FloatTensor<Self>> {
+        Self::rms_norm_kernel(x, w, eps).map(|(y, _)| y)
+    }
+
+    /// SwiGLU's product `silu(gate) · up` (same shapes), or `None`.
+    fn swiglu_kernel(
+        _gate: FloatTensor<Self>,
+        _up: FloatTensor<Self>,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    /// SwiGLU backward: `(dgate, dup)`.
+    fn swiglu_kernel_backward(
+        _gate: FloatTensor<Self>,
+        _up: FloatTensor<Self>,
+        _dout: FloatTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+
+    /// SwiGLU through a native kernel (with a backward node on autodiff backends), or `None`.
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+        Self::swiglu_kernel(gate, up)
+    }
+
+    /// One AdamW step in place where the buffers allow: `(param, m, v)` after the step, from
+    /// the parameter, its gradient and the moments (`None` on the first step). Bit-identical
+    /// to burn's AdamW in f32. `None` where there is no kernel (then the composition runs).
+    fn adamw_kernel(
+        _param: FloatTensor<Self>,
+        _grad: FloatTensor<Self>,
+        _moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        _step: AdamWStep,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+
     /// Native LM-head NLL forward: the NLL and each row's log-sum-exp `[n]`.
     fn lm_nll_kernel(
         _h: FloatTensor<Self>,
@@ -101,6 +183,25 @@ pub trait ShearsOps: Backend {
     ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
         None
     }
+}
+
+/// Scalars of one AdamW step (burn's formula: decoupled weight decay `p·(1 - lr·wd)`, moments
+/// `m = β1·m + (1-β1)·g`, `v = β2·v + (1-β2)·g²`, bias corrections by `1 - β^t`, update
+/// `lr · m̂ / (√v̂ + ε)`).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f64,
+    /// β1.
+    pub beta1: f32,
+    /// β2.
+    pub beta2: f32,
+    /// ε.
+    pub eps: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+    /// This step's count, 1 on the first step (the moments are then initialised from `g`).
+    pub time: usize,
 }
 
 /// An autodiff backend whose inner backend is also a [`ShearsOps`] (evaluation on
@@ -149,6 +250,44 @@ fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
 
 fn tensor<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+/// `a [m, k] · b [k, n]`: the native GEMM where the backend has one (and [`fused_enabled`]),
+/// else burn's `matmul`.
+pub fn matmul<B: ShearsOps>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    if fused_enabled() {
+        if let Some(out) = B::fused_matmul(prim(a.clone()), prim(b.clone())) {
+            return tensor(out);
+        }
+    }
+    a.matmul(b)
+}
+
+/// RMSNorm of `x [.., d]` by `w [d]` through the native kernel where there is one, or `None`
+/// (the caller runs its generic definition, which also covers the masked norm).
+pub fn rms_norm_fused<B: ShearsOps, const D: usize>(
+    x: &Tensor<B, D>,
+    w: &Tensor<B, 1>,
+    eps: f64,
+) -> Option<Tensor<B, D>> {
+    if !fused_enabled() {
+        return None;
+    }
+    let dims = x.dims();
+    let d = dims[D - 1];
+    let n = dims[..D - 1].iter().product::<usize>();
+    let x2 = x.clone().reshape([n, d]);
+    B::fused_rms_norm(prim(x2), prim(w.clone()), eps).map(|y| tensor::<B, 2>(y).reshape(dims))
+}
+
+/// `silu(gate) · up`: the native kernel where there is one, else the composition.
+pub fn swiglu<B: ShearsOps, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    if fused_enabled() {
+        if let Some(out) = B::fused_swiglu(prim(gate.clone()), prim(up.clone())) {
+            return tensor(out);
+        }
+    }
+    crate::llama::silu(gate) * up
 }
 
 /// Causal attention `softmax(q kᵀ · scale + causal) v` with grouped-query heads: the native

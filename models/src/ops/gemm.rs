@@ -1,0 +1,759 @@
+//! Shears' own f32 GEMM for the CPU kernels: BLIS-style blocking (packed `KC × NC` panels of B,
+//! packed `MC × KC` blocks of A, a register-tiled micro-kernel), AVX-512 (12 × 32 tile, 24 zmm
+//! accumulators) or AVX2 + FMA (6 × 16 tile), chosen at run time. Other CPUs, f64 and
+//! layouts it does not take go to the `gemm` crate.
+//!
+//! Why not only the `gemm` crate (burn-flex's GEMM): on the 2-core AVX-512 development machine
+//! its AVX-512 f32 micro-kernel ran at about 50 GFLOP/s per core on our shapes whatever the
+//! blocking, while this 12 × 32 kernel runs at about 145 (see `shears bench kernels`).
+//!
+//! Every operand is read through strides (`rs`, `cs` in elements), so transposed views cost
+//! nothing; packing absorbs the layout.
+
+use rayon::prelude::*;
+
+use super::simd::{Isa, Real};
+
+/// A strided read-only matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct Mat<T> {
+    /// Element (0, 0).
+    pub ptr: *const T,
+    /// Row stride in elements.
+    pub rs: isize,
+    /// Column stride in elements.
+    pub cs: isize,
+}
+
+unsafe impl<T> Send for Mat<T> {}
+unsafe impl<T> Sync for Mat<T> {}
+
+impl<T> Mat<T> {
+    /// Row-major with leading dimension `ld`.
+    pub fn rows(ptr: *const T, ld: usize) -> Self {
+        Mat {
+            ptr,
+            rs: ld as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose (a view).
+    pub fn t(self) -> Self {
+        Mat {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn at(&self, i: usize, j: usize) -> *const T {
+        self.ptr.offset(i as isize * self.rs + j as isize * self.cs)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Out<T>(*mut T);
+unsafe impl<T> Send for Out<T> {}
+unsafe impl<T> Sync for Out<T> {}
+
+/// `C[m×n] = alpha · A[m×k] · B[k×n]`, plus the old `C` when `accumulate`. `C` is strided
+/// (`c_rs`, `c_cs`). With `parallel`, work is split over the rayon pool.
+///
+/// # Safety
+/// Every element addressed through the pointers and strides must be valid; `C` must not alias
+/// `A` or `B`, and no two elements of `C` may share an address.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: T,
+    a: Mat<T>,
+    b: Mat<T>,
+    c: *mut T,
+    c_rs: isize,
+    c_cs: isize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *c.offset(i as isize * c_rs + j as isize * c_cs) = T::ZERO;
+                }
+            }
+        }
+        return;
+    }
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        let isa = Isa::detect();
+        if isa != Isa::Baseline {
+            let cast = |x: Mat<T>| Mat::<f32> {
+                ptr: x.ptr as *const f32,
+                rs: x.rs,
+                cs: x.cs,
+            };
+            let alpha = alpha.to_f64() as f32;
+            let c = c as *mut f32;
+            // The kernels write rows of C contiguously: transpose the problem when C is
+            // column-major (Cᵀ = Bᵀ Aᵀ).
+            if c_cs == 1 {
+                return sgemm(
+                    isa,
+                    m,
+                    n,
+                    k,
+                    alpha,
+                    cast(a),
+                    cast(b),
+                    c,
+                    c_rs,
+                    accumulate,
+                    parallel,
+                );
+            }
+            if c_rs == 1 {
+                return sgemm(
+                    isa,
+                    n,
+                    m,
+                    k,
+                    alpha,
+                    cast(b).t(),
+                    cast(a).t(),
+                    c,
+                    c_cs,
+                    accumulate,
+                    parallel,
+                );
+            }
+        }
+    }
+    let par = if parallel {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        c_cs,
+        c_rs,
+        accumulate,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        T::ONE,
+        alpha,
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
+/// Depth of a packed block.
+const KC: usize = 256;
+
+/// One micro-kernel: `C[MR×NR] (row stride ldc) (+)= Ap · Bp` over `kc`.
+type MicroKernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, bool);
+
+struct Kernel {
+    mr: usize,
+    nr: usize,
+    /// Rows of A per packed block (a multiple of mr).
+    mc: usize,
+    run: MicroKernel,
+}
+
+fn kernel(isa: Isa) -> Kernel {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => Kernel {
+            mr: 12,
+            nr: 32,
+            mc: 12 * 12,
+            run: x86::kernel_12x32,
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => Kernel {
+            mr: 6,
+            nr: 16,
+            mc: 6 * 24,
+            run: x86::kernel_6x16,
+        },
+        _ => unreachable!("sgemm is only called with a vector ISA"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Mat<f32>,
+    b: Mat<f32>,
+    c: *mut f32,
+    ldc: isize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let kern = kernel(isa);
+    let threads = if parallel && m * n * k >= 1 << 18 {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
+    let mblocks = m.div_ceil(kern.mc);
+    if mblocks >= threads.max(2) {
+        return sgemm_rows(&kern, m, n, k, alpha, a, b, c, ldc, accumulate, threads > 1);
+    }
+    // Few rows (or one thread): split the columns instead, each task packing its own panels.
+    let nr = kern.nr;
+    let nc = if threads == 1 {
+        512
+    } else {
+        n.div_ceil(4 * threads).div_ceil(nr).max(1) * nr
+    }
+    .min(512);
+    let nblocks = n.div_ceil(nc);
+    let out = Out(c);
+    let task = |jb: usize| {
+        let out = out;
+        let j0 = jb * nc;
+        let ncur = nc.min(n - j0);
+        PACK.with(|bufs| {
+            let mut bufs = bufs.borrow_mut();
+            let (apack, bpack) = &mut *bufs;
+            bpack.resize(ncur.div_ceil(nr) * nr * KC, 0.0);
+            apack.resize(kern.mc.div_ceil(kern.mr) * kern.mr * KC, 0.0);
+            for p0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - p0);
+                pack_b(b, p0, kc, j0, ncur, nr, bpack);
+                for i0 in (0..m).step_by(kern.mc) {
+                    let mc = kern.mc.min(m - i0);
+                    pack_a(a, i0, p0, mc, kc, kern.mr, alpha, apack);
+                    macro_block(
+                        &kern,
+                        mc,
+                        ncur,
+                        kc,
+                        apack,
+                        bpack,
+                        out.0.offset(i0 as isize * ldc + j0 as isize),
+                        ldc,
+                        accumulate || p0 > 0,
+                    );
+                }
+            }
+        });
+    };
+    if threads == 1 || nblocks == 1 {
+        (0..nblocks).for_each(task);
+    } else {
+        (0..nblocks).into_par_iter().for_each(task);
+    }
+}
+
+/// The many-rows case: for each `NC × KC` block of B, packed once (in parallel over panels)
+/// and shared, the row blocks of A run in parallel, each packing its own block.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_rows(
+    kern: &Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Mat<f32>,
+    b: Mat<f32>,
+    c: *mut f32,
+    ldc: isize,
+    accumulate: bool,
+    par: bool,
+) {
+    const NC: usize = 1024;
+    let nr = kern.nr;
+    let out = Out(c);
+    let mut bpack = vec![0f32; NC.min(n).div_ceil(nr) * nr * KC];
+    for j0 in (0..n).step_by(NC) {
+        let ncur = NC.min(n - j0);
+        for p0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - p0);
+            let panel = nr * kc;
+            let packed = &mut bpack[..ncur.div_ceil(nr) * panel];
+            let pack = |(jp, dst): (usize, &mut [f32])| {
+                let w = nr.min(ncur - jp * nr);
+                pack_b(b, p0, kc, j0 + jp * nr, w, nr, dst);
+            };
+            if par {
+                packed.par_chunks_mut(panel).enumerate().for_each(pack);
+            } else {
+                packed.chunks_mut(panel).enumerate().for_each(pack);
+            }
+            let bp: &[f32] = &bpack;
+            let rows = |ib: usize| {
+                let out = out;
+                let i0 = ib * kern.mc;
+                let mc = kern.mc.min(m - i0);
+                PACK.with(|bufs| {
+                    let mut bufs = bufs.borrow_mut();
+                    let apack = &mut bufs.0;
+                    apack.resize(kern.mc.div_ceil(kern.mr) * kern.mr * KC, 0.0);
+                    pack_a(a, i0, p0, mc, kc, kern.mr, alpha, apack);
+                    macro_block(
+                        kern,
+                        mc,
+                        ncur,
+                        kc,
+                        apack,
+                        bp,
+                        out.0.offset(i0 as isize * ldc + j0 as isize),
+                        ldc,
+                        accumulate || p0 > 0,
+                    );
+                });
+            };
+            let mblocks = m.div_ceil(kern.mc);
+            if par {
+                (0..mblocks).into_par_iter().for_each(rows);
+            } else {
+                (0..mblocks).for_each(rows);
+            }
+        }
+    }
+}
+
+thread_local! {
+    static PACK: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Every micro-tile of a packed `mc × kc` A block times a packed `kc × n` B block into C.
+#[allow(clippy::too_many_arguments)]
+unsafe fn macro_block(
+    kern: &Kernel,
+    mc: usize,
+    n: usize,
+    kc: usize,
+    apack: &[f32],
+    bpack: &[f32],
+    c: *mut f32,
+    ldc: isize,
+    acc: bool,
+) {
+    let (mr, nr) = (kern.mr, kern.nr);
+    let mut tile = [0f32; 12 * 32];
+    for (jp, j0) in (0..n).step_by(nr).enumerate() {
+        let nrr = nr.min(n - j0);
+        let bp = bpack.as_ptr().add(jp * nr * kc);
+        for (ip, ii) in (0..mc).step_by(mr).enumerate() {
+            let mrr = mr.min(mc - ii);
+            let ap = apack.as_ptr().add(ip * mr * kc);
+            let cp = c.offset(ii as isize * ldc + j0 as isize);
+            if mrr == mr && nrr == nr {
+                (kern.run)(kc, ap, bp, cp, ldc as usize, acc);
+            } else {
+                (kern.run)(kc, ap, bp, tile.as_mut_ptr(), nr, false);
+                for i in 0..mrr {
+                    for j in 0..nrr {
+                        let d = cp.offset(i as isize * ldc + j as isize);
+                        let v = tile[i * nr + j];
+                        *d = if acc { *d + v } else { v };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Pack rows `p0..p0+kc`, columns `c0..c0+n` of B into `nr`-wide panels `[panel][kk][nr]`,
+/// zero-padded.
+unsafe fn pack_b(
+    b: Mat<f32>,
+    p0: usize,
+    kc: usize,
+    c0: usize,
+    n: usize,
+    nr: usize,
+    dst: &mut [f32],
+) {
+    for (jp, jj) in (0..n).step_by(nr).enumerate() {
+        let j0 = c0 + jj;
+        let w = nr.min(n - jj);
+        let panel = &mut dst[jp * nr * kc..(jp + 1) * nr * kc];
+        if b.cs == 1 {
+            for kk in 0..kc {
+                let src = b.at(p0 + kk, j0);
+                let row = &mut panel[kk * nr..kk * nr + nr];
+                std::ptr::copy_nonoverlapping(src, row.as_mut_ptr(), w);
+                row[w..].fill(0.0);
+            }
+        } else {
+            // Columns are contiguous along k: copy tiles of 16 k-steps so the panel rows being
+            // written stay in L1.
+            for k0 in (0..kc).step_by(16) {
+                let kt = 16.min(kc - k0);
+                for j in 0..nr {
+                    if j < w {
+                        let src = b.at(p0 + k0, j0 + j);
+                        for t in 0..kt {
+                            panel[(k0 + t) * nr + j] = *src.offset(t as isize * b.rs);
+                        }
+                    } else {
+                        for t in 0..kt {
+                            panel[(k0 + t) * nr + j] = 0.0;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Pack `alpha ·` rows `i0..i0+mc`, columns `p0..p0+kc` of A into `mr`-tall panels
+/// `[panel][kk][mr]`, zero-padded.
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_a(
+    a: Mat<f32>,
+    i0: usize,
+    p0: usize,
+    mc: usize,
+    kc: usize,
+    mr: usize,
+    alpha: f32,
+    dst: &mut [f32],
+) {
+    for (ip, ii) in (0..mc).step_by(mr).enumerate() {
+        let h = mr.min(mc - ii);
+        let panel = &mut dst[ip * mr * kc..(ip + 1) * mr * kc];
+        if a.rs == 1 {
+            for kk in 0..kc {
+                let src = a.at(i0 + ii, p0 + kk);
+                let col = &mut panel[kk * mr..kk * mr + mr];
+                for i in 0..h {
+                    col[i] = alpha * *src.add(i);
+                }
+                col[h..].fill(0.0);
+            }
+        } else {
+            // Rows are contiguous along k: tiles of 16 k-steps per row, so reads are
+            // sequential and the panel rows being written stay in L1.
+            for k0 in (0..kc).step_by(16) {
+                let kt = 16.min(kc - k0);
+                for i in 0..mr {
+                    if i < h {
+                        let src = a.at(i0 + ii + i, p0 + k0);
+                        if alpha == 1.0 {
+                            for t in 0..kt {
+                                panel[(k0 + t) * mr + i] = *src.offset(t as isize * a.cs);
+                            }
+                        } else {
+                            for t in 0..kt {
+                                panel[(k0 + t) * mr + i] = alpha * *src.offset(t as isize * a.cs);
+                            }
+                        }
+                    } else {
+                        for t in 0..kt {
+                            panel[(k0 + t) * mr + i] = 0.0;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// 12 × 32 tile: two zmm of B and 12 broadcasts of A per k step, 24 accumulators (with
+    /// the two B vectors and a broadcast, 27 of the 32 zmm registers: no spills).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel_12x32(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        // Named accumulators (not an array) so they stay in registers.
+        let mut c0a = _mm512_setzero_ps();
+        let mut c0b = _mm512_setzero_ps();
+        let mut c1a = _mm512_setzero_ps();
+        let mut c1b = _mm512_setzero_ps();
+        let mut c2a = _mm512_setzero_ps();
+        let mut c2b = _mm512_setzero_ps();
+        let mut c3a = _mm512_setzero_ps();
+        let mut c3b = _mm512_setzero_ps();
+        let mut c4a = _mm512_setzero_ps();
+        let mut c4b = _mm512_setzero_ps();
+        let mut c5a = _mm512_setzero_ps();
+        let mut c5b = _mm512_setzero_ps();
+        let mut c6a = _mm512_setzero_ps();
+        let mut c6b = _mm512_setzero_ps();
+        let mut c7a = _mm512_setzero_ps();
+        let mut c7b = _mm512_setzero_ps();
+        let mut c8a = _mm512_setzero_ps();
+        let mut c8b = _mm512_setzero_ps();
+        let mut c9a = _mm512_setzero_ps();
+        let mut c9b = _mm512_setzero_ps();
+        let mut c10a = _mm512_setzero_ps();
+        let mut c10b = _mm512_setzero_ps();
+        let mut c11a = _mm512_setzero_ps();
+        let mut c11b = _mm512_setzero_ps();
+        let (mut ap, mut bp) = (a, b);
+        for _ in 0..kc {
+            let b0 = _mm512_loadu_ps(bp);
+            let b1 = _mm512_loadu_ps(bp.add(16));
+            let ai = _mm512_set1_ps(*ap.add(0));
+            c0a = _mm512_fmadd_ps(ai, b0, c0a);
+            c0b = _mm512_fmadd_ps(ai, b1, c0b);
+            let ai = _mm512_set1_ps(*ap.add(1));
+            c1a = _mm512_fmadd_ps(ai, b0, c1a);
+            c1b = _mm512_fmadd_ps(ai, b1, c1b);
+            let ai = _mm512_set1_ps(*ap.add(2));
+            c2a = _mm512_fmadd_ps(ai, b0, c2a);
+            c2b = _mm512_fmadd_ps(ai, b1, c2b);
+            let ai = _mm512_set1_ps(*ap.add(3));
+            c3a = _mm512_fmadd_ps(ai, b0, c3a);
+            c3b = _mm512_fmadd_ps(ai, b1, c3b);
+            let ai = _mm512_set1_ps(*ap.add(4));
+            c4a = _mm512_fmadd_ps(ai, b0, c4a);
+            c4b = _mm512_fmadd_ps(ai, b1, c4b);
+            let ai = _mm512_set1_ps(*ap.add(5));
+            c5a = _mm512_fmadd_ps(ai, b0, c5a);
+            c5b = _mm512_fmadd_ps(ai, b1, c5b);
+            let ai = _mm512_set1_ps(*ap.add(6));
+            c6a = _mm512_fmadd_ps(ai, b0, c6a);
+            c6b = _mm512_fmadd_ps(ai, b1, c6b);
+            let ai = _mm512_set1_ps(*ap.add(7));
+            c7a = _mm512_fmadd_ps(ai, b0, c7a);
+            c7b = _mm512_fmadd_ps(ai, b1, c7b);
+            let ai = _mm512_set1_ps(*ap.add(8));
+            c8a = _mm512_fmadd_ps(ai, b0, c8a);
+            c8b = _mm512_fmadd_ps(ai, b1, c8b);
+            let ai = _mm512_set1_ps(*ap.add(9));
+            c9a = _mm512_fmadd_ps(ai, b0, c9a);
+            c9b = _mm512_fmadd_ps(ai, b1, c9b);
+            let ai = _mm512_set1_ps(*ap.add(10));
+            c10a = _mm512_fmadd_ps(ai, b0, c10a);
+            c10b = _mm512_fmadd_ps(ai, b1, c10b);
+            let ai = _mm512_set1_ps(*ap.add(11));
+            c11a = _mm512_fmadd_ps(ai, b0, c11a);
+            c11b = _mm512_fmadd_ps(ai, b1, c11b);
+            ap = ap.add(12);
+            bp = bp.add(32);
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, x0: __m512, x1: __m512, accumulate: bool) {
+            let (mut x0, mut x1) = (x0, x1);
+            if accumulate {
+                x0 = _mm512_add_ps(_mm512_loadu_ps(p), x0);
+                x1 = _mm512_add_ps(_mm512_loadu_ps(p.add(16)), x1);
+            }
+            _mm512_storeu_ps(p, x0);
+            _mm512_storeu_ps(p.add(16), x1);
+        }
+        store(c.add(0 * ldc), c0a, c0b, accumulate);
+        store(c.add(1 * ldc), c1a, c1b, accumulate);
+        store(c.add(2 * ldc), c2a, c2b, accumulate);
+        store(c.add(3 * ldc), c3a, c3b, accumulate);
+        store(c.add(4 * ldc), c4a, c4b, accumulate);
+        store(c.add(5 * ldc), c5a, c5b, accumulate);
+        store(c.add(6 * ldc), c6a, c6b, accumulate);
+        store(c.add(7 * ldc), c7a, c7b, accumulate);
+        store(c.add(8 * ldc), c8a, c8b, accumulate);
+        store(c.add(9 * ldc), c9a, c9b, accumulate);
+        store(c.add(10 * ldc), c10a, c10b, accumulate);
+        store(c.add(11 * ldc), c11a, c11b, accumulate);
+    }
+
+    /// 6 × 16 tile: two ymm of B and 6 broadcasts of A per k step, 12 accumulators.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn kernel_6x16(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [_mm256_setzero_ps(); 12];
+        let (mut ap, mut bp) = (a, b);
+        for _ in 0..kc {
+            let b0 = _mm256_loadu_ps(bp);
+            let b1 = _mm256_loadu_ps(bp.add(8));
+            macro_rules! row {
+                ($($i:expr),*) => {$(
+                    let ai = _mm256_set1_ps(*ap.add($i));
+                    acc[2 * $i] = _mm256_fmadd_ps(ai, b0, acc[2 * $i]);
+                    acc[2 * $i + 1] = _mm256_fmadd_ps(ai, b1, acc[2 * $i + 1]);
+                )*};
+            }
+            row!(0, 1, 2, 3, 4, 5);
+            ap = ap.add(6);
+            bp = bp.add(16);
+        }
+        for i in 0..6 {
+            let p = c.add(i * ldc);
+            let (mut x0, mut x1) = (acc[2 * i], acc[2 * i + 1]);
+            if accumulate {
+                x0 = _mm256_add_ps(_mm256_loadu_ps(p), x0);
+                x1 = _mm256_add_ps(_mm256_loadu_ps(p.add(8)), x1);
+            }
+            _mm256_storeu_ps(p, x0);
+            _mm256_storeu_ps(p.add(8), x1);
+        }
+    }
+}
+
+/// Run `f` with the f32 GEMM forced onto one ISA's kernel (tests of every compiled kernel).
+#[cfg(test)]
+pub(crate) unsafe fn sgemm_with(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Mat<f32>,
+    b: Mat<f32>,
+    c: *mut f32,
+    ldc: isize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    sgemm(isa, m, n, k, alpha, a, b, c, ldc, accumulate, parallel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn naive(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        ars: usize,
+        acs: usize,
+        b: &[f32],
+        brs: usize,
+        bcs: usize,
+    ) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|p| a[i * ars + p * acs] as f64 * b[p * brs + j * bcs] as f64)
+                    .sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn every_kernel_layout_and_edge_matches_naive() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut isas = vec![];
+        if Isa::detect() == Isa::Avx512 {
+            isas.push(Isa::Avx512);
+        }
+        if Isa::detect() != Isa::Baseline {
+            isas.push(Isa::Avx2);
+        }
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (13, 31, 7),
+            (14, 32, 256),
+            (15, 33, 257),
+            (141, 530, 300),
+            (3, 1100, 64),
+            (600, 5, 40),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random::<f32>() - 0.5).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.random::<f32>() - 0.5).collect();
+            for (at, bt) in [(false, false), (true, false), (false, true), (true, true)] {
+                let (ars, acs) = if at { (1, m) } else { (k, 1) };
+                let (brs, bcs) = if bt { (1, k) } else { (n, 1) };
+                let want = naive(m, n, k, &a, ars, acs, &b, brs, bcs);
+                let am = Mat {
+                    ptr: a.as_ptr(),
+                    rs: ars as isize,
+                    cs: acs as isize,
+                };
+                let bm = Mat {
+                    ptr: b.as_ptr(),
+                    rs: brs as isize,
+                    cs: bcs as isize,
+                };
+                for &isa in &isas {
+                    for (acc, par) in [(false, false), (true, true)] {
+                        let mut c: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.01).collect();
+                        let before = c.clone();
+                        unsafe {
+                            sgemm_with(
+                                isa,
+                                m,
+                                n,
+                                k,
+                                0.5,
+                                am,
+                                bm,
+                                c.as_mut_ptr(),
+                                n as isize,
+                                acc,
+                                par,
+                            )
+                        };
+                        for i in 0..m * n {
+                            let w = 0.5 * want[i] + if acc { before[i] as f64 } else { 0.0 };
+                            assert!(
+                                (c[i] as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
+                                "{isa:?} {m}x{n}x{k} at={at} bt={bt} acc={acc}: {} vs {w}",
+                                c[i]
+                            );
+                        }
+                    }
+                }
+                // The generic entry point, column-major C (transposed problem).
+                let mut c = vec![0f32; m * n];
+                unsafe {
+                    gemm(
+                        m,
+                        n,
+                        k,
+                        1.0f32,
+                        am,
+                        bm,
+                        c.as_mut_ptr(),
+                        1,
+                        m as isize,
+                        false,
+                        true,
+                    )
+                };
+                for i in 0..m {
+                    for j in 0..n {
+                        let w = want[i * n + j];
+                        assert!((c[j * m + i] as f64 - w).abs() < 1e-4 * (1.0 + w.abs()));
+                    }
+                }
+            }
+        }
+    }
+}
