@@ -8,6 +8,17 @@
 //! `out [b, t, h, hd]`, `lse [b, h, t]` (the log-sum-exp of each row's scaled scores, kept for the
 //! backward).
 
+// Kernel code: `let p = p;` makes a closure capture a whole `Send` pointer wrapper (not its raw
+// field), index loops mirror the math, and tile helpers take many scalars.
+#![allow(
+    clippy::redundant_locals,
+    clippy::too_many_arguments,
+    clippy::needless_range_loop,
+    clippy::erasing_op,
+    clippy::identity_op,
+    clippy::manual_is_multiple_of
+)]
+
 use rayon::prelude::*;
 
 use super::simd::{with_isa, Real};

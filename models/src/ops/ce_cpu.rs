@@ -7,6 +7,17 @@
 //! `(w_rs, w_cs) = (d, 1)` for a tied embedding `[V, d]`, `(1, V)` for a linear weight stored
 //! `[d, V]`. `dW` is written in the same layout as `W`.
 
+// Kernel code: `let p = p;` makes a closure capture a whole `Send` pointer wrapper (not its raw
+// field), index loops mirror the math, and tile helpers take many scalars.
+#![allow(
+    clippy::redundant_locals,
+    clippy::too_many_arguments,
+    clippy::needless_range_loop,
+    clippy::erasing_op,
+    clippy::identity_op,
+    clippy::manual_is_multiple_of
+)]
+
 use rayon::prelude::*;
 
 use super::simd::{with_isa, Real};

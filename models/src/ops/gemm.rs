@@ -10,6 +10,17 @@
 //! Every operand is read through strides (`rs`, `cs` in elements), so transposed views cost
 //! nothing; packing absorbs the layout.
 
+// Kernel code: `let p = p;` makes a closure capture a whole `Send` pointer wrapper (not its raw
+// field), index loops mirror the math, and tile helpers take many scalars.
+#![allow(
+    clippy::redundant_locals,
+    clippy::too_many_arguments,
+    clippy::needless_range_loop,
+    clippy::erasing_op,
+    clippy::identity_op,
+    clippy::manual_is_multiple_of
+)]
+
 use rayon::prelude::*;
 
 use super::simd::{Isa, Real};
