@@ -8,20 +8,10 @@
 //! `out [b, t, h, hd]`, `lse [b, h, t]` (the log-sum-exp of each row's scaled scores, kept for the
 //! backward).
 
-// Kernel code: `let p = p;` makes a closure capture a whole `Send` pointer wrapper (not its raw
-// field), index loops mirror the math, and tile helpers take many scalars.
-#![allow(
-    clippy::redundant_locals,
-    clippy::too_many_arguments,
-    clippy::needless_range_loop,
-    clippy::erasing_op,
-    clippy::identity_op,
-    clippy::manual_is_multiple_of
-)]
-
 use rayon::prelude::*;
 
 use super::simd::{with_isa, Real};
+use super::SharedMut as Shared;
 
 /// Query rows per tile.
 const BQ: usize = 64;
@@ -62,12 +52,6 @@ impl AttnShape {
             && self.hd > 0
     }
 }
-
-/// A raw pointer the tasks of one call share; each task writes a disjoint set of elements.
-#[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
-unsafe impl<T> Send for Shared<T> {}
-unsafe impl<T> Sync for Shared<T> {}
 
 /// `dst[m×n] (row stride ldd) (+)= alpha · A[m×k] · B[k×n]`, strides in elements.
 #[allow(clippy::too_many_arguments)]

@@ -7,20 +7,10 @@
 //! `(w_rs, w_cs) = (d, 1)` for a tied embedding `[V, d]`, `(1, V)` for a linear weight stored
 //! `[d, V]`. `dW` is written in the same layout as `W`.
 
-// Kernel code: `let p = p;` makes a closure capture a whole `Send` pointer wrapper (not its raw
-// field), index loops mirror the math, and tile helpers take many scalars.
-#![allow(
-    clippy::redundant_locals,
-    clippy::too_many_arguments,
-    clippy::needless_range_loop,
-    clippy::erasing_op,
-    clippy::identity_op,
-    clippy::manual_is_multiple_of
-)]
-
 use rayon::prelude::*;
 
 use super::simd::{with_isa, Real};
+use super::SharedMut as Shared;
 
 /// Rows per block.
 const RB: usize = 256;
@@ -51,11 +41,6 @@ impl CeShape {
         }
     }
 }
-
-#[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
-unsafe impl<T> Send for Shared<T> {}
-unsafe impl<T> Sync for Shared<T> {}
 
 /// `dst (+)= alpha · A · B` with every stride explicit (elements).
 #[allow(clippy::too_many_arguments)]

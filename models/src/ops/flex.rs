@@ -2,17 +2,6 @@
 //! [`super::attention_cpu`] and [`super::ce_cpu`]; other dtypes and unsupported shapes return
 //! `None` (the generic definition runs).
 
-// Kernel code: `let p = p;` makes a closure capture a whole `Send` pointer wrapper (not its raw
-// field), index loops mirror the math, and tile helpers take many scalars.
-#![allow(
-    clippy::redundant_locals,
-    clippy::too_many_arguments,
-    clippy::needless_range_loop,
-    clippy::erasing_op,
-    clippy::identity_op,
-    clippy::manual_is_multiple_of
-)]
-
 use burn::tensor::{DType, TensorData, TensorMetadata};
 use burn_flex::{Flex, FlexTensor};
 

@@ -10,20 +10,10 @@
 //! Every operand is read through strides (`rs`, `cs` in elements), so transposed views cost
 //! nothing; packing absorbs the layout.
 
-// Kernel code: `let p = p;` makes a closure capture a whole `Send` pointer wrapper (not its raw
-// field), index loops mirror the math, and tile helpers take many scalars.
-#![allow(
-    clippy::redundant_locals,
-    clippy::too_many_arguments,
-    clippy::needless_range_loop,
-    clippy::erasing_op,
-    clippy::identity_op,
-    clippy::manual_is_multiple_of
-)]
-
 use rayon::prelude::*;
 
 use super::simd::{Isa, Real};
+use super::SharedMut;
 
 /// A strided read-only matrix.
 #[derive(Clone, Copy, Debug)]
@@ -63,11 +53,6 @@ impl<T> Mat<T> {
         self.ptr.offset(i as isize * self.rs + j as isize * self.cs)
     }
 }
-
-#[derive(Clone, Copy)]
-struct Out<T>(*mut T);
-unsafe impl<T> Send for Out<T> {}
-unsafe impl<T> Sync for Out<T> {}
 
 /// `C[m×n] = alpha · A[m×k] · B[k×n]`, plus the old `C` when `accumulate`. `C` is strided
 /// (`c_rs`, `c_cs`). With `parallel`, work is split over the rayon pool.
@@ -241,7 +226,7 @@ unsafe fn sgemm(
     }
     .min(512);
     let nblocks = n.div_ceil(nc);
-    let out = Out(c);
+    let out = SharedMut(c);
     let task = |jb: usize| {
         let out = out;
         let j0 = jb * nc;
@@ -297,7 +282,7 @@ unsafe fn sgemm_rows(
 ) {
     const NC: usize = 1024;
     let nr = kern.nr;
-    let out = Out(c);
+    let out = SharedMut(c);
     let mut bpack = vec![0f32; NC.min(n).div_ceil(nr) * nr * KC];
     for j0 in (0..n).step_by(NC) {
         let ncur = NC.min(n - j0);

@@ -16,13 +16,37 @@
 //! [`set_fused`] turns every kernel off (the generic path everywhere) for comparisons and
 //! benchmarks; `SHEARS_FUSED=0` in the environment does the same at start-up.
 
+// The kernel modules: `let p = p;` makes a closure capture a whole [`SharedMut`] (not its raw
+// field), index loops mirror the math, and tile helpers take many scalars.
+#[allow(
+    clippy::redundant_locals,
+    clippy::too_many_arguments,
+    clippy::needless_range_loop,
+    clippy::manual_is_multiple_of
+)]
 pub mod attention_cpu;
 mod autodiff;
+#[allow(clippy::redundant_locals, clippy::too_many_arguments)]
 pub mod ce_cpu;
 #[cfg(feature = "flex")]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 mod flex;
+#[allow(
+    clippy::redundant_locals,
+    clippy::too_many_arguments,
+    clippy::needless_range_loop,
+    clippy::erasing_op,
+    clippy::identity_op
+)]
 pub mod gemm;
 pub mod simd;
+
+/// A raw output pointer the parallel tasks of one kernel call share; each task writes a
+/// disjoint set of elements (the kernels' safety argument), so it may cross threads.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut<T>(pub(crate) *mut T);
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
