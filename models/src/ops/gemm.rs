@@ -159,8 +159,31 @@ pub unsafe fn gemm<T: Real>(
     );
 }
 
-/// Depth of a packed block.
-const KC: usize = 256;
+/// Cache blocking: depth of a packed block (`KC`), rows of A per macro block (`MC`, a multiple
+/// of the kernel's `mr`) and the widest column chunk of B one task packs (`NC`).
+#[derive(Clone, Copy, Debug)]
+struct Blocking {
+    kc: usize,
+    mc: usize,
+    nc: usize,
+}
+
+fn blocking(kern: &Kernel) -> Blocking {
+    static OVERRIDE: std::sync::OnceLock<Option<(usize, usize, usize)>> =
+        std::sync::OnceLock::new();
+    // Tuning knob for `examples/gemm_tune.rs`: SHEARS_GEMM_BLOCKING="kc,mc_panels,nc_panels".
+    let o = OVERRIDE.get_or_init(|| {
+        let v = std::env::var("SHEARS_GEMM_BLOCKING").ok()?;
+        let p: Vec<usize> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+        (p.len() == 3 && p.iter().all(|&x| x > 0)).then(|| (p[0], p[1], p[2]))
+    });
+    let (kc, mcp, ncp) = o.unwrap_or((kern.kc, kern.mc_panels, kern.nc_panels));
+    Blocking {
+        kc,
+        mc: mcp * kern.mr,
+        nc: ncp * kern.nr,
+    }
+}
 
 /// One micro-kernel: `C[MR×NR] (row stride ldc) (+)= Ap · Bp` over `kc`.
 type MicroKernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, bool);
@@ -168,8 +191,11 @@ type MicroKernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, boo
 struct Kernel {
     mr: usize,
     nr: usize,
-    /// Rows of A per packed block (a multiple of mr).
-    mc: usize,
+    kc: usize,
+    /// `MC / mr`.
+    mc_panels: usize,
+    /// `NC / nr`.
+    nc_panels: usize,
     run: MicroKernel,
 }
 
@@ -179,20 +205,52 @@ fn kernel(isa: Isa) -> Kernel {
         Isa::Avx512 => Kernel {
             mr: 12,
             nr: 32,
-            mc: 12 * 12,
+            kc: 256,
+            mc_panels: 12,
+            nc_panels: 16,
             run: x86::kernel_12x32,
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => Kernel {
             mr: 6,
             nr: 16,
-            mc: 6 * 24,
+            kc: 256,
+            mc_panels: 24,
+            nc_panels: 32,
             run: x86::kernel_6x16,
         },
         _ => unreachable!("sgemm is only called with a vector ISA"),
     }
 }
 
+thread_local! {
+    static APACK: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static BPACK: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Run `f` on this thread's reusable pack buffer, grown to `len`. The buffer is taken out of
+/// its slot while in use, so a re-entrant call (rayon runs other jobs while a thread waits)
+/// gets a fresh one instead of a borrow panic.
+fn with_buffer<R>(
+    slot: &'static std::thread::LocalKey<std::cell::Cell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    let mut buf = slot.with(|s| s.take());
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let r = f(&mut buf[..len]);
+    slot.with(|s| s.set(buf));
+    r
+}
+
+/// The driver. A is packed once, whole (every `KC` block of every `mr` panel, in parallel);
+/// the work is then a grid of tasks, each a column chunk of C (a multiple of `nr`, at most
+/// `NC` wide) times a group of row panels, enough tasks for every thread with a balanced
+/// number of micro-tiles each. A task walks the `KC` blocks, packs its own `KC × chunk` piece
+/// of B (L2-resident) and sweeps its rows `MC` at a time (the packed A block in L2, one B
+/// micro-panel in L1).
 #[allow(clippy::too_many_arguments)]
 unsafe fn sgemm(
     isa: Isa,
@@ -208,132 +266,95 @@ unsafe fn sgemm(
     parallel: bool,
 ) {
     let kern = kernel(isa);
-    let threads = if parallel && m * n * k >= 1 << 18 {
+    let blk = blocking(&kern);
+    let (mr, nr, kc_max) = (kern.mr, kern.nr, blk.kc);
+    let threads = if parallel && m * n * k >= 1 << 17 {
         rayon::current_num_threads().max(1)
     } else {
         1
     };
-    let mblocks = m.div_ceil(kern.mc);
-    if mblocks >= threads.max(2) {
-        return sgemm_rows(&kern, m, n, k, alpha, a, b, c, ldc, accumulate, threads > 1);
-    }
-    // Few rows (or one thread): split the columns instead, each task packing its own panels.
-    let nr = kern.nr;
-    let nc = if threads == 1 {
-        512
-    } else {
-        n.div_ceil(4 * threads).div_ceil(nr).max(1) * nr
-    }
-    .min(512);
-    let nblocks = n.div_ceil(nc);
-    let out = SharedMut(c);
-    let task = |jb: usize| {
-        let out = out;
-        let j0 = jb * nc;
-        let ncur = nc.min(n - j0);
-        PACK.with(|bufs| {
-            let mut bufs = bufs.borrow_mut();
-            let (apack, bpack) = &mut *bufs;
-            bpack.resize(ncur.div_ceil(nr) * nr * KC, 0.0);
-            apack.resize(kern.mc.div_ceil(kern.mr) * kern.mr * KC, 0.0);
-            for p0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - p0);
-                pack_b(b, p0, kc, j0, ncur, nr, bpack);
-                for i0 in (0..m).step_by(kern.mc) {
-                    let mc = kern.mc.min(m - i0);
-                    pack_a(a, i0, p0, mc, kc, kern.mr, alpha, apack);
-                    macro_block(
-                        &kern,
-                        mc,
-                        ncur,
-                        kc,
-                        apack,
-                        bpack,
-                        out.0.offset(i0 as isize * ldc + j0 as isize),
-                        ldc,
-                        accumulate || p0 > 0,
-                    );
-                }
-            }
-        });
-    };
-    if threads == 1 || nblocks == 1 {
-        (0..nblocks).for_each(task);
-    } else {
-        (0..nblocks).into_par_iter().for_each(task);
-    }
-}
+    let mpanels = m.div_ceil(mr);
+    let npanels = n.div_ceil(nr);
+    let kblocks = k.div_ceil(kc_max);
+    // Task grid: column chunks first (B is then packed once), row groups only when the
+    // columns alone cannot feed every thread twice.
+    let want = if threads > 1 { 2 * threads } else { 1 };
+    let max_chunk = blk.nc / nr;
+    let mut ncols = npanels.div_ceil(max_chunk).max(want.min(npanels));
+    let chunk_panels = npanels.div_ceil(ncols);
+    ncols = npanels.div_ceil(chunk_panels);
+    let mut nrows = want.div_ceil(ncols).min(mpanels);
+    let group_panels = mpanels.div_ceil(nrows);
+    nrows = mpanels.div_ceil(group_panels);
 
-/// The many-rows case: for each `NC × KC` block of B, packed once (in parallel over panels)
-/// and shared, the row blocks of A run in parallel, each packing its own block.
-#[allow(clippy::too_many_arguments)]
-unsafe fn sgemm_rows(
-    kern: &Kernel,
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f32,
-    a: Mat<f32>,
-    b: Mat<f32>,
-    c: *mut f32,
-    ldc: isize,
-    accumulate: bool,
-    par: bool,
-) {
-    const NC: usize = 1024;
-    let nr = kern.nr;
-    let out = SharedMut(c);
-    let mut bpack = vec![0f32; NC.min(n).div_ceil(nr) * nr * KC];
-    for j0 in (0..n).step_by(NC) {
-        let ncur = NC.min(n - j0);
-        for p0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - p0);
-            let panel = nr * kc;
-            let packed = &mut bpack[..ncur.div_ceil(nr) * panel];
-            let pack = |(jp, dst): (usize, &mut [f32])| {
-                let w = nr.min(ncur - jp * nr);
-                pack_b(b, p0, kc, j0 + jp * nr, w, nr, dst);
-            };
-            if par {
-                packed.par_chunks_mut(panel).enumerate().for_each(pack);
-            } else {
-                packed.chunks_mut(panel).enumerate().for_each(pack);
-            }
-            let bp: &[f32] = &bpack;
-            let rows = |ib: usize| {
-                let out = out;
-                let i0 = ib * kern.mc;
-                let mc = kern.mc.min(m - i0);
-                PACK.with(|bufs| {
-                    let mut bufs = bufs.borrow_mut();
-                    let apack = &mut bufs.0;
-                    apack.resize(kern.mc.div_ceil(kern.mr) * kern.mr * KC, 0.0);
-                    pack_a(a, i0, p0, mc, kc, kern.mr, alpha, apack);
-                    macro_block(
-                        kern,
-                        mc,
-                        ncur,
-                        kc,
-                        apack,
-                        bp,
-                        out.0.offset(i0 as isize * ldc + j0 as isize),
-                        ldc,
-                        accumulate || p0 > 0,
-                    );
-                });
-            };
-            let mblocks = m.div_ceil(kern.mc);
-            if par {
-                (0..mblocks).into_par_iter().for_each(rows);
-            } else {
-                (0..mblocks).for_each(rows);
-            }
+    // Packed A: block `pb` of panel `ip` at `(pb·mpanels + ip)·mr·KC`.
+    let kstride = mpanels * mr * kc_max;
+    with_buffer(&APACK, kblocks * kstride, |apack| {
+        let pack = |(job, dst): (usize, &mut [f32])| {
+            let (pb, ip) = (job / mpanels, job % mpanels);
+            let p0 = pb * kc_max;
+            let kc = kc_max.min(k - p0);
+            let i0 = ip * mr;
+            pack_a(
+                a,
+                i0,
+                p0,
+                mr.min(m - i0),
+                kc,
+                mr,
+                alpha,
+                &mut dst[..mr * kc],
+            );
+        };
+        // Chunks of `mr · KC` floats: job `pb·mpanels + ip` (a short last block only uses the
+        // front of its chunks).
+        if threads > 1 && m * k >= 1 << 15 {
+            apack.par_chunks_mut(mr * kc_max).enumerate().for_each(pack);
+        } else {
+            apack.chunks_mut(mr * kc_max).enumerate().for_each(pack);
         }
-    }
-}
-
-thread_local! {
-    static PACK: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+        let apack: &[f32] = apack;
+        let out = SharedMut(c);
+        let task = |t: usize| {
+            let out = out;
+            let (rg, cg) = (t / ncols, t % ncols);
+            let j0 = cg * chunk_panels * nr;
+            let ncur = (chunk_panels * nr).min(n - j0);
+            let r0 = rg * group_panels;
+            let r1 = (r0 + group_panels).min(mpanels);
+            with_buffer(&BPACK, chunk_panels * nr * kc_max, |bpack| {
+                for pb in 0..kblocks {
+                    let p0 = pb * kc_max;
+                    let kc = kc_max.min(k - p0);
+                    pack_b(b, p0, kc, j0, ncur, nr, bpack);
+                    let ablock = &apack[pb * kstride..];
+                    for ib in (r0..r1).step_by(blk.mc / mr) {
+                        let ie = (ib + blk.mc / mr).min(r1);
+                        let i0 = ib * mr;
+                        let mc = (ie * mr).min(m) - i0;
+                        macro_block(
+                            &kern,
+                            mc,
+                            ncur,
+                            kc,
+                            &ablock[ib * mr * kc_max..],
+                            mr * kc_max,
+                            bpack,
+                            out.0.offset(i0 as isize * ldc + j0 as isize),
+                            ldc,
+                            accumulate || pb > 0,
+                        );
+                    }
+                }
+            });
+        };
+        let tasks = nrows * ncols;
+        if threads > 1 && tasks > 1 {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
+        }
+    });
 }
 
 /// Every micro-tile of a packed `mc × kc` A block times a packed `kc × n` B block into C.
@@ -344,6 +365,7 @@ unsafe fn macro_block(
     n: usize,
     kc: usize,
     apack: &[f32],
+    a_panel_stride: usize,
     bpack: &[f32],
     c: *mut f32,
     ldc: isize,
@@ -356,7 +378,7 @@ unsafe fn macro_block(
         let bp = bpack.as_ptr().add(jp * nr * kc);
         for (ip, ii) in (0..mc).step_by(mr).enumerate() {
             let mrr = mr.min(mc - ii);
-            let ap = apack.as_ptr().add(ip * mr * kc);
+            let ap = apack.as_ptr().add(ip * a_panel_stride);
             let cp = c.offset(ii as isize * ldc + j0 as isize);
             if mrr == mr && nrr == nr {
                 (kern.run)(kc, ap, bp, cp, ldc as usize, acc);
@@ -396,22 +418,13 @@ unsafe fn pack_b(
                 std::ptr::copy_nonoverlapping(src, row.as_mut_ptr(), w);
                 row[w..].fill(0.0);
             }
+        } else if b.rs == 1 {
+            // Columns are contiguous along k: a transposing copy.
+            pack_lines(b.at(p0, j0), b.cs, w, kc, nr, 1.0, panel);
         } else {
-            // Columns are contiguous along k: copy tiles of 16 k-steps so the panel rows being
-            // written stay in L1.
-            for k0 in (0..kc).step_by(16) {
-                let kt = 16.min(kc - k0);
+            for kk in 0..kc {
                 for j in 0..nr {
-                    if j < w {
-                        let src = b.at(p0 + k0, j0 + j);
-                        for t in 0..kt {
-                            panel[(k0 + t) * nr + j] = *src.offset(t as isize * b.rs);
-                        }
-                    } else {
-                        for t in 0..kt {
-                            panel[(k0 + t) * nr + j] = 0.0;
-                        }
-                    }
+                    panel[kk * nr + j] = if j < w { *b.at(p0 + kk, j0 + j) } else { 0.0 };
                 }
             }
         }
@@ -443,37 +456,151 @@ unsafe fn pack_a(
                 }
                 col[h..].fill(0.0);
             }
+        } else if a.cs == 1 {
+            // Rows are contiguous along k: a transposing copy.
+            pack_lines(a.at(i0 + ii, p0), a.rs, h, kc, mr, alpha, panel);
         } else {
-            // Rows are contiguous along k: tiles of 16 k-steps per row, so reads are
-            // sequential and the panel rows being written stay in L1.
-            for k0 in (0..kc).step_by(16) {
-                let kt = 16.min(kc - k0);
+            for kk in 0..kc {
                 for i in 0..mr {
-                    if i < h {
-                        let src = a.at(i0 + ii + i, p0 + k0);
-                        if alpha == 1.0 {
-                            for t in 0..kt {
-                                panel[(k0 + t) * mr + i] = *src.offset(t as isize * a.cs);
-                            }
-                        } else {
-                            for t in 0..kt {
-                                panel[(k0 + t) * mr + i] = alpha * *src.offset(t as isize * a.cs);
-                            }
-                        }
+                    panel[kk * mr + i] = if i < h {
+                        alpha * *a.at(i0 + ii + i, p0 + kk)
                     } else {
-                        for t in 0..kt {
-                            panel[(k0 + t) * mr + i] = 0.0;
-                        }
-                    }
+                        0.0
+                    };
                 }
             }
         }
     }
 }
 
+/// The transposing half of packing: `h` lines (`src + i·stride`, each contiguous along k)
+/// become the columns of a `[kc][width]` panel, scaled by `alpha`, columns `h..width` zero.
+/// 8 × 8 (and 4 × 8) register transposes where the shape allows, scalar at the edges.
+unsafe fn pack_lines(
+    src: *const f32,
+    stride: isize,
+    h: usize,
+    kc: usize,
+    width: usize,
+    alpha: f32,
+    panel: &mut [f32],
+) {
+    let line = |i: usize| src.offset(i as isize * stride);
+    let mut k0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    while k0 + 8 <= kc {
+        let mut i = 0;
+        while i + 8 <= h {
+            x86::transpose_8x8(
+                line(i).add(k0),
+                stride,
+                panel.as_mut_ptr().add(k0 * width + i),
+                width,
+                alpha,
+            );
+            i += 8;
+        }
+        if i + 4 <= h {
+            x86::transpose_4x8(
+                line(i).add(k0),
+                stride,
+                panel.as_mut_ptr().add(k0 * width + i),
+                width,
+                alpha,
+            );
+            i += 4;
+        }
+        for t in k0..k0 + 8 {
+            for r in i..h {
+                panel[t * width + r] = alpha * *line(r).add(t);
+            }
+            panel[t * width + h..(t + 1) * width].fill(0.0);
+        }
+        k0 += 8;
+    }
+    for t in k0..kc {
+        for r in 0..h {
+            panel[t * width + r] = alpha * *line(r).add(t);
+        }
+        panel[t * width + h..(t + 1) * width].fill(0.0);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// `dst[c·ld + r] = alpha · src[r·stride + c]` for an 8 × 8 block (rows `r` of the
+    /// source are contiguous). Only called under `Isa::Avx2`/`Isa::Avx512`, so AVX is there.
+    #[target_feature(enable = "avx")]
+    pub unsafe fn transpose_8x8(
+        src: *const f32,
+        stride: isize,
+        dst: *mut f32,
+        ld: usize,
+        alpha: f32,
+    ) {
+        let r = |i: isize| _mm256_loadu_ps(src.offset(i * stride));
+        let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+        let (r4, r5, r6, r7) = (r(4), r(5), r(6), r(7));
+        let t0 = _mm256_unpacklo_ps(r0, r1);
+        let t1 = _mm256_unpackhi_ps(r0, r1);
+        let t2 = _mm256_unpacklo_ps(r2, r3);
+        let t3 = _mm256_unpackhi_ps(r2, r3);
+        let t4 = _mm256_unpacklo_ps(r4, r5);
+        let t5 = _mm256_unpackhi_ps(r4, r5);
+        let t6 = _mm256_unpacklo_ps(r6, r7);
+        let t7 = _mm256_unpackhi_ps(r6, r7);
+        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let a = _mm256_set1_ps(alpha);
+        let w = |c: usize, x: __m256| _mm256_storeu_ps(dst.add(c * ld), _mm256_mul_ps(a, x));
+        w(0, _mm256_permute2f128_ps::<0x20>(s0, s4));
+        w(1, _mm256_permute2f128_ps::<0x20>(s1, s5));
+        w(2, _mm256_permute2f128_ps::<0x20>(s2, s6));
+        w(3, _mm256_permute2f128_ps::<0x20>(s3, s7));
+        w(4, _mm256_permute2f128_ps::<0x31>(s0, s4));
+        w(5, _mm256_permute2f128_ps::<0x31>(s1, s5));
+        w(6, _mm256_permute2f128_ps::<0x31>(s2, s6));
+        w(7, _mm256_permute2f128_ps::<0x31>(s3, s7));
+    }
+
+    /// As [`transpose_8x8`] for 4 source rows of 8: eight output rows of 4.
+    #[target_feature(enable = "avx")]
+    pub unsafe fn transpose_4x8(
+        src: *const f32,
+        stride: isize,
+        dst: *mut f32,
+        ld: usize,
+        alpha: f32,
+    ) {
+        let r = |i: isize| _mm256_loadu_ps(src.offset(i * stride));
+        let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+        let t0 = _mm256_unpacklo_ps(r0, r1);
+        let t1 = _mm256_unpackhi_ps(r0, r1);
+        let t2 = _mm256_unpacklo_ps(r2, r3);
+        let t3 = _mm256_unpackhi_ps(r2, r3);
+        let a = _mm256_set1_ps(alpha);
+        let s0 = _mm256_mul_ps(a, _mm256_shuffle_ps::<0x44>(t0, t2));
+        let s1 = _mm256_mul_ps(a, _mm256_shuffle_ps::<0xEE>(t0, t2));
+        let s2 = _mm256_mul_ps(a, _mm256_shuffle_ps::<0x44>(t1, t3));
+        let s3 = _mm256_mul_ps(a, _mm256_shuffle_ps::<0xEE>(t1, t3));
+        let w = |c: usize, x: __m128| _mm_storeu_ps(dst.add(c * ld), x);
+        w(0, _mm256_castps256_ps128(s0));
+        w(1, _mm256_castps256_ps128(s1));
+        w(2, _mm256_castps256_ps128(s2));
+        w(3, _mm256_castps256_ps128(s3));
+        w(4, _mm256_extractf128_ps::<1>(s0));
+        w(5, _mm256_extractf128_ps::<1>(s1));
+        w(6, _mm256_extractf128_ps::<1>(s2));
+        w(7, _mm256_extractf128_ps::<1>(s3));
+    }
 
     /// 12 × 32 tile: two zmm of B and 12 broadcasts of A per k step, 24 accumulators (with
     /// the two B vectors and a broadcast, 27 of the 32 zmm registers: no spills).
@@ -680,6 +807,9 @@ mod tests {
             (141, 530, 300),
             (3, 1100, 64),
             (600, 5, 40),
+            (30, 2100, 70),
+            (5, 40, 600),
+            (200, 70, 520),
         ] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.random::<f32>() - 0.5).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.random::<f32>() - 0.5).collect();
