@@ -45,8 +45,22 @@ pub fn tables<B: Backend>(
 }
 
 /// Apply RoPE to `x` of shape `[batch, len, heads, head_dim]` (the contiguous layout the
-/// projections produce) with the tables of [`tables`]: HF's `x·cos + rotate_half(x)·sin`.
-pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+/// projections produce) with the tables of [`tables`]: HF's `x·cos + rotate_half(x)·sin`,
+/// through the backend's fused kernel where it has one.
+pub fn apply<B: crate::ShearsOps>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 2>,
+    sin: &Tensor<B, 2>,
+) -> Tensor<B, 4> {
+    crate::ops::rope(x, cos, sin)
+}
+
+/// The generic definition of [`apply`], in burn ops.
+pub fn apply_generic<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 2>,
+    sin: &Tensor<B, 2>,
+) -> Tensor<B, 4> {
     let [_, t, _, d] = x.dims();
     let half = d / 2;
     let x1 = x.clone().narrow(3, 0, half);

@@ -129,6 +129,31 @@ impl<B: ShearsOps> Backward<B, 3> for AttentionBackward {
 }
 
 #[derive(Debug)]
+struct RopeBackward;
+
+impl<B: ShearsOps> Backward<B, 1> for RopeBackward {
+    /// cos, sin.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [nx] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (cos, sin) = ops.state;
+        // The rotation is orthogonal: its transpose is the rotation back.
+        let dx = B::rope_kernel(dy, cos, sin, true)
+            .expect("a backend with a RoPE forward kernel takes the same shapes backward");
+        if let Some(node) = nx {
+            grads.register::<B>(node.id, dx);
+        }
+    }
+}
+
+#[derive(Debug)]
 struct LmNllBackward;
 
 impl<B: ShearsOps> Backward<B, 2> for LmNllBackward {
@@ -241,6 +266,29 @@ impl<B: ShearsOps, C: CheckpointStrategy> ShearsOps for Autodiff<B, C> {
                     ),
                     out,
                 ),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            },
+        )
+    }
+
+    fn fused_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> Option<FloatTensor<Self>> {
+        let out = B::rope_kernel(
+            x.primitive.clone(),
+            cos.primitive.clone(),
+            sin.primitive.clone(),
+            false,
+        )?;
+        Some(
+            match RopeBackward
+                .prepare::<C>([x.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish((cos.primitive, sin.primitive), out),
                 OpsKind::UnTracked(prep) => prep.finish(out),
             },
         )

@@ -323,6 +323,69 @@ impl ShearsOps for Flex {
         Some((make(dx, vec![n, d]), make(dw, vec![d])))
     }
 
+    fn rope_kernel(
+        x: FlexTensor,
+        cos: FlexTensor,
+        sin: FlexTensor,
+        inverse: bool,
+    ) -> Option<FlexTensor> {
+        let [b, t, h, hd] = dims::<4>(&x)?;
+        let dt = x.dtype();
+        if !is_real(dt) || cos.dtype() != dt || sin.dtype() != dt || hd % 2 != 0 {
+            return None;
+        }
+        if dims::<2>(&cos)? != [t, hd] || dims::<2>(&sin)? != [t, hd] {
+            return None;
+        }
+        fn run<E: Real + burn::tensor::Element + bytemuck::Pod>(
+            x: &FlexTensor,
+            cos: &FlexTensor,
+            sin: &FlexTensor,
+            (b, t, h, hd): (usize, usize, usize, usize),
+            inverse: bool,
+        ) -> FlexTensor {
+            use rayon::prelude::*;
+            let (xs, cs, ss) = (slice::<E>(x), slice::<E>(cos), slice::<E>(sin));
+            let half = hd / 2;
+            let row = h * hd;
+            let mut out = vec![E::ZERO; b * t * row];
+            // Rows of whole positions, enough per task to amortise the scheduling.
+            let per = (1usize << 14).div_ceil(row).max(1);
+            out.par_chunks_mut(per * row)
+                .enumerate()
+                .for_each(|(ci, oc)| {
+                    with_isa!({
+                        for (ri, orow) in oc.chunks_exact_mut(row).enumerate() {
+                            let r = ci * per + ri;
+                            let p = r % t;
+                            let (c, s) = (&cs[p * hd..(p + 1) * hd], &ss[p * hd..(p + 1) * hd]);
+                            let xrow = &xs[r * row..(r + 1) * row];
+                            for (o, xv) in orow.chunks_exact_mut(hd).zip(xrow.chunks_exact(hd)) {
+                                // out = x·cos + swap_halves(x)·sin, in the generic op's order of
+                                // operations; the inverse subtracts (sin negated exactly).
+                                for j in 0..half {
+                                    let rot = xv[j + half] * s[j];
+                                    let a = xv[j] * c[j];
+                                    o[j] = if inverse { a - rot } else { a + rot };
+                                }
+                                for j in half..hd {
+                                    let rot = xv[j - half] * s[j];
+                                    let a = xv[j] * c[j];
+                                    o[j] = if inverse { a - rot } else { a + rot };
+                                }
+                            }
+                        }
+                    })
+                });
+            make(out, vec![b, t, h, hd])
+        }
+        let (x, cos, sin) = (contiguous(x), contiguous(cos), contiguous(sin));
+        Some(match dt {
+            DType::F32 => run::<f32>(&x, &cos, &sin, (b, t, h, hd), inverse),
+            _ => run::<f64>(&x, &cos, &sin, (b, t, h, hd), inverse),
+        })
+    }
+
     fn swiglu_kernel(gate: FlexTensor, up: FlexTensor) -> Option<FlexTensor> {
         use rayon::prelude::*;
         if gate.dtype() != DType::F32 || up.dtype() != DType::F32 || gate.shape() != up.shape() {

@@ -9,7 +9,7 @@
 //!
 //! Today the native kernels are CPU kernels for burn-flex: the 2-D GEMM of every projection
 //! ([`gemm`], f32), a fused in-place AdamW step (f32), RMSNorm and SwiGLU (f32, vectorised
-//! `exp`), fused causal attention (flash-style, GQA in place, any cached past; f32 and
+//! `exp`), RoPE on the contiguous layout, fused causal attention (flash-style, GQA in place, any cached past; f32 and
 //! f64) and the fused LM head + cross-entropy (f32 and f64).
 //! ndarray, wgpu and cuda run the generic definitions; a GPU kernel plugs in the same way.
 //!
@@ -186,6 +186,29 @@ pub trait ShearsOps: Backend {
         None
     }
 
+    /// Rotary position embedding of `x [b, t, heads, hd]` with the signed tables `cos, sin
+    /// [t, hd]` of [`crate::rope::tables`]: `x·cos + swap_halves(x)·sin`, or with `inverse` the
+    /// rotation back (`sin` negated), which is also its own backward. `None` where there is no
+    /// kernel.
+    fn rope_kernel(
+        _x: FloatTensor<Self>,
+        _cos: FloatTensor<Self>,
+        _sin: FloatTensor<Self>,
+        _inverse: bool,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    /// RoPE through a native kernel (with a backward node on autodiff backends: the tables are
+    /// constants, only `x` gets a gradient), or `None`.
+    fn fused_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> Option<FloatTensor<Self>> {
+        Self::rope_kernel(x, cos, sin, false)
+    }
+
     /// Native LM-head NLL forward: the NLL and each row's log-sum-exp `[n]`.
     fn lm_nll_kernel(
         _h: FloatTensor<Self>,
@@ -302,6 +325,18 @@ pub fn rms_norm_fused<B: ShearsOps, const D: usize>(
     let n = dims[..D - 1].iter().product::<usize>();
     let x2 = x.clone().reshape([n, d]);
     B::fused_rms_norm(prim(x2), prim(w.clone()), eps).map(|y| tensor::<B, 2>(y).reshape(dims))
+}
+
+/// RoPE of `x [b, t, heads, hd]` with the tables `cos, sin [t, hd]` of
+/// [`crate::rope::tables`]: the native kernel where there is one, else
+/// [`crate::rope::apply_generic`].
+pub fn rope<B: ShearsOps>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+    if fused_enabled() {
+        if let Some(out) = B::fused_rope(prim(x.clone()), prim(cos.clone()), prim(sin.clone())) {
+            return tensor(out);
+        }
+    }
+    crate::rope::apply_generic(x, cos, sin)
 }
 
 /// `silu(gate) · up`: the native kernel where there is one, else the composition.
