@@ -44,7 +44,7 @@ impl CeShape {
     }
 }
 
-/// `dst (+)= alpha · A · B` with every stride explicit (elements).
+/// `dst (+)= alpha · A · B` with every stride explicit (elements), over every thread.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn mm<T: Real>(
@@ -57,7 +57,6 @@ unsafe fn mm<T: Real>(
     b: *const T,
     (b_rs, b_cs): (usize, usize),
     alpha: T,
-    parallel: bool,
 ) {
     super::gemm::gemm(
         m,
@@ -78,7 +77,7 @@ unsafe fn mm<T: Real>(
         d_rs as isize,
         d_cs as isize,
         accumulate,
-        parallel,
+        true,
     )
 }
 
@@ -105,7 +104,6 @@ unsafe fn logits_tile<T: Real>(
         // Wᵀ: element (dd, vv) is W[v0 + vv, dd].
         (w_cs, w_rs),
         T::ONE,
-        true,
     );
 }
 
@@ -258,7 +256,6 @@ pub fn backward<T: Real>(
                     h.as_ptr().add(r0 * d),
                     (d, 1),
                     T::ONE,
-                    true,
                 );
                 // dh_block (+)= dlogits · W[v0.., :], summed over chunks in order.
                 mm(
@@ -271,7 +268,6 @@ pub fn backward<T: Real>(
                     w.as_ptr().add(v0 * w_rs),
                     (w_rs, w_cs),
                     T::ONE,
-                    true,
                 );
             }
         }

@@ -290,17 +290,17 @@ unsafe fn sgemm(
     // Packed A: block `pb` of panel `ip` at `(pb·mpanels + ip)·mr·KC`.
     let kstride = mpanels * mr * kc_max;
     with_buffer(&APACK, kblocks * kstride, |apack| {
-        let pack = |(job, dst): (usize, &mut [f32])| {
+        let pack_job = |(job, dst): (usize, &mut [f32])| {
             let (pb, ip) = (job / mpanels, job % mpanels);
             let p0 = pb * kc_max;
             let kc = kc_max.min(k - p0);
             let i0 = ip * mr;
-            pack_a(
-                a,
-                i0,
+            pack(
+                a.t(),
                 p0,
-                mr.min(m - i0),
                 kc,
+                i0,
+                mr.min(m - i0),
                 mr,
                 alpha,
                 &mut dst[..mr * kc],
@@ -309,9 +309,12 @@ unsafe fn sgemm(
         // Chunks of `mr · KC` floats: job `pb·mpanels + ip` (a short last block only uses the
         // front of its chunks).
         if threads > 1 && m * k >= 1 << 15 {
-            apack.par_chunks_mut(mr * kc_max).enumerate().for_each(pack);
+            apack
+                .par_chunks_mut(mr * kc_max)
+                .enumerate()
+                .for_each(pack_job);
         } else {
-            apack.chunks_mut(mr * kc_max).enumerate().for_each(pack);
+            apack.chunks_mut(mr * kc_max).enumerate().for_each(pack_job);
         }
         let apack: &[f32] = apack;
         let out = SharedMut(c);
@@ -326,7 +329,7 @@ unsafe fn sgemm(
                 for pb in 0..kblocks {
                     let p0 = pb * kc_max;
                     let kc = kc_max.min(k - p0);
-                    pack_b(b, p0, kc, j0, ncur, nr, bpack);
+                    pack(b, p0, kc, j0, ncur, nr, 1.0, bpack);
                     let ablock = &apack[pb * kstride..];
                     for ib in (r0..r1).step_by(blk.mc / mr) {
                         let ie = (ib + blk.mc / mr).min(r1);
@@ -396,74 +399,45 @@ unsafe fn macro_block(
     }
 }
 
-/// Pack rows `p0..p0+kc`, columns `c0..c0+n` of B into `nr`-wide panels `[panel][kk][nr]`,
-/// zero-padded.
-unsafe fn pack_b(
-    b: Mat<f32>,
+/// Pack `alpha ·` rows `p0..p0+kc`, columns `c0..c0+n` of `x` into `width`-wide panels
+/// `[panel][kk][width]`, zero-padded: B as it is (`width = nr`), A through its transpose
+/// (`width = mr`, so a panel holds `mr` rows of A side by side).
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack(
+    x: Mat<f32>,
     p0: usize,
     kc: usize,
     c0: usize,
     n: usize,
-    nr: usize,
-    dst: &mut [f32],
-) {
-    for (jp, jj) in (0..n).step_by(nr).enumerate() {
-        let j0 = c0 + jj;
-        let w = nr.min(n - jj);
-        let panel = &mut dst[jp * nr * kc..(jp + 1) * nr * kc];
-        if b.cs == 1 {
-            for kk in 0..kc {
-                let src = b.at(p0 + kk, j0);
-                let row = &mut panel[kk * nr..kk * nr + nr];
-                std::ptr::copy_nonoverlapping(src, row.as_mut_ptr(), w);
-                row[w..].fill(0.0);
-            }
-        } else if b.rs == 1 {
-            // Columns are contiguous along k: a transposing copy.
-            pack_lines(b.at(p0, j0), b.cs, w, kc, nr, 1.0, panel);
-        } else {
-            for kk in 0..kc {
-                for j in 0..nr {
-                    panel[kk * nr + j] = if j < w { *b.at(p0 + kk, j0 + j) } else { 0.0 };
-                }
-            }
-        }
-    }
-}
-
-/// Pack `alpha ·` rows `i0..i0+mc`, columns `p0..p0+kc` of A into `mr`-tall panels
-/// `[panel][kk][mr]`, zero-padded.
-#[allow(clippy::too_many_arguments)]
-unsafe fn pack_a(
-    a: Mat<f32>,
-    i0: usize,
-    p0: usize,
-    mc: usize,
-    kc: usize,
-    mr: usize,
+    width: usize,
     alpha: f32,
     dst: &mut [f32],
 ) {
-    for (ip, ii) in (0..mc).step_by(mr).enumerate() {
-        let h = mr.min(mc - ii);
-        let panel = &mut dst[ip * mr * kc..(ip + 1) * mr * kc];
-        if a.rs == 1 {
+    for (jp, jj) in (0..n).step_by(width).enumerate() {
+        let j0 = c0 + jj;
+        let w = width.min(n - jj);
+        let panel = &mut dst[jp * width * kc..(jp + 1) * width * kc];
+        if x.cs == 1 {
             for kk in 0..kc {
-                let src = a.at(i0 + ii, p0 + kk);
-                let col = &mut panel[kk * mr..kk * mr + mr];
-                for i in 0..h {
-                    col[i] = alpha * *src.add(i);
+                let src = x.at(p0 + kk, j0);
+                let row = &mut panel[kk * width..(kk + 1) * width];
+                if alpha == 1.0 {
+                    std::ptr::copy_nonoverlapping(src, row.as_mut_ptr(), w);
+                } else {
+                    for (j, r) in row[..w].iter_mut().enumerate() {
+                        *r = alpha * *src.add(j);
+                    }
                 }
-                col[h..].fill(0.0);
+                row[w..].fill(0.0);
             }
-        } else if a.cs == 1 {
-            // Rows are contiguous along k: a transposing copy.
-            pack_lines(a.at(i0 + ii, p0), a.rs, h, kc, mr, alpha, panel);
+        } else if x.rs == 1 {
+            // Columns are contiguous along k: a transposing copy.
+            pack_lines(x.at(p0, j0), x.cs, w, kc, width, alpha, panel);
         } else {
             for kk in 0..kc {
-                for i in 0..mr {
-                    panel[kk * mr + i] = if i < h {
-                        alpha * *a.at(i0 + ii + i, p0 + kk)
+                for j in 0..width {
+                    panel[kk * width + j] = if j < w {
+                        alpha * *x.at(p0 + kk, j0 + j)
                     } else {
                         0.0
                     };
@@ -486,44 +460,35 @@ unsafe fn pack_lines(
     panel: &mut [f32],
 ) {
     let line = |i: usize| src.offset(i as isize * stride);
-    let mut k0 = 0;
-    #[cfg(target_arch = "x86_64")]
-    while k0 + 8 <= kc {
-        let mut i = 0;
-        while i + 8 <= h {
-            x86::transpose_8x8(
-                line(i).add(k0),
-                stride,
-                panel.as_mut_ptr().add(k0 * width + i),
-                width,
-                alpha,
-            );
-            i += 8;
-        }
-        if i + 4 <= h {
-            x86::transpose_4x8(
-                line(i).add(k0),
-                stride,
-                panel.as_mut_ptr().add(k0 * width + i),
-                width,
-                alpha,
-            );
-            i += 4;
-        }
-        for t in k0..k0 + 8 {
-            for r in i..h {
+    // Scalar copy of k-steps `ks`, lines `from..h`, and the zero padding.
+    let scalar = |panel: &mut [f32], ks: std::ops::Range<usize>, from: usize| {
+        for t in ks {
+            for r in from..h {
                 panel[t * width + r] = alpha * *line(r).add(t);
             }
             panel[t * width + h..(t + 1) * width].fill(0.0);
         }
+    };
+    let mut k0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    while k0 + 8 <= kc {
+        let mut i = 0;
+        let base = panel.as_mut_ptr().add(k0 * width);
+        let block = |i: usize| (line(i).add(k0), base.add(i));
+        while i + 8 <= h {
+            let (s, d) = block(i);
+            x86::transpose_8x8(s, stride, d, width, alpha);
+            i += 8;
+        }
+        if i + 4 <= h {
+            let (s, d) = block(i);
+            x86::transpose_4x8(s, stride, d, width, alpha);
+            i += 4;
+        }
+        scalar(panel, k0..k0 + 8, i);
         k0 += 8;
     }
-    for t in k0..kc {
-        for r in 0..h {
-            panel[t * width + r] = alpha * *line(r).add(t);
-        }
-        panel[t * width + h..(t + 1) * width].fill(0.0);
-    }
+    scalar(panel, k0..kc, 0);
 }
 
 #[cfg(target_arch = "x86_64")]
