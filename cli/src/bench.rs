@@ -64,7 +64,7 @@ pub enum BenchCmd {
         /// Tokens per sequence.
         #[arg(long, default_value_t = 256)]
         seq_len: usize,
-        /// Timed steps per variant (after one warm-up step).
+        /// Timed pairs of steps (a plain step, then a masked step), after one warm-up step each.
         #[arg(long, default_value_t = 2)]
         iters: usize,
         /// Print one JSON line.
@@ -221,21 +221,16 @@ struct PruneBench<'a> {
 }
 
 impl AutodiffTask for PruneBench<'_> {
-    /// Seconds per step without and with masks.
-    type Output = shears_core::Result<(f64, f64)>;
+    /// Median seconds per step without and with masks, and the median of the per-pair ratios.
+    type Output = shears_core::Result<(f64, f64, f64)>;
     fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> Self::Output {
         use shears_pruning::{PruningModel, PruningSpec, TargetShape};
         use shears_trainer::{PruneStepSettings, PruneTrainer};
         let vocab = self.files.config.vocab_size;
         let ids = random_ids::<B>(self.batch, self.len, vocab, 3, &device);
         let settings = PruneStepSettings::default();
-        let plain = {
-            let model = load::from_files::<B>(self.files, &device, DType::F32)?;
-            let mut trainer = LmTrainer::new(model, settings.model);
-            timed(self.iters, || {
-                trainer.step(ids.clone());
-            })
-        };
+        let model = load::from_files::<B>(self.files, &device, DType::F32)?;
+        let mut plain = LmTrainer::new(model, settings.model);
         // Prune every structure at once (the heaviest mask configuration): a target two thirds
         // the source's size in every dimension.
         let c = &self.files.config;
@@ -251,16 +246,39 @@ impl AutodiffTask for PruneBench<'_> {
             intermediate_size: (c.intermediate_size * 2 / 3).max(1),
         };
         let spec = PruningSpec::new(c, target, None)?;
-        let masked = {
-            let model = load::from_files::<B>(self.files, &device, DType::F32)?;
-            let mut rng = StdRng::seed_from_u64(0);
-            let state = PruningModel::new(model, &spec, &mut rng)?;
-            let mut trainer = PruneTrainer::new(state, settings, 0);
-            timed(self.iters, || {
-                trainer.step(ids.clone(), 1.0);
-            })
+        let model = load::from_files::<B>(self.files, &device, DType::F32)?;
+        let mut rng = StdRng::seed_from_u64(0);
+        let state = PruningModel::new(model, &spec, &mut rng)?;
+        let mut masked = PruneTrainer::new(state, settings, 0);
+        // One warm-up step each, then plain and masked steps alternate, so a host whose speed
+        // drifts from minute to minute slows both sides of each pair alike.
+        plain.step(ids.clone());
+        masked.step(ids.clone(), 1.0);
+        let time = |f: &mut dyn FnMut()| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
         };
-        Ok((plain, masked))
+        let pairs: Vec<(f64, f64)> = (0..self.iters.max(1))
+            .map(|_| {
+                let p = time(&mut || {
+                    plain.step(ids.clone());
+                });
+                let m = time(&mut || {
+                    masked.step(ids.clone(), 1.0);
+                });
+                eprintln!("pair: plain {p:.3} s, masked {m:.3} s ({:.3}x)", m / p);
+                (p, m)
+            })
+            .collect();
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(|a, b| a.partial_cmp(b).expect("finite timings"));
+            v[v.len() / 2]
+        };
+        let ratio = median(pairs.iter().map(|(p, m)| m / p).collect());
+        let plain_s = median(pairs.iter().map(|p| p.0).collect());
+        let masked_s = median(pairs.iter().map(|p| p.1).collect());
+        Ok((plain_s, masked_s, ratio))
     }
 }
 
@@ -319,7 +337,7 @@ pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
                 .or_else(BackendKind::default_backend)
                 .expect("a compiled backend");
             let files = crate::commands::load_model_files(&model)?;
-            let (plain, masked) = dispatch_autodiff(
+            let (plain, masked, ratio) = dispatch_autodiff(
                 kind,
                 PruneBench {
                     files: &files,
@@ -328,7 +346,7 @@ pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
                     iters,
                 },
             )??;
-            let overhead = masked / plain - 1.0;
+            let overhead = ratio - 1.0;
             if json {
                 println!(
                     "{}",
@@ -337,7 +355,7 @@ pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
                         "step_s_with_masks": masked, "mask_overhead": overhead})
                 );
             } else {
-                println!("# shears bench prune: {} on {kind}, batch {batch} x {seq_len}, median of {iters} timed steps after 1 warm-up", files.source.display());
+                println!("# shears bench prune: {} on {kind}, batch {batch} x {seq_len}, {iters} alternating pairs of timed steps after 1 warm-up each; medians, overhead = median of the pairs' ratios", files.source.display());
                 println!("training step without masks: {plain:.3} s");
                 println!(
                     "training step with masks:    {masked:.3} s  ({:+.1}%)",
@@ -429,7 +447,7 @@ pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
                     "forward_1_tok_s": f1, "forward_8_tok_s": f8,
                     "train_1_tok_s": t1, "train_4_tok_s": t4, "train_4_step_s": t4s,
                     "prune_4_step_s": prune.map(|p| p.1), "plain_4_step_s": prune.map(|p| p.0),
-                    "prune_over_plain": prune.map(|p| p.1 / p.0),
+                    "prune_over_plain": prune.map(|p| p.2),
                     "tiny_train_8_tok_s": train})
             );
         } else {
@@ -441,14 +459,14 @@ pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
                 fmt(f8),
                 train
             );
-            if let Some((plain, masked)) = prune {
+            if let Some((plain, masked, ratio)) = prune {
                 println!(
                     "{:<8} model train step 1xL {} tok/s, 4xL {} tok/s ({:.2} s); pruning step 4xL {masked:.2} s vs plain {plain:.2} s ({:.3}x)",
                     "",
                     fmt(t1),
                     fmt(t4),
                     t4s.unwrap_or(f64::NAN),
-                    masked / plain
+                    ratio
                 );
             }
         }

@@ -54,7 +54,8 @@ pub struct RmsNorm<B: Backend> {
 impl<B: ShearsOps> RmsNorm<B> {
     /// Normalise over the last axis (the fused kernel where the backend has one).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        if let Some(y) = ops::rms_norm_fused(&x, &self.weight.val(), self.eps) {
+        let d = x.dims()[D - 1];
+        if let Some(y) = ops::rms_norm_fused(&x, &self.weight.val(), self.eps, d) {
             return y;
         }
         let dtype = x.dtype();
@@ -66,16 +67,20 @@ impl<B: ShearsOps> RmsNorm<B> {
     /// The masked norm of the spec (§1.3): the mean square is taken over the `kept` channels
     /// where `z` is non-zero (the others are exactly zero in the residual stream), and the
     /// output is multiplied by `z`. With every channel kept this is [`RmsNorm::forward`] times z.
+    /// The fused kernel folds `z` into the gain (`w · z`, a `[d]` product).
     pub fn forward_masked<const D: usize>(
         &self,
         x: Tensor<B, D>,
         z: &Tensor<B, 1>,
-        kept: &Tensor<B, 1>,
+        kept: usize,
     ) -> Tensor<B, D> {
+        let wz = || self.weight.val() * z.clone();
+        if let Some(y) = ops::rms_norm_fused(&x, &wz(), self.eps, kept) {
+            return y;
+        }
         let dtype = x.dtype();
         let xf = upcast(x);
-        let kept = upcast(kept.clone()).reshape([1; D]);
-        let var = xf.clone().square().sum_dim(D - 1) / kept;
+        let var = xf.clone().square().sum_dim(D - 1).div_scalar(kept as f64);
         self.finish(xf, var, dtype) * z.clone().unsqueeze::<D>()
     }
 
@@ -168,11 +173,12 @@ impl<B: ShearsOps> Mlp<B> {
     /// Apply the MLP with the intermediate mask `z_int [I]` on the `up_proj` output.
     pub fn forward_masked(&self, x: Tensor<B, 3>, z_int: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
         let gate = linear(&self.gate_proj, x.clone());
-        let mut up = linear(&self.up_proj, x);
-        if let Some(z) = z_int {
-            up = up * z.clone().unsqueeze::<3>();
-        }
-        linear(&self.down_proj, ops::swiglu(gate, up))
+        let up = linear(&self.up_proj, x);
+        let act = match z_int {
+            Some(z) => ops::swiglu_masked(gate, up, z),
+            None => ops::swiglu(gate, up),
+        };
+        linear(&self.down_proj, act)
     }
 }
 
@@ -209,18 +215,20 @@ impl<B: ShearsOps> DecoderLayer<B> {
         m: &LayerMasks<B>,
     ) -> Tensor<B, 3> {
         let norm = |n: &RmsNorm<B>, x: Tensor<B, 3>| match &m.hidden {
-            Some((z, kept)) => n.forward_masked(x, z, kept),
+            Some((z, kept)) => n.forward_masked(x, z, *kept),
             None => n.forward(x),
         };
-        // Layer and hidden masks scale what a sublayer adds to the residual stream.
-        let scale_out = |mut y: Tensor<B, 3>| {
-            if let Some(z) = &m.layer {
-                y = y * z.clone().unsqueeze::<3>();
-            }
-            if let Some((z, _)) = &m.hidden {
-                y = y * z.clone().unsqueeze::<3>();
-            }
-            y
+        // Layer and hidden masks scale what a sublayer adds to the residual stream: one factor
+        // `z_layer · z_hidden` (a `[d]` product), so each sublayer output is multiplied once.
+        let out_factor = match (&m.layer, &m.hidden) {
+            (Some(zl), Some((zh, _))) => Some(zh.clone() * zl.clone()),
+            (Some(zl), None) => Some(zl.clone()),
+            (None, Some((zh, _))) => Some(zh.clone()),
+            (None, None) => None,
+        };
+        let scale_out = |y: Tensor<B, 3>| match &out_factor {
+            Some(z) => y * z.clone().unsqueeze::<3>(),
+            None => y,
         };
         let mut ctx = self.self_attn.context(
             norm(&self.input_layernorm, x.clone()),
@@ -314,7 +322,7 @@ impl<B: ShearsOps> Llama<B> {
         let (cos, sin, mask) = self.position_inputs(past, t);
         let kept = masks.and_then(|m| m.hidden_kept());
         let layer_masks = |l: usize| match masks {
-            Some(m) => m.layer(l, kept.as_ref()),
+            Some(m) => m.layer(l, kept),
             None => LayerMasks::none(),
         };
         let mut x = self.model.embed_tokens.forward(ids);
@@ -343,7 +351,7 @@ impl<B: ShearsOps> Llama<B> {
                 }
             }
         }
-        match (masks.and_then(|m| m.hidden.as_ref()), &kept) {
+        match (masks.and_then(|m| m.hidden.as_ref()), kept) {
             (Some(z), Some(k)) => self.model.norm.forward_masked(x, z, k),
             _ => self.model.norm.forward(x),
         }

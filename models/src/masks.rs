@@ -34,8 +34,8 @@ impl<B: Backend> Default for ForwardMasks<B> {
 /// One layer's share of [`ForwardMasks`].
 #[derive(Debug, Clone)]
 pub struct LayerMasks<B: Backend> {
-    /// `z_hidden [d]` and the number of its non-zero entries (a one-element tensor).
-    pub hidden: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+    /// `z_hidden [d]` and the number of its non-zero entries (at least 1).
+    pub hidden: Option<(Tensor<B, 1>, usize)>,
     /// `z_layer[l]`, one element.
     pub layer: Option<Tensor<B, 1>>,
     /// Per-head factors `[H]`.
@@ -62,27 +62,22 @@ fn row<B: Backend>(t: &Tensor<B, 2>, l: usize) -> Tensor<B, 1> {
 }
 
 impl<B: Backend> ForwardMasks<B> {
-    /// The number of non-zero entries of `hidden` (exact-zero test), as a one-element tensor.
-    pub fn hidden_kept(&self) -> Option<Tensor<B, 1>> {
-        self.hidden
-            .as_ref()
+    /// The number of non-zero entries of `hidden` (exact-zero test), read back to the host once
+    /// per forward (the norms divide by it; a GPU backend pays one small sync).
+    pub fn hidden_kept(&self) -> Option<usize> {
+        self.hidden.as_ref().map(|z| {
+            let kept = z.to_data().iter::<f64>().filter(|&v| v != 0.0).count();
             // At least 1: when a sample zeroes every channel the stream is exactly zero and the
             // norm's output must be zero, not 0/0 (the reference's mean over an empty index set
             // is NaN there; a short run on a small model hits it).
-            .map(|z| {
-                z.clone()
-                    .not_equal_elem(0.0)
-                    .float()
-                    .sum()
-                    .clamp_min(1.0)
-                    .cast(z.dtype())
-            })
+            kept.max(1)
+        })
     }
 
     /// Layer `l`'s masks; `kept` is [`ForwardMasks::hidden_kept`], computed once per forward.
-    pub fn layer(&self, l: usize, kept: Option<&Tensor<B, 1>>) -> LayerMasks<B> {
+    pub fn layer(&self, l: usize, kept: Option<usize>) -> LayerMasks<B> {
         LayerMasks {
-            hidden: self.hidden.clone().zip(kept.cloned()),
+            hidden: self.hidden.clone().zip(kept),
             layer: self.layer.as_ref().map(|z| z.clone().narrow(0, l, 1)),
             heads: self.heads.as_ref().map(|z| row(z, l)),
             intermediate: self.intermediate.as_ref().map(|z| row(z, l)),

@@ -45,8 +45,8 @@ impl<B: ShearsOps> Backward<B, 2> for MatmulBackward {
 struct RmsNormBackward;
 
 impl<B: ShearsOps> Backward<B, 2> for RmsNormBackward {
-    /// x, w, per-row scale.
-    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+    /// x, w, per-row scale, the mean square's divisor.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, usize);
 
     fn backward(
         self,
@@ -56,8 +56,8 @@ impl<B: ShearsOps> Backward<B, 2> for RmsNormBackward {
     ) {
         let [nx, nw] = ops.parents;
         let dy = grads.consume::<B>(&ops.node);
-        let (x, w, scale) = ops.state;
-        let (dx, dw) = B::rms_norm_kernel_backward(x, w, scale, dy)
+        let (x, w, scale, count) = ops.state;
+        let (dx, dw) = B::rms_norm_kernel_backward(x, w, scale, dy, count)
             .expect("a backend with an RMSNorm forward kernel has its backward kernel");
         if let Some(node) = nx {
             grads.register::<B>(node.id, dx);
@@ -91,6 +91,32 @@ impl<B: ShearsOps> Backward<B, 2> for SwigluBackward {
         }
         if let Some(node) = nu {
             grads.register::<B>(node.id, du);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SwigluMaskedBackward;
+
+impl<B: ShearsOps> Backward<B, 3> for SwigluMaskedBackward {
+    /// gate, up, z.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [ng, nu, nz] = ops.parents;
+        let dout = grads.consume::<B>(&ops.node);
+        let (gate, up, z) = ops.state;
+        let (dg, du, dz) = B::swiglu_masked_kernel_backward(gate, up, z, dout)
+            .expect("a backend with a masked SwiGLU forward kernel has its backward kernel");
+        for (node, grad) in [(ng, dg), (nu, du), (nz, dz)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
         }
     }
 }
@@ -209,15 +235,16 @@ impl<B: ShearsOps, C: CheckpointStrategy> ShearsOps for Autodiff<B, C> {
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
         eps: f64,
+        count: usize,
     ) -> Option<FloatTensor<Self>> {
-        let (y, scale) = B::rms_norm_kernel(x.primitive.clone(), w.primitive.clone(), eps)?;
+        let (y, scale) = B::rms_norm_kernel(x.primitive.clone(), w.primitive.clone(), eps, count)?;
         Some(
             match RmsNormBackward
                 .prepare::<C>([x.node.clone(), w.node.clone()])
                 .compute_bound()
                 .stateful()
             {
-                OpsKind::Tracked(prep) => prep.finish((x.primitive, w.primitive, scale), y),
+                OpsKind::Tracked(prep) => prep.finish((x.primitive, w.primitive, scale, count), y),
                 OpsKind::UnTracked(prep) => prep.finish(y),
             },
         )
@@ -232,6 +259,30 @@ impl<B: ShearsOps, C: CheckpointStrategy> ShearsOps for Autodiff<B, C> {
                 .stateful()
             {
                 OpsKind::Tracked(prep) => prep.finish((gate.primitive, up.primitive), out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            },
+        )
+    }
+
+    fn fused_swiglu_masked(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        z: FloatTensor<Self>,
+    ) -> Option<FloatTensor<Self>> {
+        let out = B::swiglu_masked_kernel(
+            gate.primitive.clone(),
+            up.primitive.clone(),
+            z.primitive.clone(),
+        )?;
+        Some(
+            match SwigluMaskedBackward
+                .prepare::<C>([gate.node.clone(), up.node.clone(), z.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => {
+                    prep.finish((gate.primitive, up.primitive, z.primitive), out)
+                }
                 OpsKind::UnTracked(prep) => prep.finish(out),
             },
         )

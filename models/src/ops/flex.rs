@@ -166,22 +166,37 @@ fn owned_f32(t: FlexTensor) -> FlexTensor {
     }
 }
 
-/// burn's AdamW arithmetic on one element, in the same order of f32 operations.
+/// burn's AdamW arithmetic over one chunk, in the same order of f32 operations per element.
+/// The two flags are constants of each copy and the scalars are locals, so the loop is
+/// branch-free and vectorises (`vdivps` and `vsqrtps` round exactly like their scalar forms:
+/// the result is bit-identical to the element-by-element loop).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn adamw_elem(p: &mut f32, m: &mut f32, v: &mut f32, g: f32, first: bool, k: &AdamWScalars) {
-    if first {
-        *m = g * k.f1;
-        *v = (g * g) * k.f2;
-    } else {
-        *m = *m * k.b1 + g * k.f1;
-        *v = *v * k.b2 + (g * g) * k.f2;
+fn adamw_chunk<const FIRST: bool, const DECAY: bool>(
+    pc: &mut [f32],
+    mc: &mut [f32],
+    vc: &mut [f32],
+    gc: &[f32],
+    k: &AdamWScalars,
+) {
+    let (b1, b2, f1, f2, c1, c2) = (k.b1, k.b2, k.f1, k.f2, k.c1, k.c2);
+    let (eps, lr, keep) = (k.eps, k.lr, k.keep);
+    let n = pc.len();
+    let (mc, vc, gc) = (&mut mc[..n], &mut vc[..n], &gc[..n]);
+    for i in 0..n {
+        let g = gc[i];
+        let (m, v) = if FIRST {
+            (g * f1, (g * g) * f2)
+        } else {
+            (mc[i] * b1 + g * f1, vc[i] * b2 + (g * g) * f2)
+        };
+        mc[i] = m;
+        vc[i] = v;
+        let mh = m / c1;
+        let vh = v / c2;
+        let delta = mh / (vh.sqrt() + eps);
+        let decayed = if DECAY { pc[i] * keep } else { pc[i] };
+        pc[i] = decayed - delta * lr;
     }
-    let mh = *m / k.c1;
-    let vh = *v / k.c2;
-    let delta = mh / (vh.sqrt() + k.eps);
-    let decayed = if k.decay { *p * k.keep } else { *p };
-    *p = decayed - delta * k.lr;
 }
 
 struct AdamWScalars {
@@ -241,10 +256,15 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 impl ShearsOps for Flex {
-    fn rms_norm_kernel(x: FlexTensor, w: FlexTensor, eps: f64) -> Option<(FlexTensor, FlexTensor)> {
+    fn rms_norm_kernel(
+        x: FlexTensor,
+        w: FlexTensor,
+        eps: f64,
+        count: usize,
+    ) -> Option<(FlexTensor, FlexTensor)> {
         use rayon::prelude::*;
         let [n, d] = f32_2d(&x)?;
-        if w.dtype() != DType::F32 || dims::<1>(&w)? != [d] || d == 0 {
+        if w.dtype() != DType::F32 || dims::<1>(&w)? != [d] || d == 0 || count == 0 {
             return None;
         }
         let (x, w) = (contiguous(x), contiguous(w));
@@ -259,7 +279,7 @@ impl ShearsOps for Flex {
                 with_isa!({
                     for (r, (yr, s)) in yc.chunks_exact_mut(d).zip(sc.iter_mut()).enumerate() {
                         let xr = &xs[(ci * ROWS + r) * d..(ci * ROWS + r + 1) * d];
-                        let den = (sum_sq(xr) / d as f32 + eps).sqrt();
+                        let den = (sum_sq(xr) / count as f32 + eps).sqrt();
                         *s = den;
                         for ((o, &xv), &wv) in yr.iter_mut().zip(xr).zip(ws) {
                             *o = (xv / den) * wv;
@@ -275,6 +295,7 @@ impl ShearsOps for Flex {
         w: FlexTensor,
         scale: FlexTensor,
         dy: FlexTensor,
+        count: usize,
     ) -> Option<(FlexTensor, FlexTensor)> {
         use rayon::prelude::*;
         let [n, d] = f32_2d(&x)?;
@@ -307,7 +328,7 @@ impl ShearsOps for Flex {
                             dxn[i] = gr[i] * ws[i];
                             dwp[i] += gr[i] * xn[i];
                         }
-                        let c = dot(&dxn, &xn) / d as f32;
+                        let c = dot(&dxn, &xn) / count as f32;
                         for i in 0..d {
                             dxr[i] = (dxn[i] - xn[i] * c) / den;
                         }
@@ -442,6 +463,99 @@ impl ShearsOps for Flex {
         Some((make(dg, shape.clone()), make(du, shape)))
     }
 
+    fn swiglu_masked_kernel(gate: FlexTensor, up: FlexTensor, z: FlexTensor) -> Option<FlexTensor> {
+        use rayon::prelude::*;
+        let [n, i] = f32_2d(&gate)?;
+        if f32_2d(&up)? != [n, i] || z.dtype() != DType::F32 || dims::<1>(&z)? != [i] || i == 0 {
+            return None;
+        }
+        let [g, u, z] = [gate, up, z].map(contiguous);
+        let (gs, us, zs) = (slice::<f32>(&g), slice::<f32>(&u), slice::<f32>(&z));
+        let mut out = vec![0f32; n * i];
+        out.par_chunks_mut(ROWS * i)
+            .enumerate()
+            .for_each(|(ci, oc)| {
+                with_isa!({
+                    for (r, orow) in oc.chunks_exact_mut(i).enumerate() {
+                        let row = (ci * ROWS + r) * i;
+                        let (gr, ur) = (&gs[row..row + i], &us[row..row + i]);
+                        for j in 0..i {
+                            let gv = gr[j];
+                            let sig = 1.0 / (1.0 + super::simd::exp_f32(-gv));
+                            orow[j] = (gv * sig) * (ur[j] * zs[j]);
+                        }
+                    }
+                })
+            });
+        Some(make(out, vec![n, i]))
+    }
+
+    fn swiglu_masked_kernel_backward(
+        gate: FlexTensor,
+        up: FlexTensor,
+        z: FlexTensor,
+        dout: FlexTensor,
+    ) -> Option<(FlexTensor, FlexTensor, FlexTensor)> {
+        use rayon::prelude::*;
+        let [n, i] = f32_2d(&gate)?;
+        if f32_2d(&up)? != [n, i]
+            || f32_2d(&dout)? != [n, i]
+            || z.dtype() != DType::F32
+            || dims::<1>(&z)? != [i]
+            || i == 0
+        {
+            return None;
+        }
+        let [g, u, z, o] = [gate, up, z, dout].map(contiguous);
+        let (gs, us, zs, os) = (
+            slice::<f32>(&g),
+            slice::<f32>(&u),
+            slice::<f32>(&z),
+            slice::<f32>(&o),
+        );
+        let mut dg = vec![0f32; n * i];
+        let mut du = vec![0f32; n * i];
+        let chunks = n.div_ceil(ROWS);
+        // Per-chunk partial sums of dz, added in chunk order: deterministic.
+        let mut dz_parts = vec![0f32; chunks * i];
+        dg.par_chunks_mut(ROWS * i)
+            .zip(du.par_chunks_mut(ROWS * i))
+            .zip(dz_parts.par_chunks_mut(i))
+            .enumerate()
+            .for_each(|(ci, ((dgc, duc), dzp))| {
+                with_isa!({
+                    for (r, (dgr, dur)) in dgc
+                        .chunks_exact_mut(i)
+                        .zip(duc.chunks_exact_mut(i))
+                        .enumerate()
+                    {
+                        let row = (ci * ROWS + r) * i;
+                        let (gr, ur, or) =
+                            (&gs[row..row + i], &us[row..row + i], &os[row..row + i]);
+                        for j in 0..i {
+                            let (gv, uv, ov) = (gr[j], ur[j], or[j]);
+                            let sig = 1.0 / (1.0 + super::simd::exp_f32(-gv));
+                            let silu = gv * sig;
+                            dur[j] = (ov * silu) * zs[j];
+                            dgr[j] = ov * (uv * zs[j]) * (sig * (1.0 + gv * (1.0 - sig)));
+                            dzp[j] += (ov * silu) * uv;
+                        }
+                    }
+                })
+            });
+        let mut dz = vec![0f32; i];
+        for part in dz_parts.chunks_exact(i) {
+            for (a, b) in dz.iter_mut().zip(part) {
+                *a += *b;
+            }
+        }
+        Some((
+            make(dg, vec![n, i]),
+            make(du, vec![n, i]),
+            make(dz, vec![i]),
+        ))
+    }
+
     fn adamw_kernel(
         param: FlexTensor,
         grad: FlexTensor,
@@ -498,9 +612,12 @@ impl ShearsOps for Flex {
                 .zip(vs.par_chunks_mut(CHUNK))
                 .zip(gs.par_chunks(CHUNK))
                 .for_each(|(((pc, mc), vc), gc)| {
-                    for i in 0..pc.len() {
-                        adamw_elem(&mut pc[i], &mut mc[i], &mut vc[i], gc[i], first, &k);
-                    }
+                    with_isa!(match (first, k.decay) {
+                        (true, true) => adamw_chunk::<true, true>(pc, mc, vc, gc, &k),
+                        (true, false) => adamw_chunk::<true, false>(pc, mc, vc, gc, &k),
+                        (false, true) => adamw_chunk::<false, true>(pc, mc, vc, gc, &k),
+                        (false, false) => adamw_chunk::<false, false>(pc, mc, vc, gc, &k),
+                    })
                 });
         }
         Some((p, m, v))

@@ -122,13 +122,15 @@ pub trait ShearsOps: Backend {
         None
     }
 
-    /// RMSNorm over the last axis of `x [n, d]` with gain `w [d]`: `x / √(mean(x²) + eps) · w`,
-    /// and each row's `√(mean(x²) + eps)` `[n]` for the backward. `None` where there is no
-    /// kernel.
+    /// RMSNorm over the last axis of `x [n, d]` with gain `w [d]`:
+    /// `x / √(Σx² / count + eps) · w`, and each row's `√(Σx² / count + eps)` `[n]` for the
+    /// backward. `count` is `d` for the plain norm; the masked norm of the pruning stage
+    /// averages over the channels its hidden mask keeps. `None` where there is no kernel.
     fn rms_norm_kernel(
         _x: FloatTensor<Self>,
         _w: FloatTensor<Self>,
         _eps: f64,
+        _count: usize,
     ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
         None
     }
@@ -139,6 +141,7 @@ pub trait ShearsOps: Backend {
         _w: FloatTensor<Self>,
         _scale: FloatTensor<Self>,
         _dy: FloatTensor<Self>,
+        _count: usize,
     ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
         None
     }
@@ -148,8 +151,9 @@ pub trait ShearsOps: Backend {
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
         eps: f64,
+        count: usize,
     ) -> Option<FloatTensor<Self>> {
-        Self::rms_norm_kernel(x, w, eps).map(|(y, _)| y)
+        Self::rms_norm_kernel(x, w, eps, count).map(|(y, _)| y)
     }
 
     /// SwiGLU's product `silu(gate) · up` (same shapes), or `None`.
@@ -172,6 +176,36 @@ pub trait ShearsOps: Backend {
     /// SwiGLU through a native kernel (with a backward node on autodiff backends), or `None`.
     fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
         Self::swiglu_kernel(gate, up)
+    }
+
+    /// SwiGLU with the pruning stage's intermediate mask on the up-projection:
+    /// `silu(gate) · (up · z)`, `gate, up [n, I]`, `z [I]`. `None` where there is no kernel.
+    fn swiglu_masked_kernel(
+        _gate: FloatTensor<Self>,
+        _up: FloatTensor<Self>,
+        _z: FloatTensor<Self>,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    /// Masked SwiGLU backward: `(dgate, dup, dz)`.
+    fn swiglu_masked_kernel_backward(
+        _gate: FloatTensor<Self>,
+        _up: FloatTensor<Self>,
+        _z: FloatTensor<Self>,
+        _dout: FloatTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+
+    /// Masked SwiGLU through a native kernel (with a backward node on autodiff backends, which
+    /// also gives `z` its gradient), or `None`.
+    fn fused_swiglu_masked(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        z: FloatTensor<Self>,
+    ) -> Option<FloatTensor<Self>> {
+        Self::swiglu_masked_kernel(gate, up, z)
     }
 
     /// One AdamW step in place where the buffers allow: `(param, m, v)` after the step, from
@@ -311,20 +345,23 @@ pub fn matmul<B: ShearsOps>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
 }
 
 /// RMSNorm of `x [.., d]` by `w [d]` through the native kernel where there is one, or `None`
-/// (the caller runs its generic definition, which also covers the masked norm).
+/// (the caller runs its generic definition). The mean square divides by `count` (`d` for the
+/// plain norm, the kept channels for the masked one).
 pub fn rms_norm_fused<B: ShearsOps, const D: usize>(
     x: &Tensor<B, D>,
     w: &Tensor<B, 1>,
     eps: f64,
+    count: usize,
 ) -> Option<Tensor<B, D>> {
-    if !fused_enabled() {
+    if !fused_enabled() || count == 0 {
         return None;
     }
     let dims = x.dims();
     let d = dims[D - 1];
     let n = dims[..D - 1].iter().product::<usize>();
     let x2 = x.clone().reshape([n, d]);
-    B::fused_rms_norm(prim(x2), prim(w.clone()), eps).map(|y| tensor::<B, 2>(y).reshape(dims))
+    B::fused_rms_norm(prim(x2), prim(w.clone()), eps, count)
+        .map(|y| tensor::<B, 2>(y).reshape(dims))
 }
 
 /// RoPE of `x [b, t, heads, hd]` with the tables `cos, sin [t, hd]` of
@@ -347,6 +384,28 @@ pub fn swiglu<B: ShearsOps, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>
         }
     }
     crate::llama::silu(gate) * up
+}
+
+/// `silu(gate) · (up · z)` with `z [I]` along the last axis of `gate, up [.., I]` (the
+/// intermediate mask): the native kernel where there is one, else the composition.
+pub fn swiglu_masked<B: ShearsOps, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+    z: &Tensor<B, 1>,
+) -> Tensor<B, D> {
+    if fused_enabled() {
+        let dims = gate.dims();
+        let i = dims[D - 1];
+        let n = dims[..D - 1].iter().product::<usize>();
+        if let Some(out) = B::fused_swiglu_masked(
+            prim(gate.clone().reshape([n, i])),
+            prim(up.clone().reshape([n, i])),
+            prim(z.clone()),
+        ) {
+            return tensor::<B, 2>(out).reshape(dims);
+        }
+    }
+    crate::llama::silu(gate) * (up * z.clone().unsqueeze::<D>())
 }
 
 /// Causal attention `softmax(q kᵀ · scale + causal) v` with grouped-query heads: the native
