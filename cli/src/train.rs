@@ -261,12 +261,13 @@ pub fn demo_plan(out: &Path, corpus: &Path, quick: bool) -> Result<PipelinePlan>
     // SmolLM2 checkpoint (weights and AdamW moments) is 1.6 GB.
     //
     // The full budget (about 15 minutes on 2 cores with the fused CPU kernels): 120 pruning
-    // steps and 200 continued pre-training steps of 2 x 128 tokens, i.e. 30,720 and 51,200
-    // training tokens (four times what the composed-op engine afforded in the same time).
+    // steps and 300 continued pre-training steps of 2 x 128 tokens, i.e. 30,720 and 76,800
+    // training tokens (four and six times what the composed-op engine afforded in the same
+    // time).
     let (seq, steps_p, steps_t, batch, every_p, every_t, eval_seqs) = if quick {
         (64, 4, 4, 1, 2, 2, 1)
     } else {
-        (128, 120, 200, 2, 30, 50, 4)
+        (128, 120, 300, 2, 30, 50, 4)
     };
     data.seq_len = seq;
     let run = |steps: usize, every: usize| RunSettings {

@@ -1,6 +1,8 @@
 //! GEMM rate of the native f32 kernel on the model's projection shapes (forward, and both
 //! gradient GEMMs with their transposed operands), for tuning the blocking:
-//! `cargo run --example gemm_tune -p shears-models`.
+//! `cargo run --example gemm_tune -p shears-models`. The 3072- and 960-wide shapes are what
+//! fused gate/up and q/k/v projections would run (for SmolLM2-135M): compare them with twice
+//! the 1536-wide shape and with 576 + 2 x 192.
 use shears_models::ops::gemm::{gemm, Mat};
 use std::time::Instant;
 
@@ -12,6 +14,9 @@ fn main() {
         (256, 576, 49152),
         (1024, 576, 576),
         (1024, 576, 1536),
+        (1024, 576, 3072), // fused gate/up
+        (1024, 576, 192),  // k_proj, v_proj
+        (1024, 576, 960),  // fused q/k/v
         (1024, 1536, 576),
         (1024, 576, 49152),
         (2048, 256, 768),

@@ -166,14 +166,35 @@ pub fn forward<T: Real>(
         });
 }
 
+/// The row's maximum and `Σ e^(x - max)`, over 16 lanes of partial results combined in a fixed
+/// order (a single running max and sum is a serial dependency the compiler may not vectorise).
 #[inline(always)]
 fn max_sumexp<T: Real>(row: &[T]) -> (T, T) {
+    const L: usize = 16;
+    let chunks = row.chunks_exact(L);
+    let rest = chunks.remainder();
+    let mut lanes = [T::NEG_INFINITY; L];
+    for c in chunks.clone() {
+        for i in 0..L {
+            // NaN-ignoring like `max`: a NaN logit surfaces through the sum below.
+            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+        }
+    }
     let mut mx = T::NEG_INFINITY;
-    for &x in row {
+    for &x in lanes.iter().chain(rest) {
         mx = mx.max(x);
     }
+    let mut sums = [T::ZERO; L];
+    for c in chunks {
+        for i in 0..L {
+            sums[i] += (c[i] - mx).exp();
+        }
+    }
     let mut s = T::ZERO;
-    for &x in row {
+    for v in sums {
+        s += v;
+    }
+    for &x in rest {
         s += (x - mx).exp();
     }
     (mx, s)

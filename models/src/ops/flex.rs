@@ -418,7 +418,8 @@ impl ShearsOps for Flex {
         let mut out = vec![0f32; gs.len()];
         const CHUNK: usize = 1 << 14;
         out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, oc)| {
-            let (gc, uc) = (&gs[ci * CHUNK..], &us[ci * CHUNK..]);
+            let (base, len) = (ci * CHUNK, oc.len());
+            let (gc, uc) = (&gs[base..base + len], &us[base..base + len]);
             with_isa!({
                 for i in 0..oc.len() {
                     let gv = gc[i];
@@ -450,10 +451,17 @@ impl ShearsOps for Flex {
             .zip(du.par_chunks_mut(CHUNK))
             .enumerate()
             .for_each(|(ci, (dgc, duc))| {
-                let base = ci * CHUNK;
+                let (base, len) = (ci * CHUNK, dgc.len());
+                // Exact-length slices: no bounds check in the loop, so it vectorises.
+                let (gc, uc, oc) = (
+                    &gs[base..base + len],
+                    &us[base..base + len],
+                    &os[base..base + len],
+                );
+                let duc = &mut duc[..len];
                 with_isa!({
-                    for i in 0..dgc.len() {
-                        let (gv, uv, ov) = (gs[base + i], us[base + i], os[base + i]);
+                    for i in 0..len {
+                        let (gv, uv, ov) = (gc[i], uc[i], oc[i]);
                         let sig = 1.0 / (1.0 + super::simd::exp_f32(-gv));
                         duc[i] = ov * (gv * sig);
                         dgc[i] = ov * uv * (sig * (1.0 + gv * (1.0 - sig)));
