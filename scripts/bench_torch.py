@@ -1,6 +1,6 @@
 """PyTorch CPU reference for `shears bench forward [--train]`: the same figures, same shapes.
 
-    python3 scripts/bench_torch.py [--threads 2] [--seq-len 256] [--iters 3] [--train]
+    python3 scripts/bench_torch.py [--threads 2] [--seq-len 256] [--iters 3] [--train] [--skip-model]
 
 Figures: SmolLM2-135M forward at 1 x L and 8 x L (tok/s); with --train also its training step
 (forward, cross-entropy, backward, AdamW) at 1 x L and 4 x L, and a pruning step at 4 x L with
@@ -145,6 +145,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--train", action="store_true", help="also time SmolLM2 training and pruning steps")
+    ap.add_argument("--skip-model", action="store_true", help="only the tiny LLaMA training step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -152,13 +153,13 @@ def main():
     out = {"torch": torch.__version__, "threads": args.threads, "seq_len": L, "iters": args.iters}
 
     smol = Llama(49152, 576, 30, 9, 3, 1536, tied=True, theta=100000.0).eval()
-    for b in (1, 8):
+    for b in () if args.skip_model else (1, 8):
         ids = torch.randint(0, 49152, (b, L))
         with torch.inference_mode():
             secs = timed(args.iters, lambda: smol(ids))
         out[f"forward_{b}_tok_s"] = b * L / secs
 
-    if args.train:
+    if args.train and not args.skip_model:
         smol.train()
         opt = torch.optim.AdamW(smol.parameters(), lr=1e-5)
         for b in (1, 4):

@@ -271,9 +271,15 @@ impl AutodiffTask for PruneBench<'_> {
                 (p, m)
             })
             .collect();
+        // The middle value, or the mean of the two middle values of an even count.
         let median = |mut v: Vec<f64>| {
             v.sort_by(|a, b| a.partial_cmp(b).expect("finite timings"));
-            v[v.len() / 2]
+            let n = v.len();
+            if n.is_multiple_of(2) {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            } else {
+                v[n / 2]
+            }
         };
         let ratio = median(pairs.iter().map(|(p, m)| m / p).collect());
         let plain_s = median(pairs.iter().map(|p| p.0).collect());

@@ -365,6 +365,17 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The largest id the tokenizer can produce: over its vocabulary and its added tokens,
+    /// whose ids may sit far above [`Tokenizer::vocab_size`] (a sparse added-token table).
+    pub fn max_id(&self) -> u32 {
+        self.inner
+            .get_vocab(true)
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Encode `text`. With `add_special_tokens`, the tokenizer's post-processor adds what the
     /// model expects by default (BOS for Llama-2, nothing for SmolLM2).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {

@@ -88,6 +88,8 @@ pub struct TokenizerInfo {
     pub source: String,
     /// sha256 of the tokenizer.json document.
     pub sha256: String,
+    /// One more than the largest id the tokenizer can produce (vocabulary and added tokens):
+    /// every id in the shards is below it, and it decides the shard dtype.
     pub vocab_size: usize,
     pub bos_id: Option<u32>,
     pub eos_id: u32,

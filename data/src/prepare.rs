@@ -227,7 +227,16 @@ fn write_split(
         let mut bytes = Vec::with_capacity(n as usize * seq_len * dtype.size());
         for id in stream.by_ref().take(n as usize * seq_len) {
             match dtype {
-                TokenDType::U16 => bytes.extend((id as u16).to_le_bytes()),
+                TokenDType::U16 => match u16::try_from(id) {
+                    Ok(v) => bytes.extend(v.to_le_bytes()),
+                    Err(_) => {
+                        return Err(Error::invalid(format!(
+                            "domain '{domain}': token id {id} does not fit the u16 shard {}; \
+                             the tokenizer produced an id above its vocabulary",
+                            path.display()
+                        )))
+                    }
+                },
                 TokenDType::U32 => bytes.extend(id.to_le_bytes()),
             }
         }
@@ -260,8 +269,17 @@ pub fn prepare(
 ) -> Result<PrepareOutcome> {
     plan.validate().map_err(Error::invalid)?;
     let (bos, eos) = boundary_tokens(plan, tok)?;
-    let vocab = tok.vocab_size();
-    let dtype = TokenDType::for_vocab(vocab);
+    // Shards are as narrow as the largest id the tokenizer can produce allows (its count of
+    // tokens is not enough: added tokens may have ids above it), and every id written is
+    // checked against the shard type again.
+    let id_bound = [tok.vocab_size() as u64, tok.max_id() as u64 + 1]
+        .into_iter()
+        .chain(bos.map(|b| b as u64 + 1))
+        .chain([eos as u64 + 1])
+        .max()
+        .unwrap_or(0) as usize;
+    let vocab = id_bound;
+    let dtype = TokenDType::for_vocab(id_bound);
 
     // Inputs and their hashes decide whether anything needs doing.
     let mut files: BTreeMap<&str, Vec<PathBuf>> = BTreeMap::new();
@@ -308,6 +326,7 @@ pub fn prepare(
     let dir = stage.path().to_path_buf();
     let encoder = tok.plain_text_encoder();
     let mut warnings = Vec::new();
+    let mut no_eval = Vec::new();
     let mut domains = BTreeMap::new();
     for (name, dplan) in &plan.domains {
         let docs = read_documents(files[name.as_str()].clone(), &dplan.text_field)?;
@@ -383,15 +402,26 @@ pub fn prepare(
             plan.shard_sequences,
             dtype,
         )?;
+        // An empty train split is an error (the sampler could never draw the domain). An empty
+        // eval split is a warning for one domain (a domain of one document has none: the split
+        // is by document) and an error when no domain has one although eval was asked for.
         if train.sequences == 0 {
-            warnings.push(format!(
-                "domain '{name}': fewer than {} train tokens, no train sequence",
+            return Err(Error::invalid(format!(
+                "domain '{name}': {} train tokens ({} documents) make no sequence of seq_len {}; \
+                 add text or lower seq_len",
+                train.dropped,
+                train_docs.len(),
                 plan.seq_len
-            ));
+            )));
         }
         if eval.sequences == 0 && plan.eval_fraction > 0.0 {
             warnings.push(format!(
                 "domain '{name}': not enough documents for a full eval sequence"
+            ));
+            no_eval.push(format!(
+                "domain '{name}' ({} tokens in {} documents)",
+                eval.dropped,
+                eval_docs.len()
             ));
         }
         let mut per_file = vec![0usize; docs.files.len()];
@@ -428,6 +458,14 @@ pub fn prepare(
                 sources,
             },
         );
+    }
+    if !no_eval.is_empty() && no_eval.len() == plan.domains.len() {
+        return Err(Error::invalid(format!(
+            "no domain's eval split holds a sequence of seq_len {}: {}; add text, lower seq_len \
+             or set eval_fraction = 0",
+            plan.seq_len,
+            no_eval.join(", ")
+        )));
     }
     let manifest = Manifest {
         format: FORMAT.into(),

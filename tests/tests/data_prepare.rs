@@ -280,3 +280,120 @@ fn bad_inputs_are_documented_errors_or_warnings() {
     bad_name.domains = BTreeMap::from([("../evil".to_string(), bad_name.domains["ok"].clone())]);
     assert!(bad_name.validate().unwrap_err().contains("domain name"));
 }
+
+/// A word-level tokenizer whose vocabulary has four tokens but an id above 2^16 (a sparse id
+/// table, as merged or extended vocabularies have): the shards must be u32, never a truncated
+/// u16 (100788 stored as 35252).
+#[test]
+fn ids_above_the_token_count_widen_the_shards() {
+    let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+        "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,
+        "decoder":null,"model":{"type":"WordLevel","unk_token":"[UNK]",
+        "vocab":{"[UNK]":0,"hello":1,"</s>":2,"zebra":100788}}}"#;
+    let tok = Tokenizer::from_json(
+        json.to_string(),
+        Default::default(),
+        Path::new("sparse/tokenizer.json"),
+    )
+    .unwrap();
+    assert_eq!(tok.vocab_size(), 4);
+    assert_eq!(tok.max_id(), 100788);
+    let tmp = tempfile::tempdir().unwrap();
+    let docs: Vec<String> = (0..30)
+        .map(|i| "hello zebra ".repeat(3 + i % 4).trim().to_string())
+        .collect();
+    let input = tmp.path().join("z.jsonl");
+    write_jsonl(&input, &docs);
+    let mut p = plan(&[("z", vec![input.display().to_string()])], 8, 0.2);
+    p.bos = Some("none".into());
+    p.eos = Some("</s>".into());
+    let out = tmp.path().join("data");
+    prepare(&p, &tok, "sparse", &out, false, &quiet).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    assert_eq!(ds.manifest.dtype, shears_data::manifest::TokenDType::U32);
+    assert_eq!(ds.manifest.tokenizer.vocab_size, 100789);
+    for split in [Split::Train, Split::Eval] {
+        let tokens = stream(&ds, "z", split);
+        assert!(tokens.contains(&100788), "{split:?}: the large id survives");
+        assert!(
+            tokens.iter().all(|t| [1, 2, 100788].contains(t)),
+            "{split:?}: only ids the tokenizer produced: {tokens:?}"
+        );
+    }
+}
+
+/// A prepare that would write an empty train split, or no eval sequence in any domain although
+/// eval was asked for, is an error naming the domain and what to change, and leaves nothing
+/// behind.
+#[test]
+fn empty_splits_are_errors() {
+    let tok = tokenizer();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let short = d.join("short.jsonl");
+    write_jsonl(
+        &short,
+        &["a few words".to_string(), "and a few more".to_string()],
+    );
+    let good = d.join("good.jsonl");
+    write_jsonl(&good, &documents(20, "g"));
+    let out = d.join("out");
+    // seq_len longer than every document of a domain: no train sequence.
+    let e = prepare(
+        &plan(
+            &[
+                ("good", vec![good.display().to_string()]),
+                ("short", vec![short.display().to_string()]),
+            ],
+            512,
+            0.0,
+        ),
+        tok,
+        "smollm2",
+        &out,
+        false,
+        &quiet,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("domain 'short'") && e.contains("no sequence of seq_len 512"),
+        "{e}"
+    );
+    assert!(!out.exists(), "a failed prepare leaves no output");
+    // One short and one long document: whichever the seeded order puts in the eval split, one
+    // split holds no sequence (the long one alone suffices for either), and that split is named.
+    let pair = d.join("pair.jsonl");
+    write_jsonl(
+        &pair,
+        &["a few words".to_string(), documents(20, "long").join(" ")],
+    );
+    let mut kinds = HashSet::new();
+    for seed in 0..16 {
+        let mut p = plan(&[("pair", vec![pair.display().to_string()])], 256, 0.1);
+        p.seed = seed;
+        let e = prepare(&p, tok, "smollm2", &out, false, &quiet)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("domain 'pair'"), "{e}");
+        if e.contains("no domain's eval split") {
+            assert!(e.contains("eval_fraction = 0"), "{e}");
+            kinds.insert("eval");
+        } else {
+            assert!(
+                e.contains("train tokens") && e.contains("lower seq_len"),
+                "{e}"
+            );
+            kinds.insert("train");
+        }
+        assert!(!out.exists());
+    }
+    assert_eq!(kinds.len(), 2, "both orders were seen: {kinds:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| !["short.jsonl", "good.jsonl", "pair.jsonl"].contains(&n.as_str()))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
