@@ -153,7 +153,7 @@ impl BackendTask for GenerateTask {
     type Output = shears_core::Result<Vec<u32>>;
     fn run<B: shears_models::ShearsOps>(self, device: B::Device) -> Self::Output {
         let model = load::from_files::<B>(&self.files, &device, self.dtype)?;
-        model.check_context(self.prompt.len() + self.cfg.max_new_tokens)?;
+        model.check_context(self.prompt.len().saturating_add(self.cfg.max_new_tokens))?;
         let tok = self.files.tokenizer()?.inner();
         let mut stream = tok.decode_stream(true);
         let mut stdout = std::io::stdout();

@@ -167,6 +167,45 @@ fn import_then_export_tiny_gguf_model() {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
+/// A text longer than the model's context is refused before any forward (a 20k-token text once
+/// asked for a 14 GB attention buffer), and so is a generation that would run past it.
+#[test]
+fn inputs_longer_than_the_context_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("long.txt");
+    // About 3 SmolLM2 tokens per repetition: well over its 8192 positions.
+    std::fs::write(&text, "the fox jumps ".repeat(4000)).unwrap();
+    let o = shears(&[
+        "score",
+        "--model",
+        "smollm2",
+        "--text-file",
+        text.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("exceeds the model's max_position_embeddings of 8192"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("panicked"));
+    let o = shears(&[
+        "generate",
+        "--model",
+        "smollm2",
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "18446744073709551615",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("max_position_embeddings"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[test]
 fn truncated_gguf_is_refused() {
     let tmp = tempfile::tempdir().unwrap();

@@ -434,8 +434,17 @@ impl<B: ShearsOps> Llama<B> {
         KvCache::new(self.model.layers.len())
     }
 
-    /// Refuse contexts the model cannot attend over faithfully (Mistral's sliding window).
+    /// Refuse contexts the model cannot attend over faithfully: longer than its
+    /// `max_position_embeddings` (positions it was never trained on, and attention buffers
+    /// that grow with the square of the length), or than Mistral's sliding window.
     pub fn check_context(&self, len: usize) -> shears_core::Result<()> {
+        let max = self.config.max_position_embeddings;
+        if len > max {
+            return Err(shears_core::Error::invalid(format!(
+                "context of {len} tokens exceeds the model's max_position_embeddings of {max}; \
+                 shorten the input"
+            )));
+        }
         if let Some(w) = self.config.sliding_window {
             if len > w {
                 return Err(shears_core::Error::invalid(format!(

@@ -159,5 +159,9 @@ fn mistral_sliding_window_is_enforced() {
         &Default::default(),
     )
     .unwrap();
-    assert!(model.check_context(100_000).is_ok());
+    // Without a window the bound is max_position_embeddings (2048 when the config omits it).
+    assert!(model.check_context(2048).is_ok());
+    let e = model.check_context(2049).unwrap_err().to_string();
+    assert!(e.contains("max_position_embeddings of 2048"), "{e}");
+    assert!(model.check_context(usize::MAX).is_err());
 }
