@@ -87,6 +87,18 @@ impl BackendTask for ScoreTask {
     }
 }
 
+/// Refuse token ids the model has no embedding for (a tokenizer that does not belong to the
+/// model), naming the tokenizer, instead of failing inside the backend's gather.
+fn check_ids(ids: &[u32], files: &ModelFiles, model: &str) -> Result<()> {
+    let v = files.config.vocab_size;
+    if let Some((pos, id)) = ids.iter().enumerate().find(|(_, &i)| i as usize >= v) {
+        bail!(
+            "token id {id} (position {pos}) from the tokenizer of {model} is outside the model's vocabulary of {v}; the tokenizer does not belong to this model"
+        );
+    }
+    Ok(())
+}
+
 pub fn score(
     backend: BackendKind,
     model: &str,
@@ -104,6 +116,7 @@ pub fn score(
     };
     let files = load_model_files(model)?;
     let ids = files.tokenizer()?.encode(&text, true)?;
+    check_ids(&ids, &files, model)?;
     if ids.len() < 2 {
         bail!(
             "the text is {} token(s) long; scoring needs at least two",
@@ -200,6 +213,7 @@ pub fn generate(
     if ids.is_empty() {
         bail!("the prompt tokenizes to nothing");
     }
+    check_ids(&ids, &files, model)?;
     let mut stop = files.config.eos_token_ids();
     if let Some(id) = tok.eos_token().and_then(|t| tok.token_to_id(&t)) {
         stop.push(id);

@@ -225,10 +225,14 @@ pub fn eval(backend: BackendKind, a: EvalArgs) -> Result<()> {
     }
     let data = match &a.data {
         Some(d) => {
-            let ds = Dataset::open(d)?;
+            let ds = shears_trainer::jobs::open_data(d, &subject.files)?;
+            let seq_len = a.seq_len.unwrap_or(ds.seq_len()).min(ds.seq_len());
+            if seq_len < 2 {
+                bail!("--seq-len {seq_len}: scoring a sequence needs at least 2 tokens");
+            }
             let es = EvalSettings {
                 sequences: a.eval_sequences,
-                seq_len: a.seq_len.unwrap_or(ds.seq_len()).min(ds.seq_len()),
+                seq_len,
                 batch: a.batch.max(1),
             };
             Some((ds, es))

@@ -397,3 +397,196 @@ fn fetch_without_network_or_python_is_a_clear_error() {
         assert_eq!(std::fs::read_dir(&models).unwrap().count(), 0);
     }
 }
+
+/// The files under `dir` with their contents (to prove a refused command left them intact).
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(snapshot(&p));
+        } else {
+            out.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `--force` only ever replaces an output: an --out that is, contains or lies inside one of the
+/// command's inputs is refused (exit 1, a message naming the input), and the inputs are intact.
+#[test]
+fn force_never_replaces_an_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let refused = |o: &Output, relation: &str, what: &str| {
+        let err = stderr(o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            err.contains(&format!("the output {relation} the {what}")),
+            "{err}"
+        );
+    };
+    // import: the GGUF's own directory as --out.
+    let gdir = tmp.path().join("g");
+    std::fs::create_dir(&gdir).unwrap();
+    let gguf = tiny_gguf(&gdir);
+    let before = snapshot(&gdir);
+    let o = shears(&[
+        "import",
+        gguf.to_str().unwrap(),
+        "--out",
+        gdir.to_str().unwrap(),
+        "--force",
+    ]);
+    refused(&o, "contains", "model");
+    assert_eq!(snapshot(&gdir), before);
+    // export: a model directory onto itself, spelled through `..`.
+    let hf = tiny_hf(tmp.path());
+    let before = snapshot(&hf);
+    let alias = hf.join("..").join(hf.file_name().unwrap());
+    let o = shears(&[
+        "export",
+        hf.to_str().unwrap(),
+        "--out",
+        alias.to_str().unwrap(),
+        "--force",
+    ]);
+    refused(&o, "is", "model");
+    assert_eq!(snapshot(&hf), before);
+    // prepare: the corpus directory as --out, and a directory inside it.
+    let corpus = tmp.path().join("corpus");
+    std::fs::create_dir(&corpus).unwrap();
+    std::fs::write(
+        corpus.join("a.jsonl"),
+        (0..40)
+            .map(|i| format!("{{\"text\": \"document {i} with a few words in it\"}}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let before = snapshot(&corpus);
+    for (out, relation) in [
+        (corpus.clone(), "contains"),
+        (corpus.join("data"), "is inside"),
+    ] {
+        let o = shears(&[
+            "prepare",
+            "--tokenizer",
+            "smollm2",
+            "--domain",
+            &format!("web={}", corpus.display()),
+            "--seq-len",
+            "8",
+            "--out",
+            out.to_str().unwrap(),
+            "--force",
+        ]);
+        refused(&o, relation, "input");
+        assert_eq!(snapshot(&corpus), before);
+    }
+    // finalize: the run directory as --out (checked before anything is read).
+    let run = tmp.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::write(run.join("plan.toml"), "keep me").unwrap();
+    let o = shears(&[
+        "finalize",
+        "--run",
+        run.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--force",
+    ]);
+    refused(&o, "is", "run directory");
+    assert_eq!(
+        std::fs::read_to_string(run.join("plan.toml")).unwrap(),
+        "keep me"
+    );
+}
+
+/// A tokenizer that does not belong to the model (ids past its vocabulary) is refused with a
+/// message naming the tokenizer, by `score`, `generate` and `eval --data`, never a panic inside
+/// the backend's gather; so is an `eval --data --seq-len` below 2.
+#[test]
+fn ids_outside_the_vocabulary_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tiny_hf(tmp.path());
+    // SmolLM2's tokenizer (49,152 ids) on the tiny model (262).
+    let smol = shears_core::ModelFiles::load(smollm2_gguf()).unwrap();
+    let swapped = tmp.path().join("swapped");
+    std::fs::create_dir(&swapped).unwrap();
+    for f in std::fs::read_dir(&hf).unwrap() {
+        let p = f.unwrap().path();
+        std::fs::copy(&p, swapped.join(p.file_name().unwrap())).unwrap();
+    }
+    smol.tokenizer.as_ref().unwrap().save(&swapped).unwrap();
+    let m = swapped.to_str().unwrap();
+    for args in [
+        vec![
+            "score",
+            "--model",
+            m,
+            "--text",
+            "hello world, a longer sentence",
+        ],
+        vec!["generate", "--model", m, "--prompt", "hello world"],
+    ] {
+        let o = shears(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            err.contains("outside the model's vocabulary of 262") && err.contains("tokenizer"),
+            "{args:?}: {err}"
+        );
+    }
+    // Data prepared with SmolLM2's tokenizer, evaluated on the tiny model.
+    let corpus = tmp.path().join("c.jsonl");
+    std::fs::write(
+        &corpus,
+        (0..30)
+            .map(|i| format!("{{\"text\": \"document {i} with a few words in it\"}}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let data = tmp.path().join("data");
+    let o = shears(&[
+        "prepare",
+        "--tokenizer",
+        "smollm2",
+        "--domain",
+        &format!("web={}", corpus.display()),
+        "--seq-len",
+        "8",
+        "--out",
+        data.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = shears(&[
+        "eval",
+        "--model",
+        hf.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("data") && err.contains("larger than the model's 262"),
+        "{err}"
+    );
+    let o = shears(&[
+        "eval",
+        "--model",
+        "smollm2",
+        "--data",
+        data.to_str().unwrap(),
+        "--seq-len",
+        "1",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--seq-len 1") && !err.contains("panicked"),
+        "{err}"
+    );
+}

@@ -109,9 +109,103 @@ impl Drop for StagedDir {
     }
 }
 
+/// `p` as an absolute path with every existing prefix resolved through the filesystem
+/// (symlinks, `.` and `..`) and the part that does not exist yet normalised lexically, so two
+/// spellings of one place compare equal.
+pub fn resolved(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .unwrap_or_else(|_| PathBuf::from("/"))
+            .join(p)
+    };
+    let settle = |acc: PathBuf| std::fs::canonicalize(&acc).unwrap_or(acc);
+    let mut acc = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::Prefix(_) | Component::RootDir => acc.push(c.as_os_str()),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                acc = settle(acc);
+                acc.pop();
+            }
+            Component::Normal(n) => {
+                acc.push(n);
+                acc = settle(acc);
+            }
+        }
+    }
+    acc
+}
+
+/// Refuse an output location that is, contains, or lies inside one of a command's inputs:
+/// writing (and with `--force`, replacing) it would destroy what the command reads. Paths are
+/// compared after [`resolved`], so aliases (symlinks, `..`, relative spellings) are caught.
+pub fn check_output_apart<'a>(
+    out: &Path,
+    inputs: impl IntoIterator<Item = (&'a str, &'a Path)>,
+) -> Result<()> {
+    let o = resolved(out);
+    for (what, input) in inputs {
+        let i = resolved(input);
+        let relation = if o == i {
+            "is"
+        } else if i.starts_with(&o) {
+            "contains"
+        } else if o.starts_with(&i) {
+            "is inside"
+        } else {
+            continue;
+        };
+        return Err(Error::format(
+            out,
+            format!(
+                "the output {relation} the {what} {}; choose an --out apart from the command's \
+                 inputs (--force only ever replaces an output, never an input)",
+                input.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outputs_overlapping_inputs_are_refused_through_aliases() {
+        let tmp = tempfile::tempdir().unwrap();
+        let corpus = tmp.path().join("corpus");
+        std::fs::create_dir_all(corpus.join("sub")).unwrap();
+        std::fs::write(corpus.join("a.txt"), "x").unwrap();
+        let link = tmp.path().join("link");
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&corpus, &link).unwrap();
+        let file = corpus.join("a.txt");
+        let check = |out: PathBuf| check_output_apart(&out, [("input", file.as_path())]);
+        // The directory holding the input, the input itself, a path inside a directory input.
+        assert!(check(corpus.clone())
+            .unwrap_err()
+            .to_string()
+            .contains("contains"));
+        assert!(check(file.clone())
+            .unwrap_err()
+            .to_string()
+            .contains(" is the input"));
+        let e = check_output_apart(&corpus.join("new"), [("corpus", corpus.as_path())]);
+        assert!(e.unwrap_err().to_string().contains("is inside the corpus"));
+        // Aliases: `..` through a directory that does not exist yet, `.`, a symlink.
+        assert!(check(tmp.path().join("nothing/../corpus")).is_err());
+        assert!(check(corpus.join("./sub/..")).is_err());
+        #[cfg(unix)]
+        assert!(check(link.clone()).is_err());
+        // Apart: a sibling, and a name that merely shares a prefix.
+        assert!(check(tmp.path().join("out")).is_ok());
+        assert!(check(tmp.path().join("corpus2")).is_ok());
+    }
 
     #[test]
     fn dropped_stage_leaves_nothing() {

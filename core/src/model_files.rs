@@ -174,6 +174,7 @@ impl ModelFiles {
                 describe_layers(&self.layers)
             )));
         }
+        crate::fsutil::check_output_apart(out.as_ref(), [("model", self.source.as_path())])?;
         let stage = StagedDir::new(out, overwrite)?;
         let dir = stage.path().to_path_buf();
         let weights: WeightMap = match dtype {

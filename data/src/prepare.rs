@@ -286,6 +286,31 @@ pub fn prepare(
     for (name, d) in &plan.domains {
         files.insert(name, resolve_inputs(&d.inputs)?);
     }
+    // The output must not be, hold, or sit inside any input (a `--force` replace would delete
+    // the corpus): the resolved files, and the directories or patterns as given.
+    let given: Vec<PathBuf> = plan
+        .domains
+        .values()
+        .flat_map(|d| d.inputs.iter())
+        .map(|i| match i.find(['*', '?', '[']) {
+            // A pattern: the directory part before its first wildcard (none for a bare
+            // pattern, whose matches are among the resolved files anyway).
+            Some(k) => i[..k]
+                .rfind('/')
+                .map(|j| PathBuf::from(&i[..j]))
+                .unwrap_or_default(),
+            None => PathBuf::from(i),
+        })
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
+    shears_core::fsutil::check_output_apart(
+        out,
+        files
+            .values()
+            .flatten()
+            .map(|f| ("input", f.as_path()))
+            .chain(given.iter().map(|g| ("input", g.as_path()))),
+    )?;
     let all: Vec<&PathBuf> = files.values().flatten().collect();
     let hashes: Vec<(u64, String)> = all
         .par_iter()

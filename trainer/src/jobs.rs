@@ -59,8 +59,20 @@ pub fn load_model(arg: &str) -> Result<ModelFiles> {
     ModelFiles::load(&path)
 }
 
-fn open_data(path: &Path, files: &ModelFiles) -> Result<Dataset> {
+/// Open a prepared dataset for `files`' model: refused when its ids can reach past the model's
+/// vocabulary or its sequences past the model's positions.
+pub fn open_data(path: &Path, files: &ModelFiles) -> Result<Dataset> {
     let data = Dataset::open(path)?;
+    let max = files.config.max_position_embeddings;
+    if data.seq_len() > max {
+        return Err(Error::format(
+            path,
+            format!(
+                "holds sequences of {} tokens, more than the model's max_position_embeddings of {max}; prepare it with a smaller seq_len",
+                data.seq_len()
+            ),
+        ));
+    }
     let v = data.manifest.tokenizer.vocab_size;
     if v > files.config.vocab_size {
         return Err(Error::format(
@@ -271,6 +283,7 @@ pub fn finalize_run<B: ShearsOps>(
     overwrite: bool,
     device: &B::Device,
 ) -> Result<FinalizeReport> {
+    shears_core::fsutil::check_output_apart(out, [("run directory", run)])?;
     let ckpt = find_checkpoint(run, step)?;
     let st = read_state(&ckpt)?;
     if st.stage != "prune" {
