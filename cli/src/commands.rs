@@ -191,6 +191,16 @@ pub fn generate(
     cfg: SamplingConfig,
     dtype: DType,
 ) -> Result<()> {
+    // Sampling settings are checked before anything is loaded (NaN fails every comparison).
+    if !(cfg.temperature.is_finite() && cfg.temperature >= 0.0) {
+        bail!(
+            "--temperature {}: must be a finite number ≥ 0 (0 is greedy)",
+            cfg.temperature
+        );
+    }
+    if !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) {
+        bail!("--top-p {}: must be in (0, 1]", cfg.top_p);
+    }
     let files = load_model_files(model)?;
     let tok = files.tokenizer()?;
     let ids = if chat {

@@ -204,6 +204,21 @@ fn inputs_longer_than_the_context_are_refused() {
         "{}",
         stderr(&o)
     );
+    // Sampling settings outside their range are errors naming the flag (NaN included).
+    for (flag, value) in [
+        ("--temperature", "-0.5"),
+        ("--temperature", "NaN"),
+        ("--temperature", "inf"),
+        ("--top-p", "0"),
+        ("--top-p", "1.5"),
+        ("--top-p", "NaN"),
+    ] {
+        let arg = format!("{flag}={value}");
+        let o = shears(&["generate", "--model", "smollm2", "--prompt", "hello", &arg]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{flag} {value}: {err}");
+        assert!(err.contains(flag) && !err.contains("panicked"), "{err}");
+    }
 }
 
 #[test]
