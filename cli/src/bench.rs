@@ -110,19 +110,29 @@ fn random_ids<B: Backend>(
     Tensor::from_data(TensorData::new(v, [batch, len]), device)
 }
 
+/// Seconds `f` takes.
+fn secs(f: impl FnOnce()) -> f64 {
+    let start = Instant::now();
+    f();
+    start.elapsed().as_secs_f64()
+}
+
+/// The middle value, or the mean of the two middle values of an even count.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("finite timings"));
+    let n = v.len();
+    if n.is_multiple_of(2) {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
+}
+
 /// Median seconds of one run, over `iters` timed runs after one warm-up (first-call allocation
 /// and kernel selection).
 fn timed(iters: usize, mut f: impl FnMut()) -> f64 {
     f();
-    let mut runs: Vec<f64> = (0..iters.max(1))
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64()
-        })
-        .collect();
-    runs.sort_by(|a, b| a.partial_cmp(b).expect("finite timings"));
-    runs[runs.len() / 2]
+    median((0..iters.max(1)).map(|_| secs(&mut f)).collect())
 }
 
 struct ForwardBench<'a> {
@@ -254,33 +264,18 @@ impl AutodiffTask for PruneBench<'_> {
         // drifts from minute to minute slows both sides of each pair alike.
         plain.step(ids.clone());
         masked.step(ids.clone(), 1.0);
-        let time = |f: &mut dyn FnMut()| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64()
-        };
         let pairs: Vec<(f64, f64)> = (0..self.iters.max(1))
             .map(|_| {
-                let p = time(&mut || {
+                let p = secs(|| {
                     plain.step(ids.clone());
                 });
-                let m = time(&mut || {
+                let m = secs(|| {
                     masked.step(ids.clone(), 1.0);
                 });
                 eprintln!("pair: plain {p:.3} s, masked {m:.3} s ({:.3}x)", m / p);
                 (p, m)
             })
             .collect();
-        // The middle value, or the mean of the two middle values of an even count.
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(|a, b| a.partial_cmp(b).expect("finite timings"));
-            let n = v.len();
-            if n.is_multiple_of(2) {
-                (v[n / 2 - 1] + v[n / 2]) / 2.0
-            } else {
-                v[n / 2]
-            }
-        };
         let ratio = median(pairs.iter().map(|(p, m)| m / p).collect());
         let plain_s = median(pairs.iter().map(|p| p.0).collect());
         let masked_s = median(pairs.iter().map(|p| p.1).collect());

@@ -413,6 +413,14 @@ fn fetch_without_network_or_python_is_a_clear_error() {
     }
 }
 
+/// A small JSONL corpus of `n` short documents at `path`.
+fn write_docs(path: &Path, n: usize) {
+    let lines: String = (0..n)
+        .map(|i| format!("{{\"text\": \"document {i} with a few words in it\"}}\n"))
+        .collect();
+    std::fs::write(path, lines).unwrap();
+}
+
 /// The files under `dir` with their contents (to prove a refused command left them intact).
 fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = vec![];
@@ -472,13 +480,7 @@ fn force_never_replaces_an_input() {
     // prepare: the corpus directory as --out, and a directory inside it.
     let corpus = tmp.path().join("corpus");
     std::fs::create_dir(&corpus).unwrap();
-    std::fs::write(
-        corpus.join("a.jsonl"),
-        (0..40)
-            .map(|i| format!("{{\"text\": \"document {i} with a few words in it\"}}\n"))
-            .collect::<String>(),
-    )
-    .unwrap();
+    write_docs(&corpus.join("a.jsonl"), 40);
     let before = snapshot(&corpus);
     for (out, relation) in [
         (corpus.clone(), "contains"),
@@ -556,13 +558,7 @@ fn ids_outside_the_vocabulary_are_refused() {
     }
     // Data prepared with SmolLM2's tokenizer, evaluated on the tiny model.
     let corpus = tmp.path().join("c.jsonl");
-    std::fs::write(
-        &corpus,
-        (0..30)
-            .map(|i| format!("{{\"text\": \"document {i} with a few words in it\"}}\n"))
-            .collect::<String>(),
-    )
-    .unwrap();
+    write_docs(&corpus, 30);
     let data = tmp.path().join("data");
     let o = shears(&[
         "prepare",

@@ -278,7 +278,6 @@ pub fn prepare(
         .chain([eos as u64 + 1])
         .max()
         .unwrap_or(0) as usize;
-    let vocab = id_bound;
     let dtype = TokenDType::for_vocab(id_bound);
 
     // Inputs and their hashes decide whether anything needs doing.
@@ -500,7 +499,7 @@ pub fn prepare(
         tokenizer: TokenizerInfo {
             source: tokenizer_source.into(),
             sha256: tokenizer_sha,
-            vocab_size: vocab,
+            vocab_size: id_bound,
             bos_id: bos,
             eos_id: eos,
         },

@@ -74,8 +74,8 @@ impl<B: ShearsOps> RmsNorm<B> {
         z: &Tensor<B, 1>,
         kept: usize,
     ) -> Tensor<B, D> {
-        let wz = || self.weight.val() * z.clone();
-        if let Some(y) = ops::rms_norm_fused(&x, &wz(), self.eps, kept) {
+        let wz = self.weight.val() * z.clone();
+        if let Some(y) = ops::rms_norm_fused(&x, &wz, self.eps, kept) {
             return y;
         }
         let dtype = x.dtype();

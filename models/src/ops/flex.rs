@@ -255,6 +255,18 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// The `[d]` sum of per-chunk partial sums laid out chunk after chunk, added in chunk order
+/// (the column reductions of the row-wise backward kernels stay deterministic).
+fn sum_parts(parts: &[f32], d: usize) -> Vec<f32> {
+    let mut sum = vec![0f32; d];
+    for part in parts.chunks_exact(d) {
+        for (a, b) in sum.iter_mut().zip(part) {
+            *a += *b;
+        }
+    }
+    sum
+}
+
 impl ShearsOps for Flex {
     fn rms_norm_kernel(
         x: FlexTensor,
@@ -335,12 +347,7 @@ impl ShearsOps for Flex {
                     }
                 })
             });
-        let mut dw = vec![0f32; d];
-        for part in dw_parts.chunks_exact(d) {
-            for (a, b) in dw.iter_mut().zip(part) {
-                *a += *b;
-            }
-        }
+        let dw = sum_parts(&dw_parts, d);
         Some((make(dx, vec![n, d]), make(dw, vec![d])))
     }
 
@@ -551,12 +558,7 @@ impl ShearsOps for Flex {
                     }
                 })
             });
-        let mut dz = vec![0f32; i];
-        for part in dz_parts.chunks_exact(i) {
-            for (a, b) in dz.iter_mut().zip(part) {
-                *a += *b;
-            }
-        }
+        let dz = sum_parts(&dz_parts, i);
         Some((
             make(dg, vec![n, i]),
             make(du, vec![n, i]),
