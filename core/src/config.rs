@@ -9,6 +9,25 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, IoContext, Result};
 
+/// Upper bounds on a config's sizes. Far above any published LLaMA-family model (the largest have
+/// ~256k vocabularies, 16k–26k widths, 126 layers, 128 heads, 10M-token contexts), they exist so
+/// that a corrupt or hostile config is refused before anything is sized from it, and so that every
+/// parameter or activation count built from these numbers fits in 64 bits.
+pub mod limits {
+    /// `vocab_size`.
+    pub const VOCAB: usize = 1 << 24;
+    /// `hidden_size`, `intermediate_size`.
+    pub const WIDTH: usize = 1 << 20;
+    /// `num_hidden_layers`.
+    pub const LAYERS: usize = 1 << 12;
+    /// `num_attention_heads`, `num_key_value_heads`.
+    pub const HEADS: usize = 1 << 12;
+    /// `head_dim`.
+    pub const HEAD_DIM: usize = 1 << 14;
+    /// `max_position_embeddings`.
+    pub const POSITIONS: usize = 1 << 28;
+}
+
 /// An HF LLaMA-family `config.json`. Field names and meanings are HF's; keys Shears does not use
 /// are kept in `extra` and written back unchanged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -201,6 +220,30 @@ impl LlamaConfig {
                 return Err(format!("{name} must be positive"));
             }
         }
+        for (name, v, max) in [
+            ("vocab_size", self.vocab_size, limits::VOCAB),
+            ("hidden_size", self.hidden_size, limits::WIDTH),
+            ("intermediate_size", self.intermediate_size, limits::WIDTH),
+            ("num_hidden_layers", self.num_hidden_layers, limits::LAYERS),
+            (
+                "num_attention_heads",
+                self.num_attention_heads,
+                limits::HEADS,
+            ),
+            ("num_key_value_heads", self.num_kv_heads(), limits::HEADS),
+            ("head_dim", self.head_dim(), limits::HEAD_DIM),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                limits::POSITIONS,
+            ),
+        ] {
+            if v > max {
+                return Err(format!(
+                    "{name} = {v} is beyond what Shears supports ({max}); the config is corrupt or not a LLaMA-family model"
+                ));
+            }
+        }
         if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -280,11 +323,19 @@ impl LlamaConfig {
     /// Resolve the RoPE settings from either config form.
     pub fn rope(&self) -> std::result::Result<Rope, String> {
         let params = self.rope_parameters.as_ref().and_then(|v| v.as_object());
-        let theta = params
+        let inner = params
             .and_then(|p| p.get("rope_theta"))
-            .and_then(|v| v.as_f64())
-            .or(self.rope_theta)
-            .unwrap_or(10000.0);
+            .and_then(|v| v.as_f64());
+        // transformers 4 reads the top-level value, transformers 5 the one in rope_parameters:
+        // two different values would make one file two different models.
+        if let (Some(a), Some(b)) = (inner, self.rope_theta) {
+            if a != b {
+                return Err(format!(
+                    "rope_theta {b} and rope_parameters.rope_theta {a} disagree"
+                ));
+            }
+        }
+        let theta = inner.or(self.rope_theta).unwrap_or(10000.0);
         // transformers 5 keeps the scaling keys inside rope_parameters; older files use rope_scaling.
         let scaling = match (
             params,
@@ -333,6 +384,41 @@ impl LlamaConfig {
                 }
             }
         };
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(format!("rope_theta {theta} must be a positive number"));
+        }
+        let positive = |k: &str, v: f64| -> std::result::Result<(), String> {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "rope scaling '{k}' = {v} must be a positive number"
+                ))
+            }
+        };
+        match scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => positive("factor", factor)?,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                positive("factor", factor)?;
+                positive("low_freq_factor", low_freq_factor)?;
+                positive("high_freq_factor", high_freq_factor)?;
+                positive(
+                    "original_max_position_embeddings",
+                    original_max_position_embeddings,
+                )?;
+                if high_freq_factor <= low_freq_factor {
+                    return Err(format!(
+                        "rope scaling high_freq_factor {high_freq_factor} must exceed low_freq_factor {low_freq_factor}"
+                    ));
+                }
+            }
+        }
         Ok(Rope { theta, scaling })
     }
 

@@ -248,6 +248,18 @@ fn read_sharded(index: &Path) -> Result<WeightMap> {
         let file = file.as_str().ok_or_else(|| {
             Error::format(index, format!("weight_map['{name}'] is not a file name"))
         })?;
+        // A shard is a file name inside the model directory: no absolute path, no '..', no
+        // drive prefix. (Symlinks inside the directory are followed, as in the HF hub cache.)
+        let inside = !file.is_empty()
+            && Path::new(file)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !inside {
+            return Err(Error::format(
+                index,
+                format!("weight_map['{name}'] = '{file}' points outside the model directory"),
+            ));
+        }
         by_file
             .entry(file.to_string())
             .or_default()
@@ -291,8 +303,22 @@ pub fn check_weights(
     if !config.tie_word_embeddings {
         expect("lm_head.weight", &[v, d])?;
     }
-    let mut layers = Vec::with_capacity(config.num_hidden_layers);
-    for l in 0..config.num_hidden_layers {
+    // The weights say how many layers there are; metadata that disagrees is refused before
+    // anything is sized from it.
+    let held = weights
+        .keys()
+        .filter_map(|k| k.strip_prefix("model.layers.")?.split_once('.'))
+        .filter_map(|(l, _)| l.parse::<usize>().ok())
+        .max()
+        .map_or(0, |l| l + 1);
+    if held != config.num_hidden_layers {
+        return Err(bad(format!(
+            "the config (config.json, or a GGUF's block_count) says num_hidden_layers = {} but the weights hold {held} layers",
+            config.num_hidden_layers
+        )));
+    }
+    let mut layers = Vec::with_capacity(held);
+    for l in 0..held {
         let k = |s: &str| layer_key(l, s);
         expect(&k("input_layernorm.weight"), &[d])?;
         expect(&k("post_attention_layernorm.weight"), &[d])?;

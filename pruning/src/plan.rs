@@ -90,17 +90,68 @@ fn shape(d: &Dims) -> ShapeReport {
 /// (norm inputs and outputs, q/k/v before and after RoPE, context, projections, the four MLP
 /// intermediates, residuals) plus two `[H, T]` attention rows (scores and probabilities), and
 /// three copies of the logits (logits, log-softmax, gradient).
-fn activation_elems(d: &Dims, batch: u64, seq: u64) -> u64 {
-    let per_token_layer = 8 * d.hidden
-        + 3 * d.heads * d.head_dim
-        + 4 * d.kv_heads * d.head_dim
-        + 4 * d.intermediate
-        + 2 * d.heads * seq;
-    batch * seq * (d.layers * per_token_layer + 3 * d.vocab)
+fn activation_elems(d: &Dims, batch: u64, seq: u64) -> Option<u64> {
+    let per_token_layer = [
+        d.hidden.checked_mul(8)?,
+        d.heads.checked_mul(d.head_dim)?.checked_mul(3)?,
+        d.kv_heads.checked_mul(d.head_dim)?.checked_mul(4)?,
+        d.intermediate.checked_mul(4)?,
+        d.heads.checked_mul(seq)?.checked_mul(2)?,
+    ]
+    .into_iter()
+    .try_fold(0u64, u64::checked_add)?;
+    let per_token = d
+        .layers
+        .checked_mul(per_token_layer)?
+        .checked_add(d.vocab.checked_mul(3)?)?;
+    batch.checked_mul(seq)?.checked_mul(per_token)
+}
+
+fn memory(
+    precision: &'static str,
+    bytes: u64,
+    params: u64,
+    mask_entries: u64,
+    acts: u64,
+) -> Option<MemoryReport> {
+    let weights = params.checked_mul(bytes)?;
+    let gradients = weights;
+    let master_weights = if bytes < 4 { params.checked_mul(4)? } else { 0 };
+    let optimizer_state = params.checked_mul(8)?;
+    let masks = mask_entries.checked_mul(16)?;
+    let activations = acts.checked_mul(bytes)?;
+    let total = [
+        weights,
+        gradients,
+        master_weights,
+        optimizer_state,
+        masks,
+        activations,
+    ]
+    .into_iter()
+    .try_fold(0u64, u64::checked_add)?;
+    Some(MemoryReport {
+        precision,
+        weights,
+        gradients,
+        master_weights,
+        optimizer_state,
+        masks,
+        activations,
+        total,
+    })
 }
 
 /// Plan pruning `source` to `target` for a batch of `batch` sequences of `seq_len` tokens.
-pub fn plan(spec: &PruningSpec, batch: usize, seq_len: usize) -> PlanReport {
+///
+/// Every size is computed with checked arithmetic: a batch, sequence length or config so large
+/// that a byte count does not fit in 64 bits is an error, not a wrapped number.
+pub fn plan(spec: &PruningSpec, batch: usize, seq_len: usize) -> shears_core::Result<PlanReport> {
+    if batch == 0 || seq_len == 0 {
+        return Err(shears_core::Error::invalid(format!(
+            "batch ({batch}) and seq_len ({seq_len}) must be at least 1"
+        )));
+    }
     let src = Dims::of(&spec.source);
     let tgt = Dims::of_target(&spec.target, &spec.source);
     let modules = spec
@@ -151,30 +202,20 @@ pub fn plan(spec: &PruningSpec, batch: usize, seq_len: usize) -> PlanReport {
         })
         .sum::<u64>()
         + 2 * spec.modules.len() as u64;
+    let too_big = || {
+        shears_core::Error::invalid(format!(
+            "the memory of a batch of {batch} x {seq_len} tokens on this model does not fit in 64 bits; use a smaller batch or seq_len"
+        ))
+    };
     let p = src.total();
-    let acts = activation_elems(&src, batch as u64, seq_len as u64);
+    let acts = activation_elems(&src, batch as u64, seq_len as u64).ok_or_else(too_big)?;
     let memory = [("f32", 4u64), ("bf16", 2u64)]
         .into_iter()
         .map(|(precision, bytes)| {
-            let weights = p * bytes;
-            let gradients = p * bytes;
-            let master_weights = if bytes < 4 { p * 4 } else { 0 };
-            let optimizer_state = p * 8;
-            let masks = mask_entries * 16;
-            let activations = acts * bytes;
-            MemoryReport {
-                precision,
-                weights,
-                gradients,
-                master_weights,
-                optimizer_state,
-                masks,
-                activations,
-                total: weights + gradients + master_weights + optimizer_state + masks + activations,
-            }
+            memory(precision, bytes, p, mask_entries, acts).ok_or_else(too_big)
         })
-        .collect();
-    PlanReport {
+        .collect::<shears_core::Result<Vec<_>>>()?;
+    Ok(PlanReport {
         source: shape(&src),
         target: shape(&tgt),
         target_sparsity: 1.0 - tgt.prunable() as f64 / src.prunable() as f64,
@@ -183,7 +224,7 @@ pub fn plan(spec: &PruningSpec, batch: usize, seq_len: usize) -> PlanReport {
         batch_size: batch,
         seq_len,
         memory,
-    }
+    })
 }
 
 fn gib(b: u64) -> String {
@@ -277,5 +318,5 @@ pub fn plan_configs(
     seq_len: usize,
 ) -> shears_core::Result<PlanReport> {
     let spec = PruningSpec::new(source, target, modules)?;
-    Ok(plan(&spec, batch, seq_len))
+    plan(&spec, batch, seq_len)
 }

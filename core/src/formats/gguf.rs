@@ -273,6 +273,12 @@ impl GgufFile {
             let key = c.string(&format!("metadata key #{i}"))?;
             let ty = c.u32(&key)?;
             let v = c.value(ty, &key, 0)?;
+            if metadata.contains_key(&key) {
+                return Err(Error::format(
+                    path,
+                    format!("metadata key '{key}' appears twice"),
+                ));
+            }
             metadata.insert(key, v);
         }
         let alignment = match metadata.get("general.alignment") {
@@ -288,8 +294,15 @@ impl GgufFile {
                 })?,
         };
         let mut tensors = Vec::with_capacity(n_tensors as usize);
+        let mut names = std::collections::HashSet::new();
         for i in 0..n_tensors {
             let name = c.string(&format!("tensor name #{i}"))?;
+            if !names.insert(name.clone()) {
+                return Err(Error::format(
+                    path,
+                    format!("tensor '{name}' appears twice in the tensor directory"),
+                ));
+            }
             let n_dims = c.u32(&name)?;
             if n_dims == 0 || n_dims > 4 {
                 return Err(Error::format(
@@ -354,6 +367,33 @@ impl GgufFile {
                     ),
                 ));
             }
+        }
+        // llama.cpp's rule: tensors are packed in directory order, each at the aligned end of the
+        // one before. A size that disagrees with the type and shape (a type id changed from
+        // Q4_1 to Q8_0, say) moves every later offset, so it cannot pass unnoticed, and no two
+        // tensors' bytes can overlap.
+        let mut expected = 0u64;
+        for t in &tensors {
+            if t.offset != expected {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor '{}': data offset {} but the tensors before it end at {expected}; its size ({} bytes of {} {:?}) or an earlier tensor's disagrees with the data layout (overlapping or misplaced tensor data)",
+                        t.name,
+                        t.offset,
+                        t.n_bytes,
+                        t.ggml_type.name(),
+                        t.shape()
+                    ),
+                ));
+            }
+            expected = t
+                .n_bytes
+                .checked_next_multiple_of(alignment)
+                .and_then(|n| expected.checked_add(n))
+                .ok_or_else(|| {
+                    Error::format(path, format!("tensor '{}': size overflows", t.name))
+                })?;
         }
         Ok(GgufFile {
             path: path.to_path_buf(),

@@ -13,6 +13,40 @@ use serde_json::Value;
 use crate::error::{Error, IoContext, Result};
 use crate::tensor::{HostData, HostTensor, WeightMap};
 
+/// The reference implementation's cap on the JSON header (100 MB).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// The header's entries in file order; deserialising refuses a key that appears twice (a map
+/// would silently keep the last one).
+struct Header(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Header {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = Header;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Header, A::Error> {
+                let mut seen = std::collections::BTreeSet::new();
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, Value>()? {
+                    if !seen.insert(k.clone()) {
+                        return Err(serde::de::Error::custom(format!("key '{k}' appears twice")));
+                    }
+                    out.push((k, v));
+                }
+                Ok(Header(out))
+            }
+        }
+        d.deserialize_map(Entries)
+    }
+}
+
 /// Element types a safetensors file may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StDtype {
@@ -115,8 +149,13 @@ impl SafeTensorsFile {
                     mmap.len()
                 ))
             })? as usize;
-        let header: BTreeMap<String, Value> = serde_json::from_slice(&mmap[8..header_end])
-            .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
+        if header_len > MAX_HEADER_BYTES {
+            return Err(bad(format!(
+                "header length {header_len} exceeds the format's limit of {MAX_HEADER_BYTES} bytes"
+            )));
+        }
+        let Header(header) = serde_json::from_slice(&mmap[8..header_end])
+            .map_err(|e| bad(format!("header is not a JSON object with unique keys: {e}")))?;
         let data_len = mmap.len() - header_end;
         let mut entries = BTreeMap::new();
         let mut metadata = BTreeMap::new();
@@ -163,6 +202,27 @@ impl SafeTensorsFile {
                 )));
             }
             entries.insert(name, entry);
+        }
+        // The reference loader's rule: the tensors tile the data section exactly, in offset
+        // order, with no gap, no overlap and no trailing bytes.
+        let mut by_offset: Vec<(&String, &Entry)> = entries.iter().collect();
+        by_offset.sort_by_key(|(_, e)| (e.start, e.end));
+        let mut expected = 0usize;
+        for (name, e) in by_offset {
+            if e.start != expected {
+                return Err(bad(format!(
+                    "tensor '{name}': data_offsets [{}, {}] do not start where the tensors before it end ({expected}): {}",
+                    e.start,
+                    e.end,
+                    if e.start < expected { "overlapping tensor data" } else { "a gap in the data section" }
+                )));
+            }
+            expected = e.end;
+        }
+        if expected != data_len {
+            return Err(bad(format!(
+                "the tensors end at byte {expected} of the data section but it has {data_len} bytes (trailing bytes after the last tensor)"
+            )));
         }
         Ok(SafeTensorsFile {
             path: path.to_path_buf(),
