@@ -530,7 +530,7 @@ fn bench_data(plan: Option<std::path::PathBuf>, draws: usize) -> Result<()> {
         let d = sampler.draw()?;
         buf.clear();
         ds.split(&d.domain, Split::Train)?
-            .read_into(d.index, &mut buf);
+            .read_into(d.index, &mut buf)?;
         checksum = checksum.wrapping_add(buf[0] as u64);
     }
     let secs = started.elapsed().as_secs_f64();

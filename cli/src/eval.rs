@@ -26,6 +26,7 @@ pub struct EvalArgs {
     pub data: Option<PathBuf>,
     pub eval_sequences: Option<usize>,
     pub seq_len: Option<usize>,
+    pub allow_tokenizer_mismatch: bool,
     pub json: bool,
     pub log_samples: bool,
 }
@@ -225,7 +226,8 @@ pub fn eval(backend: BackendKind, a: EvalArgs) -> Result<()> {
     }
     let data = match &a.data {
         Some(d) => {
-            let ds = shears_trainer::jobs::open_data(d, &subject.files)?;
+            let ds =
+                shears_trainer::jobs::open_data(d, &subject.files, a.allow_tokenizer_mismatch)?;
             let seq_len = a.seq_len.unwrap_or(ds.seq_len()).min(ds.seq_len());
             if seq_len < 2 {
                 bail!("--seq-len {seq_len}: scoring a sequence needs at least 2 tokens");

@@ -216,6 +216,10 @@ enum Cmd {
         /// Continue from the run directory's newest checkpoint.
         #[arg(long)]
         resume: bool,
+        /// Use data tokenized with another tokenizer than the model's (only when you know the
+        /// two vocabularies agree).
+        #[arg(long)]
+        allow_tokenizer_mismatch: bool,
     },
     /// Turn a pruning run's checkpoint into a dense HF model of exactly the target shape, with
     /// its masks in masks.safetensors.
@@ -253,6 +257,10 @@ enum Cmd {
         /// Continue from the run directory's newest checkpoint.
         #[arg(long)]
         resume: bool,
+        /// Use data tokenized with another tokenizer than the model's (only when you know the
+        /// two vocabularies agree).
+        #[arg(long)]
+        allow_tokenizer_mismatch: bool,
     },
     /// Run a whole pipeline: prepare, prune, finalize, train, evaluate, export.
     Run {
@@ -261,6 +269,10 @@ enum Cmd {
         /// Continue a pipeline stage by stage.
         #[arg(long)]
         resume: bool,
+        /// Use data tokenized with another tokenizer than the model's (only when you know the
+        /// two vocabularies agree).
+        #[arg(long)]
+        allow_tokenizer_mismatch: bool,
     },
     /// Prune SmolLM2-135M on the demo corpus, train it, and compare per-domain perplexity
     /// (about 15 minutes on 2 CPU cores; --quick: a few minutes).
@@ -312,6 +324,10 @@ enum Cmd {
         /// Tokens per sequence for --data (default the data's).
         #[arg(long)]
         seq_len: Option<usize>,
+        /// Use data tokenized with another tokenizer than the model's (only when you know the
+        /// two vocabularies agree).
+        #[arg(long)]
+        allow_tokenizer_mismatch: bool,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -384,12 +400,26 @@ fn main() -> ExitCode {
             config,
             out,
             resume,
-        } => ended(train::prune(backend, &config, out, resume)),
+            allow_tokenizer_mismatch,
+        } => ended(train::prune(
+            backend,
+            &config,
+            out,
+            resume,
+            allow_tokenizer_mismatch,
+        )),
         Cmd::Train {
             config,
             out,
             resume,
-        } => ended(train::train(backend, &config, out, resume)),
+            allow_tokenizer_mismatch,
+        } => ended(train::train(
+            backend,
+            &config,
+            out,
+            resume,
+            allow_tokenizer_mismatch,
+        )),
         Cmd::Finalize {
             run,
             out,
@@ -409,7 +439,11 @@ fn main() -> ExitCode {
             json,
         )
         .map_err(Some),
-        Cmd::Run { plan, resume } => ended(train::run(backend, &plan, resume)),
+        Cmd::Run {
+            plan,
+            resume,
+            allow_tokenizer_mismatch,
+        } => ended(train::run(backend, &plan, resume, allow_tokenizer_mismatch)),
         Cmd::Eval {
             model,
             run,
@@ -422,6 +456,7 @@ fn main() -> ExitCode {
             data,
             eval_sequences,
             seq_len,
+            allow_tokenizer_mismatch,
             json,
             log_samples,
         } => eval::eval(
@@ -438,6 +473,7 @@ fn main() -> ExitCode {
                 data,
                 eval_sequences,
                 seq_len,
+                allow_tokenizer_mismatch,
                 json,
                 log_samples,
             },

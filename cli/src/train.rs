@@ -77,7 +77,12 @@ impl AutodiffTask for TrainTask {
     }
 }
 
-fn job(out: PathBuf, plan_text: String, resume: bool) -> JobOptions {
+fn job(
+    out: PathBuf,
+    plan_text: String,
+    resume: bool,
+    allow_tokenizer_mismatch: bool,
+) -> JobOptions {
     JobOptions {
         out,
         plan_text,
@@ -85,6 +90,7 @@ fn job(out: PathBuf, plan_text: String, resume: bool) -> JobOptions {
         progress: true,
         echo: true,
         interrupt: jobs::interrupt_flag(),
+        allow_tokenizer_mismatch,
         source_losses: None,
     }
 }
@@ -104,6 +110,7 @@ pub fn prune(
     config: &Path,
     out: Option<PathBuf>,
     resume: bool,
+    allow_tokenizer_mismatch: bool,
 ) -> Result<Ended> {
     let text = read_plan(config)?;
     let cfg: PruneConfig = read_toml(config)?;
@@ -113,7 +120,7 @@ pub fn prune(
         kind,
         PruneTask {
             config: cfg,
-            job: job(out.clone(), text, resume),
+            job: job(out.clone(), text, resume, allow_tokenizer_mismatch),
         },
     )??;
     Ok(report(outcome, "pruning", &out))
@@ -124,6 +131,7 @@ pub fn train(
     config: &Path,
     out: Option<PathBuf>,
     resume: bool,
+    allow_tokenizer_mismatch: bool,
 ) -> Result<Ended> {
     let text = read_plan(config)?;
     let cfg: TrainConfig = read_toml(config)?;
@@ -133,7 +141,7 @@ pub fn train(
         kind,
         TrainTask {
             config: cfg,
-            job: job(out.clone(), text, resume),
+            job: job(out.clone(), text, resume, allow_tokenizer_mismatch),
         },
     )??;
     Ok(report(outcome, "training", &out))
@@ -207,6 +215,7 @@ struct PipelineTask {
     plan: PipelinePlan,
     text: String,
     resume: bool,
+    allow_tokenizer_mismatch: bool,
 }
 
 impl AutodiffTask for PipelineTask {
@@ -219,16 +228,29 @@ impl AutodiffTask for PipelineTask {
                 resume: self.resume,
                 progress: true,
                 interrupt: jobs::interrupt_flag(),
+                allow_tokenizer_mismatch: self.allow_tokenizer_mismatch,
             },
             device,
         )
     }
 }
 
-fn run_plan(backend: BackendKind, plan: PipelinePlan, text: String, resume: bool) -> Result<Ended> {
+fn run_plan(
+    backend: BackendKind,
+    plan: PipelinePlan,
+    text: String,
+    resume: bool,
+    allow_tokenizer_mismatch: bool,
+) -> Result<Ended> {
     let started = std::time::Instant::now();
     let out = plan.out.clone();
-    let outcome = dispatch_autodiff(backend, PipelineTask { plan, text, resume })??;
+    let task = PipelineTask {
+        plan,
+        text,
+        resume,
+        allow_tokenizer_mismatch,
+    };
+    let outcome = dispatch_autodiff(backend, task)??;
     match outcome {
         PipelineOutcome::Done(s) => {
             print!("{}", pipeline::render_summary(&s));
@@ -246,10 +268,15 @@ fn run_plan(backend: BackendKind, plan: PipelinePlan, text: String, resume: bool
     }
 }
 
-pub fn run(backend: BackendKind, plan: &Path, resume: bool) -> Result<Ended> {
+pub fn run(
+    backend: BackendKind,
+    plan: &Path,
+    resume: bool,
+    allow_tokenizer_mismatch: bool,
+) -> Result<Ended> {
     let text = read_plan(plan)?;
     let p: PipelinePlan = read_toml(plan)?;
-    run_plan(backend, p, text, resume)
+    run_plan(backend, p, text, resume, allow_tokenizer_mismatch)
 }
 
 /// The demo's plan: SmolLM2-135M-Instruct pruned to 20 layers, hidden 384, 6 heads (3 kv),
@@ -336,5 +363,5 @@ pub fn demo(
             out.display()
         );
     }
-    run_plan(backend, plan, text, resume)
+    run_plan(backend, plan, text, resume, false)
 }

@@ -150,6 +150,11 @@ pub struct PrepareOutcome {
     pub warnings: Vec<String>,
 }
 
+/// The tokenizer's identity as a manifest records it: sha256 of its `tokenizer.json` text.
+pub fn tokenizer_sha256(tok: &Tokenizer) -> String {
+    format!("{:x}", Sha256::digest(tok.json().as_bytes()))
+}
+
 fn sha256_file(path: &Path) -> Result<(u64, String)> {
     let mut f = std::fs::File::open(path).at(path, "cannot open")?;
     let mut h = Sha256::new();
@@ -317,7 +322,7 @@ pub fn prepare(
         .collect::<Result<_>>()?;
     let hash_of: BTreeMap<&PathBuf, &(u64, String)> =
         all.iter().copied().zip(hashes.iter()).collect();
-    let tokenizer_sha = format!("{:x}", Sha256::digest(tok.json().as_bytes()));
+    let tokenizer_sha = tokenizer_sha256(tok);
     let fingerprint = {
         let domains: BTreeMap<&str, serde_json::Value> = files
             .iter()
@@ -368,7 +373,23 @@ pub fn prepare(
         let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(n);
         for chunk in docs.documents.chunks(512) {
             let texts: Vec<&str> = chunk.iter().map(|d| d.text.as_str()).collect();
-            for ids in encoder.encode_batch(&texts)? {
+            let encoded = encoder.encode_batch(&texts).map_err(|e| {
+                // Name the document: long ones are the only ones that can fail on their own.
+                chunk
+                    .iter()
+                    .filter(|d| d.text.len() > shears_core::tokenizer::PIECE_BYTES)
+                    .find_map(|d| {
+                        encoder.encode_batch(&[d.text.as_str()]).err().map(|e| {
+                            let file = &docs.files[d.file];
+                            match d.line {
+                                0 => Error::format(file, e.to_string()),
+                                l => Error::format(file, format!("line {l}: {e}")),
+                            }
+                        })
+                    })
+                    .unwrap_or(e)
+            })?;
+            for ids in encoded {
                 let mut doc = Vec::with_capacity(ids.len() + 2);
                 doc.extend(bos);
                 doc.extend(ids);

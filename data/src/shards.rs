@@ -24,6 +24,11 @@ pub enum Split {
 #[derive(Debug)]
 pub struct SplitShards {
     maps: Vec<Mmap>,
+    /// The shard files, for errors.
+    paths: Vec<PathBuf>,
+    /// Every id must be below this (the manifest's tokenizer bound): a shard changed after
+    /// `prepare` is an error when it is read, never an out-of-range embedding lookup.
+    id_bound: u32,
     /// Sequences before each shard (prefix sums), for locating sequence i.
     starts: Vec<u64>,
     len: u64,
@@ -32,8 +37,15 @@ pub struct SplitShards {
 }
 
 impl SplitShards {
-    fn open(dir: &Path, shards: &[ShardInfo], seq_len: usize, dtype: TokenDType) -> Result<Self> {
+    fn open(
+        dir: &Path,
+        shards: &[ShardInfo],
+        seq_len: usize,
+        dtype: TokenDType,
+        id_bound: u32,
+    ) -> Result<Self> {
         let mut maps = Vec::new();
+        let mut paths = Vec::new();
         let mut starts = Vec::new();
         let mut len = 0u64;
         for s in shards {
@@ -41,7 +53,18 @@ impl SplitShards {
             let f = std::fs::File::open(&p).at(&p, "cannot open shard")?;
             // SAFETY: read-only map of a file written once by `prepare`.
             let m = unsafe { Mmap::map(&f) }.at(&p, "cannot memory-map shard")?;
-            let want = s.sequences as usize * seq_len * dtype.size();
+            let want = (s.sequences as usize)
+                .checked_mul(seq_len)
+                .and_then(|n| n.checked_mul(dtype.size()))
+                .ok_or_else(|| {
+                    Error::format(
+                        &p,
+                        format!(
+                            "the manifest's {} sequences x {seq_len} tokens overflow",
+                            s.sequences
+                        ),
+                    )
+                })?;
             if m.len() != want {
                 return Err(Error::format(
                     &p,
@@ -51,9 +74,12 @@ impl SplitShards {
             starts.push(len);
             len += s.sequences;
             maps.push(m);
+            paths.push(p);
         }
         Ok(SplitShards {
             maps,
+            paths,
+            id_bound,
             starts,
             len,
             seq_len,
@@ -76,8 +102,9 @@ impl SplitShards {
         self.seq_len
     }
 
-    /// Append sequence `i`'s tokens to `out`.
-    pub fn read_into(&self, i: u64, out: &mut Vec<u32>) {
+    /// Append sequence `i`'s tokens to `out`; an id at or past the manifest's tokenizer bound
+    /// (a shard changed after `prepare`) is an error naming the shard.
+    pub fn read_into(&self, i: u64, out: &mut Vec<u32>) -> Result<()> {
         assert!(
             i < self.len,
             "sequence {i} out of range ({} sequences)",
@@ -87,6 +114,7 @@ impl SplitShards {
         let local = (i - self.starts[shard]) as usize;
         let bytes = self.dtype.size() * self.seq_len;
         let b = &self.maps[shard][local * bytes..(local + 1) * bytes];
+        let from = out.len();
         match self.dtype {
             TokenDType::U16 => out.extend(
                 b.chunks_exact(2)
@@ -97,13 +125,24 @@ impl SplitShards {
                     .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
             ),
         }
+        let max = out[from..].iter().copied().max().unwrap_or(0);
+        if max >= self.id_bound {
+            return Err(Error::format(
+                &self.paths[shard],
+                format!(
+                    "sequence {local} holds token id {max}, but the manifest's tokenizer has only {} ids; the shard was changed after prepare (prepare the data again)",
+                    self.id_bound
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Sequence `i`'s tokens.
-    pub fn sequence(&self, i: u64) -> Vec<u32> {
+    pub fn sequence(&self, i: u64) -> Result<Vec<u32>> {
         let mut v = Vec::with_capacity(self.seq_len);
-        self.read_into(i, &mut v);
-        v
+        self.read_into(i, &mut v)?;
+        Ok(v)
     }
 }
 
@@ -120,6 +159,15 @@ impl Dataset {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let manifest = Manifest::read(&dir)?;
+        let id_bound = u32::try_from(manifest.tokenizer.vocab_size).map_err(|_| {
+            Error::format(
+                dir.join("manifest.json"),
+                format!(
+                    "tokenizer.vocab_size {} does not fit token ids of 32 bits",
+                    manifest.tokenizer.vocab_size
+                ),
+            )
+        })?;
         let mut splits = BTreeMap::new();
         for (name, d) in &manifest.domains {
             for (split, shards) in [
@@ -128,7 +176,7 @@ impl Dataset {
             ] {
                 splits.insert(
                     (name.clone(), split),
-                    SplitShards::open(&dir, shards, manifest.seq_len, manifest.dtype)?,
+                    SplitShards::open(&dir, shards, manifest.seq_len, manifest.dtype, id_bound)?,
                 );
             }
         }
@@ -168,7 +216,7 @@ impl Dataset {
         &self,
         domain: &str,
         batch: usize,
-    ) -> Result<impl Iterator<Item = Vec<Vec<u32>>> + '_> {
+    ) -> Result<impl Iterator<Item = Result<Vec<Vec<u32>>>> + '_> {
         let s = self.split(domain, Split::Eval)?;
         let n = s.len();
         let batch = batch.max(1) as u64;

@@ -65,6 +65,7 @@ pub fn domain_losses(
     for domain in data.domains() {
         let (mut sum, mut count, mut seen) = (0.0f64, 0u64, 0usize);
         for batch in data.eval_batches(&domain, settings.batch)? {
+            let batch = batch?;
             let take = match settings.sequences {
                 Some(cap) => cap.saturating_sub(seen).min(batch.len()),
                 None => batch.len(),

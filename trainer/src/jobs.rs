@@ -16,7 +16,8 @@ use shears_pruning::{finalize, FinalizeOptions, PruneModule, PruningSpec, Target
 
 use crate::checkpoint;
 use crate::config::{
-    DblSettings, Faults, OptimSettings, PruneConfig, RunSettings, StageKind, TrainConfig,
+    CheckRanges, DblSettings, Faults, OptimSettings, PruneConfig, RunSettings, StageKind,
+    TrainConfig,
 };
 use crate::driver::{self, read_state, run_loop, LoopInputs, Outcome, Stage};
 use crate::lm_stage::LmStage;
@@ -38,6 +39,8 @@ pub struct JobOptions {
     pub echo: bool,
     /// Set by SIGINT/SIGTERM.
     pub interrupt: Arc<AtomicBool>,
+    /// Train on data whose tokenizer differs from the model's (`--allow-tokenizer-mismatch`).
+    pub allow_tokenizer_mismatch: bool,
     /// Reference losses already measured (the pipeline's source evaluation, when it uses the
     /// same eval settings); used instead of measuring the source model again.
     pub source_losses: Option<DomainValues>,
@@ -60,9 +63,46 @@ pub fn load_model(arg: &str) -> Result<ModelFiles> {
 }
 
 /// Open a prepared dataset for `files`' model: refused when its ids can reach past the model's
-/// vocabulary or its sequences past the model's positions.
-pub fn open_data(path: &Path, files: &ModelFiles) -> Result<Dataset> {
+/// vocabulary or its sequences past the model's positions, and when it was tokenized with
+/// another tokenizer than the model's (the manifest's sha256 of `tokenizer.json` against the
+/// model's) unless `allow_tokenizer_mismatch`. A model without a tokenizer cannot be compared:
+/// that is a warning.
+pub fn open_data(
+    path: &Path,
+    files: &ModelFiles,
+    allow_tokenizer_mismatch: bool,
+) -> Result<Dataset> {
     let data = Dataset::open(path)?;
+    let tok = &data.manifest.tokenizer;
+    match &files.tokenizer {
+        Some(t) => {
+            let model_sha = shears_data::prepare::tokenizer_sha256(t);
+            if model_sha != tok.sha256 {
+                let msg = format!(
+                    "was tokenized with '{}' (tokenizer.json sha256 {}) but the model {} has another tokenizer (sha256 {})",
+                    tok.source,
+                    short(&tok.sha256),
+                    files.source.display(),
+                    short(&model_sha),
+                );
+                if !allow_tokenizer_mismatch {
+                    return Err(Error::format(
+                        path,
+                        format!(
+                            "{msg}; prepare the data with the model's tokenizer, or pass --allow-tokenizer-mismatch if you know the two vocabularies agree"
+                        ),
+                    ));
+                }
+                eprintln!("warning: {}: {msg} (allowed by --allow-tokenizer-mismatch)", path.display());
+            }
+        }
+        None => eprintln!(
+            "warning: the model {} has no tokenizer.json, so the tokenizer of {} ('{}') cannot be checked against it",
+            files.source.display(),
+            path.display(),
+            tok.source
+        ),
+    }
     let max = files.config.max_position_embeddings;
     if data.seq_len() > max {
         return Err(Error::format(
@@ -84,6 +124,10 @@ pub fn open_data(path: &Path, files: &ModelFiles) -> Result<Dataset> {
         ));
     }
     Ok(data)
+}
+
+fn short(sha: &str) -> &str {
+    sha.get(..12).unwrap_or(sha)
 }
 
 /// The final domain weights and reference losses of a finished (or interrupted) run.
@@ -127,8 +171,8 @@ pub fn resolve_prune(
     c: &PruneConfig,
     source: &shears_core::LlamaConfig,
 ) -> Result<(PruneConfig, PruningSpec)> {
+    c.check_ranges().map_err(Error::invalid)?;
     let mut c = c.clone();
-    c.run.validate()?;
     c.run.resolve(StageKind::Prune);
     c.optim.warmup_steps.get_or_insert(c.run.steps / 10);
     c.pruning
@@ -145,9 +189,11 @@ pub fn prune<B: ShearsAutodiff>(
     job: &JobOptions,
     device: B::Device,
 ) -> Result<Outcome> {
+    // Plan ranges first: a bad number costs no model load.
+    config.check_ranges().map_err(Error::invalid)?;
     let files = load_model(&config.model)?;
     let (resolved, spec) = resolve_prune(config, &files.config)?;
-    let data = open_data(&resolved.data, &files)?;
+    let data = open_data(&resolved.data, &files, job.allow_tokenizer_mismatch)?;
     let rates = PruneRates {
         model: resolved.optim.adamw(),
         mask_lr: resolved.pruning.mask_lr,
@@ -173,8 +219,8 @@ pub fn prune<B: ShearsAutodiff>(
 
 /// The training plan with every default filled in.
 pub fn resolve_train(c: &TrainConfig) -> Result<TrainConfig> {
+    c.check_ranges().map_err(Error::invalid)?;
     let mut c = c.clone();
-    c.run.validate()?;
     c.run.resolve(StageKind::Train);
     c.optim.warmup_steps.get_or_insert(c.run.steps * 3 / 100);
     Ok(c)
@@ -186,12 +232,12 @@ pub fn train<B: ShearsAutodiff>(
     job: &JobOptions,
     device: B::Device,
 ) -> Result<Outcome> {
-    let mut files = load_model(&config.model)?;
     let resolved = resolve_train(config)?;
+    let mut files = load_model(&config.model)?;
     if resolved.from_scratch {
         files.weights = shears_models::load::random_weights(&files.config, resolved.run.seed);
     }
-    let data = open_data(&resolved.data, &files)?;
+    let data = open_data(&resolved.data, &files, job.allow_tokenizer_mismatch)?;
     let parts = Parts {
         run: &resolved.run,
         optim: &resolved.optim,

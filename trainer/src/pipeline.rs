@@ -116,6 +116,36 @@ pub struct PipelinePlan {
     pub export: ExportPart,
 }
 
+impl crate::config::CheckRanges for PipelinePlan {
+    fn check_ranges(&self) -> std::result::Result<(), String> {
+        if let DataSource::Plan(d) = &self.data {
+            d.validate().map_err(|m| format!("data: {m}"))?;
+        }
+        self.prune.run.check_ranges("prune.run")?;
+        self.prune.optim.check_ranges("prune.optim")?;
+        self.prune.pruning.check_ranges("prune.pruning")?;
+        self.prune.dbl.check_ranges("prune.dbl")?;
+        self.train.run.check_ranges("train.run")?;
+        self.train.optim.check_ranges("train.optim")?;
+        self.train.dbl.check_ranges("train.dbl")?;
+        let e = &self.eval;
+        if e.batch == 0 || e.batch > crate::config::limits::BATCH || e.sequences == Some(0) {
+            return Err(format!(
+                "eval.batch ({}) and eval.sequences must be at least 1 (batch at most {})",
+                e.batch,
+                crate::config::limits::BATCH
+            ));
+        }
+        if matches!(e.seq_len, Some(n) if !(2..=crate::config::limits::SEQ_LEN).contains(&n)) {
+            return Err(format!(
+                "eval.seq_len = {} must be at least 2 tokens",
+                e.seq_len.unwrap_or(0)
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One model's line of the summary.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSummary {
@@ -193,6 +223,8 @@ pub struct PipelineOptions {
     pub resume: bool,
     pub progress: bool,
     pub interrupt: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Use data tokenized with another tokenizer than the model's.
+    pub allow_tokenizer_mismatch: bool,
 }
 
 /// How a pipeline ended.
@@ -228,6 +260,7 @@ pub fn run_pipeline<B: ShearsAutodiff>(
     opts: &PipelineOptions,
     device: B::Device,
 ) -> Result<PipelineOutcome> {
+    crate::config::CheckRanges::check_ranges(plan).map_err(Error::invalid)?;
     let lay = Layout {
         root: plan.out.clone(),
     };
@@ -286,7 +319,7 @@ pub fn run_pipeline<B: ShearsAutodiff>(
             lay.data()
         }
     };
-    let data = Dataset::open(&data_dir)?;
+    let data = jobs::open_data(&data_dir, &source_files, opts.allow_tokenizer_mismatch)?;
     let es = EvalSettings {
         sequences: plan.eval.sequences,
         seq_len: plan
@@ -339,6 +372,7 @@ pub fn run_pipeline<B: ShearsAutodiff>(
             progress: opts.progress,
             echo: true,
             interrupt: opts.interrupt.clone(),
+            allow_tokenizer_mismatch: opts.allow_tokenizer_mismatch,
             source_losses: (crate::driver::eval_settings(&resolved_prune_run, &data)? == es).then(
                 || {
                     source_eval
@@ -432,6 +466,7 @@ pub fn run_pipeline<B: ShearsAutodiff>(
             progress: opts.progress,
             echo: true,
             interrupt: opts.interrupt.clone(),
+            allow_tokenizer_mismatch: opts.allow_tokenizer_mismatch,
             source_losses: None,
         };
         log("== train");

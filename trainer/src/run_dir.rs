@@ -40,6 +40,17 @@ impl RunDir {
                 "already holds a run; pass --resume to continue it or choose another output directory",
             ));
         }
+        if !has_run && root.exists() {
+            let mut entries = std::fs::read_dir(root).at(root, "cannot list")?;
+            if entries.next().is_some() {
+                return Err(Error::format(
+                    root,
+                    format!(
+                        "exists and is not a run directory (no {RESOLVED}); Shears writes a run only into a new or empty directory, so choose another output directory"
+                    ),
+                ));
+            }
+        }
         std::fs::create_dir_all(root).at(root, "cannot create the run directory")?;
         if has_run {
             let old = std::fs::read_to_string(root.join(RESOLVED))
