@@ -9,6 +9,31 @@ use serde_json::{json, Map, Value};
 use crate::error::{Error, IoContext, Result};
 use crate::formats::gguf::GgufFile;
 
+/// Instructions a chat template may run: a base budget plus a share per message.
+const TEMPLATE_FUEL_BASE: u64 = 1_000_000;
+const TEMPLATE_FUEL_PER_MESSAGE: u64 = 100_000;
+/// Bytes of template output allowed beyond four times the messages' own text.
+const TEMPLATE_OUTPUT_BASE: usize = 1 << 20;
+
+/// Collects a template's output and refuses to grow past `limit` bytes.
+struct BoundedOutput {
+    buf: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.limit {
+            return Err(std::io::Error::other("output limit reached"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// One chat message for a chat template.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
@@ -389,10 +414,19 @@ impl Tokenizer {
     /// An encoder for corpus text: special-token strings inside a text (say a literal
     /// `<|endoftext|>` in a web page) are tokenized as text, never as control tokens, and
     /// nothing is added around it.
+    ///
+    /// Texts longer than [`PIECE_BYTES`] are encoded in pieces cut at spaces between words (see
+    /// [`PlainTextEncoder::encode_batch`]), so a huge one-line document costs memory in
+    /// proportion to a piece, not to the tokenizer's working set for the whole document.
     pub fn plain_text_encoder(&self) -> PlainTextEncoder {
         let mut inner = self.inner.clone();
         inner.set_encode_special_tokens(true);
-        PlainTextEncoder(inner)
+        let mut enc = PlainTextEncoder {
+            inner,
+            continuation: None,
+        };
+        enc.continuation = enc.probe_continuation();
+        enc
     }
 
     /// The `tokenizer.json` document.
@@ -463,6 +497,19 @@ impl Tokenizer {
             .chat_template()
             .ok_or_else(|| Error::invalid("this model's tokenizer has no chat template"))?;
         let mut env = minijinja::Environment::new();
+        // Limits: an instruction budget (loops, recursion) and an output cap, both far above
+        // what a real template needs for these messages (a few hundred instructions and a few
+        // hundred bytes of markup per message), so a hostile template fails instead of running
+        // for hours or filling memory. minijinja itself caps a repeated string at 100 MB and
+        // recursion at 500 levels.
+        let content: usize = messages
+            .iter()
+            .map(|m| m.content.len() + m.role.len())
+            .sum();
+        let fuel = TEMPLATE_FUEL_BASE + TEMPLATE_FUEL_PER_MESSAGE * messages.len() as u64;
+        let max_output = TEMPLATE_OUTPUT_BASE + 4 * content;
+        env.set_fuel(Some(fuel));
+        env.set_recursion_limit(100);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -490,9 +537,27 @@ impl Tokenizer {
             bos_token => self.config_token("bos_token").unwrap_or_default(),
             eos_token => self.config_token("eos_token").unwrap_or_default(),
         };
+        let mut out = BoundedOutput {
+            buf: Vec::new(),
+            limit: max_output,
+        };
         env.get_template("chat")
-            .and_then(|t| t.render(ctx))
-            .map_err(|e| Error::invalid(format!("chat template failed: {e}")))
+            .and_then(|t| t.render_captured_to(ctx, &mut out).map(|_| ()))
+            .map_err(|e| {
+                let why = match e.kind() {
+                    minijinja::ErrorKind::OutOfFuel => format!(
+                        "it ran past its budget of {fuel} instructions (a loop that never ends, or one far too long)"
+                    ),
+                    minijinja::ErrorKind::WriteFailure => format!(
+                        "its output grew past {max_output} bytes for {} bytes of messages",
+                        content
+                    ),
+                    _ => e.to_string(),
+                };
+                Error::invalid(format!("chat template failed: {why}"))
+            })?;
+        String::from_utf8(out.buf)
+            .map_err(|_| Error::invalid("chat template produced invalid UTF-8"))
     }
 
     /// Write `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` into `dir`.
@@ -516,21 +581,216 @@ impl Tokenizer {
     }
 }
 
+/// Texts longer than this are tokenized in pieces of about this size.
+pub const PIECE_BYTES: usize = 32 << 10;
+/// How far past a piece's nominal end a cut point (a space between two word characters whose
+/// tokens agree across the cut) is looked for before the text is refused.
+const CUT_SEARCH_BYTES: usize = 64 << 10;
+/// Bytes on each side of a cut that are re-tokenized whole to confirm the cut changes nothing.
+const CUT_CHECK_BYTES: usize = 256;
+/// Candidate cut points checked per cut, of each kind, before a text is refused.
+const CUT_TRIES: usize = 64;
+/// Pieces tokenized at once (in parallel).
+const PIECES_IN_FLIGHT: usize = 32;
+
+/// How a piece that starts at a cut (with the space before its first word) is tokenized so that
+/// its ids are exactly the ids that text has inside the whole document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Continuation {
+    /// Encode it as it is (byte-level BPE: the space belongs to the next word's pre-token).
+    AsIs,
+    /// Drop the space first (SentencePiece-style normalizers prepend '▁' to every input, which
+    /// then stands for the space).
+    DropSpace,
+}
+
 /// See [`Tokenizer::plain_text_encoder`].
-pub struct PlainTextEncoder(tokenizers::Tokenizer);
+pub struct PlainTextEncoder {
+    inner: tokenizers::Tokenizer,
+    /// `None` when no rule reproduces the whole-text ids (long texts are then refused).
+    continuation: Option<Continuation>,
+}
 
 impl PlainTextEncoder {
-    /// Encode many texts in parallel (all cores).
-    pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+    fn encode_many(&self, texts: Vec<&str>) -> Result<Vec<Vec<u32>>> {
         let encodings = self
-            .0
-            .encode_batch_fast(texts.to_vec(), false)
+            .inner
+            .encode_batch_fast(texts, false)
             .map_err(|e| Error::invalid(format!("tokenization failed: {e}")))?;
         Ok(encodings
             .into_iter()
             .map(|e| e.get_ids().to_vec())
             .collect())
     }
+
+    fn encode_one(&self, text: &str) -> Result<Vec<u32>> {
+        let e = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| Error::invalid(format!("tokenization failed: {e}")))?;
+        Ok(e.get_ids().to_vec())
+    }
+
+    /// The text a piece starting at a cut is encoded as.
+    fn piece<'a>(&self, text: &'a str, at_cut: bool) -> &'a str {
+        match (at_cut, self.continuation) {
+            (true, Some(Continuation::DropSpace)) if text.starts_with(' ') => &text[1..],
+            _ => text,
+        }
+    }
+
+    /// Find the rule under which "hello world" cut before the space tokenizes like the whole.
+    fn probe_continuation(&self) -> Option<Continuation> {
+        let whole = self.encode_one("hello world").ok()?;
+        let head = self.encode_one("hello").ok()?;
+        [Continuation::AsIs, Continuation::DropSpace]
+            .into_iter()
+            .find(|&rule| {
+                let tail = match rule {
+                    Continuation::AsIs => " world",
+                    Continuation::DropSpace => "world",
+                };
+                self.encode_one(tail)
+                    .is_ok_and(|t| [head.as_slice(), &t].concat() == whole)
+            })
+    }
+
+    /// Whether cutting `text` at byte `cut` (a space) leaves the ids of the bytes around it
+    /// unchanged: the [`CUT_CHECK_BYTES`] on each side tokenized whole and in two. (Both
+    /// versions start and end at the same bytes, so only the cut can make them differ.)
+    fn cut_agrees(&self, text: &str, cut: usize) -> Result<bool> {
+        let mut start = cut.saturating_sub(CUT_CHECK_BYTES);
+        while !text.is_char_boundary(start) {
+            start -= 1;
+        }
+        let mut end = (cut + CUT_CHECK_BYTES).min(text.len());
+        while !text.is_char_boundary(end) {
+            end += 1;
+        }
+        let whole = self.encode_one(&text[start..end])?;
+        let left = self.encode_one(&text[start..cut])?;
+        let right = self.encode_one(self.piece(&text[cut..end], true))?;
+        Ok([left, right].concat() == whole)
+    }
+
+    /// Cut points of a long text: near every [`PIECE_BYTES`], a space between two ASCII word
+    /// characters at which tokenizing in two provably changes nothing nearby.
+    fn cuts(&self, text: &str) -> Result<Vec<usize>> {
+        let b = text.as_bytes();
+        let mut cuts = vec![];
+        let mut from = 0;
+        while b.len() - from > PIECE_BYTES {
+            let lo = from + PIECE_BYTES;
+            let hi = (lo + CUT_SEARCH_BYTES).min(b.len());
+            // Spaces between words first; then, for text without them (CJK, code), places
+            // where letters meet digits or punctuation. Each candidate must pass the check.
+            let mut found = None;
+            let candidates = (lo..hi).filter(|&i| is_cut(b, i)).take(CUT_TRIES).chain(
+                (lo..hi)
+                    .filter(|&i| text.is_char_boundary(i) && kinds_differ(text, i))
+                    .take(CUT_TRIES),
+            );
+            for i in candidates {
+                if self.cut_agrees(text, i)? {
+                    found = Some(i);
+                    break;
+                }
+            }
+            match found {
+                Some(i) => {
+                    cuts.push(i);
+                    from = i;
+                }
+                // The rest is short enough to tokenize whole.
+                None if hi == b.len() => break,
+                None => {
+                    return Err(Error::invalid(format!(
+                        "a text of {} bytes has no place to split it between bytes {lo} and {hi} (a space between two words where the tokenizer's ids do not change); Shears tokenizes texts longer than {PIECE_BYTES} bytes in pieces to bound memory; split the document into smaller ones",
+                        b.len()
+                    )))
+                }
+            }
+        }
+        Ok(cuts)
+    }
+
+    /// The ids of a text longer than [`PIECE_BYTES`], piece by piece.
+    fn encode_long(&self, text: &str) -> Result<Vec<u32>> {
+        if self.continuation.is_none() {
+            return Err(Error::invalid(format!(
+                "a text of {} bytes is longer than {PIECE_BYTES} bytes, and this tokenizer cannot be applied piece by piece with the same result; split the document into smaller ones",
+                text.len()
+            )));
+        }
+        let cuts = self.cuts(text)?;
+        let bounds: Vec<(usize, usize)> = std::iter::once(0)
+            .chain(cuts.iter().copied())
+            .zip(cuts.iter().copied().chain(std::iter::once(text.len())))
+            .collect();
+        let mut ids = Vec::new();
+        for group in bounds.chunks(PIECES_IN_FLIGHT) {
+            let pieces: Vec<&str> = group
+                .iter()
+                .map(|&(a, b)| self.piece(&text[a..b], a > 0))
+                .collect();
+            for p in self.encode_many(pieces)? {
+                ids.extend(p);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Encode many texts in parallel (all cores). Texts longer than [`PIECE_BYTES`] are cut at
+    /// spaces between words into pieces of about that size; each cut is checked by tokenizing
+    /// the few hundred bytes around it whole, so the ids are those of the whole text.
+    pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let short: Vec<&str> = texts
+            .iter()
+            .copied()
+            .filter(|t| t.len() <= PIECE_BYTES)
+            .collect();
+        let mut short = self.encode_many(short)?.into_iter();
+        texts
+            .iter()
+            .map(|t| {
+                if t.len() <= PIECE_BYTES {
+                    Ok(short.next().expect("one encoding per short text"))
+                } else {
+                    self.encode_long(t)
+                }
+            })
+            .collect()
+    }
+}
+
+/// Whether the characters on both sides of byte `i` (a char boundary) are of different kinds
+/// among letter, digit and punctuation (whitespace excluded): where byte-level pre-tokenizers
+/// split text that has no spaces.
+fn kinds_differ(text: &str, i: usize) -> bool {
+    let kind = |c: char| {
+        if c.is_alphabetic() {
+            Some(0)
+        } else if c.is_numeric() {
+            Some(1)
+        } else if c.is_whitespace() {
+            None
+        } else {
+            Some(2)
+        }
+    };
+    match (text[..i].chars().next_back(), text[i..].chars().next()) {
+        (Some(a), Some(b)) => matches!((kind(a), kind(b)), (Some(x), Some(y)) if x != y),
+        _ => false,
+    }
+}
+
+/// Byte `i` of `b` is a space between two ASCII letters or digits.
+fn is_cut(b: &[u8], i: usize) -> bool {
+    i > 0
+        && i + 1 < b.len()
+        && b[i] == b' '
+        && b[i - 1].is_ascii_alphanumeric()
+        && b[i + 1].is_ascii_alphanumeric()
 }
 
 /// SentencePiece BPE merges recovered from token scores: every split of a token into two vocabulary
