@@ -572,13 +572,27 @@ fn ids_outside_the_vocabulary_are_refused() {
         data.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = shears(&[
-        "eval",
-        "--model",
-        hf.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-    ]);
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            hf.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        shears(&args)
+    };
+    // Another tokenizer: refused for that reason first ...
+    let o = eval(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("data") && err.contains("another tokenizer"),
+        "{err}"
+    );
+    // ... and with the override, the vocabulary bound still holds.
+    let o = eval(&["--allow-tokenizer-mismatch"]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(

@@ -407,6 +407,31 @@ pub mod runs {
         Command::new(bin).args(args).output().unwrap()
     }
 
+    /// `shears` with `args` under an address-space limit of `mib` MiB (`ulimit -v`): a command
+    /// that tries to allocate more dies instead of succeeding, so a test can show a bound.
+    pub fn shears_limited(bin: &str, mib: u64, args: &[&str]) -> Output {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -v {} && exec \"$0\" \"$@\"", mib * 1024))
+            .arg(bin)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// The command was refused cleanly: exit status 1 (not a panic's 101 or an abort's signal),
+    /// no panic message, and a message containing every one of `needles` (the file or setting
+    /// and the problem). Returns stderr.
+    pub fn assert_refused(o: &Output, needles: &[&str]) -> String {
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(1), "exit status; stderr:\n{err}");
+        assert!(!err.contains("panicked"), "panicked:\n{err}");
+        for n in needles {
+            assert!(err.contains(n), "error does not say '{n}':\n{err}");
+        }
+        err
+    }
+
     /// The tiny model and a prepared corpus (sequences of 32 tokens) under `dir`.
     pub fn setup(bin: &str, dir: &Path) -> (PathBuf, PathBuf) {
         let model = tiny_model(dir);

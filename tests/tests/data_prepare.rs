@@ -59,7 +59,7 @@ fn write_jsonl(path: &Path, docs: &[String]) {
 /// All tokens of a split, in order.
 fn stream(ds: &Dataset, domain: &str, split: Split) -> Vec<u32> {
     let s = ds.split(domain, split).unwrap();
-    (0..s.len()).flat_map(|i| s.sequence(i)).collect()
+    (0..s.len()).flat_map(|i| s.sequence(i).unwrap()).collect()
 }
 
 /// The documents of a token stream: complete `text + EOS` pieces, decoded, and the partial tail.
@@ -162,8 +162,16 @@ fn documents_round_trip_and_splits_are_disjoint() {
         .iter()
         .all(|s| s.sequences <= 5 && s.sha256.len() == 64));
     // Per-domain eval batches run in a fixed order.
-    let a: Vec<_> = ds.eval_batches("alpha", 2).unwrap().collect();
-    let b: Vec<_> = ds.eval_batches("alpha", 2).unwrap().collect();
+    let a: Vec<_> = ds
+        .eval_batches("alpha", 2)
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
+    let b: Vec<_> = ds
+        .eval_batches("alpha", 2)
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
     assert_eq!(a, b);
     assert_eq!(
         a.iter().map(|x| x.len()).sum::<usize>() as u64,

@@ -126,3 +126,85 @@ fn byte_level_pre_tokenizer_follows_ggml_pre() {
     let tok = build("mystery");
     assert!(tok.warnings.iter().any(|w| w.contains("mystery")));
 }
+
+/// A long text of words, numbers, punctuation, newlines and non-ASCII letters.
+fn long_text(bytes: usize) -> String {
+    let words = [
+        "hello",
+        "world",
+        "the",
+        "theorem",
+        "x=1;",
+        "42",
+        "naïve",
+        "東京",
+        "don't",
+        "\n",
+        "  ",
+        "hello,",
+        "tab\there",
+        "<|endoftext|>",
+        "wörld",
+        "3.14159",
+    ];
+    let mut seed = 5u64;
+    let mut s = String::new();
+    while s.len() < bytes {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        s.push_str(words[(seed >> 33) as usize % words.len()]);
+        s.push(' ');
+    }
+    s
+}
+
+/// Texts longer than a piece are tokenized piece by piece, cut at spaces between words; the ids
+/// are exactly those of the whole text, for byte-level BPE (the tiny tokenizer and SmolLM2's)
+/// and for SentencePiece-style BPE, whose normalizer prepends '▁' to every input.
+#[test]
+fn long_texts_tokenize_in_pieces_exactly_as_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (meta, tensors) = tiny_gguf_model();
+    let tiny = tmp.path().join("tiny.gguf");
+    write_gguf(&tiny, &meta, &tensors, None);
+    let toks = [
+        (
+            "tiny",
+            Tokenizer::from_gguf(&GgufFile::open(&tiny).unwrap()).unwrap(),
+        ),
+        (
+            "spm",
+            Tokenizer::from_gguf(&GgufFile::open(spm_gguf(tmp.path())).unwrap()).unwrap(),
+        ),
+        (
+            "smollm2",
+            Tokenizer::from_gguf(&GgufFile::open(shears_tests::smollm2_gguf()).unwrap()).unwrap(),
+        ),
+    ];
+    let text = long_text(5 * shears_core::tokenizer::PIECE_BYTES + 1234);
+    let short = "hello world";
+    for (name, tok) in &toks {
+        let enc = tok.plain_text_encoder();
+        let mut whole_tok = tok.inner().clone();
+        whole_tok.set_encode_special_tokens(true);
+        let whole = whole_tok.encode_fast(text.as_str(), false).unwrap();
+        let got = enc.encode_batch(&[short, &text, short]).unwrap();
+        assert_eq!(
+            got[1],
+            whole.get_ids(),
+            "{name}: pieces differ from the whole"
+        );
+        assert_eq!(got[0], got[2]);
+        assert_eq!(got[0], tok.encode(short, false).unwrap(), "{name}");
+    }
+    // A long text without any place to cut is refused, not tokenized in one huge piece.
+    let (_, tiny_tok) = &toks[0];
+    let unbroken = "x".repeat(4 * shears_core::tokenizer::PIECE_BYTES);
+    let err = tiny_tok
+        .plain_text_encoder()
+        .encode_batch(&[&unbroken])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no place to split"), "{err}");
+}

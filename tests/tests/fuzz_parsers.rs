@@ -1,0 +1,368 @@
+//! A mutation fuzzer for the parsers that read files a user hands Shears: GGUF (the whole model
+//! load: metadata, tensor directory, tokenizer, dequantisation, weight checks), safetensors and
+//! `config.json` (with everything sized from a config: parameter counts and `shears plan`).
+//!
+//! Each case takes a valid file, applies a few seeded mutations (bit flips, truncation, spliced
+//! boundary integers, duplicated or deleted ranges, and for JSON, structurally replaced values),
+//! and parses the result. A case passes when the parser returns `Ok` or an error that names the
+//! file; a panic fails the test (and an abort on a huge allocation fails the whole binary).
+//! Cases per format: 5000 in CI, `SHEARS_FUZZ_CASES=N` for longer runs; the seed of every case is
+//! printed with its failure, so a crash replays with `SHEARS_FUZZ_SEED`.
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use shears_core::formats::safetensors::{self, SafeTensorsFile};
+use shears_core::{HostTensor, LlamaConfig, ModelFiles, WeightMap};
+use shears_tests::{tiny_gguf_model, write_gguf};
+
+fn cases() -> u64 {
+    std::env::var("SHEARS_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000)
+}
+
+fn first_seed() -> u64 {
+    std::env::var("SHEARS_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+const INTERESTING: &[u64] = &[
+    0,
+    1,
+    2,
+    3,
+    7,
+    31,
+    32,
+    255,
+    256,
+    4095,
+    65535,
+    65536,
+    (1 << 31) - 1,
+    1 << 31,
+    u32::MAX as u64,
+    1 << 32,
+    1 << 40,
+    1 << 62,
+    i64::MAX as u64,
+    u64::MAX,
+    u64::MAX - 1,
+];
+
+/// A few random mutations of `bytes`.
+fn mutate(rng: &mut StdRng, bytes: &mut Vec<u8>) {
+    for _ in 0..rng.random_range(1..=4) {
+        if bytes.is_empty() {
+            bytes.push(rng.random());
+            continue;
+        }
+        let at = rng.random_range(0..bytes.len());
+        match rng.random_range(0..7) {
+            0 => bytes[at] ^= 1 << rng.random_range(0..8),
+            1 => bytes[at] = rng.random(),
+            2 => {
+                // A boundary integer, 4 or 8 bytes wide, over whatever was there.
+                let v = INTERESTING[rng.random_range(0..INTERESTING.len())];
+                let le = v.to_le_bytes();
+                let w = if rng.random_bool(0.5) { 4 } else { 8 };
+                for (i, b) in le[..w].iter().enumerate() {
+                    if at + i < bytes.len() {
+                        bytes[at + i] = *b;
+                    }
+                }
+            }
+            3 => bytes.truncate(at),
+            4 => {
+                let end = (at + rng.random_range(1..64)).min(bytes.len());
+                let dup = bytes[at..end].to_vec();
+                let to = rng.random_range(0..=bytes.len());
+                bytes.splice(to..to, dup);
+            }
+            5 => {
+                let end = (at + rng.random_range(1..64)).min(bytes.len());
+                bytes.drain(at..end);
+            }
+            _ => {
+                let n = rng.random_range(1..16);
+                let junk: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+                bytes.splice(at..at, junk);
+            }
+        }
+    }
+}
+
+/// A replacement for a JSON value: boundary numbers, wrong types, empty containers.
+fn odd_value(rng: &mut StdRng) -> Value {
+    match rng.random_range(0..12) {
+        0 => json!(INTERESTING[rng.random_range(0..INTERESTING.len())]),
+        1 => json!(-(rng.random_range(1..1_000_000i64))),
+        2 => json!(1e308),
+        3 => json!(-1e308),
+        4 => json!(0.5),
+        5 => json!(f64::MIN_POSITIVE),
+        6 => json!("x"),
+        7 => Value::Null,
+        8 => json!([]),
+        9 => json!({}),
+        10 => json!(true),
+        _ => json!([1, 2, 3]),
+    }
+}
+
+/// Replace, remove or nest one value somewhere in `v`.
+fn mutate_json(rng: &mut StdRng, v: &mut Value, depth: usize) {
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            let keys: Vec<String> = m.keys().cloned().collect();
+            let k = &keys[rng.random_range(0..keys.len())];
+            match rng.random_range(0..4) {
+                0 => {
+                    m.remove(k);
+                }
+                1 if depth < 3 => mutate_json(rng, m.get_mut(k).unwrap(), depth + 1),
+                _ => {
+                    m.insert(k.clone(), odd_value(rng));
+                }
+            }
+        }
+        Value::Array(a) if !a.is_empty() => {
+            let i = rng.random_range(0..a.len());
+            if depth < 3 && rng.random_bool(0.5) {
+                mutate_json(rng, &mut a[i], depth + 1);
+            } else {
+                a[i] = odd_value(rng);
+            }
+        }
+        _ => *v = odd_value(rng),
+    }
+}
+
+struct Tally {
+    format: &'static str,
+    ok: u64,
+    errors: u64,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn new(format: &'static str) -> Self {
+        Tally {
+            format,
+            ok: 0,
+            errors: 0,
+            failures: vec![],
+        }
+    }
+
+    /// Run one case; `name` must appear in any error message.
+    fn case(&mut self, seed: u64, name: &str, f: impl FnOnce() -> Result<(), String>) {
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(Ok(())) => self.ok += 1,
+            Ok(Err(msg)) if msg.contains(name) => self.errors += 1,
+            Ok(Err(msg)) => self
+                .failures
+                .push(format!("seed {seed}: error does not name {name}: {msg}")),
+            Err(p) => {
+                let why = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                self.failures.push(format!("seed {seed}: panic: {why}"));
+            }
+        }
+    }
+
+    fn finish(self) {
+        println!(
+            "{}: {} cases, {} parsed, {} refused with an error, {} failures",
+            self.format,
+            self.ok + self.errors + self.failures.len() as u64,
+            self.ok,
+            self.errors,
+            self.failures.len()
+        );
+        assert!(
+            self.failures.is_empty(),
+            "{} {} failures, first ones:\n{}",
+            self.failures.len(),
+            self.format,
+            self.failures
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+fn quiet_panics() {
+    // Panics are counted, not printed case by case.
+    std::panic::set_hook(Box::new(|_| {}));
+}
+
+#[test]
+fn gguf_loader_survives_mutated_files() {
+    quiet_panics();
+    let tmp = tempfile::tempdir().unwrap();
+    let valid = tmp.path().join("valid.gguf");
+    let (meta, tensors) = tiny_gguf_model();
+    write_gguf(&valid, &meta, &tensors, None);
+    let base = std::fs::read(&valid).unwrap();
+    ModelFiles::load(&valid).expect("the unmutated file loads");
+    let mut tally = Tally::new("gguf");
+    let path = tmp.path().join("case.gguf");
+    for seed in first_seed()..first_seed() + cases() {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut bytes = base.clone();
+        // Half the cases aim at the header and metadata, where the counts and lengths live.
+        if rng.random_bool(0.5) {
+            let head = bytes.len().min(4096);
+            let mut h = bytes[..head].to_vec();
+            mutate(&mut rng, &mut h);
+            bytes.splice(..head, h);
+        } else {
+            mutate(&mut rng, &mut bytes);
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        tally.case(seed, "case.gguf", || {
+            ModelFiles::load(&path)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+    }
+    tally.finish();
+}
+
+fn tiny_weights() -> WeightMap {
+    let mut w = WeightMap::new();
+    w.insert(
+        "a.weight".into(),
+        HostTensor::f32(vec![4, 8], (0..32).map(|x| x as f32).collect()),
+    );
+    w.insert(
+        "b.weight".into(),
+        HostTensor::f32(vec![3], vec![1.0, 2.0, 3.0]).to_dtype(shears_core::DType::BF16),
+    );
+    w.insert(
+        "c.weight".into(),
+        HostTensor::f32(vec![2, 2, 2], vec![0.5; 8]).to_dtype(shears_core::DType::F16),
+    );
+    w
+}
+
+fn read_all(path: &Path) -> Result<(), String> {
+    let f = SafeTensorsFile::open(path).map_err(|e| e.to_string())?;
+    f.all_tensors().map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[test]
+fn safetensors_reader_survives_mutated_files() {
+    quiet_panics();
+    let tmp = tempfile::tempdir().unwrap();
+    let valid = tmp.path().join("valid.safetensors");
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::write(&valid, &tiny_weights(), &meta).unwrap();
+    let base = std::fs::read(&valid).unwrap();
+    read_all(&valid).expect("the unmutated file reads");
+    let header_len = u64::from_le_bytes(base[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&base[8..8 + header_len]).unwrap();
+    let data = &base[8 + header_len..];
+    let mut tally = Tally::new("safetensors");
+    let path = tmp.path().join("case.safetensors");
+    for seed in first_seed()..first_seed() + cases() {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let bytes = if rng.random_bool(0.5) {
+            // A structurally changed header (offsets, shapes, dtypes) over the same data.
+            let mut h = header.clone();
+            for _ in 0..rng.random_range(1..=3) {
+                mutate_json(&mut rng, &mut h, 0);
+            }
+            let hb = serde_json::to_vec(&h).unwrap();
+            let mut b = (hb.len() as u64).to_le_bytes().to_vec();
+            b.extend(hb);
+            b.extend(data);
+            if rng.random_bool(0.3) {
+                mutate(&mut rng, &mut b);
+            }
+            b
+        } else {
+            let mut b = base.clone();
+            mutate(&mut rng, &mut b);
+            b
+        };
+        std::fs::write(&path, &bytes).unwrap();
+        tally.case(seed, "case.safetensors", || read_all(&path));
+    }
+    tally.finish();
+}
+
+#[test]
+fn config_parser_survives_mutated_configs() {
+    quiet_panics();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
+        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+        "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192,
+        "tie_word_embeddings": true,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        "bos_token_id": 1, "eos_token_id": [2, 3]
+    });
+    let path = tmp.path().join("config.json");
+    let mut tally = Tally::new("config.json");
+    for seed in first_seed()..first_seed() + cases() {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let text = if rng.random_bool(0.7) {
+            let mut v = base.clone();
+            for _ in 0..rng.random_range(1..=3) {
+                mutate_json(&mut rng, &mut v, 0);
+            }
+            v.to_string().into_bytes()
+        } else {
+            let mut b = base.to_string().into_bytes();
+            mutate(&mut rng, &mut b);
+            b
+        };
+        std::fs::write(&path, &text).unwrap();
+        let batch = INTERESTING[rng.random_range(0..INTERESTING.len())].min(usize::MAX as u64);
+        let seq = INTERESTING[rng.random_range(0..INTERESTING.len())].min(usize::MAX as u64);
+        tally.case(seed, "config.json", || {
+            let cfg = LlamaConfig::from_file(&path).map_err(|e| e.to_string())?;
+            // Everything sized from a config: layer shapes, parameter counts, the plan.
+            let _ = cfg.uniform_layer_shapes();
+            let dims = shears_pruning::size::Dims::of(&cfg);
+            let _ = dims.total();
+            let target = shears_pruning::TargetShape {
+                num_hidden_layers: cfg.num_hidden_layers,
+                hidden_size: cfg.hidden_size,
+                num_attention_heads: cfg.num_attention_heads,
+                num_key_value_heads: cfg.num_kv_heads(),
+                intermediate_size: cfg.intermediate_size,
+            };
+            match shears_pruning::plan::plan_configs(
+                &cfg,
+                target,
+                None,
+                batch as usize,
+                seq as usize,
+            ) {
+                // Plan errors (a batch too large) name settings, not the file.
+                Ok(_) | Err(_) => Ok(()),
+            }
+        });
+    }
+    tally.finish();
+}
