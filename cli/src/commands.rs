@@ -215,7 +215,7 @@ pub fn generate(
             role: "user".into(),
             content: prompt.to_string(),
         });
-        let text = tok.apply_chat_template(&messages, true)?;
+        let text = render_chat_template(&tok.chat()?, &messages)?;
         tok.encode(&text, false)?
     } else {
         tok.encode(prompt, true)?
@@ -308,5 +308,81 @@ pub fn plan(
     } else {
         print!("{}", report.render());
     }
+    Ok(())
+}
+
+/// Address space a chat template may use, in MiB: the template runs in a child process under
+/// this limit, because minijinja's instruction budget does not bound what a template builds in
+/// memory (captured blocks, concatenation).
+const CHAT_TEMPLATE_MIB: u64 = 1024;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ChatRequest {
+    template: shears_core::ChatTemplate,
+    messages: Vec<ChatMessage>,
+    add_generation_prompt: bool,
+}
+
+/// Render `template` for `messages` (with the generation prompt) in a child process (this
+/// binary's `render-chat-template`) under an address-space limit; in-process, with the same
+/// instruction and output limits, where no `sh` exists to set the limit.
+fn render_chat_template(
+    template: &shears_core::ChatTemplate,
+    messages: &[ChatMessage],
+) -> Result<String> {
+    use std::process::{Command, Stdio};
+    let request = serde_json::to_vec(&ChatRequest {
+        template: template.clone(),
+        messages: messages.to_vec(),
+        add_generation_prompt: true,
+    })?;
+    let exe = std::env::current_exe().context("cannot find the shears binary")?;
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v {} && exec \"$0\" render-chat-template",
+            CHAT_TEMPLATE_MIB * 1024
+        ))
+        .arg(&exe)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else {
+        return Ok(template.render(messages, true)?);
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        // A child that fails early closes its end; its status says why.
+        let _ = stdin.write_all(&request);
+    }
+    let out = child
+        .wait_with_output()
+        .context("the chat template renderer did not run")?;
+    if out.status.success() {
+        return String::from_utf8(out.stdout)
+            .map_err(|_| anyhow::anyhow!("chat template produced invalid UTF-8"));
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    match err.lines().find_map(|l| l.strip_prefix("error: ")) {
+        Some(msg) if out.status.code() == Some(1) => bail!("{msg}"),
+        _ => bail!(
+            "chat template failed: it needed more than {CHAT_TEMPLATE_MIB} MiB of memory (or the renderer died: {})",
+            out.status
+        ),
+    }
+}
+
+/// `shears render-chat-template`: a [`ChatRequest`] on stdin, the text on stdout.
+pub fn render_chat_template_child() -> Result<()> {
+    use std::io::Read;
+    let mut input = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut input)
+        .context("cannot read the request")?;
+    let r: ChatRequest = serde_json::from_slice(&input).context("invalid request")?;
+    let text = r.template.render(&r.messages, r.add_generation_prompt)?;
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .context("cannot write the text")?;
     Ok(())
 }

@@ -61,6 +61,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Render a chat template from JSON on stdin to stdout: what `generate --chat` runs in a
+    /// memory-limited child process.
+    #[command(hide = true, name = "render-chat-template")]
+    RenderChatTemplate,
     /// Convert an HF model directory or a GGUF file into an HF-format model directory.
     Import {
         /// HF model directory, `.gguf` file, or a known model name (smollm2).
@@ -570,6 +574,7 @@ fn other(cmd: Cmd, backend: BackendKind, only: Option<BackendKind>) -> anyhow::R
                 },
         } => data::fetch_demo(out, max_mb_per_source),
         Cmd::Info { model } => commands::info(&model),
+        Cmd::RenderChatTemplate => commands::render_chat_template_child(),
         Cmd::Plan {
             source,
             target,

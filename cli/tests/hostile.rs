@@ -190,6 +190,16 @@ fn tensor_data_is_validated_like_the_reference_loaders() {
         &o,
         &["key-twice.gguf", "llama.block_count", "appears twice"],
     );
+    // A shape whose byte size overflows 64 bits.
+    let vast = gguf_with(tmp.path(), "vast.gguf", |_, t| {
+        let n = t
+            .iter()
+            .position(|t| t.name == "output_norm.weight")
+            .unwrap();
+        t[n].dims = vec![1 << 62, 2];
+    });
+    let o = run(&["info", vast.to_str().unwrap()]);
+    assert_refused(&o, &["vast.gguf", "output_norm.weight", "overflows"]);
 
     // safetensors: a valid file, then each inconsistency.
     let hf = tiny_hf(tmp.path());
@@ -212,6 +222,13 @@ fn tensor_data_is_validated_like_the_reference_loaders() {
     let norm_entry = norm["model.norm.weight"].to_string();
     // The same key twice (JSON maps would silently keep the last).
     let dup = header.replacen('{', &format!("{{\"model.norm.weight\":{norm_entry},"), 1);
+    // A field twice inside one entry.
+    let dup_field = header.replacen(
+        "\"model.norm.weight\":{",
+        "\"model.norm.weight\":{\"dtype\":\"F16\",",
+        1,
+    );
+    assert_ne!(dup_field, header);
     // Two tensors over the same bytes: the final norm's offsets copied onto the first layer's.
     let layer0: serde_json::Value = norm["model.layers.0.input_layernorm.weight"].clone();
     let overlap = header.replacen(
@@ -226,6 +243,7 @@ fn tensor_data_is_validated_like_the_reference_loaders() {
     for (bytes, says) in [
         (trailing, "trailing bytes"),
         (with_header(&dup, &data), "appears twice"),
+        (with_header(&dup_field, &data), "duplicate field `dtype`"),
         (
             with_header(&overlap, &data),
             "do not start where the tensors before it end",
@@ -376,6 +394,29 @@ fn runs_never_write_into_inputs_and_tampered_shards_are_refused() {
         out.to_str().unwrap(),
     ]);
     assert_refused(&o, &["train", "token id 65535", "changed after prepare"]);
+
+    // A hand-edited manifest: zero-length sequences, a shard outside the data directory.
+    let mpath = data.join("manifest.json");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+    let mut zero = manifest.clone();
+    zero["seq_len"] = 0.into();
+    let mut outside = manifest.clone();
+    outside["domains"]["alpha"]["train_shards"][0]["file"] = "../../etc/passwd".into();
+    for (m, says) in [
+        (zero, "seq_len 0 is outside"),
+        (outside, "not a file inside"),
+    ] {
+        std::fs::write(&mpath, m.to_string()).unwrap();
+        let o = run(&[
+            "prune",
+            "--config",
+            plan.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_refused(&o, &["manifest.json", says]);
+    }
 }
 
 /// Items 10 and 11: every number of a plan or a command line has a range, and sizes that would
@@ -398,6 +439,11 @@ fn numbers_out_of_range_are_refused_at_parse_time() {
         ("[run]\neval_batch = 0\n", "run.eval_batch"),
         ("[run]\nbatch_size = 1099511627776\n", "run.batch_size"),
         ("[run]\nseq_len = 1\n", "at least 2 tokens"),
+        ("[run]\nsteps = 9223372036854775807\n", "run.steps"),
+        (
+            "[optim]\nwarmup_steps = 9223372036854775807\n",
+            "optim.warmup_steps",
+        ),
         (
             "[dbl]\nrule = { rule = \"code\", eta = -1.0 }\n",
             "dbl.rule.eta",
@@ -540,6 +586,11 @@ fn hostile_chat_templates_fail_cleanly() {
             "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
             "recursion",
         ),
+        // Built in memory, never written: only the renderer's memory limit stops it.
+        (
+            "{% set x %}{% for i in range(100000) %}{{ 'x' * 99999999 }}{% endfor %}{% endset %}{{ x|length }}",
+            "MiB of memory",
+        ),
     ] {
         let mut cfg = base.clone();
         cfg["chat_template"] = template.into();
@@ -601,7 +652,7 @@ fn huge_documents_prepare_in_bounded_memory() {
     let solid = tmp.path().join("solid.jsonl");
     std::fs::write(
         &solid,
-        serde_json::json!({ "text": "x".repeat(1 << 20) }).to_string(),
+        serde_json::json!({ "text": "x".repeat(5 << 20) }).to_string(),
     )
     .unwrap();
     let out2 = tmp.path().join("data2");

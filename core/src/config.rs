@@ -336,54 +336,52 @@ impl LlamaConfig {
             }
         }
         let theta = inner.or(self.rope_theta).unwrap_or(10000.0);
-        // transformers 5 keeps the scaling keys inside rope_parameters; older files use rope_scaling.
-        let scaling = match (
-            params,
-            self.rope_scaling.as_ref().and_then(|v| v.as_object()),
-        ) {
-            (Some(p), _)
-                if p.get("rope_type")
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("default")
-                    != "default" =>
-            {
-                Some(p)
-            }
-            (_, Some(s)) => Some(s),
-            _ => None,
-        };
-        let scaling = match scaling {
-            None => RopeScaling::None,
-            Some(s) => {
-                let kind = s
-                    .get("rope_type")
-                    .or_else(|| s.get("type"))
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("default");
-                let num = |k: &str| -> std::result::Result<f64, String> {
-                    s.get(k)
-                        .and_then(|v| v.as_f64())
-                        .ok_or_else(|| format!("rope scaling '{kind}' needs a numeric '{k}'"))
-                };
-                match kind {
-                    "default" => RopeScaling::None,
-                    "linear" => RopeScaling::Linear {
-                        factor: num("factor")?,
-                    },
-                    "llama3" => RopeScaling::Llama3 {
-                        factor: num("factor")?,
-                        low_freq_factor: num("low_freq_factor")?,
-                        high_freq_factor: num("high_freq_factor")?,
-                        original_max_position_embeddings: num("original_max_position_embeddings")?,
-                    },
-                    other => {
-                        return Err(format!(
-                            "rope type '{other}' is not supported (default, linear and llama3 are)"
-                        ))
-                    }
+        // transformers 5 keeps the scaling keys inside rope_parameters; older files use
+        // rope_scaling. Given both, they must describe the same scaling (see rope_theta above).
+        let parse = |s: &Map<String, Value>| -> std::result::Result<RopeScaling, String> {
+            let kind = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
+            let num = |k: &str| -> std::result::Result<f64, String> {
+                s.get(k)
+                    .and_then(|v| v.as_f64())
+                    .ok_or_else(|| format!("rope scaling '{kind}' needs a numeric '{k}'"))
+            };
+            Ok(match kind {
+                "default" => RopeScaling::None,
+                "linear" => RopeScaling::Linear {
+                    factor: num("factor")?,
+                },
+                "llama3" => RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: num("low_freq_factor")?,
+                    high_freq_factor: num("high_freq_factor")?,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                },
+                other => {
+                    return Err(format!(
+                        "rope type '{other}' is not supported (default, linear and llama3 are)"
+                    ))
                 }
-            }
+            })
         };
+        let from_params = params.map(parse).transpose()?;
+        let from_old = self
+            .rope_scaling
+            .as_ref()
+            .and_then(|v| v.as_object())
+            .map(parse)
+            .transpose()?;
+        if let (Some(a), Some(b)) = (&from_params, &from_old) {
+            if a != b {
+                return Err(format!(
+                    "rope_scaling ({b:?}) and rope_parameters ({a:?}) disagree"
+                ));
+            }
+        }
+        let scaling = from_params.or(from_old).unwrap_or(RopeScaling::None);
         if !(theta.is_finite() && theta > 0.0) {
             return Err(format!("rope_theta {theta} must be a positive number"));
         }
@@ -515,6 +513,13 @@ mod tests {
         let t5 =
             parse(r#","rope_parameters":{"rope_theta":100000.0,"rope_type":"default"}"#).unwrap();
         assert_eq!(t5.rope().unwrap().theta, 100000.0);
+        // Both forms given and different: one file would be two models.
+        let both = parse(
+            r#","rope_scaling":{"rope_type":"linear","factor":2.0},
+            "rope_parameters":{"rope_theta":10000.0,"rope_type":"default"}"#,
+        )
+        .unwrap_err();
+        assert!(both.contains("disagree"), "{both}");
     }
 
     #[test]

@@ -19,4 +19,4 @@ pub use config::{LayerShape, LlamaConfig, Rope, RopeScaling};
 pub use error::{Error, Result};
 pub use model_files::ModelFiles;
 pub use tensor::{DType, HostData, HostTensor, WeightMap};
-pub use tokenizer::{ChatMessage, Tokenizer};
+pub use tokenizer::{ChatMessage, ChatTemplate, Tokenizer};

@@ -310,7 +310,7 @@ pub fn check_weights(
         .filter_map(|k| k.strip_prefix("model.layers.")?.split_once('.'))
         .filter_map(|(l, _)| l.parse::<usize>().ok())
         .max()
-        .map_or(0, |l| l + 1);
+        .map_or(0, |l| l.saturating_add(1));
     if held != config.num_hidden_layers {
         return Err(bad(format!(
             "the config (config.json, or a GGUF's block_count) says num_hidden_layers = {} but the weights hold {held} layers",

@@ -69,13 +69,33 @@ impl Tokenizer {
     /// Build from a `tokenizer.json` document and a `tokenizer_config.json` map. `origin` names
     /// the file for errors.
     pub fn from_json(json: String, config: Map<String, Value>, origin: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
+        let mut inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
             .map_err(|e| Error::format(origin, format!("invalid tokenizer: {e}")))?;
+        // Saved after a call with truncation=True or padding, a tokenizer.json would cut every
+        // document (or piece of one) and pad batches with pad ids: Shears always tokenizes whole
+        // texts, so both are switched off.
+        let mut warnings = vec![];
+        if inner.get_truncation().is_some() {
+            inner
+                .with_truncation(None)
+                .map_err(|e| Error::format(origin, format!("invalid tokenizer: {e}")))?;
+            warnings.push(format!(
+                "{}: its truncation setting is ignored (texts are tokenized whole)",
+                origin.display()
+            ));
+        }
+        if inner.get_padding().is_some() {
+            inner.with_padding(None);
+            warnings.push(format!(
+                "{}: its padding setting is ignored",
+                origin.display()
+            ));
+        }
         Ok(Tokenizer {
             inner,
             json,
             config,
-            warnings: vec![],
+            warnings,
         })
     }
 
@@ -231,7 +251,7 @@ impl Tokenizer {
                         "tokenizer.ggml.scores and tokens differ in length".into()
                     ));
                 }
-                merges_from_scores(&tokens, &scores)
+                merges_from_scores(&tokens, &scores).map_err(bad)?
             }
             None => {
                 return Err(bad(
@@ -376,7 +396,7 @@ impl Tokenizer {
         }
         let json = serde_json::to_string(&doc).expect("tokenizer json");
         let mut tok = Self::from_json(json, config, g.path())?;
-        tok.warnings = warnings;
+        tok.warnings.extend(warnings);
         Ok(tok)
     }
 
@@ -493,9 +513,36 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.chat()?.render(messages, add_generation_prompt)
+    }
+
+    /// The chat template with the special-token strings it may use, ready to render here or in
+    /// a memory-limited process (`shears generate --chat` does the latter).
+    pub fn chat(&self) -> Result<ChatTemplate> {
         let template = self
             .chat_template()
             .ok_or_else(|| Error::invalid("this model's tokenizer has no chat template"))?;
+        Ok(ChatTemplate {
+            template: template.to_string(),
+            bos_token: self.config_token("bos_token").unwrap_or_default(),
+            eos_token: self.config_token("eos_token").unwrap_or_default(),
+        })
+    }
+}
+
+/// A chat template and the special-token strings it may use.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ChatTemplate {
+    pub template: String,
+    pub bos_token: String,
+    pub eos_token: String,
+}
+
+impl ChatTemplate {
+    /// Render the way HF's `apply_chat_template` does (jinja with trim_blocks and
+    /// lstrip_blocks), with an instruction budget, an output cap and a recursion limit.
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let template = self.template.as_str();
         let mut env = minijinja::Environment::new();
         // Limits: an instruction budget (loops, recursion) and an output cap, both far above
         // what a real template needs for these messages (a few hundred instructions and a few
@@ -534,8 +581,8 @@ impl Tokenizer {
         let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
-            bos_token => self.config_token("bos_token").unwrap_or_default(),
-            eos_token => self.config_token("eos_token").unwrap_or_default(),
+            bos_token => self.bos_token.as_str(),
+            eos_token => self.eos_token.as_str(),
         };
         let mut out = BoundedOutput {
             buf: Vec::new(),
@@ -559,7 +606,9 @@ impl Tokenizer {
         String::from_utf8(out.buf)
             .map_err(|_| Error::invalid("chat template produced invalid UTF-8"))
     }
+}
 
+impl Tokenizer {
     /// Write `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` into `dir`.
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
@@ -583,6 +632,9 @@ impl Tokenizer {
 
 /// Texts longer than this are tokenized in pieces of about this size.
 pub const PIECE_BYTES: usize = 32 << 10;
+/// The most text tokenized in one piece when no cut point is found (the tokenizer's working
+/// set is about a hundred times the text).
+pub const WHOLE_BYTES: usize = 4 << 20;
 /// How far past a piece's nominal end a cut point (a space between two word characters whose
 /// tokens agree across the cut) is looked for before the text is refused.
 const CUT_SEARCH_BYTES: usize = 64 << 10;
@@ -673,8 +725,9 @@ impl PlainTextEncoder {
         Ok([left, right].concat() == whole)
     }
 
-    /// Cut points of a long text: near every [`PIECE_BYTES`], a space between two ASCII word
-    /// characters at which tokenizing in two provably changes nothing nearby.
+    /// Cut points of a long text: near every [`PIECE_BYTES`], a space between two words (or a
+    /// change between letters, digits and punctuation) at which tokenizing in two changes
+    /// nothing nearby.
     fn cuts(&self, text: &str) -> Result<Vec<usize>> {
         let b = text.as_bytes();
         let mut cuts = vec![];
@@ -685,7 +738,7 @@ impl PlainTextEncoder {
             // Spaces between words first; then, for text without them (CJK, code), places
             // where letters meet digits or punctuation. Each candidate must pass the check.
             let mut found = None;
-            let candidates = (lo..hi).filter(|&i| is_cut(b, i)).take(CUT_TRIES).chain(
+            let candidates = (lo..hi).filter(|&i| is_cut(text, i)).take(CUT_TRIES).chain(
                 (lo..hi)
                     .filter(|&i| text.is_char_boundary(i) && kinds_differ(text, i))
                     .take(CUT_TRIES),
@@ -701,11 +754,12 @@ impl PlainTextEncoder {
                     cuts.push(i);
                     from = i;
                 }
-                // The rest is short enough to tokenize whole.
-                None if hi == b.len() => break,
+                // No checked cut nearby: the rest is tokenized whole if it is not huge (text
+                // without spaces, such as CJK under a SentencePiece tokenizer).
+                None if b.len() - from <= WHOLE_BYTES => break,
                 None => {
                     return Err(Error::invalid(format!(
-                        "a text of {} bytes has no place to split it between bytes {lo} and {hi} (a space between two words where the tokenizer's ids do not change); Shears tokenizes texts longer than {PIECE_BYTES} bytes in pieces to bound memory; split the document into smaller ones",
+                        "a text of {} bytes has no place to split it between bytes {lo} and {hi} (a space between two words, or a change between letters, digits and punctuation, where the tokenizer's ids do not change), and more than {WHOLE_BYTES} bytes remain; Shears tokenizes long texts in pieces to bound memory; split the document into smaller ones",
                         b.len()
                     )))
                 }
@@ -784,40 +838,80 @@ fn kinds_differ(text: &str, i: usize) -> bool {
     }
 }
 
-/// Byte `i` of `b` is a space between two ASCII letters or digits.
-fn is_cut(b: &[u8], i: usize) -> bool {
+/// Byte `i` of `text` is a space between two letters or digits (any script).
+fn is_cut(text: &str, i: usize) -> bool {
+    let b = text.as_bytes();
     i > 0
         && i + 1 < b.len()
         && b[i] == b' '
-        && b[i - 1].is_ascii_alphanumeric()
-        && b[i + 1].is_ascii_alphanumeric()
+        && text[..i]
+            .chars()
+            .next_back()
+            .is_some_and(char::is_alphanumeric)
+        && text[i + 1..]
+            .chars()
+            .next()
+            .is_some_and(char::is_alphanumeric)
 }
 
 /// SentencePiece BPE merges recovered from token scores: every split of a token into two vocabulary
 /// tokens is a merge, ranked by the merged token's score (highest first), then by the scores of its
 /// halves, as HF's converter ranks them.
-fn merges_from_scores(tokens: &[String], scores: &[f64]) -> Vec<(String, String)> {
+///
+/// The work grows with the square of a token's length, so a vocabulary with a token longer than
+/// [`MAX_SPM_TOKEN_BYTES`] (real SentencePiece vocabularies stay far below) or more than
+/// [`MAX_SPM_MERGES_PER_TOKEN`] merges per token on average is refused.
+fn merges_from_scores(
+    tokens: &[String],
+    scores: &[f64],
+) -> std::result::Result<Vec<(String, String)>, String> {
+    if let Some(t) = tokens.iter().find(|t| t.len() > MAX_SPM_TOKEN_BYTES) {
+        return Err(format!(
+            "a SentencePiece token of {} bytes (limit {MAX_SPM_TOKEN_BYTES}) starting {:?}: not a real vocabulary",
+            t.len(),
+            t.chars().take(16).collect::<String>()
+        ));
+    }
     let index: std::collections::HashMap<&str, usize> = tokens
         .iter()
         .enumerate()
         .map(|(i, t)| (t.as_str(), i))
         .collect();
-    let mut merges: Vec<(f64, f64, f64, String, String)> = vec![];
-    for (tok, &score) in tokens.iter().zip(scores) {
+    let budget = MAX_SPM_MERGES_PER_TOKEN * tokens.len().max(1);
+    // (merged token, cut, left, right): strings are made only for the kept merges.
+    let mut merges: Vec<(usize, usize, usize, usize)> = vec![];
+    for (ti, tok) in tokens.iter().enumerate() {
         for (cut, _) in tok.char_indices().skip(1) {
             let (l, r) = tok.split_at(cut);
             if let (Some(&il), Some(&ir)) = (index.get(l), index.get(r)) {
-                merges.push((score, scores[il], scores[ir], l.to_string(), r.to_string()));
+                merges.push((ti, cut, il, ir));
+                if merges.len() > budget {
+                    return Err(format!(
+                        "the SentencePiece scores imply more than {budget} merges ({MAX_SPM_MERGES_PER_TOKEN} per token): not a real vocabulary"
+                    ));
+                }
             }
         }
     }
     merges.sort_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then(b.1.total_cmp(&a.1))
-            .then(b.2.total_cmp(&a.2))
+        scores[b.0]
+            .total_cmp(&scores[a.0])
+            .then(scores[b.2].total_cmp(&scores[a.2]))
+            .then(scores[b.3].total_cmp(&scores[a.3]))
     });
-    merges.into_iter().map(|m| (m.3, m.4)).collect()
+    Ok(merges
+        .into_iter()
+        .map(|(t, cut, _, _)| {
+            let (l, r) = tokens[t].split_at(cut);
+            (l.to_string(), r.to_string())
+        })
+        .collect())
 }
+
+/// Longest SentencePiece token whose merges are recovered (Llama-2's longest is 16 bytes).
+const MAX_SPM_TOKEN_BYTES: usize = 256;
+/// Average merges per token allowed (Llama-2's 32,000 tokens give about 2 each).
+const MAX_SPM_MERGES_PER_TOKEN: usize = 64;
 
 #[cfg(test)]
 mod tests {
@@ -830,7 +924,7 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         let scores = [0.0, 0.0, -1.0, 0.0, -3.0, -2.0];
-        let m = merges_from_scores(&toks, &scores);
+        let m = merges_from_scores(&toks, &scores).unwrap();
         assert_eq!(m[0], ("a".into(), "b".into()));
         assert_eq!(m[1], ("b".into(), "c".into()));
         assert!(m[2..].contains(&("ab".into(), "c".into())));

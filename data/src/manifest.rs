@@ -127,6 +127,45 @@ impl Manifest {
                 format!("manifest format '{}' is not '{FORMAT}'", m.format),
             ));
         }
+        // A hand-edited manifest must still describe shards Shears can read.
+        if !(2..=shears_core::config::limits::POSITIONS).contains(&m.seq_len) {
+            return Err(Error::format(
+                &p,
+                format!(
+                    "seq_len {} is outside 2..={}",
+                    m.seq_len,
+                    shears_core::config::limits::POSITIONS
+                ),
+            ));
+        }
+        for (name, d) in &m.domains {
+            for shards in [&d.train_shards, &d.eval_shards] {
+                if let Some(s) = shards.iter().find(|s| {
+                    s.file.is_empty()
+                        || !Path::new(&s.file)
+                            .components()
+                            .all(|c| matches!(c, std::path::Component::Normal(_)))
+                }) {
+                    return Err(Error::format(
+                        &p,
+                        format!(
+                            "domain '{name}': shard '{}' is not a file inside the data directory",
+                            s.file
+                        ),
+                    ));
+                }
+                shards
+                    .iter()
+                    .try_fold(0u64, |a, s| a.checked_add(s.sequences))
+                    .filter(|&n| n <= u64::MAX / m.seq_len as u64)
+                    .ok_or_else(|| {
+                        Error::format(
+                            &p,
+                            format!("domain '{name}': shard sequence counts overflow"),
+                        )
+                    })?;
+            }
+        }
         Ok(m)
     }
 }

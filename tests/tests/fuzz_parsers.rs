@@ -183,6 +183,8 @@ impl Tally {
     }
 
     fn finish(self) {
+        // Back to the default hook, so the failure below is printed.
+        drop(std::panic::take_hook());
         println!(
             "{}: {} cases, {} parsed, {} refused with an error, {} failures",
             self.format,

@@ -183,7 +183,20 @@ fn long_texts_tokenize_in_pieces_exactly_as_whole() {
         ),
     ];
     let text = long_text(5 * shears_core::tokenizer::PIECE_BYTES + 1234);
+    let cyrillic = "слово мир 42 Ёж, ".repeat(shears_core::tokenizer::PIECE_BYTES / 5);
     let short = "hello world";
+    for (name, tok) in &toks {
+        let enc = tok.plain_text_encoder();
+        let mut whole_tok = tok.inner().clone();
+        whole_tok.set_encode_special_tokens(true);
+        let whole = whole_tok.encode_fast(cyrillic.as_str(), false).unwrap();
+        let got = enc.encode_batch(&[&cyrillic]).unwrap();
+        assert_eq!(
+            got[0],
+            whole.get_ids(),
+            "{name}: Cyrillic pieces differ from the whole"
+        );
+    }
     for (name, tok) in &toks {
         let enc = tok.plain_text_encoder();
         let mut whole_tok = tok.inner().clone();
@@ -200,11 +213,42 @@ fn long_texts_tokenize_in_pieces_exactly_as_whole() {
     }
     // A long text without any place to cut is refused, not tokenized in one huge piece.
     let (_, tiny_tok) = &toks[0];
-    let unbroken = "x".repeat(4 * shears_core::tokenizer::PIECE_BYTES);
+    let unbroken = "x".repeat(shears_core::tokenizer::WHOLE_BYTES + 1000);
     let err = tiny_tok
         .plain_text_encoder()
         .encode_batch(&[&unbroken])
         .unwrap_err()
         .to_string();
     assert!(err.contains("no place to split"), "{err}");
+}
+
+/// A tokenizer.json saved with truncation and padding would cut and pad every document: both are
+/// switched off, with a warning.
+#[test]
+fn truncation_and_padding_in_tokenizer_json_are_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (meta, tensors) = tiny_gguf_model();
+    let p = tmp.path().join("tiny.gguf");
+    write_gguf(&p, &meta, &tensors, None);
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&p).unwrap()).unwrap();
+    let mut doc: serde_json::Value = serde_json::from_str(tok.json()).unwrap();
+    doc["truncation"] = serde_json::json!({"direction": "Right", "max_length": 4,
+        "strategy": "LongestFirst", "stride": 0});
+    doc["padding"] = serde_json::json!({"strategy": {"Fixed": 64}, "direction": "Right",
+        "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "<pad>"});
+    let t = Tokenizer::from_json(
+        doc.to_string(),
+        Default::default(),
+        &tmp.path().join("t.json"),
+    )
+    .unwrap();
+    assert_eq!(t.warnings.len(), 2, "{:?}", t.warnings);
+    let text = "the theorem then the cat";
+    let want = tok.encode(text, false).unwrap();
+    assert!(want.len() > 4);
+    assert_eq!(t.encode(text, false).unwrap(), want);
+    assert_eq!(
+        t.plain_text_encoder().encode_batch(&[text, "the"]).unwrap()[0],
+        want
+    );
 }

@@ -264,6 +264,8 @@ pub trait CheckRanges {
 pub mod limits {
     /// Sequences per step, per forward, per eval forward.
     pub const BATCH: usize = 1 << 24;
+    /// Optimizer steps (and warm-up, interval and checkpoint counts).
+    pub const STEPS: usize = 1 << 40;
     /// Tokens per sequence (the model's `max_position_embeddings` is the real bound; this one
     /// holds before the model is read).
     pub const SEQ_LEN: usize = shears_core::config::limits::POSITIONS;
@@ -280,6 +282,16 @@ fn in_range(
         Ok(())
     } else {
         Err(format!("{name} = {value} must be {range}"))
+    }
+}
+
+fn steps_in_range(name: &str, value: Option<usize>) -> std::result::Result<(), String> {
+    match value {
+        Some(n) if n > limits::STEPS => Err(format!(
+            "{name} = {n} is beyond the limit of {}",
+            limits::STEPS
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -312,7 +324,8 @@ impl OptimSettings {
             |v| (0.0..=1.0).contains(&v),
             "in [0, 1]",
         )?;
-        non_negative(&format!("{prefix}.grad_clip"), self.grad_clip)
+        non_negative(&format!("{prefix}.grad_clip"), self.grad_clip)?;
+        steps_in_range(&format!("{prefix}.warmup_steps"), self.warmup_steps)
     }
 }
 
@@ -320,7 +333,11 @@ impl PruningSettings {
     /// The masks' and multipliers' learning rates.
     pub fn check_ranges(&self, prefix: &str) -> std::result::Result<(), String> {
         non_negative(&format!("{prefix}.mask_lr"), self.mask_lr)?;
-        non_negative(&format!("{prefix}.multiplier_lr"), self.multiplier_lr)
+        non_negative(&format!("{prefix}.multiplier_lr"), self.multiplier_lr)?;
+        steps_in_range(
+            &format!("{prefix}.lagrangian_warmup_steps"),
+            self.lagrangian_warmup_steps,
+        )
     }
 }
 
@@ -414,6 +431,21 @@ impl RunSettings {
                     "{name} = {} is beyond the limit of {}",
                     v.unwrap_or(0),
                     limits::BATCH
+                ));
+            }
+        }
+        for (name, v) in [
+            ("run.steps", Some(self.steps)),
+            ("run.eval_interval", self.eval_interval),
+            ("run.checkpoint_interval", self.checkpoint_interval),
+            ("run.keep_checkpoints", Some(self.keep_checkpoints)),
+            ("run.max_bad_steps", Some(self.max_bad_steps)),
+        ] {
+            if matches!(v, Some(n) if n > limits::STEPS) {
+                return bad(format!(
+                    "{name} = {} is beyond the limit of {}",
+                    v.unwrap_or(0),
+                    limits::STEPS
                 ));
             }
         }

@@ -604,7 +604,7 @@ mod tests {
             finished: false,
             metrics_bytes: 0,
             sampler,
-            reference_losses: named(1500),
+            reference_losses: named(0),
             bad_steps: 0,
             stage_state: json!({ "lambdas": xs[2000..3000] }),
         };

@@ -138,8 +138,9 @@ impl crate::config::CheckRanges for PipelinePlan {
         }
         if matches!(e.seq_len, Some(n) if !(2..=crate::config::limits::SEQ_LEN).contains(&n)) {
             return Err(format!(
-                "eval.seq_len = {} must be at least 2 tokens",
-                e.seq_len.unwrap_or(0)
+                "eval.seq_len = {} must be between 2 and {} tokens",
+                e.seq_len.unwrap_or(0),
+                crate::config::limits::SEQ_LEN
             ));
         }
         Ok(())

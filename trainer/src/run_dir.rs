@@ -41,8 +41,12 @@ impl RunDir {
             ));
         }
         if !has_run && root.exists() {
-            let mut entries = std::fs::read_dir(root).at(root, "cannot list")?;
-            if entries.next().is_some() {
+            // Empty, or holding only the plan of a start killed before resolved.toml was written.
+            let foreign = std::fs::read_dir(root)
+                .at(root, "cannot list")?
+                .flatten()
+                .any(|e| e.file_name() != PLAN);
+            if foreign {
                 return Err(Error::format(
                     root,
                     format!(

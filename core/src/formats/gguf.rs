@@ -143,7 +143,14 @@ struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Metadata array elements still allowed: a parsed value takes ~32 bytes per element of as
+    /// little as one byte in the file, so the count is bounded across all arrays.
+    elements_left: u64,
 }
+
+/// Metadata array elements a file may hold in total (the largest real vocabularies and merge
+/// lists hold a few million).
+const MAX_METADATA_ELEMENTS: u64 = 1 << 25;
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
@@ -216,7 +223,12 @@ impl<'a> Cursor<'a> {
                         self.buf.len() - self.pos
                     )));
                 }
-                let mut v = Vec::with_capacity(n as usize);
+                self.elements_left = self.elements_left.checked_sub(n).ok_or_else(|| {
+                    self.err(format!(
+                        "metadata '{key}': {n} array elements put the file past the limit of {MAX_METADATA_ELEMENTS} metadata elements"
+                    ))
+                })?;
+                let mut v = Vec::with_capacity((n as usize).min(4096));
                 for _ in 0..n {
                     v.push(self.value(elem_ty, key, depth + 1)?);
                 }
@@ -242,6 +254,7 @@ impl GgufFile {
             buf: &mmap,
             pos: 0,
             path,
+            elements_left: MAX_METADATA_ELEMENTS,
         };
         let magic = c.take(4, "the magic number")?;
         if magic != MAGIC {
@@ -293,7 +306,7 @@ impl GgufFile {
                     )
                 })?,
         };
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        let mut tensors = Vec::with_capacity((n_tensors as usize).min(4096));
         let mut names = std::collections::HashSet::new();
         for i in 0..n_tensors {
             let name = c.string(&format!("tensor name #{i}"))?;
@@ -337,7 +350,9 @@ impl GgufFile {
                     ),
                 ));
             }
-            let n_bytes = numel / block as u64 * block_bytes as u64;
+            let n_bytes = (numel / block as u64)
+                .checked_mul(block_bytes as u64)
+                .ok_or_else(|| Error::format(path, format!("tensor '{name}': size overflows")))?;
             if offset % alignment != 0 {
                 return Err(Error::format(
                     path,

@@ -16,9 +16,21 @@ use crate::tensor::{HostData, HostTensor, WeightMap};
 /// The reference implementation's cap on the JSON header (100 MB).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
-/// The header's entries in file order; deserialising refuses a key that appears twice (a map
-/// would silently keep the last one).
-struct Header(Vec<(String, Value)>);
+/// One tensor's header entry as written. Deserialised with serde's derive, so a field given twice
+/// is an error (a map of JSON values would silently keep the last), as in the reference loader.
+#[derive(serde::Deserialize)]
+struct RawEntry {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: [u64; 2],
+}
+
+/// The header: tensor entries in file order and the `__metadata__` string map. A key given twice
+/// at either level is an error; so is a metadata value that is not a string.
+struct Header {
+    tensors: Vec<(String, RawEntry)>,
+    metadata: BTreeMap<String, String>,
+}
 
 impl<'de> serde::Deserialize<'de> for Header {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
@@ -33,17 +45,58 @@ impl<'de> serde::Deserialize<'de> for Header {
                 mut map: A,
             ) -> std::result::Result<Header, A::Error> {
                 let mut seen = std::collections::BTreeSet::new();
-                let mut out = Vec::new();
-                while let Some((k, v)) = map.next_entry::<String, Value>()? {
+                let mut h = Header {
+                    tensors: Vec::new(),
+                    metadata: BTreeMap::new(),
+                };
+                while let Some(k) = map.next_key::<String>()? {
                     if !seen.insert(k.clone()) {
                         return Err(serde::de::Error::custom(format!("key '{k}' appears twice")));
                     }
-                    out.push((k, v));
+                    if k == "__metadata__" {
+                        h.metadata = map.next_value::<UniqueStrings>()?.0;
+                    } else {
+                        let e = map
+                            .next_value::<RawEntry>()
+                            .map_err(|e| serde::de::Error::custom(format!("tensor '{k}': {e}")))?;
+                        h.tensors.push((k, e));
+                    }
                 }
-                Ok(Header(out))
+                Ok(h)
             }
         }
         d.deserialize_map(Entries)
+    }
+}
+
+/// A string-to-string map that refuses a key given twice.
+struct UniqueStrings(BTreeMap<String, String>);
+
+impl<'de> serde::Deserialize<'de> for UniqueStrings {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Strings;
+        impl<'de> serde::de::Visitor<'de> for Strings {
+            type Value = UniqueStrings;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of strings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<UniqueStrings, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = map.next_entry::<String, String>()? {
+                    if out.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!(
+                            "__metadata__ key '{k}' appears twice"
+                        )));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(UniqueStrings(out))
+            }
+        }
+        d.deserialize_map(Strings)
     }
 }
 
@@ -154,23 +207,13 @@ impl SafeTensorsFile {
                 "header length {header_len} exceeds the format's limit of {MAX_HEADER_BYTES} bytes"
             )));
         }
-        let Header(header) = serde_json::from_slice(&mmap[8..header_end])
+        let header: Header = serde_json::from_slice(&mmap[8..header_end])
             .map_err(|e| bad(format!("header is not a JSON object with unique keys: {e}")))?;
         let data_len = mmap.len() - header_end;
         let mut entries = BTreeMap::new();
-        let mut metadata = BTreeMap::new();
-        for (name, v) in header {
-            if name == "__metadata__" {
-                if let Value::Object(m) = v {
-                    for (k, v) in m {
-                        if let Value::String(s) = v {
-                            metadata.insert(k, s);
-                        }
-                    }
-                }
-                continue;
-            }
-            let entry = parse_entry(&name, &v).map_err(|m| bad(format!("tensor '{name}': {m}")))?;
+        let metadata = header.metadata;
+        for (name, raw) in header.tensors {
+            let entry = parse_entry(raw).map_err(|m| bad(format!("tensor '{name}': {m}")))?;
             let numel = entry
                 .shape
                 .iter()
@@ -338,36 +381,19 @@ fn le_chunks<const N: usize>(b: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
     b.chunks_exact(N).map(|c| c.try_into().unwrap())
 }
 
-fn parse_entry(_name: &str, v: &Value) -> std::result::Result<Entry, String> {
-    let obj = v.as_object().ok_or("header entry is not an object")?;
-    let dtype_s = obj
-        .get("dtype")
-        .and_then(|d| d.as_str())
-        .ok_or("missing 'dtype'")?;
-    let dtype = StDtype::parse(dtype_s).ok_or_else(|| format!("unknown dtype '{dtype_s}'"))?;
-    let shape = obj
-        .get("shape")
-        .and_then(|s| s.as_array())
-        .ok_or("missing 'shape'")?
-        .iter()
-        .map(|d| {
-            d.as_u64()
-                .map(|d| d as usize)
-                .ok_or("shape entries must be non-negative integers")
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let offs = obj
-        .get("data_offsets")
-        .and_then(|s| s.as_array())
-        .filter(|a| a.len() == 2)
-        .ok_or("missing or malformed 'data_offsets'")?;
-    let start = offs[0].as_u64().ok_or("data_offsets must be integers")? as usize;
-    let end = offs[1].as_u64().ok_or("data_offsets must be integers")? as usize;
+fn parse_entry(raw: RawEntry) -> std::result::Result<Entry, String> {
+    let dtype =
+        StDtype::parse(&raw.dtype).ok_or_else(|| format!("unknown dtype '{}'", raw.dtype))?;
+    let size = |v: u64| usize::try_from(v).map_err(|_| format!("{v} does not fit this machine"));
     Ok(Entry {
         dtype,
-        shape,
-        start,
-        end,
+        shape: raw
+            .shape
+            .into_iter()
+            .map(size)
+            .collect::<std::result::Result<_, _>>()?,
+        start: size(raw.data_offsets[0])?,
+        end: size(raw.data_offsets[1])?,
     })
 }
 
