@@ -14,6 +14,7 @@
 //!
 //! It must not own training loops or data: the trainer drives it. Mask math is f32 (or wider)
 //! whatever the model's dtype.
+#![forbid(unsafe_code)]
 
 pub mod constraint;
 pub mod finalize;

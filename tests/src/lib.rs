@@ -3,6 +3,7 @@
 //! Support for the cross-crate integration tests in `tests/tests/`: where the shared reference
 //! fixtures are, the real SmolLM2 model (fetched into the cache on first use), comparison
 //! helpers, and a small GGUF writer for building test files. Nothing here is used by the tool.
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 

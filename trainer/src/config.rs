@@ -78,10 +78,12 @@ impl Default for RunSettings {
 pub struct OptimSettings {
     /// Peak learning rate of the model weights.
     pub lr: f64,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
+    /// Stored as f64 so the written plan shows what was typed (0.9, not 0.8999999761581421);
+    /// the optimizer runs in f32.
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
     /// Warm-up steps of the cosine schedule (default: 10% of the steps).
     pub warmup_steps: Option<usize>,
     /// Final learning-rate multiplier of the cosine schedule (`α_f`).
@@ -110,10 +112,10 @@ impl OptimSettings {
     pub fn adamw(&self) -> AdamWSettings {
         AdamWSettings {
             lr: self.lr,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            weight_decay: self.weight_decay,
+            beta1: self.beta1 as f32,
+            beta2: self.beta2 as f32,
+            eps: self.eps as f32,
+            weight_decay: self.weight_decay as f32,
         }
     }
 }
@@ -306,18 +308,18 @@ impl OptimSettings {
         for (k, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             in_range(
                 &format!("{prefix}.{k}"),
-                b as f64,
+                b,
                 |v| (0.0..1.0).contains(&v),
                 "in [0, 1)",
             )?;
         }
         in_range(
             &format!("{prefix}.eps"),
-            self.eps as f64,
+            self.eps,
             |v| v > 0.0,
             "a finite number > 0",
         )?;
-        non_negative(&format!("{prefix}.weight_decay"), self.weight_decay as f64)?;
+        non_negative(&format!("{prefix}.weight_decay"), self.weight_decay)?;
         in_range(
             &format!("{prefix}.final_lr_ratio"),
             self.final_lr_ratio,

@@ -16,6 +16,7 @@
 //!
 //! It must not reach into file formats or model internals beyond the public APIs of `core`,
 //! `models`, `pruning` and `data`.
+#![forbid(unsafe_code)]
 
 pub mod checkpoint;
 pub mod config;
