@@ -240,7 +240,7 @@ enum Cmd {
         /// Store weights as f32, f16 or bf16 (default f32).
         #[arg(long)]
         dtype: Option<DType>,
-        /// Reproduce the reference conversion's LM-head scaling (spec §6.1).
+        /// Reproduce the reference conversion's LM-head scaling (method §6.1).
         #[arg(long)]
         compat_reference_lm_head: bool,
         /// Replace an existing model in --out.

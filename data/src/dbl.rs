@@ -1,4 +1,4 @@
-//! Dynamic batch loading (spec §5): after each evaluation, domain weights move towards the
+//! Dynamic batch loading (method §5): after each evaluation, domain weights move towards the
 //! domains whose loss is furthest above its reference. The rule is a small trait with the
 //! released code's rule (the default), the paper's rule and a constant baseline; reference losses
 //! come from the plan, from the source model's own eval losses, or from a scaling-law fit.
@@ -209,7 +209,7 @@ pub enum ReferenceSource {
     /// authors' recommendation with fewer than three model sizes, issue #13).
     SourceModel,
     /// A fit `ℓ(N) = a / N^b + c` per domain through three or more models, evaluated at the
-    /// target's total parameter count (spec §5.4).
+    /// target's total parameter count (method §5.4).
     ScalingLaw {
         points: Vec<ScalingPoint>,
         target_params: f64,

@@ -1,6 +1,6 @@
 //! # shears-data
 //!
-//! The data side of the pipeline (`../shared/shearing-spec.md` §5), in the order a run uses it:
+//! The data side of the pipeline (`docs/method.md` §5), in the order a run uses it:
 //!
 //! - [`documents`]: reading a domain's input files into documents;
 //! - [`prepare`]: tokenizing, splitting train/eval by document, packing into token shards;

@@ -1,4 +1,4 @@
-//! The domain sampler (spec §5.5, "recommended Rust design"): per domain a seeded permutation
+//! The domain sampler (method §5.5, "recommended Rust design"): per domain a seeded permutation
 //! of its train sequences with a cursor; per sample a seeded draw of the domain from the current
 //! weights. Its whole state (weights, cursors, epochs, the RNG, the weight history) serialises,
 //! so a resumed run draws exactly the sequences an uninterrupted one would.

@@ -1,4 +1,4 @@
-//! The targeted constraint (spec §4.2): for every pruned module, a Lagrangian term
+//! The targeted constraint (method §4.2): for every pruned module, a Lagrangian term
 //! `mean_rows(λ1·(e − t) + λ2·(e − t)²)` on expected sparsity fractions, with `t` ramped linearly
 //! from 0 to the module's target over the warm-up. The multipliers are trained by gradient
 //! *ascent* (the trainer negates their gradients).

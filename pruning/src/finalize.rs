@@ -1,4 +1,4 @@
-//! Finalize (spec §6, §11.1, §11.2): fold deterministic masks with the target's exact counts
+//! Finalize (method §6, §11.1, §11.2): fold deterministic masks with the target's exact counts
 //! into the weights and slice out a dense model of exactly the target shape. Host-side f32, so
 //! it runs on any machine that can hold the weights and needs no backend.
 

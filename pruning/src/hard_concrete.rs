@@ -1,4 +1,4 @@
-//! The hard-concrete distribution (Louizos et al. 2018) as LLM-Shearing uses it (spec §2):
+//! The hard-concrete distribution (Louizos et al. 2018) as LLM-Shearing uses it (method §2):
 //! stretched, clamped sigmoid gates with a learnable location `log_alpha` per mask entry.
 //! Everything here is f32, whatever the model's dtype.
 
@@ -44,7 +44,7 @@ pub fn sample<B: Backend, const D: usize>(
 }
 
 /// `P(z ≠ 0) = 1 − clamp(sigmoid(β·ln(−l/r) − log_alpha), ε, 1−ε)`, the expected-score of an
-/// entry (spec §2.3).
+/// entry (method §2.3).
 pub fn score<B: Backend, const D: usize>(log_alpha: Tensor<B, D>) -> Tensor<B, D> {
     let p_zero = sigmoid(log_alpha.neg().add_scalar(zero_offset())).clamp(EPSILON, 1.0 - EPSILON);
     p_zero.neg().add_scalar(1.0)
@@ -77,7 +77,7 @@ pub fn round_half_even(x: f64) -> f64 {
     }
 }
 
-/// The deterministic mask of one row (spec §2.4): `sigmoid(log_alpha / β · 0.8)`, with the
+/// The deterministic mask of one row (method §2.4): `sigmoid(log_alpha / β · 0.8)`, with the
 /// `count` smallest entries set to exactly 0. Ties are broken by index (the lower index is
 /// zeroed first), so the result does not depend on sort internals.
 pub fn deterministic_row(log_alpha: &[f32], count: ZeroCount) -> Vec<f32> {

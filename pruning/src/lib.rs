@@ -1,6 +1,6 @@
 //! # shears-pruning
 //!
-//! Targeted structured pruning (`../shared/shearing-spec.md` §1-§4, §6, §11), in the order a run
+//! Targeted structured pruning (`docs/method.md` §1-§4, §6, §11), in the order a run
 //! uses it:
 //!
 //! - [`target`]: the target shape, its validation against the source, which modules carry masks;

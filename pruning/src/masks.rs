@@ -1,4 +1,4 @@
-//! The L0 mask module: one hard-concrete mask per pruned structure (spec §1.2, §11.1), its
+//! The L0 mask module: one hard-concrete mask per pruned structure (method §1.2, §11.1), its
 //! sampled and deterministic values, and the per-forward multipliers they become.
 //!
 //! Every mask is stored as a 2-D `log_alpha [rows, n]`, where a row is the unit the spec counts
@@ -156,7 +156,7 @@ impl<B: Backend> L0Masks<B> {
         }
     }
 
-    /// A training-time sample (spec §2.2): one draw per forward, shared by the whole batch, with
+    /// A training-time sample (method §2.2): one draw per forward, shared by the whole batch, with
     /// the noise drawn from `rng` on the host so runs are reproducible and resumable.
     pub fn sample(&self, rng: &mut impl Rng) -> MaskValues<B> {
         let eps = hard_concrete::EPSILON as f32;
@@ -197,7 +197,7 @@ impl<B: Backend> L0Masks<B> {
             .collect()
     }
 
-    /// The deterministic masks (spec §2.4) of the clamped `log_alpha`s, per row: the expected
+    /// The deterministic masks (method §2.4) of the clamped `log_alpha`s, per row: the expected
     /// number of zeros rounded
     /// (`exact_target = false`, during pruning) or exactly the target's (`true`, finalize).
     pub fn deterministic(&self, exact_target: bool) -> HostMasks {

@@ -1,5 +1,5 @@
 //! A model under pruning: the LLaMA weights, the L0 masks and the Lagrange multipliers, kept as
-//! three modules so the trainer steps them as three parameter groups (spec §4.3): the weights
+//! three modules so the trainer steps them as three parameter groups (method §4.3): the weights
 //! and masks by descent, the multipliers by ascent.
 
 use burn::module::{AutodiffModule, Module};
@@ -61,7 +61,7 @@ impl<B: ShearsOps> PruningModel<B> {
         self
     }
 
-    /// One training forward (spec §1.3, §4.2): sample the masks once for the batch, run the
+    /// One training forward (method §1.3, §4.2): sample the masks once for the batch, run the
     /// masked model, and add the Lagrangian with targets ramped over `warmup` steps.
     pub fn forward_train(
         &self,
@@ -123,7 +123,7 @@ pub struct GroupGradients {
 
 impl<B: ShearsAutodiff> PruningModel<B> {
     /// Split the gradients of a backward pass into the three groups, negating the multipliers'
-    /// (gradient ascent, spec §4.3 and pitfall §10.1).
+    /// (gradient ascent, method §4.3 and pitfall §10 item 1).
     pub fn split_gradients(&self, mut grads: B::Gradients) -> GroupGradients {
         let model = GradientsParams::from_module(&mut grads, &self.model);
         let masks = GradientsParams::from_module(&mut grads, &self.masks);

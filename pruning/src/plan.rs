@@ -32,7 +32,7 @@ pub struct ModuleReport {
 }
 
 /// Whether a target width is a multiple of 64, and the parameter count if it were rounded to
-/// the nearest multiple (spec §11.4).
+/// the nearest multiple (method §11.4).
 #[derive(Debug, Clone, Serialize)]
 pub struct AlignmentReport {
     pub dimension: &'static str,

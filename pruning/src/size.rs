@@ -1,4 +1,4 @@
-//! Parameter accounting (spec §3, §11.1): what the constraint and the plan count.
+//! Parameter accounting (method §3, §11.1): what the constraint and the plan count.
 //!
 //! "Prunable" parameters are those of the attention and MLP projections; embeddings, the LM head
 //! and norms are excluded, as in the reference. Totals include everything.
@@ -73,7 +73,7 @@ impl Dims {
     }
 }
 
-/// Expected number of remaining prunable parameters under the masks' scores (spec §3.2 and
+/// Expected number of remaining prunable parameters under the masks' scores (method §3.2 and
 /// §11.1), a one-element f32 tensor:
 /// `D · Σ_l s_lay[l] · (2·hd·Σ_g s_kv[l,g]·Σ_s s_q[l,g,s] + 2·hd·Σ_g s_kv[l,g] + 3·Σ_k s_int[l,k])`
 /// with `D = Σ s_hid` (or d when the hidden mask is off); a missing mask counts as all ones.

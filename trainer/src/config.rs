@@ -1,5 +1,5 @@
 //! Run plans: the TOML files `shears prune` and `shears train` read. Every field is documented
-//! and has a default that follows the paper's recipe (spec §7) where the recipe has one; steps,
+//! and has a default that follows the paper's recipe (method §7) where the recipe has one; steps,
 //! batch and lengths are settings because a laptop run and an 8-GPU run differ there.
 
 use std::collections::BTreeMap;
@@ -72,7 +72,7 @@ impl Default for RunSettings {
     }
 }
 
-/// Optimizer and schedule of the model weights (spec §4.3).
+/// Optimizer and schedule of the model weights (method §4.3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OptimSettings {
@@ -120,7 +120,7 @@ impl OptimSettings {
     }
 }
 
-/// Dynamic batch loading (spec §5).
+/// Dynamic batch loading (method §5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DblSettings {
@@ -151,7 +151,7 @@ impl Default for DblSettings {
     }
 }
 
-/// The L0 stage's own settings (spec §4).
+/// The L0 stage's own settings (method §4).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PruningSettings {
@@ -495,7 +495,7 @@ impl RunSettings {
         Ok(())
     }
 
-    /// Fill the stage-dependent defaults (spec §5.3, §7): pruning evaluates every 50 steps
+    /// Fill the stage-dependent defaults (method §5.3, §7): pruning evaluates every 50 steps
     /// and not before the first; continued pre-training every 400 and once before step 1.
     pub fn resolve(&mut self, stage: StageKind) {
         let (interval, first) = match stage {

@@ -1,4 +1,4 @@
-//! The training loop both stages share (spec §4.3, §5.3): draw a batch from the domain sampler,
+//! The training loop both stages share (method §4.3, §5.3): draw a batch from the domain sampler,
 //! forward and backward (accumulated over micro-batches), clip the global gradient norm, step
 //! the optimizers with the cosine schedule's multiplier; every `eval_interval` steps evaluate
 //! per domain and update the domain weights; checkpoint, guard against non-finite steps, stop

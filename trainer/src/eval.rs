@@ -1,5 +1,5 @@
 //! Per-domain evaluation: mean token cross-entropy over each domain's eval shards, in fixed
-//! order, the number the trainer logs and dynamic batch loading reads (spec §5.3: the sum of
+//! order, the number the trainer logs and dynamic batch loading reads (method §5.3: the sum of
 //! CE over the domain's tokens divided by their count).
 
 use std::collections::BTreeMap;

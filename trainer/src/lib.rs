@@ -4,7 +4,7 @@
 //! them. It owns:
 //!
 //! - [`lm_step`] / [`prune_step`]: single optimisation steps (kept for tests and benchmarks);
-//! - [`config`]: the TOML run plans and their defaults (spec §7);
+//! - [`config`]: the TOML run plans and their defaults (method §7);
 //! - [`driver`]: the shared loop (batches from the domain sampler, accumulation, global-norm
 //!   clipping, the cosine schedule, per-domain eval and dynamic batch loading, guards, signals);
 //! - [`prune_stage`] / [`lm_stage`]: what differs between the two stages;

@@ -1,4 +1,4 @@
-//! Continued pre-training (spec §7.2): the same loop without masks and multipliers; one AdamW
+//! Continued pre-training (method §7.2): the same loop without masks and multipliers; one AdamW
 //! group over the model weights.
 
 use shears_models::ShearsAutodiff;

