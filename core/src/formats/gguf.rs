@@ -193,6 +193,95 @@ impl<'a> Cursor<'a> {
         Error::format(self.path, msg)
     }
 
+    /// `n_kv` metadata entries; a key given twice is an error.
+    fn metadata(&mut self, n_kv: u64) -> Result<BTreeMap<String, Value>> {
+        let mut metadata = BTreeMap::new();
+        for i in 0..n_kv {
+            let key = self.string(&format!("metadata key #{i}"))?;
+            let ty = self.u32(&key)?;
+            let v = self.value(ty, &key, 0)?;
+            if metadata.contains_key(&key) {
+                return Err(Error::format(
+                    self.path,
+                    format!("metadata key '{key}' appears twice"),
+                ));
+            }
+            metadata.insert(key, v);
+        }
+        Ok(metadata)
+    }
+
+    /// The tensor directory: `n` entries, each with a known type, a shape whose byte size fits
+    /// 64 bits, whole blocks per row, an aligned offset and a name not seen before.
+    fn tensor_directory(&mut self, n: u64, alignment: u64) -> Result<Vec<TensorInfo>> {
+        let mut tensors = Vec::with_capacity((n as usize).min(4096));
+        let mut names = std::collections::HashSet::new();
+        for i in 0..n {
+            let name = self.string(&format!("tensor name #{i}"))?;
+            if !names.insert(name.clone()) {
+                return Err(Error::format(
+                    self.path,
+                    format!("tensor '{name}' appears twice in the tensor directory"),
+                ));
+            }
+            let n_dims = self.u32(&name)?;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(Error::format(
+                    self.path,
+                    format!("tensor '{name}': {n_dims} dimensions (1 to 4 allowed)"),
+                ));
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for _ in 0..n_dims {
+                dims.push(self.u64(&name)?);
+            }
+            let type_id = self.u32(&name)?;
+            let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
+                Error::format(
+                    self.path,
+                    format!("tensor '{name}': unknown ggml type id {type_id}"),
+                )
+            })?;
+            let offset = self.u64(&name)?;
+            let numel = dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| {
+                    Error::format(self.path, format!("tensor '{name}': shape overflows"))
+                })?;
+            let (block, block_bytes) = ggml_type.block();
+            if dims[0] % block as u64 != 0 {
+                return Err(Error::format(
+                    self.path,
+                    format!(
+                        "tensor '{name}': row length {} is not a multiple of the {} block size {block}",
+                        dims[0],
+                        ggml_type.name()
+                    ),
+                ));
+            }
+            let n_bytes = (numel / block as u64)
+                .checked_mul(block_bytes as u64)
+                .ok_or_else(|| {
+                    Error::format(self.path, format!("tensor '{name}': size overflows"))
+                })?;
+            if offset % alignment != 0 {
+                return Err(Error::format(
+                    self.path,
+                    format!("tensor '{name}': offset {offset} is not aligned to {alignment}"),
+                ));
+            }
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+                n_bytes,
+            });
+        }
+        Ok(tensors)
+    }
+
     fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<Value> {
         Ok(match ty {
             0 => Value::U8(self.u8(key)?),
@@ -242,6 +331,57 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Every tensor's bytes lie inside the file, and the tensors are packed in directory order,
+/// each at the aligned end of the one before (llama.cpp's rule).
+fn check_layout(
+    path: &Path,
+    tensors: &[TensorInfo],
+    data_start: u64,
+    file_len: u64,
+    alignment: u64,
+) -> Result<()> {
+    for t in tensors {
+        let end = data_start
+            .checked_add(t.offset)
+            .and_then(|s| s.checked_add(t.n_bytes));
+        if end.is_none_or(|e| e > file_len) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor '{}': data at offset {} + {} bytes runs past the end of the file ({} bytes; data section starts at {data_start}); the file is truncated or corrupt",
+                    t.name, t.offset, t.n_bytes, file_len
+                ),
+            ));
+        }
+    }
+    // llama.cpp's rule: tensors are packed in directory order, each at the aligned end of the
+    // one before. A size that disagrees with the type and shape (a type id changed from
+    // Q4_1 to Q8_0, say) moves every later offset, so it cannot pass unnoticed, and no two
+    // tensors' bytes can overlap.
+    let mut expected = 0u64;
+    for t in tensors {
+        if t.offset != expected {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor '{}': data offset {} but the tensors before it end at {expected}; its size ({} bytes of {} {:?}) or an earlier tensor's disagrees with the data layout (overlapping or misplaced tensor data)",
+                    t.name,
+                    t.offset,
+                    t.n_bytes,
+                    t.ggml_type.name(),
+                    t.shape()
+                ),
+            ));
+        }
+        expected = t
+            .n_bytes
+            .checked_next_multiple_of(alignment)
+            .and_then(|n| expected.checked_add(n))
+            .ok_or_else(|| Error::format(path, format!("tensor '{}': size overflows", t.name)))?;
+    }
+    Ok(())
+}
+
 impl GgufFile {
     /// Open and validate `path`: header, metadata and tensor directory must parse, every tensor
     /// type must be known and every tensor's data must lie inside the file.
@@ -281,19 +421,7 @@ impl GgufFile {
                 ),
             ));
         }
-        let mut metadata = BTreeMap::new();
-        for i in 0..n_kv {
-            let key = c.string(&format!("metadata key #{i}"))?;
-            let ty = c.u32(&key)?;
-            let v = c.value(ty, &key, 0)?;
-            if metadata.contains_key(&key) {
-                return Err(Error::format(
-                    path,
-                    format!("metadata key '{key}' appears twice"),
-                ));
-            }
-            metadata.insert(key, v);
-        }
+        let metadata = c.metadata(n_kv)?;
         let alignment = match metadata.get("general.alignment") {
             None => DEFAULT_ALIGNMENT,
             Some(v) => v
@@ -306,110 +434,9 @@ impl GgufFile {
                     )
                 })?,
         };
-        let mut tensors = Vec::with_capacity((n_tensors as usize).min(4096));
-        let mut names = std::collections::HashSet::new();
-        for i in 0..n_tensors {
-            let name = c.string(&format!("tensor name #{i}"))?;
-            if !names.insert(name.clone()) {
-                return Err(Error::format(
-                    path,
-                    format!("tensor '{name}' appears twice in the tensor directory"),
-                ));
-            }
-            let n_dims = c.u32(&name)?;
-            if n_dims == 0 || n_dims > 4 {
-                return Err(Error::format(
-                    path,
-                    format!("tensor '{name}': {n_dims} dimensions (1 to 4 allowed)"),
-                ));
-            }
-            let mut dims = Vec::with_capacity(n_dims as usize);
-            for _ in 0..n_dims {
-                dims.push(c.u64(&name)?);
-            }
-            let type_id = c.u32(&name)?;
-            let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
-                Error::format(
-                    path,
-                    format!("tensor '{name}': unknown ggml type id {type_id}"),
-                )
-            })?;
-            let offset = c.u64(&name)?;
-            let numel = dims
-                .iter()
-                .try_fold(1u64, |a, &d| a.checked_mul(d))
-                .ok_or_else(|| Error::format(path, format!("tensor '{name}': shape overflows")))?;
-            let (block, block_bytes) = ggml_type.block();
-            if dims[0] % block as u64 != 0 {
-                return Err(Error::format(
-                    path,
-                    format!(
-                        "tensor '{name}': row length {} is not a multiple of the {} block size {block}",
-                        dims[0],
-                        ggml_type.name()
-                    ),
-                ));
-            }
-            let n_bytes = (numel / block as u64)
-                .checked_mul(block_bytes as u64)
-                .ok_or_else(|| Error::format(path, format!("tensor '{name}': size overflows")))?;
-            if offset % alignment != 0 {
-                return Err(Error::format(
-                    path,
-                    format!("tensor '{name}': offset {offset} is not aligned to {alignment}"),
-                ));
-            }
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                ggml_type,
-                offset,
-                n_bytes,
-            });
-        }
+        let tensors = c.tensor_directory(n_tensors, alignment)?;
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
-        let file_len = mmap.len() as u64;
-        for t in &tensors {
-            let end = data_start
-                .checked_add(t.offset)
-                .and_then(|s| s.checked_add(t.n_bytes));
-            if end.is_none_or(|e| e > file_len) {
-                return Err(Error::format(
-                    path,
-                    format!(
-                        "tensor '{}': data at offset {} + {} bytes runs past the end of the file ({} bytes; data section starts at {data_start}); the file is truncated or corrupt",
-                        t.name, t.offset, t.n_bytes, file_len
-                    ),
-                ));
-            }
-        }
-        // llama.cpp's rule: tensors are packed in directory order, each at the aligned end of the
-        // one before. A size that disagrees with the type and shape (a type id changed from
-        // Q4_1 to Q8_0, say) moves every later offset, so it cannot pass unnoticed, and no two
-        // tensors' bytes can overlap.
-        let mut expected = 0u64;
-        for t in &tensors {
-            if t.offset != expected {
-                return Err(Error::format(
-                    path,
-                    format!(
-                        "tensor '{}': data offset {} but the tensors before it end at {expected}; its size ({} bytes of {} {:?}) or an earlier tensor's disagrees with the data layout (overlapping or misplaced tensor data)",
-                        t.name,
-                        t.offset,
-                        t.n_bytes,
-                        t.ggml_type.name(),
-                        t.shape()
-                    ),
-                ));
-            }
-            expected = t
-                .n_bytes
-                .checked_next_multiple_of(alignment)
-                .and_then(|n| expected.checked_add(n))
-                .ok_or_else(|| {
-                    Error::format(path, format!("tensor '{}': size overflows", t.name))
-                })?;
-        }
+        check_layout(path, &tensors, data_start, mmap.len() as u64, alignment)?;
         Ok(GgufFile {
             path: path.to_path_buf(),
             mmap,
