@@ -238,11 +238,43 @@ pub struct TrainConfig {
     pub faults: Faults,
 }
 
-/// Which loop a plan is for; the defaults that differ between them follow from it.
+/// Which loop a plan is for; the defaults that differ between them follow from it, and are
+/// written down only here (method §5.3, §7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StageKind {
     Prune,
     Train,
+}
+
+impl StageKind {
+    /// Steps between evaluations (and DBL updates): 50 when pruning, 400 in continued
+    /// pre-training.
+    pub fn eval_interval(self) -> usize {
+        match self {
+            StageKind::Prune => 50,
+            StageKind::Train => 400,
+        }
+    }
+
+    /// Whether to evaluate before the first step: no when pruning, yes in continued
+    /// pre-training.
+    pub fn eval_first(self) -> bool {
+        self == StageKind::Train
+    }
+
+    /// Learning-rate warm-up when the plan gives none: 10% of the steps when pruning, 3% in
+    /// continued pre-training.
+    pub fn warmup_steps(self, steps: usize) -> usize {
+        match self {
+            StageKind::Prune => steps / 10,
+            StageKind::Train => steps / 100 * 3 + steps % 100 * 3 / 100,
+        }
+    }
+
+    /// The target-sparsity ramp when the plan gives none: 20% of the steps.
+    pub fn lagrangian_warmup_steps(self, steps: usize) -> usize {
+        steps / 5
+    }
 }
 
 /// Read a TOML plan and check every number's range; errors name the file and the setting.
@@ -495,29 +527,25 @@ impl RunSettings {
         Ok(())
     }
 
-    /// Fill the stage-dependent defaults (method §5.3, §7): pruning evaluates every 50 steps
-    /// and not before the first; continued pre-training every 400 and once before step 1.
+    /// Fill the stage-dependent defaults ([`StageKind`]'s, method §5.3, §7).
     pub fn resolve(&mut self, stage: StageKind) {
-        let (interval, first) = match stage {
-            StageKind::Prune => (50, false),
-            StageKind::Train => (400, true),
-        };
         let interval = *self
             .eval_interval
-            .get_or_insert(interval.min(self.steps.max(1)));
-        self.eval_first.get_or_insert(first);
+            .get_or_insert(stage.eval_interval().min(self.steps.max(1)));
+        self.eval_first.get_or_insert(stage.eval_first());
         self.checkpoint_interval.get_or_insert(interval);
     }
 
-    /// Evaluation interval (after [`RunSettings::resolve`]).
-    pub fn eval_every(&self) -> usize {
-        self.eval_interval.unwrap_or(50)
+    /// Evaluation interval: the plan's, else the stage's default.
+    pub fn eval_every(&self, stage: StageKind) -> usize {
+        self.eval_interval
+            .unwrap_or_else(|| stage.eval_interval().min(self.steps.max(1)))
     }
 
-    /// Checkpoint interval (after [`RunSettings::resolve`]).
-    pub fn checkpoint_every(&self) -> usize {
+    /// Checkpoint interval: the plan's, else the evaluation interval.
+    pub fn checkpoint_every(&self, stage: StageKind) -> usize {
         self.checkpoint_interval
-            .unwrap_or_else(|| self.eval_every())
+            .unwrap_or_else(|| self.eval_every(stage))
     }
 
     /// Sequences per forward.

@@ -338,7 +338,10 @@ pub fn run_loop<B: ShearsAutodiff, S: Stage<B>>(
     let es = eval_settings(run, data)?;
     let sizes = train_sizes(data)?;
     let schedule = CosineWithWarmup {
-        warmup: inp.optim.warmup_steps.unwrap_or(steps / 10),
+        warmup: inp
+            .optim
+            .warmup_steps
+            .unwrap_or_else(|| stage.kind().warmup_steps(steps)),
         max: steps,
         final_ratio: inp.optim.final_lr_ratio,
     };
@@ -425,8 +428,8 @@ pub fn run_loop<B: ShearsAutodiff, S: Stage<B>>(
         bad,
         pb,
     };
-    let eval_every = run.eval_every();
-    let ckpt_every = run.checkpoint_every();
+    let eval_every = run.eval_every(stage.kind());
+    let ckpt_every = run.checkpoint_every(stage.kind());
     let micro = run.micro();
     for t in start..steps {
         if (t == 0 && run.eval_first.unwrap_or(false)) || (t > 0 && t % eval_every == 0) {

@@ -174,10 +174,12 @@ pub fn resolve_prune(
     c.check_ranges().map_err(Error::invalid)?;
     let mut c = c.clone();
     c.run.resolve(StageKind::Prune);
-    c.optim.warmup_steps.get_or_insert(c.run.steps / 10);
+    c.optim
+        .warmup_steps
+        .get_or_insert(StageKind::Prune.warmup_steps(c.run.steps));
     c.pruning
         .lagrangian_warmup_steps
-        .get_or_insert(c.run.steps / 5);
+        .get_or_insert(StageKind::Prune.lagrangian_warmup_steps(c.run.steps));
     let spec = PruningSpec::new(source, c.target, c.pruning.modules.as_deref())?;
     c.pruning.modules = Some(spec.modules.clone());
     Ok((c, spec))
@@ -222,7 +224,9 @@ pub fn resolve_train(c: &TrainConfig) -> Result<TrainConfig> {
     c.check_ranges().map_err(Error::invalid)?;
     let mut c = c.clone();
     c.run.resolve(StageKind::Train);
-    c.optim.warmup_steps.get_or_insert(c.run.steps * 3 / 100);
+    c.optim
+        .warmup_steps
+        .get_or_insert(StageKind::Train.warmup_steps(c.run.steps));
     Ok(c)
 }
 
