@@ -77,20 +77,15 @@ impl AutodiffTask for TrainTask {
     }
 }
 
-fn job(
-    out: PathBuf,
-    plan_text: String,
-    resume: bool,
-    allow_tokenizer_mismatch: bool,
-) -> JobOptions {
+fn job(out: PathBuf, plan_text: String, a: &StageArgs) -> JobOptions {
     JobOptions {
         out,
         plan_text,
-        resume,
+        resume: a.resume,
         progress: true,
         echo: true,
         interrupt: jobs::interrupt_flag(),
-        allow_tokenizer_mismatch,
+        allow_tokenizer_mismatch: a.allow_tokenizer_mismatch,
         source_losses: None,
     }
 }
@@ -106,44 +101,32 @@ fn out_dir(flag: Option<PathBuf>, config: &Path, stage: &str) -> PathBuf {
 }
 
 pub fn prune(backend: BackendKind, a: StageArgs) -> Result<Ended> {
-    let StageArgs {
-        config,
-        out,
-        resume,
-        allow_tokenizer_mismatch,
-    } = a;
-    let config = config.as_path();
+    let config = a.config.as_path();
     let text = read_plan(config)?;
     let cfg: PruneConfig = read_toml(config)?;
-    let out = out_dir(out, config, "prune");
+    let out = out_dir(a.out.clone(), config, "prune");
     let kind = backend_of(backend, &cfg.run)?;
     let outcome = dispatch_autodiff(
         kind,
         PruneTask {
             config: cfg,
-            job: job(out.clone(), text, resume, allow_tokenizer_mismatch),
+            job: job(out.clone(), text, &a),
         },
     )??;
     Ok(report(outcome, "pruning", &out))
 }
 
 pub fn train(backend: BackendKind, a: StageArgs) -> Result<Ended> {
-    let StageArgs {
-        config,
-        out,
-        resume,
-        allow_tokenizer_mismatch,
-    } = a;
-    let config = config.as_path();
+    let config = a.config.as_path();
     let text = read_plan(config)?;
     let cfg: TrainConfig = read_toml(config)?;
-    let out = out_dir(out, config, "train");
+    let out = out_dir(a.out.clone(), config, "train");
     let kind = backend_of(backend, &cfg.run)?;
     let outcome = dispatch_autodiff(
         kind,
         TrainTask {
             config: cfg,
-            job: job(out.clone(), text, resume, allow_tokenizer_mismatch),
+            job: job(out.clone(), text, &a),
         },
     )??;
     Ok(report(outcome, "training", &out))

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
+use shears_tests::runs::snapshot;
 use shears_tests::{fixture, smollm2_gguf, tiny_gguf_model, write_gguf, GgufTensor};
 
 fn shears(args: &[&str]) -> Output {
@@ -419,21 +420,6 @@ fn write_docs(path: &Path, n: usize) {
         .map(|i| format!("{{\"text\": \"document {i} with a few words in it\"}}\n"))
         .collect();
     std::fs::write(path, lines).unwrap();
-}
-
-/// The files under `dir` with their contents (to prove a refused command left them intact).
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = vec![];
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(snapshot(&p));
-        } else {
-            out.push((p.clone(), std::fs::read(&p).unwrap()));
-        }
-    }
-    out.sort();
-    out
 }
 
 /// `--force` only ever replaces an output: an --out that is, contains or lies inside one of the

@@ -5,13 +5,26 @@
 
 use std::path::{Path, PathBuf};
 
-use shears_tests::runs::{assert_refused, setup, shears, shears_limited, tiny_model, TINY_TARGET};
+use shears_tests::runs::{
+    assert_refused, setup, shears, shears_limited, snapshot, tiny_model, TINY_TARGET,
+};
 use shears_tests::{tiny_gguf_model, write_gguf, GgufTensor, Meta};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shears");
 
 fn run(args: &[&str]) -> std::process::Output {
     shears(BIN, args)
+}
+
+/// `shears prune --config PLAN --out OUT`.
+fn prune(plan: &Path, out: &Path) -> std::process::Output {
+    run(&[
+        "prune",
+        "--config",
+        plan.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
 }
 
 fn ok(o: &std::process::Output) -> String {
@@ -60,24 +73,6 @@ fn edit_config(hf: &Path, key: &str, v: serde_json::Value) {
         serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     cfg[key] = v;
     std::fs::write(&p, cfg.to_string()).unwrap();
-}
-
-/// Every file under `dir` with its bytes.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = vec![];
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push((p.clone(), std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// Item 1: counts in metadata are checked against the tensors before anything is sized from
@@ -360,13 +355,7 @@ fn runs_never_write_into_inputs_and_tampered_shards_are_refused() {
     std::fs::create_dir(&other).unwrap();
     std::fs::write(other.join("todo.txt"), "mine").unwrap();
     for out in [&data, &other] {
-        let o = run(&[
-            "prune",
-            "--config",
-            plan.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let o = prune(&plan, out);
         assert_refused(&o, &[out.to_str().unwrap(), "not a run directory"]);
     }
     assert_eq!(snapshot(&data), before, "the data changed");
@@ -386,13 +375,7 @@ fn runs_never_write_into_inputs_and_tampered_shards_are_refused() {
         }
     }
     let out = tmp.path().join("run");
-    let o = run(&[
-        "prune",
-        "--config",
-        plan.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = prune(&plan, &out);
     assert_refused(&o, &["train", "token id 65535", "changed after prepare"]);
 
     // A hand-edited manifest: zero-length sequences, a shard outside the data directory.
@@ -408,13 +391,7 @@ fn runs_never_write_into_inputs_and_tampered_shards_are_refused() {
         (outside, "not a file inside"),
     ] {
         std::fs::write(&mpath, m.to_string()).unwrap();
-        let o = run(&[
-            "prune",
-            "--config",
-            plan.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let o = prune(&plan, &out);
         assert_refused(&o, &["manifest.json", says]);
     }
 }
@@ -455,13 +432,7 @@ fn numbers_out_of_range_are_refused_at_parse_time() {
     ] {
         let plan = prune_plan(tmp.path(), "bad.toml", &model, &data, extra);
         let out = tmp.path().join("run");
-        let o = run(&[
-            "prune",
-            "--config",
-            plan.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let o = prune(&plan, &out);
         assert_refused(&o, &["bad.toml", setting]);
         assert!(!out.exists(), "{extra}: a run directory was created");
     }

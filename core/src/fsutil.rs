@@ -109,6 +109,16 @@ impl Drop for StagedDir {
     }
 }
 
+/// Whether `name`, read from a file (an index, a manifest), names something inside the directory
+/// it is resolved against: non-empty, relative, no `..`, no root or drive prefix. Symlinks inside
+/// the directory are the caller's to follow (the HF hub cache links shards to blobs).
+pub fn is_inside_name(name: &str) -> bool {
+    !name.is_empty()
+        && Path::new(name)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
 /// `p` as an absolute path with every existing prefix resolved through the filesystem
 /// (symlinks, `.` and `..`) and the part that does not exist yet normalised lexically, so two
 /// spellings of one place compare equal.

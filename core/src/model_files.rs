@@ -248,13 +248,7 @@ fn read_sharded(index: &Path) -> Result<WeightMap> {
         let file = file.as_str().ok_or_else(|| {
             Error::format(index, format!("weight_map['{name}'] is not a file name"))
         })?;
-        // A shard is a file name inside the model directory: no absolute path, no '..', no
-        // drive prefix. (Symlinks inside the directory are followed, as in the HF hub cache.)
-        let inside = !file.is_empty()
-            && Path::new(file)
-                .components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)));
-        if !inside {
+        if !crate::fsutil::is_inside_name(file) {
             return Err(Error::format(
                 index,
                 format!("weight_map['{name}'] = '{file}' points outside the model directory"),

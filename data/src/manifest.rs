@@ -140,12 +140,10 @@ impl Manifest {
         }
         for (name, d) in &m.domains {
             for shards in [&d.train_shards, &d.eval_shards] {
-                if let Some(s) = shards.iter().find(|s| {
-                    s.file.is_empty()
-                        || !Path::new(&s.file)
-                            .components()
-                            .all(|c| matches!(c, std::path::Component::Normal(_)))
-                }) {
+                if let Some(s) = shards
+                    .iter()
+                    .find(|s| !shears_core::fsutil::is_inside_name(&s.file))
+                {
                     return Err(Error::format(
                         &p,
                         format!(

@@ -408,6 +408,22 @@ pub mod runs {
         Command::new(bin).args(args).output().unwrap()
     }
 
+    /// The files under `dir` with their contents, sorted (to prove a refused command left them
+    /// intact).
+    pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = vec![];
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(snapshot(&p));
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+        out.sort();
+        out
+    }
+
     /// `shears` with `args` under an address-space limit of `mib` MiB (`ulimit -v`): a command
     /// that tries to allocate more dies instead of succeeding, so a test can show a bound.
     pub fn shears_limited(bin: &str, mib: u64, args: &[&str]) -> Output {

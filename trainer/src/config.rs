@@ -319,12 +319,10 @@ fn in_range(
     }
 }
 
-fn steps_in_range(name: &str, value: Option<usize>) -> std::result::Result<(), String> {
+/// A count the plan may leave out, at most `max`.
+fn at_most(name: &str, value: Option<usize>, max: usize) -> std::result::Result<(), String> {
     match value {
-        Some(n) if n > limits::STEPS => Err(format!(
-            "{name} = {n} is beyond the limit of {}",
-            limits::STEPS
-        )),
+        Some(n) if n > max => Err(format!("{name} = {n} is beyond the limit of {max}")),
         _ => Ok(()),
     }
 }
@@ -359,7 +357,11 @@ impl OptimSettings {
             "in [0, 1]",
         )?;
         non_negative(&format!("{prefix}.grad_clip"), self.grad_clip)?;
-        steps_in_range(&format!("{prefix}.warmup_steps"), self.warmup_steps)
+        at_most(
+            &format!("{prefix}.warmup_steps"),
+            self.warmup_steps,
+            limits::STEPS,
+        )
     }
 }
 
@@ -368,9 +370,10 @@ impl PruningSettings {
     pub fn check_ranges(&self, prefix: &str) -> std::result::Result<(), String> {
         non_negative(&format!("{prefix}.mask_lr"), self.mask_lr)?;
         non_negative(&format!("{prefix}.multiplier_lr"), self.multiplier_lr)?;
-        steps_in_range(
+        at_most(
             &format!("{prefix}.lagrangian_warmup_steps"),
             self.lagrangian_warmup_steps,
+            limits::STEPS,
         )
     }
 }
@@ -455,45 +458,27 @@ impl RunSettings {
     /// [`RunSettings::validate`] with the settings named under `prefix` (`run`, `prune.run`).
     pub fn check_ranges(&self, prefix: &str) -> std::result::Result<(), String> {
         let bad = |m: String| Err(m.replace("run.", &format!("{prefix}.")));
-        for (name, v) in [
-            ("run.batch_size", Some(self.batch_size)),
-            ("run.micro_batch", self.micro_batch),
-            ("run.eval_batch", Some(self.eval_batch)),
+        for (name, v, max) in [
+            ("run.batch_size", Some(self.batch_size), limits::BATCH),
+            ("run.micro_batch", self.micro_batch, limits::BATCH),
+            ("run.eval_batch", Some(self.eval_batch), limits::BATCH),
+            ("run.steps", Some(self.steps), limits::STEPS),
+            ("run.eval_interval", self.eval_interval, limits::STEPS),
+            (
+                "run.checkpoint_interval",
+                self.checkpoint_interval,
+                limits::STEPS,
+            ),
+            (
+                "run.keep_checkpoints",
+                Some(self.keep_checkpoints),
+                limits::STEPS,
+            ),
+            ("run.max_bad_steps", Some(self.max_bad_steps), limits::STEPS),
+            ("run.seq_len", self.seq_len, limits::SEQ_LEN),
+            ("run.eval_seq_len", self.eval_seq_len, limits::SEQ_LEN),
         ] {
-            if matches!(v, Some(n) if n > limits::BATCH) {
-                return bad(format!(
-                    "{name} = {} is beyond the limit of {}",
-                    v.unwrap_or(0),
-                    limits::BATCH
-                ));
-            }
-        }
-        for (name, v) in [
-            ("run.steps", Some(self.steps)),
-            ("run.eval_interval", self.eval_interval),
-            ("run.checkpoint_interval", self.checkpoint_interval),
-            ("run.keep_checkpoints", Some(self.keep_checkpoints)),
-            ("run.max_bad_steps", Some(self.max_bad_steps)),
-        ] {
-            if matches!(v, Some(n) if n > limits::STEPS) {
-                return bad(format!(
-                    "{name} = {} is beyond the limit of {}",
-                    v.unwrap_or(0),
-                    limits::STEPS
-                ));
-            }
-        }
-        for (name, v) in [
-            ("run.seq_len", self.seq_len),
-            ("run.eval_seq_len", self.eval_seq_len),
-        ] {
-            if matches!(v, Some(n) if n > limits::SEQ_LEN) {
-                return bad(format!(
-                    "{name} = {} is beyond the limit of {}",
-                    v.unwrap_or(0),
-                    limits::SEQ_LEN
-                ));
-            }
+            at_most(name, v, max).or_else(bad)?;
         }
         if self.eval_batch == 0 || self.eval_sequences == Some(0) {
             return bad("run.eval_batch and run.eval_sequences must be at least 1".into());
