@@ -11,89 +11,117 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::json;
 use shears_core::{DType, LlamaConfig, ModelFiles};
 use shears_models::{dispatch, dispatch_autodiff, load, AutodiffTask, BackendKind, BackendTask};
-use shears_trainer::{AdamWSettings, LmTrainer};
+use shears_trainer::{AdamWSettings, LmStage, Stage};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
     /// Each fused kernel (attention, LM head + cross-entropy) against its generic composition
     /// of burn ops on one backend (default: the default backend), forward and forward +
     /// backward, and the GEMM rate on the projection shapes. Shapes default to SmolLM2-135M's.
-    Kernels {
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        #[arg(long, default_value_t = 256)]
-        seq_len: usize,
-        #[arg(long, default_value_t = 9)]
-        heads: usize,
-        #[arg(long, default_value_t = 3)]
-        kv_heads: usize,
-        #[arg(long, default_value_t = 64)]
-        head_dim: usize,
-        #[arg(long, default_value_t = 576)]
-        hidden: usize,
-        #[arg(long, default_value_t = 1536)]
-        intermediate: usize,
-        #[arg(long, default_value_t = 49152)]
-        vocab: usize,
-        /// Timed runs per figure (median reported, after one warm-up).
-        #[arg(long, default_value_t = 5)]
-        iters: usize,
-        /// Print JSON lines.
-        #[arg(long)]
-        json: bool,
-    },
+    Kernels(KernelsArgs),
     /// Tokenization + packing throughput (tokens/s, all cores) of a data plan, and sampler
     /// throughput (sequences/s read from the memory-mapped shards).
-    Data {
-        /// Data plan (default: the demo corpus's, from `shears corpus fetch-demo`).
-        #[arg(long)]
-        plan: Option<std::path::PathBuf>,
-        /// Sequences drawn for the sampler figure.
-        #[arg(long, default_value_t = 200_000)]
-        draws: usize,
-    },
+    Data(DataArgs),
     /// Training-step time of a real model with and without pruning masks (sampled hard-concrete
     /// masks, Lagrangian, three optimizers) on one backend (default: the default backend).
-    Prune {
-        /// Model (path or known name).
-        #[arg(long, default_value = "smollm2")]
-        model: String,
-        /// Sequences per step.
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        /// Tokens per sequence.
-        #[arg(long, default_value_t = 256)]
-        seq_len: usize,
-        /// Timed pairs of steps (a plain step, then a masked step), after one warm-up step each.
-        #[arg(long, default_value_t = 2)]
-        iters: usize,
-        /// Print one JSON line.
-        #[arg(long)]
-        json: bool,
-    },
+    Prune(PruneArgs),
     /// Tokens/s of a real model's forward (batch 1 x L and 8 x L) and of a tiny LLaMA training
     /// step (vocab 8192, hidden 256, 4 layers, 4 heads, intermediate 688, batch 8 x L).
-    Forward {
-        /// Model for the forward figures (path or known name).
-        #[arg(long, default_value = "smollm2")]
-        model: String,
-        /// Timed repetitions per figure (after one warm-up).
-        #[arg(long, default_value_t = 3)]
-        iters: usize,
-        /// Sequence length L.
-        #[arg(long, default_value_t = 256)]
-        seq_len: usize,
-        /// Skip the real-model figures.
-        #[arg(long)]
-        skip_model: bool,
-        /// Also time the real model's training step (forward + backward + AdamW, batch 1 x L
-        /// and 4 x L) and its pruning step (batch 4 x L, every structure masked).
-        #[arg(long)]
-        train: bool,
-        /// Print JSON lines instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Forward(ForwardArgs),
+}
+
+/// `shears bench kernels`.
+#[derive(clap::Args, Debug)]
+pub struct KernelsArgs {
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 9)]
+    heads: usize,
+    #[arg(long, default_value_t = 3)]
+    kv_heads: usize,
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    #[arg(long, default_value_t = 576)]
+    hidden: usize,
+    #[arg(long, default_value_t = 1536)]
+    intermediate: usize,
+    #[arg(long, default_value_t = 49152)]
+    vocab: usize,
+    /// Timed runs per figure (median reported, after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Print JSON lines.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `shears bench data`.
+#[derive(clap::Args, Debug)]
+pub struct DataArgs {
+    /// Data plan (default: the demo corpus's, from `shears corpus fetch-demo`).
+    #[arg(long)]
+    plan: Option<std::path::PathBuf>,
+    /// Sequences drawn for the sampler figure.
+    #[arg(long, default_value_t = 200_000)]
+    draws: usize,
+}
+
+/// `shears bench prune`.
+#[derive(clap::Args, Debug)]
+pub struct PruneArgs {
+    /// Model (path or known name).
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Timed pairs of steps (a plain step, then a masked step), after one warm-up step each.
+    #[arg(long, default_value_t = 2)]
+    iters: usize,
+    /// Print one JSON line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `shears bench forward`.
+#[derive(clap::Args, Debug)]
+pub struct ForwardArgs {
+    /// Model for the forward figures (path or known name).
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// Timed repetitions per figure (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Sequence length L.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Skip the real-model figures.
+    #[arg(long)]
+    skip_model: bool,
+    /// Also time the real model's training step (forward + backward + AdamW, batch 1 x L
+    /// and 4 x L) and its pruning step (batch 4 x L, every structure masked).
+    #[arg(long)]
+    train: bool,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Seeded random token ids: `batch` sequences of `len`.
+fn random_seqs(batch: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..batch)
+        .map(|_| {
+            (0..len)
+                .map(|_| rng.random_range(0..vocab as u32))
+                .collect()
+        })
+        .collect()
 }
 
 fn random_ids<B: Backend>(
@@ -185,10 +213,12 @@ impl AutodiffTask for TrainBench {
     fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> Self::Output {
         let config = tiny_config(self.len);
         let model = load::random_model::<B>(&config, 0, &device)?;
-        let mut trainer = LmTrainer::new(model, AdamWSettings::default());
-        let ids = random_ids::<B>(self.batch, self.len, config.vocab_size, 2, &device);
+        let mut trainer = LmStage::from_model(model, AdamWSettings::default());
+        let ids = random_seqs(self.batch, self.len, config.vocab_size, 2);
+        let mut t = 0;
         let secs = timed(self.iters, || {
-            trainer.step(ids.clone());
+            trainer.step(&ids, t, 0, 1.0);
+            t += 1;
         });
         Ok((self.batch * self.len) as f64 / secs)
     }
@@ -207,15 +237,14 @@ impl AutodiffTask for ModelTrainBench<'_> {
     type Output = shears_core::Result<Vec<(usize, f64, f64)>>;
     fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> Self::Output {
         let vocab = self.files.config.vocab_size;
-        let model = load::from_files::<B>(self.files, &device, DType::F32)?;
-        let mut trainer = LmTrainer::new(model, AdamWSettings::default());
+        let mut trainer = LmStage::<B>::new(self.files, AdamWSettings::default(), &device)?;
         Ok(self
             .batches
             .iter()
             .map(|&b| {
-                let ids = random_ids::<B>(b, self.len, vocab, 4, &device);
+                let ids = random_seqs(b, self.len, vocab, 4);
                 let secs = timed(self.iters, || {
-                    trainer.step(ids.clone());
+                    trainer.step(&ids, 0, 0, 1.0);
                 });
                 (b, (b * self.len) as f64 / secs, secs)
             })
@@ -234,13 +263,12 @@ impl AutodiffTask for PruneBench<'_> {
     /// Median seconds per step without and with masks, and the median of the per-pair ratios.
     type Output = shears_core::Result<(f64, f64, f64)>;
     fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> Self::Output {
-        use shears_pruning::{PruningModel, PruningSpec, TargetShape};
-        use shears_trainer::{PruneStepSettings, PruneTrainer};
+        use shears_pruning::{PruningSpec, TargetShape};
+        use shears_trainer::{PruneRates, PruneStage};
         let vocab = self.files.config.vocab_size;
-        let ids = random_ids::<B>(self.batch, self.len, vocab, 3, &device);
-        let settings = PruneStepSettings::default();
-        let model = load::from_files::<B>(self.files, &device, DType::F32)?;
-        let mut plain = LmTrainer::new(model, settings.model);
+        let ids = random_seqs(self.batch, self.len, vocab, 3);
+        let rates = PruneRates::default();
+        let mut plain = LmStage::<B>::new(self.files, rates.model, &device)?;
         // Prune every structure at once (the heaviest mask configuration): a target two thirds
         // the source's size in every dimension.
         let c = &self.files.config;
@@ -256,21 +284,18 @@ impl AutodiffTask for PruneBench<'_> {
             intermediate_size: (c.intermediate_size * 2 / 3).max(1),
         };
         let spec = PruningSpec::new(c, target, None)?;
-        let model = load::from_files::<B>(self.files, &device, DType::F32)?;
-        let mut rng = StdRng::seed_from_u64(0);
-        let state = PruningModel::new(model, &spec, &mut rng)?;
-        let mut masked = PruneTrainer::new(state, settings, 0);
+        let mut masked = PruneStage::<B>::new(self.files, &spec, rates, 0, &device)?;
         // One warm-up step each, then plain and masked steps alternate, so a host whose speed
         // drifts from minute to minute slows both sides of each pair alike.
-        plain.step(ids.clone());
-        masked.step(ids.clone(), 1.0);
-        let pairs: Vec<(f64, f64)> = (0..self.iters.max(1))
-            .map(|_| {
+        plain.step(&ids, 0, 0, 1.0);
+        masked.step(&ids, 0, 0, 1.0);
+        let pairs: Vec<(f64, f64)> = (1..=self.iters.max(1))
+            .map(|t| {
                 let p = secs(|| {
-                    plain.step(ids.clone());
+                    plain.step(&ids, t, 0, 1.0);
                 });
                 let m = secs(|| {
-                    masked.step(ids.clone(), 1.0);
+                    masked.step(&ids, t, t as u64, 1.0);
                 });
                 eprintln!("pair: plain {p:.3} s, masked {m:.3} s ({:.3}x)", m / p);
                 (p, m)
@@ -285,87 +310,159 @@ impl AutodiffTask for PruneBench<'_> {
 
 /// Run a benchmark on `only` (the global `--backend`), or on every compiled CPU backend.
 pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
-    let (model, iters, seq_len, skip_model, with_train, as_json) = match cmd {
-        BenchCmd::Forward {
-            model,
-            iters,
-            seq_len,
-            skip_model,
-            train,
-            json,
-        } => (model, iters, seq_len, skip_model, train, json),
-        BenchCmd::Data { plan, draws } => return bench_data(plan, draws),
-        BenchCmd::Kernels {
-            batch,
-            seq_len,
-            heads,
-            kv_heads,
-            head_dim,
-            hidden,
-            intermediate,
-            vocab,
-            iters,
-            json,
-        } => {
-            if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || batch == 0 || seq_len == 0 {
-                anyhow::bail!("--heads must be a positive multiple of --kv-heads, and --batch and --seq-len positive");
-            }
-            let kind = only
-                .or_else(BackendKind::default_backend)
-                .expect("a compiled backend");
-            let shapes = crate::bench_kernels::KernelShapes {
-                batch,
-                seq_len,
-                heads,
-                kv_heads,
-                head_dim,
-                hidden,
-                intermediate,
-                vocab,
+    match cmd {
+        BenchCmd::Forward(a) => bench_forward(a, only),
+        BenchCmd::Data(a) => bench_data(a.plan, a.draws),
+        BenchCmd::Kernels(a) => bench_kernels(a, only),
+        BenchCmd::Prune(a) => bench_prune(a, only),
+    }
+}
+
+/// The backend a one-backend benchmark runs on.
+fn one_backend(only: Option<BackendKind>) -> BackendKind {
+    only.or_else(BackendKind::default_backend)
+        .expect("a compiled backend")
+}
+
+fn bench_kernels(a: KernelsArgs, only: Option<BackendKind>) -> Result<()> {
+    if a.heads == 0
+        || a.kv_heads == 0
+        || !a.heads.is_multiple_of(a.kv_heads)
+        || a.batch == 0
+        || a.seq_len == 0
+    {
+        anyhow::bail!(
+            "--heads must be a positive multiple of --kv-heads, and --batch and --seq-len positive"
+        );
+    }
+    let shapes = crate::bench_kernels::KernelShapes {
+        batch: a.batch,
+        seq_len: a.seq_len,
+        heads: a.heads,
+        kv_heads: a.kv_heads,
+        head_dim: a.head_dim,
+        hidden: a.hidden,
+        intermediate: a.intermediate,
+        vocab: a.vocab,
+        iters: a.iters,
+    };
+    let bench = crate::bench_kernels::KernelBench {
+        shapes,
+        json: a.json,
+    };
+    dispatch_autodiff(one_backend(only), bench)?;
+    Ok(())
+}
+
+fn bench_prune(a: PruneArgs, only: Option<BackendKind>) -> Result<()> {
+    let kind = one_backend(only);
+    let files = crate::commands::load_model_files(&a.model)?;
+    let (plain, masked, ratio) = dispatch_autodiff(
+        kind,
+        PruneBench {
+            files: &files,
+            batch: a.batch,
+            len: a.seq_len,
+            iters: a.iters,
+        },
+    )??;
+    let overhead = ratio - 1.0;
+    let (batch, seq_len, iters) = (a.batch, a.seq_len, a.iters);
+    if a.json {
+        println!(
+            "{}",
+            json!({"backend": kind.name(), "model": files.source.display().to_string(), "batch": batch,
+                "seq_len": seq_len, "iters": iters, "step_s_without_masks": plain,
+                "step_s_with_masks": masked, "mask_overhead": overhead})
+        );
+    } else {
+        println!("# shears bench prune: {} on {kind}, batch {batch} x {seq_len}, {iters} alternating pairs of timed steps after 1 warm-up each; medians, overhead = median of the pairs' ratios", files.source.display());
+        println!("training step without masks: {plain:.3} s");
+        println!(
+            "training step with masks:    {masked:.3} s  ({:+.1}%)",
+            100.0 * overhead
+        );
+    }
+    Ok(())
+}
+
+/// One backend's row of `shears bench forward`.
+struct ForwardRow {
+    f1: Option<f64>,
+    f8: Option<f64>,
+    tiny_train: f64,
+    /// Real-model training tokens/s at batch 1 and 4, and seconds per step at 4.
+    t1: Option<f64>,
+    t4: Option<f64>,
+    t4s: Option<f64>,
+    /// (plain, masked, ratio) seconds per pruning step.
+    prune: Option<(f64, f64, f64)>,
+}
+
+fn forward_row(
+    kind: BackendKind,
+    files: Option<&ModelFiles>,
+    a: &ForwardArgs,
+) -> Result<ForwardRow> {
+    let (len, iters) = (a.seq_len, a.iters);
+    let fwd = match files {
+        Some(f) => dispatch(
+            kind,
+            ForwardBench {
+                files: f,
+                batches: &[1, 8],
+                len,
                 iters,
-            };
-            dispatch_autodiff(kind, crate::bench_kernels::KernelBench { shapes, json })?;
-            return Ok(());
-        }
-        BenchCmd::Prune {
-            model,
-            batch,
-            seq_len,
+            },
+        )??,
+        None => vec![],
+    };
+    let tiny_train = dispatch_autodiff(
+        kind,
+        TrainBench {
+            batch: 8,
+            len,
             iters,
-            json,
-        } => {
-            let kind = only
-                .or_else(BackendKind::default_backend)
-                .expect("a compiled backend");
-            let files = crate::commands::load_model_files(&model)?;
-            let (plain, masked, ratio) = dispatch_autodiff(
+        },
+    )??;
+    let (mtrain, prune) = match (files, a.train) {
+        (Some(f), true) => {
+            let t = dispatch_autodiff(
                 kind,
-                PruneBench {
-                    files: &files,
-                    batch,
-                    len: seq_len,
+                ModelTrainBench {
+                    files: f,
+                    batches: &[1, 4],
+                    len,
                     iters,
                 },
             )??;
-            let overhead = ratio - 1.0;
-            if json {
-                println!(
-                    "{}",
-                    json!({"backend": kind.name(), "model": files.source.display().to_string(), "batch": batch,
-                        "seq_len": seq_len, "iters": iters, "step_s_without_masks": plain,
-                        "step_s_with_masks": masked, "mask_overhead": overhead})
-                );
-            } else {
-                println!("# shears bench prune: {} on {kind}, batch {batch} x {seq_len}, {iters} alternating pairs of timed steps after 1 warm-up each; medians, overhead = median of the pairs' ratios", files.source.display());
-                println!("training step without masks: {plain:.3} s");
-                println!(
-                    "training step with masks:    {masked:.3} s  ({:+.1}%)",
-                    100.0 * overhead
-                );
-            }
-            return Ok(());
+            let p = dispatch_autodiff(
+                kind,
+                PruneBench {
+                    files: f,
+                    batch: 4,
+                    len,
+                    iters: iters.min(2),
+                },
+            )??;
+            (t, Some(p))
         }
+        _ => (vec![], None),
     };
+    let at = |xs: &[(usize, f64)], b: usize| xs.iter().find(|x| x.0 == b).map(|x| x.1);
+    let m: Vec<(usize, f64)> = mtrain.iter().map(|x| (x.0, x.1)).collect();
+    Ok(ForwardRow {
+        f1: at(&fwd, 1),
+        f8: at(&fwd, 8),
+        tiny_train,
+        t1: at(&m, 1),
+        t4: at(&m, 4),
+        t4s: mtrain.iter().find(|x| x.0 == 4).map(|x| x.2),
+        prune,
+    })
+}
+
+fn bench_forward(a: ForwardArgs, only: Option<BackendKind>) -> Result<()> {
     let backends: Vec<BackendKind> = match only {
         Some(b) => vec![b],
         None => BackendKind::compiled()
@@ -373,16 +470,17 @@ pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
             .filter(|b| b.is_cpu())
             .collect(),
     };
-    let files = if skip_model {
+    let files = if a.skip_model {
         None
     } else {
-        Some(crate::commands::load_model_files(&model)?)
+        Some(crate::commands::load_model_files(&a.model)?)
     };
     let threads = rayon::current_num_threads();
-    if !as_json {
+    let isa = shears_models::ops::simd::Isa::detect().name();
+    let (seq_len, iters) = (a.seq_len, a.iters);
+    if !a.json {
         println!(
-            "# shears bench forward: L = {seq_len}, median of {iters} timed runs after 1 warm-up, {threads} CPU threads, {} kernels",
-            shears_models::ops::simd::Isa::detect().name()
+            "# shears bench forward: L = {seq_len}, median of {iters} timed runs after 1 warm-up, {threads} CPU threads, {isa} kernels"
         );
         println!(
             "{:<8} {:>22} {:>22} {:>26}",
@@ -390,86 +488,38 @@ pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {
         );
     }
     for kind in backends {
-        let fwd = match &files {
-            Some(f) => dispatch(
-                kind,
-                ForwardBench {
-                    files: f,
-                    batches: &[1, 8],
-                    len: seq_len,
-                    iters,
-                },
-            )??,
-            None => vec![],
-        };
-        let train = dispatch_autodiff(
-            kind,
-            TrainBench {
-                batch: 8,
-                len: seq_len,
-                iters,
-            },
-        )??;
-        let f1 = fwd.iter().find(|x| x.0 == 1).map(|x| x.1);
-        let f8 = fwd.iter().find(|x| x.0 == 8).map(|x| x.1);
-        let (mtrain, prune) = match (&files, with_train) {
-            (Some(f), true) => {
-                let t = dispatch_autodiff(
-                    kind,
-                    ModelTrainBench {
-                        files: f,
-                        batches: &[1, 4],
-                        len: seq_len,
-                        iters,
-                    },
-                )??;
-                let p = dispatch_autodiff(
-                    kind,
-                    PruneBench {
-                        files: f,
-                        batch: 4,
-                        len: seq_len,
-                        iters: iters.min(2),
-                    },
-                )??;
-                (t, Some(p))
-            }
-            _ => (vec![], None),
-        };
-        let t1 = mtrain.iter().find(|x| x.0 == 1).map(|x| x.1);
-        let t4 = mtrain.iter().find(|x| x.0 == 4).map(|x| x.1);
-        let t4s = mtrain.iter().find(|x| x.0 == 4).map(|x| x.2);
-        if as_json {
+        let r = forward_row(kind, files.as_ref(), &a)?;
+        if a.json {
             println!(
                 "{}",
                 json!({"backend": kind.name(), "seq_len": seq_len, "iters": iters, "threads": threads,
-                    "isa": shears_models::ops::simd::Isa::detect().name(),
+                    "isa": isa,
                     "model": files.as_ref().map(|f| f.source.display().to_string()),
-                    "forward_1_tok_s": f1, "forward_8_tok_s": f8,
-                    "train_1_tok_s": t1, "train_4_tok_s": t4, "train_4_step_s": t4s,
-                    "prune_4_step_s": prune.map(|p| p.1), "plain_4_step_s": prune.map(|p| p.0),
-                    "prune_over_plain": prune.map(|p| p.2),
-                    "tiny_train_8_tok_s": train})
+                    "forward_1_tok_s": r.f1, "forward_8_tok_s": r.f8,
+                    "train_1_tok_s": r.t1, "train_4_tok_s": r.t4, "train_4_step_s": r.t4s,
+                    "prune_4_step_s": r.prune.map(|p| p.1), "plain_4_step_s": r.prune.map(|p| p.0),
+                    "prune_over_plain": r.prune.map(|p| p.2),
+                    "tiny_train_8_tok_s": r.tiny_train})
             );
-        } else {
-            let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.0}"));
+            continue;
+        }
+        let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.0}"));
+        println!(
+            "{:<8} {:>22} {:>22} {:>26.0}",
+            kind.name(),
+            fmt(r.f1),
+            fmt(r.f8),
+            r.tiny_train
+        );
+        if let Some((plain, masked, ratio)) = r.prune {
             println!(
-                "{:<8} {:>22} {:>22} {:>26.0}",
-                kind.name(),
-                fmt(f1),
-                fmt(f8),
-                train
+                "{:<8} model train step 1xL {} tok/s, 4xL {} tok/s ({:.2} s); pruning step 4xL {masked:.2} s vs plain {plain:.2} s ({:.3}x)",
+                "",
+                fmt(r.t1),
+                fmt(r.t4),
+                r.t4s.unwrap_or(f64::NAN),
+                ratio
             );
-            if let Some((plain, masked, ratio)) = prune {
-                println!(
-                    "{:<8} model train step 1xL {} tok/s, 4xL {} tok/s ({:.2} s); pruning step 4xL {masked:.2} s vs plain {plain:.2} s ({:.3}x)",
-                    "",
-                    fmt(t1),
-                    fmt(t4),
-                    t4s.unwrap_or(f64::NAN),
-                    ratio
-                );
-            }
         }
     }
     Ok(())

@@ -9,10 +9,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use shears_core::{DType, ModelFiles, Tokenizer};
 use shears_data::Dataset;
+use shears_eval::domain::{batch_tensor, domain_losses, summed_nll, EvalSettings};
+use shears_eval::zeroshot::{self, Task};
 use shears_models::{dispatch, load, BackendKind, BackendTask, Llama};
-use shears_pruning::{PruneModule, PruningSpec, TargetShape};
-use shears_trainer::eval::{batch_tensor, domain_losses, summed_nll, EvalSettings};
-use shears_trainer::zeroshot::{self, Task};
+use shears_pruning::PruningSpec;
+use shears_trainer::checkpoint::Checkpoint;
+use shears_trainer::config::StageKind;
 
 /// `shears eval`.
 #[derive(clap::Args, Debug)]
@@ -66,7 +68,7 @@ pub struct EvalArgs {
 /// What is evaluated: a model, optionally with a pruning checkpoint's deterministic masks.
 struct Subject {
     files: ModelFiles,
-    masks: Option<(PathBuf, PruningSpec)>,
+    masks: Option<(Checkpoint, PruningSpec)>,
     label: String,
 }
 
@@ -83,26 +85,24 @@ fn subject(a: &EvalArgs) -> Result<Subject> {
             })
         }
         (None, Some(run)) => {
-            let ckpt = shears_trainer::jobs::find_checkpoint(run, a.step)?;
-            let st = shears_trainer::driver::read_state(&ckpt)?;
-            let files = ModelFiles::load_hf_dir(ckpt.join("model"))
-                .with_context(|| format!("cannot load the model of {}", ckpt.display()))?;
+            let ckpt = Checkpoint::find(run, a.step)?;
+            let files = ckpt
+                .model_files()
+                .with_context(|| format!("cannot load the model of {}", ckpt.dir.display()))?;
             let masks = if a.masked {
-                if st.stage != "prune" {
+                if ckpt.state.stage.kind() != StageKind::Prune {
                     bail!(
                         "--masked needs a pruning run; {} is a '{}' run",
                         run.display(),
-                        st.stage
+                        ckpt.state.stage.kind().name()
                     );
                 }
-                let target: TargetShape = serde_json::from_value(st.stage_state["target"].clone())?;
-                let modules: Vec<PruneModule> =
-                    serde_json::from_value(st.stage_state["modules"].clone())?;
-                let spec = PruningSpec::new(&files.config, target, Some(&modules))?;
+                let spec = ckpt.pruning_spec(&files)?;
                 Some((ckpt.clone(), spec))
             } else {
                 None
             };
+            let st = &ckpt.state;
             Ok(Subject {
                 files,
                 masks,
@@ -136,8 +136,7 @@ impl BackendTask for EvalTask {
         let model: Llama<B> = load::from_files::<B>(&self.subject.files, &device, DType::F32)?;
         let fm = match &self.subject.masks {
             Some((ckpt, spec)) => {
-                let (masks, _) =
-                    shears_trainer::prune_stage::read_pruning::<B>(ckpt, spec, &device)?;
+                let (masks, _) = ckpt.masks::<B>(spec, &device)?;
                 Some(
                     masks
                         .clamped()

@@ -6,6 +6,7 @@ mod bench_kernels;
 mod commands;
 mod data;
 mod eval;
+mod report;
 mod train;
 
 use std::path::PathBuf;
@@ -314,7 +315,7 @@ fn main() -> ExitCode {
             allow_tokenizer_mismatch,
         } => ended(train::run(backend, &plan, resume, allow_tokenizer_mismatch)),
         Cmd::Eval(a) => eval::eval(backend, a).map_err(Some),
-        Cmd::Report { run, out } => shears_trainer::report::write_report(&run, out.as_deref())
+        Cmd::Report { run, out } => report::write_report(&run, out.as_deref())
             .map(|p| println!("{}", p.display()))
             .map_err(|e| Some(anyhow::Error::new(e))),
         Cmd::Demo { quick, out, resume } => ended(train::demo(backend, quick, out, resume)),

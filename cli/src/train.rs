@@ -281,7 +281,7 @@ fn run_plan(
     let outcome = dispatch_autodiff(backend, task)??;
     match outcome {
         PipelineOutcome::Done(s) => {
-            print!("{}", pipeline::render_summary(&s));
+            print!("{}", render_summary(&s));
             eprintln!(
                 "pipeline finished in {:.1} min; summary: {}",
                 started.elapsed().as_secs_f64() / 60.0,
@@ -392,4 +392,33 @@ pub fn demo(
         );
     }
     run_plan(backend, plan, text, resume, false)
+}
+
+/// The summary as a table.
+fn render_summary(s: &shears_trainer::records::Summary) -> String {
+    let mut out = String::new();
+    let domains: Vec<&String> = s.source.per_domain_ppl.keys().collect();
+    out.push_str(&format!("{:<22}", "model"));
+    out.push_str(&format!("{:>13}", "params"));
+    for d in &domains {
+        out.push_str(&format!("{:>14}", d));
+    }
+    out.push('\n');
+    for (name, m) in [
+        ("source", &s.source),
+        ("pruned", &s.pruned),
+        ("pruned + trained", &s.trained),
+    ] {
+        out.push_str(&format!("{name:<22}{:>13}", m.params));
+        for d in &domains {
+            out.push_str(&format!(
+                "{:>14.2}",
+                m.per_domain_ppl.get(*d).copied().unwrap_or(f64::NAN)
+            ));
+        }
+        out.push('\n');
+    }
+    out.push_str("(per-domain perplexity on the eval shards)\n");
+    out.push_str(&format!("exported model: {}\n", s.export_dir.display()));
+    out
 }

@@ -28,7 +28,7 @@ fn smollm2_masked_equals_finalized_and_scores_match() {
     };
     let spec = PruningSpec::new(&files.config, target, None).unwrap();
     let mut rng = StdRng::seed_from_u64(2024);
-    let las: Vec<_> = spec
+    let las: shears_pruning::PerModule<Vec<f32>> = spec
         .modules
         .iter()
         .map(|&m| {

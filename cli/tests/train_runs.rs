@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shears_tests::runs::{metrics, setup, shears, TINY_TARGET};
+use shears_tests::runs::{metrics, setup, shears, shears_faulty, TINY_TARGET};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shears");
 
@@ -63,6 +63,8 @@ fn run_killed_and_resumed(
     dir: &Path,
     kill_after: usize,
 ) -> (PathBuf, PathBuf) {
+    // The killed run is slowed down so it can be killed mid-way.
+    let slow = "step_delay_ms = 40";
     let a = dir.join(format!("{stage}-a"));
     let b = dir.join(format!("{stage}-b"));
     let cfg = plan.display().to_string();
@@ -72,6 +74,7 @@ fn run_killed_and_resumed(
     ));
     let mut child = Command::new(BIN)
         .args([stage, "--config", &cfg, "--out", b.to_str().unwrap()])
+        .env("SHEARS_FAULTS", slow)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -136,7 +139,7 @@ fn pruning_resumes_exactly_after_kill_9() {
             &model,
             &data,
             "steps = 30\nbatch_size = 4\nmicro_batch = 2\neval_interval = 7\ncheckpoint_interval = 5\nkeep_checkpoints = 2\neval_sequences = 4",
-            "[faults]\nstep_delay_ms = 40\n[pruning]\nlagrangian_warmup_steps = 10",
+            "[pruning]\nlagrangian_warmup_steps = 10",
         ),
     );
     let kill_after = seed_from_time(6, 24);
@@ -333,7 +336,7 @@ fn training_resumes_exactly_after_kill_9_and_after_sigterm() {
             &model,
             &data,
             "steps = 30\nbatch_size = 4\nmicro_batch = 1\neval_interval = 6\ncheckpoint_interval = 4\neval_sequences = 3",
-            "[optim]\nlr = 0.003\n[faults]\nstep_delay_ms = 40",
+            "[optim]\nlr = 0.003",
         ),
     );
     let kill_after = seed_from_time(5, 24);
@@ -369,6 +372,7 @@ fn training_resumes_exactly_after_kill_9_and_after_sigterm() {
     let cfg = plan.display().to_string();
     let mut child = Command::new(BIN)
         .args(["train", "--config", &cfg, "--out", c.to_str().unwrap()])
+        .env("SHEARS_FAULTS", "step_delay_ms = 40")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -503,11 +507,11 @@ fn non_finite_steps_are_skipped_and_k_in_a_row_stop_with_a_checkpoint() {
             &model,
             &data,
             "steps = 6\nbatch_size = 2\neval_sequences = 1\nmax_bad_steps = 2",
-            "[faults]\nnan_loss_at_steps = [3]",
+            "",
         ),
     );
     let run = tmp.path().join("one");
-    ok(&shears(
+    ok(&shears_faulty(
         BIN,
         &[
             "prune",
@@ -516,6 +520,7 @@ fn non_finite_steps_are_skipped_and_k_in_a_row_stop_with_a_checkpoint() {
             "--out",
             run.to_str().unwrap(),
         ],
+        "nan_loss_at_steps = [3]",
     ));
     let m = metrics(&run);
     let s3 = m
@@ -540,11 +545,11 @@ fn non_finite_steps_are_skipped_and_k_in_a_row_stop_with_a_checkpoint() {
             &model,
             &data,
             "steps = 9\nbatch_size = 2\neval_sequences = 1\nmax_bad_steps = 2",
-            "[faults]\nnan_loss_at_steps = [4, 5, 6]",
+            "",
         ),
     );
     let run = tmp.path().join("two");
-    let o = shears(
+    let o = shears_faulty(
         BIN,
         &[
             "prune",
@@ -553,6 +558,7 @@ fn non_finite_steps_are_skipped_and_k_in_a_row_stop_with_a_checkpoint() {
             "--out",
             run.to_str().unwrap(),
         ],
+        "nan_loss_at_steps = [4, 5, 6]",
     );
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -578,11 +584,11 @@ fn a_failed_checkpoint_write_is_a_clear_error_and_keeps_the_previous_one() {
             &model,
             &data,
             "steps = 8\nbatch_size = 2\neval_sequences = 1\ncheckpoint_interval = 2",
-            "[faults]\ncheckpoint_error_at_steps = [4]",
+            "",
         ),
     );
     let run = tmp.path().join("run");
-    let o = shears(
+    let o = shears_faulty(
         BIN,
         &[
             "prune",
@@ -591,6 +597,7 @@ fn a_failed_checkpoint_write_is_a_clear_error_and_keeps_the_previous_one() {
             "--out",
             run.to_str().unwrap(),
         ],
+        "checkpoint_error_at_steps = [4]",
     );
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -608,4 +615,33 @@ fn a_failed_checkpoint_write_is_a_clear_error_and_keeps_the_previous_one() {
     let o = shears(BIN, &["prune", "--config", bad.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("bad.toml"));
+    // Fault injection is not part of a plan; a malformed SHEARS_FAULTS is named.
+    let faults = write(
+        tmp.path(),
+        "faults.toml",
+        &prune_plan(
+            &model,
+            &data,
+            "steps = 2\nbatch_size = 2",
+            "[faults]\nnan_loss_at_steps = [1]",
+        ),
+    );
+    let o = shears(BIN, &["prune", "--config", faults.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("faults"), "{err}");
+    let o = shears_faulty(
+        BIN,
+        &[
+            "prune",
+            "--config",
+            plan.to_str().unwrap(),
+            "--out",
+            tmp.path().join("f").to_str().unwrap(),
+        ],
+        "nan_loss_at = 1",
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("SHEARS_FAULTS"), "{err}");
 }

@@ -11,12 +11,14 @@ pub mod error;
 pub mod formats;
 pub mod fsutil;
 pub mod hub;
+pub mod layer_tensors;
 pub mod model_files;
 pub mod tensor;
 pub mod tokenizer;
 
 pub use config::{LayerShape, LlamaConfig, Rope, RopeScaling};
 pub use error::{Error, Result};
+pub use layer_tensors::{Axis, LayerTensor};
 pub use model_files::ModelFiles;
 pub use tensor::{DType, HostData, HostTensor, WeightMap};
 pub use tokenizer::{ChatMessage, ChatTemplate, Tokenizer};

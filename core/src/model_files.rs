@@ -11,6 +11,7 @@ use crate::config::{LayerShape, LlamaConfig};
 use crate::error::{Error, IoContext, Result};
 use crate::formats::{gguf::GgufFile, gguf_llama, safetensors};
 use crate::fsutil::StagedDir;
+use crate::layer_tensors::{LayerTensor, EMBED_TOKENS, FINAL_NORM, LM_HEAD};
 use crate::tensor::{DType, WeightMap};
 use crate::tokenizer::Tokenizer;
 
@@ -44,24 +45,6 @@ pub fn load_config(path: impl AsRef<Path>) -> Result<LlamaConfig> {
         Err(Error::format(path, "no such file or directory"))
     }
 }
-
-/// HF name of a per-layer tensor.
-pub fn layer_key(layer: usize, suffix: &str) -> String {
-    format!("model.layers.{layer}.{suffix}")
-}
-
-/// Names of the per-layer tensors, HF spelling.
-pub const LAYER_TENSORS: &[&str] = &[
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-];
 
 impl ModelFiles {
     /// Load an HF model directory or a `.gguf` file.
@@ -292,10 +275,10 @@ pub fn check_weights(
         }
         Ok(())
     };
-    expect("model.embed_tokens.weight", &[v, d])?;
-    expect("model.norm.weight", &[d])?;
+    expect(EMBED_TOKENS, &[v, d])?;
+    expect(FINAL_NORM, &[d])?;
     if !config.tie_word_embeddings {
-        expect("lm_head.weight", &[v, d])?;
+        expect(LM_HEAD, &[v, d])?;
     }
     // The weights say how many layers there are; metadata that disagrees is refused before
     // anything is sized from it.
@@ -313,11 +296,10 @@ pub fn check_weights(
     }
     let mut layers = Vec::with_capacity(held);
     for l in 0..held {
-        let k = |s: &str| layer_key(l, s);
-        expect(&k("input_layernorm.weight"), &[d])?;
-        expect(&k("post_attention_layernorm.weight"), &[d])?;
-        let q = shape(&k("self_attn.q_proj.weight"))?;
-        let kk = shape(&k("self_attn.k_proj.weight"))?;
+        // Heads and MLP width are read off q/k/gate; every tensor is then checked against the
+        // table's shape for them.
+        let q = shape(&LayerTensor::QProj.key(l))?;
+        let kk = shape(&LayerTensor::KProj.key(l))?;
         if q.len() != 2
             || q[1] != d
             || q[0] % hd != 0
@@ -335,33 +317,27 @@ pub fn check_weights(
                 "layer {l}: {h} query heads do not split into {g} kv heads"
             )));
         }
-        expect(&k("self_attn.v_proj.weight"), &[g * hd, d])?;
-        expect(&k("self_attn.o_proj.weight"), &[d, h * hd])?;
-        let gate = shape(&k("mlp.gate_proj.weight"))?;
+        let gate = shape(&LayerTensor::GateProj.key(l))?;
         if gate.len() != 2 || gate[1] != d {
             return Err(bad(format!("layer {l}: gate_proj has shape {gate:?}")));
         }
-        let i = gate[0];
-        expect(&k("mlp.up_proj.weight"), &[i, d])?;
-        expect(&k("mlp.down_proj.weight"), &[d, i])?;
-        layers.push(LayerShape {
+        let layer = LayerShape {
             num_attention_heads: h,
             num_key_value_heads: g,
-            intermediate_size: i,
-        });
+            intermediate_size: gate[0],
+        };
+        for t in LayerTensor::ALL {
+            expect(&t.key(l), &t.shape(config, &layer))?;
+        }
+        layers.push(layer);
     }
-    let known = 2
-        + usize::from(!config.tie_word_embeddings)
-        + LAYER_TENSORS.len() * config.num_hidden_layers;
+    let known = 2 + usize::from(!config.tie_word_embeddings) + LayerTensor::ALL.len() * held;
     if weights.len() != known {
         let extra: Vec<&String> = weights
             .keys()
             .filter(|k| {
-                !(k.as_str() == "model.embed_tokens.weight"
-                    || k.as_str() == "model.norm.weight"
-                    || k.as_str() == "lm_head.weight"
-                    || (0..config.num_hidden_layers)
-                        .any(|l| LAYER_TENSORS.iter().any(|s| **k == layer_key(l, s))))
+                ![EMBED_TOKENS, FINAL_NORM, LM_HEAD].contains(&k.as_str())
+                    && LayerTensor::parse(k).is_none_or(|(l, _)| l >= held)
             })
             .take(5)
             .collect();

@@ -27,7 +27,7 @@ use shears_core::error::IoContext;
 use shears_core::fsutil::StagedDir;
 use shears_core::{Error, Result, Tokenizer};
 
-use crate::documents::{read_documents, resolve_inputs};
+use crate::documents::{read_documents, resolve_inputs, DomainDocuments};
 use crate::manifest::{
     DomainManifest, Manifest, ShardInfo, SourceInfo, TokenDType, TokenizerInfo, FORMAT,
 };
@@ -262,36 +262,25 @@ fn write_split(
     })
 }
 
-/// Prepare `plan` into `out` with tokenizer `tok` (named `tokenizer_source` in the manifest).
-/// `overwrite` allows replacing a directory that is not a previous dataset.
-pub fn prepare(
-    plan: &DataPlan,
-    tok: &Tokenizer,
-    tokenizer_source: &str,
-    out: &Path,
-    overwrite: bool,
-    progress: &(dyn Fn(Progress) + Sync),
-) -> Result<PrepareOutcome> {
-    plan.validate().map_err(Error::invalid)?;
-    let (bos, eos) = boundary_tokens(plan, tok)?;
-    // Shards are as narrow as the largest id the tokenizer can produce allows (its count of
-    // tokens is not enough: added tokens may have ids above it), and every id written is
-    // checked against the shard type again.
-    let id_bound = [tok.vocab_size() as u64, tok.max_id() as u64 + 1]
+/// The bound on token ids a dataset of `tok` holds: the largest id the tokenizer can produce
+/// (its count of tokens is not enough: added tokens may have ids above it) or the boundary
+/// tokens', plus one.
+fn id_bound(tok: &Tokenizer, bos: Option<u32>, eos: u32) -> usize {
+    [tok.vocab_size() as u64, tok.max_id() as u64 + 1]
         .into_iter()
         .chain(bos.map(|b| b as u64 + 1))
         .chain([eos as u64 + 1])
         .max()
-        .unwrap_or(0) as usize;
-    let dtype = TokenDType::for_vocab(id_bound);
+        .unwrap_or(0) as usize
+}
 
-    // Inputs and their hashes decide whether anything needs doing.
-    let mut files: BTreeMap<&str, Vec<PathBuf>> = BTreeMap::new();
-    for (name, d) in &plan.domains {
-        files.insert(name, resolve_inputs(&d.inputs)?);
-    }
-    // The output must not be, hold, or sit inside any input (a `--force` replace would delete
-    // the corpus): the resolved files, and the directories or patterns as given.
+/// The output must not be, hold, or sit inside any input (a `--force` replace would delete the
+/// corpus): the resolved files, and the directories or patterns as given.
+fn check_out_apart(
+    plan: &DataPlan,
+    files: &BTreeMap<&str, Vec<PathBuf>>,
+    out: &Path,
+) -> Result<()> {
     let given: Vec<PathBuf> = plan
         .domains
         .values()
@@ -314,30 +303,258 @@ pub fn prepare(
             .flatten()
             .map(|f| ("input", f.as_path()))
             .chain(given.iter().map(|g| ("input", g.as_path()))),
-    )?;
+    )
+}
+
+/// Size and sha256 of each input file.
+type Hashes<'a> = BTreeMap<&'a PathBuf, (u64, String)>;
+
+/// What decides the output: the format, the plan's settings, the boundary tokens, the
+/// tokenizer and every input file's hash. An output with the same fingerprint is up to date.
+fn fingerprint(
+    plan: &DataPlan,
+    files: &BTreeMap<&str, Vec<PathBuf>>,
+    hashes: &Hashes<'_>,
+    (bos, eos): (Option<u32>, u32),
+    tokenizer_sha: &str,
+) -> String {
+    let domains: BTreeMap<&str, serde_json::Value> = files
+        .iter()
+        .map(|(name, fs)| {
+            let list: Vec<_> = fs
+                .iter()
+                .map(|f| serde_json::json!([f.to_string_lossy(), hashes[f].0, hashes[f].1]))
+                .collect();
+            (
+                *name,
+                serde_json::json!({"text_field": plan.domains[*name].text_field, "files": list}),
+            )
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "format": FORMAT, "seq_len": plan.seq_len, "eval_fraction": plan.eval_fraction, "seed": plan.seed,
+        "shard_sequences": plan.shard_sequences, "bos": bos, "eos": eos, "tokenizer": tokenizer_sha,
+        "domains": domains,
+    });
+    format!("{:x}", Sha256::digest(doc.to_string().as_bytes()))
+}
+
+/// Every document of a domain as `[BOS] + ids + [EOS]`, tokenized in chunks (all cores per
+/// chunk) so progress can be shown; a document that cannot be encoded is named.
+fn tokenize_documents(
+    encoder: &shears_core::tokenizer::PlainTextEncoder,
+    docs: &DomainDocuments,
+    (bos, eos): (Option<u32>, u32),
+    domain: &str,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<Vec<Vec<u32>>> {
+    let n = docs.documents.len();
+    let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(n);
+    for chunk in docs.documents.chunks(512) {
+        let texts: Vec<&str> = chunk.iter().map(|d| d.text.as_str()).collect();
+        let encoded = encoder.encode_batch(&texts).map_err(|e| {
+            // Name the document: long ones are the only ones that can fail on their own.
+            chunk
+                .iter()
+                .filter(|d| d.text.len() > shears_core::tokenizer::PIECE_BYTES)
+                .find_map(|d| {
+                    encoder.encode_batch(&[d.text.as_str()]).err().map(|e| {
+                        let file = &docs.files[d.file];
+                        match d.line {
+                            0 => Error::format(file, e.to_string()),
+                            l => Error::format(file, format!("line {l}: {e}")),
+                        }
+                    })
+                })
+                .unwrap_or(e)
+        })?;
+        for ids in encoded {
+            let mut doc = Vec::with_capacity(ids.len() + 2);
+            doc.extend(bos);
+            doc.extend(ids);
+            doc.push(eos);
+            tokens.push(doc);
+        }
+        progress(Progress {
+            domain,
+            documents_done: tokens.len(),
+            documents: n,
+        });
+    }
+    Ok(tokens)
+}
+
+/// The split by document: in a seeded random order, documents go to eval until it holds
+/// `eval_fraction` of the domain's tokens (at least one sequence, never every document).
+/// Returns (train, eval) document indices.
+fn split_documents(plan: &DataPlan, domain: &str, tokens: &[Vec<u32>]) -> (Vec<usize>, Vec<usize>) {
+    let n = tokens.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rand_pcg::Pcg64Mcg::seed_from_u64(seed_for(
+        plan.seed, domain,
+    )));
+    let total: u64 = tokens.iter().map(|t| t.len() as u64).sum();
+    let eval_target = if plan.eval_fraction > 0.0 {
+        ((plan.eval_fraction * total as f64).ceil() as u64).max(plan.seq_len as u64)
+    } else {
+        0
+    };
+    let mut eval_docs = Vec::new();
+    let mut eval_tokens = 0u64;
+    for &i in &order {
+        if eval_tokens >= eval_target || eval_docs.len() + 1 >= n {
+            break;
+        }
+        eval_docs.push(i);
+        eval_tokens += tokens[i].len() as u64;
+    }
+    let in_eval: std::collections::HashSet<usize> = eval_docs.iter().copied().collect();
+    let train_docs: Vec<usize> = order
+        .iter()
+        .copied()
+        .filter(|i| !in_eval.contains(i))
+        .collect();
+    (train_docs, eval_docs)
+}
+
+/// One prepared domain: its manifest entry, and the reason it has no eval sequence (if so).
+struct PreparedDomain {
+    manifest: DomainManifest,
+    no_eval: Option<String>,
+}
+
+/// What every domain of one `prepare` shares.
+struct Packer<'a> {
+    plan: &'a DataPlan,
+    encoder: shears_core::tokenizer::PlainTextEncoder,
+    boundary: (Option<u32>, u32),
+    dtype: TokenDType,
+    hashes: &'a Hashes<'a>,
+    /// The staged output directory.
+    dir: &'a Path,
+    progress: &'a (dyn Fn(Progress) + Sync),
+}
+
+/// Tokenize, split and pack one domain into `dir/<name>/`.
+fn prepare_domain(
+    p: &Packer<'_>,
+    name: &str,
+    docs: &DomainDocuments,
+    warnings: &mut Vec<String>,
+) -> Result<PreparedDomain> {
+    let (plan, dir, hashes, dtype) = (p.plan, p.dir, p.hashes, p.dtype);
+    let dplan = &plan.domains[name];
+    if docs.documents.is_empty() {
+        return Err(Error::invalid(format!(
+            "domain '{name}' has no documents (inputs: {})",
+            dplan.inputs.join(", ")
+        )));
+    }
+    warnings.extend(docs.warnings.iter().cloned());
+    std::fs::create_dir_all(dir.join(name)).at(dir.join(name), "cannot create directory")?;
+    let tokens = tokenize_documents(&p.encoder, docs, p.boundary, name, p.progress)?;
+    let (train_docs, eval_docs) = split_documents(plan, name, &tokens);
+    let pick = |ix: &[usize]| ix.iter().map(|&i| &tokens[i]).collect::<Vec<_>>();
+    let write = |split: &str, ix: &[usize]| {
+        write_split(
+            dir,
+            name,
+            split,
+            &pick(ix),
+            plan.seq_len,
+            plan.shard_sequences,
+            dtype,
+        )
+    };
+    let train = write("train", &train_docs)?;
+    let eval = write("eval", &eval_docs)?;
+    // An empty train split is an error (the sampler could never draw the domain). An empty
+    // eval split is a warning for one domain (a domain of one document has none: the split is
+    // by document) and an error when no domain has one although eval was asked for.
+    if train.sequences == 0 {
+        return Err(Error::invalid(format!(
+            "domain '{name}': {} train tokens ({} documents) make no sequence of seq_len {}; \
+             add text or lower seq_len",
+            train.dropped,
+            train_docs.len(),
+            plan.seq_len
+        )));
+    }
+    let no_eval = (eval.sequences == 0 && plan.eval_fraction > 0.0).then(|| {
+        warnings.push(format!(
+            "domain '{name}': not enough documents for a full eval sequence"
+        ));
+        format!(
+            "domain '{name}' ({} tokens in {} documents)",
+            eval.dropped,
+            eval_docs.len()
+        )
+    });
+    let mut per_file = vec![0usize; docs.files.len()];
+    for d in &docs.documents {
+        per_file[d.file] += 1;
+    }
+    let sources = docs
+        .files
+        .iter()
+        .zip(per_file)
+        .map(|(f, documents)| SourceInfo {
+            path: f.to_string_lossy().to_string(),
+            bytes: hashes[f].0,
+            sha256: hashes[f].1.clone(),
+            documents,
+        })
+        .collect();
+    let manifest = DomainManifest {
+        documents: docs.documents.len(),
+        train_documents: train_docs.len(),
+        eval_documents: eval_docs.len(),
+        train_tokens: train.sequences * plan.seq_len as u64,
+        eval_tokens: eval.sequences * plan.seq_len as u64,
+        train_sequences: train.sequences,
+        eval_sequences: eval.sequences,
+        dropped_train_tokens: train.dropped,
+        dropped_eval_tokens: eval.dropped,
+        empty_documents: docs.empty,
+        skipped_lines: docs.warnings.len(),
+        train_shards: train.shards,
+        eval_shards: eval.shards,
+        sources,
+    };
+    Ok(PreparedDomain { manifest, no_eval })
+}
+
+/// Prepare `plan` into `out` with tokenizer `tok` (named `tokenizer_source` in the manifest).
+/// `overwrite` allows replacing a directory that is not a previous dataset.
+pub fn prepare(
+    plan: &DataPlan,
+    tok: &Tokenizer,
+    tokenizer_source: &str,
+    out: &Path,
+    overwrite: bool,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<PrepareOutcome> {
+    plan.validate().map_err(Error::invalid)?;
+    let (bos, eos) = boundary_tokens(plan, tok)?;
+    // Shards are as narrow as the ids allow; every id written is checked against the shard
+    // type again.
+    let id_bound = id_bound(tok, bos, eos);
+    let dtype = TokenDType::for_vocab(id_bound);
+
+    // Inputs and their hashes decide whether anything needs doing.
+    let mut files: BTreeMap<&str, Vec<PathBuf>> = BTreeMap::new();
+    for (name, d) in &plan.domains {
+        files.insert(name, resolve_inputs(&d.inputs)?);
+    }
+    check_out_apart(plan, &files, out)?;
     let all: Vec<&PathBuf> = files.values().flatten().collect();
     let hashes: Vec<(u64, String)> = all
         .par_iter()
         .map(|p| sha256_file(p))
         .collect::<Result<_>>()?;
-    let hash_of: BTreeMap<&PathBuf, &(u64, String)> =
-        all.iter().copied().zip(hashes.iter()).collect();
+    let hashes: Hashes<'_> = all.iter().copied().zip(hashes).collect();
     let tokenizer_sha = tokenizer_sha256(tok);
-    let fingerprint = {
-        let domains: BTreeMap<&str, serde_json::Value> = files
-            .iter()
-            .map(|(name, fs)| {
-                let list: Vec<_> = fs.iter().map(|f| serde_json::json!([f.to_string_lossy(), hash_of[f].0, hash_of[f].1])).collect();
-                (*name, serde_json::json!({"text_field": plan.domains[*name].text_field, "files": list}))
-            })
-            .collect();
-        let doc = serde_json::json!({
-            "format": FORMAT, "seq_len": plan.seq_len, "eval_fraction": plan.eval_fraction, "seed": plan.seed,
-            "shard_sequences": plan.shard_sequences, "bos": bos, "eos": eos, "tokenizer": tokenizer_sha,
-            "domains": domains,
-        });
-        format!("{:x}", Sha256::digest(doc.to_string().as_bytes()))
-    };
+    let fingerprint = fingerprint(plan, &files, &hashes, (bos, eos), &tokenizer_sha);
     let previous = out.join("manifest.json");
     if previous.exists() {
         if let Ok(m) = Manifest::read(out) {
@@ -353,156 +570,23 @@ pub fn prepare(
 
     let stage = StagedDir::new(out, overwrite || previous.exists())?;
     let dir = stage.path().to_path_buf();
-    let encoder = tok.plain_text_encoder();
+    let packer = Packer {
+        plan,
+        encoder: tok.plain_text_encoder(),
+        boundary: (bos, eos),
+        dtype,
+        hashes: &hashes,
+        dir: &dir,
+        progress,
+    };
     let mut warnings = Vec::new();
     let mut no_eval = Vec::new();
     let mut domains = BTreeMap::new();
-    for (name, dplan) in &plan.domains {
-        let docs = read_documents(files[name.as_str()].clone(), &dplan.text_field)?;
-        if docs.documents.is_empty() {
-            return Err(Error::invalid(format!(
-                "domain '{name}' has no documents (inputs: {})",
-                dplan.inputs.join(", ")
-            )));
-        }
-        warnings.extend(docs.warnings.iter().cloned());
-        std::fs::create_dir_all(dir.join(name)).at(dir.join(name), "cannot create directory")?;
-
-        // Tokenize in chunks (all cores per chunk) so progress can be shown.
-        let n = docs.documents.len();
-        let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(n);
-        for chunk in docs.documents.chunks(512) {
-            let texts: Vec<&str> = chunk.iter().map(|d| d.text.as_str()).collect();
-            let encoded = encoder.encode_batch(&texts).map_err(|e| {
-                // Name the document: long ones are the only ones that can fail on their own.
-                chunk
-                    .iter()
-                    .filter(|d| d.text.len() > shears_core::tokenizer::PIECE_BYTES)
-                    .find_map(|d| {
-                        encoder.encode_batch(&[d.text.as_str()]).err().map(|e| {
-                            let file = &docs.files[d.file];
-                            match d.line {
-                                0 => Error::format(file, e.to_string()),
-                                l => Error::format(file, format!("line {l}: {e}")),
-                            }
-                        })
-                    })
-                    .unwrap_or(e)
-            })?;
-            for ids in encoded {
-                let mut doc = Vec::with_capacity(ids.len() + 2);
-                doc.extend(bos);
-                doc.extend(ids);
-                doc.push(eos);
-                tokens.push(doc);
-            }
-            progress(Progress {
-                domain: name,
-                documents_done: tokens.len(),
-                documents: n,
-            });
-        }
-
-        let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut rand_pcg::Pcg64Mcg::seed_from_u64(seed_for(
-            plan.seed, name,
-        )));
-        let total: u64 = tokens.iter().map(|t| t.len() as u64).sum();
-        let eval_target = if plan.eval_fraction > 0.0 {
-            ((plan.eval_fraction * total as f64).ceil() as u64).max(plan.seq_len as u64)
-        } else {
-            0
-        };
-        let mut eval_docs = Vec::new();
-        let mut eval_tokens = 0u64;
-        for &i in &order {
-            if eval_tokens >= eval_target || eval_docs.len() + 1 >= n {
-                break;
-            }
-            eval_docs.push(i);
-            eval_tokens += tokens[i].len() as u64;
-        }
-        let in_eval: std::collections::HashSet<usize> = eval_docs.iter().copied().collect();
-        let train_docs: Vec<usize> = order
-            .iter()
-            .copied()
-            .filter(|i| !in_eval.contains(i))
-            .collect();
-        let pick = |ix: &[usize]| ix.iter().map(|&i| &tokens[i]).collect::<Vec<_>>();
-        let train = write_split(
-            &dir,
-            name,
-            "train",
-            &pick(&train_docs),
-            plan.seq_len,
-            plan.shard_sequences,
-            dtype,
-        )?;
-        let eval = write_split(
-            &dir,
-            name,
-            "eval",
-            &pick(&eval_docs),
-            plan.seq_len,
-            plan.shard_sequences,
-            dtype,
-        )?;
-        // An empty train split is an error (the sampler could never draw the domain). An empty
-        // eval split is a warning for one domain (a domain of one document has none: the split
-        // is by document) and an error when no domain has one although eval was asked for.
-        if train.sequences == 0 {
-            return Err(Error::invalid(format!(
-                "domain '{name}': {} train tokens ({} documents) make no sequence of seq_len {}; \
-                 add text or lower seq_len",
-                train.dropped,
-                train_docs.len(),
-                plan.seq_len
-            )));
-        }
-        if eval.sequences == 0 && plan.eval_fraction > 0.0 {
-            warnings.push(format!(
-                "domain '{name}': not enough documents for a full eval sequence"
-            ));
-            no_eval.push(format!(
-                "domain '{name}' ({} tokens in {} documents)",
-                eval.dropped,
-                eval_docs.len()
-            ));
-        }
-        let mut per_file = vec![0usize; docs.files.len()];
-        for d in &docs.documents {
-            per_file[d.file] += 1;
-        }
-        let sources = docs
-            .files
-            .iter()
-            .zip(per_file)
-            .map(|(f, documents)| SourceInfo {
-                path: f.to_string_lossy().to_string(),
-                bytes: hash_of[f].0,
-                sha256: hash_of[f].1.clone(),
-                documents,
-            })
-            .collect();
-        domains.insert(
-            name.clone(),
-            DomainManifest {
-                documents: n,
-                train_documents: train_docs.len(),
-                eval_documents: eval_docs.len(),
-                train_tokens: train.sequences * plan.seq_len as u64,
-                eval_tokens: eval.sequences * plan.seq_len as u64,
-                train_sequences: train.sequences,
-                eval_sequences: eval.sequences,
-                dropped_train_tokens: train.dropped,
-                dropped_eval_tokens: eval.dropped,
-                empty_documents: docs.empty,
-                skipped_lines: docs.warnings.len(),
-                train_shards: train.shards,
-                eval_shards: eval.shards,
-                sources,
-            },
-        );
+    for name in plan.domains.keys() {
+        let docs = read_documents(files[name.as_str()].clone(), &plan.domains[name].text_field)?;
+        let d = prepare_domain(&packer, name, &docs, &mut warnings)?;
+        no_eval.extend(d.no_eval);
+        domains.insert(name.clone(), d.manifest);
     }
     if !no_eval.is_empty() && no_eval.len() == plan.domains.len() {
         return Err(Error::invalid(format!(

@@ -7,7 +7,9 @@ use burn::module::Param;
 use burn::nn::{Embedding, Linear};
 use burn::tensor::{backend::Backend, DType as BurnDType, Tensor, TensorData};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use shears_core::model_files::{check_weights, layer_key};
+use shears_core::layer_tensors::{EMBED_TOKENS, FINAL_NORM, LM_HEAD};
+use shears_core::model_files::check_weights;
+use shears_core::LayerTensor;
 use shears_core::{
     DType, Error, HostTensor, LayerShape, LlamaConfig, ModelFiles, Result, WeightMap,
 };
@@ -115,36 +117,37 @@ pub fn build<B: Backend>(
         .iter()
         .enumerate()
         .map(|(l, shape)| {
-            let k = |s: &str| layer_key(l, s);
+            let linear = |t: LayerTensor| b.linear(&t.key(l));
+            let norm = |t: LayerTensor| b.norm(&t.key(l), eps);
             DecoderLayer {
                 self_attn: Attention {
-                    q_proj: b.linear(&k("self_attn.q_proj.weight")),
-                    k_proj: b.linear(&k("self_attn.k_proj.weight")),
-                    v_proj: b.linear(&k("self_attn.v_proj.weight")),
-                    o_proj: b.linear(&k("self_attn.o_proj.weight")),
+                    q_proj: linear(LayerTensor::QProj),
+                    k_proj: linear(LayerTensor::KProj),
+                    v_proj: linear(LayerTensor::VProj),
+                    o_proj: linear(LayerTensor::OProj),
                     num_heads: shape.num_attention_heads,
                     num_kv_heads: shape.num_key_value_heads,
                     head_dim: config.head_dim(),
                 },
                 mlp: Mlp {
-                    gate_proj: b.linear(&k("mlp.gate_proj.weight")),
-                    up_proj: b.linear(&k("mlp.up_proj.weight")),
-                    down_proj: b.linear(&k("mlp.down_proj.weight")),
+                    gate_proj: linear(LayerTensor::GateProj),
+                    up_proj: linear(LayerTensor::UpProj),
+                    down_proj: linear(LayerTensor::DownProj),
                 },
-                input_layernorm: b.norm(&k("input_layernorm.weight"), eps),
-                post_attention_layernorm: b.norm(&k("post_attention_layernorm.weight"), eps),
+                input_layernorm: norm(LayerTensor::InputLayernorm),
+                post_attention_layernorm: norm(LayerTensor::PostAttentionLayernorm),
             }
         })
         .collect();
     Ok(Llama {
         model: LlamaModel {
             embed_tokens: Embedding {
-                weight: Param::from_tensor(b.tensor("model.embed_tokens.weight")),
+                weight: Param::from_tensor(b.tensor(EMBED_TOKENS)),
             },
             layers: decoder,
-            norm: b.norm("model.norm.weight", eps),
+            norm: b.norm(FINAL_NORM, eps),
         },
-        lm_head: (!config.tie_word_embeddings).then(|| b.linear("lm_head.weight")),
+        lm_head: (!config.tie_word_embeddings).then(|| b.linear(LM_HEAD)),
         config: config.clone(),
         rope,
     })
@@ -179,37 +182,44 @@ pub trait ParamVisitor<B: Backend> {
     );
 }
 
-/// Walk the parameters in a fixed order under their HF names.
-pub fn visit_params<B: Backend, V: ParamVisitor<B>>(model: &Llama<B>, v: &mut V) {
-    v.visit(
-        "model.embed_tokens.weight".into(),
-        &model.model.embed_tokens.weight,
-        false,
-    );
-    for (l, layer) in model.model.layers.iter().enumerate() {
-        let k = |s: &str| layer_key(l, s);
-        let a = &layer.self_attn;
-        v.visit(
-            k("input_layernorm.weight"),
-            &layer.input_layernorm.weight,
-            false,
-        );
-        v.visit(k("self_attn.q_proj.weight"), &a.q_proj.weight, true);
-        v.visit(k("self_attn.k_proj.weight"), &a.k_proj.weight, true);
-        v.visit(k("self_attn.v_proj.weight"), &a.v_proj.weight, true);
-        v.visit(k("self_attn.o_proj.weight"), &a.o_proj.weight, true);
-        v.visit(
-            k("post_attention_layernorm.weight"),
-            &layer.post_attention_layernorm.weight,
-            false,
-        );
-        v.visit(k("mlp.gate_proj.weight"), &layer.mlp.gate_proj.weight, true);
-        v.visit(k("mlp.up_proj.weight"), &layer.mlp.up_proj.weight, true);
-        v.visit(k("mlp.down_proj.weight"), &layer.mlp.down_proj.weight, true);
+/// A layer's parameter for a table entry.
+enum LayerParam<'a, B: Backend> {
+    Norm(&'a Param<Tensor<B, 1>>),
+    Linear(&'a Param<Tensor<B, 2>>),
+}
+
+fn layer_param<B: Backend>(layer: &DecoderLayer<B>, t: LayerTensor) -> LayerParam<'_, B> {
+    let (a, m) = (&layer.self_attn, &layer.mlp);
+    match t {
+        LayerTensor::InputLayernorm => LayerParam::Norm(&layer.input_layernorm.weight),
+        LayerTensor::PostAttentionLayernorm => {
+            LayerParam::Norm(&layer.post_attention_layernorm.weight)
+        }
+        LayerTensor::QProj => LayerParam::Linear(&a.q_proj.weight),
+        LayerTensor::KProj => LayerParam::Linear(&a.k_proj.weight),
+        LayerTensor::VProj => LayerParam::Linear(&a.v_proj.weight),
+        LayerTensor::OProj => LayerParam::Linear(&a.o_proj.weight),
+        LayerTensor::GateProj => LayerParam::Linear(&m.gate_proj.weight),
+        LayerTensor::UpProj => LayerParam::Linear(&m.up_proj.weight),
+        LayerTensor::DownProj => LayerParam::Linear(&m.down_proj.weight),
     }
-    v.visit("model.norm.weight".into(), &model.model.norm.weight, false);
+}
+
+/// Walk the parameters in a fixed order (embedding, each layer's tensors in table order, final
+/// norm, LM head) under their HF names.
+pub fn visit_params<B: Backend, V: ParamVisitor<B>>(model: &Llama<B>, v: &mut V) {
+    v.visit(EMBED_TOKENS.into(), &model.model.embed_tokens.weight, false);
+    for (l, layer) in model.model.layers.iter().enumerate() {
+        for t in LayerTensor::ALL {
+            match layer_param(layer, t) {
+                LayerParam::Norm(p) => v.visit(t.key(l), p, false),
+                LayerParam::Linear(p) => v.visit(t.key(l), p, true),
+            }
+        }
+    }
+    v.visit(FINAL_NORM.into(), &model.model.norm.weight, false);
     if let Some(head) = &model.lm_head {
-        v.visit("lm_head.weight".into(), &head.weight, true);
+        v.visit(LM_HEAD.into(), &head.weight, true);
     }
 }
 
@@ -266,57 +276,29 @@ pub fn random_weights_for(config: &LlamaConfig, layers: &[LayerShape], seed: u64
             })
             .collect()
     };
-    let (v, d, hd) = (config.vocab_size, config.hidden_size, config.head_dim());
+    let (v, d) = (config.vocab_size, config.hidden_size);
     let mut w = WeightMap::new();
     let mut put = |name: String, shape: Vec<usize>, data: Vec<f32>| {
         w.insert(name, HostTensor::f32(shape, data));
     };
+    put(EMBED_TOKENS.into(), vec![v, d], normal(v * d, 0.02));
     put(
-        "model.embed_tokens.weight".into(),
-        vec![v, d],
-        normal(v * d, 0.02),
-    );
-    put(
-        "model.norm.weight".into(),
+        FINAL_NORM.into(),
         vec![d],
         normal(d, 0.1).iter().map(|x| 1.0 + x).collect(),
     );
     if !config.tie_word_embeddings {
-        put("lm_head.weight".into(), vec![v, d], normal(v * d, 0.02));
+        put(LM_HEAD.into(), vec![v, d], normal(v * d, 0.02));
     }
+    // Projections first, then norms: the order the random streams were always drawn in.
     for (l, shape) in layers.iter().enumerate() {
-        let (h, g, i) = (
-            shape.num_attention_heads,
-            shape.num_key_value_heads,
-            shape.intermediate_size,
-        );
-        let k = |s: &str| layer_key(l, s);
-        put(
-            k("self_attn.q_proj.weight"),
-            vec![h * hd, d],
-            normal(h * hd * d, 0.02),
-        );
-        put(
-            k("self_attn.k_proj.weight"),
-            vec![g * hd, d],
-            normal(g * hd * d, 0.02),
-        );
-        put(
-            k("self_attn.v_proj.weight"),
-            vec![g * hd, d],
-            normal(g * hd * d, 0.02),
-        );
-        put(
-            k("self_attn.o_proj.weight"),
-            vec![d, h * hd],
-            normal(d * h * hd, 0.02),
-        );
-        put(k("mlp.gate_proj.weight"), vec![i, d], normal(i * d, 0.02));
-        put(k("mlp.up_proj.weight"), vec![i, d], normal(i * d, 0.02));
-        put(k("mlp.down_proj.weight"), vec![d, i], normal(d * i, 0.02));
-        for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+        for t in LayerTensor::ALL.into_iter().filter(|t| !t.is_norm()) {
+            let s = t.shape(config, shape);
+            put(t.key(l), s.clone(), normal(s.iter().product(), 0.02));
+        }
+        for t in LayerTensor::ALL.into_iter().filter(|t| t.is_norm()) {
             put(
-                k(n),
+                t.key(l),
                 vec![d],
                 normal(d, 0.1).iter().map(|x| 1.0 + x).collect(),
             );

@@ -6,6 +6,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
 
+use crate::per_module::PerModule;
 use crate::target::{PruneModule, PruningSpec};
 
 /// Lagrange multipliers, one pair per pruned module (the "multipliers" parameter group), f32.
@@ -67,23 +68,13 @@ impl<B: Backend> Lagrangian<B> {
     /// (per module, per row) and targets `targets` (per module, already ramped).
     pub fn loss(
         &self,
-        expected: &[(PruneModule, Tensor<B, 1>)],
-        targets: &[(PruneModule, f64)],
+        expected: &PerModule<Tensor<B, 1>>,
+        targets: &PerModule<f64>,
     ) -> Tensor<B, 1> {
         let device = self.lambda_1.val().device();
         let mut total = Tensor::<B, 1>::zeros([1], &device).cast(self.lambda_1.val().dtype());
-        for (i, m) in self.modules.iter().enumerate() {
-            let e = expected
-                .iter()
-                .find(|(k, _)| k == m)
-                .map(|(_, e)| e.clone())
-                .expect("an expected sparsity per pruned module");
-            let t = targets
-                .iter()
-                .find(|(k, _)| k == m)
-                .map(|(_, t)| *t)
-                .expect("a target per module");
-            let gap = e.sub_scalar(t);
+        for (i, &m) in self.modules.iter().enumerate() {
+            let gap = expected[m].clone().sub_scalar(targets[m]);
             let l1 = self.lambda_1.val().narrow(0, i, 1);
             let l2 = self.lambda_2.val().narrow(0, i, 1);
             let term = gap.clone() * l1 + gap.square() * l2;
@@ -92,8 +83,8 @@ impl<B: Backend> Lagrangian<B> {
         total
     }
 
-    /// Current values `(λ1, λ2)` per module, for logs.
-    pub fn values(&self) -> Vec<(PruneModule, f32, f32)> {
+    /// Current values `[λ1, λ2]` per module, for logs.
+    pub fn values(&self) -> PerModule<[f32; 2]> {
         let l1: Vec<f32> = self
             .lambda_1
             .val()
@@ -111,7 +102,7 @@ impl<B: Backend> Lagrangian<B> {
         self.modules
             .iter()
             .zip(l1.into_iter().zip(l2))
-            .map(|(m, (a, b))| (*m, a, b))
+            .map(|(m, (a, b))| (*m, [a, b]))
             .collect()
     }
 }

@@ -2,8 +2,11 @@
 //! into the weights and slice out a dense model of exactly the target shape. Host-side f32, so
 //! it runs on any machine that can hold the weights and needs no backend.
 
-use shears_core::model_files::{check_weights, layer_key};
-use shears_core::{Error, HostTensor, LlamaConfig, Result, WeightMap};
+use shears_core::layer_tensors::{EMBED_TOKENS, FINAL_NORM, LM_HEAD};
+use shears_core::model_files::check_weights;
+use shears_core::{
+    Axis, Error, HostTensor, LayerShape, LayerTensor, LlamaConfig, Result, WeightMap,
+};
 
 use crate::masks::HostMasks;
 use crate::target::PruneModule;
@@ -47,6 +50,166 @@ fn nonzero(v: &[f32]) -> Vec<usize> {
         .collect()
 }
 
+/// What deterministic masks keep of one source layer, checked against the target.
+struct LayerKeep {
+    /// The source layer.
+    layer: usize,
+    /// Kept rows of q/o (head_dim per kept query head), of k/v (per kept group), MLP channels.
+    q_rows: Vec<usize>,
+    kv_rows: Vec<usize>,
+    int: Vec<usize>,
+    /// Per kept q row: its head's factor `z_kv[l, g] · z_q[l, g, s]`.
+    head_scale: Vec<f32>,
+    /// Per kept hidden channel: `z_layer[l] · z_hidden[c]`, on the rows o/down write.
+    written: Vec<f32>,
+    /// Per kept MLP channel: `z_int[l, c]`, on up_proj's rows.
+    int_scale: Vec<f32>,
+}
+
+/// What deterministic masks keep, validated: exactly the target's counts everywhere.
+struct Keep {
+    hidden: Vec<usize>,
+    /// `z_hidden` of the kept channels.
+    hidden_scale: Vec<f32>,
+    layers: Vec<LayerKeep>,
+}
+
+fn bad(what: String) -> Error {
+    Error::invalid(format!(
+        "finalize needs deterministic masks with the target's exact counts; {what} (compute them with exact_target = true)"
+    ))
+}
+
+impl Keep {
+    /// The validator: the kept structure of `masks`, or an error naming what differs from the
+    /// target.
+    fn of(masks: &HostMasks) -> Result<Keep> {
+        let spec = &masks.spec;
+        let (src, t) = (&spec.source, &spec.target);
+        let (l_src, d, hd) = (src.num_hidden_layers, src.hidden_size, src.head_dim());
+        let (g_src, r_src, i_src) = (
+            src.num_kv_heads(),
+            spec.heads_per_group(),
+            src.intermediate_size,
+        );
+        let h_src = g_src * r_src;
+        let get = |m: PruneModule, n: usize| {
+            masks
+                .get(m)
+                .map(|v| v.to_vec())
+                .unwrap_or_else(|| vec![1f32; n])
+        };
+        let zh = get(PruneModule::Hidden, d);
+        let zl = get(PruneModule::Layer, l_src);
+        let zi = get(PruneModule::Intermediate, l_src * i_src);
+        let zkv = get(PruneModule::KvHeads, l_src * g_src);
+        let zq = get(PruneModule::QueryHeads, l_src * h_src);
+        let hidden = nonzero(&zh);
+        let kept_layers = nonzero(&zl);
+        if hidden.len() != t.hidden_size {
+            return Err(bad(format!(
+                "the hidden mask keeps {} channels, the target has {}",
+                hidden.len(),
+                t.hidden_size
+            )));
+        }
+        if kept_layers.len() != t.num_hidden_layers {
+            return Err(bad(format!(
+                "the layer mask keeps {} layers, the target has {}",
+                kept_layers.len(),
+                t.num_hidden_layers
+            )));
+        }
+        let hidden_scale: Vec<f32> = hidden.iter().map(|&i| zh[i]).collect();
+        let mut layers = Vec::with_capacity(kept_layers.len());
+        for l in kept_layers {
+            let head_factor: Vec<f32> = (0..h_src)
+                .map(|j| zkv[l * g_src + j / r_src] * zq[l * h_src + j])
+                .collect();
+            let heads = nonzero(&head_factor);
+            let groups = nonzero(&zkv[l * g_src..(l + 1) * g_src]);
+            let int = nonzero(&zi[l * i_src..(l + 1) * i_src]);
+            if groups.len() != t.num_key_value_heads || heads.len() != t.num_attention_heads {
+                return Err(bad(format!(
+                    "layer {l} keeps {} kv heads and {} query heads, the target has {} and {}",
+                    groups.len(),
+                    heads.len(),
+                    t.num_key_value_heads,
+                    t.num_attention_heads
+                )));
+            }
+            if groups
+                .iter()
+                .any(|&g| heads.iter().filter(|&&j| j / r_src == g).count() != t.heads_per_group())
+            {
+                return Err(bad(format!(
+                    "layer {l} keeps a kv group without exactly {} query heads",
+                    t.heads_per_group()
+                )));
+            }
+            if int.len() != t.intermediate_size {
+                return Err(bad(format!(
+                    "layer {l} keeps {} MLP channels, the target has {}",
+                    int.len(),
+                    t.intermediate_size
+                )));
+            }
+            let rows_of = |units: &[usize]| -> Vec<usize> {
+                units.iter().flat_map(|&u| u * hd..(u + 1) * hd).collect()
+            };
+            let q_rows = rows_of(&heads);
+            layers.push(LayerKeep {
+                layer: l,
+                head_scale: q_rows.iter().map(|&c| head_factor[c / hd]).collect(),
+                kv_rows: rows_of(&groups),
+                written: hidden_scale.iter().map(|z| zl[l] * z).collect(),
+                int_scale: int.iter().map(|&c| zi[l * i_src + c]).collect(),
+                int,
+                q_rows,
+            });
+        }
+        Ok(Keep {
+            hidden,
+            hidden_scale,
+            layers,
+        })
+    }
+}
+
+impl LayerKeep {
+    /// Kept indices along `axis`.
+    fn along<'a>(&'a self, keep: &'a Keep, axis: Axis) -> &'a [usize] {
+        match axis {
+            Axis::Hidden => &keep.hidden,
+            Axis::QueryHeads => &self.q_rows,
+            Axis::KvHeads => &self.kv_rows,
+            Axis::Intermediate => &self.int,
+        }
+    }
+
+    /// Where the masks' values fold into `tensor` (row and column scales): norms carry
+    /// z_hidden; o_proj's input columns carry each kept head's factor; the rows o_proj and
+    /// down_proj write carry z_layer · z_hidden; up_proj's rows carry z_int.
+    fn folds<'a>(
+        &'a self,
+        keep: &'a Keep,
+        tensor: LayerTensor,
+    ) -> (Option<&'a [f32]>, Option<&'a [f32]>) {
+        match tensor {
+            LayerTensor::InputLayernorm | LayerTensor::PostAttentionLayernorm => {
+                (None, Some(&keep.hidden_scale))
+            }
+            LayerTensor::OProj => (Some(&self.written), Some(&self.head_scale)),
+            LayerTensor::DownProj => (Some(&self.written), None),
+            LayerTensor::UpProj => (Some(&self.int_scale), None),
+            LayerTensor::QProj
+            | LayerTensor::KProj
+            | LayerTensor::VProj
+            | LayerTensor::GateProj => (None, None),
+        }
+    }
+}
+
 /// The dense config and weights of the target, from source `weights` (HF names and layout) and
 /// deterministic `masks` with the target's exact counts (`L0Masks::deterministic(true)`).
 pub fn finalize(
@@ -54,53 +217,16 @@ pub fn finalize(
     masks: &HostMasks,
     opts: FinalizeOptions,
 ) -> Result<(LlamaConfig, WeightMap)> {
-    let spec = &masks.spec;
-    let src = &spec.source;
-    let (l_src, d, hd) = (src.num_hidden_layers, src.hidden_size, src.head_dim());
-    let (g_src, r_src, i_src) = (
-        src.num_kv_heads(),
-        spec.heads_per_group(),
-        src.intermediate_size,
-    );
-    let h_src = g_src * r_src;
-    let ones = |n: usize| vec![1f32; n];
-    let get =
-        |m: PruneModule, n: usize| masks.get(m).map(|v| v.to_vec()).unwrap_or_else(|| ones(n));
-    let zh = get(PruneModule::Hidden, d);
-    let zl = get(PruneModule::Layer, l_src);
-    let zi = get(PruneModule::Intermediate, l_src * i_src);
-    let zkv = get(PruneModule::KvHeads, l_src * g_src);
-    let zq = get(PruneModule::QueryHeads, l_src * h_src);
-    let t = &spec.target;
-    let bad = |what: String| {
-        Error::invalid(format!(
-            "finalize needs deterministic masks with the target's exact counts; {what} (compute them with exact_target = true)"
-        ))
-    };
-
-    let k_hid = nonzero(&zh);
-    let k_layer = nonzero(&zl);
-    if k_hid.len() != t.hidden_size {
-        return Err(bad(format!(
-            "the hidden mask keeps {} channels, the target has {}",
-            k_hid.len(),
-            t.hidden_size
-        )));
-    }
-    if k_layer.len() != t.num_hidden_layers {
-        return Err(bad(format!(
-            "the layer mask keeps {} layers, the target has {}",
-            k_layer.len(),
-            t.num_hidden_layers
-        )));
-    }
+    let keep = Keep::of(masks)?;
+    let (src, t) = (&masks.spec.source, &masks.spec.target);
+    let d = src.hidden_size;
     let f32w = |name: &str| -> Result<Vec<f32>> {
         weights
             .get(name)
             .map(|t| t.to_f32_vec())
             .ok_or_else(|| Error::invalid(format!("finalize: tensor '{name}' is missing")))
     };
-    let zh_kept: Vec<f32> = k_hid.iter().map(|&i| zh[i]).collect();
+    let (hidden, zh) = (&keep.hidden, keep.hidden_scale.as_slice());
     let vocab = src.vocab_size;
     let all_vocab: Vec<usize> = (0..vocab).collect();
     let mut out = WeightMap::new();
@@ -110,179 +236,59 @@ pub fn finalize(
 
     // Embedding columns carry z_hidden: the embedding output is masked (and, when tied, the LM
     // head carries the factor of the final norm's masked output exactly once).
-    let embed = f32w("model.embed_tokens.weight")?;
     put(
-        "model.embed_tokens.weight".into(),
-        vec![vocab, k_hid.len()],
-        gather(&embed, d, &all_vocab, &k_hid, None, Some(&zh_kept)),
+        EMBED_TOKENS.into(),
+        vec![vocab, hidden.len()],
+        gather(&f32w(EMBED_TOKENS)?, d, &all_vocab, hidden, None, Some(zh)),
     );
-    let norm = f32w("model.norm.weight")?;
     let fold_final_norm = !src.tie_word_embeddings || opts.compat_reference_lm_head;
     put(
-        "model.norm.weight".into(),
-        vec![k_hid.len()],
+        FINAL_NORM.into(),
+        vec![hidden.len()],
         gather(
-            &norm,
+            &f32w(FINAL_NORM)?,
             d,
             &[0],
-            &k_hid,
+            hidden,
             None,
-            fold_final_norm.then_some(zh_kept.as_slice()),
+            fold_final_norm.then_some(zh),
         ),
     );
     if !src.tie_word_embeddings {
-        let head = f32w("lm_head.weight")?;
+        let fold = opts.compat_reference_lm_head.then_some(zh);
         put(
-            "lm_head.weight".into(),
-            vec![vocab, k_hid.len()],
-            gather(
-                &head,
-                d,
-                &all_vocab,
-                &k_hid,
-                None,
-                opts.compat_reference_lm_head.then_some(zh_kept.as_slice()),
-            ),
+            LM_HEAD.into(),
+            vec![vocab, hidden.len()],
+            gather(&f32w(LM_HEAD)?, d, &all_vocab, hidden, None, fold),
         );
     }
 
-    for (new_l, &l) in k_layer.iter().enumerate() {
-        let k = |s: &str| layer_key(l, s);
-        let nk = |s: &str| layer_key(new_l, s);
-        // Per query head: z_kv[l, g] · z_q[l, g, s].
-        let head_factor: Vec<f32> = (0..h_src)
-            .map(|j| zkv[l * g_src + j / r_src] * zq[l * h_src + j])
-            .collect();
-        let k_heads = nonzero(&head_factor);
-        let k_groups = nonzero(&zkv[l * g_src..(l + 1) * g_src]);
-        let k_int = nonzero(&zi[l * i_src..(l + 1) * i_src]);
-        if k_groups.len() != t.num_key_value_heads || k_heads.len() != t.num_attention_heads {
-            return Err(bad(format!(
-                "layer {l} keeps {} kv heads and {} query heads, the target has {} and {}",
-                k_groups.len(),
-                k_heads.len(),
-                t.num_key_value_heads,
-                t.num_attention_heads
-            )));
-        }
-        if k_groups
-            .iter()
-            .any(|&g| k_heads.iter().filter(|&&j| j / r_src == g).count() != t.heads_per_group())
-        {
-            return Err(bad(format!(
-                "layer {l} keeps a kv group without exactly {} query heads",
-                t.heads_per_group()
-            )));
-        }
-        if k_int.len() != t.intermediate_size {
-            return Err(bad(format!(
-                "layer {l} keeps {} MLP channels, the target has {}",
-                k_int.len(),
-                t.intermediate_size
-            )));
-        }
-        let rows_of = |units: &[usize]| -> Vec<usize> {
-            units.iter().flat_map(|&u| u * hd..(u + 1) * hd).collect()
-        };
-        let q_rows = rows_of(&k_heads);
-        let kv_rows = rows_of(&k_groups);
-        let (dt, ht, gt, it) = (k_hid.len(), q_rows.len(), kv_rows.len(), k_int.len());
-
-        for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+    // Every layer tensor: its kept rows and columns by the axis each dimension counts.
+    let src_layer = LayerShape {
+        num_attention_heads: src.num_attention_heads,
+        num_key_value_heads: src.num_kv_heads(),
+        intermediate_size: src.intermediate_size,
+    };
+    for (new_l, lk) in keep.layers.iter().enumerate() {
+        for tensor in LayerTensor::ALL {
+            let w = f32w(&tensor.key(lk.layer))?;
+            let (row_scale, col_scale) = lk.folds(&keep, tensor);
+            let axes = tensor.axes();
+            let cols_axis = axes[axes.len() - 1];
+            let cols = lk.along(&keep, cols_axis);
+            let (rows, shape): (&[usize], Vec<usize>) = if tensor.is_norm() {
+                (&[0], vec![cols.len()])
+            } else {
+                let rows = lk.along(&keep, axes[0]);
+                (rows, vec![rows.len(), cols.len()])
+            };
+            let n_cols = cols_axis.len(d, src.head_dim(), &src_layer);
             put(
-                nk(n),
-                vec![dt],
-                gather(&f32w(&k(n))?, d, &[0], &k_hid, None, Some(&zh_kept)),
+                tensor.key(new_l),
+                shape,
+                gather(&w, n_cols, rows, cols, row_scale, col_scale),
             );
         }
-        put(
-            nk("self_attn.q_proj.weight"),
-            vec![ht, dt],
-            gather(
-                &f32w(&k("self_attn.q_proj.weight"))?,
-                d,
-                &q_rows,
-                &k_hid,
-                None,
-                None,
-            ),
-        );
-        put(
-            nk("self_attn.k_proj.weight"),
-            vec![gt, dt],
-            gather(
-                &f32w(&k("self_attn.k_proj.weight"))?,
-                d,
-                &kv_rows,
-                &k_hid,
-                None,
-                None,
-            ),
-        );
-        put(
-            nk("self_attn.v_proj.weight"),
-            vec![gt, dt],
-            gather(
-                &f32w(&k("self_attn.v_proj.weight"))?,
-                d,
-                &kv_rows,
-                &k_hid,
-                None,
-                None,
-            ),
-        );
-        // o_proj: each kept head's input columns carry its factor; rows carry z_layer · z_hidden.
-        let col_scale: Vec<f32> = q_rows.iter().map(|&c| head_factor[c / hd]).collect();
-        let out_scale: Vec<f32> = zh_kept.iter().map(|z| zl[l] * z).collect();
-        put(
-            nk("self_attn.o_proj.weight"),
-            vec![dt, ht],
-            gather(
-                &f32w(&k("self_attn.o_proj.weight"))?,
-                h_src * hd,
-                &k_hid,
-                &q_rows,
-                Some(&out_scale),
-                Some(&col_scale),
-            ),
-        );
-        let zi_kept: Vec<f32> = k_int.iter().map(|&c| zi[l * i_src + c]).collect();
-        put(
-            nk("mlp.gate_proj.weight"),
-            vec![it, dt],
-            gather(
-                &f32w(&k("mlp.gate_proj.weight"))?,
-                d,
-                &k_int,
-                &k_hid,
-                None,
-                None,
-            ),
-        );
-        put(
-            nk("mlp.up_proj.weight"),
-            vec![it, dt],
-            gather(
-                &f32w(&k("mlp.up_proj.weight"))?,
-                d,
-                &k_int,
-                &k_hid,
-                Some(&zi_kept),
-                None,
-            ),
-        );
-        put(
-            nk("mlp.down_proj.weight"),
-            vec![dt, it],
-            gather(
-                &f32w(&k("mlp.down_proj.weight"))?,
-                i_src,
-                &k_hid,
-                &k_int,
-                Some(&out_scale),
-                None,
-            ),
-        );
     }
     let config = t.config(src);
     check_weights(&config, &out, std::path::Path::new("<finalized>"))?;

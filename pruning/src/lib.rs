@@ -5,6 +5,7 @@
 //!
 //! - [`target`]: the target shape, its validation against the source, which modules carry masks;
 //! - [`hard_concrete`]: the L0 distribution (sampling, scores, deterministic masks);
+//! - [`per_module`]: the per-module map every mask quantity travels in;
 //! - [`masks`]: the mask module (`log_alpha`s) and the multipliers it hands the model;
 //! - [`size`]: parameter accounting and the expected remaining size;
 //! - [`constraint`]: the per-module Lagrangian and its multipliers;
@@ -21,6 +22,7 @@ pub mod finalize;
 pub mod hard_concrete;
 pub mod masks;
 pub mod model;
+pub mod per_module;
 pub mod plan;
 pub mod size;
 pub mod target;
@@ -29,4 +31,5 @@ pub use constraint::Lagrangian;
 pub use finalize::{finalize, FinalizeOptions};
 pub use masks::{HostMasks, L0Masks, MaskValues};
 pub use model::PruningModel;
+pub use per_module::PerModule;
 pub use target::{PruneModule, PruningSpec, TargetShape};

@@ -12,6 +12,7 @@ use shears_core::{HostTensor, WeightMap};
 use shears_models::ForwardMasks;
 
 use crate::hard_concrete::{self, ZeroCount};
+use crate::per_module::PerModule;
 use crate::target::{PruneModule, PruningSpec};
 
 /// The learnable masks of a pruning run (the "masks" parameter group).
@@ -30,14 +31,14 @@ pub struct L0Masks<B: Backend> {
 /// Mask values of one forward, per module, as `[rows, n]` f32 tensors.
 #[derive(Debug, Clone)]
 pub struct MaskValues<B: Backend> {
-    pub values: Vec<(PruneModule, Tensor<B, 2>)>,
+    pub values: PerModule<Tensor<B, 2>>,
     pub spec: PruningSpec,
 }
 
 /// Deterministic mask values on the host, per module, as `[rows, n]` row-major f32.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostMasks {
-    pub values: Vec<(PruneModule, Vec<f32>)>,
+    pub values: PerModule<Vec<f32>>,
     pub spec: PruningSpec,
 }
 
@@ -55,13 +56,41 @@ fn f32_tensor<B: Backend>(
     }
 }
 
+type MaskParam<B> = Param<Tensor<B, 2>>;
+
 impl<B: Backend> L0Masks<B> {
+    /// Masks for `spec` with `log_alpha` parameters from `params` (modules without one are not
+    /// pruned): the one place the five fields are written.
+    fn assemble(spec: &PruningSpec, mut params: PerModule<MaskParam<B>>) -> Self {
+        let mut take = |m: PruneModule| params.remove(m);
+        L0Masks {
+            hidden: take(PruneModule::Hidden),
+            layer: take(PruneModule::Layer),
+            intermediate: take(PruneModule::Intermediate),
+            kv_heads: take(PruneModule::KvHeads),
+            query_heads: take(PruneModule::QueryHeads),
+            spec: spec.clone(),
+        }
+    }
+
+    /// The `log_alpha` parameters of the pruned modules: the one place the five fields are read.
+    fn into_params(self) -> (PerModule<MaskParam<B>>, PruningSpec) {
+        let params = [
+            (PruneModule::Hidden, self.hidden),
+            (PruneModule::Layer, self.layer),
+            (PruneModule::Intermediate, self.intermediate),
+            (PruneModule::KvHeads, self.kv_heads),
+            (PruneModule::QueryHeads, self.query_heads),
+        ]
+        .into_iter()
+        .filter_map(|(m, p)| Some((m, p?)))
+        .collect();
+        (params, self.spec)
+    }
+
     /// Masks for `spec`, `log_alpha ~ N(5, 0.01)` as the reference initialises them.
     pub fn new(spec: &PruningSpec, rng: &mut impl Rng, device: &B::Device) -> Self {
-        let mut init = |m: PruneModule| -> Option<Param<Tensor<B, 2>>> {
-            if !spec.has(m) {
-                return None;
-            }
+        let params = PerModule::from_fn(&spec.modules, |m| {
             let (rows, n) = spec.mask_shape(m);
             let data: Vec<f32> = (0..rows * n)
                 .map(|_| {
@@ -71,107 +100,74 @@ impl<B: Backend> L0Masks<B> {
                     (hard_concrete::INIT_MEAN + hard_concrete::INIT_STD * z) as f32
                 })
                 .collect();
-            Some(Param::from_tensor(f32_tensor(data, rows, n, device)))
-        };
-        L0Masks {
-            hidden: init(PruneModule::Hidden),
-            layer: init(PruneModule::Layer),
-            intermediate: init(PruneModule::Intermediate),
-            kv_heads: init(PruneModule::KvHeads),
-            query_heads: init(PruneModule::QueryHeads),
-            spec: spec.clone(),
-        }
+            Param::from_tensor(f32_tensor(data, rows, n, device))
+        });
+        Self::assemble(spec, params)
     }
 
     /// Masks with given `log_alpha` values (`[rows, n]` row-major per module), e.g. from a
-    /// checkpoint or a test.
+    /// checkpoint or a test. Values for modules `spec` does not prune are ignored.
     pub fn from_values(
         spec: &PruningSpec,
-        values: &[(PruneModule, Vec<f32>)],
+        values: &PerModule<Vec<f32>>,
         device: &B::Device,
     ) -> Self {
-        let get = |m: PruneModule| -> Option<Param<Tensor<B, 2>>> {
-            let v = values.iter().find(|(k, _)| *k == m)?;
-            let (rows, n) = spec.mask_shape(m);
-            assert_eq!(
-                v.1.len(),
-                rows * n,
-                "{} log_alpha has the wrong size",
-                m.name()
-            );
-            Some(Param::from_tensor(f32_tensor(v.1.clone(), rows, n, device)))
-        };
-        L0Masks {
-            hidden: get(PruneModule::Hidden),
-            layer: get(PruneModule::Layer),
-            intermediate: get(PruneModule::Intermediate),
-            kv_heads: get(PruneModule::KvHeads),
-            query_heads: get(PruneModule::QueryHeads),
-            spec: spec.clone(),
-        }
-    }
-
-    fn params(&self) -> [(PruneModule, Option<&Param<Tensor<B, 2>>>); 5] {
-        [
-            (PruneModule::Hidden, self.hidden.as_ref()),
-            (PruneModule::Layer, self.layer.as_ref()),
-            (PruneModule::Intermediate, self.intermediate.as_ref()),
-            (PruneModule::KvHeads, self.kv_heads.as_ref()),
-            (PruneModule::QueryHeads, self.query_heads.as_ref()),
-        ]
+        let params = values
+            .iter()
+            .filter(|(m, _)| spec.has(*m))
+            .map(|(m, v)| {
+                let (rows, n) = spec.mask_shape(m);
+                assert_eq!(
+                    v.len(),
+                    rows * n,
+                    "{} log_alpha has the wrong size",
+                    m.name()
+                );
+                (
+                    m,
+                    Param::from_tensor(f32_tensor(v.clone(), rows, n, device)),
+                )
+            })
+            .collect();
+        Self::assemble(spec, params)
     }
 
     /// The clamped `log_alpha` of every pruned module.
-    pub fn log_alphas(&self) -> Vec<(PruneModule, Tensor<B, 2>)> {
-        self.params()
-            .into_iter()
-            .filter_map(|(m, p)| p.map(|p| (m, p.val())))
-            .collect()
+    pub fn log_alphas(&self) -> PerModule<Tensor<B, 2>> {
+        self.clone().into_params().0.map(|_, p| p.val())
     }
 
     /// Clamp every `log_alpha` to `[ln 0.01, ln 100]` in place, keeping parameter identities (the
     /// reference does this at the start of every L0 call, so an init of 5 becomes ln 100).
     pub fn clamped(self) -> Self {
         let (lo, hi) = hard_concrete::clamp_range();
-        let clamp = |p: Option<Param<Tensor<B, 2>>>| {
-            p.map(|p| {
-                p.map(|t| {
-                    let require_grad = t.is_require_grad();
-                    let t = t.clamp(lo, hi).detach();
-                    if require_grad {
-                        t.require_grad()
-                    } else {
-                        t
-                    }
-                })
+        let (params, spec) = self.into_params();
+        let params = params.map(|_, p| {
+            p.map(|t| {
+                let require_grad = t.is_require_grad();
+                let t = t.clamp(lo, hi).detach();
+                if require_grad {
+                    t.require_grad()
+                } else {
+                    t
+                }
             })
-        };
-        L0Masks {
-            hidden: clamp(self.hidden),
-            layer: clamp(self.layer),
-            intermediate: clamp(self.intermediate),
-            kv_heads: clamp(self.kv_heads),
-            query_heads: clamp(self.query_heads),
-            spec: self.spec,
-        }
+        });
+        Self::assemble(&spec, params)
     }
 
     /// A training-time sample (method §2.2): one draw per forward, shared by the whole batch, with
     /// the noise drawn from `rng` on the host so runs are reproducible and resumable.
     pub fn sample(&self, rng: &mut impl Rng) -> MaskValues<B> {
         let eps = hard_concrete::EPSILON as f32;
-        let values = self
-            .log_alphas()
-            .into_iter()
-            .map(|(m, la)| {
-                let [rows, n] = la.dims();
-                let u: Vec<f32> = (0..rows * n)
-                    .map(|_| rng.random_range(eps..1.0 - eps))
-                    .collect();
-                let u = f32_tensor::<B>(u, rows, n, &la.device());
-                (m, hard_concrete::sample(la, u))
-            })
-            .collect();
+        let values = self.log_alphas().map(|_, la| {
+            let [rows, n] = la.dims();
+            let u: Vec<f32> = (0..rows * n)
+                .map(|_| rng.random_range(eps..1.0 - eps))
+                .collect();
+            let u = f32_tensor::<B>(u, rows, n, &la.device());
+            hard_concrete::sample(la, u)
+        });
         MaskValues {
             values,
             spec: self.spec.clone(),
@@ -179,57 +175,47 @@ impl<B: Backend> L0Masks<B> {
     }
 
     /// `P(z ≠ 0)` of every entry, per module.
-    pub fn scores(&self) -> Vec<(PruneModule, Tensor<B, 2>)> {
-        self.log_alphas()
-            .into_iter()
-            .map(|(m, la)| (m, hard_concrete::score(la)))
-            .collect()
+    pub fn scores(&self) -> PerModule<Tensor<B, 2>> {
+        self.log_alphas().map(|_, la| hard_concrete::score(la))
     }
 
     /// Expected sparsity `1 − Σ score / n` per row, per module (`[rows]`).
-    pub fn expected_sparsity(&self) -> Vec<(PruneModule, Tensor<B, 1>)> {
-        self.scores()
-            .into_iter()
-            .map(|(m, s)| {
-                let [rows, _] = s.dims();
-                (m, s.mean_dim(1).reshape([rows]).neg().add_scalar(1.0))
-            })
-            .collect()
+    pub fn expected_sparsity(&self) -> PerModule<Tensor<B, 1>> {
+        self.scores().map(|_, s| {
+            let [rows, _] = s.dims();
+            s.mean_dim(1).reshape([rows]).neg().add_scalar(1.0)
+        })
     }
 
     /// The deterministic masks (method §2.4) of the clamped `log_alpha`s, per row: the expected
     /// number of zeros rounded
     /// (`exact_target = false`, during pruning) or exactly the target's (`true`, finalize).
     pub fn deterministic(&self, exact_target: bool) -> HostMasks {
-        let values = self
-            .log_alphas()
-            .into_iter()
-            .map(|(m, la)| {
-                let [rows, n] = la.dims();
-                let (lo, hi) = hard_concrete::clamp_range();
-                let data: Vec<f32> = la
-                    .into_data()
-                    .convert::<f32>()
-                    .into_vec::<f32>()
-                    .expect("f32")
-                    .into_iter()
-                    .map(|a| a.clamp(lo as f32, hi as f32))
-                    .collect();
-                let count = if exact_target {
-                    ZeroCount::Exact(self.spec.target_kept(m))
-                } else {
-                    ZeroCount::ExpectedRounded
-                };
-                let mut out = Vec::with_capacity(rows * n);
-                for r in 0..rows {
-                    out.extend(hard_concrete::deterministic_row(
-                        &data[r * n..(r + 1) * n],
-                        count,
-                    ));
-                }
-                (m, out)
-            })
-            .collect();
+        let values = self.log_alphas().map(|m, la| {
+            let [rows, n] = la.dims();
+            let (lo, hi) = hard_concrete::clamp_range();
+            let data: Vec<f32> = la
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .expect("f32")
+                .into_iter()
+                .map(|a| a.clamp(lo as f32, hi as f32))
+                .collect();
+            let count = if exact_target {
+                ZeroCount::Exact(self.spec.target_kept(m))
+            } else {
+                ZeroCount::ExpectedRounded
+            };
+            let mut out = Vec::with_capacity(rows * n);
+            for r in 0..rows {
+                out.extend(hard_concrete::deterministic_row(
+                    &data[r * n..(r + 1) * n],
+                    count,
+                ));
+            }
+            out
+        });
         HostMasks {
             values,
             spec: self.spec.clone(),
@@ -240,23 +226,16 @@ impl<B: Backend> L0Masks<B> {
 impl HostMasks {
     /// The values of module `m`, if pruned.
     pub fn get(&self, m: PruneModule) -> Option<&[f32]> {
-        self.values
-            .iter()
-            .find(|(k, _)| *k == m)
-            .map(|(_, v)| v.as_slice())
+        self.values.get(m).map(Vec::as_slice)
     }
 
     /// On a device, as the values of a forward.
     pub fn to_device<B: Backend>(&self, device: &B::Device) -> MaskValues<B> {
         MaskValues {
-            values: self
-                .values
-                .iter()
-                .map(|(m, v)| {
-                    let (rows, n) = self.spec.mask_shape(*m);
-                    (*m, f32_tensor::<B>(v.clone(), rows, n, device))
-                })
-                .collect(),
+            values: self.values.map_ref(|m, v| {
+                let (rows, n) = self.spec.mask_shape(m);
+                f32_tensor::<B>(v.clone(), rows, n, device)
+            }),
             spec: self.spec.clone(),
         }
     }
@@ -266,7 +245,7 @@ impl HostMasks {
         self.values
             .iter()
             .map(|(m, v)| {
-                let (rows, n) = self.spec.mask_shape(*m);
+                let (rows, n) = self.spec.mask_shape(m);
                 (
                     format!("z_{}", m.name()),
                     HostTensor::f32(vec![rows, n], v.clone()),
@@ -278,7 +257,7 @@ impl HostMasks {
 
 impl<B: Backend> MaskValues<B> {
     fn get(&self, m: PruneModule) -> Option<&Tensor<B, 2>> {
-        self.values.iter().find(|(k, _)| *k == m).map(|(_, v)| v)
+        self.values.get(m)
     }
 
     /// The multipliers the model applies (`models::ForwardMasks`), in the model's `dtype`:

@@ -12,7 +12,8 @@ use shears_models::{Llama, ShearsAutodiff, ShearsOps};
 
 use crate::constraint::{target_at, Lagrangian};
 use crate::masks::{HostMasks, L0Masks};
-use crate::target::{PruneModule, PruningSpec};
+use crate::per_module::PerModule;
+use crate::target::PruningSpec;
 
 /// The three parameter groups of a pruning run.
 #[derive(Module, Debug)]
@@ -30,9 +31,9 @@ pub struct PruningLoss<B: Backend> {
     /// The Lagrangian penalty.
     pub lagrangian: Tensor<B, 1>,
     /// Expected sparsity per module and row.
-    pub expected_sparsity: Vec<(PruneModule, Tensor<B, 1>)>,
+    pub expected_sparsity: PerModule<Tensor<B, 1>>,
     /// Target sparsity per module at this step (after the warm-up ramp).
-    pub target_sparsity: Vec<(PruneModule, f64)>,
+    pub target_sparsity: PerModule<f64>,
 }
 
 impl<B: Backend> PruningLoss<B> {
@@ -73,11 +74,9 @@ impl<B: ShearsOps> PruningModel<B> {
         let masks = self.masks.sample(rng).forward_masks(self.model.dtype());
         let lm = self.model.loss_masked(ids, &masks);
         let spec = &self.masks.spec;
-        let target_sparsity: Vec<(PruneModule, f64)> = spec
-            .modules
-            .iter()
-            .map(|m| (*m, target_at(spec.target_sparsity(*m), step, warmup)))
-            .collect();
+        let target_sparsity = PerModule::from_fn(&spec.modules, |m| {
+            target_at(spec.target_sparsity(m), step, warmup)
+        });
         let expected_sparsity = self.masks.expected_sparsity();
         let lagrangian = self.lagrangian.loss(&expected_sparsity, &target_sparsity);
         PruningLoss {

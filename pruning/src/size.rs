@@ -86,11 +86,11 @@ pub fn expected_params<B: Backend>(masks: &L0Masks<B>) -> Tensor<B, 1> {
         spec.heads_per_group(),
     );
     let scores = masks.scores();
-    let get = |m: PruneModule| scores.iter().find(|(k, _)| *k == m).map(|(_, s)| s.clone());
-    let device = masks
-        .log_alphas()
-        .first()
-        .map(|(_, t)| t.device())
+    let get = |m: PruneModule| scores.get(m).cloned();
+    let device = scores
+        .values()
+        .next()
+        .map(|t| t.device())
         .unwrap_or_default();
     let ones = |n: usize| Tensor::<B, 1>::ones([n], &device);
     // Σ_s s_q per (layer, group), or r.

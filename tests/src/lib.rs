@@ -304,7 +304,7 @@ pub mod prune {
     use burn::tensor::{Int, Tensor, TensorData};
     use rand::{rngs::StdRng, Rng, SeedableRng};
     use shears_core::LlamaConfig;
-    use shears_pruning::{PruneModule, PruningSpec, TargetShape};
+    use shears_pruning::{PerModule, PruningSpec, TargetShape};
 
     /// The tiny GQA source config.
     pub fn source() -> LlamaConfig {
@@ -328,7 +328,7 @@ pub mod prune {
     }
 
     /// Seeded `log_alpha`s in `[-2, 2)` (away from the clamp) for every module of `spec`.
-    pub fn log_alphas(spec: &PruningSpec) -> Vec<(PruneModule, Vec<f32>)> {
+    pub fn log_alphas(spec: &PruningSpec) -> PerModule<Vec<f32>> {
         let mut rng = StdRng::seed_from_u64(9);
         spec.modules
             .iter()
@@ -343,8 +343,16 @@ pub mod prune {
     }
 
     /// A fixed batch `[2, 6]` of ids below 24.
+    /// The test batch `[2, 6]` as sequences (what the trainer's stages take).
+    pub fn batch_ids() -> Vec<Vec<u32>> {
+        (0..2)
+            .map(|r| (0..6).map(|c| ((r * 6 + c) * 7 + 3) % 24).collect())
+            .collect()
+    }
+
+    /// The test batch `[2, 6]` as a tensor.
     pub fn batch<B: Backend>() -> Tensor<B, 2, Int> {
-        let ids: Vec<i64> = (0..2 * 6).map(|i| (i * 7 + 3) % 24).collect();
+        let ids: Vec<i64> = batch_ids().concat().into_iter().map(i64::from).collect();
         Tensor::from_data(TensorData::new(ids, [2, 6]), &Default::default())
     }
 }
@@ -406,6 +414,16 @@ pub mod runs {
     /// `shears` with `args`.
     pub fn shears(bin: &str, args: &[&str]) -> Output {
         Command::new(bin).args(args).output().unwrap()
+    }
+
+    /// Run `bin` with `faults` (a TOML table) in `SHEARS_FAULTS`: the CLI tests' binary is
+    /// built with fault injection.
+    pub fn shears_faulty(bin: &str, args: &[&str], faults: &str) -> Output {
+        Command::new(bin)
+            .args(args)
+            .env("SHEARS_FAULTS", faults)
+            .output()
+            .unwrap()
     }
 
     /// The files under `dir` with their contents, sorted (to prove a refused command left them

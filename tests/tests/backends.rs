@@ -9,7 +9,7 @@ use shears_core::model_files::check_weights;
 use shears_core::{DType, LayerShape, LlamaConfig, WeightMap};
 use shears_models::{dispatch, dispatch_autodiff, load, AutodiffTask, BackendKind, BackendTask};
 use shears_tests::{max_abs_diff, rel_l2};
-use shears_trainer::{AdamWSettings, LmTrainer};
+use shears_trainer::{AdamWSettings, LmStage, Stage};
 
 struct Case {
     name: &'static str,
@@ -69,8 +69,14 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+fn batch_ids() -> Vec<Vec<u32>> {
+    (0..2)
+        .map(|r| (0..12).map(|c| ((r * 12 + c) * 37 + 5) % 96).collect())
+        .collect()
+}
+
 fn batch<B: Backend>(device: &B::Device) -> Tensor<B, 2, Int> {
-    let ids: Vec<i64> = (0..2 * 12).map(|i| (i * 37 + 5) % 96).collect();
+    let ids: Vec<i64> = batch_ids().concat().into_iter().map(i64::from).collect();
     Tensor::from_data(TensorData::new(ids, [2, 12]), device)
 }
 
@@ -105,7 +111,9 @@ impl AutodiffTask for Step<'_> {
     fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> Self::Output {
         let model =
             load::build::<B>(self.config, self.layers, self.weights, &device, DType::F32).unwrap();
-        LmTrainer::new(model, AdamWSettings::default()).loss_and_gradients(batch::<B>(&device))
+        let mut stage = LmStage::from_model(model, AdamWSettings::default());
+        let loss = stage.backward(&[batch_ids()], 0, &[0]).lm;
+        (loss as f32, stage.gradients())
     }
 }
 

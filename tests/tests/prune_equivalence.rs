@@ -9,7 +9,9 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use shears_core::model_files::check_weights;
 use shears_core::{DType, LlamaConfig, WeightMap};
 use shears_models::{load, Llama};
-use shears_pruning::{finalize, FinalizeOptions, L0Masks, PruneModule, PruningSpec, TargetShape};
+use shears_pruning::{
+    finalize, FinalizeOptions, L0Masks, PerModule, PruneModule, PruningSpec, TargetShape,
+};
 
 /// flex runs the native kernels (fused attention, GEMM, LM head): masked == finalized must hold
 /// through them. (ndarray's generic path is held to flex's by `backends.rs`.)
@@ -82,7 +84,7 @@ fn config(c: &Case) -> LlamaConfig {
 }
 
 /// Random `log_alpha`s, a fifth of them beyond the clamp (ties after clamping).
-fn random_log_alphas(spec: &PruningSpec, rng: &mut StdRng) -> Vec<(PruneModule, Vec<f32>)> {
+fn random_log_alphas(spec: &PruningSpec, rng: &mut StdRng) -> PerModule<Vec<f32>> {
     spec.modules
         .iter()
         .map(|&m| {

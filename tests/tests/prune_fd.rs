@@ -12,7 +12,7 @@ use rand::{rngs::StdRng, SeedableRng};
 use shears_core::model_files::check_weights;
 use shears_core::{DType, WeightMap};
 use shears_models::load;
-use shears_pruning::{L0Masks, Lagrangian, PruneModule, PruningModel};
+use shears_pruning::{L0Masks, Lagrangian, PerModule, PruningModel};
 use shears_tests::prune::{batch, log_alphas, source, spec};
 
 type F64 = burn::backend::NdArray<f64>;
@@ -20,7 +20,7 @@ type AD = Autodiff<F64>;
 
 fn state<BB: shears_models::ShearsOps>(
     weights: &WeightMap,
-    las: &[(PruneModule, Vec<f32>)],
+    las: &PerModule<Vec<f32>>,
     l1: &[f32],
     l2: &[f32],
 ) -> PruningModel<BB> {
@@ -58,14 +58,8 @@ fn log_alpha_and_multiplier_gradients_match_finite_differences() {
     let grads = total_loss(&ad).backward();
     let h = 1e-6;
     let mut checked = 0;
-    for (m, values) in &las {
-        let param = ad
-            .masks
-            .log_alphas()
-            .into_iter()
-            .find(|(k, _)| k == m)
-            .unwrap()
-            .1;
+    for (m, values) in las.iter() {
+        let param = ad.masks.log_alphas()[m].clone();
         let g: Vec<f64> = param
             .grad(&grads)
             .unwrap()
@@ -77,11 +71,10 @@ fn log_alpha_and_multiplier_gradients_match_finite_differences() {
         for idx in (0..values.len()).step_by((values.len() / 3).max(1)) {
             let mut plus = las.clone();
             let mut minus = las.clone();
-            plus.iter_mut().find(|(k, _)| k == m).unwrap().1[idx] += h as f32;
-            minus.iter_mut().find(|(k, _)| k == m).unwrap().1[idx] -= h as f32;
+            plus.get_mut(m).unwrap()[idx] += h as f32;
+            minus.get_mut(m).unwrap()[idx] -= h as f32;
             // f32 storage of log_alpha: use the actually stored perturbation.
-            let step = (plus.iter().find(|(k, _)| k == m).unwrap().1[idx] as f64)
-                - (minus.iter().find(|(k, _)| k == m).unwrap().1[idx] as f64);
+            let step = (plus[m][idx] as f64) - (minus[m][idx] as f64);
             let fd = (scalar(total_loss(&state::<F64>(&weights, &plus, &l1, &l2)))
                 - scalar(total_loss(&state::<F64>(&weights, &minus, &l1, &l2))))
                 / step;

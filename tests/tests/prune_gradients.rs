@@ -8,9 +8,9 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use shears_models::backend::NdArrayBackend;
 use shears_models::load;
 use shears_pruning::hard_concrete;
-use shears_pruning::{L0Masks, PruneModule, PruningModel};
-use shears_tests::prune::{batch, log_alphas, source, spec};
-use shears_trainer::{PruneStepSettings, PruneTrainer};
+use shears_pruning::{L0Masks, PerModule, PruneModule, PruningModel};
+use shears_tests::prune::{batch_ids, log_alphas, source, spec};
+use shears_trainer::{PruneRates, PruneStage, Stage};
 
 #[test]
 fn a_multiplier_step_is_ascent() {
@@ -23,21 +23,25 @@ fn a_multiplier_step_is_ascent() {
     let model = load::random_model::<NA>(&cfg, 3, &device).unwrap();
     let mut rng = StdRng::seed_from_u64(1);
     let state = PruningModel::new(model, &spec(), &mut rng).unwrap();
-    let settings = PruneStepSettings {
+    let rates = PruneRates {
         lagrangian_warmup_steps: 0,
         ..Default::default()
     };
-    let mut trainer = PruneTrainer::new(state, settings, 7);
-    let report = trainer.step(batch::<NA>(), 1.0);
-    for ((m, e), (_, t)) in report.expected_sparsity.iter().zip(&report.target_sparsity) {
+    // The production step, as the loop drives it (one micro-batch, no clipping).
+    let mut stage = PruneStage::from_state(state, rates);
+    let ids = batch_ids();
+    let before = stage.eval_extras(0).pruning.unwrap();
+    for (m, e) in before.expected_sparsity.iter() {
+        let t = before.target_sparsity[m];
         assert!(
-            e < t,
+            *e < t,
             "{}: expected {e} should start below target {t}",
             m.name()
         );
     }
-    assert_eq!(report.lagrangian_loss, 0.0, "multipliers start at zero");
-    for (m, l1, l2) in trainer.state().lagrangian.values() {
+    let first = stage.step(&ids, 0, 7, 1.0);
+    assert_eq!(first.lagrangian, Some(0.0), "multipliers start at zero");
+    for (m, [l1, l2]) in stage.state().lagrangian.values() {
         assert!(
             l1 < 0.0,
             "{}: λ1 {l1} should move towards the (negative) gap",
@@ -45,21 +49,16 @@ fn a_multiplier_step_is_ascent() {
         );
         assert!(l2 > 0.0, "{}: λ2 {l2} should grow", m.name());
     }
-    let second = trainer.step(batch::<NA>(), 1.0);
-    assert!(
-        second.lagrangian_loss > 0.0,
-        "the penalty is now positive: {}",
-        second.lagrangian_loss
-    );
+    let second = stage.step(&ids, 1, 8, 1.0);
+    let penalty = second.lagrangian.unwrap();
+    assert!(penalty > 0.0, "the penalty is now positive: {penalty}");
     // The masks moved towards the target: expected sparsity increased.
-    for ((m, before), (_, after)) in report
-        .expected_sparsity
-        .iter()
-        .zip(&second.expected_sparsity)
-    {
-        assert!(after >= before, "{}: {before} -> {after}", m.name());
+    let after = stage.eval_extras(2).pruning.unwrap();
+    for (m, b) in before.expected_sparsity.iter() {
+        let a = after.expected_sparsity[m];
+        assert!(a >= *b, "{}: {b} -> {a}", m.name());
     }
-    let _ = trainer.state().model.valid();
+    let _ = stage.state().model.valid();
 }
 
 #[test]
@@ -137,7 +136,7 @@ fn expected_size_matches_the_closed_form_for_gqa() {
         (PruneModule::KvHeads, 3.0),
         (PruneModule::QueryHeads, -2.0),
     ];
-    let las: Vec<(PruneModule, Vec<f32>)> = per_module
+    let las: PerModule<Vec<f32>> = per_module
         .iter()
         .map(|&(m, a)| {
             let (rows, n) = spec.mask_shape(m);
@@ -166,8 +165,7 @@ fn expected_size_matches_the_closed_form_for_gqa() {
         "expected params {got} vs closed form {want}"
     );
     // At the top of the clamp every score is s = score(ln 100): the same formula with one s.
-    let full: Vec<(PruneModule, Vec<f32>)> =
-        las.iter().map(|(m, v)| (*m, vec![10.0; v.len()])).collect();
+    let full = las.map_ref(|_, v| vec![10.0; v.len()]);
     let masks = L0Masks::<NB>::from_values(&spec, &full, &Default::default()).clamped();
     let got: f64 = shears_pruning::size::expected_params(&masks)
         .into_data()

@@ -10,6 +10,7 @@ use shears_tests::prune;
 use shears_trainer::driver::Stage;
 use shears_trainer::lm_stage::LmStage;
 use shears_trainer::prune_stage::{PruneRates, PruneStage};
+use shears_trainer::records::{StageState, TrainState};
 use shears_trainer::AdamWSettings;
 
 type B = burn::backend::Autodiff<NdArrayBackend>;
@@ -51,9 +52,9 @@ fn accumulated_micro_batches_equal_one_batch() {
     let batch = seqs(4, 9, 1);
     let mut whole = LmStage::<B>::new(&files(), settings(), &device).unwrap();
     let mut micro = LmStage::<B>::new(&files(), settings(), &device).unwrap();
-    let a = whole.backward(std::slice::from_ref(&batch), 0, &[0], false);
+    let a = whole.backward(std::slice::from_ref(&batch), 0, &[0]);
     let split: Vec<Vec<Vec<u32>>> = batch.chunks(1).map(|c| c.to_vec()).collect();
-    let b = micro.backward(&split, 0, &[0, 1, 2, 3], false);
+    let b = micro.backward(&split, 0, &[0, 1, 2, 3]);
     assert!((a.lm - b.lm).abs() < 1e-6, "{} vs {}", a.lm, b.lm);
     let (na, nb) = (whole.grad_norm(), micro.grad_norm());
     assert!((na - nb).abs() < 1e-6 * na, "{na} vs {nb}");
@@ -81,7 +82,7 @@ fn a_saved_and_loaded_stage_continues_bit_identically() {
         lagrangian_warmup_steps: 3,
     };
     let step = |s: &mut PruneStage<B>, t: usize| {
-        let l = s.backward(&[seqs(2, 7, t as u32)], t, &[t as u64 * 11], false);
+        let l = s.backward(&[seqs(2, 7, t as u32)], t, &[t as u64 * 11]);
         s.scale_grads(0.9);
         s.apply(1.0);
         l
@@ -107,8 +108,18 @@ fn a_saved_and_loaded_stage_continues_bit_identically() {
     for (k, v) in &wa {
         assert!(v.bit_eq(&wb[k]), "{k}");
     }
-    // A corrupt state is an error, not a panic.
-    let bad = serde_json::json!({"optimizer_steps": "nope"});
+    // A corrupt state is refused when it is read; another stage's state, or one for another
+    // target, is an error on load, not a panic.
+    let corrupt = serde_json::json!({"stage": "prune", "stage_state": {"optimizer_steps": "nope"}});
+    assert!(serde_json::from_value::<StageState>(corrupt).is_err());
     let mut c = PruneStage::<B>::new(&files(), &spec, rates, 1, &device).unwrap();
-    assert!(c.load(tmp.path(), &bad).is_err());
+    let other = StageState::Train(TrainState {
+        optimizer_steps: Default::default(),
+    });
+    assert!(c.load(tmp.path(), &other).is_err());
+    let StageState::Prune(mut moved) = state.clone() else {
+        panic!("{state:?}")
+    };
+    moved.modules.pop();
+    assert!(c.load(tmp.path(), &StageState::Prune(moved)).is_err());
 }

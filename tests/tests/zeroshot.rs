@@ -3,10 +3,10 @@
 
 use serde_json::Value;
 use shears_core::{DType, ModelFiles};
+use shears_eval::zeroshot::{self, load_task};
 use shears_models::backend::NdArrayBackend;
 use shears_models::load;
 use shears_tests::{fixture, smollm2_gguf};
-use shears_trainer::zeroshot::{self, load_task};
 
 type B = NdArrayBackend;
 

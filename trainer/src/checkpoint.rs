@@ -11,7 +11,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shears_core::error::IoContext;
-use shears_core::{Error, Result};
+use shears_core::formats::safetensors;
+use shears_core::{Error, ModelFiles, Result};
+use shears_pruning::{L0Masks, Lagrangian, PerModule, PruningSpec};
+
+use crate::records::LoopState;
+use crate::run_dir::CHECKPOINTS;
 
 /// Manifest file name; its presence marks a complete checkpoint.
 pub const MANIFEST: &str = "MANIFEST.json";
@@ -216,6 +221,95 @@ pub fn prune_old(root: &Path, keep: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A run's checkpoint as readers outside the training loop see it (`eval`, `finalize`, later
+/// stages): its directory, its state, its model and, for pruning runs, its masks.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// `RUN/checkpoints/step-NNNNNNNN`.
+    pub dir: PathBuf,
+    pub state: LoopState,
+}
+
+impl Checkpoint {
+    /// The checkpoint of `run` after `step`, or its newest complete one; verified against its
+    /// manifest.
+    pub fn find(run: &Path, step: Option<usize>) -> Result<Checkpoint> {
+        let root = run.join(CHECKPOINTS);
+        let dir = match step {
+            Some(s) => {
+                let p = root.join(dir_name(s));
+                verify(&p)?;
+                p
+            }
+            None => newest_valid(&root, |w| eprintln!("warning: {w}"))
+                .map(|(_, p)| p)
+                .ok_or_else(|| {
+                    Error::format(run, "has no complete checkpoint (is it a run directory?)")
+                })?,
+        };
+        let state = LoopState::read(&dir)?;
+        Ok(Checkpoint { dir, state })
+    }
+
+    /// The model as saved (HF layout under `model/`).
+    pub fn model_files(&self) -> Result<ModelFiles> {
+        ModelFiles::load_hf_dir(self.dir.join("model"))
+    }
+
+    /// The pruning problem of a pruning checkpoint whose model is `files` (an error naming the
+    /// checkpoint for a continued pre-training one).
+    pub fn pruning_spec(&self, files: &ModelFiles) -> Result<PruningSpec> {
+        let p = self.state.pruning(&self.dir)?;
+        PruningSpec::new(&files.config, p.target, Some(&p.modules))
+    }
+
+    /// The masks and multipliers of a pruning checkpoint.
+    pub fn masks<B: burn::tensor::backend::Backend>(
+        &self,
+        spec: &PruningSpec,
+        device: &B::Device,
+    ) -> Result<(L0Masks<B>, Lagrangian<B>)> {
+        read_pruning(&self.dir, spec, device)
+    }
+}
+
+/// The masks and multipliers of a checkpoint's `pruning.safetensors`.
+pub fn read_pruning<B: burn::tensor::backend::Backend>(
+    dir: &Path,
+    spec: &PruningSpec,
+    device: &B::Device,
+) -> Result<(L0Masks<B>, Lagrangian<B>)> {
+    let path = dir.join("pruning.safetensors");
+    let f = safetensors::SafeTensorsFile::open(&path)?;
+    let mut las = PerModule::new();
+    for m in &spec.modules {
+        let (shape, v) = f.read_f32(&format!("log_alpha.{}", m.name()))?;
+        let (rows, n) = spec.mask_shape(*m);
+        if shape != [rows, n] {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "log_alpha.{} has shape {shape:?}, the plan's target needs [{rows}, {n}]",
+                    m.name()
+                ),
+            ));
+        }
+        las.insert(*m, v);
+    }
+    let (_, l1) = f.read_f32("lambda_1")?;
+    let (_, l2) = f.read_f32("lambda_2")?;
+    if l1.len() != spec.modules.len() || l2.len() != spec.modules.len() {
+        return Err(Error::format(
+            &path,
+            "the multipliers do not match the pruned modules",
+        ));
+    }
+    Ok((
+        L0Masks::from_values(spec, &las, device),
+        Lagrangian::from_values(spec, &l1, &l2, device),
+    ))
 }
 
 #[cfg(test)]

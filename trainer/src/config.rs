@@ -176,11 +176,13 @@ impl Default for PruningSettings {
     }
 }
 
-/// Deliberate failures, for tests of the guards. Not for normal use.
+/// Deliberate failures, for tests of the guards: not part of any plan. Builds with the
+/// `fault-injection` feature (the test builds) read them from the `SHEARS_FAULTS` environment
+/// variable, a TOML table such as `nan_loss_at_steps = [3]`; other builds never inject any.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Faults {
-    /// Steps (1-based) whose loss is made NaN.
+    /// Steps (1-based) whose loss and gradients are made NaN.
     pub nan_loss_at_steps: Vec<usize>,
     /// Steps whose checkpoint write fails as if the disk were full.
     pub checkpoint_error_at_steps: Vec<usize>,
@@ -188,9 +190,21 @@ pub struct Faults {
     pub step_delay_ms: u64,
 }
 
+/// The environment variable fault-injection builds read [`Faults`] from.
+pub const FAULTS_ENV: &str = "SHEARS_FAULTS";
+
 impl Faults {
-    pub fn is_empty(&self) -> bool {
-        *self == Faults::default()
+    /// The faults this process injects: `SHEARS_FAULTS` in a `fault-injection` build, none
+    /// otherwise.
+    pub fn from_env() -> Result<Faults> {
+        if !cfg!(feature = "fault-injection") {
+            return Ok(Faults::default());
+        }
+        match std::env::var(FAULTS_ENV) {
+            Ok(text) => toml::from_str(&text)
+                .map_err(|e| Error::invalid(format!("{FAULTS_ENV}: not a fault table: {e}"))),
+            Err(_) => Ok(Faults::default()),
+        }
     }
 }
 
@@ -212,8 +226,6 @@ pub struct PruneConfig {
     pub pruning: PruningSettings,
     #[serde(default)]
     pub dbl: DblSettings,
-    #[serde(default, skip_serializing_if = "Faults::is_empty")]
-    pub faults: Faults,
 }
 
 /// `shears train --config train.toml`: continued pre-training.
@@ -234,8 +246,6 @@ pub struct TrainConfig {
     pub optim: OptimSettings,
     #[serde(default)]
     pub dbl: DblSettings,
-    #[serde(default, skip_serializing_if = "Faults::is_empty")]
-    pub faults: Faults,
 }
 
 /// Which loop a plan is for; the defaults that differ between them follow from it, and are
@@ -247,6 +257,14 @@ pub enum StageKind {
 }
 
 impl StageKind {
+    /// The name in checkpoints, logs and progress bars.
+    pub fn name(self) -> &'static str {
+        match self {
+            StageKind::Prune => "prune",
+            StageKind::Train => "train",
+        }
+    }
+
     /// Steps between evaluations (and DBL updates): 50 when pruning, 400 in continued
     /// pre-training.
     pub fn eval_interval(self) -> usize {

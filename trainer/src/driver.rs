@@ -13,18 +13,20 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
 use shears_core::error::IoContext;
 use shears_core::{Error, Result};
 use shears_data::dbl::DomainValues;
-use shears_data::{Dataset, DomainSampler, ReferenceSource, SamplerConfig, SamplerState, Split};
+use shears_data::{Dataset, DomainSampler, ReferenceSource, SamplerConfig, Split};
 
 use crate::checkpoint::{self, Staging};
 use crate::config::{DblSettings, Faults, OptimSettings, RunSettings, StageKind};
-use crate::eval::{DomainEval, EvalSettings};
+use crate::records::{
+    EvalExtras, EvalRecord, LoopState, MetricRecord, Num, ReferenceRecord, StageState, StepRecord,
+    STATE_FORMAT,
+};
 use crate::run_dir::RunDir;
 use crate::schedule::CosineWithWarmup;
+use shears_eval::domain::{DomainEval, EvalSettings};
 
 /// Losses of one step (means over its micro-batches).
 #[derive(Debug, Clone, Copy)]
@@ -39,14 +41,8 @@ pub trait Stage<B: ShearsAutodiff> {
     fn kind(&self) -> StageKind;
     /// Forward and backward over `micro` (each a list of equal-length sequences); the
     /// gradients are summed and kept until [`Stage::apply`] or [`Stage::discard`]. `seeds`
-    /// gives each micro-batch its random stream; `poison` makes the loss NaN (a test hook).
-    fn backward(
-        &mut self,
-        micro: &[Vec<Vec<u32>>],
-        step: usize,
-        seeds: &[u64],
-        poison: bool,
-    ) -> StepLosses;
+    /// gives each micro-batch its random stream.
+    fn backward(&mut self, micro: &[Vec<Vec<u32>>], step: usize, seeds: &[u64]) -> StepLosses;
     /// L2 norm over all pending gradients.
     fn grad_norm(&self) -> f64;
     /// Multiply the pending gradients by `s`.
@@ -68,11 +64,20 @@ pub trait Stage<B: ShearsAutodiff> {
         self.eval(data, s)
     }
     /// Extra fields of an eval record (expected sparsity, λ, parameter counts).
-    fn eval_extras(&self, step: usize) -> Map<String, Value>;
+    fn eval_extras(&self, step: usize) -> EvalExtras;
     /// Write the stage's state into `dir`; returns what goes into `state.json`.
-    fn save(&self, dir: &Path) -> Result<Value>;
-    /// Restore what [`Stage::save`] wrote.
-    fn load(&mut self, dir: &Path, state: &Value) -> Result<()>;
+    fn save(&self, dir: &Path) -> Result<StageState>;
+    /// Restore what [`Stage::save`] wrote (`state` is of this stage's kind).
+    fn load(&mut self, dir: &Path, state: &StageState) -> Result<()>;
+
+    /// One step on a single micro-batch without clipping: [`Stage::backward`] then
+    /// [`Stage::apply`]. What the parity tests and the benchmarks drive; the loop adds
+    /// accumulation, clipping and the guards around the same two calls.
+    fn step(&mut self, seqs: &[Vec<u32>], step: usize, seed: u64, lr_scale: f64) -> StepLosses {
+        let losses = self.backward(&[seqs.to_vec()], step, &[seed]);
+        self.apply(lr_scale);
+        losses
+    }
 }
 
 /// The loop's inputs besides the stage.
@@ -101,39 +106,6 @@ pub enum Outcome {
     Finished { step: usize, checkpoint: PathBuf },
     /// Stopped by a signal after writing a checkpoint.
     Interrupted { step: usize, checkpoint: PathBuf },
-}
-
-/// `state.json` of a checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LoopState {
-    pub format: String,
-    pub stage: String,
-    /// Optimizer steps taken.
-    pub step: usize,
-    /// The run is complete (final eval and checkpoint written).
-    pub finished: bool,
-    /// Length of `metrics.jsonl` when the checkpoint was written.
-    pub metrics_bytes: u64,
-    pub sampler: SamplerState,
-    pub reference_losses: DomainValues,
-    /// Consecutive non-finite steps so far.
-    pub bad_steps: usize,
-    /// The stage's own state.
-    pub stage_state: Value,
-}
-
-const FORMAT: &str = "shears-checkpoint/1";
-
-/// Read a checkpoint's `state.json`.
-pub fn read_state(dir: &Path) -> Result<LoopState> {
-    let p = dir.join("state.json");
-    let text = std::fs::read_to_string(&p).at(&p, "cannot read")?;
-    let s: LoopState =
-        serde_json::from_str(&text).map_err(|e| Error::format(&p, format!("invalid: {e}")))?;
-    if s.format != FORMAT {
-        return Err(Error::format(&p, format!("unknown format '{}'", s.format)));
-    }
-    Ok(s)
 }
 
 fn mix(mut x: u64) -> u64 {
@@ -230,31 +202,22 @@ impl Ctx<'_, '_> {
         let after = rule.update(&before, &losses, &self.reference)?;
         self.sampler.set_weights(t as u64, &after, Some(&losses))?;
         let after = self.sampler.weights().clone();
-        let mut rec = Map::new();
-        rec.insert("kind".into(), json!("eval"));
-        rec.insert("step".into(), json!(t));
-        rec.insert("domain_loss".into(), json!(losses));
-        rec.insert(
-            "domain_tokens".into(),
-            json!(evals
-                .iter()
-                .map(|(k, v)| (k.clone(), v.tokens))
-                .collect::<BTreeMap<_, _>>()),
-        );
-        rec.insert("reference_loss".into(), json!(self.reference));
-        rec.insert(
-            "excess_loss".into(),
-            json!(losses
+        let rec = EvalRecord {
+            step: t,
+            domain_tokens: evals.iter().map(|(k, v)| (k.clone(), v.tokens)).collect(),
+            reference_loss: self.reference.clone(),
+            excess_loss: losses
                 .iter()
                 .map(|(k, v)| (k.clone(), v - self.reference[k]))
-                .collect::<BTreeMap<_, _>>()),
-        );
-        rec.insert("weights_before".into(), json!(before));
-        rec.insert("domain_weights".into(), json!(after));
-        rec.insert("rule".into(), json!(rule.name()));
-        rec.extend(stage.eval_extras(t));
-        rec.insert("eval_s".into(), json!(start.elapsed().as_secs_f64()));
-        self.dir.metric(&Value::Object(rec))?;
+                .collect(),
+            domain_loss: losses.clone(),
+            weights_before: before,
+            domain_weights: after.clone(),
+            rule: rule.name().to_string(),
+            extras: stage.eval_extras(t),
+            eval_s: start.elapsed().as_secs_f64(),
+        };
+        self.dir.metric(&MetricRecord::Eval(Box::new(rec)))?;
         let worst = losses
             .iter()
             .map(|(k, v)| (k, v - self.reference[k]))
@@ -290,24 +253,18 @@ impl Ctx<'_, '_> {
         }
         let stage_state = stage.save(staging.path())?;
         let state = LoopState {
-            format: FORMAT.into(),
-            stage: match stage.kind() {
-                StageKind::Prune => "prune".into(),
-                StageKind::Train => "train".into(),
-            },
+            format: STATE_FORMAT.into(),
+            stage: stage_state,
             step: t,
             finished,
             metrics_bytes: self.dir.metrics_len(),
             sampler: self.sampler.state().clone(),
             reference_losses: self.reference.clone(),
             bad_steps: self.bad,
-            stage_state,
         };
         checkpoint::write_synced(
             &staging.path().join("state.json"),
-            serde_json::to_string_pretty(&state)
-                .expect("state")
-                .as_bytes(),
+            state.to_json().as_bytes(),
         )?;
         let path = staging.commit()?;
         checkpoint::prune_old(&root, self.inp.run.keep_checkpoints)?;
@@ -323,6 +280,223 @@ fn fmt_weights(w: &BTreeMap<String, f64>) -> String {
         .join(" ")
 }
 
+/// Where a loop starts: a finished run, or the step and state to go on from.
+enum Start {
+    Finished(Outcome),
+    At {
+        step: usize,
+        sampler: DomainSampler,
+        reference: DomainValues,
+        bad: usize,
+    },
+}
+
+/// Restore `stage` and the loop's state from the newest valid checkpoint (when `resume` and one
+/// exists), or set up a fresh start: the sampler and the reference losses (measured on the
+/// starting model when the plan asks for that).
+fn restore<B: ShearsAutodiff, S: Stage<B>>(
+    stage: &mut S,
+    inp: &LoopInputs<'_>,
+    dir: &mut RunDir,
+    resume: bool,
+    es: &EvalSettings,
+) -> Result<Start> {
+    let sizes = train_sizes(inp.data)?;
+    let found = if resume {
+        checkpoint::newest_valid(&dir.checkpoints(), |w| dir.log(&w))
+    } else {
+        None
+    };
+    if let Some((_, path)) = found {
+        let st = LoopState::read(&path)?;
+        if st.stage.kind() != stage.kind() {
+            return Err(Error::format(
+                path.join("state.json"),
+                format!(
+                    "is a '{}' checkpoint; this run is a '{}' one",
+                    st.stage.kind().name(),
+                    stage.kind().name()
+                ),
+            ));
+        }
+        stage.load(&path, &st.stage)?;
+        dir.truncate_metrics(st.metrics_bytes)?;
+        dir.log(&format!(
+            "resumed from {} (step {})",
+            path.display(),
+            st.step
+        ));
+        if st.finished {
+            return Ok(Start::Finished(Outcome::Finished {
+                step: st.step,
+                checkpoint: path,
+            }));
+        }
+        return Ok(Start::At {
+            step: st.step,
+            sampler: DomainSampler::restore(st.sampler, &sizes)?,
+            reference: st.reference_losses,
+            bad: st.bad_steps,
+        });
+    }
+    if resume {
+        dir.log("no checkpoint to resume from; starting from step 0");
+        dir.truncate_metrics(0)?;
+    }
+    let sampler = DomainSampler::new(
+        SamplerConfig {
+            seed: inp.run.seed,
+            rank: 0,
+            world_size: 1,
+            exhaustion: inp.dbl.exhaustion,
+        },
+        &sizes,
+        &inp.initial_weights,
+    )?;
+    let reference = match (&inp.reference, &inp.dbl.reference) {
+        (Some(r), _) => r.clone(),
+        (None, ReferenceSource::SourceModel) => {
+            dir.log("measuring the starting model's per-domain eval loss (reference losses)");
+            map_of(&stage.eval_source(inp.data, es)?)
+        }
+        (None, other) => other.resolve(None)?,
+    };
+    dir.metric(&MetricRecord::Reference(ReferenceRecord {
+        step: 0,
+        reference_loss: reference.clone(),
+    }))?;
+    dir.log(&format!("reference losses: {}", fmt_weights(&reference)));
+    Ok(Start::At {
+        step: 0,
+        sampler,
+        reference,
+        bad: 0,
+    })
+}
+
+fn progress_bar(show: bool, kind: StageKind, steps: usize, start: usize) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(steps as u64);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{prefix} step {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .expect("template"),
+    );
+    pb.set_prefix(kind.name());
+    pb.set_position(start as u64);
+    pb
+}
+
+impl Ctx<'_, '_> {
+    /// The next global batch, cut into micro-batches of `len` tokens per sequence.
+    fn draw_batch(&mut self, len: usize) -> Result<Vec<Vec<Vec<u32>>>> {
+        let run = self.inp.run;
+        let mut micro = Vec::with_capacity(run.batch_size.div_ceil(run.micro()));
+        let mut current = Vec::with_capacity(run.micro());
+        for _ in 0..run.batch_size {
+            let d = self.sampler.draw()?;
+            let s = self
+                .inp
+                .data
+                .split(&d.domain, Split::Train)?
+                .sequence(d.index)?;
+            current.push(s[..len].to_vec());
+            if current.len() == run.micro() {
+                micro.push(std::mem::take(&mut current));
+            }
+        }
+        if !current.is_empty() {
+            micro.push(current);
+        }
+        Ok(micro)
+    }
+
+    /// Step `t` on `micro`: backward, the non-finite guard, clipping and the update (or a
+    /// discard). Returns the step's record.
+    fn step<B: ShearsAutodiff, S: Stage<B>>(
+        &mut self,
+        stage: &mut S,
+        t: usize,
+        micro: &[Vec<Vec<u32>>],
+        lr_scale: f64,
+    ) -> StepRecord {
+        let (run, faults) = (self.inp.run, self.inp.faults);
+        let seeds: Vec<u64> = (0..micro.len())
+            .map(|i| micro_seed(run.seed, t, i))
+            .collect();
+        let timer = Instant::now();
+        let mut losses = stage.backward(micro, t, &seeds);
+        if faults.nan_loss_at_steps.contains(&(t + 1)) {
+            // Injected: the loss and every gradient become NaN, as a diverged step's would.
+            losses.lm = f64::NAN;
+            stage.scale_grads(f64::NAN);
+        }
+        let norm = stage.grad_norm();
+        let finite = losses.lm.is_finite()
+            && losses.lagrangian.is_none_or(f64::is_finite)
+            && norm.is_finite();
+        if finite {
+            let clip = self.inp.optim.grad_clip;
+            if clip > 0.0 {
+                let coef = clip / (norm + 1e-6);
+                if coef < 1.0 {
+                    stage.scale_grads(coef);
+                }
+            }
+            stage.apply(lr_scale);
+            self.bad = 0;
+        } else {
+            stage.discard();
+            self.bad += 1;
+        }
+        if faults.step_delay_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(faults.step_delay_ms));
+        }
+        let secs = timer.elapsed().as_secs_f64();
+        let tokens: usize = micro.iter().flatten().map(Vec::len).sum();
+        StepRecord {
+            step: t + 1,
+            loss: Num(losses.lm + losses.lagrangian.unwrap_or(0.0)),
+            lm_loss: Num(losses.lm),
+            lagrangian_loss: losses.lagrangian.map(Num),
+            lr: stage.lr(lr_scale),
+            lr_scale,
+            grad_norm: Num(norm),
+            tokens,
+            skipped: !finite,
+            tokens_per_s: tokens as f64 / secs.max(1e-9),
+            step_s: secs,
+        }
+    }
+
+    /// Write a step's record, move the progress bar, and log a skipped step and any new
+    /// sampler warnings.
+    fn log_step(&mut self, rec: &StepRecord) -> Result<()> {
+        self.dir.metric(&MetricRecord::Step(rec.clone()))?;
+        self.pb.set_position(rec.step as u64);
+        self.pb.set_message(format!(
+            "loss {:.4} | {:.0} tok/s",
+            rec.loss.0, rec.tokens_per_s
+        ));
+        if rec.skipped {
+            let msg = format!(
+                "step {}: non-finite loss or gradient (lm loss {}, grad norm {}); step skipped ({} in a row)",
+                rec.step, rec.lm_loss.0, rec.grad_norm.0, self.bad
+            );
+            self.log(&msg);
+        }
+        let fresh: Vec<String> = self.sampler.state().warnings[self.warned..].to_vec();
+        self.warned += fresh.len();
+        for w in fresh {
+            self.log(&format!("warning: {w}"));
+        }
+        Ok(())
+    }
+}
+
 /// Run `stage` in `dir` from its newest checkpoint (when `resume` and one exists) or from the
 /// start.
 pub fn run_loop<B: ShearsAutodiff, S: Stage<B>>(
@@ -332,11 +506,9 @@ pub fn run_loop<B: ShearsAutodiff, S: Stage<B>>(
     resume: bool,
 ) -> Result<Outcome> {
     let run = inp.run;
-    let data = inp.data;
     let steps = run.steps;
-    let len = seq_len(run, data)?;
-    let es = eval_settings(run, data)?;
-    let sizes = train_sizes(data)?;
+    let len = seq_len(run, inp.data)?;
+    let es = eval_settings(run, inp.data)?;
     let schedule = CosineWithWarmup {
         warmup: inp
             .optim
@@ -345,181 +517,43 @@ pub fn run_loop<B: ShearsAutodiff, S: Stage<B>>(
         max: steps,
         final_ratio: inp.optim.final_lr_ratio,
     };
-    let found = if resume {
-        checkpoint::newest_valid(&dir.checkpoints(), |w| dir.log(&w))
-    } else {
-        None
+    let (start, sampler, reference, bad) = match restore(stage, inp, dir, resume, &es)? {
+        Start::Finished(outcome) => return Ok(outcome),
+        Start::At {
+            step,
+            sampler,
+            reference,
+            bad,
+        } => (step, sampler, reference, bad),
     };
-    let (start, sampler, reference, bad) = match found {
-        Some((_, path)) => {
-            let st = read_state(&path)?;
-            stage.load(&path, &st.stage_state)?;
-            dir.truncate_metrics(st.metrics_bytes)?;
-            dir.log(&format!(
-                "resumed from {} (step {})",
-                path.display(),
-                st.step
-            ));
-            if st.finished {
-                return Ok(Outcome::Finished {
-                    step: st.step,
-                    checkpoint: path,
-                });
-            }
-            let sampler = DomainSampler::restore(st.sampler, &sizes)?;
-            (st.step, sampler, st.reference_losses, st.bad_steps)
-        }
-        None => {
-            if resume {
-                dir.log("no checkpoint to resume from; starting from step 0");
-                dir.truncate_metrics(0)?;
-            }
-            let sampler = DomainSampler::new(
-                SamplerConfig {
-                    seed: run.seed,
-                    rank: 0,
-                    world_size: 1,
-                    exhaustion: inp.dbl.exhaustion,
-                },
-                &sizes,
-                &inp.initial_weights,
-            )?;
-            let reference = match (&inp.reference, &inp.dbl.reference) {
-                (Some(r), _) => r.clone(),
-                (None, ReferenceSource::SourceModel) => {
-                    dir.log(
-                        "measuring the starting model's per-domain eval loss (reference losses)",
-                    );
-                    let evals = stage.eval_source(data, &es)?;
-                    map_of(&evals)
-                }
-                (None, other) => other.resolve(None)?,
-            };
-            dir.metric(&json!({"kind": "reference", "step": 0, "reference_loss": reference}))?;
-            dir.log(&format!("reference losses: {}", fmt_weights(&reference)));
-            (0, sampler, reference, 0)
-        }
-    };
-
-    let pb = if inp.progress {
-        let pb = ProgressBar::new(steps as u64);
-        pb.set_style(
-            ProgressStyle::with_template(
-                "{prefix} step {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
-            )
-            .expect("template"),
-        );
-        pb.set_prefix(match stage.kind() {
-            StageKind::Prune => "prune",
-            StageKind::Train => "train",
-        });
-        pb.set_position(start as u64);
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
-    let warned = sampler.state().warnings.len();
     let mut ctx = Ctx {
         inp,
+        warned: sampler.state().warnings.len(),
+        pb: progress_bar(inp.progress, stage.kind(), steps, start),
         dir,
-        warned,
         sampler,
         reference,
         bad,
-        pb,
     };
     let eval_every = run.eval_every(stage.kind());
     let ckpt_every = run.checkpoint_every(stage.kind());
-    let micro = run.micro();
     for t in start..steps {
         if (t == 0 && run.eval_first.unwrap_or(false)) || (t > 0 && t % eval_every == 0) {
             ctx.evaluate(stage, t, &es)?;
         }
-        let mut seqs = Vec::with_capacity(run.batch_size);
-        for _ in 0..run.batch_size {
-            let d = ctx.sampler.draw()?;
-            let s = data.split(&d.domain, Split::Train)?.sequence(d.index)?;
-            seqs.push(s[..len].to_vec());
-        }
-        let chunks: Vec<Vec<Vec<u32>>> = seqs.chunks(micro).map(|c| c.to_vec()).collect();
-        let seeds: Vec<u64> = (0..chunks.len())
-            .map(|i| micro_seed(run.seed, t, i))
-            .collect();
-        let poison = inp.faults.nan_loss_at_steps.contains(&(t + 1));
-        let timer = Instant::now();
-        let losses = stage.backward(&chunks, t, &seeds, poison);
-        let norm = stage.grad_norm();
-        let scale = schedule.at(t);
-        let finite = losses.lm.is_finite()
-            && losses.lagrangian.is_none_or(f64::is_finite)
-            && norm.is_finite();
-        if finite {
-            let clip = inp.optim.grad_clip;
-            if clip > 0.0 {
-                let coef = clip / (norm + 1e-6);
-                if coef < 1.0 {
-                    stage.scale_grads(coef);
-                }
-            }
-            stage.apply(scale);
-            ctx.bad = 0;
-        } else {
-            stage.discard();
-            ctx.bad += 1;
-        }
-        if inp.faults.step_delay_ms > 0 {
-            std::thread::sleep(std::time::Duration::from_millis(inp.faults.step_delay_ms));
-        }
-        let secs = timer.elapsed().as_secs_f64();
-        let tokens = run.batch_size * len;
-        let loss = losses.lm + losses.lagrangian.unwrap_or(0.0);
-        let mut rec = json!({
-            "kind": "step",
-            "step": t + 1,
-            "loss": num(loss),
-            "lm_loss": num(losses.lm),
-            "lr": stage.lr(scale),
-            "lr_scale": scale,
-            "grad_norm": num(norm),
-            "tokens": tokens,
-            "skipped": !finite,
-            "tokens_per_s": tokens as f64 / secs.max(1e-9),
-            "step_s": secs,
-        });
-        if let Some(l) = losses.lagrangian {
-            rec["lagrangian_loss"] = num(l);
-        }
-        ctx.dir.metric(&rec)?;
-        ctx.pb.set_position((t + 1) as u64);
-        ctx.pb.set_message(format!(
-            "loss {loss:.4} | {:.0} tok/s",
-            tokens as f64 / secs.max(1e-9)
-        ));
-        if !finite {
-            let msg = format!(
-                "step {}: non-finite loss or gradient (lm loss {}, grad norm {}); step skipped ({} in a row)",
+        let micro = ctx.draw_batch(len)?;
+        let rec = ctx.step(stage, t, &micro, schedule.at(t));
+        ctx.log_step(&rec)?;
+        if rec.skipped && ctx.bad >= run.max_bad_steps {
+            let p = ctx.save(stage, t + 1, false)?;
+            ctx.pb.abandon();
+            return Err(Error::invalid(format!(
+                "stopped: {} consecutive steps had a non-finite loss or gradient (steps {}..={}); checkpoint written to {}; lower the learning rate or check the data, then resume with --resume",
+                ctx.bad,
+                t + 2 - ctx.bad,
                 t + 1,
-                losses.lm,
-                norm,
-                ctx.bad
-            );
-            ctx.log(&msg);
-            if ctx.bad >= run.max_bad_steps {
-                let p = ctx.save(stage, t + 1, false)?;
-                ctx.pb.abandon();
-                return Err(Error::invalid(format!(
-                    "stopped: {} consecutive steps had a non-finite loss or gradient (steps {}..={}); checkpoint written to {}; lower the learning rate or check the data, then resume with --resume",
-                    ctx.bad,
-                    t + 2 - ctx.bad,
-                    t + 1,
-                    p.display()
-                )));
-            }
-        }
-        let fresh: Vec<String> = ctx.sampler.state().warnings[ctx.warned..].to_vec();
-        ctx.warned += fresh.len();
-        for w in fresh {
-            ctx.log(&format!("warning: {w}"));
+                p.display()
+            )));
         }
         if inp.interrupt.load(Ordering::SeqCst) {
             let p = ctx.save(stage, t + 1, false)?;
@@ -545,15 +579,6 @@ pub fn run_loop<B: ShearsAutodiff, S: Stage<B>>(
         step: steps,
         checkpoint: p,
     })
-}
-
-/// JSON has no NaN: non-finite numbers are written as strings.
-fn num(x: f64) -> Value {
-    if x.is_finite() {
-        json!(x)
-    } else {
-        json!(x.to_string())
-    }
 }
 
 #[cfg(test)]
@@ -601,20 +626,21 @@ mod tests {
         sampler.weights = named(500);
         sampler.history[0].losses = Some(named(1000));
         let state = LoopState {
-            format: FORMAT.into(),
-            stage: "prune".into(),
+            format: STATE_FORMAT.into(),
+            stage: StageState::Train(crate::records::TrainState {
+                optimizer_steps: named(2000).keys().map(|k| (k.clone(), 3)).collect(),
+            }),
             step: 7,
             finished: false,
             metrics_bytes: 0,
             sampler,
             reference_losses: named(0),
             bad_steps: 0,
-            stage_state: json!({ "lambdas": xs[2000..3000] }),
         };
         let dir = tempfile::tempdir().unwrap();
         let text = serde_json::to_string_pretty(&state).unwrap();
         std::fs::write(dir.path().join("state.json"), text).unwrap();
-        let back = read_state(dir.path()).unwrap();
+        let back = LoopState::read(dir.path()).unwrap();
         let bits = |m: &BTreeMap<String, f64>| m.values().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&back.reference_losses), bits(&state.reference_losses));
         assert_eq!(back.reference_losses["d000"], 10.827629626743377);
@@ -623,13 +649,6 @@ mod tests {
             bits(back.sampler.history[0].losses.as_ref().unwrap()),
             bits(state.sampler.history[0].losses.as_ref().unwrap())
         );
-        let lambdas: Vec<u64> = back.stage_state["lambdas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap().to_bits())
-            .collect();
-        let want: Vec<u64> = xs[2000..3000].iter().map(|v| v.to_bits()).collect();
-        assert_eq!(lambdas, want);
+        assert_eq!(back, state);
     }
 }

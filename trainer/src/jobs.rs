@@ -12,17 +12,17 @@ use shears_core::{hub, DType, Error, ModelFiles, Result};
 use shears_data::dbl::DomainValues;
 use shears_data::{Dataset, ReferenceSource};
 use shears_pruning::size::Dims;
-use shears_pruning::{finalize, FinalizeOptions, PruneModule, PruningSpec, TargetShape};
+use shears_pruning::{finalize, FinalizeOptions, PruningSpec};
 
-use crate::checkpoint;
+use crate::checkpoint::Checkpoint;
 use crate::config::{
     CheckRanges, DblSettings, Faults, OptimSettings, PruneConfig, RunSettings, StageKind,
     TrainConfig,
 };
-use crate::driver::{self, read_state, run_loop, LoopInputs, Outcome, Stage};
+use crate::driver::{self, run_loop, LoopInputs, Outcome, Stage};
 use crate::lm_stage::LmStage;
-use crate::prune_stage::{read_pruning, PruneRates, PruneStage};
-use crate::run_dir::{RunDir, CHECKPOINTS};
+use crate::prune_stage::{PruneRates, PruneStage};
+use crate::run_dir::RunDir;
 
 /// How a stage is started.
 #[derive(Clone)]
@@ -132,11 +132,8 @@ fn short(sha: &str) -> &str {
 
 /// The final domain weights and reference losses of a finished (or interrupted) run.
 pub fn run_results(run: &Path) -> Result<(BTreeMap<String, f64>, DomainValues)> {
-    let root = run.join(CHECKPOINTS);
-    let (_, ckpt) = checkpoint::newest_valid(&root, |w| eprintln!("warning: {w}"))
-        .ok_or_else(|| Error::format(run, "has no complete checkpoint"))?;
-    let st = read_state(&ckpt)?;
-    Ok((st.sampler.weights.clone(), st.reference_losses))
+    let st = Checkpoint::find(run, None)?.state;
+    Ok((st.sampler.weights, st.reference_losses))
 }
 
 fn start_weights(
@@ -206,7 +203,6 @@ pub fn prune<B: ShearsAutodiff>(
         run: &resolved.run,
         optim: &resolved.optim,
         dbl: &resolved.dbl,
-        faults: &resolved.faults,
     };
     let seed = resolved.run.seed;
     // The closure owns the host weights, so they are freed once the stage holds its copy.
@@ -246,7 +242,6 @@ pub fn train<B: ShearsAutodiff>(
         run: &resolved.run,
         optim: &resolved.optim,
         dbl: &resolved.dbl,
-        faults: &resolved.faults,
     };
     let adamw = resolved.optim.adamw();
     run_stage(
@@ -263,7 +258,6 @@ struct Parts<'a> {
     run: &'a RunSettings,
     optim: &'a OptimSettings,
     dbl: &'a DblSettings,
-    faults: &'a Faults,
 }
 
 /// Open the run directory (before the model is built, so an existing run is refused early),
@@ -278,12 +272,13 @@ fn run_stage<B: ShearsAutodiff, S: Stage<B>>(
     let mut dir = RunDir::open(&job.out, &job.plan_text, resolved, job.resume)?;
     dir.echo = job.echo;
     let (initial_weights, from_run) = start_weights(p.dbl, data)?;
+    let faults = Faults::from_env()?;
     let mut stage = make_stage()?;
     let inputs = LoopInputs {
         run: p.run,
         optim: p.optim,
         dbl: p.dbl,
-        faults: p.faults,
+        faults: &faults,
         data,
         initial_weights,
         reference: reference(p.dbl, from_run, job.source_losses.as_ref())?,
@@ -304,23 +299,6 @@ pub struct FinalizeReport {
     pub config: shears_core::LlamaConfig,
 }
 
-/// A pruning run's checkpoint: the one after `step`, or the newest complete one.
-pub fn find_checkpoint(run: &Path, step: Option<usize>) -> Result<PathBuf> {
-    let root = run.join(CHECKPOINTS);
-    match step {
-        Some(s) => {
-            let p = root.join(checkpoint::dir_name(s));
-            checkpoint::verify(&p)?;
-            Ok(p)
-        }
-        None => checkpoint::newest_valid(&root, |w| eprintln!("warning: {w}"))
-            .map(|(_, p)| p)
-            .ok_or_else(|| {
-                Error::format(run, "has no complete checkpoint (is it a run directory?)")
-            }),
-    }
-}
-
 /// `shears finalize`: fold a pruning checkpoint's deterministic masks into its weights and
 /// write the dense model of exactly the target shape, with `masks.safetensors` (the masks and
 /// `log_alpha`s) next to it.
@@ -334,22 +312,11 @@ pub fn finalize_run<B: ShearsOps>(
     device: &B::Device,
 ) -> Result<FinalizeReport> {
     shears_core::fsutil::check_output_apart(out, [("run directory", run)])?;
-    let ckpt = find_checkpoint(run, step)?;
-    let st = read_state(&ckpt)?;
-    if st.stage != "prune" {
-        return Err(Error::format(
-            &ckpt,
-            format!("is a '{}' checkpoint, not a pruning one", st.stage),
-        ));
-    }
-    let bad = |e: serde_json::Error| Error::format(ckpt.join("state.json"), e.to_string());
-    let target: TargetShape =
-        serde_json::from_value(st.stage_state["target"].clone()).map_err(bad)?;
-    let modules: Vec<PruneModule> =
-        serde_json::from_value(st.stage_state["modules"].clone()).map_err(bad)?;
-    let files = ModelFiles::load_hf_dir(ckpt.join("model"))?;
-    let spec = PruningSpec::new(&files.config, target, Some(&modules))?;
-    let (masks, _) = read_pruning::<B>(&ckpt, &spec, device)?;
+    let ckpt = Checkpoint::find(run, step)?;
+    let files = ckpt.model_files()?;
+    let spec = ckpt.pruning_spec(&files)?;
+    let (masks, _) = ckpt.masks::<B>(&spec, device)?;
+    let st = &ckpt.state;
     let masks = masks.clamped();
     let host = masks.deterministic(true);
     let (config, weights) = finalize(&files.weights, &host, opts)?;
@@ -367,7 +334,7 @@ pub fn finalize_run<B: ShearsOps>(
         );
     }
     let meta: BTreeMap<String, String> = [
-        ("checkpoint".to_string(), ckpt.display().to_string()),
+        ("checkpoint".to_string(), ckpt.dir.display().to_string()),
         ("step".to_string(), st.step.to_string()),
     ]
     .into();
@@ -378,7 +345,7 @@ pub fn finalize_run<B: ShearsOps>(
     )?;
     let out = stage.commit()?;
     Ok(FinalizeReport {
-        checkpoint: ckpt,
+        checkpoint: ckpt.dir.clone(),
         step: st.step,
         out,
         source_params: Dims::of(&files.config).total(),

@@ -8,7 +8,6 @@ use std::path::Path;
 use crate::optim::ShearsAdamW;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{adaptor::OptimizerAdaptor, GradientsParams, Optimizer};
-use serde_json::{json, Map, Value};
 use shears_core::formats::safetensors;
 use shears_core::{DType, Error, ModelFiles, Result, WeightMap};
 use shears_data::Dataset;
@@ -16,9 +15,10 @@ use shears_models::{load, Llama};
 
 use crate::config::StageKind;
 use crate::driver::{Stage, StepLosses};
-use crate::eval::{batch_tensor, domain_losses, summed_nll, DomainEval, EvalSettings};
 use crate::optim::AdamWSettings;
 use crate::params::{self, NamedParam};
+use crate::records::{EvalExtras, StageState, TrainState};
+use shears_eval::domain::{batch_tensor, domain_losses, summed_nll, DomainEval, EvalSettings};
 
 /// A continued pre-training run's model and optimizer.
 pub struct LmStage<B: ShearsAutodiff> {
@@ -37,15 +37,40 @@ impl<B: ShearsAutodiff> LmStage<B> {
         let model = load::from_files::<B>(files, device, DType::F32)?;
         let mut meta = files.clone();
         meta.weights = WeightMap::new();
-        Ok(LmStage {
+        Ok(Self::with_meta(model, meta, settings))
+    }
+
+    /// Start training a model built in memory (tests, benchmarks); checkpoints then hold its
+    /// config and weights but no tokenizer.
+    pub fn from_model(model: Llama<B>, settings: AdamWSettings) -> Self {
+        let meta = ModelFiles {
+            config: model.config.clone(),
+            weights: WeightMap::new(),
+            tokenizer: None,
+            layers: load::layer_shapes(&model),
+            source: "<in memory>".into(),
+        };
+        Self::with_meta(model, meta, settings)
+    }
+
+    fn with_meta(model: Llama<B>, meta: ModelFiles, settings: AdamWSettings) -> Self {
+        LmStage {
             names: params::named_params::<B, _>(&model),
+            device: model.device(),
             model: Some(model),
             opt: settings.init(),
             settings,
             meta,
             pending: None,
-            device: device.clone(),
-        })
+        }
+    }
+
+    /// The pending gradients (after [`Stage::backward`]) under HF names, in HF layout, f32.
+    pub fn gradients(&self) -> WeightMap {
+        params::hf_gradients(
+            self.model(),
+            self.pending.as_ref().expect("gradients pending"),
+        )
     }
 
     /// The model as it is.
@@ -59,18 +84,12 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
         StageKind::Train
     }
 
-    fn backward(
-        &mut self,
-        micro: &[Vec<Vec<u32>>],
-        _step: usize,
-        _seeds: &[u64],
-        poison: bool,
-    ) -> StepLosses {
+    fn backward(&mut self, micro: &[Vec<Vec<u32>>], _step: usize, _seeds: &[u64]) -> StepLosses {
         let model = self.model();
         let n = micro.len();
         let mut acc = GradientsParams::new();
         let mut lm = 0.0;
-        for (i, seqs) in micro.iter().enumerate() {
+        for seqs in micro {
             let ids = batch_tensor::<B>(seqs, &self.device);
             let loss = model.loss(ids);
             let v: Vec<f64> = loss
@@ -80,11 +99,7 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
                 .into_vec()
                 .expect("loss");
             lm += v[0];
-            let mut total = loss.div_scalar(n as f64);
-            if poison && i == 0 {
-                total = total.mul_scalar(f64::NAN);
-                lm = f64::NAN;
-            }
+            let total = loss.div_scalar(n as f64);
             let g = GradientsParams::from_grads(total.backward(), model);
             params::accumulate::<B::InnerBackend>(&self.names, &mut acc, g);
         }
@@ -128,14 +143,14 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
         })
     }
 
-    fn eval_extras(&self, _step: usize) -> Map<String, Value> {
-        let mut m = Map::new();
-        let params: usize = self.model().num_params();
-        m.insert("params".into(), json!(params));
-        m
+    fn eval_extras(&self, _step: usize) -> EvalExtras {
+        EvalExtras {
+            params: Some(self.model().num_params()),
+            pruning: None,
+        }
     }
 
-    fn save(&self, dir: &Path) -> Result<Value> {
+    fn save(&self, dir: &Path) -> Result<StageState> {
         let model = self.model();
         let mut files = self.meta.clone();
         files.weights = load::to_weights(model, DType::F32);
@@ -145,24 +160,29 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
         let mut times = BTreeMap::new();
         params::save_adamw(&self.opt, model, "model", &mut opt, &mut times);
         safetensors::write(dir.join("optimizer.safetensors"), &opt, &Default::default())?;
-        Ok(json!({ "optimizer_steps": times }))
+        Ok(StageState::Train(TrainState {
+            optimizer_steps: times,
+        }))
     }
 
-    fn load(&mut self, dir: &Path, state: &Value) -> Result<()> {
+    fn load(&mut self, dir: &Path, state: &StageState) -> Result<()> {
+        let StageState::Train(state) = state else {
+            return Err(Error::format(
+                dir.join("state.json"),
+                "is not a continued pre-training checkpoint",
+            ));
+        };
         let files = ModelFiles::load_hf_dir(dir.join("model"))?;
         let model = load::from_files::<B>(&files, &self.device, DType::F32)?;
         let opt =
             safetensors::SafeTensorsFile::open(dir.join("optimizer.safetensors"))?.all_tensors()?;
-        let times: BTreeMap<String, usize> =
-            serde_json::from_value(state["optimizer_steps"].clone()).map_err(|e| {
-                Error::format(dir.join("state.json"), format!("optimizer_steps: {e}"))
-            })?;
+        let times = &state.optimizer_steps;
         self.opt = params::load_adamw(
             self.settings.init(),
             &model,
             "model",
             &opt,
-            &times,
+            times,
             &self.device,
         )?;
         self.names = params::named_params::<B, _>(&model);

@@ -12,7 +12,7 @@ use burn::optim::{AdamWState, AdaptiveMomentumState, GradientsParams, Optimizer}
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use shears_core::{DType, Error, HostTensor, Result, WeightMap};
-use shears_models::load::host_of;
+use shears_models::load::{host_of, visit_params, ParamVisitor};
 
 /// A float parameter: its module path (`layers.3.self_attn.q_proj.weight`), id and rank.
 #[derive(Debug, Clone)]
@@ -129,6 +129,31 @@ pub fn accumulate<B: Backend>(
     for p in params {
         by_rank!(p, add_one::<B>(acc, &mut new, p.id));
     }
+}
+
+/// The gradients `grads` holds for `model`'s parameters, under HF names and in HF layout, f32
+/// (for comparisons with PyTorch).
+pub fn hf_gradients<B: shears_models::ShearsAutodiff>(
+    model: &shears_models::Llama<B>,
+    grads: &GradientsParams,
+) -> WeightMap {
+    struct Collect<'a>(&'a GradientsParams, WeightMap);
+    impl<B: shears_models::ShearsAutodiff> ParamVisitor<B> for Collect<'_> {
+        fn visit<const D: usize>(
+            &mut self,
+            name: String,
+            p: &Param<Tensor<B, D>>,
+            transposed: bool,
+        ) {
+            if let Some(g) = self.0.get::<B::InnerBackend, D>(p.id) {
+                let g = if transposed { g.transpose() } else { g };
+                self.1.insert(name, host_of(g, DType::F32));
+            }
+        }
+    }
+    let mut c = Collect(grads, WeightMap::new());
+    visit_params(model, &mut c);
+    c.1
 }
 
 /// AdamW moments of one parameter group, keyed `{prefix}.{path}.m` / `.v`, plus each

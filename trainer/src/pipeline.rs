@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use shears_core::error::IoContext;
 use shears_core::{DType, Error, ModelFiles, Result};
 use shears_data::prepare::{DataPlan, Progress};
@@ -19,11 +18,14 @@ use shears_pruning::{FinalizeOptions, TargetShape};
 
 use crate::checkpoint;
 use crate::config::{
-    DblSettings, Faults, OptimSettings, PruneConfig, PruningSettings, RunSettings, TrainConfig,
+    DblSettings, OptimSettings, PruneConfig, PruningSettings, RunSettings, TrainConfig,
 };
 use crate::driver::Outcome;
-use crate::eval::{batch_tensor, domain_losses, summed_nll, DomainEval, EvalSettings};
 use crate::jobs::{self, JobOptions};
+use crate::records::{
+    self, ModelSummary, PipelineStage, ShapeSummary, StageDone, StagesFile, Summary,
+};
+use shears_eval::domain::{DomainEval, EvalSettings};
 
 /// Where the data comes from: a prepared directory, or a data plan prepared into `out/data`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,8 +43,6 @@ pub struct PrunePart {
     pub optim: OptimSettings,
     pub pruning: PruningSettings,
     pub dbl: DblSettings,
-    #[serde(skip_serializing_if = "is_default")]
-    pub faults: Faults,
 }
 
 /// The continued pre-training stage of a pipeline. Its domain weights start from the pruning
@@ -53,12 +53,6 @@ pub struct TrainPart {
     pub run: RunSettings,
     pub optim: OptimSettings,
     pub dbl: DblSettings,
-    #[serde(skip_serializing_if = "is_default")]
-    pub faults: Faults,
-}
-
-fn is_default<T: Default + PartialEq>(v: &T) -> bool {
-    *v == T::default()
 }
 
 /// The before/after evaluation.
@@ -147,24 +141,6 @@ impl crate::config::CheckRanges for PipelinePlan {
     }
 }
 
-/// One model's line of the summary.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelSummary {
-    pub params: u64,
-    pub config: Value,
-    pub per_domain_ppl: BTreeMap<String, f64>,
-    pub per_domain_loss: BTreeMap<String, f64>,
-}
-
-/// `summary.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Summary {
-    pub source: ModelSummary,
-    pub pruned: ModelSummary,
-    pub trained: ModelSummary,
-    pub export_dir: PathBuf,
-}
-
 /// Where each stage writes.
 pub struct Layout {
     pub root: PathBuf,
@@ -191,11 +167,6 @@ impl Layout {
     }
 }
 
-fn read_json(p: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(p).at(p, "cannot read")?;
-    serde_json::from_str(&text).map_err(|e| Error::format(p, format!("invalid JSON: {e}")))
-}
-
 fn write_json(p: &Path, v: &impl Serialize) -> Result<()> {
     let tmp = p.with_extension("json.tmp");
     checkpoint::write_synced(
@@ -203,20 +174,6 @@ fn write_json(p: &Path, v: &impl Serialize) -> Result<()> {
         serde_json::to_string_pretty(v).expect("json").as_bytes(),
     )?;
     std::fs::rename(&tmp, p).at(p, "cannot rename into place")
-}
-
-/// Per-domain eval of a model (plain forward).
-pub fn eval_model<B: ShearsOps>(
-    files: &ModelFiles,
-    data: &Dataset,
-    s: &EvalSettings,
-    device: &B::Device,
-) -> Result<BTreeMap<String, DomainEval>> {
-    let model = shears_models::load::from_files::<B>(files, device, DType::F32)?;
-    domain_losses(data, s, |seqs| {
-        let ids = batch_tensor::<B>(seqs, device);
-        summed_nll(model.nll(ids))
-    })
 }
 
 /// Progress reporting of the pipeline.
@@ -237,15 +194,15 @@ pub enum PipelineOutcome {
 
 struct Stages {
     path: PathBuf,
-    done: serde_json::Map<String, Value>,
+    done: StagesFile,
 }
 
 impl Stages {
-    fn is_done(&self, s: &str) -> bool {
-        self.done.contains_key(s)
+    fn is_done(&self, s: PipelineStage) -> bool {
+        self.done.0.contains_key(&s)
     }
-    fn mark(&mut self, s: &str, v: Value) -> Result<()> {
-        self.done.insert(s.into(), v);
+    fn mark(&mut self, s: PipelineStage, v: StageDone) -> Result<()> {
+        self.done.0.insert(s, v);
         write_json(&self.path, &self.done)
     }
 }
@@ -254,57 +211,329 @@ fn log(msg: &str) {
     eprintln!("{msg}");
 }
 
-/// Run `plan` (its text is saved as given).
+/// What a pipeline stage needs, and what earlier stages left for later ones.
+struct PipelineRun<'a, B: ShearsAutodiff> {
+    plan: &'a PipelinePlan,
+    opts: &'a PipelineOptions,
+    lay: Layout,
+    stages: Stages,
+    device: B::Device,
+    source_files: ModelFiles,
+    data_dir: PathBuf,
+    data: Dataset,
+    es: EvalSettings,
+    /// Per-domain evaluations of the source, pruned and trained models, as they are done.
+    evals: BTreeMap<PipelineStage, (ModelFiles, BTreeMap<String, DomainEval>)>,
+}
+
+/// Run `plan` (its text is saved as given): every [`PipelineStage`] in order, skipping those
+/// `stages.json` records as done, stopping between stages on SIGINT/SIGTERM.
 pub fn run_pipeline<B: ShearsAutodiff>(
     plan: &PipelinePlan,
     plan_text: &str,
     opts: &PipelineOptions,
     device: B::Device,
 ) -> Result<PipelineOutcome> {
-    crate::config::CheckRanges::check_ranges(plan).map_err(Error::invalid)?;
-    let lay = Layout {
-        root: plan.out.clone(),
-    };
-    let stages_path = lay.stages();
-    if stages_path.exists() && !opts.resume {
-        return Err(Error::format(
-            &plan.out,
-            "already holds a pipeline run; pass --resume to continue it or choose another output directory",
-        ));
+    let mut run = PipelineRun::<B>::open(plan, plan_text, opts, device)?;
+    let mut previous: Option<PipelineStage> = None;
+    for stage in PipelineStage::ALL {
+        if let Some(p) = previous {
+            if opts.interrupt.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(PipelineOutcome::Interrupted {
+                    stage: p.name(),
+                    step: 0,
+                });
+            }
+        }
+        if let Some(interrupted) = run.stage(stage)? {
+            return Ok(interrupted);
+        }
+        previous = Some(stage);
     }
-    std::fs::create_dir_all(&lay.root).at(&lay.root, "cannot create")?;
-    let saved_plan = lay.root.join("pipeline.toml");
-    if saved_plan.exists() {
-        let old = std::fs::read_to_string(&saved_plan).at(&saved_plan, "cannot read")?;
-        if old != plan_text {
+    run.summary()
+}
+
+impl<'a, B: ShearsAutodiff> PipelineRun<'a, B> {
+    /// Check the plan, take the output directory (or resume in it) and get the data ready.
+    fn open(
+        plan: &'a PipelinePlan,
+        plan_text: &str,
+        opts: &'a PipelineOptions,
+        device: B::Device,
+    ) -> Result<Self> {
+        crate::config::CheckRanges::check_ranges(plan).map_err(Error::invalid)?;
+        let lay = Layout {
+            root: plan.out.clone(),
+        };
+        let stages_path = lay.stages();
+        if stages_path.exists() && !opts.resume {
             return Err(Error::format(
-                &saved_plan,
-                "the plan differs from the one this pipeline was started with; resume with the same plan",
+                &plan.out,
+                "already holds a pipeline run; pass --resume to continue it or choose another output directory",
             ));
         }
-    } else {
-        checkpoint::write_synced(&saved_plan, plan_text.as_bytes())?;
-    }
-    let mut stages = Stages {
-        done: if stages_path.exists() {
-            match read_json(&stages_path)? {
-                Value::Object(m) => m,
-                _ => return Err(Error::format(&stages_path, "is not a JSON object")),
+        std::fs::create_dir_all(&lay.root).at(&lay.root, "cannot create")?;
+        let saved_plan = lay.root.join("pipeline.toml");
+        if saved_plan.exists() {
+            let old = std::fs::read_to_string(&saved_plan).at(&saved_plan, "cannot read")?;
+            if old != plan_text {
+                return Err(Error::format(
+                    &saved_plan,
+                    "the plan differs from the one this pipeline was started with; resume with the same plan",
+                ));
             }
         } else {
-            serde_json::Map::new()
-        },
-        path: stages_path,
-    };
+            checkpoint::write_synced(&saved_plan, plan_text.as_bytes())?;
+        }
+        let stages = Stages {
+            done: if stages_path.exists() {
+                StagesFile::read(&stages_path)?
+            } else {
+                StagesFile::default()
+            },
+            path: stages_path,
+        };
+        let source_files = jobs::load_model(&plan.model)?;
+        let data_dir = prepare_data(plan, &lay, &source_files)?;
+        let data = jobs::open_data(&data_dir, &source_files, opts.allow_tokenizer_mismatch)?;
+        let es = EvalSettings {
+            sequences: plan.eval.sequences,
+            seq_len: plan
+                .eval
+                .seq_len
+                .unwrap_or(data.seq_len())
+                .min(data.seq_len()),
+            batch: plan.eval.batch.max(1),
+        };
+        Ok(PipelineRun {
+            plan,
+            opts,
+            lay,
+            stages,
+            device,
+            source_files,
+            data_dir,
+            data,
+            es,
+            evals: BTreeMap::new(),
+        })
+    }
 
-    // 1. Data.
-    let source_files = jobs::load_model(&plan.model)?;
-    let data_dir = match &plan.data {
-        DataSource::Prepared(p) => p.clone(),
+    /// Run (or, when done before, read back) one stage; `Some` when it was interrupted.
+    fn stage(&mut self, stage: PipelineStage) -> Result<Option<PipelineOutcome>> {
+        match stage {
+            PipelineStage::EvalSource => self.evaluate(stage, self.source_files.clone())?,
+            PipelineStage::Prune => return self.prune(),
+            PipelineStage::Finalize => self.finalize()?,
+            PipelineStage::EvalPruned => {
+                let pruned = ModelFiles::load_hf_dir(self.lay.pruned())?;
+                if TargetShape::of(&pruned.config) != self.plan.target {
+                    return Err(Error::format(
+                        self.lay.pruned(),
+                        "the finalized model does not have the target shape",
+                    ));
+                }
+                self.evaluate(stage, pruned)?
+            }
+            PipelineStage::Train => return self.train(),
+            PipelineStage::Export => self.export()?,
+            PipelineStage::EvalTrained => {
+                let trained = ModelFiles::load_hf_dir(self.lay.export())?;
+                self.evaluate(stage, trained)?
+            }
+        }
+        Ok(None)
+    }
+
+    fn evaluate(&mut self, stage: PipelineStage, files: ModelFiles) -> Result<()> {
+        let inner = self.device.clone();
+        let e = cached_eval::<B::InnerBackend>(
+            &mut self.stages,
+            stage,
+            &files,
+            &self.data,
+            &self.es,
+            &inner,
+        )?;
+        self.evals.insert(stage, (files, e));
+        Ok(())
+    }
+
+    fn job(&self, out: PathBuf, plan_text: String) -> JobOptions {
+        JobOptions {
+            resume: self.opts.resume && out.join(crate::run_dir::RESOLVED).exists(),
+            out,
+            plan_text,
+            progress: self.opts.progress,
+            echo: true,
+            interrupt: self.opts.interrupt.clone(),
+            allow_tokenizer_mismatch: self.opts.allow_tokenizer_mismatch,
+            source_losses: None,
+        }
+    }
+
+    /// Record a finished loop, or report where it was interrupted.
+    fn loop_ended(
+        &mut self,
+        stage: PipelineStage,
+        outcome: Outcome,
+        started: Instant,
+    ) -> Result<Option<PipelineOutcome>> {
+        match outcome {
+            Outcome::Finished { step, .. } => {
+                self.stages.mark(
+                    stage,
+                    StageDone::Loop {
+                        steps: step,
+                        seconds: started.elapsed().as_secs_f64(),
+                    },
+                )?;
+                Ok(None)
+            }
+            Outcome::Interrupted { step, .. } => Ok(Some(PipelineOutcome::Interrupted {
+                stage: stage.name(),
+                step,
+            })),
+        }
+    }
+
+    fn prune(&mut self) -> Result<Option<PipelineOutcome>> {
+        if self.stages.is_done(PipelineStage::Prune) {
+            return Ok(None);
+        }
+        let plan = self.plan;
+        let cfg = PruneConfig {
+            model: plan.model.clone(),
+            data: self.data_dir.clone(),
+            target: plan.target,
+            run: plan.prune.run.clone(),
+            optim: plan.prune.optim.clone(),
+            pruning: plan.prune.pruning.clone(),
+            dbl: plan.prune.dbl.clone(),
+        };
+        let t = Instant::now();
+        let mut resolved_run = cfg.run.clone();
+        resolved_run.resolve(crate::config::StageKind::Prune);
+        let mut job = self.job(self.lay.prune(), toml::to_string(&cfg).expect("toml"));
+        // The source's eval losses are the reference losses when the stage evaluates alike.
+        if crate::driver::eval_settings(&resolved_run, &self.data)? == self.es {
+            job.source_losses = self
+                .evals
+                .get(&PipelineStage::EvalSource)
+                .map(|(_, e)| e.iter().map(|(k, v)| (k.clone(), v.loss)).collect());
+        }
+        log("== prune");
+        let outcome = jobs::prune::<B>(&cfg, &job, self.device.clone())?;
+        self.loop_ended(PipelineStage::Prune, outcome, t)
+    }
+
+    fn finalize(&mut self) -> Result<()> {
+        if self.stages.is_done(PipelineStage::Finalize) {
+            return Ok(());
+        }
+        log("== finalize");
+        let inner = self.device.clone();
+        let r = jobs::finalize_run::<B::InnerBackend>(
+            &self.lay.prune(),
+            None,
+            &self.lay.pruned(),
+            self.plan.export.finalize,
+            None,
+            true,
+            &inner,
+        )?;
+        self.stages.mark(
+            PipelineStage::Finalize,
+            StageDone::Finalized {
+                checkpoint: r.checkpoint.clone(),
+                params: r.pruned_params,
+            },
+        )?;
+        log(&format!(
+            "finalized {} → {} parameters into {}",
+            r.source_params,
+            r.pruned_params,
+            r.out.display()
+        ));
+        Ok(())
+    }
+
+    fn train(&mut self) -> Result<Option<PipelineOutcome>> {
+        if self.stages.is_done(PipelineStage::Train) {
+            return Ok(None);
+        }
+        let plan = self.plan;
+        let mut dbl = plan.train.dbl.clone();
+        if dbl.initial_weights.is_none() && dbl.initial_weights_from.is_none() {
+            dbl.initial_weights_from = Some(self.lay.prune());
+        }
+        let cfg = TrainConfig {
+            model: self.lay.pruned().display().to_string(),
+            data: self.data_dir.clone(),
+            from_scratch: false,
+            run: plan.train.run.clone(),
+            optim: plan.train.optim.clone(),
+            dbl,
+        };
+        let t = Instant::now();
+        let job = self.job(self.lay.train(), toml::to_string(&cfg).expect("toml"));
+        log("== train");
+        let outcome = jobs::train::<B>(&cfg, &job, self.device.clone())?;
+        self.loop_ended(PipelineStage::Train, outcome, t)
+    }
+
+    fn export(&mut self) -> Result<()> {
+        if self.stages.is_done(PipelineStage::Export) {
+            return Ok(());
+        }
+        log("== export");
+        let ckpt = crate::checkpoint::Checkpoint::find(&self.lay.train(), None)?;
+        let files = ckpt.model_files()?;
+        files.write_hf_dir(
+            self.lay.export(),
+            self.plan.export.dtype.or(Some(DType::F32)),
+            true,
+        )?;
+        self.stages.mark(
+            PipelineStage::Export,
+            StageDone::Exported {
+                checkpoint: ckpt.dir,
+            },
+        )
+    }
+
+    /// `summary.json` from the three evaluations.
+    fn summary(mut self) -> Result<PipelineOutcome> {
+        let mut take = |s: PipelineStage| {
+            self.evals
+                .remove(&s)
+                .ok_or_else(|| Error::invalid(format!("the pipeline has no '{}' result", s.name())))
+        };
+        let (source, pruned, trained) = (
+            take(PipelineStage::EvalSource)?,
+            take(PipelineStage::EvalPruned)?,
+            take(PipelineStage::EvalTrained)?,
+        );
+        let summary = Summary {
+            source: model_summary(&source.0, &source.1),
+            pruned: model_summary(&pruned.0, &pruned.1),
+            trained: model_summary(&trained.0, &trained.1),
+            export_dir: self.lay.export(),
+        };
+        write_json(&self.lay.root.join("summary.json"), &summary)?;
+        Ok(PipelineOutcome::Done(Box::new(summary)))
+    }
+}
+
+/// The pipeline's data: a prepared directory as given, or prepared now from the plan's
+/// sources (skipped when up to date).
+fn prepare_data(plan: &PipelinePlan, lay: &Layout, source: &ModelFiles) -> Result<PathBuf> {
+    match &plan.data {
+        DataSource::Prepared(p) => Ok(p.clone()),
         DataSource::Plan(dp) => {
             let t = Instant::now();
             let tok = if dp.tokenizer == plan.model {
-                source_files.tokenizer()?.clone()
+                source.tokenizer()?.clone()
             } else {
                 jobs::load_model(&dp.tokenizer)?.tokenizer()?.clone()
             };
@@ -317,286 +546,41 @@ pub fn run_pipeline<B: ShearsAutodiff>(
                     lay.data().display()
                 ));
             }
-            lay.data()
-        }
-    };
-    let data = jobs::open_data(&data_dir, &source_files, opts.allow_tokenizer_mismatch)?;
-    let es = EvalSettings {
-        sequences: plan.eval.sequences,
-        seq_len: plan
-            .eval
-            .seq_len
-            .unwrap_or(data.seq_len())
-            .min(data.seq_len()),
-        batch: plan.eval.batch.max(1),
-    };
-
-    // 2. Source evaluation.
-    let inner = device.clone();
-    let source_eval = cached_eval::<B::InnerBackend>(
-        &mut stages,
-        "eval_source",
-        &source_files,
-        &data,
-        &es,
-        &inner,
-    )?;
-
-    let stop = |stage: &'static str| {
-        opts.interrupt
-            .load(std::sync::atomic::Ordering::SeqCst)
-            .then_some(PipelineOutcome::Interrupted { stage, step: 0 })
-    };
-    if let Some(o) = stop("eval source") {
-        return Ok(o);
-    }
-
-    // 3. Pruning.
-    let prune_cfg = PruneConfig {
-        model: plan.model.clone(),
-        data: data_dir.clone(),
-        target: plan.target,
-        run: plan.prune.run.clone(),
-        optim: plan.prune.optim.clone(),
-        pruning: plan.prune.pruning.clone(),
-        dbl: plan.prune.dbl.clone(),
-        faults: plan.prune.faults.clone(),
-    };
-    if !stages.is_done("prune") {
-        let t = Instant::now();
-        let mut resolved_prune_run = prune_cfg.run.clone();
-        resolved_prune_run.resolve(crate::config::StageKind::Prune);
-        let job = JobOptions {
-            out: lay.prune(),
-            plan_text: toml::to_string(&prune_cfg).expect("toml"),
-            resume: opts.resume && lay.prune().join(crate::run_dir::RESOLVED).exists(),
-            progress: opts.progress,
-            echo: true,
-            interrupt: opts.interrupt.clone(),
-            allow_tokenizer_mismatch: opts.allow_tokenizer_mismatch,
-            source_losses: (crate::driver::eval_settings(&resolved_prune_run, &data)? == es).then(
-                || {
-                    source_eval
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.loss))
-                        .collect()
-                },
-            ),
-        };
-        log("== prune");
-        match jobs::prune::<B>(&prune_cfg, &job, device.clone())? {
-            Outcome::Finished { step, .. } => stages.mark(
-                "prune",
-                json!({"steps": step, "seconds": t.elapsed().as_secs_f64()}),
-            )?,
-            Outcome::Interrupted { step, .. } => {
-                return Ok(PipelineOutcome::Interrupted {
-                    stage: "prune",
-                    step,
-                })
-            }
+            Ok(lay.data())
         }
     }
-
-    // 4. Finalize.
-    if let Some(o) = stop("prune") {
-        return Ok(o);
-    }
-    if !stages.is_done("finalize") {
-        log("== finalize");
-        let r = jobs::finalize_run::<B::InnerBackend>(
-            &lay.prune(),
-            None,
-            &lay.pruned(),
-            plan.export.finalize,
-            None,
-            true,
-            &inner,
-        )?;
-        stages.mark(
-            "finalize",
-            json!({"checkpoint": r.checkpoint, "params": r.pruned_params}),
-        )?;
-        log(&format!(
-            "finalized {} → {} parameters into {}",
-            r.source_params,
-            r.pruned_params,
-            r.out.display()
-        ));
-    }
-    let pruned_files = ModelFiles::load_hf_dir(lay.pruned())?;
-    if TargetShape::of(&pruned_files.config) != plan.target {
-        return Err(Error::format(
-            lay.pruned(),
-            "the finalized model does not have the target shape",
-        ));
-    }
-    let pruned_eval = cached_eval::<B::InnerBackend>(
-        &mut stages,
-        "eval_pruned",
-        &pruned_files,
-        &data,
-        &es,
-        &inner,
-    )?;
-
-    if let Some(o) = stop("eval pruned") {
-        return Ok(o);
-    }
-
-    // 5. Continued pre-training.
-    let mut dbl = plan.train.dbl.clone();
-    if dbl.initial_weights.is_none() && dbl.initial_weights_from.is_none() {
-        dbl.initial_weights_from = Some(lay.prune());
-    }
-    let train_cfg = TrainConfig {
-        model: lay.pruned().display().to_string(),
-        data: data_dir.clone(),
-        from_scratch: false,
-        run: plan.train.run.clone(),
-        optim: plan.train.optim.clone(),
-        dbl,
-        faults: plan.train.faults.clone(),
-    };
-    if !stages.is_done("train") {
-        let t = Instant::now();
-        let job = JobOptions {
-            out: lay.train(),
-            plan_text: toml::to_string(&train_cfg).expect("toml"),
-            resume: opts.resume && lay.train().join(crate::run_dir::RESOLVED).exists(),
-            progress: opts.progress,
-            echo: true,
-            interrupt: opts.interrupt.clone(),
-            allow_tokenizer_mismatch: opts.allow_tokenizer_mismatch,
-            source_losses: None,
-        };
-        log("== train");
-        match jobs::train::<B>(&train_cfg, &job, device.clone())? {
-            Outcome::Finished { step, .. } => stages.mark(
-                "train",
-                json!({"steps": step, "seconds": t.elapsed().as_secs_f64()}),
-            )?,
-            Outcome::Interrupted { step, .. } => {
-                return Ok(PipelineOutcome::Interrupted {
-                    stage: "train",
-                    step,
-                })
-            }
-        }
-    }
-
-    if let Some(o) = stop("train") {
-        return Ok(o);
-    }
-
-    // 6. Export the trained model.
-    if !stages.is_done("export") {
-        log("== export");
-        let ckpt = jobs::find_checkpoint(&lay.train(), None)?;
-        let files = ModelFiles::load_hf_dir(ckpt.join("model"))?;
-        files.write_hf_dir(lay.export(), plan.export.dtype.or(Some(DType::F32)), true)?;
-        stages.mark("export", json!({"checkpoint": ckpt}))?;
-    }
-    let trained_files = ModelFiles::load_hf_dir(lay.export())?;
-    let trained_eval = cached_eval::<B::InnerBackend>(
-        &mut stages,
-        "eval_trained",
-        &trained_files,
-        &data,
-        &es,
-        &inner,
-    )?;
-
-    let summary = Summary {
-        source: model_summary(&source_files, &source_eval),
-        pruned: model_summary(&pruned_files, &pruned_eval),
-        trained: model_summary(&trained_files, &trained_eval),
-        export_dir: lay.export(),
-    };
-    write_json(&lay.root.join("summary.json"), &summary)?;
-    Ok(PipelineOutcome::Done(Box::new(summary)))
 }
 
 fn cached_eval<B: ShearsOps>(
     stages: &mut Stages,
-    key: &str,
+    key: PipelineStage,
     files: &ModelFiles,
     data: &Dataset,
     es: &EvalSettings,
     device: &B::Device,
 ) -> Result<BTreeMap<String, DomainEval>> {
-    if let Some(v) = stages.done.get(key) {
-        if let Ok(mut e) =
-            serde_json::from_value::<BTreeMap<String, DomainEval>>(v["domains"].clone())
-        {
-            // serde_json's float parser can be one ulp off; the exact bits are kept beside the
-            // numbers so a resumed pipeline reports exactly what an uninterrupted one does.
-            for (domain, d) in e.iter_mut() {
-                if let Some(bits) = v["loss_bits"][domain]
-                    .as_str()
-                    .and_then(|b| u64::from_str_radix(b, 16).ok())
-                {
-                    d.loss = f64::from_bits(bits);
-                }
-            }
-            return Ok(e);
-        }
+    if let Some(e) = stages.done.0.get(&key).and_then(records::evaluation) {
+        return Ok(e);
     }
-    log(&format!("== {}", key.replace('_', " ")));
+    log(&format!("== {}", key.name()));
     let t = Instant::now();
-    let e = eval_model::<B>(files, data, es, device)?;
-    let bits: BTreeMap<&String, String> = e
-        .iter()
-        .map(|(k, d)| (k, format!("{:016x}", d.loss.to_bits())))
-        .collect();
-    stages.mark(
-        key,
-        json!({"domains": e, "loss_bits": bits, "seconds": t.elapsed().as_secs_f64()}),
-    )?;
+    let e = shears_eval::domain::eval_model::<B>(files, data, es, device)?;
+    stages.mark(key, records::evaluated(&e, t.elapsed().as_secs_f64()))?;
     Ok(e)
 }
 
 fn model_summary(files: &ModelFiles, e: &BTreeMap<String, DomainEval>) -> ModelSummary {
     ModelSummary {
         params: Dims::of(&files.config).total(),
-        config: json!({
-            "num_hidden_layers": files.config.num_hidden_layers,
-            "hidden_size": files.config.hidden_size,
-            "num_attention_heads": files.config.num_attention_heads,
-            "num_key_value_heads": files.config.num_kv_heads(),
-            "intermediate_size": files.config.intermediate_size,
-            "vocab_size": files.config.vocab_size,
-        }),
+        config: ShapeSummary {
+            num_hidden_layers: files.config.num_hidden_layers,
+            hidden_size: files.config.hidden_size,
+            num_attention_heads: files.config.num_attention_heads,
+            num_key_value_heads: files.config.num_kv_heads(),
+            intermediate_size: files.config.intermediate_size,
+            vocab_size: files.config.vocab_size,
+        },
         per_domain_ppl: e.iter().map(|(k, v)| (k.clone(), v.perplexity())).collect(),
         per_domain_loss: e.iter().map(|(k, v)| (k.clone(), v.loss)).collect(),
     }
-}
-
-/// The summary as a table.
-pub fn render_summary(s: &Summary) -> String {
-    let mut out = String::new();
-    let domains: Vec<&String> = s.source.per_domain_ppl.keys().collect();
-    out.push_str(&format!("{:<22}", "model"));
-    out.push_str(&format!("{:>13}", "params"));
-    for d in &domains {
-        out.push_str(&format!("{:>14}", d));
-    }
-    out.push('\n');
-    for (name, m) in [
-        ("source", &s.source),
-        ("pruned", &s.pruned),
-        ("pruned + trained", &s.trained),
-    ] {
-        out.push_str(&format!("{name:<22}{:>13}", m.params));
-        for d in &domains {
-            out.push_str(&format!(
-                "{:>14.2}",
-                m.per_domain_ppl.get(*d).copied().unwrap_or(f64::NAN)
-            ));
-        }
-        out.push('\n');
-    }
-    out.push_str("(per-domain perplexity on the eval shards)\n");
-    out.push_str(&format!("exported model: {}\n", s.export_dir.display()));
-    out
 }

@@ -11,28 +11,51 @@ use crate::optim::ShearsAdamW;
 use burn::optim::{adaptor::OptimizerAdaptor, GradientsParams, Optimizer};
 use burn::tensor::Tensor;
 use rand::{rngs::StdRng, SeedableRng};
-use serde_json::{json, Map, Value};
 use shears_core::formats::safetensors;
 use shears_core::{DType, Error, ModelFiles, Result, WeightMap};
 use shears_data::Dataset;
 use shears_models::{load, Llama};
 use shears_pruning::constraint::target_at;
 use shears_pruning::size::{expected_params, Dims};
-use shears_pruning::{L0Masks, Lagrangian, PruneModule, PruningModel, PruningSpec};
+use shears_pruning::{L0Masks, Lagrangian, PerModule, PruningModel, PruningSpec};
 
 use crate::config::StageKind;
 use crate::driver::{Stage, StepLosses};
-use crate::eval::{batch_tensor, domain_losses, summed_nll, DomainEval, EvalSettings};
 use crate::optim::AdamWSettings;
 use crate::params::{self, NamedParam};
+use crate::records::{EvalExtras, PruneState, PruningProgress, StageState};
+use shears_eval::domain::{batch_tensor, domain_losses, summed_nll, DomainEval, EvalSettings};
 
 /// Learning rates of the three groups and the target warm-up.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PruneRates {
+    /// AdamW for the model weights (the reference: lr 1e-4, betas 0.9/0.95, eps 1e-8, no decay);
+    /// the masks and multipliers use the same Adam without weight decay.
     pub model: AdamWSettings,
+    /// Learning rate of the masks' `log_alpha`s (`lag_lr`, 1.0).
     pub mask_lr: f64,
+    /// Learning rate of the multipliers, applied as ascent (1.0).
     pub multiplier_lr: f64,
+    /// Steps over which the target sparsity ramps from 0 (640 in the reference recipe).
     pub lagrangian_warmup_steps: usize,
+}
+
+impl Default for PruneRates {
+    /// The reference recipe's (method §7).
+    fn default() -> Self {
+        PruneRates {
+            model: AdamWSettings {
+                lr: 1e-4,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+            mask_lr: 1.0,
+            multiplier_lr: 1.0,
+            lagrangian_warmup_steps: 640,
+        }
+    }
 }
 
 type Opt<M, B> = OptimizerAdaptor<ShearsAdamW, M, B>;
@@ -79,6 +102,24 @@ impl<B: ShearsAutodiff> PruneStage<B> {
         let state = PruningModel::new(model, spec, &mut rng)?;
         let mut meta = files.clone();
         meta.weights = WeightMap::new();
+        Ok(Self::with_meta(state, meta, rates))
+    }
+
+    /// Prune a state built in memory (tests, benchmarks); checkpoints then hold its config and
+    /// weights but no tokenizer.
+    pub fn from_state(state: PruningModel<B>, rates: PruneRates) -> Self {
+        let meta = ModelFiles {
+            config: state.model.config.clone(),
+            weights: WeightMap::new(),
+            tokenizer: None,
+            layers: load::layer_shapes(&state.model),
+            source: "<in memory>".into(),
+        };
+        Self::with_meta(state, meta, rates)
+    }
+
+    fn with_meta(state: PruningModel<B>, meta: ModelFiles, rates: PruneRates) -> Self {
+        let device = state.model.device();
         let mut s = PruneStage {
             opt_model: rates.model.init(),
             opt_masks: aux(&rates).init(),
@@ -88,10 +129,10 @@ impl<B: ShearsAutodiff> PruneStage<B> {
             rates,
             meta,
             pending: None,
-            device: device.clone(),
+            device,
         };
         s.refresh_names();
-        Ok(s)
+        s
     }
 
     fn refresh_names(&mut self) {
@@ -118,13 +159,7 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
         StageKind::Prune
     }
 
-    fn backward(
-        &mut self,
-        micro: &[Vec<Vec<u32>>],
-        step: usize,
-        seeds: &[u64],
-        poison: bool,
-    ) -> StepLosses {
+    fn backward(&mut self, micro: &[Vec<Vec<u32>>], step: usize, seeds: &[u64]) -> StepLosses {
         let state = self.state.take().expect("state").clamp_masks();
         let n = micro.len();
         let mut acc = [
@@ -139,11 +174,7 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
             let loss = state.forward_train(ids, &mut rng, step, self.rates.lagrangian_warmup_steps);
             lm += scalar(loss.lm.clone());
             lag = scalar(loss.lagrangian.clone());
-            let mut total = loss.total().div_scalar(n as f64);
-            if poison && i == 0 {
-                total = total.mul_scalar(f64::NAN);
-                lm = f64::NAN;
-            }
+            let total = loss.total().div_scalar(n as f64);
             let g = state.split_gradients(total.backward());
             params::accumulate::<B::InnerBackend>(&self.names[0], &mut acc[0], g.model);
             params::accumulate::<B::InnerBackend>(&self.names[1], &mut acc[1], g.masks);
@@ -223,61 +254,29 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
         })
     }
 
-    fn eval_extras(&self, step: usize) -> Map<String, Value> {
+    fn eval_extras(&self, step: usize) -> EvalExtras {
         let v = self.state().valid();
         let masks = v.masks.clone().clamped();
         let spec = self.spec();
-        let mut m = Map::new();
-        let expected: BTreeMap<&str, f64> = masks
-            .expected_sparsity()
-            .into_iter()
-            .map(|(k, e)| (k.name(), scalar(e.mean())))
-            .collect();
-        let target: BTreeMap<&str, f64> = spec
-            .modules
-            .iter()
-            .map(|k| {
-                (
-                    k.name(),
-                    target_at(
-                        spec.target_sparsity(*k),
-                        step,
-                        self.rates.lagrangian_warmup_steps,
-                    ),
-                )
-            })
-            .collect();
-        let final_target: BTreeMap<&str, f64> = spec
-            .modules
-            .iter()
-            .map(|k| (k.name(), spec.target_sparsity(*k)))
-            .collect();
-        let lambdas: BTreeMap<&str, [f32; 2]> = v
-            .lagrangian
-            .values()
-            .into_iter()
-            .map(|(k, a, b)| (k.name(), [a, b]))
-            .collect();
-        m.insert("expected_sparsity".into(), json!(expected));
-        m.insert("target_sparsity".into(), json!(target));
-        m.insert("final_target_sparsity".into(), json!(final_target));
-        m.insert("lambda".into(), json!(lambdas));
-        m.insert(
-            "expected_prunable_params".into(),
-            json!(scalar(expected_params(&masks))),
-        );
-        m.insert(
-            "target_prunable_params".into(),
-            json!(Dims::of_target(&spec.target, &spec.source).prunable()),
-        );
-        m.insert(
-            "source_prunable_params".into(),
-            json!(Dims::of(&spec.source).prunable()),
-        );
-        m
+        let warmup = self.rates.lagrangian_warmup_steps;
+        let progress = PruningProgress {
+            expected_sparsity: masks.expected_sparsity().map(|_, e| scalar(e.mean())),
+            target_sparsity: PerModule::from_fn(&spec.modules, |k| {
+                target_at(spec.target_sparsity(k), step, warmup)
+            }),
+            final_target_sparsity: PerModule::from_fn(&spec.modules, |k| spec.target_sparsity(k)),
+            lambda: v.lagrangian.values(),
+            expected_prunable_params: scalar(expected_params(&masks)),
+            target_prunable_params: Dims::of_target(&spec.target, &spec.source).prunable(),
+            source_prunable_params: Dims::of(&spec.source).prunable(),
+        };
+        EvalExtras {
+            params: None,
+            pruning: Some(progress),
+        }
     }
 
-    fn save(&self, dir: &Path) -> Result<Value> {
+    fn save(&self, dir: &Path) -> Result<StageState> {
         let st = self.state();
         let mut files = self.meta.clone();
         files.weights = load::to_weights(&st.model, DType::F32);
@@ -312,35 +311,44 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
         );
         safetensors::write(dir.join("optimizer.safetensors"), &opt, &Default::default())?;
         let spec = self.spec();
-        Ok(json!({
-            "optimizer_steps": times,
-            "target": spec.target,
-            "modules": spec.modules,
+        Ok(StageState::Prune(PruneState {
+            optimizer_steps: times,
+            target: spec.target,
+            modules: spec.modules.clone(),
         }))
     }
 
-    fn load(&mut self, dir: &Path, state: &Value) -> Result<()> {
+    fn load(&mut self, dir: &Path, state: &StageState) -> Result<()> {
+        let StageState::Prune(state) = state else {
+            return Err(Error::format(
+                dir.join("state.json"),
+                "is not a pruning checkpoint",
+            ));
+        };
+        if state.target != self.spec().target || state.modules != self.spec().modules {
+            return Err(Error::format(
+                dir.join("state.json"),
+                "was written for another target or other masked modules than this run's plan",
+            ));
+        }
         let spec = self.spec().clone();
         let files = ModelFiles::load_hf_dir(dir.join("model"))?;
         let model = load::from_files::<B>(&files, &self.device, DType::F32)?;
-        let (masks, lagrangian) = read_pruning::<B>(dir, &spec, &self.device)?;
+        let (masks, lagrangian) = crate::checkpoint::read_pruning::<B>(dir, &spec, &self.device)?;
         let opt =
             safetensors::SafeTensorsFile::open(dir.join("optimizer.safetensors"))?.all_tensors()?;
-        let times: BTreeMap<String, usize> =
-            serde_json::from_value(state["optimizer_steps"].clone()).map_err(|e| {
-                Error::format(dir.join("state.json"), format!("optimizer_steps: {e}"))
-            })?;
+        let times = &state.optimizer_steps;
         let r = self.rates;
         self.opt_model =
-            params::load_adamw(r.model.init(), &model, "model", &opt, &times, &self.device)?;
+            params::load_adamw(r.model.init(), &model, "model", &opt, times, &self.device)?;
         self.opt_masks =
-            params::load_adamw(aux(&r).init(), &masks, "masks", &opt, &times, &self.device)?;
+            params::load_adamw(aux(&r).init(), &masks, "masks", &opt, times, &self.device)?;
         self.opt_multipliers = params::load_adamw(
             aux(&r).init(),
             &lagrangian,
             "multipliers",
             &opt,
-            &times,
+            times,
             &self.device,
         )?;
         self.state = Some(PruningModel {
@@ -352,41 +360,4 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
         self.refresh_names();
         Ok(())
     }
-}
-
-/// The masks and multipliers of a checkpoint's `pruning.safetensors`.
-pub fn read_pruning<B: burn::tensor::backend::Backend>(
-    dir: &Path,
-    spec: &PruningSpec,
-    device: &B::Device,
-) -> Result<(L0Masks<B>, Lagrangian<B>)> {
-    let path = dir.join("pruning.safetensors");
-    let f = safetensors::SafeTensorsFile::open(&path)?;
-    let mut las: Vec<(PruneModule, Vec<f32>)> = vec![];
-    for m in &spec.modules {
-        let (shape, v) = f.read_f32(&format!("log_alpha.{}", m.name()))?;
-        let (rows, n) = spec.mask_shape(*m);
-        if shape != [rows, n] {
-            return Err(Error::format(
-                &path,
-                format!(
-                    "log_alpha.{} has shape {shape:?}, the plan's target needs [{rows}, {n}]",
-                    m.name()
-                ),
-            ));
-        }
-        las.push((*m, v));
-    }
-    let (_, l1) = f.read_f32("lambda_1")?;
-    let (_, l2) = f.read_f32("lambda_2")?;
-    if l1.len() != spec.modules.len() || l2.len() != spec.modules.len() {
-        return Err(Error::format(
-            &path,
-            "the multipliers do not match the pruned modules",
-        ));
-    }
-    Ok((
-        L0Masks::from_values(spec, &las, device),
-        Lagrangian::from_values(spec, &l1, &l2, device),
-    ))
 }

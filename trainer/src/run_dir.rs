@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use crate::records::MetricRecord;
 use shears_core::error::IoContext;
 use shears_core::{Error, Result};
 
@@ -120,8 +120,8 @@ impl RunDir {
     }
 
     /// Append one metrics record.
-    pub fn metric(&mut self, v: &Value) -> Result<()> {
-        let mut line = serde_json::to_string(v).expect("json");
+    pub fn metric(&mut self, v: &MetricRecord) -> Result<()> {
+        let mut line = serde_json::to_string(v).expect("a record always serializes");
         line.push('\n');
         let mpath = self.root.join(METRICS);
         self.metrics
@@ -143,18 +143,4 @@ impl RunDir {
             eprintln!("{msg}");
         }
     }
-}
-
-/// Read every record of a run's `metrics.jsonl`.
-pub fn read_metrics(root: &Path) -> Result<Vec<Value>> {
-    let p = root.join(METRICS);
-    let text = std::fs::read_to_string(&p).at(&p, "cannot read")?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| Error::format(&p, format!("line {}: invalid JSON: {e}", i + 1)))
-        })
-        .collect()
 }

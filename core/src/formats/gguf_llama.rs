@@ -6,6 +6,7 @@ use serde_json::json;
 use super::gguf::GgufFile;
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{Error, Result};
+use crate::layer_tensors::{LayerTensor, EMBED_TOKENS, FINAL_NORM, LM_HEAD};
 use crate::tensor::{HostTensor, WeightMap};
 
 fn arch(g: &GgufFile) -> Result<String> {
@@ -170,9 +171,9 @@ fn llama3_scaling_from_freqs(
 /// Map a GGUF tensor name to its HF name.
 fn hf_name(name: &str) -> Option<String> {
     let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
+        "token_embd.weight" => Some(EMBED_TOKENS),
+        "output_norm.weight" => Some(FINAL_NORM),
+        "output.weight" => Some(LM_HEAD),
         _ => None,
     };
     if let Some(f) = fixed {
@@ -181,19 +182,7 @@ fn hf_name(name: &str) -> Option<String> {
     let rest = name.strip_prefix("blk.")?;
     let (layer, suffix) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let hf = match suffix {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}"))
+    Some(LayerTensor::from_gguf(suffix)?.key(layer))
 }
 
 /// Undo llama.cpp's row permutation of q/k projections (made for its interleaved RoPE): view
@@ -243,12 +232,10 @@ pub fn weights_from_gguf(g: &GgufFile, cfg: &LlamaConfig) -> Result<WeightMap> {
             )
         })?;
         let (shape, mut data) = g.dequantize(t)?;
-        let heads = if name.ends_with("q_proj.weight") {
-            Some(cfg.num_attention_heads)
-        } else if name.ends_with("k_proj.weight") {
-            Some(cfg.num_kv_heads())
-        } else {
-            None
+        let heads = match LayerTensor::parse(&name) {
+            Some((_, LayerTensor::QProj)) => Some(cfg.num_attention_heads),
+            Some((_, LayerTensor::KProj)) => Some(cfg.num_kv_heads()),
+            _ => None,
         };
         if let Some(n_head) = heads {
             if shape.len() != 2 || shape[0] % n_head != 0 || (shape[0] / n_head) % 2 != 0 {

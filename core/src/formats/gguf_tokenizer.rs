@@ -46,14 +46,19 @@ impl TokenType {
 // The pre-tokenisation regex of Llama-3's tokenizer.json.
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-impl Tokenizer {
-    /// Rebuild the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
-    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+/// The vocabulary part of a GGUF's tokenizer metadata, checked.
+struct GgufVocab {
+    tokens: Vec<String>,
+    types: Option<Vec<TokenType>>,
+    bos: Option<usize>,
+    eos: Option<usize>,
+    unk: Option<usize>,
+    pad: Option<usize>,
+}
+
+impl GgufVocab {
+    fn read(g: &GgufFile) -> Result<GgufVocab> {
         let bad = |m: String| Error::format(g.path(), m);
-        let model = g
-            .get("tokenizer.ggml.model")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| bad("GGUF has no tokenizer (tokenizer.ggml.model missing)".into()))?;
         let tokens: Vec<String> = g
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.as_array())
@@ -80,37 +85,37 @@ impl Tokenizer {
             }
         }
         let id_key = |k: &str| g.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
-        let bos = id_key("tokenizer.ggml.bos_token_id");
-        let eos = id_key("tokenizer.ggml.eos_token_id");
-        let unk = id_key("tokenizer.ggml.unknown_token_id");
-        let pad = id_key("tokenizer.ggml.padding_token_id");
+        let v = GgufVocab {
+            bos: id_key("tokenizer.ggml.bos_token_id"),
+            eos: id_key("tokenizer.ggml.eos_token_id"),
+            unk: id_key("tokenizer.ggml.unknown_token_id"),
+            pad: id_key("tokenizer.ggml.padding_token_id"),
+            tokens,
+            types,
+        };
         for (name, id) in [
-            ("bos", bos),
-            ("eos", eos),
-            ("unknown", unk),
-            ("padding", pad),
+            ("bos", v.bos),
+            ("eos", v.eos),
+            ("unknown", v.unk),
+            ("padding", v.pad),
         ] {
-            if let Some(id) = id {
-                if id >= tokens.len() {
-                    return Err(bad(format!(
-                        "tokenizer.ggml.{name}_token_id {id} is outside the {}-token vocabulary",
-                        tokens.len()
-                    )));
-                }
+            if let Some(id) = id.filter(|&id| id >= v.tokens.len()) {
+                return Err(bad(format!(
+                    "tokenizer.ggml.{name}_token_id {id} is outside the {}-token vocabulary",
+                    v.tokens.len()
+                )));
             }
         }
-        let flag = |k: &str| g.get(k).and_then(|v| v.as_bool());
-        let is_spm = model == "llama";
-        let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(is_spm);
-        let add_eos = flag("tokenizer.ggml.add_eos_token").unwrap_or(false);
-        let mut warnings = vec![];
+        Ok(v)
+    }
 
-        // Control tokens are special (matched whole in raw text, skippable when decoding);
-        // user-defined tokens are matched whole but are ordinary text.
+    /// Control tokens are special (matched whole in raw text, skippable when decoding);
+    /// user-defined tokens are matched whole but are ordinary text.
+    fn added_tokens(&self, is_spm: bool) -> Vec<Value> {
         let mut added = vec![];
-        for (id, tok) in tokens.iter().enumerate() {
-            let ty = types.as_ref().map(|t| t[id]).unwrap_or({
-                if Some(id) == bos || Some(id) == eos || Some(id) == unk {
+        for (id, tok) in self.tokens.iter().enumerate() {
+            let ty = self.types.as_ref().map(|t| t[id]).unwrap_or({
+                if Some(id) == self.bos || Some(id) == self.eos || Some(id) == self.unk {
                     TokenType::Control
                 } else {
                     TokenType::Normal
@@ -124,103 +129,147 @@ impl Tokenizer {
                 );
             }
         }
-        let vocab: Map<String, Value> = tokens
+        added
+    }
+
+    /// The post-processor adding BOS and/or EOS.
+    fn template(&self, add_bos: bool, add_eos: bool) -> Value {
+        let named = |id: Option<usize>| id.map(|i| (i, self.tokens[i].as_str()));
+        post_processor(
+            add_bos.then(|| named(self.bos)).flatten(),
+            add_eos.then(|| named(self.eos)).flatten(),
+        )
+    }
+}
+
+/// The parts of a tokenizer.json both GGUF tokenizer models share.
+struct Parts {
+    added: Vec<Value>,
+    vocab: Map<String, Value>,
+    merges: Vec<Value>,
+    add_bos: bool,
+    add_eos: bool,
+}
+
+/// A SentencePiece-style (`llama`) tokenizer.json: byte-fallback BPE with `▁` for spaces.
+fn spm_document(g: &GgufFile, v: &GgufVocab, p: Parts) -> Value {
+    let prefix = g
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true);
+    let mut normalizers = vec![];
+    if prefix {
+        normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+    }
+    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": p.added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": v.template(p.add_bos, p.add_eos),
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": v.unk.map(|i| v.tokens[i].clone()),
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+            "byte_fallback": true, "ignore_merges": false, "vocab": p.vocab, "merges": p.merges}
+    })
+}
+
+/// A GPT-2-style (`gpt2`) tokenizer.json: byte-level BPE with the pre-tokenizer the GGUF names.
+fn bpe_document(g: &GgufFile, v: &GgufVocab, p: Parts, warnings: &mut Vec<String>) -> Value {
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let pre = g
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let pre_tokenizer = match pre {
+        "default" | "gpt2" | "gpt-2" => byte_level(true),
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        "llama-bpe" | "llama3" | "llama-v3" => {
+            json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": false},
+            byte_level(false)]})
+        }
+        other => {
+            warnings.push(format!(
+                "GGUF pre-tokenizer '{other}' is not known to Shears; using GPT-2's byte-level split, which may tokenize some text differently from llama.cpp"
+            ));
+            byte_level(true)
+        }
+    };
+    let post = if p.add_bos || p.add_eos {
+        v.template(p.add_bos, p.add_eos)
+    } else {
+        json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+    };
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": p.added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": p.vocab, "merges": p.merges}
+    })
+}
+
+impl Tokenizer {
+    /// Rebuild the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let bad = |m: String| Error::format(g.path(), m);
+        let model = g
+            .get("tokenizer.ggml.model")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| bad("GGUF has no tokenizer (tokenizer.ggml.model missing)".into()))?;
+        let is_spm = model == "llama";
+        if !is_spm && model != "gpt2" {
+            return Err(bad(format!(
+                "GGUF tokenizer model '{model}' is not supported (gpt2 and llama are)"
+            )));
+        }
+        let v = GgufVocab::read(g)?;
+        let flag = |k: &str| g.get(k).and_then(|v| v.as_bool());
+        let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(is_spm);
+        let add_eos = flag("tokenizer.ggml.add_eos_token").unwrap_or(false);
+        let mut warnings = vec![];
+        let vocab: Map<String, Value> = v
+            .tokens
             .iter()
             .enumerate()
             .map(|(i, t)| (t.clone(), json!(i)))
             .collect();
-        if vocab.len() != tokens.len() {
+        if vocab.len() != v.tokens.len() {
             warnings.push(format!(
                 "the GGUF vocabulary repeats {} token strings; later ids win when encoding",
-                tokens.len() - vocab.len()
+                v.tokens.len() - vocab.len()
             ));
         }
-
-        let merges = read_merges(g, &tokens, is_spm)?;
-        let merges_json: Vec<Value> = merges.into_iter().map(|(l, r)| json!([l, r])).collect();
-
-        let template = |add_bos: bool, add_eos: bool| {
-            post_processor(
-                add_bos
-                    .then(|| bos.map(|i| (i, tokens[i].as_str())))
-                    .flatten(),
-                add_eos
-                    .then(|| eos.map(|i| (i, tokens[i].as_str())))
-                    .flatten(),
-            )
+        let merges = read_merges(g, &v.tokens, is_spm)?
+            .into_iter()
+            .map(|(l, r)| json!([l, r]))
+            .collect();
+        let parts = Parts {
+            added: v.added_tokens(is_spm),
+            vocab,
+            merges,
+            add_bos,
+            add_eos,
         };
-
         let doc = if is_spm {
-            let prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
-            let mut normalizers = vec![];
-            if prefix {
-                normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
-            }
-            normalizers.push(
-                json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
-            );
-            let mut decoders = vec![
-                json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
-                json!({"type": "ByteFallback"}),
-                json!({"type": "Fuse"}),
-            ];
-            if prefix {
-                decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
-            }
-            json!({
-                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-                "normalizer": {"type": "Sequence", "normalizers": normalizers},
-                "pre_tokenizer": null,
-                "post_processor": template(add_bos, add_eos),
-                "decoder": {"type": "Sequence", "decoders": decoders},
-                "model": {"type": "BPE", "dropout": null, "unk_token": unk.map(|i| tokens[i].clone()),
-                    "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
-                    "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges_json}
-            })
-        } else if model == "gpt2" {
-            let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
-            let pre = g
-                .get("tokenizer.ggml.pre")
-                .and_then(|v| v.as_str())
-                .unwrap_or("default");
-            let pre_tokenizer = match pre {
-                "default" | "gpt2" | "gpt-2" => byte_level(true),
-                "smollm" => json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-                "llama-bpe" | "llama3" | "llama-v3" => {
-                    json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": false},
-                    byte_level(false)]})
-                }
-                other => {
-                    warnings.push(format!(
-                        "GGUF pre-tokenizer '{other}' is not known to Shears; using GPT-2's byte-level split, which may tokenize some text differently from llama.cpp"
-                    ));
-                    byte_level(true)
-                }
-            };
-            let post = if add_bos || add_eos {
-                template(add_bos, add_eos)
-            } else {
-                json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
-            };
-            json!({
-                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-                "normalizer": null,
-                "pre_tokenizer": pre_tokenizer,
-                "post_processor": post,
-                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-                "model": {"type": "BPE", "dropout": null, "unk_token": null,
-                    "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
-                    "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges_json}
-            })
+            spm_document(g, &v, parts)
         } else {
-            return Err(bad(format!(
-                "GGUF tokenizer model '{model}' is not supported (gpt2 and llama are)"
-            )));
+            bpe_document(g, &v, parts, &mut warnings)
         };
-
-        let config = tokenizer_config(g, &tokens, add_bos, add_eos, [bos, eos, unk, pad]);
+        let config = tokenizer_config(g, &v.tokens, add_bos, add_eos, [v.bos, v.eos, v.unk, v.pad]);
         let json = serde_json::to_string(&doc).expect("tokenizer json");
         let mut tok = Self::from_json(json, config, g.path())?;
         tok.warnings.extend(warnings);

@@ -270,6 +270,225 @@ fn dscores_tile<T: Real>(p: &[T], dp: &mut [T], n: usize, dsum: &[T]) {
     }
 }
 
+/// What the backward's tiles read: the forward's inputs, `lse`, the output gradient and
+/// `D = rowsum(dO ∘ O)` (`[b, h, t]`).
+struct Backward<'a, T> {
+    sh: AttnShape,
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    lse: &'a [T],
+    dout: &'a [T],
+    dsum: &'a [T],
+    scale: T,
+}
+
+impl<T: Real> Backward<'_, T> {
+    /// Offsets of batch `bi`, query head `head`, query row `i0` and key row `j0`: into `q`/`dout`,
+    /// into `k`/`v` and into `lse`/`dsum`.
+    fn offsets(&self, bi: usize, head: usize, i0: usize, j0: usize) -> (usize, usize, usize) {
+        let AttnShape { t, s, h, g, hd, .. } = self.sh;
+        let kvh = head / self.sh.r();
+        (
+            (bi * t + i0) * h * hd + head * hd,
+            (bi * s + j0) * g * hd + kvh * hd,
+            (bi * h + head) * t + i0,
+        )
+    }
+
+    /// Recompute the probabilities `P` (into `p`) and the score gradients
+    /// `dS = P ∘ (dO·Vᵀ − D)` (into `dp`) of query rows `i0 .. i0 + m` of `head` against keys
+    /// `j0 .. j0 + n`, both `[m, n]`.
+    fn tile(
+        &self,
+        bi: usize,
+        head: usize,
+        (i0, m): (usize, usize),
+        (j0, n): (usize, usize),
+        p: &mut [T],
+        dp: &mut [T],
+    ) {
+        let AttnShape { h, g, hd, .. } = self.sh;
+        let (q_rs, kv_rs) = (h * hd, g * hd);
+        let (qrow, kbase, lrow) = self.offsets(bi, head, i0, j0);
+        // SAFETY: the offsets address rows inside q, k, v and dout (shapes checked by the
+        // caller), and p, dp hold at least m · n elements.
+        unsafe {
+            // S = scale · Q · Kᵀ
+            mm(
+                m,
+                n,
+                hd,
+                p.as_mut_ptr(),
+                n,
+                false,
+                self.q.as_ptr().add(qrow),
+                q_rs,
+                1,
+                self.k.as_ptr().add(kbase),
+                1,
+                kv_rs,
+                self.scale,
+            );
+            // dP = dO · Vᵀ
+            mm(
+                m,
+                n,
+                hd,
+                dp.as_mut_ptr(),
+                n,
+                false,
+                self.dout.as_ptr().add(qrow),
+                q_rs,
+                1,
+                self.v.as_ptr().add(kbase),
+                1,
+                kv_rs,
+                T::ONE,
+            );
+        }
+        let (lse, dsum) = (&self.lse[lrow..lrow + m], &self.dsum[lrow..lrow + m]);
+        let past = self.sh.past();
+        with_isa!({
+            probs_tile(&mut p[..m * n], n, past, i0, j0, lse);
+            dscores_tile(&p[..m * n], &mut dp[..m * n], n, dsum);
+        });
+    }
+
+    /// Pass 1: `dq = scale · dS · K`, one task per (batch, head, query tile).
+    fn dq(&self, dq: &mut [T]) {
+        let AttnShape { b, t, h, g, hd, .. } = self.sh;
+        let (q_rs, kv_rs) = (h * hd, g * hd);
+        let qtiles = t.div_ceil(BQ);
+        let dqp = Shared(dq.as_mut_ptr());
+        (0..b * h * qtiles).into_par_iter().for_each(|task| {
+            let dqp = dqp;
+            let qt = task % qtiles;
+            let head = (task / qtiles) % h;
+            let bi = task / (qtiles * h);
+            let i0 = qt * BQ;
+            let m = BQ.min(t - i0);
+            let last = self.sh.past() + i0 + m;
+            let mut p = vec![T::ZERO; m * BK];
+            let mut dp = vec![T::ZERO; m * BK];
+            let mut acc = vec![T::ZERO; m * hd];
+            for j0 in (0..last).step_by(BK) {
+                let n = BK.min(last - j0);
+                self.tile(bi, head, (i0, m), (j0, n), &mut p, &mut dp);
+                let (_, kbase, _) = self.offsets(bi, head, i0, j0);
+                // SAFETY: acc is [m, hd]; dp holds the [m, n] tile; kbase addresses k's rows.
+                unsafe {
+                    mm(
+                        m,
+                        hd,
+                        n,
+                        acc.as_mut_ptr(),
+                        hd,
+                        true,
+                        dp.as_ptr(),
+                        n,
+                        1,
+                        self.k.as_ptr().add(kbase),
+                        kv_rs,
+                        1,
+                        self.scale,
+                    );
+                }
+            }
+            let (qrow, _, _) = self.offsets(bi, head, i0, 0);
+            for rr in 0..m {
+                // SAFETY: each task writes only its own (batch, head, query tile) rows of dq.
+                unsafe {
+                    let o = dqp.0.add(qrow + rr * q_rs);
+                    for d in 0..hd {
+                        *o.add(d) = acc[rr * hd + d];
+                    }
+                }
+            }
+        });
+    }
+
+    /// Pass 2: `dv = Pᵀ · dO` and `dk = scale · dSᵀ · Q`, one task per (batch, kv head, key
+    /// tile), over the r query heads that read the kv head and the query tiles that see the
+    /// key tile.
+    fn dkv(&self, dk: &mut [T], dv: &mut [T]) {
+        let AttnShape { b, t, s, h, g, hd } = self.sh;
+        let (q_rs, kv_rs, r) = (h * hd, g * hd, self.sh.r());
+        let ktiles = s.div_ceil(BK);
+        let dkp = Shared(dk.as_mut_ptr());
+        let dvp = Shared(dv.as_mut_ptr());
+        (0..b * g * ktiles).into_par_iter().for_each(|task| {
+            let (dkp, dvp) = (dkp, dvp);
+            let kt = task % ktiles;
+            let kvh = (task / ktiles) % g;
+            let bi = task / (ktiles * g);
+            let j0 = kt * BK;
+            let n = BK.min(s - j0);
+            let mut p = vec![T::ZERO; BQ * n];
+            let mut dp = vec![T::ZERO; BQ * n];
+            let mut dk_acc = vec![T::ZERO; n * hd];
+            let mut dv_acc = vec![T::ZERO; n * hd];
+            // The first query that sees key j0 is i = j0 - past (all of them when j0 < past).
+            let first_q = j0.saturating_sub(self.sh.past());
+            for head in kvh * r..(kvh + 1) * r {
+                for i0 in ((first_q / BQ) * BQ..t).step_by(BQ) {
+                    let m = BQ.min(t - i0);
+                    self.tile(bi, head, (i0, m), (j0, n), &mut p, &mut dp);
+                    let (qrow, _, _) = self.offsets(bi, head, i0, j0);
+                    // SAFETY: the accumulators are [n, hd]; p and dp hold the [m, n] tile;
+                    // qrow addresses dout's and q's rows.
+                    unsafe {
+                        // dV += Pᵀ · dO
+                        mm(
+                            n,
+                            hd,
+                            m,
+                            dv_acc.as_mut_ptr(),
+                            hd,
+                            true,
+                            p.as_ptr(),
+                            1,
+                            n,
+                            self.dout.as_ptr().add(qrow),
+                            q_rs,
+                            1,
+                            T::ONE,
+                        );
+                        // dK += scale · dSᵀ · Q
+                        mm(
+                            n,
+                            hd,
+                            m,
+                            dk_acc.as_mut_ptr(),
+                            hd,
+                            true,
+                            dp.as_ptr(),
+                            1,
+                            n,
+                            self.q.as_ptr().add(qrow),
+                            q_rs,
+                            1,
+                            self.scale,
+                        );
+                    }
+                }
+            }
+            let kbase = (bi * s + j0) * kv_rs + kvh * hd;
+            for c in 0..n {
+                // SAFETY: each task writes only its own (batch, kv head, key tile) rows.
+                unsafe {
+                    let ok = dkp.0.add(kbase + c * kv_rs);
+                    let ov = dvp.0.add(kbase + c * kv_rs);
+                    for d in 0..hd {
+                        *ok.add(d) = dk_acc[c * hd + d];
+                        *ov.add(d) = dv_acc[c * hd + d];
+                    }
+                }
+            }
+        });
+    }
+}
+
 /// Backward: `dq`, `dk`, `dv` from the forward's inputs, output, `lse` and the output gradient.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Real>(
@@ -296,8 +515,7 @@ pub fn backward<T: Real>(
     assert_eq!(dk.len(), k.len());
     assert_eq!(dv.len(), k.len());
     assert_eq!(lse.len(), b * h * t);
-    let (past, r) = (sh.past(), sh.r());
-    let (q_rs, kv_rs) = (h * hd, g * hd);
+    let q_rs = h * hd;
     // D = rowsum(dO ∘ O), [b, h, t].
     let mut dsum = vec![T::ZERO; b * h * t];
     dsum.par_chunks_mut(t).enumerate().for_each(|(bh, rowd)| {
@@ -311,198 +529,18 @@ pub fn backward<T: Real>(
             *dd = acc;
         }
     });
-    let qtiles = t.div_ceil(BQ);
-    // Pass 1: dq, one task per (batch, head, query tile).
-    let dqp = Shared(dq.as_mut_ptr());
-    (0..b * h * qtiles).into_par_iter().for_each(|task| {
-        let dqp = dqp;
-        let qt = task % qtiles;
-        let head = (task / qtiles) % h;
-        let bi = task / (qtiles * h);
-        let kvh = head / r;
-        let i0 = qt * BQ;
-        let m = BQ.min(t - i0);
-        let last = past + i0 + m;
-        let qrow = (bi * t + i0) * q_rs + head * hd;
-        let lrow = (bi * h + head) * t + i0;
-        let mut p = vec![T::ZERO; m * BK];
-        let mut dp = vec![T::ZERO; m * BK];
-        let mut acc = vec![T::ZERO; m * hd];
-        for j0 in (0..last).step_by(BK) {
-            let n = BK.min(last - j0);
-            let kbase = (bi * s + j0) * kv_rs + kvh * hd;
-            unsafe {
-                mm(
-                    m,
-                    n,
-                    hd,
-                    p.as_mut_ptr(),
-                    n,
-                    false,
-                    q.as_ptr().add(qrow),
-                    q_rs,
-                    1,
-                    k.as_ptr().add(kbase),
-                    1,
-                    kv_rs,
-                    scale,
-                );
-                // dP = dO · Vᵀ
-                mm(
-                    m,
-                    n,
-                    hd,
-                    dp.as_mut_ptr(),
-                    n,
-                    false,
-                    dout.as_ptr().add(qrow),
-                    q_rs,
-                    1,
-                    v.as_ptr().add(kbase),
-                    1,
-                    kv_rs,
-                    T::ONE,
-                );
-            }
-            with_isa!({
-                probs_tile(&mut p[..m * n], n, past, i0, j0, &lse[lrow..lrow + m]);
-                dscores_tile(&p[..m * n], &mut dp[..m * n], n, &dsum[lrow..lrow + m]);
-            });
-            // dq += scale · dS · K
-            unsafe {
-                mm(
-                    m,
-                    hd,
-                    n,
-                    acc.as_mut_ptr(),
-                    hd,
-                    true,
-                    dp.as_ptr(),
-                    n,
-                    1,
-                    k.as_ptr().add(kbase),
-                    kv_rs,
-                    1,
-                    scale,
-                );
-            }
-        }
-        for rr in 0..m {
-            unsafe {
-                let o = dqp.0.add(qrow + rr * q_rs);
-                for d in 0..hd {
-                    *o.add(d) = acc[rr * hd + d];
-                }
-            }
-        }
-    });
-    // Pass 2: dk and dv, one task per (batch, kv head, key tile), over the r query heads that
-    // read the kv head and the query tiles that see the key tile.
-    let ktiles = s.div_ceil(BK);
-    let dkp = Shared(dk.as_mut_ptr());
-    let dvp = Shared(dv.as_mut_ptr());
-    (0..b * g * ktiles).into_par_iter().for_each(|task| {
-        let (dkp, dvp) = (dkp, dvp);
-        let kt = task % ktiles;
-        let kvh = (task / ktiles) % g;
-        let bi = task / (ktiles * g);
-        let j0 = kt * BK;
-        let n = BK.min(s - j0);
-        let kbase = (bi * s + j0) * kv_rs + kvh * hd;
-        let mut p = vec![T::ZERO; BQ * n];
-        let mut dp = vec![T::ZERO; BQ * n];
-        let mut dk_acc = vec![T::ZERO; n * hd];
-        let mut dv_acc = vec![T::ZERO; n * hd];
-        // The first query that sees key j0 is i = j0 - past (all of them when j0 < past).
-        let first_q = j0.saturating_sub(past);
-        for head in kvh * r..(kvh + 1) * r {
-            for i0 in ((first_q / BQ) * BQ..t).step_by(BQ) {
-                let m = BQ.min(t - i0);
-                let qrow = (bi * t + i0) * q_rs + head * hd;
-                let lrow = (bi * h + head) * t + i0;
-                unsafe {
-                    mm(
-                        m,
-                        n,
-                        hd,
-                        p.as_mut_ptr(),
-                        n,
-                        false,
-                        q.as_ptr().add(qrow),
-                        q_rs,
-                        1,
-                        k.as_ptr().add(kbase),
-                        1,
-                        kv_rs,
-                        scale,
-                    );
-                    mm(
-                        m,
-                        n,
-                        hd,
-                        dp.as_mut_ptr(),
-                        n,
-                        false,
-                        dout.as_ptr().add(qrow),
-                        q_rs,
-                        1,
-                        v.as_ptr().add(kbase),
-                        1,
-                        kv_rs,
-                        T::ONE,
-                    );
-                }
-                with_isa!({
-                    probs_tile(&mut p[..m * n], n, past, i0, j0, &lse[lrow..lrow + m]);
-                    dscores_tile(&p[..m * n], &mut dp[..m * n], n, &dsum[lrow..lrow + m]);
-                });
-                unsafe {
-                    // dV += Pᵀ · dO
-                    mm(
-                        n,
-                        hd,
-                        m,
-                        dv_acc.as_mut_ptr(),
-                        hd,
-                        true,
-                        p.as_ptr(),
-                        1,
-                        n,
-                        dout.as_ptr().add(qrow),
-                        q_rs,
-                        1,
-                        T::ONE,
-                    );
-                    // dK += scale · dSᵀ · Q
-                    mm(
-                        n,
-                        hd,
-                        m,
-                        dk_acc.as_mut_ptr(),
-                        hd,
-                        true,
-                        dp.as_ptr(),
-                        1,
-                        n,
-                        q.as_ptr().add(qrow),
-                        q_rs,
-                        1,
-                        scale,
-                    );
-                }
-            }
-        }
-        for c in 0..n {
-            unsafe {
-                let ok = dkp.0.add(kbase + c * kv_rs);
-                let ov = dvp.0.add(kbase + c * kv_rs);
-                for d in 0..hd {
-                    *ok.add(d) = dk_acc[c * hd + d];
-                    *ov.add(d) = dv_acc[c * hd + d];
-                }
-            }
-        }
-    });
+    let bw = Backward {
+        sh,
+        q,
+        k,
+        v,
+        lse,
+        dout,
+        dsum: &dsum,
+        scale,
+    };
+    bw.dq(dq);
+    bw.dkv(dk, dv);
 }
 
 /// The plain definition (scores, mask, softmax, weighted sum) in f64, for tests.

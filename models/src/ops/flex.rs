@@ -1,6 +1,10 @@
 //! burn-flex's native kernels: f32 and f64 tensors go through the host-slice kernels of
 //! [`super::attention_cpu`] and [`super::ce_cpu`]; other dtypes and unsupported shapes return
 //! `None` (the generic definition runs).
+//!
+//! Why one file of ~770 lines: it is the whole `ShearsOps` table of one backend (each op's
+//! primitive conversion, dtype dispatch and fallback, side by side), so a reader checks one
+//! backend's bindings in one place; the kernels themselves live in their own modules.
 
 use burn::tensor::{DType, TensorData, TensorMetadata};
 use burn_flex::{Flex, FlexTensor};

@@ -9,6 +9,10 @@
 //!
 //! Every operand is read through strides (`rs`, `cs` in elements), so transposed views cost
 //! nothing; packing absorbs the layout.
+//!
+//! Why one file of ~710 lines: packing, blocking and the two ISA micro-kernels share the tile
+//! constants and the packed layouts; split apart, each half would only make sense with the
+//! other open.
 
 use rayon::prelude::*;
 

@@ -97,3 +97,17 @@ pub fn domain_losses(
     }
     Ok(out)
 }
+
+/// Per-domain eval of a model as stored (plain forward, f32).
+pub fn eval_model<B: shears_models::ShearsOps>(
+    files: &shears_core::ModelFiles,
+    data: &Dataset,
+    s: &EvalSettings,
+    device: &B::Device,
+) -> Result<BTreeMap<String, DomainEval>> {
+    let model = shears_models::load::from_files::<B>(files, device, shears_core::DType::F32)?;
+    domain_losses(data, s, |seqs| {
+        let ids = batch_tensor::<B>(seqs, device);
+        summed_nll(model.nll(ids))
+    })
+}

@@ -1,0 +1,197 @@
+//! The tensors of a LLaMA-family model in one table: HF name, GGUF name, shape from the config
+//! and which structure each dimension counts (so which mask prunes it). Loading, export, random
+//! initialisation, finalize and the GGUF importer all read this table; nothing else spells a
+//! per-layer tensor name.
+
+use crate::config::{LayerShape, LlamaConfig};
+
+/// HF name of the token embedding `[vocab, hidden]`.
+pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
+/// HF name of the final RMSNorm `[hidden]`.
+pub const FINAL_NORM: &str = "model.norm.weight";
+/// HF name of the untied LM head `[vocab, hidden]`.
+pub const LM_HEAD: &str = "lm_head.weight";
+
+/// What one dimension of a per-layer tensor counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Axis {
+    /// Residual-stream channels (`hidden_size`): pruned by the hidden mask.
+    Hidden,
+    /// Query-head rows (`heads × head_dim`): pruned a head (`head_dim` rows) at a time by the
+    /// kv-group and query-head masks.
+    QueryHeads,
+    /// Key/value rows (`kv_heads × head_dim`): pruned a group at a time by the kv-group mask.
+    KvHeads,
+    /// MLP channels (`intermediate_size`): pruned by the intermediate mask.
+    Intermediate,
+}
+
+impl Axis {
+    /// The length of this dimension in a layer of `shape` (`hidden`, `head_dim` from the config).
+    pub fn len(self, hidden: usize, head_dim: usize, shape: &LayerShape) -> usize {
+        match self {
+            Axis::Hidden => hidden,
+            Axis::QueryHeads => shape.num_attention_heads * head_dim,
+            Axis::KvHeads => shape.num_key_value_heads * head_dim,
+            Axis::Intermediate => shape.intermediate_size,
+        }
+    }
+}
+
+/// A per-layer tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LayerTensor {
+    InputLayernorm,
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    PostAttentionLayernorm,
+    GateProj,
+    UpProj,
+    DownProj,
+}
+
+impl LayerTensor {
+    /// Every per-layer tensor, in HF order.
+    pub const ALL: [LayerTensor; 9] = [
+        LayerTensor::InputLayernorm,
+        LayerTensor::QProj,
+        LayerTensor::KProj,
+        LayerTensor::VProj,
+        LayerTensor::OProj,
+        LayerTensor::PostAttentionLayernorm,
+        LayerTensor::GateProj,
+        LayerTensor::UpProj,
+        LayerTensor::DownProj,
+    ];
+
+    /// HF name inside a layer (`model.layers.N.<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerTensor::InputLayernorm => "input_layernorm.weight",
+            LayerTensor::QProj => "self_attn.q_proj.weight",
+            LayerTensor::KProj => "self_attn.k_proj.weight",
+            LayerTensor::VProj => "self_attn.v_proj.weight",
+            LayerTensor::OProj => "self_attn.o_proj.weight",
+            LayerTensor::PostAttentionLayernorm => "post_attention_layernorm.weight",
+            LayerTensor::GateProj => "mlp.gate_proj.weight",
+            LayerTensor::UpProj => "mlp.up_proj.weight",
+            LayerTensor::DownProj => "mlp.down_proj.weight",
+        }
+    }
+
+    /// llama.cpp's name inside a block (`blk.N.<name>`).
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            LayerTensor::InputLayernorm => "attn_norm.weight",
+            LayerTensor::QProj => "attn_q.weight",
+            LayerTensor::KProj => "attn_k.weight",
+            LayerTensor::VProj => "attn_v.weight",
+            LayerTensor::OProj => "attn_output.weight",
+            LayerTensor::PostAttentionLayernorm => "ffn_norm.weight",
+            LayerTensor::GateProj => "ffn_gate.weight",
+            LayerTensor::UpProj => "ffn_up.weight",
+            LayerTensor::DownProj => "ffn_down.weight",
+        }
+    }
+
+    /// What each dimension counts, in HF layout (`[out, in]` for projections).
+    pub fn axes(self) -> &'static [Axis] {
+        use Axis::*;
+        match self {
+            LayerTensor::InputLayernorm | LayerTensor::PostAttentionLayernorm => &[Hidden],
+            LayerTensor::QProj => &[QueryHeads, Hidden],
+            LayerTensor::KProj | LayerTensor::VProj => &[KvHeads, Hidden],
+            LayerTensor::OProj => &[Hidden, QueryHeads],
+            LayerTensor::GateProj | LayerTensor::UpProj => &[Intermediate, Hidden],
+            LayerTensor::DownProj => &[Hidden, Intermediate],
+        }
+    }
+
+    /// An RMSNorm weight (1-D) rather than a projection.
+    pub fn is_norm(self) -> bool {
+        self.axes().len() == 1
+    }
+
+    /// The shape in a layer of `shape` of a model with `config`'s hidden size and head size.
+    pub fn shape(self, config: &LlamaConfig, shape: &LayerShape) -> Vec<usize> {
+        let (d, hd) = (config.hidden_size, config.head_dim());
+        self.axes().iter().map(|a| a.len(d, hd, shape)).collect()
+    }
+
+    /// The full HF name in layer `layer`.
+    pub fn key(self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}", self.name())
+    }
+
+    /// The tensor and layer an HF name refers to.
+    pub fn parse(key: &str) -> Option<(usize, LayerTensor)> {
+        let (layer, rest) = key.strip_prefix("model.layers.")?.split_once('.')?;
+        let layer = layer.parse().ok()?;
+        let t = LayerTensor::ALL.into_iter().find(|t| t.name() == rest)?;
+        Some((layer, t))
+    }
+
+    /// The tensor a GGUF block suffix (`attn_q.weight`) names.
+    pub fn from_gguf(suffix: &str) -> Option<LayerTensor> {
+        LayerTensor::ALL
+            .into_iter()
+            .find(|t| t.gguf_name() == suffix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_parse_back() {
+        for (i, a) in LayerTensor::ALL.iter().enumerate() {
+            for b in &LayerTensor::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name());
+                assert_ne!(a.gguf_name(), b.gguf_name());
+            }
+            assert_eq!(LayerTensor::parse(&a.key(17)), Some((17, *a)));
+            assert_eq!(LayerTensor::from_gguf(a.gguf_name()), Some(*a));
+        }
+        assert_eq!(
+            LayerTensor::parse("model.layers.x.mlp.up_proj.weight"),
+            None
+        );
+        assert_eq!(LayerTensor::parse("model.layers.3.mlp.up_proj.bias"), None);
+    }
+
+    #[test]
+    fn shapes_follow_the_layer() {
+        let shape = LayerShape {
+            num_attention_heads: 6,
+            num_key_value_heads: 2,
+            intermediate_size: 40,
+        };
+        let c: LlamaConfig = serde_json::from_str(
+            r#"{"vocab_size":32,"hidden_size":48,"intermediate_size":40,"num_hidden_layers":1,
+                "num_attention_heads":6,"num_key_value_heads":2,"rms_norm_eps":1e-5,
+                "max_position_embeddings":64}"#,
+        )
+        .unwrap();
+        let got: Vec<Vec<usize>> = LayerTensor::ALL
+            .iter()
+            .map(|t| t.shape(&c, &shape))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                vec![48],
+                vec![48, 48],
+                vec![16, 48],
+                vec![16, 48],
+                vec![48, 48],
+                vec![48],
+                vec![40, 48],
+                vec![40, 48],
+                vec![48, 40],
+            ]
+        );
+    }
+}

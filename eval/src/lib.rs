@@ -1,0 +1,17 @@
+//! # shears-eval
+//!
+//! Evaluation of a model as it is, for the trainer, the CLI and the tests. It owns:
+//!
+//! - [`domain`]: per-domain eval loss and perplexity on a prepared dataset's eval shards (the
+//!   number the trainer logs and dynamic batch loading reads, method §5.3);
+//! - [`zeroshot`]: zero-shot multiple-choice and LAMBADA evaluation with lm-eval conventions
+//!   (method §8): loading the request sets, scoring them in batches, the metrics.
+//!
+//! It takes a model (or a forward function) and data; it must not know about training, run
+//! directories or checkpoints (the trainer's `checkpoint::Checkpoint` reads those).
+#![forbid(unsafe_code)]
+
+pub mod domain;
+pub mod zeroshot;
+
+pub use domain::{DomainEval, EvalSettings};
