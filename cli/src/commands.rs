@@ -182,15 +182,46 @@ impl BackendTask for GenerateTask {
     }
 }
 
-pub fn generate(
-    backend: BackendKind,
-    model: &str,
-    prompt: &str,
-    chat: bool,
-    system: Option<String>,
-    cfg: SamplingConfig,
-    dtype: DType,
-) -> Result<()> {
+/// `shears generate`.
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// HF model directory, `.gguf` file, or a known model name.
+    #[arg(long)]
+    pub model: String,
+    /// The prompt (or the user message with --chat).
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat (default: the template's own).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Stop after this many new tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Parameter dtype on the device (f32, bf16, f16).
+    #[arg(long, default_value = "f32")]
+    pub dtype: DType,
+}
+
+pub fn generate(backend: BackendKind, a: GenerateArgs) -> Result<()> {
+    let (model, prompt, chat, system, dtype) = (&a.model, &a.prompt, a.chat, a.system, a.dtype);
+    let cfg = SamplingConfig {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        max_new_tokens: a.max_new_tokens,
+    };
     // Sampling settings are checked before anything is loaded (NaN fails every comparison).
     if !(cfg.temperature.is_finite() && cfg.temperature >= 0.0) {
         bail!(

@@ -9,15 +9,35 @@ use shears_data::prepare::{DataPlan, DomainPlan, Progress};
 
 use crate::commands::load_model_files;
 
+/// `shears prepare`.
+#[derive(clap::Args, Debug)]
 pub struct PrepareArgs {
+    /// A TOML data plan (or a run plan with a [data] table); flags override it.
+    #[arg(long)]
     pub plan: Option<PathBuf>,
+    /// Model whose tokenizer is used (HF directory, `.gguf`, known name).
+    #[arg(long)]
     pub tokenizer: Option<String>,
+    /// A domain input, NAME=PATH (file, directory or glob); repeat for more inputs and domains.
+    #[arg(long = "domain", value_name = "NAME=PATH")]
     pub domains: Vec<String>,
+    /// Tokens per sequence (default 2048).
+    #[arg(long)]
     pub seq_len: Option<usize>,
+    /// Output directory.
+    #[arg(long)]
     pub out: PathBuf,
+    /// Share of each domain's tokens held out for evaluation (default 0.02).
+    #[arg(long)]
     pub eval_fraction: Option<f64>,
+    /// Seed of the split and the document order (default 0).
+    #[arg(long)]
     pub seed: Option<u64>,
+    /// JSONL field with the text (default "text").
+    #[arg(long)]
     pub text_field: Option<String>,
+    /// Replace an output directory that is not a previous dataset.
+    #[arg(long)]
     pub force: bool,
 }
 
@@ -140,11 +160,11 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
 pub fn fetch_demo(out: Option<PathBuf>, max_mb: f64) -> Result<()> {
     let cache = shears_core::hub::cache_dir();
     let out = out.unwrap_or_else(|| cache.join("corpus").join("demo"));
-    let opts = shears_data::demo::DemoOptions {
+    let opts = crate::demo::DemoOptions {
         downloads: cache.join("downloads"),
         max_bytes_per_source: (max_mb * 1e6) as usize,
     };
-    let report = shears_data::demo::fetch_demo(&out, &opts, &|line| eprintln!("{line}"))?;
+    let report = crate::demo::fetch_demo(&out, &opts, &|line| eprintln!("{line}"))?;
     for (d, (docs, bytes)) in &report.domains {
         if *docs > 0 {
             println!(

@@ -5,6 +5,7 @@ mod bench;
 mod bench_kernels;
 mod commands;
 mod data;
+mod demo;
 mod eval;
 mod report;
 mod train;
@@ -113,35 +114,7 @@ enum Cmd {
         dtype: DType,
     },
     /// Generate text, streaming it to stdout.
-    Generate {
-        /// HF model directory, `.gguf` file, or a known model name.
-        #[arg(long)]
-        model: String,
-        /// The prompt (or the user message with --chat).
-        #[arg(long)]
-        prompt: String,
-        /// Wrap the prompt in the model's chat template.
-        #[arg(long)]
-        chat: bool,
-        /// System message for --chat (default: the template's own).
-        #[arg(long, requires = "chat")]
-        system: Option<String>,
-        /// Stop after this many new tokens.
-        #[arg(long, default_value_t = 128)]
-        max_new_tokens: usize,
-        /// Sampling temperature; 0 is greedy.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        /// Nucleus sampling threshold.
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        /// Random seed for sampling.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Parameter dtype on the device (f32, bf16, f16).
-        #[arg(long, default_value = "f32")]
-        dtype: DType,
-    },
+    Generate(commands::GenerateArgs),
     /// Download a known model into the cache ($SHEARS_CACHE or ~/.cache/shears) and print its path.
     Fetch {
         /// Model name (smollm2).
@@ -171,35 +144,7 @@ enum Cmd {
         json: bool,
     },
     /// Tokenize multi-domain text into train/eval token shards with a manifest.
-    Prepare {
-        /// A TOML data plan (or a run plan with a [data] table); flags override it.
-        #[arg(long)]
-        plan: Option<PathBuf>,
-        /// Model whose tokenizer is used (HF directory, `.gguf`, known name).
-        #[arg(long)]
-        tokenizer: Option<String>,
-        /// A domain input, NAME=PATH (file, directory or glob); repeat for more inputs and domains.
-        #[arg(long = "domain", value_name = "NAME=PATH")]
-        domains: Vec<String>,
-        /// Tokens per sequence (default 2048).
-        #[arg(long)]
-        seq_len: Option<usize>,
-        /// Output directory.
-        #[arg(long)]
-        out: PathBuf,
-        /// Share of each domain's tokens held out for evaluation (default 0.02).
-        #[arg(long)]
-        eval_fraction: Option<f64>,
-        /// Seed of the split and the document order (default 0).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// JSONL field with the text (default "text").
-        #[arg(long)]
-        text_field: Option<String>,
-        /// Replace an output directory that is not a previous dataset.
-        #[arg(long)]
-        force: bool,
-    },
+    Prepare(data::PrepareArgs),
     /// Corpora.
     Corpus {
         #[command(subcommand)]
@@ -352,52 +297,9 @@ fn other(cmd: Cmd, backend: BackendKind, only: Option<BackendKind>) -> anyhow::R
             json,
             dtype,
         } => commands::score(backend, &model, text_file.as_deref(), text, json, dtype),
-        Cmd::Generate {
-            model,
-            prompt,
-            chat,
-            system,
-            max_new_tokens,
-            temperature,
-            top_p,
-            seed,
-            dtype,
-        } => commands::generate(
-            backend,
-            &model,
-            &prompt,
-            chat,
-            system,
-            shears_models::generate::SamplingConfig {
-                temperature,
-                top_p,
-                seed,
-                max_new_tokens,
-            },
-            dtype,
-        ),
+        Cmd::Generate(a) => commands::generate(backend, a),
         Cmd::Fetch { name } => commands::fetch(&name),
-        Cmd::Prepare {
-            plan,
-            tokenizer,
-            domains,
-            seq_len,
-            out,
-            eval_fraction,
-            seed,
-            text_field,
-            force,
-        } => data::prepare(data::PrepareArgs {
-            plan,
-            tokenizer,
-            domains,
-            seq_len,
-            out,
-            eval_fraction,
-            seed,
-            text_field,
-            force,
-        }),
+        Cmd::Prepare(a) => data::prepare(a),
         Cmd::Corpus {
             what:
                 CorpusCmd::FetchDemo {

@@ -3,18 +3,19 @@
 //! The data side of the pipeline (`docs/method.md` §5), in the order a run uses it:
 //!
 //! - [`documents`]: reading a domain's input files into documents;
+//! - [`plan`]: the data plan;
 //! - [`prepare`]: tokenizing, splitting train/eval by document, packing into token shards;
 //! - [`manifest`] and [`shards`]: the prepared dataset on disk, memory-mapped;
 //! - [`sampler`]: deterministic, resumable, rank-aware per-sample domain draws;
-//! - [`dbl`]: dynamic batch loading (reweighting rules and reference losses);
-//! - [`demo`]: the demo corpus fetched from package registries.
+//! - [`dbl`]: dynamic batch loading (reweighting rules and reference losses).
 //!
-//! It must not run models: the trainer measures losses and hands them to [`dbl`].
+//! It must not run models (the trainer measures losses and hands them to [`dbl`]) or reach the
+//! network (the demo corpus fetcher is the CLI's).
 
 pub mod dbl;
-pub mod demo;
 pub mod documents;
 pub mod manifest;
+pub mod plan;
 pub mod prepare;
 pub mod sampler;
 pub mod shards;
