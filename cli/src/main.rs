@@ -264,7 +264,48 @@ fn main() -> ExitCode {
             .map(|p| println!("{}", p.display()))
             .map_err(|e| Some(anyhow::Error::new(e))),
         Cmd::Demo { quick, out, resume } => ended(train::demo(backend, quick, out, resume)),
-        cmd => other(cmd, backend, only).map_err(Some),
+        Cmd::Import {
+            src,
+            out,
+            dtype,
+            force,
+        } => commands::import(&src, &out, dtype, force).map_err(Some),
+        Cmd::Export {
+            model,
+            out,
+            dtype,
+            force,
+        } => commands::export(backend, &model, &out, dtype, force).map_err(Some),
+        Cmd::Score {
+            model,
+            text_file,
+            text,
+            json,
+            dtype,
+        } => {
+            commands::score(backend, &model, text_file.as_deref(), text, json, dtype).map_err(Some)
+        }
+        Cmd::Generate(a) => commands::generate(backend, a).map_err(Some),
+        Cmd::Fetch { name } => commands::fetch(&name).map_err(Some),
+        Cmd::Prepare(a) => data::prepare(a).map_err(Some),
+        Cmd::Corpus {
+            what:
+                CorpusCmd::FetchDemo {
+                    out,
+                    max_mb_per_source,
+                },
+        } => data::fetch_demo(out, max_mb_per_source).map_err(Some),
+        Cmd::Info { model } => commands::info(&model).map_err(Some),
+        Cmd::RenderChatTemplate => commands::render_chat_template_child().map_err(Some),
+        Cmd::Plan {
+            source,
+            target,
+            modules,
+            batch,
+            seq_len,
+            json,
+        } => commands::plan(&source, &target, &modules, batch, seq_len, json).map_err(Some),
+        Cmd::Bench { what } => bench::run(what, only).map_err(Some),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -273,57 +314,5 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn other(cmd: Cmd, backend: BackendKind, only: Option<BackendKind>) -> anyhow::Result<()> {
-    match cmd {
-        Cmd::Import {
-            src,
-            out,
-            dtype,
-            force,
-        } => commands::import(&src, &out, dtype, force),
-        Cmd::Export {
-            model,
-            out,
-            dtype,
-            force,
-        } => commands::export(backend, &model, &out, dtype, force),
-        Cmd::Score {
-            model,
-            text_file,
-            text,
-            json,
-            dtype,
-        } => commands::score(backend, &model, text_file.as_deref(), text, json, dtype),
-        Cmd::Generate(a) => commands::generate(backend, a),
-        Cmd::Fetch { name } => commands::fetch(&name),
-        Cmd::Prepare(a) => data::prepare(a),
-        Cmd::Corpus {
-            what:
-                CorpusCmd::FetchDemo {
-                    out,
-                    max_mb_per_source,
-                },
-        } => data::fetch_demo(out, max_mb_per_source),
-        Cmd::Info { model } => commands::info(&model),
-        Cmd::RenderChatTemplate => commands::render_chat_template_child(),
-        Cmd::Plan {
-            source,
-            target,
-            modules,
-            batch,
-            seq_len,
-            json,
-        } => commands::plan(&source, &target, &modules, batch, seq_len, json),
-        Cmd::Bench { what } => bench::run(what, only),
-        Cmd::Prune(_)
-        | Cmd::Train(_)
-        | Cmd::Finalize(_)
-        | Cmd::Run { .. }
-        | Cmd::Report { .. }
-        | Cmd::Eval(_)
-        | Cmd::Demo { .. } => unreachable!("handled in main"),
     }
 }
