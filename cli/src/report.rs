@@ -359,6 +359,23 @@ fn page(run: &Path, steps: &[&StepRecord], evals: &[&EvalRecord], figures: &[Fig
 }
 
 /// Write the report of `run` into `out` (default `RUN/report`); returns the HTML page's path.
+/// `shears report`.
+#[derive(clap::Args, Debug)]
+pub struct ReportArgs {
+    /// Run directory (of `shears prune` or `shears train`).
+    pub run: PathBuf,
+    /// Output directory (default: RUN/report).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `shears report`: write the report and print the page's path.
+pub fn report(a: ReportArgs) -> anyhow::Result<()> {
+    let page = write_report(&a.run, a.out.as_deref())?;
+    println!("{}", page.display());
+    Ok(())
+}
+
 pub fn write_report(run: &Path, out: Option<&Path>) -> Result<PathBuf> {
     let recs = read_metrics(run)?;
     let steps: Vec<&StepRecord> = recs

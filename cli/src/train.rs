@@ -179,7 +179,8 @@ pub struct FinalizeArgs {
 /// `shears prune` and `shears train`.
 #[derive(clap::Args, Debug)]
 pub struct StageArgs {
-    /// The plan (TOML).
+    /// The plan (TOML): `model`, `data`, a `[target]` for pruning, and any of the settings
+    /// `shears defaults prune|train` prints with their defaults.
     #[arg(long)]
     pub config: PathBuf,
     /// Run directory (default: runs/<plan name>).
@@ -296,15 +297,24 @@ fn run_plan(
     }
 }
 
-pub fn run(
-    backend: BackendKind,
-    plan: &Path,
-    resume: bool,
-    allow_tokenizer_mismatch: bool,
-) -> Result<Ended> {
-    let text = read_plan(plan)?;
-    let p: PipelinePlan = read_toml(plan)?;
-    run_plan(backend, p, text, resume, allow_tokenizer_mismatch)
+/// `shears run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The pipeline plan (TOML).
+    pub plan: PathBuf,
+    /// Continue a pipeline stage by stage.
+    #[arg(long)]
+    pub resume: bool,
+    /// Use data tokenized with another tokenizer than the model's (only when you know the
+    /// two vocabularies agree).
+    #[arg(long)]
+    pub allow_tokenizer_mismatch: bool,
+}
+
+pub fn run(backend: BackendKind, a: RunArgs) -> Result<Ended> {
+    let text = read_plan(&a.plan)?;
+    let p: PipelinePlan = read_toml(&a.plan)?;
+    run_plan(backend, p, text, a.resume, a.allow_tokenizer_mismatch)
 }
 
 /// The demo's plan: SmolLM2-135M-Instruct pruned to 20 layers, hidden 384, 6 heads (3 kv),
@@ -368,12 +378,22 @@ pub fn demo_plan(out: &Path, corpus: &Path, quick: bool) -> Result<PipelinePlan>
     })
 }
 
-pub fn demo(
-    backend: BackendKind,
-    quick: bool,
-    out: Option<PathBuf>,
-    resume: bool,
-) -> Result<Ended> {
+/// `shears demo`.
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// The few-minutes budget.
+    #[arg(long)]
+    pub quick: bool,
+    /// Output directory (default: runs/demo or runs/demo-quick).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue an interrupted demo.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+pub fn demo(backend: BackendKind, a: DemoArgs) -> Result<Ended> {
+    let DemoArgs { quick, out, resume } = a;
     let cache = shears_core::hub::cache_dir();
     let out = out
         .unwrap_or_else(|| PathBuf::from("runs").join(if quick { "demo-quick" } else { "demo" }));
@@ -381,7 +401,10 @@ pub fn demo(
     let corpus = cache.join("corpus").join("demo");
     if !corpus.join("plan.toml").exists() {
         eprintln!("fetching the demo corpus into {}", corpus.display());
-        crate::data::fetch_demo(Some(corpus.clone()), 12.0)?;
+        crate::data::fetch_demo(crate::data::FetchDemoArgs {
+            out: Some(corpus.clone()),
+            max_mb_per_source: crate::data::DEMO_MB_PER_SOURCE,
+        })?;
     }
     let plan = demo_plan(&out, &corpus, quick)?;
     let text = toml::to_string(&plan)?;

@@ -199,3 +199,36 @@ fn bad_targets_fail_clearly() {
         "{err}"
     );
 }
+
+/// The README's defaults block is `shears defaults prune`'s output, so the defaults are written
+/// in one place (the settings' `Default` impls). `SHEARS_BLESS=1` rewrites the block.
+#[test]
+fn readme_shows_the_generated_defaults() {
+    const START: &str = "<!-- shears defaults prune -->\n```toml\n";
+    const END: &str = "```\n<!-- end shears defaults prune -->";
+    let o = shears(&["defaults", "prune"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let printed = String::from_utf8(o.stdout).unwrap();
+    assert!(printed.contains("[optim]\n") && printed.contains("\nlr = 0.0001\n"));
+    assert!(printed.contains("# warmup_steps: default 10% of run.steps"));
+    let readme_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let readme = std::fs::read_to_string(&readme_path).unwrap();
+    let a = readme.find(START).expect("README has the defaults block") + START.len();
+    let b = a + readme[a..].find(END).expect("the block ends");
+    if std::env::var_os("SHEARS_BLESS").is_some() {
+        let new = format!("{}{}{}", &readme[..a], printed, &readme[b..]);
+        std::fs::write(&readme_path, new).unwrap();
+        return;
+    }
+    assert_eq!(
+        &readme[a..b],
+        printed,
+        "README's defaults block is stale: rerun with SHEARS_BLESS=1"
+    );
+    let train = shears(&["defaults", "train"]);
+    let train = String::from_utf8(train.stdout).unwrap();
+    assert!(train.contains("# warmup_steps: default 3% of run.steps"));
+    assert!(!train.contains("[pruning]"));
+    let bad = shears(&["defaults", "finalize"]);
+    assert!(!bad.status.success());
+}

@@ -280,19 +280,119 @@ impl StageKind {
         self == StageKind::Train
     }
 
-    /// Learning-rate warm-up when the plan gives none: 10% of the steps when pruning, 3% in
-    /// continued pre-training.
-    pub fn warmup_steps(self, steps: usize) -> usize {
+    /// Learning-rate warm-up, in percent of the steps, when the plan gives none: 10% when
+    /// pruning, 3% in continued pre-training.
+    pub fn warmup_percent(self) -> usize {
         match self {
-            StageKind::Prune => steps / 10,
-            StageKind::Train => steps / 100 * 3 + steps % 100 * 3 / 100,
+            StageKind::Prune => 10,
+            StageKind::Train => 3,
         }
     }
 
-    /// The target-sparsity ramp when the plan gives none: 20% of the steps.
-    pub fn lagrangian_warmup_steps(self, steps: usize) -> usize {
-        steps / 5
+    /// Learning-rate warm-up steps when the plan gives none ([`StageKind::warmup_percent`]).
+    pub fn warmup_steps(self, steps: usize) -> usize {
+        percent_of(steps, self.warmup_percent())
     }
+
+    /// The target-sparsity ramp, in percent of the steps, when the plan gives none.
+    pub const LAGRANGIAN_WARMUP_PERCENT: usize = 20;
+
+    /// The target-sparsity ramp steps when the plan gives none.
+    pub fn lagrangian_warmup_steps(self, steps: usize) -> usize {
+        percent_of(steps, Self::LAGRANGIAN_WARMUP_PERCENT)
+    }
+
+    /// The plan sections this stage reads, besides `model`, `data` (and `target`).
+    fn sections(self) -> &'static [&'static str] {
+        match self {
+            StageKind::Prune => &["run", "optim", "pruning", "dbl"],
+            StageKind::Train => &["run", "optim", "dbl"],
+        }
+    }
+
+    /// What fills each setting that has no fixed default, by `section.key`.
+    fn derived_defaults(self) -> Vec<(&'static str, String)> {
+        let mut d = vec![
+            (
+                "run.micro_batch",
+                "run.batch_size (one forward per step)".into(),
+            ),
+            ("run.seq_len", "the prepared data's sequence length".into()),
+            ("run.eval_sequences", "every eval sequence".into()),
+            ("run.eval_seq_len", "run.seq_len".into()),
+            ("run.checkpoint_interval", "run.eval_interval".into()),
+            ("run.backend", "the CLI's --backend".into()),
+            (
+                "optim.warmup_steps",
+                format!("{}% of run.steps", self.warmup_percent()),
+            ),
+            (
+                "dbl.initial_weights",
+                "each domain's share of the train tokens".into(),
+            ),
+            ("dbl.initial_weights_from", "unset".into()),
+        ];
+        if self == StageKind::Prune {
+            d.push((
+                "pruning.lagrangian_warmup_steps",
+                format!("{}% of run.steps", Self::LAGRANGIAN_WARMUP_PERCENT),
+            ));
+            d.push((
+                "pruning.modules",
+                "every module whose target differs from the source".into(),
+            ));
+        }
+        d
+    }
+}
+
+/// `p`% of `n`, rounded down, without overflowing for any `n`.
+fn percent_of(n: usize, p: usize) -> usize {
+    n / 100 * p + n % 100 * p / 100
+}
+
+/// Every setting of a stage's plan with its default, as TOML: what `shears defaults` prints and
+/// the README shows, generated from the `Default` impls and [`StageKind`] (the one place the
+/// defaults are written). Settings whose default follows from other settings or from the data
+/// appear as comments that say so. The run length is the default's (`run.steps`), so the
+/// stage-dependent intervals are the ones a plan without them gets.
+pub fn defaults_toml(stage: StageKind) -> String {
+    let mut run = RunSettings::default();
+    run.resolve(stage);
+    run.checkpoint_interval = None; // follows run.eval_interval; shown as a comment
+    let sections: Vec<(&str, toml::Value)> = vec![
+        ("run", toml::Value::try_from(&run).expect("plain settings")),
+        (
+            "optim",
+            toml::Value::try_from(OptimSettings::default()).expect("plain settings"),
+        ),
+        (
+            "pruning",
+            toml::Value::try_from(PruningSettings::default()).expect("plain settings"),
+        ),
+        (
+            "dbl",
+            toml::Value::try_from(DblSettings::default()).expect("plain settings"),
+        ),
+    ];
+    let derived = stage.derived_defaults();
+    let mut out = String::new();
+    for (name, value) in sections {
+        if !stage.sections().contains(&name) {
+            continue;
+        }
+        out.push_str(&format!("[{name}]\n"));
+        let table = value.as_table().expect("a settings struct is a table");
+        for (key, v) in table {
+            out.push_str(&format!("{key} = {v}\n"));
+        }
+        for (key, what) in &derived {
+            if let Some(k) = key.strip_prefix(name).and_then(|k| k.strip_prefix('.')) {
+                out.push_str(&format!("# {k}: default {what}\n"));
+            }
+        }
+    }
+    out
 }
 
 /// Read a TOML plan and check every number's range; errors name the file and the setting.
@@ -608,5 +708,46 @@ intermediate_size = 1024
         run.resolve(StageKind::Train);
         assert_eq!(run.eval_interval, Some(400));
         assert_eq!(run.eval_first, Some(true));
+    }
+
+    #[test]
+    fn printed_defaults_read_back_as_the_defaults() {
+        let head = "model = 'm'\ndata = 'd'\n";
+        let target = "[target]\nnum_hidden_layers = 1\nhidden_size = 1\nnum_attention_heads = 1\nnum_key_value_heads = 1\nintermediate_size = 1\n";
+        let text = defaults_toml(StageKind::Prune);
+        let c: PruneConfig = toml::from_str(&format!("{head}{target}{text}")).unwrap();
+        let mut run = RunSettings::default();
+        run.resolve(StageKind::Prune);
+        run.checkpoint_interval = None;
+        assert_eq!(c.run, run);
+        assert_eq!(c.optim, OptimSettings::default());
+        assert_eq!(c.pruning, PruningSettings::default());
+        assert_eq!(c.dbl, DblSettings::default());
+        assert!(
+            text.contains("# warmup_steps: default 10% of run.steps"),
+            "{text}"
+        );
+        assert!(text.contains("beta1 = 0.9\n"), "{text}");
+        let text = defaults_toml(StageKind::Train);
+        assert!(!text.contains("[pruning]"));
+        assert!(text.contains("eval_interval = 400\n"), "{text}");
+        assert!(
+            text.contains("# warmup_steps: default 3% of run.steps"),
+            "{text}"
+        );
+        let t: TrainConfig = toml::from_str(&format!("{head}{text}")).unwrap();
+        assert_eq!(t.run.eval_first, Some(true));
+    }
+
+    #[test]
+    fn percentages_round_down_without_overflow() {
+        for n in [0, 1, 9, 10, 99, 100, 101, 3199, 3200, 12345, usize::MAX] {
+            assert_eq!(StageKind::Prune.warmup_steps(n), n / 10);
+            assert_eq!(StageKind::Prune.lagrangian_warmup_steps(n), n / 5);
+            assert_eq!(
+                StageKind::Train.warmup_steps(n) as u128,
+                n as u128 * 3 / 100
+            );
+        }
     }
 }
