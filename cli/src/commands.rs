@@ -8,6 +8,9 @@ use serde_json::json;
 use shears_core::{hub, ChatMessage, DType, ModelFiles};
 use shears_models::generate::{self, SamplingConfig, Scored};
 use shears_models::{dispatch, load, BackendKind, BackendTask};
+use shears_pruning::memory::{
+    parse_bytes, Attention, Checkpointing, MemorySettings, Precision, StatePrecision,
+};
 use shears_trainer::config::{defaults_toml, StageKind};
 
 fn log(msg: &str) {
@@ -445,12 +448,31 @@ pub struct PlanArgs {
     /// intermediate, kv_heads, query_heads.
     #[arg(long, value_delimiter = ',')]
     pub modules: Vec<shears_pruning::PruneModule>,
-    /// Sequences per device for the memory estimate.
+    /// Sequences per optimizer step on one device.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
-    /// Tokens per sequence for the memory estimate.
+    /// Sequences per forward (divides --batch; default: --batch).
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
+    /// Tokens per sequence.
     #[arg(long, default_value_t = 4096)]
     pub seq_len: usize,
+    /// f32 or bf16-mixed (bf16 weights and activations, f32 master weights).
+    #[arg(long, default_value_t = Precision::F32)]
+    pub precision: Precision,
+    /// Precision of AdamW's moments: f32 or bf16.
+    #[arg(long, default_value_t = StatePrecision::F32)]
+    pub optimizer_state: StatePrecision,
+    /// Activation checkpointing: none, or layers (keep each layer's input, recompute the rest).
+    #[arg(long, default_value_t = Checkpointing::None)]
+    pub checkpointing: Checkpointing,
+    /// Attention: materialized (a [t, t] score matrix per head) or fused (flash-style).
+    #[arg(long, default_value_t = Attention::Materialized)]
+    pub attention: Attention,
+    /// The device's memory (e.g. 141GB, 80GiB): says whether the run fits, and the largest
+    /// micro-batch that does.
+    #[arg(long, value_parser = parse_bytes)]
+    pub device_memory: Option<u64>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -461,7 +483,17 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     let config = shears_core::model_files::load_config(&path)?;
     let target = shears_pruning::TargetShape::from_file(&a.target)?;
     let modules = (!a.modules.is_empty()).then_some(a.modules.as_slice());
-    let report = shears_pruning::plan::plan_configs(&config, target, modules, a.batch, a.seq_len)
+    let run = MemorySettings {
+        batch: a.batch,
+        micro_batch: a.micro_batch,
+        seq_len: a.seq_len,
+        precision: a.precision,
+        optimizer_state: a.optimizer_state,
+        checkpointing: a.checkpointing,
+        attention: a.attention,
+        device_memory: a.device_memory,
+    };
+    let report = shears_pruning::plan::plan_configs(&config, target, modules, &run)
         .with_context(|| format!("cannot prune {} to that target", path.display()))?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -68,10 +68,11 @@ fn sheared_llama_numbers() {
             .map(|m| m["module"].as_str().unwrap())
             .collect();
         assert_eq!(names, modules);
-        let mem = v["memory"].as_array().unwrap();
-        assert_eq!(mem[0]["precision"], "f32");
-        assert_eq!(mem[0]["weights"], 6_738_415_616u64 * 4);
-        assert_eq!(mem[1]["master_weights"], 6_738_415_616u64 * 4);
+        let mem = &v["memory"];
+        assert_eq!(mem["settings"]["precision"], "f32");
+        assert_eq!(mem["weights"], 6_738_415_616u64 * 4);
+        assert_eq!(mem["master_weights"], 0);
+        assert_eq!(mem["fits"], Value::Null);
     }
     // The human-readable report says the same.
     let t = tmp.path().join("target.toml");
@@ -231,4 +232,102 @@ fn readme_shows_the_generated_defaults() {
     assert!(!train.contains("[pruning]"));
     let bad = shears(&["defaults", "finalize"]);
     assert!(!bad.status.success());
+}
+
+/// The recipes in `examples/`: 7B → Sheared-LLaMA-2.7B and Llama-3.1-8B → 3B (GQA) fit one
+/// 141 GB device with the settings the README states, and do not fit 80 GB without
+/// checkpointing (nor in f32).
+#[test]
+fn real_scale_recipes_fit_one_h200() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let run = |dir: &str, target: &str, extra: &[&str]| -> Value {
+        let src = root.join(dir).join("config.json");
+        let tgt = root.join(dir).join(target);
+        let mut args = vec![
+            "plan",
+            "--source",
+            src.to_str().unwrap(),
+            "--target",
+            tgt.to_str().unwrap(),
+            "--json",
+            "--batch",
+            "32",
+            "--seq-len",
+            "4096",
+        ];
+        args.extend_from_slice(extra);
+        let o = shears(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let recipe = [
+        "--micro-batch",
+        "1",
+        "--precision",
+        "bf16-mixed",
+        "--optimizer-state",
+        "bf16",
+        "--checkpointing",
+        "layers",
+        "--device-memory",
+        "141GB",
+    ];
+    for (dir, target, fused, total_params) in [
+        (
+            "llama-2-7b",
+            "target-sheared-2.7b.toml",
+            false,
+            6_738_415_616u64,
+        ),
+        ("llama-3.1-8b", "target-3b.toml", true, 8_030_261_248),
+    ] {
+        let mut args = recipe.to_vec();
+        if fused {
+            args.extend(["--attention", "fused"]);
+        }
+        let v = run(dir, target, &args);
+        assert_eq!(v["source"]["total_params"], total_params, "{dir}");
+        let m = &v["memory"];
+        assert_eq!(m["fits"], true, "{dir}: {m}");
+        assert!(m["total"].as_u64().unwrap() <= 141_000_000_000);
+        assert_eq!(m["master_weights"], total_params * 4);
+        assert_eq!(m["optimizer_state"], total_params * 4);
+        assert!(m["max_micro_batch"].as_u64().unwrap() >= 1);
+        // 80 GB without checkpointing: no.
+        let mut no_ckpt = args.clone();
+        let i = no_ckpt.iter().position(|a| *a == "layers").unwrap();
+        no_ckpt[i] = "none";
+        let j = no_ckpt.iter().position(|a| *a == "141GB").unwrap();
+        no_ckpt[j] = "80GB";
+        let v = run(dir, target, &no_ckpt);
+        assert_eq!(v["memory"]["fits"], false, "{dir}");
+        assert_eq!(v["memory"]["max_micro_batch"], Value::Null, "{dir}");
+        // f32 on 141 GB: no either.
+        let v = run(dir, target, &["--device-memory", "141GB"]);
+        assert_eq!(v["memory"]["fits"], false, "{dir}");
+    }
+    // The text report says so, and bad settings are refused with the setting named.
+    let src = root.join("llama-2-7b/config.json");
+    let tgt = root.join("llama-2-7b/target-sheared-2.7b.toml");
+    let (src, tgt) = (src.to_str().unwrap(), tgt.to_str().unwrap());
+    let mut args = vec!["plan", "--source", src, "--target", tgt];
+    args.extend_from_slice(&recipe);
+    let o = shears(&args);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("fits a device of") && text.contains("largest micro-batch"),
+        "{text}"
+    );
+    for (bad, what) in [
+        (vec!["--device-memory", "141"], "no unit"),
+        (vec!["--precision", "fp8"], "fp8"),
+        (vec!["--batch", "8", "--micro-batch", "3"], "must divide"),
+        (vec!["--checkpointing", "some"], "some"),
+    ] {
+        let mut args = vec!["plan", "--source", src, "--target", tgt];
+        args.extend_from_slice(&bad);
+        let o = shears(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(what), "{bad:?}: {err}");
+    }
 }

@@ -21,6 +21,7 @@ pub mod constraint;
 pub mod finalize;
 pub mod hard_concrete;
 pub mod masks;
+pub mod memory;
 pub mod model;
 pub mod per_module;
 pub mod plan;

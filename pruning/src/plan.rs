@@ -5,6 +5,7 @@
 use serde::Serialize;
 use shears_core::LlamaConfig;
 
+use crate::memory::{MemoryReport, MemorySettings};
 use crate::size::Dims;
 use crate::target::{PruneModule, PruningSpec, TargetShape};
 
@@ -42,23 +43,6 @@ pub struct AlignmentReport {
     pub total_params_at_nearest: u64,
 }
 
-/// Bytes per device for one precision.
-#[derive(Debug, Clone, Serialize)]
-pub struct MemoryReport {
-    pub precision: &'static str,
-    pub weights: u64,
-    pub gradients: u64,
-    /// f32 master weights (half precision only).
-    pub master_weights: u64,
-    /// Adam first and second moments, f32.
-    pub optimizer_state: u64,
-    /// `log_alpha`s and multipliers with their gradients and Adam state, f32.
-    pub masks: u64,
-    /// Tensors kept for the backward pass (estimate, no activation checkpointing).
-    pub activations: u64,
-    pub total: u64,
-}
-
 /// The whole plan.
 #[derive(Debug, Clone, Serialize)]
 pub struct PlanReport {
@@ -67,9 +51,8 @@ pub struct PlanReport {
     pub target_sparsity: f64,
     pub modules: Vec<ModuleReport>,
     pub alignment: Vec<AlignmentReport>,
-    pub batch_size: usize,
-    pub seq_len: usize,
-    pub memory: Vec<MemoryReport>,
+    /// Memory per device of the pruning run (the source model with its masks).
+    pub memory: MemoryReport,
 }
 
 fn shape(d: &Dims) -> ShapeReport {
@@ -86,72 +69,11 @@ fn shape(d: &Dims) -> ShapeReport {
     }
 }
 
-/// Activation estimate per device: for every layer and token, the tensors burn's autodiff keeps
-/// (norm inputs and outputs, q/k/v before and after RoPE, context, projections, the four MLP
-/// intermediates, residuals) plus two `[H, T]` attention rows (scores and probabilities), and
-/// three copies of the logits (logits, log-softmax, gradient).
-fn activation_elems(d: &Dims, batch: u64, seq: u64) -> Option<u64> {
-    let per_token_layer = [
-        d.hidden.checked_mul(8)?,
-        d.heads.checked_mul(d.head_dim)?.checked_mul(3)?,
-        d.kv_heads.checked_mul(d.head_dim)?.checked_mul(4)?,
-        d.intermediate.checked_mul(4)?,
-        d.heads.checked_mul(seq)?.checked_mul(2)?,
-    ]
-    .into_iter()
-    .try_fold(0u64, u64::checked_add)?;
-    let per_token = d
-        .layers
-        .checked_mul(per_token_layer)?
-        .checked_add(d.vocab.checked_mul(3)?)?;
-    batch.checked_mul(seq)?.checked_mul(per_token)
-}
-
-fn memory(
-    precision: &'static str,
-    bytes: u64,
-    params: u64,
-    mask_entries: u64,
-    acts: u64,
-) -> Option<MemoryReport> {
-    let weights = params.checked_mul(bytes)?;
-    let gradients = weights;
-    let master_weights = if bytes < 4 { params.checked_mul(4)? } else { 0 };
-    let optimizer_state = params.checked_mul(8)?;
-    let masks = mask_entries.checked_mul(16)?;
-    let activations = acts.checked_mul(bytes)?;
-    let total = [
-        weights,
-        gradients,
-        master_weights,
-        optimizer_state,
-        masks,
-        activations,
-    ]
-    .into_iter()
-    .try_fold(0u64, u64::checked_add)?;
-    Some(MemoryReport {
-        precision,
-        weights,
-        gradients,
-        master_weights,
-        optimizer_state,
-        masks,
-        activations,
-        total,
-    })
-}
-
-/// Plan pruning `source` to `target` for a batch of `batch` sequences of `seq_len` tokens.
+/// Plan pruning `source` to `target` with the run settings that decide memory.
 ///
 /// Every size is computed with checked arithmetic: a batch, sequence length or config so large
 /// that a byte count does not fit in 64 bits is an error, not a wrapped number.
-pub fn plan(spec: &PruningSpec, batch: usize, seq_len: usize) -> shears_core::Result<PlanReport> {
-    if batch == 0 || seq_len == 0 {
-        return Err(shears_core::Error::invalid(format!(
-            "batch ({batch}) and seq_len ({seq_len}) must be at least 1"
-        )));
-    }
+pub fn plan(spec: &PruningSpec, run: &MemorySettings) -> shears_core::Result<PlanReport> {
     let src = Dims::of(&spec.source);
     let tgt = Dims::of_target(&spec.target, &spec.source);
     let modules = spec
@@ -202,32 +124,19 @@ pub fn plan(spec: &PruningSpec, batch: usize, seq_len: usize) -> shears_core::Re
         })
         .sum::<u64>()
         + 2 * spec.modules.len() as u64;
-    let too_big = || {
-        shears_core::Error::invalid(format!(
-            "the memory of a batch of {batch} x {seq_len} tokens on this model does not fit in 64 bits; use a smaller batch or seq_len"
-        ))
-    };
-    let p = src.total();
-    let acts = activation_elems(&src, batch as u64, seq_len as u64).ok_or_else(too_big)?;
-    let memory = [("f32", 4u64), ("bf16", 2u64)]
-        .into_iter()
-        .map(|(precision, bytes)| {
-            memory(precision, bytes, p, mask_entries, acts).ok_or_else(too_big)
-        })
-        .collect::<shears_core::Result<Vec<_>>>()?;
+    let memory = crate::memory::estimate(&src, src.total(), mask_entries, run)
+        .map_err(shears_core::Error::invalid)?;
     Ok(PlanReport {
         source: shape(&src),
         target: shape(&tgt),
         target_sparsity: 1.0 - tgt.prunable() as f64 / src.prunable() as f64,
         modules,
         alignment,
-        batch_size: batch,
-        seq_len,
         memory,
     })
 }
 
-fn gib(b: u64) -> String {
+pub(crate) fn gib(b: u64) -> String {
     format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
 }
 
@@ -288,23 +197,7 @@ impl PlanReport {
                 );
             }
         }
-        o += &format!(
-            "\nmemory per device for pruning at batch {} x {} tokens (activations estimated, no checkpointing):\n",
-            self.batch_size, self.seq_len
-        );
-        for m in &self.memory {
-            o += &format!(
-                "  {:<5} weights {:>11}  grads {:>11}  master {:>11}  adam {:>11}  masks {:>11}  activations {:>11}  total {:>11}\n",
-                m.precision,
-                gib(m.weights),
-                gib(m.gradients),
-                gib(m.master_weights),
-                gib(m.optimizer_state),
-                gib(m.masks),
-                gib(m.activations),
-                gib(m.total)
-            );
-        }
+        o += &self.memory.render();
         o
     }
 }
@@ -314,9 +207,8 @@ pub fn plan_configs(
     source: &LlamaConfig,
     target: TargetShape,
     modules: Option<&[PruneModule]>,
-    batch: usize,
-    seq_len: usize,
+    run: &MemorySettings,
 ) -> shears_core::Result<PlanReport> {
     let spec = PruningSpec::new(source, target, modules)?;
-    plan(&spec, batch, seq_len)
+    plan(&spec, run)
 }

@@ -358,8 +358,7 @@ fn config_parser_survives_mutated_configs() {
                 &cfg,
                 target,
                 None,
-                batch as usize,
-                seq as usize,
+                &shears_pruning::memory::MemorySettings::new(batch as usize, seq as usize),
             ) {
                 // Plan errors (a batch too large) name settings, not the file.
                 Ok(_) | Err(_) => Ok(()),

@@ -1,0 +1,532 @@
+//! The memory a training or pruning run needs per device, from the model's shape and the run's
+//! settings alone: what `shears plan` prints and whether a run fits a device.
+//!
+//! The model counts what the loop keeps alive at its peak, the end of a micro-batch's backward
+//! pass:
+//!
+//! - **weights** in the compute precision (f32, or bf16 under `bf16-mixed`);
+//! - **master weights**, an f32 copy the optimizer steps on (`bf16-mixed` only);
+//! - **gradients** of the weights as backward returns them (compute precision), plus an f32
+//!   **gradient accumulator** when a step runs several micro-batches;
+//! - **optimizer state**: AdamW's two moments, f32 or bf16 (`optimizer_state`);
+//! - **masks**: every `log_alpha` and Lagrange multiplier with gradient and both moments, always f32;
+//! - **activations** kept for the backward pass (see [`activation_bytes`]);
+//! - **workspace**: 1 GiB for the runtime (CUDA context, compiled kernels, GEMM workspaces) plus a
+//!   tenth of the activations for the transient tensors of one op and allocator slack.
+//!
+//! Every figure is checked arithmetic: a size that does not fit in 64 bits is an error.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::size::Dims;
+
+/// Numeric precision of the forward and backward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// bf16 weights and activations, f32 master weights, reductions and optimizer step.
+    Bf16Mixed,
+}
+
+/// Precision of AdamW's moments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum StatePrecision {
+    #[default]
+    F32,
+    /// Half the optimizer memory.
+    Bf16,
+}
+
+/// What the backward pass keeps of the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Checkpointing {
+    /// Every intermediate tensor of every layer.
+    #[default]
+    None,
+    /// Each decoder layer's input only; a layer's intermediates are recomputed during its
+    /// backward pass (one layer's worth alive at a time).
+    Layers,
+}
+
+/// How attention is computed, which decides whether a `[t, t]` score matrix per head is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Attention {
+    /// Scores and probabilities materialised per head (the generic composition of tensor ops).
+    #[default]
+    Materialized,
+    /// A fused (flash-style) kernel that keeps one log-sum-exp per row.
+    Fused,
+}
+
+macro_rules! names {
+    ($t:ty, $what:literal, $($v:ident = $s:literal),+) => {
+        impl $t {
+            /// Every accepted spelling.
+            pub const NAMES: &'static [&'static str] = &[$($s),+];
+            pub fn name(self) -> &'static str {
+                match self { $(Self::$v => $s),+ }
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+        impl FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($s => Ok(Self::$v),)+
+                    _ => Err(format!(
+                        "unknown {} {s:?}: expected one of {}",
+                        $what,
+                        Self::NAMES.join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+names!(
+    Precision,
+    "precision",
+    F32 = "f32",
+    Bf16Mixed = "bf16-mixed"
+);
+names!(
+    StatePrecision,
+    "optimizer state precision",
+    F32 = "f32",
+    Bf16 = "bf16"
+);
+names!(
+    Checkpointing,
+    "checkpointing",
+    None = "none",
+    Layers = "layers"
+);
+names!(
+    Attention,
+    "attention",
+    Materialized = "materialized",
+    Fused = "fused"
+);
+
+/// The run settings that decide memory.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct MemorySettings {
+    /// Sequences per optimizer step on one device.
+    pub batch: usize,
+    /// Sequences per forward (divides `batch`); `None`: `batch`.
+    pub micro_batch: Option<usize>,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    pub precision: Precision,
+    pub optimizer_state: StatePrecision,
+    pub checkpointing: Checkpointing,
+    pub attention: Attention,
+    /// The device's memory in bytes, to say whether the run fits.
+    pub device_memory: Option<u64>,
+}
+
+impl MemorySettings {
+    /// f32, no checkpointing, materialised attention, one forward per step.
+    pub fn new(batch: usize, seq_len: usize) -> Self {
+        MemorySettings {
+            batch,
+            micro_batch: None,
+            seq_len,
+            precision: Precision::F32,
+            optimizer_state: StatePrecision::F32,
+            checkpointing: Checkpointing::None,
+            attention: Attention::Materialized,
+            device_memory: None,
+        }
+    }
+
+    /// Sequences per forward.
+    pub fn micro(&self) -> usize {
+        self.micro_batch.unwrap_or(self.batch)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let m = self.micro();
+        if self.batch == 0 || self.seq_len == 0 || m == 0 {
+            return Err(format!(
+                "batch ({}), micro-batch ({m}) and seq_len ({}) must be at least 1",
+                self.batch, self.seq_len
+            ));
+        }
+        if !self.batch.is_multiple_of(m) {
+            return Err(format!(
+                "micro-batch ({m}) must divide batch ({})",
+                self.batch
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Bytes per device, by what holds them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MemoryReport {
+    pub settings: MemorySettings,
+    pub weights: u64,
+    pub master_weights: u64,
+    pub gradients: u64,
+    pub gradient_accumulator: u64,
+    pub optimizer_state: u64,
+    pub masks: u64,
+    pub activations: u64,
+    pub workspace: u64,
+    pub total: u64,
+    /// `total <= device_memory`, when a device memory was given.
+    pub fits: Option<bool>,
+    /// The largest micro-batch (a divisor of `batch`) whose total fits the device, when a device
+    /// memory was given; `None` there when not even one sequence fits.
+    pub max_micro_batch: Option<usize>,
+}
+
+impl MemoryReport {
+    /// The human-readable block of `shears plan`.
+    pub fn render(&self) -> String {
+        let s = &self.settings;
+        let gib = crate::plan::gib;
+        let mut o = format!(
+            "\nmemory per device: batch {} (micro-batch {}) x {} tokens, precision {}, optimizer state {}, checkpointing {}, attention {}\n",
+            s.batch,
+            s.micro(),
+            s.seq_len,
+            s.precision,
+            s.optimizer_state,
+            s.checkpointing,
+            s.attention
+        );
+        for (name, b) in [
+            ("weights", self.weights),
+            ("master weights (f32)", self.master_weights),
+            ("gradients", self.gradients),
+            ("gradient accumulator (f32)", self.gradient_accumulator),
+            ("optimizer state", self.optimizer_state),
+            ("masks and multipliers", self.masks),
+            ("activations", self.activations),
+            ("workspace", self.workspace),
+            ("total", self.total),
+        ] {
+            o += &format!("  {name:<27} {:>12}\n", gib(b));
+        }
+        if let (Some(device), Some(fits)) = (s.device_memory, self.fits) {
+            o += &format!(
+                "  {} a device of {}\n",
+                if fits { "fits" } else { "does not fit" },
+                gib(device)
+            );
+            o += &match self.max_micro_batch {
+                Some(m) => format!("  largest micro-batch that fits (a divisor of the batch): {m}\n"),
+                None => "  not even a micro-batch of one sequence fits: lower seq_len, or turn on bf16-mixed, a bf16 optimizer state, checkpointing or fused attention\n".into(),
+            };
+        }
+        o
+    }
+}
+
+/// Elements a decoder layer keeps per token for its backward pass: norm inputs and outputs,
+/// residuals and mask products (8 × hidden), q, attention context and o_proj input (3 × heads ×
+/// head_dim), k and v before and after RoPE (4 × kv_heads × head_dim), the four MLP
+/// intermediates (4 × intermediate), and per head either the score and probability rows
+/// (2 × t, materialised) or a log-sum-exp and a max (2, fused).
+fn layer_elems_per_token(d: &Dims, seq: u64, attention: Attention) -> Option<u64> {
+    let attn_rows = match attention {
+        Attention::Materialized => seq.checked_mul(2)?,
+        Attention::Fused => 2,
+    };
+    [
+        d.hidden.checked_mul(8)?,
+        d.heads.checked_mul(d.head_dim)?.checked_mul(3)?,
+        d.kv_heads.checked_mul(d.head_dim)?.checked_mul(4)?,
+        d.intermediate.checked_mul(4)?,
+        d.heads.checked_mul(attn_rows)?,
+    ]
+    .into_iter()
+    .try_fold(0u64, u64::checked_add)
+}
+
+/// Activation bytes of one micro-batch of `micro` sequences: every layer's kept tensors (or,
+/// with layer checkpointing, every layer's input plus one layer's kept tensors during its
+/// recomputation) in the compute precision, and the logits, their log-softmax and its gradient
+/// in f32 (the loss is reduced in f32 under every precision).
+pub fn activation_bytes(d: &Dims, s: &MemorySettings, micro: u64) -> Option<u64> {
+    let tokens = micro.checked_mul(s.seq_len as u64)?;
+    let bytes = match s.precision {
+        Precision::F32 => 4,
+        Precision::Bf16Mixed => 2,
+    };
+    let layer = layer_elems_per_token(d, s.seq_len as u64, s.attention)?;
+    let per_token = match s.checkpointing {
+        Checkpointing::None => d.layers.checked_mul(layer)?,
+        Checkpointing::Layers => d.layers.checked_mul(d.hidden)?.checked_add(layer)?,
+    };
+    let logits = d.vocab.checked_mul(3 * 4)?;
+    tokens.checked_mul(per_token.checked_mul(bytes)?.checked_add(logits)?)
+}
+
+/// Memory per device for `params` weights (with `mask_entries` mask and multiplier entries) of
+/// a model of shape `d`.
+pub fn estimate(
+    d: &Dims,
+    params: u64,
+    mask_entries: u64,
+    s: &MemorySettings,
+) -> Result<MemoryReport, String> {
+    s.check()?;
+    let too_big = || {
+        format!(
+            "the memory of a batch of {} x {} tokens on this model does not fit in 64 bits; use a smaller batch or seq_len",
+            s.batch, s.seq_len
+        )
+    };
+    let at = |micro: usize| totals(d, params, mask_entries, s, micro as u64).ok_or_else(too_big);
+    let mut report = at(s.micro())?;
+    if let Some(device) = s.device_memory {
+        report.fits = Some(report.total <= device);
+        report.max_micro_batch = (1..=s.batch)
+            .rev()
+            .filter(|m| s.batch.is_multiple_of(*m))
+            .find(|&m| matches!(totals(d, params, mask_entries, s, m as u64), Some(r) if r.total <= device));
+    }
+    Ok(report)
+}
+
+fn totals(
+    d: &Dims,
+    params: u64,
+    mask_entries: u64,
+    s: &MemorySettings,
+    micro: u64,
+) -> Option<MemoryReport> {
+    let mixed = s.precision == Precision::Bf16Mixed;
+    let compute = if mixed { 2 } else { 4 };
+    let weights = params.checked_mul(compute)?;
+    let master_weights = if mixed { params.checked_mul(4)? } else { 0 };
+    let gradients = params.checked_mul(compute)?;
+    let accumulating = micro < s.batch as u64;
+    let gradient_accumulator = if accumulating {
+        params.checked_mul(4)?
+    } else {
+        0
+    };
+    let optimizer_state = params.checked_mul(match s.optimizer_state {
+        StatePrecision::F32 => 8,
+        StatePrecision::Bf16 => 4,
+    })?;
+    // log_alpha (or λ), its gradient and two moments, f32.
+    let masks = mask_entries.checked_mul(16)?;
+    let activations = activation_bytes(d, s, micro)?;
+    let workspace = (1u64 << 30).checked_add(activations / 10)?;
+    let total = [
+        weights,
+        master_weights,
+        gradients,
+        gradient_accumulator,
+        optimizer_state,
+        masks,
+        activations,
+        workspace,
+    ]
+    .into_iter()
+    .try_fold(0u64, u64::checked_add)?;
+    Some(MemoryReport {
+        settings: MemorySettings {
+            micro_batch: Some(micro as usize),
+            ..*s
+        },
+        weights,
+        master_weights,
+        gradients,
+        gradient_accumulator,
+        optimizer_state,
+        masks,
+        activations,
+        workspace,
+        total,
+        fits: None,
+        max_micro_batch: None,
+    })
+}
+
+/// A byte count as people write it: `141GB`, `80 GiB`, `512MiB`, `1.5TB` (decimal units are
+/// powers of 1000, binary ones of 1024). A bare number is refused: it is ambiguous.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| c.is_ascii_alphabetic())
+        .ok_or_else(|| format!("{s:?} has no unit: write e.g. 141GB or 80GiB"))?;
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: {:?} is not a number", num.trim()))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024f64.powi(2),
+        "gib" => 1024f64.powi(3),
+        "tib" => 1024f64.powi(4),
+        u => {
+            return Err(format!(
+                "{s:?}: unknown unit {u:?} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            ))
+        }
+    };
+    let bytes = num * scale;
+    if !bytes.is_finite() || bytes <= 0.0 || bytes >= u64::MAX as f64 {
+        return Err(format!("{s:?} is not a positive size below 16 EiB"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama2_7b() -> Dims {
+        Dims {
+            layers: 32,
+            hidden: 4096,
+            heads: 32,
+            kv_heads: 32,
+            head_dim: 128,
+            intermediate: 11008,
+            vocab: 32000,
+            tied: false,
+        }
+    }
+
+    #[test]
+    fn sizes_parse_with_units_only() {
+        assert_eq!(parse_bytes("141GB").unwrap(), 141_000_000_000);
+        assert_eq!(parse_bytes(" 80 GiB").unwrap(), 80 << 30);
+        assert_eq!(parse_bytes("1.5tb").unwrap(), 1_500_000_000_000);
+        for bad in [
+            "141",
+            "GB",
+            "-1GB",
+            "0GB",
+            "1e30TB",
+            "12 parsecs",
+            "nanGB",
+            "",
+        ] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn each_setting_moves_the_right_term() {
+        let d = llama2_7b();
+        let p = 6_738_415_616u64;
+        let base = MemorySettings::new(8, 4096);
+        let f32 = estimate(&d, p, 0, &base).unwrap();
+        assert_eq!(f32.weights, 4 * p);
+        assert_eq!(f32.gradients, 4 * p);
+        assert_eq!((f32.master_weights, f32.gradient_accumulator), (0, 0));
+        assert_eq!(f32.optimizer_state, 8 * p);
+        let mixed = estimate(
+            &d,
+            p,
+            0,
+            &MemorySettings {
+                precision: Precision::Bf16Mixed,
+                micro_batch: Some(2),
+                optimizer_state: StatePrecision::Bf16,
+                ..base
+            },
+        )
+        .unwrap();
+        assert_eq!(mixed.weights, 2 * p);
+        assert_eq!(mixed.master_weights, 4 * p);
+        assert_eq!(mixed.gradients, 2 * p);
+        assert_eq!(mixed.gradient_accumulator, 4 * p);
+        assert_eq!(mixed.optimizer_state, 4 * p);
+        // Activations: linear in the micro-batch; checkpointing and fused attention shrink them.
+        let a = |s: MemorySettings, m| activation_bytes(&d, &s, m).unwrap();
+        assert_eq!(a(base, 4), 2 * a(base, 2));
+        let ckpt = MemorySettings {
+            checkpointing: Checkpointing::Layers,
+            ..base
+        };
+        let fused = MemorySettings {
+            attention: Attention::Fused,
+            ..base
+        };
+        assert!(a(ckpt, 1) * 10 < a(base, 1));
+        assert!(a(fused, 1) * 3 < a(base, 1));
+        // By hand: 7B, one 4096-token sequence, f32, materialised attention.
+        let layer = 8 * 4096 + 3 * 4096 + 4 * 4096 + 4 * 11008 + 32 * 2 * 4096;
+        assert_eq!(a(base, 1), 4096 * (32 * layer * 4 + 32000 * 12));
+    }
+
+    #[test]
+    fn fitting_and_the_largest_micro_batch() {
+        let d = llama2_7b();
+        let p = 6_738_415_616u64;
+        let s = MemorySettings {
+            precision: Precision::Bf16Mixed,
+            optimizer_state: StatePrecision::Bf16,
+            checkpointing: Checkpointing::Layers,
+            micro_batch: Some(1),
+            device_memory: Some(141_000_000_000),
+            ..MemorySettings::new(32, 4096)
+        };
+        let r = estimate(&d, p, 0, &s).unwrap();
+        assert_eq!(r.fits, Some(true));
+        let m = r.max_micro_batch.unwrap();
+        assert!(m >= 1 && 32 % m == 0);
+        let at = |m| {
+            estimate(
+                &d,
+                p,
+                0,
+                &MemorySettings {
+                    micro_batch: Some(m),
+                    ..s
+                },
+            )
+            .unwrap()
+        };
+        assert!(at(m).total <= 141_000_000_000);
+        if m < 32 {
+            assert!(at(2 * m).total > 141_000_000_000);
+        }
+        let tiny = MemorySettings {
+            device_memory: Some(1 << 30),
+            ..s
+        };
+        let r = estimate(&d, p, 0, &tiny).unwrap();
+        assert_eq!((r.fits, r.max_micro_batch), (Some(false), None));
+        assert!(estimate(
+            &d,
+            p,
+            0,
+            &MemorySettings {
+                micro_batch: Some(3),
+                ..s
+            }
+        )
+        .is_err());
+        assert!(estimate(&d, p, 0, &MemorySettings::new(1 << 40, 1 << 40)).is_err());
+    }
+}
