@@ -9,7 +9,7 @@ use shears_core::{hub, ChatMessage, DType, ModelFiles};
 use shears_models::generate::{self, SamplingConfig, Scored};
 use shears_models::{dispatch, load, BackendKind, BackendTask};
 use shears_pruning::memory::{
-    parse_bytes, Attention, Checkpointing, MemorySettings, Precision, StatePrecision,
+    parse_bytes, Checkpointing, DeviceKind, Kernels, MemorySettings, Precision, StatePrecision,
 };
 use shears_trainer::config::{defaults_toml, StageKind};
 
@@ -466,9 +466,13 @@ pub struct PlanArgs {
     /// Activation checkpointing: none, or layers (keep each layer's input, recompute the rest).
     #[arg(long, default_value_t = Checkpointing::None)]
     pub checkpointing: Checkpointing,
-    /// Attention: materialized (a [t, t] score matrix per head) or fused (flash-style).
-    #[arg(long, default_value_t = Attention::Materialized)]
-    pub attention: Attention,
+    /// Kernels: generic (burn's composition: a [t, t] score matrix per head, f32 logits kept)
+    /// or fused (flash-style attention, fused norms and LM-head loss, as on the CPU backend).
+    #[arg(long, default_value_t = Kernels::Generic)]
+    pub kernels: Kernels,
+    /// Device kind, for the runtime's own memory: cuda or cpu.
+    #[arg(long, default_value_t = DeviceKind::Cuda)]
+    pub device: DeviceKind,
     /// The device's memory (e.g. 141GB, 80GiB): says whether the run fits, and the largest
     /// micro-batch that does.
     #[arg(long, value_parser = parse_bytes)]
@@ -490,7 +494,8 @@ pub fn plan(a: PlanArgs) -> Result<()> {
         precision: a.precision,
         optimizer_state: a.optimizer_state,
         checkpointing: a.checkpointing,
-        attention: a.attention,
+        kernels: a.kernels,
+        device: a.device,
         device_memory: a.device_memory,
     };
     let report = shears_pruning::plan::plan_configs(&config, target, modules, &run)

@@ -283,7 +283,7 @@ fn real_scale_recipes_fit_one_h200() {
     ] {
         let mut args = recipe.to_vec();
         if fused {
-            args.extend(["--attention", "fused"]);
+            args.extend(["--kernels", "fused"]);
         }
         let v = run(dir, target, &args);
         assert_eq!(v["source"]["total_params"], total_params, "{dir}");

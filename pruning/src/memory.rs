@@ -11,8 +11,8 @@
 //! - **optimizer state**: AdamW's two moments, f32 or bf16 (`optimizer_state`);
 //! - **masks**: every `log_alpha` and Lagrange multiplier with gradient and both moments, always f32;
 //! - **activations** kept for the backward pass (see [`activation_bytes`]);
-//! - **workspace**: 1 GiB for the runtime (CUDA context, compiled kernels, GEMM workspaces) plus a
-//!   tenth of the activations for the transient tensors of one op and allocator slack.
+//! - **workspace**: the runtime's own memory ([`DeviceKind`]: 1 GiB on a GPU, 0.25 GiB on the host)
+//!   plus a tenth of the activations for the transient tensors of one op and allocator slack.
 //!
 //! Every figure is checked arithmetic: a size that does not fit in 64 bits is an error.
 
@@ -56,15 +56,38 @@ pub enum Checkpointing {
     Layers,
 }
 
-/// How attention is computed, which decides whether a `[t, t]` score matrix per head is kept.
+/// Which kernels run the layer's hot operations; it decides what the backward pass keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
-pub enum Attention {
-    /// Scores and probabilities materialised per head (the generic composition of tensor ops).
+pub enum Kernels {
+    /// burn's generic composition of tensor ops (ndarray, wgpu and cuda today): attention keeps
+    /// a `[t, t]` score and probability matrix per head, the loss keeps the f32 logits.
     #[default]
-    Materialized,
-    /// A fused (flash-style) kernel that keeps one log-sum-exp per row.
+    Generic,
+    /// Shears' fused kernels (the default CPU backend today): flash-style attention keeping one
+    /// log-sum-exp per row, fused RMSNorm, RoPE and SwiGLU, and the LM head fused with the
+    /// cross-entropy so the logits are never kept.
     Fused,
+}
+
+/// The device kind, for the runtime's own memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceKind {
+    /// A GPU: 1 GiB for the context, compiled kernels and GEMM workspaces.
+    #[default]
+    Cuda,
+    /// The host: 0.25 GiB for the process (binary, tokenizer, memory-mapped data).
+    Cpu,
+}
+
+impl DeviceKind {
+    fn runtime_bytes(self) -> u64 {
+        match self {
+            DeviceKind::Cuda => 1 << 30,
+            DeviceKind::Cpu => 1 << 28,
+        }
+    }
 }
 
 macro_rules! names {
@@ -114,12 +137,8 @@ names!(
     None = "none",
     Layers = "layers"
 );
-names!(
-    Attention,
-    "attention",
-    Materialized = "materialized",
-    Fused = "fused"
-);
+names!(Kernels, "kernels", Generic = "generic", Fused = "fused");
+names!(DeviceKind, "device kind", Cuda = "cuda", Cpu = "cpu");
 
 /// The run settings that decide memory.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -133,13 +152,14 @@ pub struct MemorySettings {
     pub precision: Precision,
     pub optimizer_state: StatePrecision,
     pub checkpointing: Checkpointing,
-    pub attention: Attention,
+    pub kernels: Kernels,
+    pub device: DeviceKind,
     /// The device's memory in bytes, to say whether the run fits.
     pub device_memory: Option<u64>,
 }
 
 impl MemorySettings {
-    /// f32, no checkpointing, materialised attention, one forward per step.
+    /// f32, no checkpointing, generic kernels on a GPU, one forward per step.
     pub fn new(batch: usize, seq_len: usize) -> Self {
         MemorySettings {
             batch,
@@ -148,7 +168,8 @@ impl MemorySettings {
             precision: Precision::F32,
             optimizer_state: StatePrecision::F32,
             checkpointing: Checkpointing::None,
-            attention: Attention::Materialized,
+            kernels: Kernels::Generic,
+            device: DeviceKind::Cuda,
             device_memory: None,
         }
     }
@@ -202,14 +223,15 @@ impl MemoryReport {
         let s = &self.settings;
         let gib = crate::plan::gib;
         let mut o = format!(
-            "\nmemory per device: batch {} (micro-batch {}) x {} tokens, precision {}, optimizer state {}, checkpointing {}, attention {}\n",
+            "\nmemory per device ({}): batch {} (micro-batch {}) x {} tokens, precision {}, optimizer state {}, checkpointing {}, kernels {}\n",
+            s.device,
             s.batch,
             s.micro(),
             s.seq_len,
             s.precision,
             s.optimizer_state,
             s.checkpointing,
-            s.attention
+            s.kernels
         );
         for (name, b) in [
             ("weights", self.weights),
@@ -231,52 +253,97 @@ impl MemoryReport {
                 gib(device)
             );
             o += &match self.max_micro_batch {
-                Some(m) => format!("  largest micro-batch that fits (a divisor of the batch): {m}\n"),
-                None => "  not even a micro-batch of one sequence fits: lower seq_len, or turn on bf16-mixed, a bf16 optimizer state, checkpointing or fused attention\n".into(),
+                Some(m) => {
+                    format!("  largest micro-batch that fits (a divisor of the batch): {m}\n")
+                }
+                None => {
+                    let levers: Vec<&str> = [
+                        (s.precision == Precision::F32, "--precision bf16-mixed"),
+                        (
+                            s.optimizer_state == StatePrecision::F32,
+                            "--optimizer-state bf16",
+                        ),
+                        (
+                            s.checkpointing == Checkpointing::None,
+                            "--checkpointing layers",
+                        ),
+                        (s.kernels == Kernels::Generic, "--kernels fused"),
+                    ]
+                    .into_iter()
+                    .filter_map(|(off, flag)| off.then_some(flag))
+                    .collect();
+                    format!(
+                        "  not even a micro-batch of one sequence fits: lower seq_len{}\n",
+                        if levers.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", or try {}", levers.join(", "))
+                        }
+                    )
+                }
             };
         }
         o
     }
 }
 
-/// Elements a decoder layer keeps per token for its backward pass: norm inputs and outputs,
-/// residuals and mask products (8 × hidden), q, attention context and o_proj input (3 × heads ×
-/// head_dim), k and v before and after RoPE (4 × kv_heads × head_dim), the four MLP
-/// intermediates (4 × intermediate), and per head either the score and probability rows
-/// (2 × t, materialised) or a log-sum-exp and a max (2, fused).
-fn layer_elems_per_token(d: &Dims, seq: u64, attention: Attention) -> Option<u64> {
-    let attn_rows = match attention {
-        Attention::Materialized => seq.checked_mul(2)?,
-        Attention::Fused => 2,
+/// Elements a decoder layer of the pruning stage keeps per token for its backward pass.
+///
+/// Fused kernels (counted from what each backward node saves): the layer input and the two
+/// normalised inputs of the projections with their mask products (2 × 3 × hidden, one less:
+/// the second norm's input is the residual), q, the attention output and its head-masked
+/// product (3 × heads × head_dim), k and v after RoPE (2 × kv_heads × head_dim), gate, up and
+/// the SwiGLU output (3 × intermediate), the two sublayer outputs the layer and hidden masks
+/// scale (2 × hidden, within the 7), and a log-sum-exp per head plus two norm statistics.
+///
+/// Generic composition: norm inputs, squares, statistics and outputs, residuals and mask
+/// products (8 × hidden), q, context and o_proj input (3 × heads × head_dim), k and v before
+/// and after RoPE (4 × kv_heads × head_dim), four MLP intermediates (4 × intermediate), and per
+/// head the score and probability rows (2 × t).
+fn layer_elems_per_token(d: &Dims, seq: u64, kernels: Kernels) -> Option<u64> {
+    let q_width = d.heads.checked_mul(d.head_dim)?;
+    let kv_width = d.kv_heads.checked_mul(d.head_dim)?;
+    let terms = match kernels {
+        Kernels::Fused => [
+            d.hidden.checked_mul(7)?,
+            q_width.checked_mul(3)?,
+            kv_width.checked_mul(2)?,
+            d.intermediate.checked_mul(3)?,
+            d.heads.checked_add(2)?,
+        ],
+        Kernels::Generic => [
+            d.hidden.checked_mul(8)?,
+            q_width.checked_mul(3)?,
+            kv_width.checked_mul(4)?,
+            d.intermediate.checked_mul(4)?,
+            d.heads.checked_mul(seq.checked_mul(2)?)?,
+        ],
     };
-    [
-        d.hidden.checked_mul(8)?,
-        d.heads.checked_mul(d.head_dim)?.checked_mul(3)?,
-        d.kv_heads.checked_mul(d.head_dim)?.checked_mul(4)?,
-        d.intermediate.checked_mul(4)?,
-        d.heads.checked_mul(attn_rows)?,
-    ]
-    .into_iter()
-    .try_fold(0u64, u64::checked_add)
+    terms.into_iter().try_fold(0u64, u64::checked_add)
 }
 
 /// Activation bytes of one micro-batch of `micro` sequences: every layer's kept tensors (or,
 /// with layer checkpointing, every layer's input plus one layer's kept tensors during its
-/// recomputation) in the compute precision, and the logits, their log-softmax and its gradient
-/// in f32 (the loss is reduced in f32 under every precision).
+/// recomputation) in the compute precision, plus the head: with generic kernels the logits,
+/// their log-softmax and its gradient in f32 (the loss is reduced in f32 under every
+/// precision); with the fused LM-head loss only the final norm's input and output and one
+/// log-sum-exp per token.
 pub fn activation_bytes(d: &Dims, s: &MemorySettings, micro: u64) -> Option<u64> {
     let tokens = micro.checked_mul(s.seq_len as u64)?;
     let bytes = match s.precision {
         Precision::F32 => 4,
         Precision::Bf16Mixed => 2,
     };
-    let layer = layer_elems_per_token(d, s.seq_len as u64, s.attention)?;
+    let layer = layer_elems_per_token(d, s.seq_len as u64, s.kernels)?;
     let per_token = match s.checkpointing {
         Checkpointing::None => d.layers.checked_mul(layer)?,
         Checkpointing::Layers => d.layers.checked_mul(d.hidden)?.checked_add(layer)?,
     };
-    let logits = d.vocab.checked_mul(3 * 4)?;
-    tokens.checked_mul(per_token.checked_mul(bytes)?.checked_add(logits)?)
+    let head = match s.kernels {
+        Kernels::Generic => d.vocab.checked_mul(3 * 4)?,
+        Kernels::Fused => d.hidden.checked_mul(2 * bytes)?.checked_add(4)?,
+    };
+    tokens.checked_mul(per_token.checked_mul(bytes)?.checked_add(head)?)
 }
 
 /// Memory per device for `params` weights (with `mask_entries` mask and multiplier entries) of
@@ -331,7 +398,7 @@ fn totals(
     // log_alpha (or λ), its gradient and two moments, f32.
     let masks = mask_entries.checked_mul(16)?;
     let activations = activation_bytes(d, s, micro)?;
-    let workspace = (1u64 << 30).checked_add(activations / 10)?;
+    let workspace = s.device.runtime_bytes().checked_add(activations / 10)?;
     let total = [
         weights,
         master_weights,
@@ -461,7 +528,7 @@ mod tests {
         assert_eq!(mixed.gradients, 2 * p);
         assert_eq!(mixed.gradient_accumulator, 4 * p);
         assert_eq!(mixed.optimizer_state, 4 * p);
-        // Activations: linear in the micro-batch; checkpointing and fused attention shrink them.
+        // Activations: linear in the micro-batch; checkpointing and fused kernels shrink them.
         let a = |s: MemorySettings, m| activation_bytes(&d, &s, m).unwrap();
         assert_eq!(a(base, 4), 2 * a(base, 2));
         let ckpt = MemorySettings {
@@ -469,14 +536,16 @@ mod tests {
             ..base
         };
         let fused = MemorySettings {
-            attention: Attention::Fused,
+            kernels: Kernels::Fused,
             ..base
         };
         assert!(a(ckpt, 1) * 10 < a(base, 1));
         assert!(a(fused, 1) * 3 < a(base, 1));
-        // By hand: 7B, one 4096-token sequence, f32, materialised attention.
+        // By hand: 7B, one 4096-token sequence, f32, generic kernels, then fused.
         let layer = 8 * 4096 + 3 * 4096 + 4 * 4096 + 4 * 11008 + 32 * 2 * 4096;
         assert_eq!(a(base, 1), 4096 * (32 * layer * 4 + 32000 * 12));
+        let layer = 7 * 4096 + 3 * 4096 + 2 * 4096 + 3 * 11008 + 32 + 2;
+        assert_eq!(a(fused, 1), 4096 * (32 * layer * 4 + 2 * 4096 * 4 + 4));
     }
 
     #[test]
