@@ -218,6 +218,20 @@ pub struct MemoryReport {
 }
 
 impl MemoryReport {
+    /// Every term of the total, named as the report prints it.
+    pub fn parts(&self) -> [(&'static str, u64); 8] {
+        [
+            ("weights", self.weights),
+            ("master weights (f32)", self.master_weights),
+            ("gradients", self.gradients),
+            ("gradient accumulator (f32)", self.gradient_accumulator),
+            ("optimizer state", self.optimizer_state),
+            ("masks and multipliers", self.masks),
+            ("activations", self.activations),
+            ("workspace", self.workspace),
+        ]
+    }
+
     /// The human-readable block of `shears plan`.
     pub fn render(&self) -> String {
         let s = &self.settings;
@@ -233,17 +247,7 @@ impl MemoryReport {
             s.checkpointing,
             s.kernels
         );
-        for (name, b) in [
-            ("weights", self.weights),
-            ("master weights (f32)", self.master_weights),
-            ("gradients", self.gradients),
-            ("gradient accumulator (f32)", self.gradient_accumulator),
-            ("optimizer state", self.optimizer_state),
-            ("masks and multipliers", self.masks),
-            ("activations", self.activations),
-            ("workspace", self.workspace),
-            ("total", self.total),
-        ] {
+        for (name, b) in self.parts().into_iter().chain([("total", self.total)]) {
             o += &format!("  {name:<27} {:>12}\n", gib(b));
         }
         if let (Some(device), Some(fits)) = (s.device_memory, self.fits) {
@@ -399,19 +403,7 @@ fn totals(
     let masks = mask_entries.checked_mul(16)?;
     let activations = activation_bytes(d, s, micro)?;
     let workspace = s.device.runtime_bytes().checked_add(activations / 10)?;
-    let total = [
-        weights,
-        master_weights,
-        gradients,
-        gradient_accumulator,
-        optimizer_state,
-        masks,
-        activations,
-        workspace,
-    ]
-    .into_iter()
-    .try_fold(0u64, u64::checked_add)?;
-    Some(MemoryReport {
+    let mut report = MemoryReport {
         settings: MemorySettings {
             micro_batch: Some(micro as usize),
             ..*s
@@ -424,10 +416,15 @@ fn totals(
         masks,
         activations,
         workspace,
-        total,
+        total: 0,
         fits: None,
         max_micro_batch: None,
-    })
+    };
+    report.total = report
+        .parts()
+        .into_iter()
+        .try_fold(0u64, |sum, (_, b)| sum.checked_add(b))?;
+    Some(report)
 }
 
 /// A byte count as people write it: `141GB`, `80 GiB`, `512MiB`, `1.5TB` (decimal units are
