@@ -142,7 +142,7 @@ impl BackendTask for EvalTask {
                         .clamped()
                         .deterministic(true)
                         .to_device::<B>(&device)
-                        .forward_masks(model.dtype()),
+                        .forward_masks(model.compute_dtype()),
                 )
             }
             None => None,

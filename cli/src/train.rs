@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use shears_core::DType;
 use shears_models::{dispatch, dispatch_autodiff, AutodiffTask, BackendKind, BackendTask};
 use shears_pruning::{FinalizeOptions, TargetShape};
+use shears_trainer::compute::{Checkpointing, Precision, StatePrecision};
 use shears_trainer::config::{read_toml, RunSettings};
 use shears_trainer::jobs::{self, JobOptions};
 use shears_trainer::pipeline::{
@@ -30,6 +31,38 @@ fn backend_of(cli: BackendKind, run: &RunSettings) -> Result<BackendKind> {
             .parse::<BackendKind>()
             .map_err(|e| anyhow::anyhow!("run.backend: {e}")),
         None => Ok(cli),
+    }
+}
+
+/// Compute overrides shared by `prune`, `train` and `run`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ComputeArgs {
+    /// Numeric precision, f32 or bf16-mixed (overrides the plan's `run.precision`; default
+    /// bf16-mixed on cuda, f32 elsewhere).
+    #[arg(long)]
+    pub precision: Option<Precision>,
+    /// Precision of AdamW's moments, f32 or bf16 (overrides `run.optimizer_state`).
+    #[arg(long)]
+    pub optimizer_state: Option<StatePrecision>,
+    /// Activation checkpointing, none or layers (overrides `run.checkpointing`).
+    #[arg(long)]
+    pub checkpointing: Option<Checkpointing>,
+}
+
+impl ComputeArgs {
+    /// Write the overrides into `run`, and the backend's default precision where neither the
+    /// plan nor the command line chose one (so `resolved.toml` says what ran).
+    fn apply(&self, run: &mut RunSettings, backend: BackendKind) {
+        if let Some(p) = self.precision {
+            run.precision = Some(p);
+        }
+        if let Some(o) = self.optimizer_state {
+            run.optimizer_state = o;
+        }
+        if let Some(c) = self.checkpointing {
+            run.checkpointing = c;
+        }
+        run.precision = Some(run.compute(backend == BackendKind::Cuda).precision);
     }
 }
 
@@ -103,9 +136,10 @@ fn out_dir(flag: Option<PathBuf>, config: &Path, stage: &str) -> PathBuf {
 pub fn prune(backend: BackendKind, a: StageArgs) -> Result<Ended> {
     let config = a.config.as_path();
     let text = read_plan(config)?;
-    let cfg: PruneConfig = read_toml(config)?;
+    let mut cfg: PruneConfig = read_toml(config)?;
     let out = out_dir(a.out.clone(), config, "prune");
     let kind = backend_of(backend, &cfg.run)?;
+    a.compute.apply(&mut cfg.run, kind);
     let outcome = dispatch_autodiff(
         kind,
         PruneTask {
@@ -119,9 +153,10 @@ pub fn prune(backend: BackendKind, a: StageArgs) -> Result<Ended> {
 pub fn train(backend: BackendKind, a: StageArgs) -> Result<Ended> {
     let config = a.config.as_path();
     let text = read_plan(config)?;
-    let cfg: TrainConfig = read_toml(config)?;
+    let mut cfg: TrainConfig = read_toml(config)?;
     let out = out_dir(a.out.clone(), config, "train");
     let kind = backend_of(backend, &cfg.run)?;
+    a.compute.apply(&mut cfg.run, kind);
     let outcome = dispatch_autodiff(
         kind,
         TrainTask {
@@ -193,6 +228,8 @@ pub struct StageArgs {
     /// two vocabularies agree).
     #[arg(long)]
     pub allow_tokenizer_mismatch: bool,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 pub fn finalize(backend: BackendKind, a: FinalizeArgs) -> Result<()> {
@@ -272,6 +309,9 @@ fn run_plan(
     allow_tokenizer_mismatch: bool,
 ) -> Result<Ended> {
     let started = std::time::Instant::now();
+    let mut plan = plan;
+    ComputeArgs::default().apply(&mut plan.prune.run, backend);
+    ComputeArgs::default().apply(&mut plan.train.run, backend);
     let out = plan.out.clone();
     let task = PipelineTask {
         plan,
@@ -309,11 +349,15 @@ pub struct RunArgs {
     /// two vocabularies agree).
     #[arg(long)]
     pub allow_tokenizer_mismatch: bool,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 pub fn run(backend: BackendKind, a: RunArgs) -> Result<Ended> {
     let text = read_plan(&a.plan)?;
-    let p: PipelinePlan = read_toml(&a.plan)?;
+    let mut p: PipelinePlan = read_toml(&a.plan)?;
+    a.compute.apply(&mut p.prune.run, backend);
+    a.compute.apply(&mut p.train.run, backend);
     run_plan(backend, p, text, a.resume, a.allow_tokenizer_mismatch)
 }
 

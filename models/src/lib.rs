@@ -15,6 +15,7 @@ pub mod load;
 pub mod loss;
 pub mod masks;
 pub mod ops;
+pub mod recompute;
 pub mod rope;
 
 pub use backend::{dispatch, dispatch_autodiff, AutodiffTask, BackendKind, BackendTask};

@@ -42,6 +42,16 @@ pub fn upcast<const D: usize, B: Backend>(x: Tensor<B, D>) -> Tensor<B, D> {
     }
 }
 
+/// `x` in `dtype` (a cast only when it differs): autocast's weight cast, in the graph so the
+/// gradient comes back in the parameter's dtype.
+pub fn to_dtype<const D: usize, B: Backend>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if x.dtype() == dtype {
+        x
+    } else {
+        x.cast(dtype)
+    }
+}
+
 /// Root-mean-square layer norm, computed in f32 whatever the parameter dtype (as HF does).
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
@@ -55,8 +65,10 @@ impl<B: ShearsOps> RmsNorm<B> {
     /// Normalise over the last axis (the fused kernel where the backend has one).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let d = x.dims()[D - 1];
-        if let Some(y) = ops::rms_norm_fused(&x, &self.weight.val(), self.eps, d) {
-            return y;
+        if x.dtype() == self.weight.val().dtype() {
+            if let Some(y) = ops::rms_norm_fused(&x, &self.weight.val(), self.eps, d) {
+                return y;
+            }
         }
         let dtype = x.dtype();
         let xf = upcast(x);
@@ -74,14 +86,16 @@ impl<B: ShearsOps> RmsNorm<B> {
         z: &Tensor<B, 1>,
         kept: usize,
     ) -> Tensor<B, D> {
-        let wz = self.weight.val() * z.clone();
-        if let Some(y) = ops::rms_norm_fused(&x, &wz, self.eps, kept) {
-            return y;
+        if x.dtype() == self.weight.val().dtype() {
+            let wz = self.weight.val() * to_dtype(z.clone(), x.dtype());
+            if let Some(y) = ops::rms_norm_fused(&x, &wz, self.eps, kept) {
+                return y;
+            }
         }
         let dtype = x.dtype();
         let xf = upcast(x);
         let var = xf.clone().square().sum_dim(D - 1).div_scalar(kept as f64);
-        self.finish(xf, var, dtype) * z.clone().unsqueeze::<D>()
+        self.finish(xf, var, dtype) * to_dtype(z.clone(), dtype).unsqueeze::<D>()
     }
 
     fn finish<const D: usize>(
@@ -93,7 +107,7 @@ impl<B: ShearsOps> RmsNorm<B> {
         // A true division: burn-ndarray's SIMD `recip` is an approximation (~2e-5 relative
         // gradient error against PyTorch with it, ~5e-7 without).
         let normed = xf / var.add_scalar(self.eps).sqrt();
-        normed.cast(dtype) * self.weight.val().unsqueeze::<D>()
+        normed.cast(dtype) * to_dtype(self.weight.val(), dtype).unsqueeze::<D>()
     }
 }
 
@@ -114,10 +128,11 @@ pub struct Attention<B: Backend> {
 
 /// `x [.., in] · W [in, out]` as one 2-D GEMM over all leading positions (`[b·t, in]`), on the
 /// weight's contiguous `[in, out]` storage: no per-call copy of the weight and no batched
-/// matmul whose weight gradient is a sum of per-batch products.
+/// matmul whose weight gradient is a sum of per-batch products. The weight is cast to `x`'s
+/// dtype when they differ (autocast: f32 parameters, bf16 compute).
 pub fn linear<B: ShearsOps>(l: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [b, t, d] = x.dims();
-    let w = l.weight.val();
+    let w = to_dtype(l.weight.val(), x.dtype());
     let n = w.dims()[1];
     ops::matmul(x.reshape([b * t, d]), w).reshape([b, t, n])
 }
@@ -268,12 +283,28 @@ pub struct Llama<B: Backend> {
     pub config: LlamaConfig,
     #[module(skip)]
     pub rope: Rope,
+    /// The dtype activations and matmuls run in when it differs from the parameters'
+    /// (mixed precision: f32 parameters, the master weights, cast to bf16 at each use inside
+    /// the graph, so gradients come back in f32). `None`: compute in the parameter dtype.
+    #[module(skip)]
+    pub autocast: Option<DType>,
 }
 
 impl<B: ShearsOps> Llama<B> {
     /// Parameter dtype (that of the embedding).
     pub fn dtype(&self) -> DType {
         self.model.embed_tokens.weight.val().dtype()
+    }
+
+    /// The dtype activations are computed in (see [`Llama::autocast`]).
+    pub fn compute_dtype(&self) -> DType {
+        self.autocast.unwrap_or_else(|| self.dtype())
+    }
+
+    /// This model computing in `dtype` (`None` or the parameter dtype: no autocast).
+    pub fn with_autocast(mut self, dtype: Option<DType>) -> Self {
+        self.autocast = dtype.filter(|&d| d != self.dtype());
+        self
     }
 
     /// Device the parameters live on.
@@ -293,7 +324,7 @@ impl<B: ShearsOps> Llama<B> {
             self.config.head_dim(),
             past,
             len,
-            self.dtype(),
+            self.compute_dtype(),
             &device,
         );
         let mask = (len > 1).then(|| ops::causal_mask::<B>(past, len, &device));
@@ -325,10 +356,7 @@ impl<B: ShearsOps> Llama<B> {
             Some(m) => m.layer(l, kept),
             None => LayerMasks::none(),
         };
-        let mut x = self.model.embed_tokens.forward(ids);
-        if let Some(z) = masks.and_then(|m| m.hidden.as_ref()) {
-            x = x * z.clone().unsqueeze::<3>();
-        }
+        let mut x = self.embed(ids, masks);
         match cache {
             Some(cache) => {
                 for (l, (layer, slot)) in
@@ -351,6 +379,30 @@ impl<B: ShearsOps> Llama<B> {
                 }
             }
         }
+        self.final_norm(x, masks, kept)
+    }
+
+    /// The embedding of `ids` in the compute dtype, times `z_hidden` when masked: the input of
+    /// layer 0.
+    pub fn embed(&self, ids: Tensor<B, 2, Int>, masks: Option<&ForwardMasks<B>>) -> Tensor<B, 3> {
+        let x = to_dtype(self.model.embed_tokens.forward(ids), self.compute_dtype());
+        match masks.and_then(|m| m.hidden.as_ref()) {
+            Some(z) => {
+                let z = to_dtype(z.clone(), x.dtype());
+                x * z.unsqueeze::<3>()
+            }
+            None => x,
+        }
+    }
+
+    /// The final norm (masked when `masks` has `z_hidden`; `kept` is
+    /// [`ForwardMasks::hidden_kept`]).
+    pub fn final_norm(
+        &self,
+        x: Tensor<B, 3>,
+        masks: Option<&ForwardMasks<B>>,
+        kept: Option<usize>,
+    ) -> Tensor<B, 3> {
         match (masks.and_then(|m| m.hidden.as_ref()), kept) {
             (Some(z), Some(k)) => self.model.norm.forward_masked(x, z, k),
             _ => self.model.norm.forward(x),
@@ -363,7 +415,7 @@ impl<B: ShearsOps> Llama<B> {
             Some(head) => linear(head, h),
             None => {
                 let [b, t, d] = h.dims();
-                let w = self.model.embed_tokens.weight.val();
+                let w = to_dtype(self.model.embed_tokens.weight.val(), h.dtype());
                 let v = w.dims()[0];
                 ops::matmul(h.reshape([b * t, d]), w.transpose()).reshape([b, t, v])
             }
@@ -380,9 +432,13 @@ impl<B: ShearsOps> Llama<B> {
         let n = b * (t - 1);
         let h = h.narrow(1, 0, t - 1).reshape([n, d]);
         let targets = ids.narrow(1, 1, t - 1).reshape([n]);
+        let dt = h.dtype();
         let nll = match &self.lm_head {
-            Some(head) => ops::lm_head_nll(h, head.weight.val(), false, targets),
-            None => ops::lm_head_nll(h, self.model.embed_tokens.weight.val(), true, targets),
+            Some(head) => ops::lm_head_nll(h, to_dtype(head.weight.val(), dt), false, targets),
+            None => {
+                let w = to_dtype(self.model.embed_tokens.weight.val(), dt);
+                ops::lm_head_nll(h, w, true, targets)
+            }
         };
         nll.reshape([b, t - 1])
     }

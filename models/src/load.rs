@@ -150,6 +150,7 @@ pub fn build<B: Backend>(
         lm_head: (!config.tie_word_embeddings).then(|| b.linear(LM_HEAD)),
         config: config.clone(),
         rope,
+        autocast: None,
     })
 }
 

@@ -84,3 +84,15 @@ impl<B: Backend> ForwardMasks<B> {
         }
     }
 }
+
+impl<B: burn::tensor::backend::AutodiffBackend> ForwardMasks<B> {
+    /// The same masks without autodiff tracking (values only).
+    pub fn inner(&self) -> ForwardMasks<B::InnerBackend> {
+        ForwardMasks {
+            hidden: self.hidden.as_ref().map(|z| z.clone().inner()),
+            layer: self.layer.as_ref().map(|z| z.clone().inner()),
+            heads: self.heads.as_ref().map(|z| z.clone().inner()),
+            intermediate: self.intermediate.as_ref().map(|z| z.clone().inner()),
+        }
+    }
+}

@@ -4,10 +4,14 @@
 //! The model counts what the loop keeps alive at its peak, the end of a micro-batch's backward
 //! pass:
 //!
-//! - **weights** in the compute precision (f32, or bf16 under `bf16-mixed`);
-//! - **master weights**, an f32 copy the optimizer steps on (`bf16-mixed` only);
-//! - **gradients** of the weights as backward returns them (compute precision), plus an f32
-//!   **gradient accumulator** when a step runs several micro-batches;
+//! - **weights**: the parameters in f32; under `bf16-mixed` the parameters are the f32 **master
+//!   weights** and the forward casts each to bf16 where it is used (autocast), so the weights
+//!   term is those bf16 copies, all of them alive at the start of the backward pass, or one
+//!   checkpointing segment's with `checkpointing = "layers"`;
+//! - **gradients** as backward returns them: f32 under every precision (autocast's cast hands
+//!   the gradient back in the master's dtype), all of them, or one segment's with layer
+//!   checkpointing; plus an f32 **gradient accumulator** when a step runs several micro-batches
+//!   or when layer checkpointing sums its segments' gradients;
 //! - **optimizer state**: AdamW's two moments, f32 or bf16 (`optimizer_state`);
 //! - **masks**: every `log_alpha` and Lagrange multiplier with gradient and both moments, always f32;
 //! - **activations** kept for the backward pass (see [`activation_bytes`]);
@@ -350,6 +354,23 @@ pub fn activation_bytes(d: &Dims, s: &MemorySettings, micro: u64) -> Option<u64>
     tokens.checked_mul(per_token.checked_mul(bytes)?.checked_add(head)?)
 }
 
+/// Parameters of the largest segment layer checkpointing differentiates at once: a decoder
+/// layer, or the head (final norm and LM head) or the embedding.
+pub fn segment_params(d: &Dims) -> Option<u64> {
+    let q = d.heads.checked_mul(d.head_dim)?;
+    let kv = d.kv_heads.checked_mul(d.head_dim)?;
+    let layer = [
+        d.hidden.checked_mul(q)?.checked_mul(2)?,
+        d.hidden.checked_mul(kv)?.checked_mul(2)?,
+        d.hidden.checked_mul(d.intermediate)?.checked_mul(3)?,
+        d.hidden.checked_mul(2)?,
+    ]
+    .into_iter()
+    .try_fold(0u64, u64::checked_add)?;
+    let head = d.vocab.checked_mul(d.hidden)?.checked_add(d.hidden)?;
+    Some(layer.max(head))
+}
+
 /// Memory per device for `params` weights (with `mask_entries` mask and multiplier entries) of
 /// a model of shape `d`.
 pub fn estimate(
@@ -385,11 +406,20 @@ fn totals(
     micro: u64,
 ) -> Option<MemoryReport> {
     let mixed = s.precision == Precision::Bf16Mixed;
-    let compute = if mixed { 2 } else { 4 };
-    let weights = params.checked_mul(compute)?;
-    let master_weights = if mixed { params.checked_mul(4)? } else { 0 };
-    let gradients = params.checked_mul(compute)?;
-    let accumulating = micro < s.batch as u64;
+    let by_layers = s.checkpointing == Checkpointing::Layers;
+    // What one backward pass holds at once: every parameter, or one segment's.
+    let held = if by_layers {
+        segment_params(d)?.min(params)
+    } else {
+        params
+    };
+    let (weights, master_weights) = if mixed {
+        (held.checked_mul(2)?, params.checked_mul(4)?)
+    } else {
+        (params.checked_mul(4)?, 0)
+    };
+    let gradients = held.checked_mul(4)?;
+    let accumulating = micro < s.batch as u64 || by_layers;
     let gradient_accumulator = if accumulating {
         params.checked_mul(4)?
     } else {
@@ -522,9 +552,33 @@ mod tests {
         .unwrap();
         assert_eq!(mixed.weights, 2 * p);
         assert_eq!(mixed.master_weights, 4 * p);
-        assert_eq!(mixed.gradients, 2 * p);
+        assert_eq!(mixed.gradients, 4 * p);
         assert_eq!(mixed.gradient_accumulator, 4 * p);
         assert_eq!(mixed.optimizer_state, 4 * p);
+        // Layer checkpointing holds one segment's bf16 copies and gradients (here a decoder
+        // layer: 4 · 4096² + 3 · 4096 · 11008 + 2 · 4096 > 32000 · 4096 + 4096), and always
+        // sums the segments into the accumulator.
+        let seg = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096;
+        assert_eq!(segment_params(&d), Some(seg));
+        let by_layers = |micro| {
+            estimate(
+                &d,
+                p,
+                0,
+                &MemorySettings {
+                    precision: Precision::Bf16Mixed,
+                    checkpointing: Checkpointing::Layers,
+                    micro_batch: Some(micro),
+                    ..base
+                },
+            )
+            .unwrap()
+        };
+        for micro in [8, 2] {
+            let r = by_layers(micro);
+            assert_eq!((r.weights, r.gradients), (2 * seg, 4 * seg));
+            assert_eq!(r.gradient_accumulator, 4 * p);
+        }
         // Activations: linear in the micro-batch; checkpointing and fused kernels shrink them.
         let a = |s: MemorySettings, m| activation_bytes(&d, &s, m).unwrap();
         assert_eq!(a(base, 4), 2 * a(base, 2));

@@ -8,7 +8,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use rand::Rng;
 use shears_core::{Error, Result};
-use shears_models::{Llama, ShearsAutodiff, ShearsOps};
+use shears_models::{ForwardMasks, Llama, ShearsAutodiff, ShearsOps};
 
 use crate::constraint::{target_at, Lagrangian};
 use crate::masks::{HostMasks, L0Masks};
@@ -71,20 +71,46 @@ impl<B: ShearsOps> PruningModel<B> {
         step: usize,
         warmup: usize,
     ) -> PruningLoss<B> {
-        let masks = self.masks.sample(rng).forward_masks(self.model.dtype());
+        let masks = self.sample_masks(rng);
         let lm = self.model.loss_masked(ids, &masks);
-        let spec = &self.masks.spec;
-        let target_sparsity = PerModule::from_fn(&spec.modules, |m| {
-            target_at(spec.target_sparsity(m), step, warmup)
-        });
-        let expected_sparsity = self.masks.expected_sparsity();
-        let lagrangian = self.lagrangian.loss(&expected_sparsity, &target_sparsity);
+        let (lagrangian, expected_sparsity, target_sparsity) = self.lagrangian_parts(step, warmup);
         PruningLoss {
             lm: lm.clone(),
             lagrangian: lagrangian.cast(lm.dtype()),
             expected_sparsity,
             target_sparsity,
         }
+    }
+
+    /// One sample of the training masks, in the model's compute dtype (what
+    /// [`PruningModel::forward_train`] multiplies in; the same `rng` state gives the same masks).
+    pub fn sample_masks(&self, rng: &mut impl Rng) -> ForwardMasks<B> {
+        self.masks
+            .sample(rng)
+            .forward_masks(self.model.compute_dtype())
+    }
+
+    /// The Lagrangian term of [`PruningModel::forward_train`] alone, f32 (it depends on the
+    /// masks' `log_alpha` and the multipliers, not on the batch).
+    pub fn lagrangian_term(&self, step: usize, warmup: usize) -> Tensor<B, 1> {
+        self.lagrangian_parts(step, warmup)
+            .0
+            .cast(burn::tensor::DType::F32)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn lagrangian_parts(
+        &self,
+        step: usize,
+        warmup: usize,
+    ) -> (Tensor<B, 1>, PerModule<Tensor<B, 1>>, PerModule<f64>) {
+        let spec = &self.masks.spec;
+        let target_sparsity = PerModule::from_fn(&spec.modules, |m| {
+            target_at(spec.target_sparsity(m), step, warmup)
+        });
+        let expected_sparsity = self.masks.expected_sparsity();
+        let lagrangian = self.lagrangian.loss(&expected_sparsity, &target_sparsity);
+        (lagrangian, expected_sparsity, target_sparsity)
     }
 
     /// Per-position next-token NLL `[batch, len-1]` under deterministic masks (see
@@ -94,7 +120,7 @@ impl<B: ShearsOps> PruningModel<B> {
             .masks
             .deterministic(exact_target)
             .to_device::<B>(&self.model.device())
-            .forward_masks(self.model.dtype());
+            .forward_masks(self.model.compute_dtype());
         self.model.nll_masked(ids, &masks)
     }
 
@@ -108,7 +134,7 @@ impl<B: ShearsOps> PruningModel<B> {
         let host = self.masks.deterministic(exact_target);
         let masks = host
             .to_device::<B>(&self.model.device())
-            .forward_masks(self.model.dtype());
+            .forward_masks(self.model.compute_dtype());
         (self.model.forward_masked(ids, &masks), host)
     }
 }

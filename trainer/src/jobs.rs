@@ -205,13 +205,17 @@ pub fn prune<B: ShearsAutodiff>(
         dbl: &resolved.dbl,
     };
     let seed = resolved.run.seed;
+    let compute = resolved.run.compute(false);
     // The closure owns the host weights, so they are freed once the stage holds its copy.
     run_stage(
         job,
         &toml::to_string(&resolved).expect("toml"),
         parts,
         &data,
-        move || PruneStage::<B>::new(&files, &spec, rates, seed, &device),
+        move || {
+            PruneStage::<B>::new(&files, &spec, rates, seed, &device)
+                .map(|s| s.with_compute(compute))
+        },
     )
 }
 
@@ -244,12 +248,13 @@ pub fn train<B: ShearsAutodiff>(
         dbl: &resolved.dbl,
     };
     let adamw = resolved.optim.adamw();
+    let compute = resolved.run.compute(false);
     run_stage(
         job,
         &toml::to_string(&resolved).expect("toml"),
         parts,
         &data,
-        move || LmStage::<B>::new(&files, adamw, &device),
+        move || LmStage::<B>::new(&files, adamw, &device).map(|s| s.with_compute(compute)),
     )
 }
 

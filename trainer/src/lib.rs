@@ -3,6 +3,8 @@
 //! Training: the pruning stage and continued pre-training, with what a long run needs around
 //! them. It owns:
 //!
+//! - [`compute`]: precision (f32 or bf16-mixed), optimizer-state precision, activation
+//!   checkpointing;
 //! - [`config`]: the TOML run plans and their defaults (method §7);
 //! - [`driver`]: the shared loop (batches from the domain sampler, accumulation, global-norm
 //!   clipping, the cosine schedule, per-domain eval and dynamic batch loading, guards, signals);
@@ -24,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
+pub mod compute;
 pub mod config;
 pub mod driver;
 pub mod jobs;
@@ -36,6 +39,7 @@ pub mod records;
 pub mod run_dir;
 pub mod schedule;
 
+pub use compute::Compute;
 pub use config::{PruneConfig, TrainConfig};
 pub use driver::Outcome;
 pub use driver::Stage;

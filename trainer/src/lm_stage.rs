@@ -11,8 +11,9 @@ use burn::optim::{adaptor::OptimizerAdaptor, GradientsParams, Optimizer};
 use shears_core::formats::safetensors;
 use shears_core::{DType, Error, ModelFiles, Result, WeightMap};
 use shears_data::Dataset;
-use shears_models::{load, Llama};
+use shears_models::{load, recompute, Llama};
 
+use crate::compute::Compute;
 use crate::config::StageKind;
 use crate::driver::{Stage, StepLosses};
 use crate::optim::AdamWSettings;
@@ -29,6 +30,7 @@ pub struct LmStage<B: ShearsAutodiff> {
     names: Vec<NamedParam>,
     pending: Option<GradientsParams>,
     device: B::Device,
+    compute: Compute,
 }
 
 impl<B: ShearsAutodiff> LmStage<B> {
@@ -62,7 +64,18 @@ impl<B: ShearsAutodiff> LmStage<B> {
             settings,
             meta,
             pending: None,
+            compute: Compute::default(),
         }
+    }
+
+    /// Compute with `compute`'s precision, optimizer-state precision and checkpointing (call
+    /// before the first step; resuming keeps it).
+    pub fn with_compute(mut self, compute: Compute) -> Self {
+        let model = self.model.take().expect("model");
+        self.model = Some(model.with_autocast(compute.autocast()));
+        self.opt = self.settings.init_with(compute.state_dtype());
+        self.compute = compute;
+        self
     }
 
     /// The pending gradients (after [`Stage::backward`]) under HF names, in HF layout, f32.
@@ -91,6 +104,14 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
         let mut lm = 0.0;
         for seqs in micro {
             let ids = batch_tensor::<B>(seqs, &self.device);
+            if self.compute.by_layers() {
+                lm +=
+                    recompute::backward_by_layers(model, ids, &|| None, 1.0 / n as f64, &mut |g| {
+                        let g = GradientsParams::from_grads(g, model);
+                        params::accumulate::<B::InnerBackend>(&self.names, &mut acc, g);
+                    });
+                continue;
+            }
             let loss = model.loss(ids);
             let v: Vec<f64> = loss
                 .clone()
@@ -173,12 +194,13 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
             ));
         };
         let files = ModelFiles::load_hf_dir(dir.join("model"))?;
-        let model = load::from_files::<B>(&files, &self.device, DType::F32)?;
+        let model = load::from_files::<B>(&files, &self.device, DType::F32)?
+            .with_autocast(self.compute.autocast());
         let opt =
             safetensors::SafeTensorsFile::open(dir.join("optimizer.safetensors"))?.all_tensors()?;
         let times = &state.optimizer_steps;
         self.opt = params::load_adamw(
-            self.settings.init(),
+            self.settings.init_with(self.compute.state_dtype()),
             &model,
             "model",
             &opt,

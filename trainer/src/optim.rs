@@ -9,7 +9,7 @@ use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamWConfig, AdamWState, AdaptiveMomentumState, LearningRate, SimpleOptimizer};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
 use serde::{Deserialize, Serialize};
 use shears_models::ops::AdamWStep;
 use shears_models::ShearsOps;
@@ -53,7 +53,22 @@ impl AdamWSettings {
     where
         B::InnerBackend: ShearsOps,
     {
-        OptimizerAdaptor::from(ShearsAdamW { settings: *self })
+        self.init_with(None)
+    }
+
+    /// [`AdamWSettings::init`] keeping the moments in `state_dtype` (bf16 halves the
+    /// optimizer's memory; the update still runs in f32). `None`: f32.
+    pub fn init_with<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+        state_dtype: Option<DType>,
+    ) -> OptimizerAdaptor<ShearsAdamW, M, B>
+    where
+        B::InnerBackend: ShearsOps,
+    {
+        OptimizerAdaptor::from(ShearsAdamW {
+            settings: *self,
+            state_dtype: state_dtype.filter(|&d| d != DType::F32),
+        })
     }
 
     /// burn's own AdamW configuration with these settings (the reference [`ShearsAdamW`] is
@@ -72,6 +87,9 @@ impl AdamWSettings {
 pub struct ShearsAdamW {
     /// β, ε and weight decay (the learning rate comes with each step).
     pub settings: AdamWSettings,
+    /// The dtype the moments are stored in when not f32 (they are widened to f32 for the
+    /// update and narrowed after it).
+    pub state_dtype: Option<DType>,
 }
 
 impl<B: ShearsOps> SimpleOptimizer<B> for ShearsAdamW {
@@ -95,6 +113,25 @@ impl<B: ShearsOps> SimpleOptimizer<B> for ShearsAdamW {
             time,
         };
         let prim = |t: &Tensor<B, D>| t.clone().into_primitive().tensor();
+        if let Some(narrow) = self.state_dtype {
+            // Widen the stored moments, step in f32, store them narrowed again.
+            let wide = ShearsAdamW {
+                state_dtype: None,
+                ..*self
+            };
+            let state = state.map(|mut st| {
+                st.momentum.moment_1 = st.momentum.moment_1.cast(DType::F32);
+                st.momentum.moment_2 = st.momentum.moment_2.cast(DType::F32);
+                st
+            });
+            let (p, st) = wide.step(lr, tensor, grad, state);
+            let st = st.map(|mut st| {
+                st.momentum.moment_1 = st.momentum.moment_1.cast(narrow);
+                st.momentum.moment_2 = st.momentum.moment_2.cast(narrow);
+                st
+            });
+            return (p, st);
+        }
         let fused = shears_models::ops::fused_enabled()
             .then(|| {
                 B::adamw_kernel(

@@ -246,3 +246,26 @@ pub fn load_adamw<B: shears_models::ShearsAutodiff, M: AutodiffModule<B>>(
     }
     Ok(optim.load_record(record))
 }
+
+fn host_grad<B: Backend, const D: usize>(
+    grads: &GradientsParams,
+    id: ParamId,
+) -> Option<shears_core::HostTensor> {
+    grads.get::<B, D>(id).map(|g| host_of(g, DType::F32))
+}
+
+/// The gradients `grads` holds for `params`, keyed `{prefix}.{path}`, f32 on the host (tests
+/// and diagnostics).
+pub fn named_gradients<B: Backend>(
+    prefix: &str,
+    params: &[NamedParam],
+    grads: &GradientsParams,
+) -> WeightMap {
+    let mut out = WeightMap::new();
+    for p in params {
+        if let Some(h) = by_rank!(p, host_grad::<B>(grads, p.id)) {
+            out.insert(format!("{prefix}.{}", p.name), h);
+        }
+    }
+    out
+}

@@ -14,11 +14,13 @@ use rand::{rngs::StdRng, SeedableRng};
 use shears_core::formats::safetensors;
 use shears_core::{DType, Error, ModelFiles, Result, WeightMap};
 use shears_data::Dataset;
-use shears_models::{load, Llama};
+use shears_models::{load, recompute, Llama};
 use shears_pruning::constraint::target_at;
+use shears_pruning::model::GroupGradients;
 use shears_pruning::size::{expected_params, Dims};
 use shears_pruning::{L0Masks, Lagrangian, PerModule, PruningModel, PruningSpec};
 
+use crate::compute::Compute;
 use crate::config::StageKind;
 use crate::driver::{Stage, StepLosses};
 use crate::optim::AdamWSettings;
@@ -72,6 +74,7 @@ pub struct PruneStage<B: ShearsAutodiff> {
     names: [Vec<NamedParam>; 3],
     pending: Option<[GradientsParams; 3]>,
     device: B::Device,
+    compute: Compute,
 }
 
 fn scalar<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> f64 {
@@ -130,9 +133,22 @@ impl<B: ShearsAutodiff> PruneStage<B> {
             meta,
             pending: None,
             device,
+            compute: Compute::default(),
         };
         s.refresh_names();
         s
+    }
+
+    /// Compute with `compute`'s precision, optimizer-state precision (of the model weights; the
+    /// masks' and multipliers' moments stay f32) and checkpointing. Call before the first step;
+    /// resuming keeps it.
+    pub fn with_compute(mut self, compute: Compute) -> Self {
+        let mut st = self.state.take().expect("state");
+        st.model = st.model.with_autocast(compute.autocast());
+        self.state = Some(st);
+        self.opt_model = self.rates.model.init_with(compute.state_dtype());
+        self.compute = compute;
+        self
     }
 
     fn refresh_names(&mut self) {
@@ -142,6 +158,22 @@ impl<B: ShearsAutodiff> PruneStage<B> {
             params::named_params::<B, _>(&st.masks),
             params::named_params::<B, _>(&st.lagrangian),
         ];
+    }
+
+    /// The pending gradients (after [`Stage::backward`]) of all three groups, keyed
+    /// `model.{path}`, `masks.{path}` and `multipliers.{path}` (the multipliers' negated for
+    /// ascent), f32 on the host.
+    pub fn gradients(&self) -> WeightMap {
+        let p = self.pending.as_ref().expect("gradients pending");
+        let mut out = WeightMap::new();
+        for ((prefix, names), g) in ["model", "masks", "multipliers"]
+            .into_iter()
+            .zip(&self.names)
+            .zip(p)
+        {
+            out.extend(params::named_gradients::<B::InnerBackend>(prefix, names, g));
+        }
+        out
     }
 
     /// The state between steps.
@@ -168,17 +200,40 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
             GradientsParams::new(),
         ];
         let (mut lm, mut lag) = (0.0, 0.0);
+        let names = &self.names;
+        let add = |acc: &mut [GradientsParams; 3], g: GroupGradients| {
+            params::accumulate::<B::InnerBackend>(&names[0], &mut acc[0], g.model);
+            params::accumulate::<B::InnerBackend>(&names[1], &mut acc[1], g.masks);
+            params::accumulate::<B::InnerBackend>(&names[2], &mut acc[2], g.multipliers);
+        };
         for (i, seqs) in micro.iter().enumerate() {
             let ids = batch_tensor::<B>(seqs, &self.device);
+            if self.compute.by_layers() {
+                // The LM loss segment by segment (masks re-sampled from the same seed for each),
+                // then the Lagrangian, which depends on the masks' parameters only.
+                let seed = seeds[i];
+                let masks = || Some(state.sample_masks(&mut StdRng::seed_from_u64(seed)));
+                lm += recompute::backward_by_layers(
+                    &state.model,
+                    ids,
+                    &masks,
+                    1.0 / n as f64,
+                    &mut |g| add(&mut acc, state.split_gradients(g)),
+                );
+                let term = state.lagrangian_term(step, self.rates.lagrangian_warmup_steps);
+                lag = scalar(term.clone());
+                add(
+                    &mut acc,
+                    state.split_gradients(term.div_scalar(n as f64).backward()),
+                );
+                continue;
+            }
             let mut rng = StdRng::seed_from_u64(seeds[i]);
             let loss = state.forward_train(ids, &mut rng, step, self.rates.lagrangian_warmup_steps);
             lm += scalar(loss.lm.clone());
             lag = scalar(loss.lagrangian.clone());
             let total = loss.total().div_scalar(n as f64);
-            let g = state.split_gradients(total.backward());
-            params::accumulate::<B::InnerBackend>(&self.names[0], &mut acc[0], g.model);
-            params::accumulate::<B::InnerBackend>(&self.names[1], &mut acc[1], g.masks);
-            params::accumulate::<B::InnerBackend>(&self.names[2], &mut acc[2], g.multipliers);
+            add(&mut acc, state.split_gradients(total.backward()));
         }
         self.state = Some(state);
         self.pending = Some(acc);
@@ -333,14 +388,21 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
         }
         let spec = self.spec().clone();
         let files = ModelFiles::load_hf_dir(dir.join("model"))?;
-        let model = load::from_files::<B>(&files, &self.device, DType::F32)?;
+        let model = load::from_files::<B>(&files, &self.device, DType::F32)?
+            .with_autocast(self.compute.autocast());
         let (masks, lagrangian) = crate::checkpoint::read_pruning::<B>(dir, &spec, &self.device)?;
         let opt =
             safetensors::SafeTensorsFile::open(dir.join("optimizer.safetensors"))?.all_tensors()?;
         let times = &state.optimizer_steps;
         let r = self.rates;
-        self.opt_model =
-            params::load_adamw(r.model.init(), &model, "model", &opt, times, &self.device)?;
+        self.opt_model = params::load_adamw(
+            r.model.init_with(self.compute.state_dtype()),
+            &model,
+            "model",
+            &opt,
+            times,
+            &self.device,
+        )?;
         self.opt_masks =
             params::load_adamw(aux(&r).init(), &masks, "masks", &opt, times, &self.device)?;
         self.opt_multipliers = params::load_adamw(

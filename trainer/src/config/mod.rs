@@ -10,6 +10,7 @@ use shears_core::{Error, Result};
 use shears_data::{Exhaustion, ReferenceSource, RuleConfig};
 use shears_pruning::{PruneModule, TargetShape};
 
+use crate::compute::{Checkpointing, Compute, Precision, StatePrecision};
 use crate::optim::AdamWSettings;
 
 mod checks;
@@ -51,6 +52,15 @@ pub struct RunSettings {
     pub max_bad_steps: usize,
     /// Tensor backend: ndarray, flex, wgpu or cuda (default: the CLI's).
     pub backend: Option<String>,
+    /// Numeric precision: "f32", or "bf16-mixed" (f32 master weights and AdamW, bf16 forward
+    /// and backward, reductions in f32). Default: bf16-mixed on cuda, f32 elsewhere.
+    pub precision: Option<Precision>,
+    /// Precision of AdamW's moments for the model weights: "f32", or "bf16" (half the
+    /// optimizer memory; the update is computed in f32).
+    pub optimizer_state: StatePrecision,
+    /// Activation checkpointing: "none", or "layers" (keep only each layer's input, recompute
+    /// the layer in its backward: about one extra forward per step for much less memory).
+    pub checkpointing: Checkpointing,
 }
 
 impl Default for RunSettings {
@@ -70,6 +80,9 @@ impl Default for RunSettings {
             keep_checkpoints: 2,
             max_bad_steps: 5,
             backend: None,
+            precision: None,
+            optimizer_state: StatePrecision::F32,
+            checkpointing: Checkpointing::None,
         }
     }
 }
@@ -417,6 +430,20 @@ impl RunSettings {
     pub fn checkpoint_every(&self, stage: StageKind) -> usize {
         self.checkpoint_interval
             .unwrap_or_else(|| self.eval_every(stage))
+    }
+
+    /// The compute settings on a backend (`cuda`: whether it is the CUDA one, where
+    /// precision defaults to bf16-mixed).
+    pub fn compute(&self, cuda: bool) -> Compute {
+        Compute {
+            precision: self.precision.unwrap_or(if cuda {
+                Precision::Bf16Mixed
+            } else {
+                Precision::F32
+            }),
+            optimizer_state: self.optimizer_state,
+            checkpointing: self.checkpointing,
+        }
     }
 
     /// Sequences per forward.
