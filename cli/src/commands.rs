@@ -11,7 +11,8 @@ use shears_models::{dispatch, load, BackendKind, BackendTask};
 use shears_pruning::memory::{
     parse_bytes, Checkpointing, DeviceKind, Kernels, MemorySettings, Precision, StatePrecision,
 };
-use shears_trainer::config::{defaults_toml, StageKind};
+use shears_trainer::config::{defaults_toml, read_toml, StageKind};
+use shears_trainer::PruneConfig;
 
 fn log(msg: &str) {
     eprintln!("{msg}");
@@ -438,41 +439,52 @@ pub fn defaults(a: DefaultsArgs) -> Result<()> {
 /// `shears plan`.
 #[derive(clap::Args, Debug)]
 pub struct PlanArgs {
-    /// Source model (HF directory, `.gguf`, known name) or its `config.json`.
+    /// A pruning run plan (the TOML `shears prune` reads): its model, `[target]`, masked
+    /// modules and `[run]` settings (batch, micro-batch, seq_len, precision, optimizer state,
+    /// checkpointing, backend) are what is planned; the flags below override them.
     #[arg(long)]
-    pub source: String,
-    /// Target shape: a TOML file, or an existing model's `config.json` / directory.
-    #[arg(long)]
-    pub target: PathBuf,
+    pub config: Option<PathBuf>,
+    /// Source model (HF directory, `.gguf`, known name) or its `config.json` (default: the
+    /// run plan's `model`).
+    #[arg(long, required_unless_present = "config")]
+    pub source: Option<String>,
+    /// Target shape: a TOML file, or an existing model's `config.json` / directory (default:
+    /// the run plan's `[target]`).
+    #[arg(long, required_unless_present = "config")]
+    pub target: Option<PathBuf>,
     /// Pruned modules (default: every module whose target differs): hidden, layer,
     /// intermediate, kv_heads, query_heads.
     #[arg(long, value_delimiter = ',')]
     pub modules: Vec<shears_pruning::PruneModule>,
-    /// Sequences per optimizer step on one device.
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
-    /// Sequences per forward (divides --batch; default: --batch).
+    /// Sequences per optimizer step on one device (default: the plan's, else 8).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Sequences per forward (divides the batch; default: the plan's, else the batch).
     #[arg(long)]
     pub micro_batch: Option<usize>,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 4096)]
-    pub seq_len: usize,
-    /// f32 or bf16-mixed (bf16 weights and activations, f32 master weights).
-    #[arg(long, default_value_t = Precision::F32)]
-    pub precision: Precision,
-    /// Precision of AdamW's moments: f32 or bf16.
-    #[arg(long, default_value_t = StatePrecision::F32)]
-    pub optimizer_state: StatePrecision,
-    /// Activation checkpointing: none, or layers (keep each layer's input, recompute the rest).
-    #[arg(long, default_value_t = Checkpointing::None)]
-    pub checkpointing: Checkpointing,
+    /// Tokens per sequence (default: the plan's, else 4096).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// f32 or bf16-mixed (f32 master weights, bf16 forward and backward). Default: the plan's,
+    /// else bf16-mixed on a cuda device and f32 on cpu.
+    #[arg(long)]
+    pub precision: Option<Precision>,
+    /// Precision of AdamW's moments: f32 or bf16 (default: the plan's, else f32).
+    #[arg(long)]
+    pub optimizer_state: Option<StatePrecision>,
+    /// Activation checkpointing: none, or layers (keep each layer's input, recompute the
+    /// rest). Default: the plan's, else none.
+    #[arg(long)]
+    pub checkpointing: Option<Checkpointing>,
     /// Kernels: generic (burn's composition: a [t, t] score matrix per head, f32 logits kept)
-    /// or fused (flash-style attention, fused norms and LM-head loss, as on the CPU backend).
-    #[arg(long, default_value_t = Kernels::Generic)]
-    pub kernels: Kernels,
-    /// Device kind, for the runtime's own memory: cuda or cpu.
-    #[arg(long, default_value_t = DeviceKind::Cuda)]
-    pub device: DeviceKind,
+    /// or fused (flash-style attention, fused norms and LM-head loss, as on the CPU backend in
+    /// f32). Default: fused for a plan on the flex backend in f32, else generic.
+    #[arg(long)]
+    pub kernels: Option<Kernels>,
+    /// Device kind, for the runtime's own memory: cuda or cpu (default: cpu for a plan on a
+    /// CPU backend, else cuda).
+    #[arg(long)]
+    pub device: Option<DeviceKind>,
     /// The device's memory (e.g. 141GB, 80GiB): says whether the run fits, and the largest
     /// micro-batch that does.
     #[arg(long, value_parser = parse_bytes)]
@@ -483,22 +495,63 @@ pub struct PlanArgs {
 }
 
 pub fn plan(a: PlanArgs) -> Result<()> {
-    let path = hub::resolve_model(&a.source, log)?;
+    let cfg: Option<PruneConfig> = a.config.as_deref().map(read_toml).transpose()?;
+    let run = cfg.as_ref().map(|c| c.run.clone()).unwrap_or_default();
+    let source = match (&a.source, &cfg) {
+        (Some(s), _) => s.clone(),
+        (None, Some(c)) => c.model.clone(),
+        (None, None) => bail!("--source is required without --config"),
+    };
+    let path = hub::resolve_model(&source, log)?;
     let config = shears_core::model_files::load_config(&path)?;
-    let target = shears_pruning::TargetShape::from_file(&a.target)?;
-    let modules = (!a.modules.is_empty()).then_some(a.modules.as_slice());
-    let run = MemorySettings {
-        batch: a.batch,
-        micro_batch: a.micro_batch,
-        seq_len: a.seq_len,
-        precision: a.precision,
-        optimizer_state: a.optimizer_state,
-        checkpointing: a.checkpointing,
-        kernels: a.kernels,
-        device: a.device,
+    let target = match (&a.target, &cfg) {
+        (Some(t), _) => shears_pruning::TargetShape::from_file(t)?,
+        (None, Some(c)) => c.target,
+        (None, None) => bail!("--target is required without --config"),
+    };
+    let plan_modules = cfg.as_ref().and_then(|c| c.pruning.modules.clone());
+    let modules = if a.modules.is_empty() {
+        plan_modules
+    } else {
+        Some(a.modules.clone())
+    };
+    let backend = run
+        .backend
+        .as_deref()
+        .map(|b| b.parse::<BackendKind>().map_err(anyhow::Error::msg))
+        .transpose()
+        .context("run.backend")?;
+    let device = a.device.unwrap_or(match backend {
+        Some(b) if b.is_cpu() => DeviceKind::Cpu,
+        _ => DeviceKind::Cuda,
+    });
+    let precision = a.precision.or(run.precision).unwrap_or(match device {
+        DeviceKind::Cuda => Precision::Bf16Mixed,
+        DeviceKind::Cpu => Precision::F32,
+    });
+    let kernels = a.kernels.unwrap_or(
+        if backend == Some(BackendKind::Flex) && precision == Precision::F32 {
+            Kernels::Fused
+        } else {
+            Kernels::Generic
+        },
+    );
+    let batch = a
+        .batch
+        .or(cfg.as_ref().map(|_| run.batch_size))
+        .unwrap_or(8);
+    let settings = MemorySettings {
+        batch,
+        micro_batch: a.micro_batch.or(run.micro_batch),
+        seq_len: a.seq_len.or(run.seq_len).unwrap_or(4096),
+        precision,
+        optimizer_state: a.optimizer_state.unwrap_or(run.optimizer_state),
+        checkpointing: a.checkpointing.unwrap_or(run.checkpointing),
+        kernels,
+        device,
         device_memory: a.device_memory,
     };
-    let report = shears_pruning::plan::plan_configs(&config, target, modules, &run)
+    let report = shears_pruning::plan::plan_configs(&config, target, modules.as_deref(), &settings)
         .with_context(|| format!("cannot prune {} to that target", path.display()))?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const LLAMA2_7B: &str = r#"{"architectures":["LlamaForCausalLM"],"bos_token_id":1,"eos_token_id":2,
 "hidden_act":"silu","hidden_size":4096,"initializer_range":0.02,"intermediate_size":11008,
@@ -68,10 +68,11 @@ fn sheared_llama_numbers() {
             .map(|m| m["module"].as_str().unwrap())
             .collect();
         assert_eq!(names, modules);
+        // Without a plan or flags: a cuda device, where bf16-mixed is the default.
         let mem = &v["memory"];
-        assert_eq!(mem["settings"]["precision"], "f32");
-        assert_eq!(mem["weights"], 6_738_415_616u64 * 4);
-        assert_eq!(mem["master_weights"], 0);
+        assert_eq!(mem["settings"]["precision"], "bf16-mixed");
+        assert_eq!(mem["weights"], 6_738_415_616u64 * 2);
+        assert_eq!(mem["master_weights"], 6_738_415_616u64 * 4);
         assert_eq!(mem["fits"], Value::Null);
     }
     // The human-readable report says the same.
@@ -240,27 +241,93 @@ fn readme_shows_the_generated_defaults() {
 #[test]
 fn real_scale_recipes_fit_one_h200() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let run = |dir: &str, target: &str, extra: &[&str]| -> Value {
+    let run = |dir: &str, plan: &str, extra: &[&str]| -> Value {
         let src = root.join(dir).join("config.json");
-        let tgt = root.join(dir).join(target);
+        let plan = root.join(dir).join(plan);
         let mut args = vec![
             "plan",
+            "--config",
+            plan.to_str().unwrap(),
             "--source",
             src.to_str().unwrap(),
-            "--target",
-            tgt.to_str().unwrap(),
             "--json",
-            "--batch",
-            "32",
-            "--seq-len",
-            "4096",
         ];
         args.extend_from_slice(extra);
         let o = shears(&args);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice(&o.stdout).unwrap()
     };
+    for (dir, plan, total_params) in [
+        ("llama-2-7b", "prune-sheared-2.7b.toml", 6_738_415_616u64),
+        ("llama-3.1-8b", "prune-3b.toml", 8_030_261_248),
+    ] {
+        // The run plans as written: 32 x 4096 on cuda, bf16-mixed, bf16 moments, layers.
+        let v = run(dir, plan, &["--device-memory", "141GB"]);
+        assert_eq!(v["source"]["total_params"], total_params, "{dir}");
+        let m = &v["memory"];
+        let s = &m["settings"];
+        assert_eq!(
+            (&s["batch"], &s["seq_len"], &s["micro_batch"]),
+            (&json!(32), &json!(4096), &json!(1)),
+            "{dir}: {s}"
+        );
+        assert_eq!(
+            (
+                &s["precision"],
+                &s["optimizer_state"],
+                &s["checkpointing"],
+                &s["device"]
+            ),
+            (
+                &json!("bf16-mixed"),
+                &json!("bf16"),
+                &json!("layers"),
+                &json!("cuda")
+            ),
+            "{dir}: {s}"
+        );
+        assert_eq!(m["fits"], true, "{dir}: {m}");
+        assert!(m["total"].as_u64().unwrap() <= 141_000_000_000);
+        assert_eq!(m["master_weights"], total_params * 4);
+        assert_eq!(m["gradient_accumulator"], total_params * 4);
+        assert_eq!(m["optimizer_state"], total_params * 4);
+        // Layer checkpointing holds one segment's bf16 weight copies and gradients.
+        assert!(
+            m["weights"].as_u64().unwrap() * 10 < total_params * 2,
+            "{dir}"
+        );
+        assert!(m["max_micro_batch"].as_u64().unwrap() >= 1);
+        // 80 GB without checkpointing: no.
+        let v = run(
+            dir,
+            plan,
+            &["--checkpointing", "none", "--device-memory", "80GB"],
+        );
+        assert_eq!(v["memory"]["fits"], false, "{dir}");
+        assert_eq!(v["memory"]["max_micro_batch"], Value::Null, "{dir}");
+        // All f32 on 141 GB: no either.
+        let v = run(
+            dir,
+            plan,
+            &[
+                "--precision",
+                "f32",
+                "--optimizer-state",
+                "f32",
+                "--checkpointing",
+                "none",
+                "--device-memory",
+                "141GB",
+            ],
+        );
+        assert_eq!(v["memory"]["fits"], false, "{dir}");
+    }
+    // The target-file form gives the same numbers as the plan.
     let recipe = [
+        "--batch",
+        "32",
+        "--seq-len",
+        "4096",
         "--micro-batch",
         "1",
         "--precision",
@@ -272,44 +339,20 @@ fn real_scale_recipes_fit_one_h200() {
         "--device-memory",
         "141GB",
     ];
-    for (dir, target, fused, total_params) in [
-        (
-            "llama-2-7b",
-            "target-sheared-2.7b.toml",
-            false,
-            6_738_415_616u64,
-        ),
-        ("llama-3.1-8b", "target-3b.toml", true, 8_030_261_248),
-    ] {
-        let mut args = recipe.to_vec();
-        if fused {
-            args.extend(["--kernels", "fused"]);
-        }
-        let v = run(dir, target, &args);
-        assert_eq!(v["source"]["total_params"], total_params, "{dir}");
-        let m = &v["memory"];
-        assert_eq!(m["fits"], true, "{dir}: {m}");
-        assert!(m["total"].as_u64().unwrap() <= 141_000_000_000);
-        assert_eq!(m["master_weights"], total_params * 4);
-        assert_eq!(m["optimizer_state"], total_params * 4);
-        assert!(m["max_micro_batch"].as_u64().unwrap() >= 1);
-        // 80 GB without checkpointing: no.
-        let mut no_ckpt = args.clone();
-        let i = no_ckpt.iter().position(|a| *a == "layers").unwrap();
-        no_ckpt[i] = "none";
-        let j = no_ckpt.iter().position(|a| *a == "141GB").unwrap();
-        no_ckpt[j] = "80GB";
-        let v = run(dir, target, &no_ckpt);
-        assert_eq!(v["memory"]["fits"], false, "{dir}");
-        assert_eq!(v["memory"]["max_micro_batch"], Value::Null, "{dir}");
-        // f32 on 141 GB: no either.
-        let v = run(dir, target, &["--device-memory", "141GB"]);
-        assert_eq!(v["memory"]["fits"], false, "{dir}");
-    }
-    // The text report says so, and bad settings are refused with the setting named.
     let src = root.join("llama-2-7b/config.json");
     let tgt = root.join("llama-2-7b/target-sheared-2.7b.toml");
     let (src, tgt) = (src.to_str().unwrap(), tgt.to_str().unwrap());
+    let mut args = vec!["plan", "--source", src, "--target", tgt, "--json"];
+    args.extend_from_slice(&recipe);
+    let o = shears(&args);
+    let by_flags: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let by_plan = run(
+        "llama-2-7b",
+        "prune-sheared-2.7b.toml",
+        &["--device-memory", "141GB"],
+    );
+    assert_eq!(by_flags["memory"], by_plan["memory"]);
+    // The text report says so, and bad settings are refused with the setting named.
     let mut args = vec!["plan", "--source", src, "--target", tgt];
     args.extend_from_slice(&recipe);
     let o = shears(&args);

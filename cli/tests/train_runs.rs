@@ -197,6 +197,92 @@ fn pruning_resumes_exactly_after_kill_9() {
     ok(&o);
 }
 
+/// The dtypes of a safetensors file's tensors, from its header.
+fn safetensors_dtypes(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(_, v)| v["dtype"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn bf16_mixed_pruning_with_layer_checkpointing_resumes_exactly_after_kill_9() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = setup(BIN, tmp.path());
+    let plan = write(
+        tmp.path(),
+        "prune.toml",
+        &prune_plan(
+            &model,
+            &data,
+            "steps = 20\nbatch_size = 4\nmicro_batch = 2\neval_interval = 7\ncheckpoint_interval = 4\neval_sequences = 4\nprecision = \"bf16-mixed\"\noptimizer_state = \"bf16\"\ncheckpointing = \"layers\"",
+            "[pruning]\nlagrangian_warmup_steps = 10",
+        ),
+    );
+    let kill_after = seed_from_time(5, 16);
+    let (a, b) = run_killed_and_resumed("prune", &plan, tmp.path(), kill_after);
+    let (ma, mb) = (metrics(&a), metrics(&b));
+    assert_eq!(ma.len(), mb.len());
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(x, y, "killed after {kill_after} steps");
+    }
+    let last = "checkpoints/step-00000020";
+    same_files(
+        &a,
+        &b,
+        &[
+            &format!("{last}/model/model.safetensors"),
+            &format!("{last}/pruning.safetensors"),
+            &format!("{last}/optimizer.safetensors"),
+        ],
+    );
+    // The checkpoint holds the f32 master weights, and the plan says what ran.
+    let dtypes = safetensors_dtypes(&a.join(format!("{last}/model/model.safetensors")));
+    assert!(
+        !dtypes.is_empty() && dtypes.iter().all(|d| d == "F32"),
+        "{dtypes:?}"
+    );
+    let resolved = std::fs::read_to_string(a.join("resolved.toml")).unwrap();
+    for want in [
+        "precision = \"bf16-mixed\"",
+        "optimizer_state = \"bf16\"",
+        "checkpointing = \"layers\"",
+    ] {
+        assert!(resolved.contains(want), "{want} not in {resolved}");
+    }
+    // Finite losses throughout.
+    let losses: Vec<f64> = ma
+        .iter()
+        .filter(|m| m["kind"] == "step")
+        .map(|m| m["lm_loss"].as_f64().unwrap())
+        .collect();
+    assert!(
+        losses.len() == 20 && losses.iter().all(|l| l.is_finite()),
+        "{losses:?}"
+    );
+    // A command-line override that changes the plan is refused on resume.
+    let o = shears(
+        BIN,
+        &[
+            "prune",
+            "--config",
+            plan.to_str().unwrap(),
+            "--out",
+            b.to_str().unwrap(),
+            "--resume",
+            "--precision",
+            "f32",
+        ],
+    );
+    assert!(!o.status.success());
+}
+
 fn evals(run: &Path) -> Vec<Value> {
     metrics(run)
         .into_iter()

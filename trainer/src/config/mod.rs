@@ -338,6 +338,10 @@ impl StageKind {
             ("run.checkpoint_interval", "run.eval_interval".into()),
             ("run.backend", "the CLI's --backend".into()),
             (
+                "run.precision",
+                "\"bf16-mixed\" on cuda, \"f32\" elsewhere".into(),
+            ),
+            (
                 "optim.warmup_steps",
                 format!("{}% of run.steps", self.warmup_percent()),
             ),
