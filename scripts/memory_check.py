@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Check `shears plan`'s memory estimate against the peak RSS of real CPU pruning runs.
 
-For each micro-batch size it runs `shears prune` on SmolLM2-135M for two steps (f32, the default
-CPU backend's fused kernels, no checkpointing) and reads the child's peak resident set size,
-then asks `shears plan` for the same settings (`--kernels fused --device cpu`) and prints both
-with their ratio. Exit status 1 when any estimate is off by more than --tolerance.
+For each compute setting (precision:checkpointing, e.g. f32:none, bf16-mixed:layers) and each
+micro-batch size it runs `shears prune` on SmolLM2-135M for two steps on the flex CPU backend
+and reads the child's peak resident set size, then asks `shears plan --config` for the same run
+plan (device cpu; fused kernels in f32, the generic composition in bf16, as flex runs them) and
+prints both with their ratio. Exit status 1 when any estimate is off by more than --tolerance.
 
-    python3 scripts/memory_check.py --shears target/release/shears --data DIR [--batches 2 4 8]
+    python3 scripts/memory_check.py --shears target/release/shears --data DIR \
+        [--batches 2 4 8] [--settings f32:none f32:layers bf16-mixed:none bf16-mixed:layers]
 
 DIR is a `shears prepare` output made with SmolLM2's tokenizer; --seq-len must not exceed its
 sequence length. Run it on an otherwise idle machine with enough memory (8 sequences of 512
@@ -43,6 +45,35 @@ def peak_rss_of(cmd):
     return rc, kib * 1024, err
 
 
+def measure(a, tmp, precision, checkpointing, b):
+    name = f"{precision}-{checkpointing}-{b}"
+    plan = os.path.join(tmp, f"{name}.toml")
+    with open(plan, "w") as f:
+        f.write(f'model = "{a.model}"\ndata = "{a.data}"\n[target]\n')
+        f.writelines(f"{k} = {v}\n" for k, v in TARGET.items())
+        f.write(
+            f"[run]\nsteps = 2\nbatch_size = {b}\nmicro_batch = {b}\n"
+            f"seq_len = {a.seq_len}\neval_interval = 1000\neval_sequences = 8\n"
+            f'backend = "flex"\nprecision = "{precision}"\ncheckpointing = "{checkpointing}"\n'
+        )
+    rc, rss, err = peak_rss_of(
+        [a.shears, "prune", "--config", plan, "--out", os.path.join(tmp, f"run-{name}")]
+    )
+    if rc != 0:
+        sys.exit(f"shears prune ({name}) failed with status {rc}:\n{err}")
+    est = subprocess.run([a.shears, "plan", "--config", plan, "--json"],
+                         capture_output=True, text=True, check=True)
+    memory = json.loads(est.stdout)["memory"]
+    total = memory["total"]
+    print(f"{precision:>10} checkpointing {checkpointing:<6} batch {b:>3} x {a.seq_len}: "
+          f"peak RSS {rss / 2**30:6.2f} GiB, estimate {total / 2**30:6.2f} GiB "
+          f"(kernels {memory['settings']['kernels']}), estimate/measured {total / rss:.3f}",
+          flush=True)
+    return {"precision": precision, "checkpointing": checkpointing, "batch": b,
+            "seq_len": a.seq_len, "kernels": memory["settings"]["kernels"],
+            "peak_rss": rss, "estimate": total, "ratio": total / rss}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shears", required=True)
@@ -50,39 +81,17 @@ def main():
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--settings", nargs="+", default=["f32:none"],
+                    help="precision:checkpointing pairs")
     ap.add_argument("--tolerance", type=float, default=0.25)
     ap.add_argument("--json", help="also write the rows to this file")
     a = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        target = os.path.join(tmp, "target.toml")
-        with open(target, "w") as f:
-            f.writelines(f"{k} = {v}\n" for k, v in TARGET.items())
-        for b in a.batches:
-            plan = os.path.join(tmp, f"plan{b}.toml")
-            with open(plan, "w") as f:
-                f.write(f'model = "{a.model}"\ndata = "{a.data}"\n[target]\n')
-                f.writelines(f"{k} = {v}\n" for k, v in TARGET.items())
-                f.write(
-                    f"[run]\nsteps = 2\nbatch_size = {b}\nmicro_batch = {b}\n"
-                    f"seq_len = {a.seq_len}\neval_interval = 1000\neval_sequences = 8\n"
-                )
-            rc, rss, err = peak_rss_of(
-                [a.shears, "prune", "--config", plan, "--out", os.path.join(tmp, f"run{b}")]
-            )
-            if rc != 0:
-                sys.exit(f"shears prune (batch {b}) failed with status {rc}:\n{err}")
-            est = subprocess.run(
-                [a.shears, "plan", "--source", a.model, "--target", target, "--json",
-                 "--batch", str(b), "--seq-len", str(a.seq_len),
-                 "--kernels", "fused", "--device", "cpu"],
-                capture_output=True, text=True, check=True)
-            total = json.loads(est.stdout)["memory"]["total"]
-            rows.append({"batch": b, "seq_len": a.seq_len, "peak_rss": rss,
-                         "estimate": total, "ratio": total / rss})
-            print(f"batch {b:>3} x {a.seq_len}: peak RSS {rss / 2**30:6.2f} GiB, "
-                  f"estimate {total / 2**30:6.2f} GiB, estimate/measured {total / rss:.3f}",
-                  flush=True)
+        for setting in a.settings:
+            precision, checkpointing = setting.split(":")
+            for b in a.batches:
+                rows.append(measure(a, tmp, precision, checkpointing, b))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -11,7 +11,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::json;
 use shears_core::{DType, LlamaConfig, ModelFiles};
 use shears_models::{dispatch, dispatch_autodiff, load, AutodiffTask, BackendKind, BackendTask};
-use shears_trainer::{AdamWSettings, LmStage, Stage};
+use shears_trainer::{AdamWSettings, Compute, LmStage, Stage};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
@@ -83,6 +83,15 @@ pub struct PruneArgs {
     /// Timed pairs of steps (a plain step, then a masked step), after one warm-up step each.
     #[arg(long, default_value_t = 2)]
     iters: usize,
+    /// Which steps to time: both (alternating pairs), plain (continued pre-training only) or
+    /// masked (the pruning step only; one model in memory, for peak-memory figures).
+    #[arg(long, default_value = "both", value_parser = ["both", "plain", "masked"])]
+    only: String,
+    #[command(flatten)]
+    compute: crate::train::ComputeArgs,
+    /// Peak dense TFLOP/s of the device, to report MFU (989 for an H200 in bf16).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
     /// Print one JSON line.
     #[arg(long)]
     json: bool,
@@ -257,18 +266,28 @@ struct PruneBench<'a> {
     batch: usize,
     len: usize,
     iters: usize,
+    plain: bool,
+    masked: bool,
+    compute: Compute,
 }
 
+/// Median seconds per step without and with masks (each when timed), and the median of the
+/// per-pair ratios (when both are).
+type PruneTimes = (Option<f64>, Option<f64>, Option<f64>);
+
 impl AutodiffTask for PruneBench<'_> {
-    /// Median seconds per step without and with masks, and the median of the per-pair ratios.
-    type Output = shears_core::Result<(f64, f64, f64)>;
+    type Output = shears_core::Result<PruneTimes>;
     fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> Self::Output {
         use shears_pruning::{PruningSpec, TargetShape};
         use shears_trainer::{PruneRates, PruneStage};
         let vocab = self.files.config.vocab_size;
         let ids = random_seqs(self.batch, self.len, vocab, 3);
         let rates = PruneRates::default();
-        let mut plain = LmStage::<B>::new(self.files, rates.model, &device)?;
+        let mut plain = if self.plain {
+            Some(LmStage::<B>::new(self.files, rates.model, &device)?.with_compute(self.compute))
+        } else {
+            None
+        };
         // Prune every structure at once (the heaviest mask configuration): a target two thirds
         // the source's size in every dimension.
         let c = &self.files.config;
@@ -284,27 +303,57 @@ impl AutodiffTask for PruneBench<'_> {
             intermediate_size: (c.intermediate_size * 2 / 3).max(1),
         };
         let spec = PruningSpec::new(c, target, None)?;
-        let mut masked = PruneStage::<B>::new(self.files, &spec, rates, 0, &device)?;
+        let mut masked = if self.masked {
+            Some(
+                PruneStage::<B>::new(self.files, &spec, rates, 0, &device)?
+                    .with_compute(self.compute),
+            )
+        } else {
+            None
+        };
         // One warm-up step each, then plain and masked steps alternate, so a host whose speed
         // drifts from minute to minute slows both sides of each pair alike.
-        plain.step(&ids, 0, 0, 1.0);
-        masked.step(&ids, 0, 0, 1.0);
-        let pairs: Vec<(f64, f64)> = (1..=self.iters.max(1))
-            .map(|t| {
-                let p = secs(|| {
-                    plain.step(&ids, t, 0, 1.0);
-                });
-                let m = secs(|| {
-                    masked.step(&ids, t, t as u64, 1.0);
-                });
-                eprintln!("pair: plain {p:.3} s, masked {m:.3} s ({:.3}x)", m / p);
-                (p, m)
-            })
-            .collect();
-        let ratio = median(pairs.iter().map(|(p, m)| m / p).collect());
-        let plain_s = median(pairs.iter().map(|p| p.0).collect());
-        let masked_s = median(pairs.iter().map(|p| p.1).collect());
-        Ok((plain_s, masked_s, ratio))
+        let check = |what: &str, loss: f64| {
+            if !loss.is_finite() {
+                return Err(shears_core::Error::invalid(format!(
+                    "the {what} step's loss is {loss}"
+                )));
+            }
+            Ok(())
+        };
+        if let Some(p) = plain.as_mut() {
+            check("plain", p.step(&ids, 0, 0, 1.0).lm)?;
+        }
+        if let Some(m) = masked.as_mut() {
+            check("masked", m.step(&ids, 0, 0, 1.0).lm)?;
+        }
+        let mut pairs: Vec<(Option<f64>, Option<f64>)> = vec![];
+        for t in 1..=self.iters.max(1) {
+            let mut loss = (0.0, 0.0);
+            let p = plain.as_mut().map(|p| {
+                secs(|| {
+                    loss.0 = p.step(&ids, t, 0, 1.0).lm;
+                })
+            });
+            let m = masked.as_mut().map(|m| {
+                secs(|| {
+                    loss.1 = m.step(&ids, t, t as u64, 1.0).lm;
+                })
+            });
+            check("plain", loss.0)?;
+            check("masked", loss.1)?;
+            eprintln!("step {t}: plain {p:.3?} s, masked {m:.3?} s");
+            pairs.push((p, m));
+        }
+        let med = |f: &dyn Fn(&(Option<f64>, Option<f64>)) -> Option<f64>| {
+            let v: Vec<f64> = pairs.iter().filter_map(f).collect();
+            (!v.is_empty()).then(|| median(v))
+        };
+        Ok((
+            med(&|p| p.0),
+            med(&|p| p.1),
+            med(&|p| p.0.zip(p.1).map(|(a, b)| b / a)),
+        ))
     }
 }
 
@@ -357,6 +406,9 @@ fn bench_kernels(a: KernelsArgs, only: Option<BackendKind>) -> Result<()> {
 fn bench_prune(a: PruneArgs, only: Option<BackendKind>) -> Result<()> {
     let kind = one_backend(only);
     let files = crate::commands::load_model_files(&a.model)?;
+    let mut run = shears_trainer::config::RunSettings::default();
+    a.compute.apply(&mut run, kind);
+    let compute = run.compute(kind == BackendKind::Cuda);
     let (plain, masked, ratio) = dispatch_autodiff(
         kind,
         PruneBench {
@@ -364,26 +416,61 @@ fn bench_prune(a: PruneArgs, only: Option<BackendKind>) -> Result<()> {
             batch: a.batch,
             len: a.seq_len,
             iters: a.iters,
+            plain: a.only != "masked",
+            masked: a.only != "plain",
+            compute,
         },
     )??;
-    let overhead = ratio - 1.0;
     let (batch, seq_len, iters) = (a.batch, a.seq_len, a.iters);
+    let tokens = (batch * seq_len) as f64;
+    let flop_params = matmul_params(&files);
+    // MFU: 6 x (parameters in matmuls) x tokens/s over the device's peak; attention's score
+    // and context products are not counted.
+    let mfu = |s: Option<f64>| {
+        s.zip(a.peak_tflops)
+            .map(|(s, peak)| 6.0 * flop_params as f64 * tokens / s / (peak * 1e12))
+    };
     if a.json {
         println!(
             "{}",
             json!({"backend": kind.name(), "model": files.source.display().to_string(), "batch": batch,
-                "seq_len": seq_len, "iters": iters, "step_s_without_masks": plain,
-                "step_s_with_masks": masked, "mask_overhead": overhead})
+                "seq_len": seq_len, "iters": iters, "precision": compute.precision.name(),
+                "optimizer_state": compute.optimizer_state.name(),
+                "checkpointing": compute.checkpointing.name(), "matmul_params": flop_params,
+                "step_s_without_masks": plain, "step_s_with_masks": masked,
+                "tokens_per_s_without_masks": plain.map(|s| tokens / s),
+                "tokens_per_s_with_masks": masked.map(|s| tokens / s),
+                "mfu_without_masks": mfu(plain), "mfu_with_masks": mfu(masked),
+                "mask_overhead": ratio.map(|r| r - 1.0)})
         );
     } else {
-        println!("# shears bench prune: {} on {kind}, batch {batch} x {seq_len}, {iters} alternating pairs of timed steps after 1 warm-up each; medians, overhead = median of the pairs' ratios", files.source.display());
-        println!("training step without masks: {plain:.3} s");
-        println!(
-            "training step with masks:    {masked:.3} s  ({:+.1}%)",
-            100.0 * overhead
-        );
+        println!("# shears bench prune: {} on {kind} ({}, checkpointing {}), batch {batch} x {seq_len}, {iters} timed steps after 1 warm-up each; medians, overhead = median of the pairs' ratios", files.source.display(), compute.precision, compute.checkpointing);
+        let line = |what: &str, s: Option<f64>| {
+            if let Some(s) = s {
+                let m = mfu(Some(s)).map_or(String::new(), |m| format!(", MFU {:.1}%", 100.0 * m));
+                println!("{what}: {s:.3} s ({:.0} tokens/s{m})", tokens / s);
+            }
+        };
+        line("training step without masks", plain);
+        line("training step with masks   ", masked);
+        if let Some(r) = ratio {
+            println!("mask overhead: {:+.1}%", 100.0 * (r - 1.0));
+        }
     }
     Ok(())
+}
+
+/// Parameters that take part in a matmul per token: every weight but an untied input
+/// embedding (a lookup); a tied embedding counts once, as the LM head.
+fn matmul_params(files: &ModelFiles) -> u64 {
+    let c = &files.config;
+    let total: u64 = files.weights.values().map(|t| t.numel() as u64).sum();
+    let embed = (c.vocab_size * c.hidden_size) as u64;
+    if c.tie_word_embeddings {
+        total
+    } else {
+        total - embed
+    }
 }
 
 /// One backend's row of `shears bench forward`.
@@ -443,9 +530,16 @@ fn forward_row(
                     batch: 4,
                     len,
                     iters: iters.min(2),
+                    plain: true,
+                    masked: true,
+                    compute: Compute::default(),
                 },
             )??;
-            (t, Some(p))
+            let p = match p {
+                (Some(a), Some(b), Some(r)) => Some((a, b, r)),
+                _ => None,
+            };
+            (t, p)
         }
         _ => (vec![], None),
     };

@@ -52,7 +52,7 @@ pub struct ComputeArgs {
 impl ComputeArgs {
     /// Write the overrides into `run`, and the backend's default precision where neither the
     /// plan nor the command line chose one (so `resolved.toml` says what ran).
-    fn apply(&self, run: &mut RunSettings, backend: BackendKind) {
+    pub(crate) fn apply(&self, run: &mut RunSettings, backend: BackendKind) {
         if let Some(p) = self.precision {
             run.precision = Some(p);
         }

@@ -60,8 +60,19 @@ const MIXED_TOLERANCE: f64 = 2e-2;
 
 #[test]
 fn bf16_mixed_tracks_f32_for_20_steps_with_f32_masters() {
+    bf16_tracks_f32::<Flex>();
+}
+
+/// The device check's copy: bf16-mixed on CUDA (tensor-core bf16 matmuls) against CUDA f32.
+#[cfg(feature = "cuda")]
+#[test]
+fn bf16_mixed_tracks_f32_on_cuda() {
+    bf16_tracks_f32::<Autodiff<shears_models::backend::CudaBackend>>();
+}
+
+fn bf16_tracks_f32<B: ShearsAutodiff>() {
     let (files, batch) = tiny_train();
-    let f32_losses = losses::<Flex>(&files, &batch, Compute::default());
+    let f32_losses = losses::<B>(&files, &batch, Compute::default());
     for (what, c) in [
         ("bf16-mixed", mixed()),
         (
@@ -72,7 +83,7 @@ fn bf16_mixed_tracks_f32_for_20_steps_with_f32_masters() {
             },
         ),
     ] {
-        let got = losses::<Flex>(&files, &batch, c);
+        let got = losses::<B>(&files, &batch, c);
         let mut worst = 0f64;
         for (t, (a, b)) in got.iter().zip(&f32_losses).enumerate() {
             let rel = (a - b).abs() / b;
@@ -86,7 +97,7 @@ fn bf16_mixed_tracks_f32_for_20_steps_with_f32_masters() {
     }
 
     // The parameters are f32 master weights: after 20 steps they hold values bf16 cannot.
-    let mut s = lm_stage::<Flex>(&files, mixed());
+    let mut s = lm_stage::<B>(&files, mixed());
     for t in 0..20 {
         s.step(&batch, t, 0, 1.0);
     }
@@ -125,6 +136,18 @@ fn by_layers() -> Compute {
 }
 
 fn lm_checkpointing<B: ShearsAutodiff>(what: &str) {
+    lm_checkpointing_within::<B>(what, 1e-6)
+}
+
+/// The device check's copy, on CUDA: its reductions may run in another order between the two
+/// graphs, hence 1e-4.
+#[cfg(feature = "cuda")]
+#[test]
+fn layer_checkpointing_on_cuda() {
+    lm_checkpointing_within::<Autodiff<shears_models::backend::CudaBackend>>("cuda", 1e-4);
+}
+
+fn lm_checkpointing_within<B: ShearsAutodiff>(what: &str, tol: f64) {
     let (files, batch) = tiny_train();
     let mut whole = lm_stage::<B>(&files, Compute::default());
     let mut layers = lm_stage::<B>(&files, by_layers());
@@ -137,11 +160,11 @@ fn lm_checkpointing<B: ShearsAutodiff>(what: &str) {
         let a = whole.backward(&micro, t, &[0, 1]);
         let b = layers.backward(&micro, t, &[0, 1]);
         let rel = (a.lm - b.lm).abs() / a.lm;
-        assert!(rel <= 1e-6, "{what} step {t}: loss {} vs {}", a.lm, b.lm);
+        assert!(rel <= tol, "{what} step {t}: loss {} vs {}", a.lm, b.lm);
         assert_close(
             &whole.gradients(),
             &layers.gradients(),
-            1e-6,
+            tol,
             &format!("{what} step {t}"),
         );
         whole.apply(1.0);

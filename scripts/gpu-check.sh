@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The CUDA device check, in two halves (see scripts/gpu_check.py for what the device half runs).
+#
+#   bash scripts/gpu-check.sh bundle [--cpu] [--out DIR]
+#       Here, on the Rust machine: build `shears` and the two test binaries the check runs
+#       (`backends`, `compute_settings`) with --features cuda (CUDARC_CUDA_VERSION=13000, the
+#       GPU machine's driver), strip them, copy the device script and the random-model
+#       generator beside them, and check the folder fits the device tool's 64 MiB (xz-compressed
+#       into shears.xz etc. when it does not). --cpu builds the same bundle without cuda, for the
+#       dry run. Default DIR: gpu-bundle/ (git-ignored).
+#
+#   bash scripts/gpu-check.sh run [--bundle DIR] [--out FILE] [--dry-run]
+#       On the GPU machine (no Rust, no network; python3): unpack what is compressed and run
+#       gpu_check.py, which writes one JSON file (default gpu-check.json). --dry-run runs every
+#       step on the flex CPU backend with tiny shapes (what CI does).
+#
+#   bash scripts/gpu-check.sh --dry-run
+#       Both halves on this machine: a --cpu bundle, then `run --dry-run` from it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+LIMIT=$((64 * 1024 * 1024))
+
+die() { echo "gpu-check: $*" >&2; exit 1; }
+
+bundle() {
+  local out="$ROOT/gpu-bundle" cuda=1
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --cpu) cuda=0 ;;
+      --out) out="$2"; shift ;;
+      *) die "bundle: unknown argument $1" ;;
+    esac
+    shift
+  done
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shears-target}"
+  local features=()
+  if [ "$cuda" = 1 ]; then
+    features=(--features cuda)
+    export CUDARC_CUDA_VERSION=13000
+  fi
+  rm -rf "$out"
+  mkdir -p "$out/tests"
+  echo "building shears ${features[*]:-(default features)} into $CARGO_TARGET_DIR"
+  cargo build -q -p shears-cli --bin shears "${features[@]}"
+  cp "$CARGO_TARGET_DIR/debug/shears" "$out/shears"
+  # The test binaries' paths, from cargo's own report.
+  local json
+  json=$(cargo test -q -p shears-tests "${features[@]}" --test backends --test compute_settings \
+    --no-run --message-format=json)
+  for t in backends compute_settings; do
+    local exe
+    exe=$(printf '%s\n' "$json" | python3 -c '
+import json, sys
+name = sys.argv[1]
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == name:
+        print(m["executable"])
+' "$t" | tail -1)
+    [ -n "$exe" ] || die "no executable for test $t"
+    cp "$exe" "$out/tests/$t"
+  done
+  strip "$out/shears" "$out/tests/"*
+  cp scripts/gpu_check.py scripts/gpu-check.sh "$out/"
+  cp "$ROOT/../shared/gpu/gen_random_llama.py" "$out/" 2>/dev/null \
+    || die "../shared/gpu/gen_random_llama.py not found"
+  local size
+  size=$(du -sb "$out" | cut -f1)
+  if [ "$size" -gt "$LIMIT" ]; then
+    echo "bundle is $size bytes, over 64 MiB: compressing the binaries with xz"
+    xz -9 -T0 "$out/shears" "$out/tests/"*
+    size=$(du -sb "$out" | cut -f1)
+  fi
+  [ "$size" -le "$LIMIT" ] || die "bundle is $size bytes, over the 64 MiB a device call carries"
+  echo "bundle: $out ($size bytes, limit $LIMIT)"
+  ls -l "$out" "$out/tests"
+}
+
+run() {
+  local dir="$ROOT/gpu-bundle" out="gpu-check.json" dry=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --bundle) dir="$2"; shift ;;
+      --out) out="$2"; shift ;;
+      --dry-run) dry=(--dry-run) ;;
+      *) die "run: unknown argument $1" ;;
+    esac
+    shift
+  done
+  [ -d "$dir" ] || die "no bundle at $dir (build one with: bash scripts/gpu-check.sh bundle)"
+  for f in "$dir"/shears.xz "$dir"/tests/*.xz; do
+    [ -e "$f" ] && xz -dkf "$f"
+  done
+  chmod +x "$dir/shears" "$dir/tests/"*
+  python3 "$dir/gpu_check.py" --bundle "$dir" --out "$out" "${dry[@]}"
+}
+
+# Inside a bundle (the GPU machine) there is no Cargo.toml: only `run` makes sense there.
+case "${1:-}" in
+  bundle) shift; bundle "$@" ;;
+  run) shift; run "$@" ;;
+  --dry-run)
+    shift
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    bundle --cpu --out "$tmp/bundle"
+    run --bundle "$tmp/bundle" --dry-run --out "${1:-gpu-check-dry-run.json}"
+    ;;
+  *) die "usage: gpu-check.sh bundle [--cpu] [--out DIR] | run [--bundle DIR] [--out FILE] [--dry-run] | --dry-run [OUT.json]" ;;
+esac
