@@ -8,7 +8,7 @@ plan (device cpu; fused kernels in f32, the generic composition in bf16, as flex
 prints both with their ratio. Exit status 1 when any estimate is off by more than --tolerance.
 
     python3 scripts/memory_check.py --shears target/release/shears --data DIR \
-        [--batches 2 4 8] [--settings f32:none f32:layers bf16-mixed:none bf16-mixed:layers]
+        [--batches 2 4 8] [--settings f32:none f32:layers f32:none:generic bf16-mixed:layers]
 
 DIR is a `shears prepare` output made with SmolLM2's tokenizer; --seq-len must not exceed its
 sequence length. Run it on an otherwise idle machine with enough memory (8 sequences of 512
@@ -32,7 +32,7 @@ TARGET = {  # the demo's target: 20 layers / 384 / 6 heads (3 kv) / 1024
 }
 
 
-def peak_rss_of(cmd):
+def peak_rss_of(cmd, env=None):
     """Run cmd in a fresh child of a fresh interpreter, return (returncode, peak RSS bytes)."""
     probe = (
         "import resource, subprocess, sys, json;"
@@ -40,13 +40,14 @@ def peak_rss_of(cmd):
         "print(json.dumps([r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,"
         " r.stderr.decode(errors='replace')[-2000:]]))"
     )
-    out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True,
+                         env=env)
     rc, kib, err = json.loads(out.stdout)
     return rc, kib * 1024, err
 
 
-def measure(a, tmp, precision, checkpointing, b):
-    name = f"{precision}-{checkpointing}-{b}"
+def measure(a, tmp, precision, checkpointing, kernels, b):
+    name = f"{precision}-{checkpointing}-{kernels or 'default'}-{b}"
     plan = os.path.join(tmp, f"{name}.toml")
     with open(plan, "w") as f:
         f.write(f'model = "{a.model}"\ndata = "{a.data}"\n[target]\n')
@@ -56,12 +57,18 @@ def measure(a, tmp, precision, checkpointing, b):
             f"seq_len = {a.seq_len}\neval_interval = 1000\neval_sequences = 8\n"
             f'backend = "flex"\nprecision = "{precision}"\ncheckpointing = "{checkpointing}"\n'
         )
+    env = dict(os.environ)
+    plan_flags = []
+    if kernels == "generic":
+        # flex without its fused kernels runs burn's generic composition, as cuda does.
+        env["SHEARS_FUSED"] = "0"
+        plan_flags = ["--kernels", "generic"]
     rc, rss, err = peak_rss_of(
-        [a.shears, "prune", "--config", plan, "--out", os.path.join(tmp, f"run-{name}")]
+        [a.shears, "prune", "--config", plan, "--out", os.path.join(tmp, f"run-{name}")], env
     )
     if rc != 0:
         sys.exit(f"shears prune ({name}) failed with status {rc}:\n{err}")
-    est = subprocess.run([a.shears, "plan", "--config", plan, "--json"],
+    est = subprocess.run([a.shears, "plan", "--config", plan, "--json", *plan_flags],
                          capture_output=True, text=True, check=True)
     memory = json.loads(est.stdout)["memory"]
     total = memory["total"]
@@ -82,16 +89,18 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--settings", nargs="+", default=["f32:none"],
-                    help="precision:checkpointing pairs")
+                    help="precision:checkpointing[:generic] (generic: flex without its fused "
+                         "kernels, SHEARS_FUSED=0, what the cuda backend runs)")
     ap.add_argument("--tolerance", type=float, default=0.25)
     ap.add_argument("--json", help="also write the rows to this file")
     a = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for setting in a.settings:
-            precision, checkpointing = setting.split(":")
+            precision, checkpointing, *rest = setting.split(":")
+            kernels = rest[0] if rest else None
             for b in a.batches:
-                rows.append(measure(a, tmp, precision, checkpointing, b))
+                rows.append(measure(a, tmp, precision, checkpointing, kernels, b))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -9,7 +9,8 @@ use serde_json::json;
 
 use crate::config::{LayerShape, LlamaConfig};
 use crate::error::{Error, IoContext, Result};
-use crate::formats::{gguf::GgufFile, gguf_llama, safetensors};
+use crate::formats::safetensors::{self, LazyTensors};
+use crate::formats::{gguf::GgufFile, gguf_llama};
 use crate::fsutil::StagedDir;
 use crate::layer_tensors::{LayerTensor, EMBED_TOKENS, FINAL_NORM, LM_HEAD};
 use crate::tensor::{DType, WeightMap};
@@ -151,6 +152,22 @@ impl ModelFiles {
         dtype: Option<DType>,
         overwrite: bool,
     ) -> Result<PathBuf> {
+        let tensors = match dtype {
+            Some(d) => LazyTensors::converted(&self.weights, d),
+            None => LazyTensors::borrowed(&self.weights),
+        };
+        self.write_hf_dir_with(out, overwrite, tensors)
+    }
+
+    /// [`Self::write_hf_dir`] with the weights given as `tensors` (made one at a time as they
+    /// are written) instead of `self.weights`: a checkpoint of a model that lives on a device
+    /// never holds a whole host copy of it.
+    pub fn write_hf_dir_with(
+        &self,
+        out: impl AsRef<Path>,
+        overwrite: bool,
+        tensors: LazyTensors<'_>,
+    ) -> Result<PathBuf> {
         if !self.is_uniform() {
             return Err(Error::invalid(format!(
                 "the model has per-layer widths ({}) that HF LlamaForCausalLM cannot represent; exporting non-uniform models is not supported yet",
@@ -160,19 +177,7 @@ impl ModelFiles {
         crate::fsutil::check_output_apart(out.as_ref(), [("model", self.source.as_path())])?;
         let stage = StagedDir::new(out, overwrite)?;
         let dir = stage.path().to_path_buf();
-        let weights: WeightMap = match dtype {
-            Some(d) => self
-                .weights
-                .iter()
-                .map(|(k, t)| (k.clone(), t.to_dtype(d)))
-                .collect(),
-            None => self.weights.clone(),
-        };
-        let stored = weights
-            .values()
-            .next()
-            .map(|t| t.dtype())
-            .unwrap_or(DType::F32);
+        let stored = tensors.first_dtype().unwrap_or(DType::F32);
         let mut config = self.config.clone();
         config.extra.remove("dtype");
         config
@@ -182,7 +187,7 @@ impl ModelFiles {
         std::fs::write(&p, config.to_json_string()?).at(&p, "cannot write")?;
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
-        safetensors::write(dir.join("model.safetensors"), &weights, &meta)?;
+        tensors.write(dir.join("model.safetensors"), &meta)?;
         if let Some(t) = &self.tokenizer {
             t.save(&dir)?;
         }

@@ -3,10 +3,13 @@
 //! `x · W` with `W` as `[in, out]`, so linear weights are transposed on the way in (into
 //! contiguous `[in, out]` storage, never a strided view) and out.
 
+use std::borrow::Cow;
+
 use burn::module::Param;
 use burn::nn::{Embedding, Linear};
 use burn::tensor::{backend::Backend, DType as BurnDType, Tensor, TensorData};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use shears_core::formats::safetensors::LazyTensors;
 use shears_core::layer_tensors::{EMBED_TOKENS, FINAL_NORM, LM_HEAD};
 use shears_core::model_files::check_weights;
 use shears_core::LayerTensor;
@@ -240,6 +243,31 @@ pub fn to_weights<B: Backend>(model: &Llama<B>, dtype: DType) -> WeightMap {
         }
     }
     let mut c = Collect(WeightMap::new(), dtype);
+    visit_params(model, &mut c);
+    c.0
+}
+
+/// The model's weights under HF names, in HF layout, as [`LazyTensors`]: each tensor's host copy
+/// (in `dtype`) is made only when the writer reaches it, so writing a checkpoint holds one
+/// tensor's host copy at a time instead of the whole model's.
+pub fn lazy_weights<B: Backend>(model: &Llama<B>, dtype: DType) -> LazyTensors<'static> {
+    struct Collect(LazyTensors<'static>, DType);
+    impl<B: Backend> ParamVisitor<B> for Collect {
+        fn visit<const D: usize>(
+            &mut self,
+            name: String,
+            p: &Param<Tensor<B, D>>,
+            transposed: bool,
+        ) {
+            let t = p.val();
+            let t = if transposed { t.transpose() } else { t };
+            let dtype = self.1;
+            self.0.push(name, dtype, t.dims().to_vec(), move || {
+                Cow::Owned(host_of(t, dtype))
+            });
+        }
+    }
+    let mut c = Collect(LazyTensors::new(), dtype);
     visit_params(model, &mut c);
     c.0
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use crate::optim::ShearsAdamW;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{adaptor::OptimizerAdaptor, GradientsParams, Optimizer};
-use shears_core::formats::safetensors;
+use shears_core::formats::safetensors::{self, LazyTensors};
 use shears_core::{DType, Error, ModelFiles, Result, WeightMap};
 use shears_data::Dataset;
 use shears_models::{load, recompute, Llama};
@@ -174,13 +174,16 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
     fn save(&self, dir: &Path) -> Result<StageState> {
         let model = self.model();
         let mut files = self.meta.clone();
-        files.weights = load::to_weights(model, DType::F32);
         files.layers = load::layer_shapes(model);
-        files.write_hf_dir(dir.join("model"), None, false)?;
-        let mut opt = WeightMap::new();
+        files.write_hf_dir_with(
+            dir.join("model"),
+            false,
+            load::lazy_weights(model, DType::F32),
+        )?;
+        let mut opt = LazyTensors::new();
         let mut times = BTreeMap::new();
         params::save_adamw(&self.opt, model, "model", &mut opt, &mut times);
-        safetensors::write(dir.join("optimizer.safetensors"), &opt, &Default::default())?;
+        opt.write(dir.join("optimizer.safetensors"), &Default::default())?;
         Ok(StageState::Train(TrainState {
             optimizer_steps: times,
         }))
@@ -196,8 +199,7 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
         let files = ModelFiles::load_hf_dir(dir.join("model"))?;
         let model = load::from_files::<B>(&files, &self.device, DType::F32)?
             .with_autocast(self.compute.autocast());
-        let opt =
-            safetensors::SafeTensorsFile::open(dir.join("optimizer.safetensors"))?.all_tensors()?;
+        let opt = safetensors::SafeTensorsFile::open(dir.join("optimizer.safetensors"))?;
         let times = &state.optimizer_steps;
         self.opt = params::load_adamw(
             self.settings.init_with(self.compute.state_dtype()),

@@ -2,6 +2,7 @@
 //! several modules, and optimizer state that survives a restart (saved under module paths,
 //! loaded onto the new process's parameter ids).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use crate::optim::ShearsAdamW;
@@ -11,15 +12,17 @@ use burn::optim::record::AdaptorRecord;
 use burn::optim::{AdamWState, AdaptiveMomentumState, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use shears_core::formats::safetensors::{LazyTensors, SafeTensorsFile};
 use shears_core::{DType, Error, HostTensor, Result, WeightMap};
 use shears_models::load::{host_of, visit_params, ParamVisitor};
 
-/// A float parameter: its module path (`layers.3.self_attn.q_proj.weight`), id and rank.
+/// A float parameter: its module path (`layers.3.self_attn.q_proj.weight`), id, rank and shape.
 #[derive(Debug, Clone)]
 pub struct NamedParam {
     pub name: String,
     pub id: ParamId,
     pub dims: usize,
+    pub shape: Vec<usize>,
 }
 
 struct Collect {
@@ -39,6 +42,7 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
             name: self.path.join("."),
             id: param.id,
             dims: D,
+            shape: param.val().dims().to_vec(),
         });
     }
 }
@@ -156,13 +160,14 @@ pub fn hf_gradients<B: shears_models::ShearsAutodiff>(
     c.1
 }
 
-/// AdamW moments of one parameter group, keyed `{prefix}.{path}.m` / `.v`, plus each
-/// parameter's step count.
+/// AdamW moments of one parameter group, keyed `{prefix}.{path}.m` / `.v` (f32 when written,
+/// whatever precision the state is kept in), plus each parameter's step count. The moments are
+/// added to `tensors` lazily: each host copy is made when the writer reaches it.
 pub fn save_adamw<B: shears_models::ShearsAutodiff, M: AutodiffModule<B>>(
     optim: &OptimizerAdaptor<ShearsAdamW, M, B>,
     module: &M,
     prefix: &str,
-    tensors: &mut WeightMap,
+    tensors: &mut LazyTensors<'static>,
     times: &mut BTreeMap<String, usize>,
 ) {
     let mut record = optim.to_record();
@@ -171,23 +176,25 @@ pub fn save_adamw<B: shears_models::ShearsAutodiff, M: AutodiffModule<B>>(
             continue;
         };
         let key = format!("{prefix}.{}", p.name);
-        let (time, m, v) = by_rank!(p, moments::<B>(rec));
-        tensors.insert(format!("{key}.m"), m);
-        tensors.insert(format!("{key}.v"), v);
+        let time = by_rank!(p, push_moments::<B>(rec, &key, tensors));
         times.insert(key, time);
     }
 }
 
-fn moments<B: shears_models::ShearsAutodiff, const D: usize>(
+fn push_moments<B: shears_models::ShearsAutodiff, const D: usize>(
     rec: AdaptorRecord<ShearsAdamW, B>,
-) -> (usize, HostTensor, HostTensor) {
+    key: &str,
+    tensors: &mut LazyTensors<'static>,
+) -> usize {
     let state: AdamWState<B::InnerBackend, D> = rec.into_state::<D>();
     let m = state.momentum;
-    (
-        m.time,
-        host_of(m.moment_1, DType::F32),
-        host_of(m.moment_2, DType::F32),
-    )
+    for (suffix, t) in [("m", m.moment_1), ("v", m.moment_2)] {
+        let shape = t.dims().to_vec();
+        tensors.push(format!("{key}.{suffix}"), DType::F32, shape, move || {
+            Cow::Owned(host_of(t, DType::F32))
+        });
+    }
+    m.time
 }
 
 fn state_of<B: shears_models::ShearsAutodiff, const D: usize>(
@@ -218,7 +225,7 @@ pub fn load_adamw<B: shears_models::ShearsAutodiff, M: AutodiffModule<B>>(
     optim: OptimizerAdaptor<ShearsAdamW, M, B>,
     module: &M,
     prefix: &str,
-    tensors: &WeightMap,
+    file: &SafeTensorsFile,
     times: &BTreeMap<String, usize>,
     device: &B::Device,
 ) -> Result<OptimizerAdaptor<ShearsAdamW, M, B>> {
@@ -229,19 +236,28 @@ pub fn load_adamw<B: shears_models::ShearsAutodiff, M: AutodiffModule<B>>(
         let Some(&time) = times.get(&key) else {
             continue;
         };
+        // One parameter's moments at a time: resuming never holds the whole state on the host.
         let get = |s: &str| {
-            tensors
-                .get(&format!("{key}.{s}"))
-                .ok_or_else(|| Error::invalid(format!("optimizer state has no '{key}.{s}'")))
+            let name = format!("{key}.{s}");
+            if file.entry(&name).is_none() {
+                return Err(Error::format(
+                    file.path(),
+                    format!("holds no optimizer state '{name}'"),
+                ));
+            }
+            file.tensor(&name)
         };
         let (m, v) = (get("m")?, get("v")?);
-        if m.shape.len() != p.dims || m.shape != v.shape {
-            return Err(Error::invalid(format!(
-                "optimizer state '{key}' has shape {:?}, the parameter has rank {}",
-                m.shape, p.dims
-            )));
+        if m.shape != p.shape || v.shape != p.shape {
+            return Err(Error::format(
+                file.path(),
+                format!(
+                    "optimizer state '{key}' has shapes {:?} / {:?}, the parameter is {:?}",
+                    m.shape, v.shape, p.shape
+                ),
+            ));
         }
-        let rec = by_rank!(p, state_of::<B>(time, m, v, device));
+        let rec = by_rank!(p, state_of::<B>(time, &m, &v, device));
         record.insert(p.id, rec);
     }
     Ok(optim.load_record(record))

@@ -11,7 +11,7 @@ use crate::optim::ShearsAdamW;
 use burn::optim::{adaptor::OptimizerAdaptor, GradientsParams, Optimizer};
 use burn::tensor::Tensor;
 use rand::{rngs::StdRng, SeedableRng};
-use shears_core::formats::safetensors;
+use shears_core::formats::safetensors::{self, LazyTensors};
 use shears_core::{DType, Error, ModelFiles, Result, WeightMap};
 use shears_data::Dataset;
 use shears_models::{load, recompute, Llama};
@@ -334,9 +334,12 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
     fn save(&self, dir: &Path) -> Result<StageState> {
         let st = self.state();
         let mut files = self.meta.clone();
-        files.weights = load::to_weights(&st.model, DType::F32);
         files.layers = load::layer_shapes(&st.model);
-        files.write_hf_dir(dir.join("model"), None, false)?;
+        files.write_hf_dir_with(
+            dir.join("model"),
+            false,
+            load::lazy_weights(&st.model, DType::F32),
+        )?;
         let mut masks = WeightMap::new();
         for (m, t) in st.masks.log_alphas() {
             masks.insert(
@@ -353,7 +356,7 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
             load::host_of(st.lagrangian.lambda_2.val(), DType::F32),
         );
         safetensors::write(dir.join("pruning.safetensors"), &masks, &Default::default())?;
-        let mut opt = WeightMap::new();
+        let mut opt = LazyTensors::new();
         let mut times = BTreeMap::new();
         params::save_adamw(&self.opt_model, &st.model, "model", &mut opt, &mut times);
         params::save_adamw(&self.opt_masks, &st.masks, "masks", &mut opt, &mut times);
@@ -364,7 +367,7 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
             &mut opt,
             &mut times,
         );
-        safetensors::write(dir.join("optimizer.safetensors"), &opt, &Default::default())?;
+        opt.write(dir.join("optimizer.safetensors"), &Default::default())?;
         let spec = self.spec();
         Ok(StageState::Prune(PruneState {
             optimizer_steps: times,
@@ -391,8 +394,7 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
         let model = load::from_files::<B>(&files, &self.device, DType::F32)?
             .with_autocast(self.compute.autocast());
         let (masks, lagrangian) = crate::checkpoint::read_pruning::<B>(dir, &spec, &self.device)?;
-        let opt =
-            safetensors::SafeTensorsFile::open(dir.join("optimizer.safetensors"))?.all_tensors()?;
+        let opt = safetensors::SafeTensorsFile::open(dir.join("optimizer.safetensors"))?;
         let times = &state.optimizer_steps;
         let r = self.rates;
         self.opt_model = params::load_adamw(

@@ -2,6 +2,7 @@
 //! then raw little-endian tensor bytes). Written here rather than taken from a crate so that every
 //! inconsistency in a file becomes an error that names the file and the tensor.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use memmap2::Mmap;
 use serde_json::Value;
 
 use crate::error::{Error, IoContext, Result};
-use crate::tensor::{HostData, HostTensor, WeightMap};
+use crate::tensor::{DType, HostData, HostTensor, WeightMap};
 
 /// The reference implementation's cap on the JSON header (100 MB).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
@@ -403,48 +404,130 @@ pub fn write(
     tensors: &WeightMap,
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let path = path.as_ref();
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            Value::Object(
-                metadata
-                    .iter()
-                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                    .collect(),
-            ),
-        );
+    LazyTensors::borrowed(tensors).write(path, metadata)
+}
+
+/// Makes one tensor's host copy when the writer reaches it.
+type Maker<'a> = Box<dyn FnOnce() -> Cow<'a, HostTensor> + 'a>;
+
+/// Tensors to write whose host copies are made one at a time, as the writer reaches each: the
+/// header needs only names, dtypes and shapes, so a checkpoint of a model whose weights and
+/// optimizer moments live on a device (or in the autodiff graph's parameters) never holds more
+/// than one tensor's host copy at once. Written in name order, like [`write`].
+#[derive(Default)]
+pub struct LazyTensors<'a> {
+    items: BTreeMap<String, (DType, Vec<usize>, Maker<'a>)>,
+}
+
+impl<'a> LazyTensors<'a> {
+    pub fn new() -> Self {
+        Self::default()
     }
-    let mut offset = 0usize;
-    for (name, t) in tensors {
-        let n = t.numel() * t.dtype().size();
-        header.insert(
-            name.clone(),
-            serde_json::json!({
-                "dtype": t.dtype().safetensors_name(),
-                "shape": t.shape,
-                "data_offsets": [offset, offset + n],
-            }),
-        );
-        offset += n;
+
+    /// Every tensor of `map`, borrowed (nothing is copied but one tensor's bytes at a time).
+    pub fn borrowed(map: &'a WeightMap) -> Self {
+        let mut l = Self::new();
+        for (name, t) in map {
+            l.push(name.clone(), t.dtype(), t.shape.clone(), move || {
+                Cow::Borrowed(t)
+            });
+        }
+        l
     }
-    let mut header_bytes = serde_json::to_vec(&Value::Object(header)).expect("json");
-    // Pad with spaces so the data section starts 8-byte aligned, as the reference writer does.
-    while !header_bytes.len().is_multiple_of(8) {
-        header_bytes.push(b' ');
+
+    /// Every tensor of `map` converted to `dtype` when it is written.
+    pub fn converted(map: &'a WeightMap, dtype: DType) -> Self {
+        let mut l = Self::new();
+        for (name, t) in map {
+            l.push(name.clone(), dtype, t.shape.clone(), move || {
+                Cow::Owned(t.to_dtype(dtype))
+            });
+        }
+        l
     }
-    let file = std::fs::File::create(path).at(path, "cannot create")?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    w.write_all(&(header_bytes.len() as u64).to_le_bytes())
-        .and_then(|_| w.write_all(&header_bytes))
-        .at(path, "cannot write")?;
-    for t in tensors.values() {
-        w.write_all(&t.to_le_bytes()).at(path, "cannot write")?;
+
+    /// Add a tensor: `make` must return a tensor of exactly this dtype and shape (checked when
+    /// it is written). A name given twice keeps the last.
+    pub fn push(
+        &mut self,
+        name: String,
+        dtype: DType,
+        shape: Vec<usize>,
+        make: impl FnOnce() -> Cow<'a, HostTensor> + 'a,
+    ) {
+        self.items.insert(name, (dtype, shape, Box::new(make)));
     }
-    let file = w
-        .into_inner()
-        .map_err(|e| Error::io(path, "cannot write", e.into_error()))?;
-    file.sync_all().at(path, "cannot sync")?;
-    Ok(())
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The dtype of the first tensor in name order (what a model directory records as its
+    /// `torch_dtype`).
+    pub fn first_dtype(&self) -> Option<DType> {
+        self.items.values().next().map(|(d, _, _)| *d)
+    }
+
+    /// Write the file: header first, then each tensor's bytes as its host copy is made.
+    pub fn write(self, path: impl AsRef<Path>, metadata: &BTreeMap<String, String>) -> Result<()> {
+        let path = path.as_ref();
+        let mut header = serde_json::Map::new();
+        if !metadata.is_empty() {
+            header.insert(
+                "__metadata__".into(),
+                Value::Object(
+                    metadata
+                        .iter()
+                        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                        .collect(),
+                ),
+            );
+        }
+        let mut offset = 0usize;
+        for (name, (dtype, shape, _)) in &self.items {
+            let n = shape.iter().product::<usize>() * dtype.size();
+            header.insert(
+                name.clone(),
+                serde_json::json!({
+                    "dtype": dtype.safetensors_name(),
+                    "shape": shape,
+                    "data_offsets": [offset, offset + n],
+                }),
+            );
+            offset += n;
+        }
+        let mut header_bytes = serde_json::to_vec(&Value::Object(header)).expect("json");
+        // Pad with spaces so the data section starts 8-byte aligned, as the reference writer does.
+        while !header_bytes.len().is_multiple_of(8) {
+            header_bytes.push(b' ');
+        }
+        let file = std::fs::File::create(path).at(path, "cannot create")?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        w.write_all(&(header_bytes.len() as u64).to_le_bytes())
+            .and_then(|_| w.write_all(&header_bytes))
+            .at(path, "cannot write")?;
+        for (name, (dtype, shape, make)) in self.items {
+            let t = make();
+            if t.dtype() != dtype || t.shape != shape {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor '{name}' was announced as {dtype:?} {shape:?} but is {:?} {:?}",
+                        t.dtype(),
+                        t.shape
+                    ),
+                ));
+            }
+            w.write_all(&t.to_le_bytes()).at(path, "cannot write")?;
+        }
+        let file = w
+            .into_inner()
+            .map_err(|e| Error::io(path, "cannot write", e.into_error()))?;
+        file.sync_all().at(path, "cannot sync")?;
+        Ok(())
+    }
 }
