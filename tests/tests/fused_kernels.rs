@@ -166,9 +166,12 @@ fn lm_head_nll_matches_generic() {
         (37, 24, 1100, true),
         (301, 16, 2049, false),
         (64, 64, 1024, false),
+        // Over ops::NLL_CHUNK_ELEMS logits: the generic side scores two row chunks.
+        (2100, 8, 8200, true),
     ] {
         check_lm_nll(n, d, v, vm, DType::F32);
     }
+    assert!(2100 * 8200 > ops::NLL_CHUNK_ELEMS && 2046 * 8200 <= ops::NLL_CHUNK_ELEMS);
     check_lm_nll(29, 8, 1500, true, DType::F64);
 }
 

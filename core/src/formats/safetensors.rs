@@ -531,3 +531,54 @@ impl<'a> LazyTensors<'a> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map() -> WeightMap {
+        let mut m = WeightMap::new();
+        m.insert("b".into(), HostTensor::f32(vec![2, 3], (0..6).map(|i| i as f32).collect()));
+        m.insert("a".into(), HostTensor::f32(vec![4], vec![1.5, -2.0, 0.25, 8.0]));
+        m
+    }
+
+    #[test]
+    fn lazy_tensors_write_the_same_bytes_as_a_map_and_make_each_tensor_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = map();
+        write(dir.path().join("eager.safetensors"), &m, &BTreeMap::new()).unwrap();
+        let made = std::cell::Cell::new(0);
+        let mut lazy = LazyTensors::new();
+        for (name, t) in &m {
+            let made = &made;
+            lazy.push(name.clone(), DType::F32, t.shape.clone(), move || {
+                made.set(made.get() + 1);
+                Cow::Owned(t.clone())
+            });
+        }
+        assert_eq!(made.get(), 0, "nothing is made before the write");
+        lazy.write(dir.path().join("lazy.safetensors"), &BTreeMap::new())
+            .unwrap();
+        assert_eq!(made.get(), 2);
+        let eager = std::fs::read(dir.path().join("eager.safetensors")).unwrap();
+        let lazy = std::fs::read(dir.path().join("lazy.safetensors")).unwrap();
+        assert_eq!(eager, lazy);
+        let back = SafeTensorsFile::open(dir.path().join("lazy.safetensors")).unwrap();
+        assert_eq!(back.all_tensors().unwrap(), m);
+    }
+
+    #[test]
+    fn a_tensor_unlike_its_announcement_is_an_error_naming_the_file_and_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = map();
+        let mut lazy = LazyTensors::new();
+        lazy.push("a".into(), DType::F32, vec![2, 2], || Cow::Borrowed(&m["a"]));
+        let path = dir.path().join("bad.safetensors");
+        let err = lazy.write(&path, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(err.contains("bad.safetensors") && err.contains("'a'"), "{err}");
+        let mut lazy = LazyTensors::new();
+        lazy.push("a".into(), DType::BF16, vec![4], || Cow::Borrowed(&m["a"]));
+        assert!(lazy.write(&path, &BTreeMap::new()).is_err());
+    }
+}

@@ -492,8 +492,43 @@ pub fn lm_head_nll<B: ShearsOps>(
     lm_head_nll_generic(h, w, vocab_major, targets)
 }
 
-/// The generic definition of [`lm_head_nll`].
+/// Logit elements the generic NLL materialises at once (64 Mi f32 = 256 MiB): rows are
+/// scored in chunks of at most this many `rows × vocab` elements, so evaluating a batch never
+/// holds `[batch · t, vocab]` logits and their log-softmax (tens of GB at t = 4096 and a 128k
+/// vocabulary). Rows are independent, so chunking changes no value; under autodiff each
+/// chunk's tensors are kept for the backward pass as they were unchunked.
+pub const NLL_CHUNK_ELEMS: usize = 1 << 24;
+
+/// The generic definition of [`lm_head_nll`], scored in row chunks of at most
+/// [`NLL_CHUNK_ELEMS`] logits.
 pub fn lm_head_nll_generic<B: Backend>(
+    h: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    vocab_major: bool,
+    targets: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
+    let n = h.dims()[0];
+    let vocab = w.dims()[if vocab_major { 0 } else { 1 }].max(1);
+    let rows = (NLL_CHUNK_ELEMS / vocab).max(1);
+    if n <= rows {
+        return nll_rows(h, w, vocab_major, targets);
+    }
+    let parts = (0..n)
+        .step_by(rows)
+        .map(|s| {
+            let e = (s + rows).min(n);
+            nll_rows(
+                h.clone().slice([s..e]),
+                w.clone(),
+                vocab_major,
+                targets.clone().slice([s..e]),
+            )
+        })
+        .collect();
+    Tensor::cat(parts, 0)
+}
+
+fn nll_rows<B: Backend>(
     h: Tensor<B, 2>,
     w: Tensor<B, 2>,
     vocab_major: bool,
