@@ -327,7 +327,7 @@ impl AutodiffTask for PruneBench<'_> {
         if let Some(m) = masked.as_mut() {
             check("masked", m.step(&ids, 0, 0, 1.0).lm)?;
         }
-        let mut pairs: Vec<(Option<f64>, Option<f64>)> = vec![];
+        let mut pairs: Vec<StepPair> = vec![];
         for t in 1..=self.iters.max(1) {
             let mut loss = (0.0, 0.0);
             let p = plain.as_mut().map(|p| {
@@ -345,7 +345,7 @@ impl AutodiffTask for PruneBench<'_> {
             eprintln!("step {t}: plain {p:.3?} s, masked {m:.3?} s");
             pairs.push((p, m));
         }
-        let med = |f: &dyn Fn(&(Option<f64>, Option<f64>)) -> Option<f64>| {
+        let med = |f: &dyn Fn(&StepPair) -> Option<f64>| {
             let v: Vec<f64> = pairs.iter().filter_map(f).collect();
             (!v.is_empty()).then(|| median(v))
         };
@@ -356,6 +356,9 @@ impl AutodiffTask for PruneBench<'_> {
         ))
     }
 }
+
+/// Seconds of one plain and one masked step (each `None` when not timed).
+type StepPair = (Option<f64>, Option<f64>);
 
 /// Run a benchmark on `only` (the global `--backend`), or on every compiled CPU backend.
 pub fn run(cmd: BenchCmd, only: Option<BackendKind>) -> Result<()> {

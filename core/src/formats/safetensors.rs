@@ -538,8 +538,14 @@ mod tests {
 
     fn map() -> WeightMap {
         let mut m = WeightMap::new();
-        m.insert("b".into(), HostTensor::f32(vec![2, 3], (0..6).map(|i| i as f32).collect()));
-        m.insert("a".into(), HostTensor::f32(vec![4], vec![1.5, -2.0, 0.25, 8.0]));
+        m.insert(
+            "b".into(),
+            HostTensor::f32(vec![2, 3], (0..6).map(|i| i as f32).collect()),
+        );
+        m.insert(
+            "a".into(),
+            HostTensor::f32(vec![4], vec![1.5, -2.0, 0.25, 8.0]),
+        );
         m
     }
 
@@ -573,10 +579,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = map();
         let mut lazy = LazyTensors::new();
-        lazy.push("a".into(), DType::F32, vec![2, 2], || Cow::Borrowed(&m["a"]));
+        lazy.push("a".into(), DType::F32, vec![2, 2], || {
+            Cow::Borrowed(&m["a"])
+        });
         let path = dir.path().join("bad.safetensors");
         let err = lazy.write(&path, &BTreeMap::new()).unwrap_err().to_string();
-        assert!(err.contains("bad.safetensors") && err.contains("'a'"), "{err}");
+        assert!(
+            err.contains("bad.safetensors") && err.contains("'a'"),
+            "{err}"
+        );
         let mut lazy = LazyTensors::new();
         lazy.push("a".into(), DType::BF16, vec![4], || Cow::Borrowed(&m["a"]));
         assert!(lazy.write(&path, &BTreeMap::new()).is_err());

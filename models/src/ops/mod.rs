@@ -518,10 +518,10 @@ pub fn lm_head_nll_generic<B: Backend>(
         .map(|s| {
             let e = (s + rows).min(n);
             nll_rows(
-                h.clone().slice([s..e]),
+                h.clone().slice(s..e),
                 w.clone(),
                 vocab_major,
-                targets.clone().slice([s..e]),
+                targets.clone().slice(s..e),
             )
         })
         .collect();
