@@ -74,11 +74,15 @@ def measure(a, tmp, precision, checkpointing, kernels, b):
     total = memory["total"]
     print(f"{precision:>10} checkpointing {checkpointing:<6} batch {b:>3} x {a.seq_len}: "
           f"peak RSS {rss / 2**30:6.2f} GiB, estimate {total / 2**30:6.2f} GiB "
-          f"(kernels {memory['settings']['kernels']}), estimate/measured {total / rss:.3f}",
+          f"(kernels {memory['settings']['kernels']}; activations: step "
+          f"{memory['step_activations'] / 2**30:.2f}, eval {memory['eval_activations'] / 2**30:.2f}), "
+          f"estimate/measured {total / rss:.3f}",
           flush=True)
     return {"precision": precision, "checkpointing": checkpointing, "batch": b,
             "seq_len": a.seq_len, "kernels": memory["settings"]["kernels"],
-            "peak_rss": rss, "estimate": total, "ratio": total / rss}
+            "peak_rss": rss, "estimate": total, "ratio": total / rss,
+            "step_activations": memory["step_activations"],
+            "eval_activations": memory["eval_activations"]}
 
 
 def main():

@@ -465,6 +465,12 @@ pub struct PlanArgs {
     /// Tokens per sequence (default: the plan's, else 4096).
     #[arg(long)]
     pub seq_len: Option<usize>,
+    /// Sequences per evaluation forward (default: the plan's `run.eval_batch`, else 8).
+    #[arg(long)]
+    pub eval_batch: Option<usize>,
+    /// Tokens per evaluation sequence (default: the plan's `run.eval_seq_len`, else seq_len).
+    #[arg(long)]
+    pub eval_seq_len: Option<usize>,
     /// f32 or bf16-mixed (f32 master weights, bf16 forward and backward). Default: the plan's,
     /// else bf16-mixed on a cuda device and f32 on cpu.
     #[arg(long)]
@@ -550,6 +556,8 @@ pub fn plan(a: PlanArgs) -> Result<()> {
         kernels,
         device,
         device_memory: a.device_memory,
+        eval_batch: a.eval_batch.unwrap_or(run.eval_batch),
+        eval_seq_len: a.eval_seq_len.or(run.eval_seq_len),
     };
     let report = shears_pruning::plan::plan_configs(&config, target, modules.as_deref(), &settings)
         .with_context(|| format!("cannot prune {} to that target", path.display()))?;

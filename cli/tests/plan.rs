@@ -297,6 +297,27 @@ fn real_scale_recipes_fit_one_h200() {
             "{dir}"
         );
         assert!(m["max_micro_batch"].as_u64().unwrap() >= 1);
+        // Evaluation is its own phase: the plans score one sequence at a time, because
+        // evaluating 16 sequences of 4096 at once does not fit.
+        assert_eq!(s["eval_batch"], 1, "{dir}: {s}");
+        let (act, step, eval) = (
+            &m["activations"],
+            &m["step_activations"],
+            &m["eval_activations"],
+        );
+        assert_eq!(act.as_u64(), step.as_u64().max(eval.as_u64()), "{dir}: {m}");
+        let v = run(
+            dir,
+            plan,
+            &["--eval-batch", "16", "--device-memory", "141GB"],
+        );
+        assert_eq!(v["memory"]["fits"], false, "{dir}: {}", v["memory"]);
+        // Per-token terms scale with the batch; the LM-head chunk does not.
+        let (e16, e1) = (
+            v["memory"]["eval_activations"].as_u64().unwrap(),
+            m["eval_activations"].as_u64().unwrap(),
+        );
+        assert!(e16 > 15 * e1 && e16 < 16 * e1, "{dir}: {e16} vs {e1}");
         // 80 GB without checkpointing: no.
         let v = run(
             dir,
@@ -336,6 +357,8 @@ fn real_scale_recipes_fit_one_h200() {
         "bf16",
         "--checkpointing",
         "layers",
+        "--eval-batch",
+        "1",
         "--device-memory",
         "141GB",
     ];

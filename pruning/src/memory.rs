@@ -14,7 +14,10 @@
 //!   or when layer checkpointing sums its segments' gradients;
 //! - **optimizer state**: AdamW's two moments, f32 or bf16 (`optimizer_state`);
 //! - **masks**: every `log_alpha` and Lagrange multiplier with gradient and both moments, always f32;
-//! - **activations** kept for the backward pass (see [`activation_bytes`]);
+//! - **activations**: the larger of what a training step keeps for its backward pass (see
+//!   [`activation_bytes`]) and what an evaluation forward holds at once (see
+//!   [`eval_activation_bytes`]); evaluation runs between steps, when no gradient is alive, so
+//!   counting the gradients beside it overstates that phase, never understates it;
 //! - **workspace**: the runtime's own memory ([`DeviceKind`]: 1 GiB on a GPU, 0.25 GiB on the host)
 //!   plus a tenth of the activations for the transient tensors of one op and allocator slack.
 //!
@@ -160,6 +163,10 @@ pub struct MemorySettings {
     pub device: DeviceKind,
     /// The device's memory in bytes, to say whether the run fits.
     pub device_memory: Option<u64>,
+    /// Sequences per evaluation forward (`run.eval_batch`).
+    pub eval_batch: usize,
+    /// Tokens per evaluation sequence (`run.eval_seq_len`); `None`: `seq_len`.
+    pub eval_seq_len: Option<usize>,
 }
 
 impl MemorySettings {
@@ -175,7 +182,14 @@ impl MemorySettings {
             kernels: Kernels::Generic,
             device: DeviceKind::Cuda,
             device_memory: None,
+            eval_batch: 8,
+            eval_seq_len: None,
         }
+    }
+
+    /// Tokens per evaluation sequence.
+    pub fn eval_len(&self) -> usize {
+        self.eval_seq_len.unwrap_or(self.seq_len)
     }
 
     /// Sequences per forward.
@@ -189,6 +203,13 @@ impl MemorySettings {
             return Err(format!(
                 "batch ({}), micro-batch ({m}) and seq_len ({}) must be at least 1",
                 self.batch, self.seq_len
+            ));
+        }
+        if self.eval_batch == 0 || self.eval_len() == 0 {
+            return Err(format!(
+                "eval batch ({}) and eval seq_len ({}) must be at least 1",
+                self.eval_batch,
+                self.eval_len()
             ));
         }
         if !self.batch.is_multiple_of(m) {
@@ -211,7 +232,12 @@ pub struct MemoryReport {
     pub gradient_accumulator: u64,
     pub optimizer_state: u64,
     pub masks: u64,
+    /// The larger of `step_activations` and `eval_activations`.
     pub activations: u64,
+    /// What one micro-batch's forward keeps for its backward pass.
+    pub step_activations: u64,
+    /// What one evaluation forward holds at its peak.
+    pub eval_activations: u64,
     pub workspace: u64,
     pub total: u64,
     /// `total <= device_memory`, when a device memory was given.
@@ -241,18 +267,28 @@ impl MemoryReport {
         let s = &self.settings;
         let gib = crate::plan::gib;
         let mut o = format!(
-            "\nmemory per device ({}): batch {} (micro-batch {}) x {} tokens, precision {}, optimizer state {}, checkpointing {}, kernels {}\n",
+            "\nmemory per device ({}): batch {} (micro-batch {}) x {} tokens, eval batch {} x {} tokens, precision {}, optimizer state {}, checkpointing {}, kernels {}\n",
             s.device,
             s.batch,
             s.micro(),
             s.seq_len,
+            s.eval_batch,
+            s.eval_len(),
             s.precision,
             s.optimizer_state,
             s.checkpointing,
             s.kernels
         );
         for (name, b) in self.parts().into_iter().chain([("total", self.total)]) {
-            o += &format!("  {name:<27} {:>12}\n", gib(b));
+            o += &format!("  {name:<27} {:>12}", gib(b));
+            if name == "activations" {
+                o += &format!(
+                    "  (larger of step {}, eval {})",
+                    gib(self.step_activations),
+                    gib(self.eval_activations)
+                );
+            }
+            o += "\n";
         }
         if let (Some(device), Some(fits)) = (s.device_memory, self.fits) {
             o += &format!(
@@ -354,6 +390,50 @@ pub fn activation_bytes(d: &Dims, s: &MemorySettings, micro: u64) -> Option<u64>
     tokens.checked_mul(per_token.checked_mul(bytes)?.checked_add(head)?)
 }
 
+/// Peak bytes of one evaluation forward of `eval_batch` sequences of `eval_len()` tokens: no
+/// autodiff graph, so one decoder layer's tensors are alive at a time. Per token, in the compute
+/// precision: the residual stream, the normalised input, the attention output and the residual
+/// sum (4 × hidden), q before and after RoPE (2 × heads × head_dim), k and v (2 × kv_heads ×
+/// head_dim), gate, up and their SwiGLU product (3 × intermediate); with generic kernels also
+/// per head two score rows in the compute precision (the scores and their scaled copy) and the
+/// softmax's three f32 rows: t × (2 × bytes + 12). The head: generic kernels score the
+/// LM head in chunks of at most [`shears_models::ops::NLL_CHUNK_ELEMS`] logits (the logits in the
+/// compute precision and three f32 tensors of the loss per chunk); the fused LM-head loss keeps
+/// no logits.
+pub fn eval_activation_bytes(d: &Dims, s: &MemorySettings) -> Option<u64> {
+    let t = s.eval_len() as u64;
+    let tokens = (s.eval_batch as u64).checked_mul(t)?;
+    let bytes: u64 = match s.precision {
+        Precision::F32 => 4,
+        Precision::Bf16Mixed => 2,
+    };
+    let q_width = d.heads.checked_mul(d.head_dim)?;
+    let kv_width = d.kv_heads.checked_mul(d.head_dim)?;
+    let layer = [
+        d.hidden.checked_mul(4)?,
+        q_width.checked_mul(2)?,
+        kv_width.checked_mul(2)?,
+        d.intermediate.checked_mul(3)?,
+    ]
+    .into_iter()
+    .try_fold(0u64, u64::checked_add)?
+    .checked_mul(bytes)?;
+    let (attention, head) = match s.kernels {
+        Kernels::Generic => {
+            let rows =
+                tokens.min((shears_models::ops::NLL_CHUNK_ELEMS as u64 / d.vocab.max(1)).max(1));
+            (
+                d.heads.checked_mul(t)?.checked_mul(2 * bytes + 12)?,
+                rows.checked_mul(d.vocab)?.checked_mul(bytes + 12)?,
+            )
+        }
+        Kernels::Fused => (0, 0),
+    };
+    tokens
+        .checked_mul(layer.checked_add(attention)?)?
+        .checked_add(head)
+}
+
 /// Parameters of the largest segment layer checkpointing differentiates at once: a decoder
 /// layer, or the head (final norm and LM head) or the embedding.
 pub fn segment_params(d: &Dims) -> Option<u64> {
@@ -431,7 +511,9 @@ fn totals(
     })?;
     // log_alpha (or λ), its gradient and two moments, f32.
     let masks = mask_entries.checked_mul(16)?;
-    let activations = activation_bytes(d, s, micro)?;
+    let step_activations = activation_bytes(d, s, micro)?;
+    let eval_activations = eval_activation_bytes(d, s)?;
+    let activations = step_activations.max(eval_activations);
     let workspace = s.device.runtime_bytes().checked_add(activations / 10)?;
     let mut report = MemoryReport {
         settings: MemorySettings {
@@ -445,6 +527,8 @@ fn totals(
         optimizer_state,
         masks,
         activations,
+        step_activations,
+        eval_activations,
         workspace,
         total: 0,
         fits: None,
@@ -600,6 +684,56 @@ mod tests {
     }
 
     #[test]
+    fn evaluation_is_its_own_phase() {
+        let d = llama2_7b();
+        let p = 6_738_415_616u64;
+        let base = MemorySettings {
+            precision: Precision::Bf16Mixed,
+            checkpointing: Checkpointing::Layers,
+            micro_batch: Some(1),
+            eval_batch: 1,
+            ..MemorySettings::new(32, 4096)
+        };
+        let e = |s: MemorySettings| eval_activation_bytes(&d, &s).unwrap();
+        // By hand: one 4096-token sequence in bf16, generic kernels: one layer's tensors, the
+        // per-head score rows, and one LM-head chunk of 16Mi / 32000 = 524 rows.
+        let layer = (4 * 4096 + 2 * 4096 + 2 * 4096 + 3 * 11008) * 2;
+        let attention = 32 * 4096 * (2 * 2 + 12);
+        assert_eq!(e(base), 4096 * (layer + attention) + 524 * 32000 * 14);
+        // The score rows grow with the eval length, the rest with the tokens.
+        let longer = MemorySettings {
+            eval_seq_len: Some(8192),
+            ..base
+        };
+        assert!(e(longer) > 3 * e(base));
+        let eight = MemorySettings {
+            eval_batch: 8,
+            ..base
+        };
+        assert!(e(eight) > 7 * (e(base) - 524 * 32000 * 14));
+        // Fused kernels: no score matrix and no logits.
+        let fused = MemorySettings {
+            kernels: Kernels::Fused,
+            precision: Precision::F32,
+            ..base
+        };
+        assert_eq!(e(fused), 4096 * layer * 2);
+        // The report's activations are the larger phase; the eval phase decides at batch 8.
+        let r = estimate(&d, p, 0, &base).unwrap();
+        assert_eq!(r.activations, r.step_activations.max(r.eval_activations));
+        let r8 = estimate(&d, p, 0, &eight).unwrap();
+        assert_eq!(r8.activations, r8.eval_activations);
+        assert!(r8.total > r.total + 50_000_000_000);
+        assert_eq!(r8.step_activations, r.step_activations);
+        // Zero-sized evaluation is refused.
+        let zero = MemorySettings {
+            eval_batch: 0,
+            ..base
+        };
+        assert!(estimate(&d, p, 0, &zero).is_err());
+    }
+
+    #[test]
     fn fitting_and_the_largest_micro_batch() {
         let d = llama2_7b();
         let p = 6_738_415_616u64;
@@ -609,6 +743,7 @@ mod tests {
             checkpointing: Checkpointing::Layers,
             micro_batch: Some(1),
             device_memory: Some(141_000_000_000),
+            eval_batch: 1,
             ..MemorySettings::new(32, 4096)
         };
         let r = estimate(&d, p, 0, &s).unwrap();
