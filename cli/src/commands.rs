@@ -471,6 +471,10 @@ pub struct PlanArgs {
     /// Tokens per evaluation sequence (default: the plan's `run.eval_seq_len`, else seq_len).
     #[arg(long)]
     pub eval_seq_len: Option<usize>,
+    /// Data-parallel devices (default: the plan's `run.devices`, else 1): the memory is per
+    /// device (each holds a full replica); the report adds how the global batch splits.
+    #[arg(long)]
+    pub devices: Option<usize>,
     /// f32 or bf16-mixed (f32 master weights, bf16 forward and backward). Default: the plan's,
     /// else bf16-mixed on a cuda device and f32 on cpu.
     #[arg(long)]
@@ -558,6 +562,7 @@ pub fn plan(a: PlanArgs) -> Result<()> {
         device_memory: a.device_memory,
         eval_batch: a.eval_batch.unwrap_or(run.eval_batch),
         eval_seq_len: a.eval_seq_len.or(run.eval_seq_len),
+        devices: a.devices.unwrap_or(run.devices),
     };
     let report = shears_pruning::plan::plan_configs(&config, target, modules.as_deref(), &settings)
         .with_context(|| format!("cannot prune {} to that target", path.display()))?;

@@ -47,6 +47,10 @@ pub struct ComputeArgs {
     /// Activation checkpointing, none or layers (overrides `run.checkpointing`).
     #[arg(long)]
     pub checkpointing: Option<Checkpointing>,
+    /// Data-parallel ranks, one device each (cuda:0..N-1; on the CPU backends N replicas
+    /// sharing the cores); overrides `run.devices`.
+    #[arg(long)]
+    pub devices: Option<usize>,
 }
 
 impl ComputeArgs {
@@ -61,6 +65,9 @@ impl ComputeArgs {
         }
         if let Some(c) = self.checkpointing {
             run.checkpointing = c;
+        }
+        if let Some(n) = self.devices {
+            run.devices = n;
         }
         run.precision = Some(run.compute(backend == BackendKind::Cuda).precision);
     }

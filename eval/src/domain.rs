@@ -55,16 +55,43 @@ pub fn summed_nll<B: Backend>(nll: Tensor<B, 2>) -> (f64, u64) {
     (v.iter().sum(), n as u64)
 }
 
-/// Evaluate every domain of `data` with `nll`, which scores a batch of equal-length sequences.
-pub fn domain_losses(
+/// Which share of the eval batches a data-parallel rank scores: batch `j` of each domain goes
+/// to rank `j % world`. [`Part::WHOLE`] is everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Part {
+    /// Every batch (one rank).
+    pub const WHOLE: Part = Part { rank: 0, world: 1 };
+
+    fn owns(&self, batch: usize) -> bool {
+        batch % self.world.max(1) == self.rank
+    }
+}
+
+/// One domain's summed NLL and token count: what ranks add up before dividing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct DomainSum {
+    pub nll: f64,
+    pub tokens: u64,
+}
+
+/// The summed NLL and token count of every domain of `data` over `part`'s share of the eval
+/// batches, with `nll` scoring a batch of equal-length sequences. Every domain is present (with
+/// zeros where the part scores nothing).
+pub fn domain_sums(
     data: &Dataset,
     settings: &EvalSettings,
+    part: Part,
     mut nll: impl FnMut(&[Vec<u32>]) -> (f64, u64),
-) -> Result<BTreeMap<String, DomainEval>> {
+) -> Result<BTreeMap<String, DomainSum>> {
     let mut out = BTreeMap::new();
     for domain in data.domains() {
-        let (mut sum, mut count, mut seen) = (0.0f64, 0u64, 0usize);
-        for batch in data.eval_batches(&domain, settings.batch)? {
+        let (mut sum, mut seen) = (DomainSum::default(), 0usize);
+        for (j, batch) in data.eval_batches(&domain, settings.batch)?.enumerate() {
             let batch = batch?;
             let take = match settings.sequences {
                 Some(cap) => cap.saturating_sub(seen).min(batch.len()),
@@ -73,29 +100,50 @@ pub fn domain_losses(
             if take == 0 {
                 break;
             }
+            seen += take;
+            if !part.owns(j) {
+                continue;
+            }
             let seqs: Vec<Vec<u32>> = batch[..take]
                 .iter()
                 .map(|s| s[..settings.seq_len.min(s.len())].to_vec())
                 .collect();
             let (s, c) = nll(&seqs);
-            sum += s;
-            count += c;
-            seen += take;
+            sum.nll += s;
+            sum.tokens += c;
         }
-        if count == 0 {
-            return Err(shears_core::Error::invalid(format!(
-                "domain '{domain}' has no eval sequences"
-            )));
-        }
-        out.insert(
-            domain,
-            DomainEval {
-                loss: sum / count as f64,
-                tokens: count,
-            },
-        );
+        out.insert(domain, sum);
     }
     Ok(out)
+}
+
+/// Mean losses of summed NLLs; a domain without a scored token is an error.
+pub fn losses_of(sums: &BTreeMap<String, DomainSum>) -> Result<BTreeMap<String, DomainEval>> {
+    sums.iter()
+        .map(|(domain, s)| {
+            if s.tokens == 0 {
+                return Err(shears_core::Error::invalid(format!(
+                    "domain '{domain}' has no eval sequences"
+                )));
+            }
+            Ok((
+                domain.clone(),
+                DomainEval {
+                    loss: s.nll / s.tokens as f64,
+                    tokens: s.tokens,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Evaluate every domain of `data` with `nll`, which scores a batch of equal-length sequences.
+pub fn domain_losses(
+    data: &Dataset,
+    settings: &EvalSettings,
+    nll: impl FnMut(&[Vec<u32>]) -> (f64, u64),
+) -> Result<BTreeMap<String, DomainEval>> {
+    losses_of(&domain_sums(data, settings, Part::WHOLE, nll)?)
 }
 
 /// Per-domain eval of a model as stored (plain forward, f32).

@@ -150,7 +150,7 @@ names!(DeviceKind, "device kind", Cuda = "cuda", Cpu = "cpu");
 /// The run settings that decide memory.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct MemorySettings {
-    /// Sequences per optimizer step on one device.
+    /// Sequences per optimizer step: the global batch, over all `devices`.
     pub batch: usize,
     /// Sequences per forward (divides `batch`); `None`: `batch`.
     pub micro_batch: Option<usize>,
@@ -167,6 +167,9 @@ pub struct MemorySettings {
     pub eval_batch: usize,
     /// Tokens per evaluation sequence (`run.eval_seq_len`); `None`: `seq_len`.
     pub eval_seq_len: Option<usize>,
+    /// Data-parallel devices (`run.devices`), each with a full replica: the memory per device
+    /// does not change with it, the micro-batches of a step are dealt out to the devices.
+    pub devices: usize,
 }
 
 impl MemorySettings {
@@ -184,7 +187,13 @@ impl MemorySettings {
             device_memory: None,
             eval_batch: 8,
             eval_seq_len: None,
+            devices: 1,
         }
+    }
+
+    /// Micro-batches per step on the busiest device.
+    pub fn micro_batches_per_device(&self) -> usize {
+        (self.batch / self.micro().max(1)).div_ceil(self.devices.max(1))
     }
 
     /// Tokens per evaluation sequence.
@@ -216,6 +225,14 @@ impl MemorySettings {
             return Err(format!(
                 "micro-batch ({m}) must divide batch ({})",
                 self.batch
+            ));
+        }
+        if self.devices == 0 || self.batch / m < self.devices {
+            return Err(format!(
+                "{} device(s) need at least one micro-batch each, and batch {} / micro-batch {m} gives {}",
+                self.devices,
+                self.batch,
+                self.batch / m
             ));
         }
         Ok(())
@@ -279,6 +296,16 @@ impl MemoryReport {
             s.checkpointing,
             s.kernels
         );
+        if s.devices > 1 {
+            o += &format!(
+                "  on each of {} devices (full replicas): global batch {} = {} micro-batches of {} per step, {} per device\n",
+                s.devices,
+                s.batch,
+                s.batch / s.micro(),
+                s.micro(),
+                s.micro_batches_per_device()
+            );
+        }
         for (name, b) in self.parts().into_iter().chain([("total", self.total)]) {
             o += &format!("  {name:<27} {:>12}", gib(b));
             if name == "activations" {
@@ -472,7 +499,7 @@ pub fn estimate(
         report.fits = Some(report.total <= device);
         report.max_micro_batch = (1..=s.batch)
             .rev()
-            .filter(|m| s.batch.is_multiple_of(*m))
+            .filter(|m| s.batch.is_multiple_of(*m) && s.batch / m >= s.devices)
             .find(|&m| matches!(totals(d, params, mask_entries, s, m as u64), Some(r) if r.total <= device));
     }
     Ok(report)

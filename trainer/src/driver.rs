@@ -20,13 +20,14 @@ use shears_data::{Dataset, DomainSampler, ReferenceSource, SamplerConfig, Split}
 
 use crate::checkpoint::{self, Staging};
 use crate::config::{DblSettings, Faults, OptimSettings, RunSettings, StageKind};
+use crate::parallel::Comm;
 use crate::records::{
     EvalExtras, EvalRecord, LoopState, MetricRecord, Num, ReferenceRecord, StageState, StepRecord,
     STATE_FORMAT,
 };
 use crate::run_dir::RunDir;
 use crate::schedule::CosineWithWarmup;
-use shears_eval::domain::{DomainEval, EvalSettings};
+use shears_eval::domain::{losses_of, DomainEval, DomainSum, EvalSettings, Part};
 
 /// Losses of one step (means over its micro-batches).
 #[derive(Debug, Clone, Copy)]
@@ -39,10 +40,26 @@ pub struct StepLosses {
 pub trait Stage<B: ShearsAutodiff> {
     /// Which stage this is.
     fn kind(&self) -> StageKind;
-    /// Forward and backward over `micro` (each a list of equal-length sequences); the
+    /// Forward and backward over `micro` (each a list of equal-length sequences), each
+    /// micro-batch's loss divided by `of` (the step's micro-batch count over all ranks); the
     /// gradients are summed and kept until [`Stage::apply`] or [`Stage::discard`]. `seeds`
-    /// gives each micro-batch its random stream.
-    fn backward(&mut self, micro: &[Vec<Vec<u32>>], step: usize, seeds: &[u64]) -> StepLosses;
+    /// gives each micro-batch its random stream. The LM loss returned is the sum over `micro`
+    /// divided by `of` (so the ranks' values add up to the step's mean).
+    fn backward_share(
+        &mut self,
+        micro: &[Vec<Vec<u32>>],
+        step: usize,
+        seeds: &[u64],
+        of: usize,
+    ) -> StepLosses;
+    /// [`Stage::backward_share`] of a whole step on one rank.
+    fn backward(&mut self, micro: &[Vec<Vec<u32>>], step: usize, seeds: &[u64]) -> StepLosses {
+        self.backward_share(micro, step, seeds, micro.len())
+    }
+    /// Sum the pending gradients of every parameter group over `comm`'s ranks.
+    fn all_reduce(&mut self, comm: &Comm) -> Result<()>;
+    /// The device the stage computes on.
+    fn device(&self) -> B::Device;
     /// L2 norm over all pending gradients.
     fn grad_norm(&self) -> f64;
     /// Multiply the pending gradients by `s`.
@@ -53,15 +70,25 @@ pub trait Stage<B: ShearsAutodiff> {
     fn discard(&mut self);
     /// The model weights' learning rate at `lr_scale`.
     fn lr(&self, lr_scale: f64) -> f64;
-    /// Per-domain eval losses of the model as it is.
-    fn eval(&self, data: &Dataset, s: &EvalSettings) -> Result<BTreeMap<String, DomainEval>>;
-    /// Per-domain eval losses of the starting model, for reference losses from the source.
-    fn eval_source(
+    /// Per-domain summed eval NLL of the model as it is, over `part`'s share of the batches.
+    fn eval_part(
         &self,
         data: &Dataset,
         s: &EvalSettings,
-    ) -> Result<BTreeMap<String, DomainEval>> {
-        self.eval(data, s)
+        part: Part,
+    ) -> Result<BTreeMap<String, DomainSum>>;
+    /// [`Stage::eval_part`] of the starting model, for reference losses from the source.
+    fn eval_source_part(
+        &self,
+        data: &Dataset,
+        s: &EvalSettings,
+        part: Part,
+    ) -> Result<BTreeMap<String, DomainSum>> {
+        self.eval_part(data, s, part)
+    }
+    /// Per-domain eval losses of the model as it is (all batches).
+    fn eval(&self, data: &Dataset, s: &EvalSettings) -> Result<BTreeMap<String, DomainEval>> {
+        losses_of(&self.eval_part(data, s, Part::WHOLE)?)
     }
     /// Extra fields of an eval record (expected sparsity, λ, parameter counts).
     fn eval_extras(&self, step: usize) -> EvalExtras;
@@ -173,6 +200,7 @@ fn map_of(e: &BTreeMap<String, DomainEval>) -> DomainValues {
 
 struct Ctx<'a, 'b> {
     inp: &'b LoopInputs<'a>,
+    comm: &'b Comm,
     dir: &'b mut RunDir,
     sampler: DomainSampler,
     reference: DomainValues,
@@ -195,7 +223,8 @@ impl Ctx<'_, '_> {
         es: &EvalSettings,
     ) -> Result<()> {
         let start = Instant::now();
-        let evals = stage.eval(self.inp.data, es)?;
+        let sums = stage.eval_part(self.inp.data, es, part_of(self.comm))?;
+        let evals = losses_of(&reduce_sums(stage, self.comm, sums)?)?;
         let losses = map_of(&evals);
         let before = self.sampler.weights().clone();
         let rule = self.inp.dbl.rule.build();
@@ -232,6 +261,21 @@ impl Ctx<'_, '_> {
         };
         self.log(&msg);
         Ok(())
+    }
+
+    /// [`Ctx::save`] on the leader; the other ranks return the checkpoint path the leader
+    /// writes.
+    fn save_if_leader<B: ShearsAutodiff, S: Stage<B>>(
+        &mut self,
+        stage: &S,
+        t: usize,
+        finished: bool,
+    ) -> Result<PathBuf> {
+        if self.comm.is_leader() {
+            self.save(stage, t, finished)
+        } else {
+            Ok(self.dir.checkpoints().join(checkpoint::dir_name(t)))
+        }
     }
 
     fn save<B: ShearsAutodiff, S: Stage<B>>(
@@ -273,6 +317,43 @@ impl Ctx<'_, '_> {
     }
 }
 
+/// This rank's share of the eval batches.
+fn part_of(comm: &Comm) -> Part {
+    Part {
+        rank: comm.rank(),
+        world: comm.world(),
+    }
+}
+
+/// Per-domain eval sums added up over the ranks (the identity on one rank).
+fn reduce_sums<B: ShearsAutodiff, S: Stage<B>>(
+    stage: &S,
+    comm: &Comm,
+    sums: BTreeMap<String, DomainSum>,
+) -> Result<BTreeMap<String, DomainSum>> {
+    if comm.world() == 1 {
+        return Ok(sums);
+    }
+    let flat: Vec<f64> = sums
+        .values()
+        .flat_map(|s| [s.nll, s.tokens as f64])
+        .collect();
+    let flat = comm.sum_f64::<B::InnerBackend>(&flat, &stage.device())?;
+    Ok(sums
+        .keys()
+        .zip(flat.chunks(2))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                DomainSum {
+                    nll: v[0],
+                    tokens: v[1] as u64,
+                },
+            )
+        })
+        .collect())
+}
+
 fn fmt_weights(w: &BTreeMap<String, f64>) -> String {
     w.iter()
         .map(|(k, v)| format!("{k}={v:.3}"))
@@ -300,6 +381,7 @@ fn restore<B: ShearsAutodiff, S: Stage<B>>(
     dir: &mut RunDir,
     resume: bool,
     es: &EvalSettings,
+    comm: &Comm,
 ) -> Result<Start> {
     let sizes = train_sizes(inp.data)?;
     let found = if resume {
@@ -357,7 +439,8 @@ fn restore<B: ShearsAutodiff, S: Stage<B>>(
         (Some(r), _) => r.clone(),
         (None, ReferenceSource::SourceModel) => {
             dir.log("measuring the starting model's per-domain eval loss (reference losses)");
-            map_of(&stage.eval_source(inp.data, es)?)
+            let sums = stage.eval_source_part(inp.data, es, part_of(comm))?;
+            map_of(&losses_of(&reduce_sums(stage, comm, sums)?)?)
         }
         (None, other) => other.resolve(None)?,
     };
@@ -414,21 +497,43 @@ impl Ctx<'_, '_> {
         Ok(micro)
     }
 
-    /// Step `t` on `micro`: backward, the non-finite guard, clipping and the update (or a
-    /// discard). Returns the step's record.
+    /// Step `t` on the global batch `micro`: this rank's micro-batches (`i % world == rank`)
+    /// forward and backward, the gradients and losses summed over the ranks, the non-finite
+    /// guard, clipping and the update (or a discard). Returns the step's record and whether
+    /// any rank was asked to stop (SIGINT/SIGTERM).
     fn step<B: ShearsAutodiff, S: Stage<B>>(
         &mut self,
         stage: &mut S,
         t: usize,
-        micro: &[Vec<Vec<u32>>],
+        micro: Vec<Vec<Vec<u32>>>,
         lr_scale: f64,
-    ) -> StepRecord {
-        let (run, faults) = (self.inp.run, self.inp.faults);
-        let seeds: Vec<u64> = (0..micro.len())
+    ) -> Result<(StepRecord, bool)> {
+        let (run, faults, comm) = (self.inp.run, self.inp.faults, self.comm);
+        let of = micro.len();
+        let tokens: usize = micro.iter().flatten().map(Vec::len).sum();
+        let (world, rank) = (comm.world(), comm.rank());
+        let seeds: Vec<u64> = (rank..of)
+            .step_by(world)
             .map(|i| micro_seed(run.seed, t, i))
             .collect();
+        let mine: Vec<Vec<Vec<u32>>> = micro.into_iter().skip(rank).step_by(world).collect();
+        faults.at_rank(rank, t + 1, comm)?;
         let timer = Instant::now();
-        let mut losses = stage.backward(micro, t, &seeds);
+        let mut losses = stage.backward_share(&mine, t, &seeds, of);
+        let in_collective = Instant::now();
+        stage.all_reduce(comm)?;
+        let stop = self.inp.interrupt.load(Ordering::SeqCst);
+        let stop = if world > 1 {
+            let r = comm.sum_f64::<B::InnerBackend>(
+                &[losses.lm, f64::from(u8::from(stop))],
+                &stage.device(),
+            )?;
+            losses.lm = r[0];
+            r[1] > 0.0
+        } else {
+            stop
+        };
+        let collective_s = (world > 1).then(|| in_collective.elapsed().as_secs_f64());
         if faults.nan_loss_at_steps.contains(&(t + 1)) {
             // Injected: the loss and every gradient become NaN, as a diverged step's would.
             losses.lm = f64::NAN;
@@ -456,8 +561,7 @@ impl Ctx<'_, '_> {
             std::thread::sleep(std::time::Duration::from_millis(faults.step_delay_ms));
         }
         let secs = timer.elapsed().as_secs_f64();
-        let tokens: usize = micro.iter().flatten().map(Vec::len).sum();
-        StepRecord {
+        let rec = StepRecord {
             step: t + 1,
             loss: Num(losses.lm + losses.lagrangian.unwrap_or(0.0)),
             lm_loss: Num(losses.lm),
@@ -469,7 +573,9 @@ impl Ctx<'_, '_> {
             skipped: !finite,
             tokens_per_s: tokens as f64 / secs.max(1e-9),
             step_s: secs,
-        }
+            collective_s,
+        };
+        Ok((rec, stop))
     }
 
     /// Write a step's record, move the progress bar, and log a skipped step and any new
@@ -498,12 +604,14 @@ impl Ctx<'_, '_> {
 }
 
 /// Run `stage` in `dir` from its newest checkpoint (when `resume` and one exists) or from the
-/// start.
+/// start, as rank `comm.rank()` of `comm.world()` (see [`crate::parallel`]; only the leader
+/// writes into `dir`).
 pub fn run_loop<B: ShearsAutodiff, S: Stage<B>>(
     stage: &mut S,
     inp: &LoopInputs<'_>,
     dir: &mut RunDir,
     resume: bool,
+    comm: &Comm,
 ) -> Result<Outcome> {
     let run = inp.run;
     let steps = run.steps;
@@ -517,7 +625,16 @@ pub fn run_loop<B: ShearsAutodiff, S: Stage<B>>(
         max: steps,
         final_ratio: inp.optim.final_lr_ratio,
     };
-    let (start, sampler, reference, bad) = match restore(stage, inp, dir, resume, &es)? {
+    let micro_batches = run.batch_size.div_ceil(run.micro());
+    if micro_batches < comm.world() {
+        return Err(Error::invalid(format!(
+            "run.devices = {} but a step has only {micro_batches} micro-batch(es) (batch_size {} / micro_batch {}); every device needs at least one: raise batch_size or lower micro_batch",
+            comm.world(),
+            run.batch_size,
+            run.micro()
+        )));
+    }
+    let (start, sampler, reference, bad) = match restore(stage, inp, dir, resume, &es, comm)? {
         Start::Finished(outcome) => return Ok(outcome),
         Start::At {
             step,
@@ -526,10 +643,12 @@ pub fn run_loop<B: ShearsAutodiff, S: Stage<B>>(
             bad,
         } => (step, sampler, reference, bad),
     };
+    let leader = comm.is_leader();
     let mut ctx = Ctx {
         inp,
+        comm,
         warned: sampler.state().warnings.len(),
-        pb: progress_bar(inp.progress, stage.kind(), steps, start),
+        pb: progress_bar(inp.progress && leader, stage.kind(), steps, start),
         dir,
         sampler,
         reference,
@@ -542,21 +661,26 @@ pub fn run_loop<B: ShearsAutodiff, S: Stage<B>>(
             ctx.evaluate(stage, t, &es)?;
         }
         let micro = ctx.draw_batch(len)?;
-        let rec = ctx.step(stage, t, &micro, schedule.at(t));
+        let (rec, stop) = ctx.step(stage, t, micro, schedule.at(t))?;
         ctx.log_step(&rec)?;
         if rec.skipped && ctx.bad >= run.max_bad_steps {
-            let p = ctx.save(stage, t + 1, false)?;
+            let written = match leader {
+                true => format!(
+                    "checkpoint written to {}",
+                    ctx.save(stage, t + 1, false)?.display()
+                ),
+                false => "rank 0 writes the checkpoint".into(),
+            };
             ctx.pb.abandon();
             return Err(Error::invalid(format!(
-                "stopped: {} consecutive steps had a non-finite loss or gradient (steps {}..={}); checkpoint written to {}; lower the learning rate or check the data, then resume with --resume",
+                "stopped: {} consecutive steps had a non-finite loss or gradient (steps {}..={}); {written}; lower the learning rate or check the data, then resume with --resume",
                 ctx.bad,
                 t + 2 - ctx.bad,
                 t + 1,
-                p.display()
             )));
         }
-        if inp.interrupt.load(Ordering::SeqCst) {
-            let p = ctx.save(stage, t + 1, false)?;
+        if stop {
+            let p = ctx.save_if_leader(stage, t + 1, false)?;
             ctx.pb.abandon();
             ctx.log(&format!(
                 "interrupted after step {}; resume with --resume",
@@ -568,11 +692,11 @@ pub fn run_loop<B: ShearsAutodiff, S: Stage<B>>(
             });
         }
         if (t + 1) % ckpt_every == 0 && t + 1 < steps {
-            ctx.save(stage, t + 1, false)?;
+            ctx.save_if_leader(stage, t + 1, false)?;
         }
     }
     ctx.evaluate(stage, steps, &es)?;
-    let p = ctx.save(stage, steps, true)?;
+    let p = ctx.save_if_leader(stage, steps, true)?;
     ctx.pb.finish_and_clear();
     ctx.log(&format!("finished {steps} steps"));
     Ok(Outcome::Finished {

@@ -21,8 +21,11 @@ use crate::config::{
 };
 use crate::driver::{self, run_loop, LoopInputs, Outcome, Stage};
 use crate::lm_stage::LmStage;
+use crate::parallel::{run_ranks, ParallelSettings};
 use crate::prune_stage::{PruneRates, PruneStage};
 use crate::run_dir::RunDir;
+use std::sync::Mutex;
+use std::time::Duration;
 
 /// How a stage is started.
 #[derive(Clone)]
@@ -206,15 +209,16 @@ pub fn prune<B: ShearsAutodiff>(
     };
     let seed = resolved.run.seed;
     let compute = resolved.run.compute(false);
-    // The closure owns the host weights, so they are freed once the stage holds its copy.
+    // Every rank starts from the same weights and the same mask initialisation (`seed`).
     run_stage(
         job,
         &toml::to_string(&resolved).expect("toml"),
         parts,
         &data,
-        move || {
-            PruneStage::<B>::new(&files, &spec, rates, seed, &device)
-                .map(|s| s.with_compute(compute))
+        device,
+        files,
+        |files, device| {
+            PruneStage::<B>::new(files, &spec, rates, seed, device).map(|s| s.with_compute(compute))
         },
     )
 }
@@ -254,7 +258,9 @@ pub fn train<B: ShearsAutodiff>(
         &toml::to_string(&resolved).expect("toml"),
         parts,
         &data,
-        move || LmStage::<B>::new(&files, adamw, &device).map(|s| s.with_compute(compute)),
+        device,
+        files,
+        |files, device| LmStage::<B>::new(files, adamw, device).map(|s| s.with_compute(compute)),
     )
 }
 
@@ -265,20 +271,34 @@ struct Parts<'a> {
     dbl: &'a DblSettings,
 }
 
+/// The device of data-parallel rank `rank`: `device`'s kind with index `rank` (`cuda:rank`);
+/// on the CPU backends every rank gets the one CPU device.
+fn rank_device<B: ShearsAutodiff>(device: &B::Device, rank: usize) -> B::Device {
+    use burn::tensor::backend::Device;
+    if rank == 0 {
+        return device.clone();
+    }
+    let mut id = device.to_id();
+    id.index_id = id.index_id.saturating_add(rank as u16);
+    <B::Device as Device>::from_id(id)
+}
+
 /// Open the run directory (before the model is built, so an existing run is refused early),
-/// build the stage and run the loop.
+/// build the stage on every rank (`make_stage` from the host weights `files`, which are freed
+/// once every rank holds its copy) and run the loop on `p.run.devices` ranks.
 fn run_stage<B: ShearsAutodiff, S: Stage<B>>(
     job: &JobOptions,
     resolved: &str,
     p: Parts<'_>,
     data: &Dataset,
-    make_stage: impl FnOnce() -> Result<S>,
+    device: B::Device,
+    files: ModelFiles,
+    make_stage: impl Fn(&ModelFiles, &B::Device) -> Result<S> + Sync,
 ) -> Result<Outcome> {
-    let mut dir = RunDir::open(&job.out, &job.plan_text, resolved, job.resume)?;
-    dir.echo = job.echo;
+    let dir = RunDir::open(&job.out, &job.plan_text, resolved, job.resume)?;
     let (initial_weights, from_run) = start_weights(p.dbl, data)?;
     let faults = Faults::from_env()?;
-    let mut stage = make_stage()?;
+    let n = p.run.devices;
     let inputs = LoopInputs {
         run: p.run,
         optim: p.optim,
@@ -290,7 +310,50 @@ fn run_stage<B: ShearsAutodiff, S: Stage<B>>(
         interrupt: job.interrupt.clone(),
         progress: job.progress,
     };
-    run_loop(&mut stage, &inputs, &mut dir, job.resume)
+    let files = Mutex::new((Some(files), 0usize));
+    let build = |device: &B::Device| -> Result<S> {
+        let mut g = files.lock().unwrap_or_else(|e| e.into_inner());
+        let stage = make_stage(
+            g.0.as_ref()
+                .expect("host weights until every rank is built"),
+            device,
+        );
+        g.1 += 1;
+        if g.1 == n {
+            g.0 = None;
+        }
+        stage
+    };
+    let leader = Mutex::new(Some(dir));
+    let settings = ParallelSettings {
+        devices: n,
+        timeout: Duration::from_secs_f64(p.run.collective_timeout_s),
+    };
+    run_ranks::<B::InnerBackend, _>(
+        settings,
+        |rank| rank_device::<B>(&device, rank),
+        |comm, device| {
+            let mut dir = if comm.is_leader() {
+                let mut d = leader
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .expect("one leader");
+                d.echo = job.echo;
+                if n > 1 {
+                    d.log(&format!(
+                        "data parallel: {n} ranks, {} CPU thread(s) each; rank 0 writes the run",
+                        rayon::current_num_threads()
+                    ));
+                }
+                d
+            } else {
+                RunDir::follower_of(&job.out)
+            };
+            let mut stage = build(&device)?;
+            run_loop(&mut stage, &inputs, &mut dir, job.resume, &comm)
+        },
+    )
 }
 
 /// What `shears finalize` wrote.

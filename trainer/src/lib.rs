@@ -12,7 +12,8 @@
 //!   implementation production, the PyTorch parity tests and the benchmarks all run;
 //! - [`checkpoint`] / [`run_dir`]: atomic checkpoints and the run directory, for exact resume;
 //!   [`checkpoint::Checkpoint`] is how everything outside the loop reads a run's checkpoint;
-//! - [`params`]: parameters by name (clipping, optimizer state across restarts);
+//! - [`params`]: parameters by name (clipping, optimizer state across restarts, all-reduce);
+//! - [`parallel`]: data parallelism on burn-collective (ranks, reductions, failure handling);
 //! - [`jobs`]: whole stages as the CLI runs them;
 //! - [`pipeline`]: `shears run` and the demo's plan runner;
 //! - [`records`]: the run files (`metrics.jsonl`, `state.json`, `stages.json`) as types shared
@@ -32,6 +33,7 @@ pub mod driver;
 pub mod jobs;
 pub mod lm_stage;
 pub mod optim;
+pub mod parallel;
 pub mod params;
 pub mod pipeline;
 pub mod prune_stage;

@@ -17,9 +17,10 @@ use crate::compute::Compute;
 use crate::config::StageKind;
 use crate::driver::{Stage, StepLosses};
 use crate::optim::AdamWSettings;
+use crate::parallel::Comm;
 use crate::params::{self, NamedParam};
 use crate::records::{EvalExtras, StageState, TrainState};
-use shears_eval::domain::{batch_tensor, domain_losses, summed_nll, DomainEval, EvalSettings};
+use shears_eval::domain::{batch_tensor, domain_sums, summed_nll, DomainSum, EvalSettings, Part};
 
 /// A continued pre-training run's model and optimizer.
 pub struct LmStage<B: ShearsAutodiff> {
@@ -97,9 +98,15 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
         StageKind::Train
     }
 
-    fn backward(&mut self, micro: &[Vec<Vec<u32>>], _step: usize, _seeds: &[u64]) -> StepLosses {
+    fn backward_share(
+        &mut self,
+        micro: &[Vec<Vec<u32>>],
+        _step: usize,
+        _seeds: &[u64],
+        of: usize,
+    ) -> StepLosses {
         let model = self.model();
-        let n = micro.len();
+        let n = of;
         let mut acc = GradientsParams::new();
         let mut lm = 0.0;
         for seqs in micro {
@@ -131,6 +138,15 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
         }
     }
 
+    fn all_reduce(&mut self, comm: &Comm) -> Result<()> {
+        let p = self.pending.as_mut().expect("gradients pending");
+        params::all_reduce::<B::InnerBackend>(&self.names, p, comm, &self.device)
+    }
+
+    fn device(&self) -> B::Device {
+        self.device.clone()
+    }
+
     fn grad_norm(&self) -> f64 {
         let p = self.pending.as_ref().expect("gradients pending");
         params::global_norm::<B::InnerBackend>(&[(&self.names, p)])
@@ -155,10 +171,15 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
         self.settings.lr * lr_scale
     }
 
-    fn eval(&self, data: &Dataset, s: &EvalSettings) -> Result<BTreeMap<String, DomainEval>> {
+    fn eval_part(
+        &self,
+        data: &Dataset,
+        s: &EvalSettings,
+        part: Part,
+    ) -> Result<BTreeMap<String, DomainSum>> {
         let v = self.model().valid();
         let device = self.device.clone();
-        domain_losses(data, s, |seqs| {
+        domain_sums(data, s, part, |seqs| {
             let ids = batch_tensor::<B::InnerBackend>(seqs, &device);
             summed_nll(v.nll(ids))
         })

@@ -16,6 +16,8 @@ use shears_core::formats::safetensors::{LazyTensors, SafeTensorsFile};
 use shears_core::{DType, Error, HostTensor, Result, WeightMap};
 use shears_models::load::{host_of, visit_params, ParamVisitor};
 
+use crate::parallel::Comm;
+
 /// A float parameter: its module path (`layers.3.self_attn.q_proj.weight`), id, rank and shape.
 #[derive(Debug, Clone)]
 pub struct NamedParam {
@@ -133,6 +135,52 @@ pub fn accumulate<B: Backend>(
     for p in params {
         by_rank!(p, add_one::<B>(acc, &mut new, p.id));
     }
+}
+
+fn has_grad<B: Backend, const D: usize>(grads: &GradientsParams, id: ParamId) -> bool {
+    grads.get::<B, D>(id).is_some()
+}
+
+fn reduce_one<B: Backend, const D: usize>(
+    grads: &mut GradientsParams,
+    p: &NamedParam,
+    comm: &Comm,
+    device: &B::Device,
+) -> Result<()> {
+    let g = match grads.remove::<B, D>(p.id) {
+        Some(g) => g,
+        None => {
+            let shape: [usize; D] = p.shape.clone().try_into().expect("rank D shape");
+            Tensor::<B, D>::zeros(shape, device)
+        }
+    };
+    grads.register(p.id, comm.sum_tensor(g)?);
+    Ok(())
+}
+
+/// Sum the gradients of `params` over the ranks of `comm`, one all-reduce per parameter in the
+/// list's order (the same on every rank: module paths, not run-local ids). A parameter whose
+/// gradient some rank lacks is summed with zeros there; one no rank has stays absent.
+pub fn all_reduce<B: Backend>(
+    params: &[NamedParam],
+    grads: &mut GradientsParams,
+    comm: &Comm,
+    device: &B::Device,
+) -> Result<()> {
+    if comm.world() == 1 {
+        return Ok(());
+    }
+    let present: Vec<f64> = params
+        .iter()
+        .map(|p| f64::from(u8::from(by_rank!(p, has_grad::<B>(grads, p.id)))))
+        .collect();
+    let present = comm.sum_f64::<B>(&present, device)?;
+    for (p, k) in params.iter().zip(present) {
+        if k > 0.0 {
+            by_rank!(p, reduce_one::<B>(grads, p, comm, device))?;
+        }
+    }
+    Ok(())
 }
 
 /// The gradients `grads` holds for `model`'s parameters, under HF names and in HF layout, f32

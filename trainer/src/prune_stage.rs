@@ -24,9 +24,10 @@ use crate::compute::Compute;
 use crate::config::StageKind;
 use crate::driver::{Stage, StepLosses};
 use crate::optim::AdamWSettings;
+use crate::parallel::Comm;
 use crate::params::{self, NamedParam};
 use crate::records::{EvalExtras, PruneState, PruningProgress, StageState};
-use shears_eval::domain::{batch_tensor, domain_losses, summed_nll, DomainEval, EvalSettings};
+use shears_eval::domain::{batch_tensor, domain_sums, summed_nll, DomainSum, EvalSettings, Part};
 
 /// Learning rates of the three groups and the target warm-up.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -191,9 +192,15 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
         StageKind::Prune
     }
 
-    fn backward(&mut self, micro: &[Vec<Vec<u32>>], step: usize, seeds: &[u64]) -> StepLosses {
+    fn backward_share(
+        &mut self,
+        micro: &[Vec<Vec<u32>>],
+        step: usize,
+        seeds: &[u64],
+        of: usize,
+    ) -> StepLosses {
         let state = self.state.take().expect("state").clamp_masks();
-        let n = micro.len();
+        let n = of;
         let mut acc = [
             GradientsParams::new(),
             GradientsParams::new(),
@@ -243,6 +250,18 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
         }
     }
 
+    fn all_reduce(&mut self, comm: &Comm) -> Result<()> {
+        let p = self.pending.as_mut().expect("gradients pending");
+        for (names, g) in self.names.iter().zip(p.iter_mut()) {
+            params::all_reduce::<B::InnerBackend>(names, g, comm, &self.device)?;
+        }
+        Ok(())
+    }
+
+    fn device(&self) -> B::Device {
+        self.device.clone()
+    }
+
     fn grad_norm(&self) -> f64 {
         let p = self.pending.as_ref().expect("gradients pending");
         params::global_norm::<B::InnerBackend>(&[
@@ -287,23 +306,29 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
         self.rates.model.lr * lr_scale
     }
 
-    fn eval(&self, data: &Dataset, s: &EvalSettings) -> Result<BTreeMap<String, DomainEval>> {
+    fn eval_part(
+        &self,
+        data: &Dataset,
+        s: &EvalSettings,
+        part: Part,
+    ) -> Result<BTreeMap<String, DomainSum>> {
         let v = self.state().valid();
         let device = self.device.clone();
-        domain_losses(data, s, |seqs| {
+        domain_sums(data, s, part, |seqs| {
             let ids = batch_tensor::<B::InnerBackend>(seqs, &device);
             summed_nll(v.nll_eval(ids, false))
         })
     }
 
-    fn eval_source(
+    fn eval_source_part(
         &self,
         data: &Dataset,
         s: &EvalSettings,
-    ) -> Result<BTreeMap<String, DomainEval>> {
+        part: Part,
+    ) -> Result<BTreeMap<String, DomainSum>> {
         let v = self.state().valid();
         let device = self.device.clone();
-        domain_losses(data, s, |seqs| {
+        domain_sums(data, s, part, |seqs| {
             let ids = batch_tensor::<B::InnerBackend>(seqs, &device);
             summed_nll(v.model.nll(ids))
         })

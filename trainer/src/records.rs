@@ -105,6 +105,10 @@ pub struct StepRecord {
     pub skipped: bool,
     pub tokens_per_s: f64,
     pub step_s: f64,
+    /// Seconds rank 0 spent in the step's collectives (gradient and loss all-reduces, waiting
+    /// for the other ranks included); data-parallel runs only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collective_s: Option<f64>,
 }
 
 /// What a stage adds to an eval record.

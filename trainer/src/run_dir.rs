@@ -12,12 +12,13 @@ use shears_core::{Error, Result};
 
 use crate::checkpoint;
 
-/// An open run directory.
+/// An open run directory. The leader (rank 0 of a data-parallel run, or the only rank) holds
+/// the files; a [`RunDir::follower_of`] reads checkpoints and writes nothing.
 pub struct RunDir {
     pub root: PathBuf,
-    metrics: File,
+    metrics: Option<File>,
     metrics_len: u64,
-    log: File,
+    log: Option<File>,
     /// Also print log lines to stderr.
     pub echo: bool,
 }
@@ -84,11 +85,24 @@ impl RunDir {
             .at(&lpath, "cannot open")?;
         Ok(RunDir {
             root: root.to_path_buf(),
-            metrics,
+            metrics: Some(metrics),
             metrics_len,
-            log,
+            log: Some(log),
             echo: true,
         })
+    }
+
+    /// The view of the run directory at `root` for the other ranks of a data-parallel
+    /// run: the same root (to read checkpoints from), no files; metrics and log lines are
+    /// dropped.
+    pub fn follower_of(root: &Path) -> RunDir {
+        RunDir {
+            root: root.to_path_buf(),
+            metrics: None,
+            metrics_len: 0,
+            log: None,
+            echo: false,
+        }
     }
 
     /// The checkpoint directory.
@@ -104,6 +118,10 @@ impl RunDir {
     /// Cut `metrics.jsonl` back to `len` bytes: what a checkpoint had seen, so a resumed run
     /// writes exactly the lines an uninterrupted one would.
     pub fn truncate_metrics(&mut self, len: u64) -> Result<()> {
+        if self.metrics.is_none() {
+            self.metrics_len = len;
+            return Ok(());
+        }
         let mpath = self.root.join(METRICS);
         if len > self.metrics_len {
             return Err(Error::format(
@@ -114,31 +132,39 @@ impl RunDir {
                 ),
             ));
         }
-        self.metrics.set_len(len).at(&mpath, "cannot truncate")?;
+        if let Some(m) = &self.metrics {
+            m.set_len(len).at(&mpath, "cannot truncate")?;
+        }
         self.metrics_len = len;
         Ok(())
     }
 
     /// Append one metrics record.
     pub fn metric(&mut self, v: &MetricRecord) -> Result<()> {
+        let Some(metrics) = &mut self.metrics else {
+            return Ok(());
+        };
         let mut line = serde_json::to_string(v).expect("a record always serializes");
         line.push('\n');
         let mpath = self.root.join(METRICS);
-        self.metrics
+        metrics
             .write_all(line.as_bytes())
             .at(&mpath, "cannot write")?;
-        self.metrics.flush().at(&mpath, "cannot write")?;
+        metrics.flush().at(&mpath, "cannot write")?;
         self.metrics_len += line.len() as u64;
         Ok(())
     }
 
     /// Append a line to the human log (and echo it).
     pub fn log(&mut self, msg: &str) {
+        let Some(log) = &mut self.log else {
+            return;
+        };
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let _ = writeln!(self.log, "[{secs}] {msg}");
+        let _ = writeln!(log, "[{secs}] {msg}");
         if self.echo {
             eprintln!("{msg}");
         }

@@ -229,6 +229,27 @@ impl RunSettings {
                 self.batch_size
             ));
         }
+        if self.devices == 0 || self.devices > 1024 {
+            return bad(format!(
+                "run.devices = {} must be between 1 and 1024",
+                self.devices
+            ));
+        }
+        if self.batch_size / micro < self.devices {
+            return bad(format!(
+                "run.devices = {} but a step has only {} micro-batch(es) (run.batch_size {} / run.micro_batch {micro}); every device needs at least one: raise run.batch_size or lower run.micro_batch",
+                self.devices,
+                self.batch_size / micro,
+                self.batch_size
+            ));
+        }
+        in_range(
+            "run.collective_timeout_s",
+            self.collective_timeout_s,
+            |v| v > 0.0 && v <= 1e9,
+            "a number of seconds in (0, 1e9]",
+        )
+        .or_else(bad)?;
         if self.eval_interval == Some(0) || self.checkpoint_interval == Some(0) {
             return bad("run.eval_interval and run.checkpoint_interval must be at least 1".into());
         }

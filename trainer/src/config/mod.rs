@@ -61,6 +61,14 @@ pub struct RunSettings {
     /// Activation checkpointing: "none", or "layers" (keep only each layer's input, recompute
     /// the layer in its backward: about one extra forward per step for much less memory).
     pub checkpointing: Checkpointing,
+    /// Data-parallel ranks, one device and one thread each (`cuda:0..N-1`; on the CPU
+    /// backends N replicas sharing the cores). The global batch stays `batch_size`: its
+    /// micro-batches are dealt out to the ranks, so N ranks compute what one rank
+    /// accumulating them would.
+    pub devices: usize,
+    /// Seconds one rank may wait in one collective (all-reduce) before the run is stopped
+    /// as hung.
+    pub collective_timeout_s: f64,
 }
 
 impl Default for RunSettings {
@@ -83,6 +91,8 @@ impl Default for RunSettings {
             precision: None,
             optimizer_state: StatePrecision::F32,
             checkpointing: Checkpointing::None,
+            devices: 1,
+            collective_timeout_s: 1800.0,
         }
     }
 }
@@ -203,12 +213,43 @@ pub struct Faults {
     pub checkpoint_error_at_steps: Vec<usize>,
     /// Sleep this long after every step (to make a run slow enough to kill mid-way).
     pub step_delay_ms: u64,
+    /// A data-parallel rank that fails with an error at the start of a step:
+    /// `rank_error = { rank = 1, step = 3 }`.
+    pub rank_error: Option<RankFault>,
+    /// A data-parallel rank that stalls at the start of a step until the run is stopped (for
+    /// the collective timeout).
+    pub rank_stall: Option<RankFault>,
+}
+
+/// A rank and a step (1-based) of an injected data-parallel failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RankFault {
+    pub rank: usize,
+    pub step: usize,
 }
 
 /// The environment variable fault-injection builds read [`Faults`] from.
 pub const FAULTS_ENV: &str = "SHEARS_FAULTS";
 
 impl Faults {
+    /// The injected rank faults of step `step` (1-based) on `rank`: an error, or a stall until
+    /// the run is stopped.
+    pub fn at_rank(&self, rank: usize, step: usize, comm: &crate::parallel::Comm) -> Result<()> {
+        let hit = |f: &Option<RankFault>| f.is_some_and(|f| f.rank == rank && f.step == step);
+        if hit(&self.rank_error) {
+            return Err(Error::invalid(format!(
+                "injected failure at step {step} on rank {rank}"
+            )));
+        }
+        if hit(&self.rank_stall) && comm.world() > 1 {
+            while !comm.aborted() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
     /// The faults this process injects: `SHEARS_FAULTS` in a `fault-injection` build, none
     /// otherwise.
     pub fn from_env() -> Result<Faults> {
