@@ -375,6 +375,24 @@ fn real_scale_recipes_fit_one_h200() {
         &["--device-memory", "141GB"],
     );
     assert_eq!(by_flags["memory"], by_plan["memory"]);
+    // Data parallel: the memory is per device (full replicas), the report says how the global
+    // batch splits, and the largest micro-batch leaves every device at least one.
+    let by_devices = run(
+        "llama-2-7b",
+        "prune-sheared-2.7b.toml",
+        &["--device-memory", "141GB", "--devices", "8"],
+    );
+    let (m8, m1) = (&by_devices["memory"], &by_plan["memory"]);
+    assert_eq!(m8["total"], m1["total"]);
+    assert_eq!(m8["settings"]["devices"], 8);
+    assert_eq!(m8["max_micro_batch"], 4, "{m8}");
+    let mut args = vec!["plan", "--source", src, "--target", tgt, "--devices", "4"];
+    args.extend_from_slice(&recipe);
+    let text = String::from_utf8_lossy(&shears(&args).stdout).to_string();
+    assert!(
+        text.contains("on each of 4 devices (full replicas): global batch 32 = 32 micro-batches of 1 per step, 8 per device"),
+        "{text}"
+    );
     // The text report says so, and bad settings are refused with the setting named.
     let mut args = vec!["plan", "--source", src, "--target", tgt];
     args.extend_from_slice(&recipe);
@@ -389,6 +407,10 @@ fn real_scale_recipes_fit_one_h200() {
         (vec!["--precision", "fp8"], "fp8"),
         (vec!["--batch", "8", "--micro-batch", "3"], "must divide"),
         (vec!["--checkpointing", "some"], "some"),
+        (
+            vec!["--batch", "8", "--micro-batch", "2", "--devices", "8"],
+            "8 device(s) need at least one micro-batch each",
+        ),
     ] {
         let mut args = vec!["plan", "--source", src, "--target", tgt];
         args.extend_from_slice(&bad);

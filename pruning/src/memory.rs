@@ -369,9 +369,9 @@ impl MemoryReport {
 ///
 /// Generic composition: norm inputs, squares, statistics and outputs, residuals and mask
 /// products (8 × hidden), q, context and o_proj input (3 × heads × head_dim), k and v before
-/// and after RoPE (4 × kv_heads × head_dim), four MLP intermediates (4 × intermediate), and per
-/// head the score and probability rows (2 × t).
-fn layer_elems_per_token(d: &Dims, seq: u64, kernels: Kernels) -> Option<u64> {
+/// and after RoPE (4 × kv_heads × head_dim) and four MLP intermediates (4 × intermediate); its
+/// attention rows are counted in bytes by [`generic_attention_bytes`].
+fn layer_elems_per_token(d: &Dims, kernels: Kernels) -> Option<u64> {
     let q_width = d.heads.checked_mul(d.head_dim)?;
     let kv_width = d.kv_heads.checked_mul(d.head_dim)?;
     let terms = match kernels {
@@ -387,15 +387,28 @@ fn layer_elems_per_token(d: &Dims, seq: u64, kernels: Kernels) -> Option<u64> {
             q_width.checked_mul(3)?,
             kv_width.checked_mul(4)?,
             d.intermediate.checked_mul(4)?,
-            d.heads.checked_mul(seq.checked_mul(2)?)?,
+            0,
         ],
     };
     terms.into_iter().try_fold(0u64, u64::checked_add)
 }
 
+/// Bytes per token one decoder layer's generic attention keeps for its backward: per head the
+/// score row and its masked copy in the compute precision, and the softmax's f32 rows (it runs
+/// in f32 under every precision: the upcast input, its exponentials and the output), i.e.
+/// `heads × t × (2 × bytes + 12)`. Measured against peak RSS on SmolLM2 (bf16-mixed, 4 x 512,
+/// no checkpointing: 10.10 GiB); counting the rows in the compute precision alone
+/// (`2 × bytes`) underestimated that run by 35%.
+fn generic_attention_bytes(d: &Dims, seq: u64, bytes: u64) -> Option<u64> {
+    d.heads
+        .checked_mul(seq)?
+        .checked_mul(bytes.checked_mul(2)?.checked_add(12)?)
+}
+
 /// Activation bytes of one micro-batch of `micro` sequences: every layer's kept tensors (or,
 /// with layer checkpointing, every layer's input plus one layer's kept tensors during its
-/// recomputation) in the compute precision, plus the head: with generic kernels the logits,
+/// recomputation) in the compute precision, with generic kernels also those layers' attention
+/// rows ([`generic_attention_bytes`]), plus the head: with generic kernels the logits,
 /// their log-softmax and its gradient in f32 (the loss is reduced in f32 under every
 /// precision); with the fused LM-head loss only the final norm's input and output and one
 /// log-sum-exp per token.
@@ -405,16 +418,26 @@ pub fn activation_bytes(d: &Dims, s: &MemorySettings, micro: u64) -> Option<u64>
         Precision::F32 => 4,
         Precision::Bf16Mixed => 2,
     };
-    let layer = layer_elems_per_token(d, s.seq_len as u64, s.kernels)?;
-    let per_token = match s.checkpointing {
-        Checkpointing::None => d.layers.checked_mul(layer)?,
-        Checkpointing::Layers => d.layers.checked_mul(d.hidden)?.checked_add(layer)?,
+    let layer = layer_elems_per_token(d, s.kernels)?;
+    let attention = match s.kernels {
+        Kernels::Generic => generic_attention_bytes(d, s.seq_len as u64, bytes)?,
+        Kernels::Fused => 0,
+    };
+    // Elements in the compute precision, and the layers whose attention rows are alive.
+    let (per_token, attn_layers) = match s.checkpointing {
+        Checkpointing::None => (d.layers.checked_mul(layer)?, d.layers),
+        Checkpointing::Layers => (d.layers.checked_mul(d.hidden)?.checked_add(layer)?, 1),
     };
     let head = match s.kernels {
         Kernels::Generic => d.vocab.checked_mul(3 * 4)?,
         Kernels::Fused => d.hidden.checked_mul(2 * bytes)?.checked_add(4)?,
     };
-    tokens.checked_mul(per_token.checked_mul(bytes)?.checked_add(head)?)
+    tokens.checked_mul(
+        per_token
+            .checked_mul(bytes)?
+            .checked_add(attn_layers.checked_mul(attention)?)?
+            .checked_add(head)?,
+    )
 }
 
 /// Peak bytes of one evaluation forward of `eval_batch` sequences of `eval_len()` tokens: no
@@ -704,8 +727,24 @@ mod tests {
         assert!(a(ckpt, 1) * 10 < a(base, 1));
         assert!(a(fused, 1) * 3 < a(base, 1));
         // By hand: 7B, one 4096-token sequence, f32, generic kernels, then fused.
-        let layer = 8 * 4096 + 3 * 4096 + 4 * 4096 + 4 * 11008 + 32 * 2 * 4096;
-        assert_eq!(a(base, 1), 4096 * (32 * layer * 4 + 32000 * 12));
+        // Generic attention: per head the score row and its masked copy (f32 here) and the
+        // softmax's three f32 rows.
+        let layer = 8 * 4096 + 3 * 4096 + 4 * 4096 + 4 * 11008;
+        let attention = 32 * 4096 * (2 * 4 + 12);
+        assert_eq!(
+            a(base, 1),
+            4096 * (32 * (layer * 4 + attention) + 32000 * 12)
+        );
+        // bf16-mixed halves the rows in the compute precision, not the softmax's f32 ones.
+        let bf16 = MemorySettings {
+            precision: Precision::Bf16Mixed,
+            ..base
+        };
+        let attention = 32 * 4096 * (2 * 2 + 12);
+        assert_eq!(
+            a(bf16, 1),
+            4096 * (32 * (layer * 2 + attention) + 32000 * 12)
+        );
         let layer = 7 * 4096 + 3 * 4096 + 2 * 4096 + 3 * 11008 + 32 + 2;
         assert_eq!(a(fused, 1), 4096 * (32 * layer * 4 + 2 * 4096 * 4 + 4));
     }
