@@ -311,17 +311,15 @@ pub fn run_ranks<B: Backend, T: Send>(
     for (rank, r) in results.into_iter().enumerate() {
         match r {
             Some(Ok(Ok(v))) => outs.push(v),
-            Some(Ok(Err(e))) => {
-                if failure.is_none() && !shared.secondary[rank].load(Ordering::SeqCst) {
-                    failure = Some(Failure::Rank(rank, e));
-                }
+            Some(Ok(Err(e)))
+                if failure.is_none() && !shared.secondary[rank].load(Ordering::SeqCst) =>
+            {
+                failure = Some(Failure::Rank(rank, e));
             }
-            Some(Err(p)) => {
-                if failure.is_none() {
-                    failure = Some(Failure::Panic(rank, panic_text(p.as_ref())));
-                }
+            Some(Err(p)) if failure.is_none() => {
+                failure = Some(Failure::Panic(rank, panic_text(p.as_ref())));
             }
-            None => {}
+            _ => {}
         }
     }
     match failure.or(timeout) {
