@@ -3,31 +3,18 @@
 //! resumed equals an uninterrupted one, and a failing or stalled rank stops the run with its
 //! rank named and the last checkpoint intact.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use shears_core::formats::safetensors::SafeTensorsFile;
-use shears_tests::runs::{corpus, metrics, setup, shears, shears_faulty, TINY_TARGET};
+use shears_tests::runs::{
+    checkpoints, corpus, metrics, ok, setup, shears, shears_faulty, steps, write, TINY_TARGET,
+};
 use shears_tests::smollm2_gguf;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shears");
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-fn ok(o: &std::process::Output) {
-    assert!(
-        o.status.success(),
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
 
 fn plan(stage: &str, model: &Path, data: &Path, run: &str) -> String {
     let target = if stage == "prune" {
@@ -266,27 +253,6 @@ fn two_ranks_equal_one_rank_on_smollm2() {
     }
 }
 
-fn steps_logged(run: &Path) -> usize {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("\"kind\":\"step\""))
-        .count()
-}
-
-fn checkpoints(run: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
-        .map(|r| {
-            r.flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .filter(|n| n.starts_with("step-"))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 /// A two-rank pruning run killed with SIGKILL after a checkpoint and resumed writes the same
 /// metrics and the same final checkpoint, bit for bit, as an uninterrupted two-rank run.
 #[test]
@@ -317,7 +283,7 @@ fn a_two_rank_run_killed_and_resumed_equals_an_uninterrupted_one() {
         .spawn()
         .unwrap();
     let start = Instant::now();
-    while steps_logged(&b) < 8 || checkpoints(&b).is_empty() {
+    while steps(&b) < 8 || checkpoints(&b).is_empty() {
         assert!(
             child.try_wait().unwrap().is_none(),
             "the run ended before it could be killed"
@@ -396,7 +362,7 @@ fn a_failing_or_stalled_rank_stops_the_run_and_keeps_the_last_checkpoint() {
     );
     assert!(started.elapsed() < Duration::from_secs(120));
     assert_eq!(checkpoints(&run), ["step-00000002"]);
-    assert_eq!(steps_logged(&run), 3);
+    assert_eq!(steps(&run), 3);
     // The checkpoint is whole: the run resumes from it and finishes.
     ok(&shears(
         BIN,
@@ -409,7 +375,7 @@ fn a_failing_or_stalled_rank_stops_the_run_and_keeps_the_last_checkpoint() {
             "--resume",
         ],
     ));
-    assert_eq!(steps_logged(&run), 8);
+    assert_eq!(steps(&run), 8);
 
     let run = tmp.path().join("stalled");
     let o = shears_faulty(

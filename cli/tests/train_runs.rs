@@ -6,15 +6,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shears_tests::runs::{metrics, setup, shears, shears_faulty, TINY_TARGET};
+use shears_tests::runs::{
+    checkpoints, metrics, ok, setup, shears, shears_faulty, steps, write, TINY_TARGET,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shears");
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
 
 fn prune_plan(model: &Path, data: &Path, run: &str, extra: &str) -> String {
     format!(
@@ -22,36 +18,6 @@ fn prune_plan(model: &Path, data: &Path, run: &str, extra: &str) -> String {
         model.display(),
         data.display()
     )
-}
-
-fn ok(o: &std::process::Output) {
-    assert!(
-        o.status.success(),
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn steps(run: &Path) -> usize {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("\"kind\":\"step\""))
-        .count()
-}
-
-fn checkpoints(run: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
-        .map(|r| {
-            r.flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .filter(|n| n.starts_with("step-"))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 /// Run `cmd` to completion (A), then the same in another directory killed with SIGKILL once

@@ -411,6 +411,46 @@ pub mod runs {
         out
     }
 
+    /// Write `text` to `dir/name`; returns the path.
+    pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// Assert that a command succeeded, showing its output when it did not.
+    pub fn ok(o: &Output) {
+        assert!(
+            o.status.success(),
+            "stdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// Step records a run has logged so far.
+    pub fn steps(run: &Path) -> usize {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"step\""))
+            .count()
+    }
+
+    /// A run's checkpoint directory names (`step-NNNNNNNN`), sorted.
+    pub fn checkpoints(run: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .filter(|n| n.starts_with("step-"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
     /// `shears` with `args`.
     pub fn shears(bin: &str, args: &[&str]) -> Output {
         Command::new(bin).args(args).output().unwrap()

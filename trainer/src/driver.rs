@@ -625,15 +625,6 @@ pub fn run_loop<B: ShearsAutodiff, S: Stage<B>>(
         max: steps,
         final_ratio: inp.optim.final_lr_ratio,
     };
-    let micro_batches = run.batch_size.div_ceil(run.micro());
-    if micro_batches < comm.world() {
-        return Err(Error::invalid(format!(
-            "run.devices = {} but a step has only {micro_batches} micro-batch(es) (batch_size {} / micro_batch {}); every device needs at least one: raise batch_size or lower micro_batch",
-            comm.world(),
-            run.batch_size,
-            run.micro()
-        )));
-    }
     let (start, sampler, reference, bad) = match restore(stage, inp, dir, resume, &es, comm)? {
         Start::Finished(outcome) => return Ok(outcome),
         Start::At {
