@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
+use shears_core::formats::gguf_export::{write_llama_gguf, GgufQuant};
 use shears_core::{hub, ChatMessage, DType, ModelFiles};
 use shears_models::generate::{self, SamplingConfig, Scored};
 use shears_models::{dispatch, load, BackendKind, BackendTask};
@@ -82,18 +83,37 @@ impl BackendTask for ExportTask {
     }
 }
 
+/// Export formats.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// An HF directory (config.json, model.safetensors, tokenizer files): transformers loads it.
+    Hf,
+    /// One GGUF v3 file (llama.cpp, ollama, LM Studio).
+    Gguf,
+}
+
 /// `shears export`.
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
     /// HF model directory, `.gguf` file, or a known model name.
     pub model: String,
-    /// Output directory.
+    /// Output directory (hf) or file (gguf).
     #[arg(long)]
     pub out: PathBuf,
-    /// Store weights as f32, f16 or bf16 (default f32).
-    #[arg(long)]
+    /// Output format (default: gguf when --out ends in .gguf, else hf).
+    #[arg(long, value_enum)]
+    pub format: Option<ExportFormat>,
+    /// hf: store weights as f32, f16 or bf16 (default f32).
+    #[arg(long, conflicts_with = "quant")]
     pub dtype: Option<DType>,
-    /// Replace an existing model in --out.
+    /// gguf: weight matrices as f32, f16, bf16, q8_0, q4_0 or q4_1 (default f16); norms stay
+    /// f32, and rows that are not whole 32-element blocks fall back to f16.
+    #[arg(long)]
+    pub quant: Option<GgufQuant>,
+    /// gguf: the model name written into `general.name` (default: the output file's stem).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Replace an existing model at --out.
     #[arg(long)]
     pub force: bool,
 }
@@ -102,16 +122,63 @@ pub fn export(backend: BackendKind, a: ExportArgs) -> Result<()> {
     let ExportArgs {
         model,
         out,
+        format,
         dtype,
+        quant,
+        name,
         force,
     } = a;
+    let is_gguf_name = out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let format = format.unwrap_or(if is_gguf_name {
+        ExportFormat::Gguf
+    } else {
+        ExportFormat::Hf
+    });
+    if format == ExportFormat::Hf && (quant.is_some() || name.is_some()) {
+        bail!("--quant and --name are GGUF options; add --format gguf (or name the output *.gguf)");
+    }
+    if format == ExportFormat::Gguf && dtype.is_some() {
+        bail!("--dtype is an HF option; for GGUF use --quant f32|f16|bf16|q8_0|q4_0|q4_1");
+    }
     let files = load_model_files(&model)?;
     let dtype = dtype.unwrap_or(DType::F32);
+    // Through Shears' model (as the HF export): the weights written are the ones it runs.
     let files = dispatch(backend, ExportTask { files, dtype })??;
-    let dir = files
-        .write_hf_dir(&out, None, force)
-        .with_context(|| format!("cannot write {}", out.display()))?;
-    eprintln!("exported to {}", dir.display());
+    match format {
+        ExportFormat::Hf => {
+            let dir = files
+                .write_hf_dir(&out, None, force)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!("exported to {}", dir.display());
+        }
+        ExportFormat::Gguf => {
+            let quant = quant.unwrap_or(GgufQuant::F16);
+            let name = name.unwrap_or_else(|| {
+                out.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "model".into())
+            });
+            let r = write_llama_gguf(&files, quant, &name, &out, force)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
+            let types: Vec<String> = r
+                .tensors_by_type
+                .iter()
+                .map(|(t, n)| format!("{n} {t}"))
+                .collect();
+            eprintln!(
+                "exported {} ({:.1} MB; tensors: {}) to {}",
+                name,
+                r.bytes as f64 / 1e6,
+                types.join(", "),
+                out.display()
+            );
+        }
+    }
     Ok(())
 }
 

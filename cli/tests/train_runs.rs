@@ -161,6 +161,31 @@ fn pruning_resumes_exactly_after_kill_9() {
         ],
     );
     ok(&o);
+    // The finalized model exports to GGUF and scores the same there (f32 exactly; Q8_0 with
+    // every matrix in F16, since its 16-wide rows are not whole 32-element blocks).
+    let nll = |model: &Path| -> f64 {
+        let o = shears(
+            BIN,
+            &["score", "--model", model.to_str().unwrap(), "--json", "--text", "the cat sat on the mat"],
+        );
+        ok(&o);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["mean_nll"].as_f64().unwrap()
+    };
+    let base = nll(&out);
+    for quant in ["f32", "q8_0"] {
+        let g = tmp.path().join(format!("pruned-{quant}.gguf"));
+        let o = shears(
+            BIN,
+            &["export", out.to_str().unwrap(), "--out", g.to_str().unwrap(), "--quant", quant],
+        );
+        ok(&o);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.contains("stored as F16"), quant == "q8_0", "{err}");
+        let got = nll(&g);
+        let tol = if quant == "f32" { 0.0 } else { 1e-2 * base };
+        assert!((got - base).abs() <= tol, "{quant}: {got} vs {base}");
+    }
 }
 
 /// The dtypes of a safetensors file's tensors, from its header.

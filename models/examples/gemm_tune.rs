@@ -7,7 +7,15 @@ use shears_models::ops::gemm::{gemm, Mat};
 use std::time::Instant;
 
 fn main() {
-    let shapes: &[(usize, usize, usize)] = &[
+    // Optional arguments `MxKxN` pick the shapes (for interleaved A/B runs of two blockings).
+    let picked: Vec<(usize, usize, usize)> = std::env::args()
+        .skip(1)
+        .filter_map(|a| {
+            let v: Vec<usize> = a.split('x').filter_map(|x| x.parse().ok()).collect();
+            (v.len() == 3).then(|| (v[0], v[1], v[2]))
+        })
+        .collect();
+    let all: &[(usize, usize, usize)] = &[
         (256, 576, 576),
         (256, 576, 1536),
         (256, 1536, 576),
@@ -21,6 +29,7 @@ fn main() {
         (1024, 576, 49152),
         (2048, 256, 768),
     ];
+    let shapes = if picked.is_empty() { all } else { &picked[..] };
     for &(m, k, n) in shapes {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32) * 0.01).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32) * 0.01).collect();

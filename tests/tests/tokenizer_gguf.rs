@@ -4,58 +4,7 @@
 
 use shears_core::formats::gguf::GgufFile;
 use shears_core::Tokenizer;
-use shears_tests::{tiny_gguf_model, write_gguf, Meta};
-
-fn spm_gguf(dir: &std::path::Path) -> std::path::PathBuf {
-    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
-    let mut types = vec![2, 3, 3];
-    let mut scores = vec![0f32, 0.0, 0.0];
-    for b in 0..256 {
-        tokens.push(format!("<0x{b:02X}>"));
-        types.push(6);
-        scores.push(0.0);
-    }
-    // Pieces with SentencePiece scores: higher merges first.
-    let pieces = [
-        ("\u{2581}", -1.0),
-        ("h", -2.0),
-        ("e", -2.0),
-        ("l", -2.0),
-        ("o", -2.0),
-        ("w", -2.0),
-        ("r", -2.0),
-        ("d", -2.0),
-        ("\u{2581}h", -3.0),
-        ("ll", -3.5),
-        ("\u{2581}he", -4.0),
-        ("llo", -4.5),
-        ("\u{2581}hello", -5.0),
-        ("\u{2581}w", -5.5),
-        ("or", -6.0),
-        ("ld", -6.5),
-        ("\u{2581}wor", -7.0),
-        ("\u{2581}world", -7.5),
-    ];
-    for (p, s) in pieces {
-        tokens.push(p.into());
-        types.push(1);
-        scores.push(s);
-    }
-    let p = dir.join("spm.gguf");
-    let (mut meta, tensors) = tiny_gguf_model();
-    meta.retain(|(k, _)| !k.starts_with("tokenizer."));
-    meta.extend([
-        ("tokenizer.ggml.model", Meta::Str("llama".into())),
-        ("tokenizer.ggml.tokens", Meta::StrArray(tokens)),
-        ("tokenizer.ggml.token_type", Meta::I32Array(types)),
-        ("tokenizer.ggml.bos_token_id", Meta::U32(1)),
-        ("tokenizer.ggml.eos_token_id", Meta::U32(2)),
-        ("tokenizer.ggml.unknown_token_id", Meta::U32(0)),
-    ]);
-    meta.push(("tokenizer.ggml.scores", Meta::F32Array(scores)));
-    write_gguf(&p, &meta, &tensors, None);
-    p
-}
+use shears_tests::{spm_gguf, tiny_gguf_model, write_gguf, Meta};
 
 #[test]
 fn sentencepiece_bpe_with_byte_fallback_and_bos() {

@@ -182,29 +182,43 @@ fn spm_document(g: &GgufFile, v: &GgufVocab, p: Parts) -> Value {
     })
 }
 
+fn byte_level(use_regex: bool) -> Value {
+    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
+}
+
+/// The GGUF pre-tokenizer names (`tokenizer.ggml.pre`) Shears knows, with the first name being
+/// the one the GGUF writer uses.
+pub const KNOWN_PRE_TOKENIZERS: [&[&str]; 3] = [
+    &["smollm"],
+    &["llama-bpe", "llama3", "llama-v3"],
+    &["gpt-2", "gpt2", "default"],
+];
+
+/// The tokenizer.json pre-tokenizer of a GGUF pre-tokenizer name, if Shears knows it.
+pub fn known_pre_tokenizer(name: &str) -> Option<Value> {
+    Some(match name {
+        "default" | "gpt2" | "gpt-2" => byte_level(true),
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        "llama-bpe" | "llama3" | "llama-v3" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": false},
+            byte_level(false)]}),
+        _ => return None,
+    })
+}
+
 /// A GPT-2-style (`gpt2`) tokenizer.json: byte-level BPE with the pre-tokenizer the GGUF names.
 fn bpe_document(g: &GgufFile, v: &GgufVocab, p: Parts, warnings: &mut Vec<String>) -> Value {
-    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let pre = g
         .get("tokenizer.ggml.pre")
         .and_then(|v| v.as_str())
         .unwrap_or("default");
-    let pre_tokenizer = match pre {
-        "default" | "gpt2" | "gpt-2" => byte_level(true),
-        "smollm" => json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-        "llama-bpe" | "llama3" | "llama-v3" => {
-            json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": false},
-            byte_level(false)]})
-        }
-        other => {
-            warnings.push(format!(
-                "GGUF pre-tokenizer '{other}' is not known to Shears; using GPT-2's byte-level split, which may tokenize some text differently from llama.cpp"
-            ));
-            byte_level(true)
-        }
-    };
+    let pre_tokenizer = known_pre_tokenizer(pre).unwrap_or_else(|| {
+        warnings.push(format!(
+            "GGUF pre-tokenizer '{pre}' is not known to Shears; using GPT-2's byte-level split, which may tokenize some text differently from llama.cpp"
+        ));
+        byte_level(true)
+    });
     let post = if p.add_bos || p.add_eos {
         v.template(p.add_bos, p.add_eos)
     } else {

@@ -1,8 +1,11 @@
-//! File formats, each in one place: safetensors, GGUF (with ggml dequantisation), and the GGUF
-//! LLaMA and tokenizer to HF conversions.
+//! File formats, each in one place: safetensors, GGUF (reading with ggml dequantisation,
+//! writing with ggml quantisation), and the GGUF LLaMA and tokenizer conversions both ways.
 
 pub mod dequant;
 pub mod gguf;
+pub mod gguf_export;
 pub mod gguf_llama;
 pub mod gguf_tokenizer;
+pub mod gguf_write;
+pub mod quantize;
 pub mod safetensors;
