@@ -166,7 +166,14 @@ fn pruning_resumes_exactly_after_kill_9() {
     let nll = |model: &Path| -> f64 {
         let o = shears(
             BIN,
-            &["score", "--model", model.to_str().unwrap(), "--json", "--text", "the cat sat on the mat"],
+            &[
+                "score",
+                "--model",
+                model.to_str().unwrap(),
+                "--json",
+                "--text",
+                "the cat sat on the mat",
+            ],
         );
         ok(&o);
         let v: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -177,7 +184,14 @@ fn pruning_resumes_exactly_after_kill_9() {
         let g = tmp.path().join(format!("pruned-{quant}.gguf"));
         let o = shears(
             BIN,
-            &["export", out.to_str().unwrap(), "--out", g.to_str().unwrap(), "--quant", quant],
+            &[
+                "export",
+                out.to_str().unwrap(),
+                "--out",
+                g.to_str().unwrap(),
+                "--quant",
+                quant,
+            ],
         );
         ok(&o);
         let err = String::from_utf8_lossy(&o.stderr);

@@ -1,9 +1,9 @@
 //! # shears-core
 //!
 //! What every Shears crate shares and nothing that needs a tensor backend: the model config (an HF
-//! `config.json`), host-side tensors, the error type, the file formats (safetensors, GGUF with
-//! dequantisation, HF model directories), tokenizers and chat templates, and atomic output
-//! directories. It must not depend on burn: format code stays testable without a backend and
+//! `config.json`), host-side tensors, the error type, the file formats (safetensors, GGUF read
+//! with dequantisation and written with quantisation, HF model directories), tokenizers and chat
+//! templates, and atomic output directories. It must not depend on burn: format code stays testable without a backend and
 //! quick to build.
 
 pub mod config;

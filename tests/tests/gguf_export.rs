@@ -41,9 +41,10 @@ fn tokenizer_keys(g: &GgufFile) -> Vec<(String, Value)> {
 fn normalised(kv: Vec<(String, Value)>) -> Vec<(String, Value)> {
     kv.into_iter()
         .map(|(k, v)| match v {
-            Value::Array(a) if a.iter().all(|x| x.as_i64().is_some()) => {
-                (k, Value::Array(a.iter().map(|x| Value::I64(x.as_i64().unwrap())).collect()))
-            }
+            Value::Array(a) if a.iter().all(|x| x.as_i64().is_some()) => (
+                k,
+                Value::Array(a.iter().map(|x| Value::I64(x.as_i64().unwrap())).collect()),
+            ),
             Value::U32(x) => (k, Value::I64(x as i64)),
             other => (k, other),
         })
@@ -59,22 +60,51 @@ fn f32_export_round_trips_bit_for_bit() {
     assert!(report.fallbacks.is_empty());
     assert_eq!(report.tensors_by_type["F32"], files.weights.len());
     let back = ModelFiles::load(&out).unwrap();
-    assert_eq!(back.config.to_json_string().unwrap(), files.config.to_json_string().unwrap());
+    assert_eq!(
+        back.config.to_json_string().unwrap(),
+        files.config.to_json_string().unwrap()
+    );
     assert_eq!(back.weights.len(), files.weights.len());
     for (name, t) in &files.weights {
         assert!(back.weights[name].bit_eq(t), "{name} differs");
     }
     // The tokenizer metadata is what the source file held.
     let (g0, g1) = (GgufFile::open(&src).unwrap(), GgufFile::open(&out).unwrap());
-    assert_eq!(normalised(tokenizer_keys(&g1)), normalised(tokenizer_keys(&g0)));
-    assert_eq!(g1.get("tokenizer.ggml.pre").and_then(|v| v.as_str()), Some("gpt-2"));
-    assert_eq!(g1.get("general.architecture").and_then(|v| v.as_str()), Some("llama"));
-    assert_eq!(g1.get("general.alignment").and_then(|v| v.as_u64()), Some(32));
-    assert_eq!(g1.get("general.file_type").and_then(|v| v.as_u64()), Some(0));
-    assert_eq!(g1.get("llama.attention.head_count_kv").and_then(|v| v.as_u64()), Some(2));
-    assert_eq!(g1.get("llama.rope.dimension_count").and_then(|v| v.as_u64()), Some(8));
+    assert_eq!(
+        normalised(tokenizer_keys(&g1)),
+        normalised(tokenizer_keys(&g0))
+    );
+    assert_eq!(
+        g1.get("tokenizer.ggml.pre").and_then(|v| v.as_str()),
+        Some("gpt-2")
+    );
+    assert_eq!(
+        g1.get("general.architecture").and_then(|v| v.as_str()),
+        Some("llama")
+    );
+    assert_eq!(
+        g1.get("general.alignment").and_then(|v| v.as_u64()),
+        Some(32)
+    );
+    assert_eq!(
+        g1.get("general.file_type").and_then(|v| v.as_u64()),
+        Some(0)
+    );
+    assert_eq!(
+        g1.get("llama.attention.head_count_kv")
+            .and_then(|v| v.as_u64()),
+        Some(2)
+    );
+    assert_eq!(
+        g1.get("llama.rope.dimension_count")
+            .and_then(|v| v.as_u64()),
+        Some(8)
+    );
     // Same text, same ids, same scores.
-    let (t0, t1) = (files.tokenizer.as_ref().unwrap(), back.tokenizer.as_ref().unwrap());
+    let (t0, t1) = (
+        files.tokenizer.as_ref().unwrap(),
+        back.tokenizer.as_ref().unwrap(),
+    );
     let text = "the theory then, the thin thread";
     let ids = t0.encode(text, false).unwrap();
     assert_eq!(t1.encode(text, false).unwrap(), ids);
@@ -110,7 +140,10 @@ fn quantised_exports_hold_reference_blocks() {
         quantize::encode(ty, &src, &mut bytes);
         assert_eq!(g.raw(q), &bytes[..], "{quant:?}");
         let dq = dequantize(ty, &bytes, src.len()).unwrap();
-        assert_eq!(back.weights["model.layers.1.mlp.up_proj.weight"].to_f32_vec(), dq);
+        assert_eq!(
+            back.weights["model.layers.1.mlp.up_proj.weight"].to_f32_vec(),
+            dq
+        );
         let nll = mean_nll(&back, &ids);
         assert!(
             (nll - base).abs() <= tol * base,
@@ -143,10 +176,16 @@ fn rows_that_are_not_whole_blocks_fall_back_to_f16() {
     files.config.intermediate_size = 48;
     let out = tmp.path().join("q.gguf");
     let report = write_llama_gguf(&files, GgufQuant::Q8_0, "cut", &out, false).unwrap();
-    assert_eq!(report.fallbacks, vec!["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]);
+    assert_eq!(
+        report.fallbacks,
+        vec!["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]
+    );
     assert!(report.warnings.iter().any(|w| w.contains("stored as F16")));
     let g = GgufFile::open(&out).unwrap();
-    assert_eq!(g.tensor_info("blk.0.ffn_down.weight").unwrap().ggml_type, GgmlType::F16);
+    assert_eq!(
+        g.tensor_info("blk.0.ffn_down.weight").unwrap().ggml_type,
+        GgmlType::F16
+    );
     let back = ModelFiles::load(&out).unwrap();
     assert_eq!(back.config.intermediate_size, 48);
 }
@@ -174,18 +213,29 @@ fn bad_requests_leave_nothing_behind() {
     assert!(e.to_string().contains("tokenizer"), "{e}");
     // A tensor missing from the weights.
     let mut missing = files.clone();
-    missing.weights.remove("model.layers.1.self_attn.k_proj.weight");
+    missing
+        .weights
+        .remove("model.layers.1.self_attn.k_proj.weight");
     let e = write_llama_gguf(&missing, GgufQuant::F32, "t", &out, false).unwrap_err();
     assert!(e.to_string().contains("k_proj"), "{e}");
     assert!(!out.exists());
-    let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "{names:?}");
     // An existing file is replaced only when asked.
     write_llama_gguf(&files, GgufQuant::F32, "t", &out, false).unwrap();
     let e = write_llama_gguf(&files, GgufQuant::Q8_0, "t", &out, false).unwrap_err();
     assert!(e.to_string().contains("already exists"), "{e}");
     write_llama_gguf(&files, GgufQuant::Q8_0, "t", &out, true).unwrap();
-    assert_eq!(GgufFile::open(&out).unwrap().get("general.file_type").and_then(|v| v.as_u64()), Some(7));
+    assert_eq!(
+        GgufFile::open(&out)
+            .unwrap()
+            .get("general.file_type")
+            .and_then(|v| v.as_u64()),
+        Some(7)
+    );
 }
 
 /// SmolLM2-135M: the real tokenizer (49k byte-level BPE, SmolLM pre-tokenizer, chat template)
@@ -213,7 +263,13 @@ fn smollm2_exports_and_scores() {
         assert_eq!(g1.get(key), g0.get(key), "{key}");
     }
     let types = |g: &GgufFile| -> Vec<i64> {
-        g.get("tokenizer.ggml.token_type").unwrap().as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect()
+        g.get("tokenizer.ggml.token_type")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect()
     };
     assert_eq!(types(&g1), types(&g0));
     let back = ModelFiles::load(&out).unwrap();
@@ -226,10 +282,25 @@ fn smollm2_exports_and_scores() {
     .unwrap();
     let tok = back.tokenizer.as_ref().unwrap();
     for c in cases["cases"].as_array().unwrap() {
-        let want: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        assert_eq!(tok.encode(c["text"].as_str().unwrap(), false).unwrap(), want, "{}", c["text"]);
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            tok.encode(c["text"].as_str().unwrap(), false).unwrap(),
+            want,
+            "{}",
+            c["text"]
+        );
     }
-    let ids = tok.encode("The quick brown fox jumps over the lazy dog. Paris is the capital of France.", false).unwrap();
+    let ids = tok
+        .encode(
+            "The quick brown fox jumps over the lazy dog. Paris is the capital of France.",
+            false,
+        )
+        .unwrap();
     let base = mean_nll(&files, &ids);
     assert_eq!(mean_nll(&back, &ids), base);
     std::fs::remove_file(&out).unwrap();
@@ -237,7 +308,10 @@ fn smollm2_exports_and_scores() {
     write_llama_gguf(&files, GgufQuant::Q8_0, "SmolLM2-135M-Instruct", &q8, false).unwrap();
     let nll = mean_nll(&ModelFiles::load(&q8).unwrap(), &ids);
     // Q8_0 of weights that were Q4_1 to begin with: a documented 1% tolerance on the mean NLL.
-    assert!((nll - base).abs() <= 0.01 * base, "q8_0 mean NLL {nll} vs f32 {base}");
+    assert!(
+        (nll - base).abs() <= 0.01 * base,
+        "q8_0 mean NLL {nll} vs f32 {base}"
+    );
     eprintln!("SmolLM2 mean NLL: f32 {base:.5}, q8_0 {nll:.5}");
 }
 
@@ -253,14 +327,25 @@ fn sentencepiece_tokenizer_round_trips() {
     let tok = shears_core::Tokenizer::from_gguf(&src).unwrap();
     let mut warnings = vec![];
     let kv = tokenizer_metadata(&tok, tok.vocab_size() + 3, &mut warnings).unwrap();
-    assert!(warnings.iter().any(|w| w.contains("3 embedding rows")), "{warnings:?}");
+    assert!(
+        warnings.iter().any(|w| w.contains("3 embedding rows")),
+        "{warnings:?}"
+    );
     let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
-    assert_eq!(get("tokenizer.ggml.model"), Some(Value::String("llama".into())));
+    assert_eq!(
+        get("tokenizer.ggml.model"),
+        Some(Value::String("llama".into()))
+    );
     assert_eq!(get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
     assert_eq!(get("tokenizer.ggml.bos_token_id"), Some(Value::U32(1)));
     assert_eq!(get("tokenizer.ggml.unknown_token_id"), Some(Value::U32(0)));
     let types = get("tokenizer.ggml.token_type").unwrap();
-    let types: Vec<i64> = types.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let types: Vec<i64> = types
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
     assert_eq!(&types[..4], &[2, 3, 3, 6]); // unknown, control, control, byte
     assert_eq!(&types[types.len() - 3..], &[5, 5, 5]); // padding rows: unused
     let texts = ["hello world", "hello \u{2603}", "world hello  wor", ""];
@@ -269,7 +354,10 @@ fn sentencepiece_tokenizer_round_trips() {
         if drop_merges {
             meta.retain(|(k, _)| k != "tokenizer.ggml.merges");
         }
-        meta.insert(0, ("general.architecture".into(), Value::String("llama".into())));
+        meta.insert(
+            0,
+            ("general.architecture".into(), Value::String("llama".into())),
+        );
         let p = tmp.path().join(format!("tok-{drop_merges}.gguf"));
         write_file(&p, false, &meta, &[], |_| unreachable!()).unwrap();
         let back = shears_core::Tokenizer::from_gguf(&GgufFile::open(&p).unwrap()).unwrap();
@@ -280,5 +368,38 @@ fn sentencepiece_tokenizer_round_trips() {
                 "{t:?} (merges dropped: {drop_merges})"
             );
         }
+    }
+}
+
+/// Rope scaling survives the trip: linear as `rope.scaling.*` keys, Llama-3 as the
+/// `rope_freqs.weight` divisors llama.cpp reads (from which the importer recovers the
+/// parameters; with too few frequencies they are ambiguous, though the divisors still agree).
+#[test]
+fn rope_scaling_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, files) = tiny(tmp.path());
+    for (i, scaling) in [
+        serde_json::json!({"rope_type": "linear", "factor": 4.0}),
+        serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut f = files.clone();
+        f.config.rope_scaling = Some(scaling.clone());
+        // Llama-3's theta: with head_dim 8, the lowest frequency then lies past the
+        // low-frequency wavelength, so the divisors pin down every parameter.
+        f.config.rope_theta = Some(500000.0);
+        let out = tmp.path().join(format!("rope{i}.gguf"));
+        write_llama_gguf(&f, GgufQuant::F32, "t", &out, false).unwrap();
+        let g = GgufFile::open(&out).unwrap();
+        assert_eq!(g.tensor_info("rope_freqs.weight").is_some(), i == 1);
+        let back = ModelFiles::load(&out).unwrap();
+        assert_eq!(back.config.rope_scaling, Some(scaling));
+        assert_eq!(
+            back.config.rope().unwrap().scaling,
+            f.config.rope().unwrap().scaling
+        );
     }
 }

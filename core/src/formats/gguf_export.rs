@@ -119,7 +119,11 @@ fn u32v(n: usize) -> Result<Value> {
 }
 
 /// The `llama.*` (and `general.*`) metadata of a model.
-fn model_metadata(files: &ModelFiles, quant: GgufQuant, name: &str) -> Result<Vec<(String, Value)>> {
+fn model_metadata(
+    files: &ModelFiles,
+    quant: GgufQuant,
+    name: &str,
+) -> Result<Vec<(String, Value)>> {
     let c = &files.config;
     let l = &files.layers[0];
     let mut kv = vec![
@@ -133,14 +137,29 @@ fn model_metadata(files: &ModelFiles, quant: GgufQuant, name: &str) -> Result<Ve
     let hd = c.head_dim();
     kv.extend([
         ("llama.vocab_size".into(), u32v(c.vocab_size)?),
-        ("llama.context_length".into(), u32v(c.max_position_embeddings)?),
+        (
+            "llama.context_length".into(),
+            u32v(c.max_position_embeddings)?,
+        ),
         ("llama.embedding_length".into(), u32v(c.hidden_size)?),
         ("llama.block_count".into(), u32v(files.layers.len())?),
-        ("llama.feed_forward_length".into(), u32v(l.intermediate_size)?),
-        ("llama.attention.head_count".into(), u32v(l.num_attention_heads)?),
-        ("llama.attention.head_count_kv".into(), u32v(l.num_key_value_heads)?),
+        (
+            "llama.feed_forward_length".into(),
+            u32v(l.intermediate_size)?,
+        ),
+        (
+            "llama.attention.head_count".into(),
+            u32v(l.num_attention_heads)?,
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            u32v(l.num_key_value_heads)?,
+        ),
         ("llama.rope.dimension_count".into(), u32v(hd)?),
-        ("llama.rope.freq_base".into(), Value::F32(rope(c)?.theta as f32)),
+        (
+            "llama.rope.freq_base".into(),
+            Value::F32(rope(c)?.theta as f32),
+        ),
         (
             "llama.attention.layer_norm_rms_epsilon".into(),
             Value::F32(c.rms_norm_eps as f32),
@@ -152,7 +171,10 @@ fn model_metadata(files: &ModelFiles, quant: GgufQuant, name: &str) -> Result<Ve
     }
     if let RopeScaling::Linear { factor } = rope(c)?.scaling {
         kv.push(("llama.rope.scaling.type".into(), s("linear")));
-        kv.push(("llama.rope.scaling.factor".into(), Value::F32(factor as f32)));
+        kv.push((
+            "llama.rope.scaling.factor".into(),
+            Value::F32(factor as f32),
+        ));
     }
     Ok(kv)
 }
@@ -312,8 +334,11 @@ pub fn tokenizer_metadata(
         // llama.cpp's SentencePiece tokenizer merges by token score: the token a merge makes
         // scores minus its rank, so the highest-scoring pair is the first merge, as in HF's BPE.
         let mut score = vec![0f32; vocab_size];
-        let index: std::collections::HashMap<&str, usize> =
-            tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+        let index: std::collections::HashMap<&str, usize> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .collect();
         let mut ranked = vec![false; vocab_size];
         for (rank, m) in merges.iter().enumerate() {
             let joined: String = m.split(' ').collect();
@@ -333,7 +358,10 @@ pub fn tokenizer_metadata(
             || doc["pre_tokenizer"].to_string().contains("\"first\"")
             || doc["pre_tokenizer"].to_string().contains("\"always\"");
         kv.push(("tokenizer.ggml.pre".into(), s("default")));
-        kv.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(prefix)));
+        kv.push((
+            "tokenizer.ggml.add_space_prefix".into(),
+            Value::Bool(prefix),
+        ));
         kv.push((
             "tokenizer.ggml.scores".into(),
             Value::Array(score.into_iter().map(Value::F32).collect()),

@@ -91,7 +91,10 @@ fn padding(len: u64) -> usize {
 }
 
 /// The header, metadata and tensor directory, padded to the start of the data section.
-fn header(metadata: &[(String, Value)], tensors: &[TensorEntry]) -> std::result::Result<Vec<u8>, String> {
+fn header(
+    metadata: &[(String, Value)],
+    tensors: &[TensorEntry],
+) -> std::result::Result<Vec<u8>, String> {
     let mut out = Vec::new();
     out.extend(b"GGUF");
     out.extend(3u32.to_le_bytes());
@@ -99,7 +102,10 @@ fn header(metadata: &[(String, Value)], tensors: &[TensorEntry]) -> std::result:
     let has_alignment = metadata.iter().any(|(k, _)| k == "general.alignment");
     out.extend(((metadata.len() + usize::from(!has_alignment)) as u64).to_le_bytes());
     let mut seen = std::collections::HashSet::new();
-    let align = ("general.alignment".to_string(), Value::U32(ALIGNMENT as u32));
+    let align = (
+        "general.alignment".to_string(),
+        Value::U32(ALIGNMENT as u32),
+    );
     for (k, v) in metadata.iter().chain((!has_alignment).then_some(&align)) {
         if !seen.insert(k.as_str()) {
             return Err(format!("metadata key '{k}' given twice"));
@@ -163,7 +169,10 @@ pub fn write_gguf(
     mut data: impl FnMut(usize) -> Result<Vec<u8>>,
 ) -> Result<()> {
     if path.is_dir() {
-        return Err(Error::format(path, "is a directory; give a .gguf file name"));
+        return Err(Error::format(
+            path,
+            "is a directory; give a .gguf file name",
+        ));
     }
     if !overwrite && path.exists() {
         return Err(Error::format(
@@ -226,7 +235,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
         let meta = vec![
-            ("general.architecture".to_string(), Value::String("llama".into())),
+            (
+                "general.architecture".to_string(),
+                Value::String("llama".into()),
+            ),
             ("x.count".to_string(), Value::U32(7)),
             ("x.f".to_string(), Value::F32(1.5)),
             ("x.flag".to_string(), Value::Bool(true)),
@@ -260,7 +272,10 @@ mod tests {
         assert_eq!(g.version, 3);
         assert_eq!(g.get("x.count"), Some(&Value::U32(7)));
         assert_eq!(g.get("x.flag"), Some(&Value::Bool(true)));
-        assert_eq!(g.get("general.alignment").and_then(|v| v.as_u64()), Some(32));
+        assert_eq!(
+            g.get("general.alignment").and_then(|v| v.as_u64()),
+            Some(32)
+        );
         assert_eq!(g.metadata["x.list"], meta[4].1);
         let ta = g.tensor_info("a").unwrap();
         assert_eq!(g.dequantize(ta).unwrap(), (vec![3], a.to_vec()));

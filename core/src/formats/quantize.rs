@@ -49,7 +49,7 @@ pub fn encode(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) {
 }
 
 fn blocks(x: &[f32]) -> std::slice::ChunksExact<'_, f32> {
-    assert!(x.len() % QK == 0, "partial quantisation block");
+    assert!(x.len().is_multiple_of(QK), "partial quantisation block");
     x.chunks_exact(QK)
 }
 
@@ -117,7 +117,11 @@ mod tests {
         let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         assert_eq!(d, f16::from_f32(amax / 127.0).to_f32());
         for (i, &q) in out[2..].iter().enumerate() {
-            assert_eq!(q as i8, (x[i] * (127.0 / amax)).round() as i8, "element {i}");
+            assert_eq!(
+                q as i8,
+                (x[i] * (127.0 / amax)).round() as i8,
+                "element {i}"
+            );
         }
         assert_eq!(out[2] as i8, -127);
     }
@@ -188,7 +192,11 @@ mod tests {
                 };
                 for (a, b2) in xb.iter().zip(yb) {
                     // Half a step, plus the f16 rounding of the scale (and Q4_0's one-sided clamp).
-                    let tol = if ty == GgmlType::Q4_0 { step } else { step * 0.5 };
+                    let tol = if ty == GgmlType::Q4_0 {
+                        step
+                    } else {
+                        step * 0.5
+                    };
                     assert!(
                         (a - b2).abs() <= tol * 1.01 + 1e-3 * amax,
                         "{} block {b}: {a} vs {b2}",
@@ -201,7 +209,7 @@ mod tests {
 
     #[test]
     fn float_types_round_trip() {
-        let x = vec![1.0f32, -2.5, 3.1415927, 65504.0, 1e-8];
+        let x = vec![1.0f32, -2.5, std::f32::consts::PI, 65504.0, 1e-8];
         for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
             let mut out = vec![];
             encode(ty, &x, &mut out);

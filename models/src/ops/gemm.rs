@@ -190,7 +190,9 @@ fn blocking(kern: &Kernel, k: usize) -> Blocking {
     let (kc, mcp, ncp) = o.unwrap_or_else(|| {
         if k > kern.kc && k <= SINGLE_BLOCK_MAX_K {
             // Keep the packed A block (MC x KC) about the size the default blocking gives.
-            let mcp = (kern.mc_panels * kern.kc).div_ceil(k).clamp(2, kern.mc_panels);
+            let mcp = (kern.mc_panels * kern.kc)
+                .div_ceil(k)
+                .clamp(2, kern.mc_panels);
             (k, mcp, kern.nc_panels)
         } else {
             (kern.kc, kern.mc_panels, kern.nc_panels)
