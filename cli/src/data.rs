@@ -36,6 +36,10 @@ pub struct PrepareArgs {
     /// JSONL field with the text (default "text").
     #[arg(long)]
     pub text_field: Option<String>,
+    /// Extensions of other text files that directory inputs take, one document per file
+    /// (e.g. rs,py,md; added to every domain). Globs and named files take any file.
+    #[arg(long, value_delimiter = ',', value_name = "EXT,...")]
+    pub ext: Vec<String>,
     /// Replace an output directory that is not a previous dataset.
     #[arg(long)]
     pub force: bool,
@@ -80,6 +84,7 @@ fn build_plan(a: &PrepareArgs) -> Result<DataPlan> {
             .or_insert_with(|| DomainPlan {
                 inputs: vec![],
                 text_field: "text".into(),
+                extensions: vec![],
             })
             .inputs
             .push(path.to_string());
@@ -88,6 +93,9 @@ fn build_plan(a: &PrepareArgs) -> Result<DataPlan> {
         for d in plan.domains.values_mut() {
             d.text_field = f.clone();
         }
+    }
+    for d in plan.domains.values_mut() {
+        d.extensions.extend(a.ext.iter().cloned());
     }
     plan.validate().map_err(anyhow::Error::msg)?;
     Ok(plan)
@@ -153,6 +161,23 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
             "{name:<14} {:>9} {:>13} {:>11} {:>10} {:>9}",
             d.documents, d.train_tokens, d.eval_tokens, d.train_sequences, d.eval_sequences
         );
+    }
+    for (name, d) in &m.domains {
+        let files: Vec<String> = d
+            .extensions
+            .iter()
+            .map(|(e, c)| {
+                let skipped = if c.binary > 0 {
+                    format!(" ({} not text, skipped)", c.binary)
+                } else {
+                    String::new()
+                };
+                format!("{} {e}{skipped}", c.files)
+            })
+            .collect();
+        if !files.is_empty() {
+            eprintln!("{name}: files {}", files.join(", "));
+        }
     }
     Ok(())
 }

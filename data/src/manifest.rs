@@ -57,6 +57,19 @@ pub struct SourceInfo {
     pub documents: usize,
 }
 
+/// The input files of one extension in a domain.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtensionCount {
+    /// Files read (binary ones included).
+    pub files: usize,
+    /// Documents they gave.
+    pub documents: usize,
+    /// Their size on disk.
+    pub bytes: u64,
+    /// Of those files, how many were skipped as not text.
+    pub binary: usize,
+}
+
 /// Per-domain counts and files.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DomainManifest {
@@ -76,6 +89,12 @@ pub struct DomainManifest {
     pub empty_documents: usize,
     /// Lines skipped with a warning (not JSON, no text field, not UTF-8).
     pub skipped_lines: usize,
+    /// Whole files skipped because they are not text (a NUL byte, or not UTF-8).
+    #[serde(default)]
+    pub skipped_binary_files: usize,
+    /// Input files by extension (`rs`, `md`, `jsonl.gz`, `(none)`).
+    #[serde(default)]
+    pub extensions: BTreeMap<String, ExtensionCount>,
     pub train_shards: Vec<ShardInfo>,
     pub eval_shards: Vec<ShardInfo>,
     pub sources: Vec<SourceInfo>,

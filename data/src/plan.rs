@@ -17,6 +17,10 @@ pub struct DomainPlan {
     /// The JSONL field holding the text.
     #[serde(default = "default_text_field")]
     pub text_field: String,
+    /// Extensions (`["rs", "py", "md"]`) of the files a directory input also takes, each file
+    /// one document, besides `.txt` and `.jsonl[.gz|.zst]`. Globs and named files take any file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extensions: Vec<String>,
 }
 
 fn default_text_field() -> String {
@@ -100,6 +104,10 @@ impl DataPlan {
                 "eval_fraction {} must be in [0, 1)",
                 self.eval_fraction
             ));
+        }
+        for (name, d) in &self.domains {
+            crate::documents::normalise_extensions(&d.extensions)
+                .map_err(|m| format!("domain '{name}': {m}"))?;
         }
         if self.shard_sequences == 0 {
             return Err("shard_sequences must be positive".into());

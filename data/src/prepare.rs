@@ -26,9 +26,10 @@ use shears_core::error::IoContext;
 use shears_core::fsutil::StagedDir;
 use shears_core::{Error, Result, Tokenizer};
 
-use crate::documents::{read_documents, resolve_inputs, DomainDocuments};
+use crate::documents::{extension_key, read_documents, resolve_inputs, DomainDocuments};
 use crate::manifest::{
-    DomainManifest, Manifest, ShardInfo, SourceInfo, TokenDType, TokenizerInfo, FORMAT,
+    DomainManifest, ExtensionCount, Manifest, ShardInfo, SourceInfo, TokenDType, TokenizerInfo,
+    FORMAT,
 };
 pub use crate::plan::{DataPlan, DomainPlan};
 
@@ -394,6 +395,23 @@ fn prepare_domain(
     for d in &docs.documents {
         per_file[d.file] += 1;
     }
+    let mut extensions: BTreeMap<String, ExtensionCount> = BTreeMap::new();
+    for (f, &n) in docs.files.iter().zip(&per_file) {
+        let e = extensions.entry(extension_key(f)).or_default();
+        e.files += 1;
+        e.documents += n;
+        e.bytes += hashes[f].0;
+    }
+    for (f, _) in &docs.binary {
+        extensions.entry(extension_key(f)).or_default().binary += 1;
+    }
+    if let Some((first, why)) = docs.binary.first() {
+        warnings.push(format!(
+            "domain '{name}': skipped {} files that are not text (first: {}: {why})",
+            docs.binary.len(),
+            first.display()
+        ));
+    }
     let sources = docs
         .files
         .iter()
@@ -417,6 +435,8 @@ fn prepare_domain(
         dropped_eval_tokens: eval.dropped,
         empty_documents: docs.empty,
         skipped_lines: docs.warnings.len(),
+        skipped_binary_files: docs.binary.len(),
+        extensions,
         train_shards: train.shards,
         eval_shards: eval.shards,
         sources,
@@ -444,7 +464,7 @@ pub fn prepare(
     // Inputs and their hashes decide whether anything needs doing.
     let mut files: BTreeMap<&str, Vec<PathBuf>> = BTreeMap::new();
     for (name, d) in &plan.domains {
-        files.insert(name, resolve_inputs(&d.inputs)?);
+        files.insert(name, resolve_inputs(&d.inputs, &d.extensions)?);
     }
     check_out_apart(plan, &files, out)?;
     let all: Vec<&PathBuf> = files.values().flatten().collect();

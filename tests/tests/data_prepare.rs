@@ -35,6 +35,7 @@ fn plan(domains: &[(&str, Vec<String>)], seq_len: usize, eval: f64) -> DataPlan 
                     DomainPlan {
                         inputs: i.clone(),
                         text_field: "text".into(),
+                        extensions: vec![],
                     },
                 )
             })
