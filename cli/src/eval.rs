@@ -4,13 +4,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::{Int, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use shears_core::{DType, ModelFiles, Tokenizer};
 use shears_data::Dataset;
 use shears_eval::domain::{batch_tensor, domain_losses, summed_nll, EvalSettings};
-use shears_eval::zeroshot::{self, Task};
+use shears_eval::zeroshot::{self, Limit, ScoreSettings, Task};
 use shears_models::{dispatch, load, BackendKind, BackendTask, Llama};
 use shears_pruning::PruningSpec;
 use shears_trainer::checkpoint::Checkpoint;
@@ -38,12 +37,21 @@ pub struct EvalArgs {
     /// An extracted `oe_eval_tasks` directory (default: fetched into the cache).
     #[arg(long)]
     pub tasks_dir: Option<PathBuf>,
-    /// The first N documents of each task, in doc_id order.
+    /// The first N documents of each task in doc_id order, or a fraction of them when below 1
+    /// (0.1 = the first 10%, rounded up), as lm-eval's --limit.
     #[arg(long)]
-    pub limit: Option<usize>,
+    pub limit: Option<Limit>,
+    /// Write lm-evaluation-harness-shaped `results.json` (and with --log-samples
+    /// `samples_<task>.jsonl`) into this directory.
+    #[arg(long)]
+    pub output_path: Option<PathBuf>,
     /// Requests (or sequences) per forward.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// Score every request whole instead of running a shared context (the choices of one
+    /// question) once and continuing each choice from its KV cache.
+    #[arg(long)]
+    pub no_prefix_reuse: bool,
     /// A prepared data directory: per-domain loss and perplexity on its eval shards.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -60,7 +68,8 @@ pub struct EvalArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
-    /// Include every request's ids and log-probs in the JSON.
+    /// Include every request's ids and log-probs in the JSON (and per-document samples in
+    /// --output-path).
     #[arg(long)]
     pub log_samples: bool,
 }
@@ -123,7 +132,7 @@ struct EvalTask {
     subject: Subject,
     tasks: Vec<Task>,
     data: Option<(Dataset, EvalSettings)>,
-    batch: usize,
+    settings: ScoreSettings,
     log_samples: bool,
     quiet: bool,
 }
@@ -147,16 +156,13 @@ impl BackendTask for EvalTask {
             }
             None => None,
         };
-        let forward = |ids: Tensor<B, 2, Int>| match &fm {
-            Some(m) => model.forward_masked(ids, m),
-            None => model.forward(ids),
-        };
         let mut out = serde_json::Map::new();
         out.insert("model".into(), json!(self.subject.label));
         if !self.tasks.is_empty() {
             let tok: &Tokenizer = self.subject.files.tokenizer()?;
             let mut tasks = serde_json::Map::new();
             let mut samples = serde_json::Map::new();
+            let mut documents = serde_json::Map::new();
             let mut primaries = vec![];
             for task in &self.tasks {
                 let bar = if self.quiet {
@@ -172,14 +178,19 @@ impl BackendTask for EvalTask {
                 bar.set_prefix(task.name.clone());
                 let t = std::time::Instant::now();
                 let scored = zeroshot::score_with::<B>(
-                    &forward,
-                    model.config.max_position_embeddings,
-                    &device,
+                    &model,
+                    fm.as_ref(),
                     tok,
                     &task.requests,
-                    self.batch,
+                    self.settings,
                     |n| bar.set_position(n as u64),
-                )?;
+                )
+                .map_err(|e| match e {
+                    shears_core::Error::Invalid(m) => {
+                        shears_core::Error::invalid(format!("task {}: {m}", task.name))
+                    }
+                    e => e,
+                })?;
                 bar.finish_and_clear();
                 let secs = t.elapsed().as_secs_f64();
                 let m = zeroshot::metrics(&task.requests, &scored, &task.primary_metric)?;
@@ -189,11 +200,16 @@ impl BackendTask for EvalTask {
                 let mut v = serde_json::to_value(&m).expect("metrics");
                 v["seconds"] = json!(secs);
                 v["requests_per_s"] = json!(task.requests.len() as f64 / secs.max(1e-9));
+                v["documents_total"] = json!(task.documents);
                 tasks.insert(task.name.clone(), v);
                 if self.log_samples {
                     samples.insert(
                         task.name.clone(),
                         serde_json::to_value(&scored).expect("samples"),
+                    );
+                    documents.insert(
+                        task.name.clone(),
+                        json!(zeroshot::samples(&task.requests, &scored)),
                     );
                 }
             }
@@ -206,6 +222,7 @@ impl BackendTask for EvalTask {
             out.insert("mean".into(), mean);
             if self.log_samples {
                 out.insert("samples".into(), Value::Object(samples));
+                out.insert("sample_documents".into(), Value::Object(documents));
             }
         }
         if let Some((data, es)) = &self.data {
@@ -252,7 +269,7 @@ pub fn eval(backend: BackendKind, a: EvalArgs) -> Result<()> {
                 .context("cannot get the benchmark package")?,
         };
         for t in &a.tasks {
-            tasks.push(zeroshot::load_task(&dir, t, a.limit)?);
+            tasks.push(zeroshot::load_task_limited(&dir, t, a.limit)?);
         }
     }
     let data = match &a.data {
@@ -272,17 +289,35 @@ pub fn eval(backend: BackendKind, a: EvalArgs) -> Result<()> {
         }
         None => None,
     };
+    if let Some(dir) = &a.output_path {
+        if dir.is_file() {
+            bail!(
+                "--output-path {} is a file; give a directory",
+                dir.display()
+            );
+        }
+        if a.tasks.is_empty() {
+            bail!("--output-path writes zero-shot results: give --tasks");
+        }
+    }
+    let started = std::time::Instant::now();
     let v = dispatch(
         backend,
         EvalTask {
             subject,
             tasks,
             data,
-            batch: a.batch,
+            settings: ScoreSettings {
+                batch: a.batch,
+                prefix_reuse: !a.no_prefix_reuse,
+            },
             log_samples: a.log_samples,
             quiet: a.json,
         },
     )??;
+    if let Some(dir) = &a.output_path {
+        write_lm_eval(dir, &v, &a, backend, started.elapsed().as_secs_f64())?;
+    }
     if a.json {
         println!("{}", serde_json::to_string(&v)?);
         return Ok(());
@@ -332,5 +367,130 @@ pub fn eval(backend: BackendKind, a: EvalArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Write `text` to `path` through a temporary file in the same folder (no half-written file).
+fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// lm-evaluation-harness's `results.json` (and `samples_<task>.jsonl` with --log-samples) from
+/// the evaluation's JSON `v`, so results drop into tables kept with lm-eval's layout.
+fn write_lm_eval(
+    dir: &std::path::Path,
+    v: &Value,
+    a: &EvalArgs,
+    backend: BackendKind,
+    seconds: f64,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tasks = v["tasks"].as_object().cloned().unwrap_or_default();
+    let (mut results, mut configs, mut versions, mut nshot, mut better, mut nsamples, mut groups) = (
+        serde_json::Map::new(),
+        serde_json::Map::new(),
+        serde_json::Map::new(),
+        serde_json::Map::new(),
+        serde_json::Map::new(),
+        serde_json::Map::new(),
+        serde_json::Map::new(),
+    );
+    for (name, m) in &tasks {
+        let mut r = serde_json::Map::new();
+        r.insert("alias".into(), json!(name));
+        let mut hib = serde_json::Map::new();
+        let mut metric_list = vec![];
+        for (metric, higher) in [
+            ("acc", true),
+            ("acc_norm", true),
+            ("acc_per_char", true),
+            ("perplexity", false),
+            ("bits_per_byte", false),
+        ] {
+            if let Some(x) = m[metric].as_f64() {
+                r.insert(format!("{metric},none"), json!(x));
+                // lm-eval's "N/A" where there is no standard error (one document, perplexity).
+                let se = m[format!("{metric}_stderr")]
+                    .as_f64()
+                    .filter(|x| x.is_finite());
+                r.insert(
+                    format!("{metric}_stderr,none"),
+                    se.map_or(json!("N/A"), |x| json!(x)),
+                );
+                hib.insert(metric.into(), json!(higher));
+                metric_list.push(
+                    json!({"metric": metric, "aggregation": "mean", "higher_is_better": higher}),
+                );
+            }
+        }
+        results.insert(name.clone(), Value::Object(r));
+        let mc = m["acc_norm"].is_number();
+        configs.insert(
+            name.clone(),
+            json!({
+                "task": name,
+                "dataset_path": format!("{} (oe_eval_tasks requests)", zeroshot::PACKAGE),
+                "output_type": if mc { "multiple_choice" } else { "loglikelihood" },
+                "num_fewshot": 0,
+                "metric_list": metric_list,
+                "metadata": {"primary_metric": m["primary_metric"], "version": 1.0},
+            }),
+        );
+        versions.insert(name.clone(), json!(1.0));
+        nshot.insert(name.clone(), json!(0));
+        better.insert(name.clone(), Value::Object(hib));
+        nsamples.insert(
+            name.clone(),
+            json!({"original": m["documents_total"], "effective": m["n"]}),
+        );
+        groups.insert(name.clone(), json!([]));
+        if a.log_samples {
+            let docs = v["sample_documents"][name]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let lines: Vec<String> = docs.iter().map(|d| d.to_string()).collect();
+            write_atomic(
+                &dir.join(format!("samples_{name}.jsonl")),
+                &(lines.join("\n") + "\n"),
+            )?;
+        }
+    }
+    let limit = match a.limit {
+        Some(Limit::Docs(n)) => json!(n),
+        Some(Limit::Fraction(f)) => json!(f),
+        None => Value::Null,
+    };
+    let date = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let doc = json!({
+        "results": results,
+        "group_subtasks": groups,
+        "configs": configs,
+        "versions": versions,
+        "n-shot": nshot,
+        "higher_is_better": better,
+        "n-samples": nsamples,
+        "config": {
+            "model": "shears",
+            "model_args": v["model"],
+            "batch_size": a.batch,
+            "device": backend.name(),
+            "limit": limit,
+            "bootstrap_iters": 0,
+        },
+        "date": date,
+        "total_evaluation_time_seconds": format!("{seconds:.3}"),
+        "shears": {"version": env!("CARGO_PKG_VERSION"), "mean_of_paper_tasks": v["mean"], "tasks": v["tasks"]},
+    });
+    write_atomic(
+        &dir.join("results.json"),
+        &serde_json::to_string_pretty(&doc)?,
+    )?;
+    eprintln!("wrote {}", dir.join("results.json").display());
     Ok(())
 }

@@ -144,3 +144,86 @@ fn bad_eval_arguments_are_clear_errors() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+/// `--output-path` writes lm-evaluation-harness-shaped `results.json` and, with
+/// `--log-samples`, one JSONL record per document; `--limit` below 1 is a fraction.
+#[test]
+fn lm_eval_shaped_results_with_a_fractional_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = shears_tests::runs::tiny_model(tmp.path());
+    let out = tmp.path().join("results");
+    let args = |out: &std::path::Path| -> Vec<String> {
+        [
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--tasks",
+            "arc_easy,lambada",
+            "--limit",
+            "0.002",
+            "--output-path",
+            out.to_str().unwrap(),
+            "--log-samples",
+            "--json",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let a = args(&out);
+    let v = json(&shears(
+        BIN,
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    for task in ["arc_easy", "lambada"] {
+        let n = &r["n-samples"][task];
+        let (orig, eff) = (
+            n["original"].as_u64().unwrap(),
+            n["effective"].as_u64().unwrap(),
+        );
+        assert_eq!(eff, (orig as f64 * 0.002).ceil() as u64, "{task}");
+        assert_eq!(eff, v["tasks"][task]["n"].as_u64().unwrap());
+        assert_eq!(
+            r["results"][task]["acc,none"], v["tasks"][task]["acc"],
+            "{task}"
+        );
+        assert_eq!(r["n-shot"][task], 0);
+        let lines = std::fs::read_to_string(out.join(format!("samples_{task}.jsonl"))).unwrap();
+        let docs: Vec<Value> = lines
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(docs.len() as u64, eff, "{task}");
+        let mean = docs.iter().map(|d| d["acc"].as_f64().unwrap()).sum::<f64>() / docs.len() as f64;
+        assert!(
+            (mean - v["tasks"][task]["acc"].as_f64().unwrap()).abs() < 1e-12,
+            "{task}"
+        );
+    }
+    assert_eq!(r["configs"]["arc_easy"]["output_type"], "multiple_choice");
+    assert_eq!(r["configs"]["lambada"]["output_type"], "loglikelihood");
+    assert_eq!(r["higher_is_better"]["lambada"]["perplexity"], false);
+    assert_eq!(r["config"]["limit"], 0.002);
+    // A file as --output-path, and a bad limit, are refused before any work.
+    let file = tmp.path().join("f");
+    std::fs::write(&file, "x").unwrap();
+    for (args, want) in [
+        (args(&file), "is a file"),
+        (args(&out).into_iter().map(|x| if x == "0.002" { "1.5".into() } else { x }).collect(), "--limit '1.5'"),
+        // PIQA's first solution is 160 byte tokens, more than the tiny model's context (128).
+        (
+            args(&tmp.path().join("piqa")).into_iter().map(|x| if x == "arc_easy,lambada" { "piqa".into() } else { x }).collect(),
+            "task piqa: document 0 choice 0: the continuation is 160 tokens, longer than the model's context of 128",
+        ),
+    ] {
+        let o = shears(BIN, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(o.status.code(), Some(0), "{err}");
+        assert!(err.contains(want) && !err.contains("panicked"), "{err}");
+    }
+    assert!(
+        !tmp.path().join("piqa").exists(),
+        "a failed run leaves no results"
+    );
+}

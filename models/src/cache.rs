@@ -60,4 +60,21 @@ impl<B: Backend> KvCache<B> {
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
     }
+
+    /// The cache of a batch-1 prefix repeated for `n` sequences that continue it (the
+    /// choices of a multiple-choice question share their context).
+    pub fn repeat_batch(&self, n: usize) -> Self {
+        let rep = |t: &Option<Tensor<B, 4>>| t.as_ref().map(|t| t.clone().repeat_dim(0, n));
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerCache {
+                    k: rep(&l.k),
+                    v: rep(&l.v),
+                })
+                .collect(),
+            len: self.len,
+        }
+    }
 }

@@ -153,3 +153,54 @@ fn bad_task_inputs_are_clear_errors() {
     let e = load_task(tmp.path(), "piqa", None).unwrap_err().to_string();
     assert!(e.contains("line 1") && e.contains("context"), "{e}");
 }
+
+/// Running a shared context once and every choice from its KV cache gives the log-probs of
+/// scoring each request whole (≤ 1e-4 per token), on every fixture task.
+#[test]
+fn prefix_reuse_matches_whole_scoring() {
+    use shears_eval::zeroshot::{score_with, ScoreSettings};
+    let files = ModelFiles::load(smollm2_gguf()).unwrap();
+    let tok = files.tokenizer().unwrap();
+    let model = load::from_files::<B>(&files, &Default::default(), DType::F32).unwrap();
+    let dir = zeroshot::tasks_dir(|m| eprintln!("{m}")).unwrap();
+    let mut worst = 0.0f64;
+    let mut shared = 0;
+    for key in fixture_tasks()["tasks"].as_object().unwrap().keys() {
+        let name = key.split('/').next().unwrap();
+        let task = load_task(&dir, name, Some(6)).unwrap();
+        let run = |prefix_reuse| {
+            let s = ScoreSettings {
+                batch: 8,
+                prefix_reuse,
+            };
+            score_with(&model, None, tok, &task.requests, s, |_| {}).unwrap()
+        };
+        let (a, b) = (run(true), run(false));
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(
+                (x.doc_id, x.idx, &x.cont_ids),
+                (y.doc_id, y.idx, &y.cont_ids)
+            );
+            assert_eq!(x.is_greedy, y.is_greedy, "{key} doc {}", x.doc_id);
+            for (p, q) in x.token_logprobs.iter().zip(&y.token_logprobs) {
+                worst = worst.max((p - q).abs());
+                assert!(
+                    (p - q).abs() <= 1e-4,
+                    "{key} doc {} idx {}: {p} vs {q}",
+                    x.doc_id,
+                    x.idx
+                );
+            }
+        }
+        let mut ctx: Vec<&Vec<u32>> = a.iter().map(|s| &s.ctx_ids).collect();
+        let n = ctx.len();
+        ctx.sort();
+        ctx.dedup();
+        shared += n - ctx.len();
+    }
+    assert!(
+        shared > 0,
+        "no fixture task shares a context: the prefix path went untested"
+    );
+    eprintln!("prefix reuse vs whole: worst |Δ log-prob| = {worst:.2e}");
+}
