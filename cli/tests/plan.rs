@@ -288,6 +288,22 @@ fn real_scale_recipes_fit_one_h200() {
         );
         assert_eq!(m["fits"], true, "{dir}: {m}");
         assert!(m["total"].as_u64().unwrap() <= 141_000_000_000);
+        // Continued pre-training of the target distilling from the source: the teacher's
+        // bf16 weights (no gradients, no optimizer state) and its rows on top of plain
+        // training; it fits the same device.
+        let (plain, kd) = (&v["train_memory"], &v["distill_memory"]);
+        let teacher = kd["teacher"].as_u64().unwrap();
+        assert!(
+            teacher >= total_params * 2 && teacher < total_params * 2 + (4 << 30),
+            "{dir}: {teacher}"
+        );
+        assert_eq!(plain["teacher"], 0);
+        assert_eq!(
+            kd["total"].as_u64().unwrap(),
+            plain["total"].as_u64().unwrap() + teacher,
+            "{dir}"
+        );
+        assert_eq!(kd["fits"], true, "{dir}: {kd}");
         assert_eq!(m["master_weights"], total_params * 4);
         assert_eq!(m["gradient_accumulator"], total_params * 4);
         assert_eq!(m["optimizer_state"], total_params * 4);

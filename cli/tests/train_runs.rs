@@ -1,13 +1,14 @@
 //! The pruning and continued pre-training stages end to end on the tiny model: exact resume
 //! after `kill -9`, reaching the target, dynamic batch loading, and the guards.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use shears_tests::runs::{
-    checkpoints, metrics, ok, setup, shears, shears_faulty, steps, write, TINY_TARGET,
+    checkpoints, metrics, ok, run_killed_and_resumed, setup, shears, shears_faulty, steps, write,
+    TINY_TARGET,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_shears");
@@ -18,59 +19,6 @@ fn prune_plan(model: &Path, data: &Path, run: &str, extra: &str) -> String {
         model.display(),
         data.display()
     )
-}
-
-/// Run `cmd` to completion (A), then the same in another directory killed with SIGKILL once
-/// `kill_after` steps are logged and a checkpoint exists, then resumed (B). Returns the two
-/// run directories.
-fn run_killed_and_resumed(
-    stage: &str,
-    plan: &Path,
-    dir: &Path,
-    kill_after: usize,
-) -> (PathBuf, PathBuf) {
-    // The killed run is slowed down so it can be killed mid-way.
-    let slow = "step_delay_ms = 40";
-    let a = dir.join(format!("{stage}-a"));
-    let b = dir.join(format!("{stage}-b"));
-    let cfg = plan.display().to_string();
-    ok(&shears(
-        BIN,
-        &[stage, "--config", &cfg, "--out", a.to_str().unwrap()],
-    ));
-    let mut child = Command::new(BIN)
-        .args([stage, "--config", &cfg, "--out", b.to_str().unwrap()])
-        .env("SHEARS_FAULTS", slow)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    loop {
-        if steps(&b) >= kill_after && !checkpoints(&b).is_empty() {
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be killed"
-        );
-        assert!(start.elapsed() < Duration::from_secs(120));
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    ok(&shears(
-        BIN,
-        &[
-            stage,
-            "--config",
-            &cfg,
-            "--out",
-            b.to_str().unwrap(),
-            "--resume",
-        ],
-    ));
-    (a, b)
 }
 
 fn same_files(a: &Path, b: &Path, names: &[&str]) {
@@ -109,7 +57,7 @@ fn pruning_resumes_exactly_after_kill_9() {
         ),
     );
     let kill_after = seed_from_time(6, 24);
-    let (a, b) = run_killed_and_resumed("prune", &plan, tmp.path(), kill_after);
+    let (a, b) = run_killed_and_resumed(BIN, "prune", &plan, tmp.path(), kill_after);
     let (ma, mb) = (metrics(&a), metrics(&b));
     assert_eq!(ma.len(), mb.len());
     for (x, y) in ma.iter().zip(&mb) {
@@ -231,7 +179,7 @@ fn bf16_mixed_pruning_with_layer_checkpointing_resumes_exactly_after_kill_9() {
         ),
     );
     let kill_after = seed_from_time(5, 16);
-    let (a, b) = run_killed_and_resumed("prune", &plan, tmp.path(), kill_after);
+    let (a, b) = run_killed_and_resumed(BIN, "prune", &plan, tmp.path(), kill_after);
     let (ma, mb) = (metrics(&a), metrics(&b));
     assert_eq!(ma.len(), mb.len());
     for (x, y) in ma.iter().zip(&mb) {
@@ -431,7 +379,7 @@ fn training_resumes_exactly_after_kill_9_and_after_sigterm() {
         ),
     );
     let kill_after = seed_from_time(5, 24);
-    let (a, b) = run_killed_and_resumed("train", &plan, tmp.path(), kill_after);
+    let (a, b) = run_killed_and_resumed(BIN, "train", &plan, tmp.path(), kill_after);
     let (ma, mb) = (metrics(&a), metrics(&b));
     assert_eq!(ma, mb, "killed after {kill_after} steps");
     // eval_first: an eval before step 1, then every 6 steps, and one at the end.

@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod cache;
+pub mod distill;
 pub mod generate;
 pub mod llama;
 pub mod load;

@@ -39,6 +39,24 @@ pub fn backward_by_layers<B: ShearsAutodiff>(
     scale: f64,
     on_grads: &mut dyn FnMut(<B as AutodiffBackend>::Gradients),
 ) -> f64 {
+    backward_by_layers_with_head(model, ids, masks, scale, on_grads, &mut |y, ids| {
+        let loss = model.token_nll(y, ids).mean();
+        let value = loss.clone().into_scalar_f64();
+        (loss, value)
+    })
+}
+
+/// [`backward_by_layers`] with another objective on the final-norm hidden states: `head(y,
+/// ids)` returns the loss to differentiate (times `scale`) and the value to return
+/// (distillation puts its KD term here).
+pub fn backward_by_layers_with_head<B: ShearsAutodiff>(
+    model: &Llama<B>,
+    ids: Tensor<B, 2, Int>,
+    masks: &dyn Fn() -> Option<ForwardMasks<B>>,
+    scale: f64,
+    on_grads: &mut dyn FnMut(<B as AutodiffBackend>::Gradients),
+    head: &mut dyn FnMut(Tensor<B, 3>, Tensor<B, 2, Int>) -> (Tensor<B, 1>, f64),
+) -> f64 {
     let [_, t] = ids.dims();
     let mut on_grads = |g| {
         SEGMENTS.fetch_add(1, Ordering::Relaxed);
@@ -74,8 +92,7 @@ pub fn backward_by_layers<B: ShearsAutodiff>(
     let h = Tensor::<B, 3>::from_inner(inputs.pop().expect("last hidden state")).require_grad();
     let m = masks();
     let y = model.final_norm(h.clone(), m.as_ref(), kept);
-    let loss = model.token_nll(y, ids.clone()).mean();
-    let value: f64 = loss.clone().into_scalar_f64();
+    let (loss, value) = head(y, ids.clone());
     let grads = loss.mul_scalar(scale).backward();
     let mut g = h.grad(&grads).expect("the head's input gradient");
     on_grads(grads);

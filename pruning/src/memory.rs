@@ -256,6 +256,8 @@ pub struct MemoryReport {
     /// What one evaluation forward holds at its peak.
     pub eval_activations: u64,
     pub workspace: u64,
+    /// A distillation teacher's share (see [`teacher_bytes`]); 0 without one.
+    pub teacher: u64,
     pub total: u64,
     /// `total <= device_memory`, when a device memory was given.
     pub fits: Option<bool>,
@@ -266,7 +268,7 @@ pub struct MemoryReport {
 
 impl MemoryReport {
     /// Every term of the total, named as the report prints it.
-    pub fn parts(&self) -> [(&'static str, u64); 8] {
+    pub fn parts(&self) -> [(&'static str, u64); 9] {
         [
             ("weights", self.weights),
             ("master weights (f32)", self.master_weights),
@@ -276,6 +278,7 @@ impl MemoryReport {
             ("masks and multipliers", self.masks),
             ("activations", self.activations),
             ("workspace", self.workspace),
+            ("distillation teacher", self.teacher),
         ]
     }
 
@@ -306,7 +309,11 @@ impl MemoryReport {
                 s.micro_batches_per_device()
             );
         }
-        for (name, b) in self.parts().into_iter().chain([("total", self.total)]) {
+        let parts = self
+            .parts()
+            .into_iter()
+            .filter(|&(n, b)| b > 0 || n != "distillation teacher");
+        for (name, b) in parts.chain([("total", self.total)]) {
             o += &format!("  {name:<27} {:>12}", gib(b));
             if name == "activations" {
                 o += &format!(
@@ -509,6 +516,57 @@ pub fn estimate(
     mask_entries: u64,
     s: &MemorySettings,
 ) -> Result<MemoryReport, String> {
+    estimate_with_teacher(d, params, mask_entries, s, None)
+}
+
+/// A distillation teacher: its shape and parameter count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TeacherShape {
+    pub dims: Dims,
+    pub params: u64,
+}
+
+/// Bytes a distillation teacher adds on each device for micro-batches of `micro` sequences:
+/// its weights in the compute precision (no gradients, no optimizer state), its final hidden
+/// rows kept through the student's step (`tokens × hidden`, compute precision), and the KD
+/// head's buffers: about eight f32 `[rows, vocab]` tensors of one chunk of
+/// [`shears_models::distill::KD_CHUNK_ELEMS`] logits, the f32 gradient of the student's LM-head
+/// weight and of its hidden rows. The teacher's own forward holds one layer's tensors at a
+/// time before the student's forward starts, below the student's step activations, so it
+/// adds nothing at the peak.
+pub fn teacher_bytes(
+    student: &Dims,
+    t: &TeacherShape,
+    s: &MemorySettings,
+    micro: u64,
+) -> Option<u64> {
+    let bytes: u64 = match s.precision {
+        Precision::F32 => 4,
+        Precision::Bf16Mixed => 2,
+    };
+    let tokens = micro.checked_mul(s.seq_len as u64)?;
+    let weights = t.params.checked_mul(bytes)?;
+    let rows = tokens.checked_mul(t.dims.hidden)?.checked_mul(bytes)?;
+    let chunk_rows =
+        tokens.min((shears_models::distill::KD_CHUNK_ELEMS as u64 / student.vocab.max(1)).max(1));
+    let kd = [
+        chunk_rows.checked_mul(student.vocab)?.checked_mul(8 * 4)?,
+        student.vocab.checked_mul(student.hidden)?.checked_mul(4)?,
+        tokens.checked_mul(student.hidden)?.checked_mul(4)?,
+    ]
+    .into_iter()
+    .try_fold(0u64, u64::checked_add)?;
+    weights.checked_add(rows)?.checked_add(kd)
+}
+
+/// [`estimate`] for a run that distils from `teacher` (continued pre-training).
+pub fn estimate_with_teacher(
+    d: &Dims,
+    params: u64,
+    mask_entries: u64,
+    s: &MemorySettings,
+    teacher: Option<&TeacherShape>,
+) -> Result<MemoryReport, String> {
     s.check()?;
     let too_big = || {
         format!(
@@ -516,14 +574,16 @@ pub fn estimate(
             s.batch, s.seq_len
         )
     };
-    let at = |micro: usize| totals(d, params, mask_entries, s, micro as u64).ok_or_else(too_big);
+    let at = |micro: usize| {
+        totals(d, params, mask_entries, s, micro as u64, teacher).ok_or_else(too_big)
+    };
     let mut report = at(s.micro())?;
     if let Some(device) = s.device_memory {
         report.fits = Some(report.total <= device);
         report.max_micro_batch = (1..=s.batch)
             .rev()
             .filter(|m| s.batch.is_multiple_of(*m) && s.batch / m >= s.devices)
-            .find(|&m| matches!(totals(d, params, mask_entries, s, m as u64), Some(r) if r.total <= device));
+            .find(|&m| matches!(totals(d, params, mask_entries, s, m as u64, teacher), Some(r) if r.total <= device));
     }
     Ok(report)
 }
@@ -534,6 +594,7 @@ fn totals(
     mask_entries: u64,
     s: &MemorySettings,
     micro: u64,
+    teacher: Option<&TeacherShape>,
 ) -> Option<MemoryReport> {
     let mixed = s.precision == Precision::Bf16Mixed;
     let by_layers = s.checkpointing == Checkpointing::Layers;
@@ -580,6 +641,10 @@ fn totals(
         step_activations,
         eval_activations,
         workspace,
+        teacher: match teacher {
+            Some(t) => teacher_bytes(d, t, s, micro)?,
+            None => 0,
+        },
         total: 0,
         fits: None,
         max_micro_batch: None,

@@ -5,7 +5,7 @@
 use serde::Serialize;
 use shears_core::LlamaConfig;
 
-use crate::memory::{MemoryReport, MemorySettings};
+use crate::memory::{MemoryReport, MemorySettings, TeacherShape};
 use crate::size::Dims;
 use crate::target::{PruneModule, PruningSpec, TargetShape};
 
@@ -53,6 +53,11 @@ pub struct PlanReport {
     pub alignment: Vec<AlignmentReport>,
     /// Memory per device of the pruning run (the source model with its masks).
     pub memory: MemoryReport,
+    /// Memory per device of continued pre-training of the target with the same settings, on
+    /// the LM loss alone.
+    pub train_memory: MemoryReport,
+    /// The same, distilling from the source (`[distill] teacher = "source"`).
+    pub distill_memory: MemoryReport,
 }
 
 fn shape(d: &Dims) -> ShapeReport {
@@ -126,6 +131,15 @@ pub fn plan(spec: &PruningSpec, run: &MemorySettings) -> shears_core::Result<Pla
         + 2 * spec.modules.len() as u64;
     let memory = crate::memory::estimate(&src, src.total(), mask_entries, run)
         .map_err(shears_core::Error::invalid)?;
+    let train_memory =
+        crate::memory::estimate(&tgt, tgt.total(), 0, run).map_err(shears_core::Error::invalid)?;
+    let teacher = TeacherShape {
+        dims: src,
+        params: src.total(),
+    };
+    let distill_memory =
+        crate::memory::estimate_with_teacher(&tgt, tgt.total(), 0, run, Some(&teacher))
+            .map_err(shears_core::Error::invalid)?;
     Ok(PlanReport {
         source: shape(&src),
         target: shape(&tgt),
@@ -133,6 +147,8 @@ pub fn plan(spec: &PruningSpec, run: &MemorySettings) -> shears_core::Result<Pla
         modules,
         alignment,
         memory,
+        train_memory,
+        distill_memory,
     })
 }
 
@@ -198,6 +214,19 @@ impl PlanReport {
             }
         }
         o += &self.memory.render();
+        let fits = |m: &MemoryReport| match m.fits {
+            Some(true) => ", fits",
+            Some(false) => ", does not fit",
+            None => "",
+        };
+        o += &format!(
+            "\ncontinued pre-training of the target, same settings: total {}{}\n  distilling from the source ([distill] teacher = \"source\"): total {}{} (teacher weights, rows and KD buffers {})\n",
+            gib(self.train_memory.total),
+            fits(&self.train_memory),
+            gib(self.distill_memory.total),
+            fits(&self.distill_memory),
+            gib(self.distill_memory.teacher)
+        );
         o
     }
 }

@@ -414,7 +414,8 @@ pub mod prune {
 /// three-domain corpus tokenized with its byte-level tokenizer.
 pub mod runs {
     use std::path::{Path, PathBuf};
-    use std::process::{Command, Output};
+    use std::process::{Command, Output, Stdio};
+    use std::time::{Duration, Instant};
 
     /// Write the tiny GGUF model to `dir/tiny.gguf`.
     pub fn tiny_model(dir: &Path) -> PathBuf {
@@ -558,6 +559,60 @@ pub mod runs {
             assert!(err.contains(n), "error does not say '{n}':\n{err}");
         }
         err
+    }
+
+    /// Run `cmd` to completion (A), then the same in another directory killed with SIGKILL once
+    /// `kill_after` steps are logged and a checkpoint exists, then resumed (B). Returns the two
+    /// run directories.
+    pub fn run_killed_and_resumed(
+        bin: &str,
+        stage: &str,
+        plan: &Path,
+        dir: &Path,
+        kill_after: usize,
+    ) -> (PathBuf, PathBuf) {
+        // The killed run is slowed down so it can be killed mid-way.
+        let slow = "step_delay_ms = 40";
+        let a = dir.join(format!("{stage}-a"));
+        let b = dir.join(format!("{stage}-b"));
+        let cfg = plan.display().to_string();
+        ok(&shears(
+            bin,
+            &[stage, "--config", &cfg, "--out", a.to_str().unwrap()],
+        ));
+        let mut child = Command::new(bin)
+            .args([stage, "--config", &cfg, "--out", b.to_str().unwrap()])
+            .env("SHEARS_FAULTS", slow)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        loop {
+            if steps(&b) >= kill_after && !checkpoints(&b).is_empty() {
+                break;
+            }
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before it could be killed"
+            );
+            assert!(start.elapsed() < Duration::from_secs(120));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        ok(&shears(
+            bin,
+            &[
+                stage,
+                "--config",
+                &cfg,
+                "--out",
+                b.to_str().unwrap(),
+                "--resume",
+            ],
+        ));
+        (a, b)
     }
 
     /// The tiny model and a prepared corpus (sequences of 32 tokens) under `dir`.

@@ -1,12 +1,13 @@
 //! The compute settings of a stage: bf16-mixed precision tracks f32 on the tiny-train fixture
 //! with f32 master weights, bf16 optimizer state tracks f32 state, and layer checkpointing gives
 //! the same losses and gradients as the whole graph (continued pre-training and pruning, all
-//! three parameter groups).
+//! three parameter groups), with and without a distillation teacher.
 
 use burn::backend::Autodiff;
 use half::bf16;
 use shears_core::{DType, ModelFiles, WeightMap};
 use shears_models::backend::{FlexBackend, NdArrayBackend};
+use shears_models::distill::{Divergence, KdSpec};
 use shears_models::{load, recompute, ShearsAutodiff};
 use shears_pruning::PruningModel;
 use shears_tests::prune::{batch_ids, source, spec};
@@ -264,4 +265,125 @@ fn bf16_mixed_pruning_runs_with_f32_masks() {
         st.lagrangian.lambda_1.val().dtype(),
         burn::tensor::DType::F32
     );
+}
+
+/// A teacher for the tiny-train model: its shape with other (seeded random) weights.
+fn teacher(files: &ModelFiles) -> ModelFiles {
+    let mut t = files.clone();
+    t.weights = load::random_weights(&t.config, 7);
+    t
+}
+
+fn kd_specs() -> [(KdSpec, f64); 2] {
+    [
+        (
+            KdSpec {
+                divergence: Divergence::Kl,
+                temperature: 1.0,
+                top_k: 0,
+            },
+            1.0,
+        ),
+        (
+            KdSpec {
+                divergence: Divergence::ReverseKl,
+                temperature: 2.0,
+                top_k: 5,
+            },
+            0.6,
+        ),
+    ]
+}
+
+fn distill_checkpointing<B: ShearsAutodiff>(what: &str) {
+    let (files, batch) = tiny_train();
+    let t = teacher(&files);
+    let half = batch.len() / 2;
+    let micro = vec![batch[..half].to_vec(), batch[half..].to_vec()];
+    for (spec, alpha) in kd_specs() {
+        let stage = |c: Compute| {
+            lm_stage::<B>(&files, c)
+                .with_teacher(&t, spec, alpha)
+                .unwrap()
+        };
+        let (mut whole, mut layers) = (stage(Compute::default()), stage(by_layers()));
+        let mut kds = Vec::new();
+        for step in 0..3 {
+            let a = whole.backward(&micro, step, &[0, 1]);
+            let b = layers.backward(&micro, step, &[0, 1]);
+            let (ka, kb) = (a.distill.unwrap().kd, b.distill.unwrap().kd);
+            assert!(ka > 0.0 && a.lm > 0.0, "{what}: {ka} {}", a.lm);
+            assert!((a.lm - b.lm).abs() <= 1e-6 * a.lm, "{what} step {step}");
+            assert!(
+                (ka - kb).abs() <= 1e-6 * ka,
+                "{what} step {step}: {ka} vs {kb}"
+            );
+            assert_close(
+                &whole.gradients(),
+                &layers.gradients(),
+                1e-6,
+                &format!("{what} {spec:?} step {step}"),
+            );
+            whole.apply(1.0);
+            layers.apply(1.0);
+            kds.push(ka);
+        }
+        // Learning from the teacher brings the student closer to it.
+        assert!(kds[2] < kds[0], "{what} {spec:?}: {kds:?}");
+    }
+}
+
+#[test]
+fn distillation_with_layer_checkpointing_matches_the_whole_graph() {
+    distill_checkpointing::<NdArray>("ndarray");
+    distill_checkpointing::<Flex>("flex");
+}
+
+#[test]
+fn distillation_with_alpha_zero_is_plain_training_bit_for_bit() {
+    let (files, batch) = tiny_train();
+    let t = teacher(&files);
+    let (spec, _) = kd_specs()[0];
+    let mut plain = lm_stage::<Flex>(&files, Compute::default());
+    let mut zero = lm_stage::<Flex>(&files, Compute::default())
+        .with_teacher(&t, spec, 0.0)
+        .unwrap();
+    let mut kd = lm_stage::<Flex>(&files, Compute::default())
+        .with_teacher(&t, spec, 0.3)
+        .unwrap();
+    for step in 0..3 {
+        let a = plain.step(&batch, step, 0, 1.0);
+        let b = zero.step(&batch, step, 0, 1.0);
+        let c = kd.step(&batch, step, 0, 1.0);
+        assert_eq!(a.lm.to_bits(), b.lm.to_bits(), "step {step}");
+        assert!(b.distill.is_none() && c.distill.is_some());
+        if step > 0 {
+            // A KD term of any weight changes training.
+            assert_ne!(a.lm.to_bits(), c.lm.to_bits(), "step {step}");
+        }
+    }
+    let (wa, wb) = (
+        load::to_weights(plain.model(), DType::F32),
+        load::to_weights(zero.model(), DType::F32),
+    );
+    assert!(wa == wb, "alpha = 0 changed the weights");
+}
+
+#[test]
+fn bf16_mixed_distillation_tracks_f32() {
+    let (files, batch) = tiny_train();
+    let t = teacher(&files);
+    let (spec, alpha) = kd_specs()[1];
+    let run = |c: Compute| -> Vec<f64> {
+        let mut s = lm_stage::<Flex>(&files, c)
+            .with_teacher(&t, spec, alpha)
+            .unwrap();
+        (0..10)
+            .map(|step| s.step(&batch, step, 0, 1.0).objective())
+            .collect()
+    };
+    let (a, b) = (run(Compute::default()), run(mixed()));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= MIXED_TOLERANCE * x.abs(), "{a:?} vs {b:?}");
+    }
 }

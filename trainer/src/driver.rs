@@ -34,6 +34,29 @@ use shears_eval::domain::{losses_of, DomainEval, DomainSum, EvalSettings, Part};
 pub struct StepLosses {
     pub lm: f64,
     pub lagrangian: Option<f64>,
+    /// The distillation term, when training with a teacher.
+    pub distill: Option<DistillLoss>,
+}
+
+/// The KD term of a step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DistillLoss {
+    /// Its weight in the objective (the LM loss gets `1 − alpha`).
+    pub alpha: f64,
+    /// Mean `T²`-scaled divergence (summed over micro-batches like `lm`).
+    pub kd: f64,
+}
+
+impl StepLosses {
+    /// The objective the step minimised: the LM loss, or `(1 − α)·LM + α·KD` with a teacher,
+    /// plus the Lagrangian term when pruning.
+    pub fn objective(&self) -> f64 {
+        let main = match self.distill {
+            Some(d) => (1.0 - d.alpha) * self.lm + d.alpha * d.kd,
+            None => self.lm,
+        };
+        main + self.lagrangian.unwrap_or(0.0)
+    }
 }
 
 /// What a stage contributes to the loop.
@@ -524,11 +547,15 @@ impl Ctx<'_, '_> {
         stage.all_reduce(comm)?;
         let stop = self.inp.interrupt.load(Ordering::SeqCst);
         let stop = if world > 1 {
+            let kd = losses.distill.map_or(0.0, |d| d.kd);
             let r = comm.sum_f64::<B::InnerBackend>(
-                &[losses.lm, f64::from(u8::from(stop))],
+                &[losses.lm, f64::from(u8::from(stop)), kd],
                 &stage.device(),
             )?;
             losses.lm = r[0];
+            if let Some(d) = &mut losses.distill {
+                d.kd = r[2];
+            }
             r[1] > 0.0
         } else {
             stop
@@ -542,6 +569,7 @@ impl Ctx<'_, '_> {
         let norm = stage.grad_norm();
         let finite = losses.lm.is_finite()
             && losses.lagrangian.is_none_or(f64::is_finite)
+            && losses.distill.is_none_or(|d| d.kd.is_finite())
             && norm.is_finite();
         if finite {
             let clip = self.inp.optim.grad_clip;
@@ -563,9 +591,10 @@ impl Ctx<'_, '_> {
         let secs = timer.elapsed().as_secs_f64();
         let rec = StepRecord {
             step: t + 1,
-            loss: Num(losses.lm + losses.lagrangian.unwrap_or(0.0)),
+            loss: Num(losses.objective()),
             lm_loss: Num(losses.lm),
             lagrangian_loss: losses.lagrangian.map(Num),
+            kd_loss: losses.distill.map(|d| Num(d.kd)),
             lr: stage.lr(lr_scale),
             lr_scale,
             grad_norm: Num(norm),

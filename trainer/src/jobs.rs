@@ -17,7 +17,7 @@ use shears_pruning::{finalize, FinalizeOptions, PruningSpec};
 use crate::checkpoint::Checkpoint;
 use crate::config::{
     CheckRanges, DblSettings, Faults, OptimSettings, PruneConfig, RunSettings, StageKind,
-    TrainConfig,
+    TrainConfig, SOURCE_TEACHER,
 };
 use crate::driver::{self, run_loop, LoopInputs, Outcome, Stage};
 use crate::lm_stage::LmStage;
@@ -253,6 +253,18 @@ pub fn train<B: ShearsAutodiff>(
     };
     let adamw = resolved.optim.adamw();
     let compute = resolved.run.compute(false);
+    let teacher = match resolved.distill.spec() {
+        Some(spec) => {
+            let name = teacher_model(&resolved)?.expect("a teacher when distilling");
+            let t = load_model(&name)?;
+            check_teacher(&files, &t)?;
+            Some((spec, resolved.distill.alpha, t))
+        }
+        None => None,
+    };
+    let n = resolved.run.devices;
+    // The teacher's host weights, freed once every rank holds its copy.
+    let teacher = Mutex::new((teacher, 0usize));
     run_stage(
         job,
         &toml::to_string(&resolved).expect("toml"),
@@ -260,8 +272,91 @@ pub fn train<B: ShearsAutodiff>(
         &data,
         device,
         files,
-        |files, device| LmStage::<B>::new(files, adamw, device).map(|s| s.with_compute(compute)),
+        |files, device| {
+            let stage = LmStage::<B>::new(files, adamw, device)?.with_compute(compute);
+            let mut g = teacher.lock().unwrap_or_else(|e| e.into_inner());
+            let stage = match &g.0 {
+                Some((spec, alpha, t)) => stage.with_teacher(t, *spec, *alpha)?,
+                None => stage,
+            };
+            g.1 += 1;
+            if g.1 == n {
+                g.0 = None;
+            }
+            Ok(stage)
+        },
     )
+}
+
+/// The teacher model `distill.teacher` names, `None` without one. `"source"` is the model the
+/// student was pruned from, as `shears finalize` recorded it in the student's
+/// `masks.safetensors` (the pipeline passes its `model` instead).
+pub fn teacher_model(c: &TrainConfig) -> Result<Option<String>> {
+    let Some(t) = &c.distill.teacher else {
+        return Ok(None);
+    };
+    if t != SOURCE_TEACHER {
+        return Ok(Some(t.clone()));
+    }
+    let masks = Path::new(&c.model).join("masks.safetensors");
+    let recorded = if masks.is_file() {
+        let f = shears_core::formats::safetensors::SafeTensorsFile::open(&masks)?;
+        f.metadata().get(SOURCE_MODEL_KEY).cloned()
+    } else {
+        None
+    };
+    recorded.map(Some).ok_or_else(|| {
+        Error::invalid(format!(
+            "distill.teacher = \"source\": {} does not record the model it was pruned from (models written by `shears finalize` do, in masks.safetensors); name the teacher model instead",
+            c.model
+        ))
+    })
+}
+
+/// The source model of a pruning run directory, as its resolved plan names it: an absolute
+/// path where it names an existing file or directory (so a teacher found through it does not
+/// depend on the working directory), else the name (`smollm2`). `None` when the plan cannot be
+/// read.
+fn run_source_model(run: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(run.join(crate::run_dir::RESOLVED)).ok()?;
+    let v: toml::Value = toml::from_str(&text).ok()?;
+    let model = v.get("model")?.as_str()?.to_string();
+    Some(match std::fs::canonicalize(&model) {
+        Ok(p) => p.display().to_string(),
+        Err(_) => model,
+    })
+}
+
+/// The metadata key of `masks.safetensors` that records the source model of a finalized model.
+pub const SOURCE_MODEL_KEY: &str = "source_model";
+
+/// A teacher must share the student's vocabulary: the same size and, where both carry a
+/// tokenizer, the same `tokenizer.json`.
+pub fn check_teacher(student: &ModelFiles, teacher: &ModelFiles) -> Result<()> {
+    let (s, t) = (student.config.vocab_size, teacher.config.vocab_size);
+    if s != t {
+        return Err(Error::invalid(format!(
+            "the teacher {} has a vocabulary of {t} tokens and the student {} one of {s}: distillation needs the same tokenizer",
+            teacher.source.display(),
+            student.source.display()
+        )));
+    }
+    if let (Some(a), Some(b)) = (&student.tokenizer, &teacher.tokenizer) {
+        let (a, b) = (
+            shears_data::prepare::tokenizer_sha256(a),
+            shears_data::prepare::tokenizer_sha256(b),
+        );
+        if a != b {
+            return Err(Error::invalid(format!(
+                "the teacher {} has another tokenizer than the student {} (tokenizer.json sha256 {} vs {}): distillation needs the same one",
+                teacher.source.display(),
+                student.source.display(),
+                short(&b),
+                short(&a)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The settings both stage plans share.
@@ -401,11 +496,14 @@ pub fn finalize_run<B: ShearsOps>(
             shears_models::load::host_of(t, DType::F32),
         );
     }
-    let meta: BTreeMap<String, String> = [
+    let mut meta: BTreeMap<String, String> = [
         ("checkpoint".to_string(), ckpt.dir.display().to_string()),
         ("step".to_string(), st.step.to_string()),
     ]
     .into();
+    if let Some(source) = run_source_model(run) {
+        meta.insert(SOURCE_MODEL_KEY.to_string(), source);
+    }
     shears_core::formats::safetensors::write(
         stage.path().join("masks.safetensors"),
         &mask_map,

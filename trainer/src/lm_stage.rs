@@ -8,14 +8,16 @@ use std::path::Path;
 use crate::optim::ShearsAdamW;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{adaptor::OptimizerAdaptor, GradientsParams, Optimizer};
+use burn::tensor::{Int, Tensor};
 use shears_core::formats::safetensors::{self, LazyTensors};
 use shears_core::{DType, Error, ModelFiles, Result, WeightMap};
 use shears_data::Dataset;
-use shears_models::{load, recompute, Llama};
+use shears_models::distill::KdSpec;
+use shears_models::{load, recompute, Llama, ShearsOps};
 
 use crate::compute::Compute;
 use crate::config::StageKind;
-use crate::driver::{Stage, StepLosses};
+use crate::driver::{DistillLoss, Stage, StepLosses};
 use crate::optim::AdamWSettings;
 use crate::parallel::Comm;
 use crate::params::{self, NamedParam};
@@ -32,6 +34,15 @@ pub struct LmStage<B: ShearsAutodiff> {
     pending: Option<GradientsParams>,
     device: B::Device,
     compute: Compute,
+    teacher: Option<Teacher<B::InnerBackend>>,
+}
+
+/// The distillation teacher: forward only, on the inner (non-autodiff) backend.
+struct Teacher<B: ShearsOps> {
+    model: Llama<B>,
+    spec: KdSpec,
+    /// Weight of the KD term; the LM loss gets `1 − alpha`.
+    alpha: f64,
 }
 
 impl<B: ShearsAutodiff> LmStage<B> {
@@ -66,7 +77,24 @@ impl<B: ShearsAutodiff> LmStage<B> {
             meta,
             pending: None,
             compute: Compute::default(),
+            teacher: None,
         }
+    }
+
+    /// Distil from `teacher` (its weights in the compute dtype: f32, or bf16 under
+    /// bf16-mixed) with weight `alpha` on the KD term (call after [`LmStage::with_compute`]).
+    /// `alpha = 0` keeps no teacher: training is exactly the LM loss's.
+    pub fn with_teacher(mut self, teacher: &ModelFiles, spec: KdSpec, alpha: f64) -> Result<Self> {
+        if alpha <= 0.0 {
+            return Ok(self);
+        }
+        let dtype = match self.compute.precision {
+            crate::compute::Precision::F32 => DType::F32,
+            crate::compute::Precision::Bf16Mixed => DType::BF16,
+        };
+        let model = load::from_files::<B::InnerBackend>(teacher, &self.device, dtype)?;
+        self.teacher = Some(Teacher { model, spec, alpha });
+        Ok(self)
     }
 
     /// Compute with `compute`'s precision, optimizer-state precision and checkpointing (call
@@ -108,25 +136,61 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
         let model = self.model();
         let n = of;
         let mut acc = GradientsParams::new();
-        let mut lm = 0.0;
+        let (mut lm, mut kd) = (0.0, 0.0);
         for seqs in micro {
             let ids = batch_tensor::<B>(seqs, &self.device);
+            let scale = 1.0 / n as f64;
+            if let Some(t) = &self.teacher {
+                let rows = t.model.distill_rows(ids.clone().inner());
+                // (1 − α)·LM + α·KD on the final hidden states.
+                let mut head = |y: Tensor<B, 3>, ids: Tensor<B, 2, Int>| {
+                    let (sur, v) = model.distill_surrogate(
+                        y.clone(),
+                        ids.clone(),
+                        &t.model,
+                        rows.clone(),
+                        &t.spec,
+                        t.alpha,
+                    );
+                    kd += v.kd;
+                    if t.alpha < 1.0 {
+                        let loss = model.token_nll(y, ids).mean();
+                        let value = scalar(loss.clone());
+                        (loss.mul_scalar(1.0 - t.alpha) + sur, value)
+                    } else {
+                        (sur, v.nll)
+                    }
+                };
+                if self.compute.by_layers() {
+                    lm += recompute::backward_by_layers_with_head(
+                        model,
+                        ids,
+                        &|| None,
+                        scale,
+                        &mut |g| {
+                            let g = GradientsParams::from_grads(g, model);
+                            params::accumulate::<B::InnerBackend>(&self.names, &mut acc, g);
+                        },
+                        &mut head,
+                    );
+                } else {
+                    let y = model.hidden_states(ids.clone(), None);
+                    let (loss, value) = head(y, ids);
+                    lm += value;
+                    let g = GradientsParams::from_grads(loss.mul_scalar(scale).backward(), model);
+                    params::accumulate::<B::InnerBackend>(&self.names, &mut acc, g);
+                }
+                continue;
+            }
             if self.compute.by_layers() {
-                lm +=
-                    recompute::backward_by_layers(model, ids, &|| None, 1.0 / n as f64, &mut |g| {
-                        let g = GradientsParams::from_grads(g, model);
-                        params::accumulate::<B::InnerBackend>(&self.names, &mut acc, g);
-                    });
+                lm += recompute::backward_by_layers(model, ids, &|| None, scale, &mut |g| {
+                    let g = GradientsParams::from_grads(g, model);
+                    params::accumulate::<B::InnerBackend>(&self.names, &mut acc, g);
+                });
                 continue;
             }
             let loss = model.loss(ids);
-            let v: Vec<f64> = loss
-                .clone()
-                .into_data()
-                .convert::<f64>()
-                .into_vec()
-                .expect("loss");
-            lm += v[0];
+            lm += scalar(loss.clone());
             let total = loss.div_scalar(n as f64);
             let g = GradientsParams::from_grads(total.backward(), model);
             params::accumulate::<B::InnerBackend>(&self.names, &mut acc, g);
@@ -135,6 +199,10 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
         StepLosses {
             lm: lm / n as f64,
             lagrangian: None,
+            distill: self.teacher.as_ref().map(|t| DistillLoss {
+                alpha: t.alpha,
+                kd: kd / n as f64,
+            }),
         }
     }
 
@@ -235,4 +303,11 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
         self.pending = None;
         Ok(())
     }
+}
+
+fn scalar<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_data()
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .expect("a scalar")[0]
 }

@@ -18,7 +18,8 @@ use shears_pruning::{FinalizeOptions, TargetShape};
 
 use crate::checkpoint;
 use crate::config::{
-    DblSettings, OptimSettings, PruneConfig, PruningSettings, RunSettings, TrainConfig,
+    DblSettings, DistillSettings, OptimSettings, PruneConfig, PruningSettings, RunSettings,
+    TrainConfig, SOURCE_TEACHER,
 };
 use crate::driver::Outcome;
 use crate::jobs::{self, JobOptions};
@@ -53,6 +54,9 @@ pub struct TrainPart {
     pub run: RunSettings,
     pub optim: OptimSettings,
     pub dbl: DblSettings,
+    /// Distillation; `teacher = "source"` is the pipeline's `model`.
+    #[serde(skip_serializing_if = "DistillSettings::is_off")]
+    pub distill: DistillSettings,
 }
 
 /// The before/after evaluation.
@@ -122,6 +126,7 @@ impl crate::config::CheckRanges for PipelinePlan {
         self.train.run.check_ranges("train.run")?;
         self.train.optim.check_ranges("train.optim")?;
         self.train.dbl.check_ranges("train.dbl")?;
+        self.train.distill.check_ranges("train.distill")?;
         let e = &self.eval;
         if e.batch == 0 || e.batch > crate::config::limits::BATCH || e.sequences == Some(0) {
             return Err(format!(
@@ -474,6 +479,16 @@ impl<'a, B: ShearsAutodiff> PipelineRun<'a, B> {
             run: plan.train.run.clone(),
             optim: plan.train.optim.clone(),
             dbl,
+            distill: DistillSettings {
+                teacher: plan.train.distill.teacher.as_ref().map(|t| {
+                    if t == SOURCE_TEACHER {
+                        plan.model.clone()
+                    } else {
+                        t.clone()
+                    }
+                }),
+                ..plan.train.distill.clone()
+            },
         };
         let t = Instant::now();
         let job = self.job(self.lay.train(), toml::to_string(&cfg).expect("toml"));

@@ -247,6 +247,7 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
         StepLosses {
             lm: lm / n as f64,
             lagrangian: Some(lag),
+            distill: None,
         }
     }
 

@@ -88,12 +88,16 @@ pub struct ReferenceRecord {
 pub struct StepRecord {
     /// Steps done after this one (1-based).
     pub step: usize,
-    /// `lm_loss` plus the Lagrangian term when pruning.
+    /// The objective: `lm_loss`, or `(1 − alpha)·lm_loss + alpha·kd_loss` when distilling,
+    /// plus the Lagrangian term when pruning.
     pub loss: Num,
     pub lm_loss: Num,
     /// The pruning stage's Lagrangian term.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lagrangian_loss: Option<Num>,
+    /// The distillation term (`T²`-scaled divergence from the teacher), when distilling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kd_loss: Option<Num>,
     /// The model weights' learning rate.
     pub lr: f64,
     /// The schedule's multiplier.

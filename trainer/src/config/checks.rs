@@ -8,7 +8,10 @@ use shears_core::error::IoContext;
 use shears_core::{Error, Result};
 use shears_data::{ReferenceSource, RuleConfig};
 
-use super::{DblSettings, OptimSettings, PruneConfig, PruningSettings, RunSettings, TrainConfig};
+use super::{
+    DblSettings, DistillSettings, OptimSettings, PruneConfig, PruningSettings, RunSettings,
+    TrainConfig,
+};
 
 /// Read a TOML plan and check every number's range; errors name the file and the setting.
 pub fn read_toml<T: for<'de> Deserialize<'de> + CheckRanges>(path: &Path) -> Result<T> {
@@ -36,6 +39,8 @@ pub mod limits {
     /// Tokens per sequence (the model's `max_position_embeddings` is the real bound; this one
     /// holds before the model is read).
     pub const SEQ_LEN: usize = shears_core::config::limits::POSITIONS;
+    /// Vocabulary entries (`distill.top_k`).
+    pub const VOCAB: usize = shears_core::config::limits::VOCAB;
 }
 
 /// `value` is a finite number in the range `ok` describes.
@@ -178,7 +183,40 @@ impl CheckRanges for TrainConfig {
     fn check_ranges(&self) -> std::result::Result<(), String> {
         self.run.check_ranges("run")?;
         self.optim.check_ranges("optim")?;
-        self.dbl.check_ranges("dbl")
+        self.dbl.check_ranges("dbl")?;
+        self.distill.check_ranges("distill")
+    }
+}
+
+impl DistillSettings {
+    /// `alpha` in [0, 1], a positive finite temperature, `top_k` at most a vocabulary's size,
+    /// a non-empty teacher.
+    pub fn check_ranges(&self, prefix: &str) -> std::result::Result<(), String> {
+        if !(0.0..=1.0).contains(&self.alpha) {
+            return Err(format!(
+                "{prefix}.alpha = {} must be between 0 and 1 (the KD term's weight; the LM loss gets 1 - alpha)",
+                self.alpha
+            ));
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0 && self.temperature <= 1e3) {
+            return Err(format!(
+                "{prefix}.temperature = {} must be a positive number (at most 1000)",
+                self.temperature
+            ));
+        }
+        if self.top_k > limits::VOCAB {
+            return Err(format!(
+                "{prefix}.top_k = {} is larger than any vocabulary (at most {})",
+                self.top_k,
+                limits::VOCAB
+            ));
+        }
+        if matches!(&self.teacher, Some(t) if t.trim().is_empty()) {
+            return Err(format!(
+                "{prefix}.teacher is empty: give \"source\" or a model"
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use shears_core::{Error, Result};
 use shears_data::{Exhaustion, ReferenceSource, RuleConfig};
+use shears_models::distill::{Divergence, KdSpec};
 use shears_pruning::{PruneModule, TargetShape};
 
 use crate::compute::{Checkpointing, Compute, Precision, StatePrecision};
@@ -176,6 +177,61 @@ impl Default for DblSettings {
     }
 }
 
+/// Knowledge distillation in continued pre-training (beyond LLM-Shearing; NVIDIA Minitron):
+/// the pruned student learns the teacher's next-token distribution. The teacher runs forward
+/// only, in the run's precision, with no autodiff graph and no optimizer state; the loss is
+/// `(1 − alpha) · LM + alpha · T² · divergence`, both means over the positions the LM loss
+/// scores. Dynamic batch loading keeps using the LM loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DistillSettings {
+    /// The teacher: `"source"` (the model the student was pruned from: the pipeline's
+    /// `model`, or what a finalized model's `masks.safetensors` records), or a model (HF
+    /// directory, `.gguf`, known name). Unset: no distillation.
+    pub teacher: Option<String>,
+    /// Weight of the KD term; the LM loss gets `1 − alpha`. Default 1.0: pure distillation,
+    /// Minitron's finding for recovering a pruned model. 0 trains exactly as without a teacher.
+    pub alpha: f64,
+    /// Softmax temperature of both distributions (the divergence is scaled by `T²`).
+    pub temperature: f64,
+    /// `"kl"` (KL(teacher ‖ student), the default) or `"reverse_kl"` (KL(student ‖ teacher)).
+    pub loss: Divergence,
+    /// The divergence over the teacher's `top_k` largest logits only, both distributions
+    /// renormalised over them; 0 = the whole vocabulary.
+    pub top_k: usize,
+}
+
+impl Default for DistillSettings {
+    fn default() -> Self {
+        DistillSettings {
+            teacher: None,
+            alpha: 1.0,
+            temperature: 1.0,
+            loss: Divergence::Kl,
+            top_k: 0,
+        }
+    }
+}
+
+/// `distill.teacher` naming the model the student was pruned from.
+pub const SOURCE_TEACHER: &str = "source";
+
+impl DistillSettings {
+    /// No teacher: the plan trains on the LM loss alone (and prints no `[distill]` section).
+    pub fn is_off(&self) -> bool {
+        self.teacher.is_none()
+    }
+
+    /// The KD computation, when a teacher is set and `alpha > 0`.
+    pub fn spec(&self) -> Option<KdSpec> {
+        (self.teacher.is_some() && self.alpha > 0.0).then_some(KdSpec {
+            divergence: self.loss,
+            temperature: self.temperature,
+            top_k: self.top_k,
+        })
+    }
+}
+
 /// The L0 stage's own settings (method §4).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -302,6 +358,8 @@ pub struct TrainConfig {
     pub optim: OptimSettings,
     #[serde(default)]
     pub dbl: DblSettings,
+    #[serde(default, skip_serializing_if = "DistillSettings::is_off")]
+    pub distill: DistillSettings,
 }
 
 /// Which loop a plan is for; the defaults that differ between them follow from it, and are
@@ -362,7 +420,7 @@ impl StageKind {
     fn sections(self) -> &'static [&'static str] {
         match self {
             StageKind::Prune => &["run", "optim", "pruning", "dbl"],
-            StageKind::Train => &["run", "optim", "dbl"],
+            StageKind::Train => &["run", "optim", "dbl", "distill"],
         }
     }
 
@@ -392,6 +450,12 @@ impl StageKind {
             ),
             ("dbl.initial_weights_from", "unset".into()),
         ];
+        if self == StageKind::Train {
+            d.push((
+                "distill.teacher",
+                "unset (no distillation); \"source\" or a model".into(),
+            ));
+        }
         if self == StageKind::Prune {
             d.push((
                 "pruning.lagrangian_warmup_steps",
@@ -433,6 +497,10 @@ pub fn defaults_toml(stage: StageKind) -> String {
         (
             "dbl",
             toml::Value::try_from(DblSettings::default()).expect("plain settings"),
+        ),
+        (
+            "distill",
+            toml::Value::try_from(DistillSettings::default()).expect("plain settings"),
         ),
     ];
     let derived = stage.derived_defaults();
