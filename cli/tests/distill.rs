@@ -192,4 +192,25 @@ fn teachers_that_cannot_be_used_are_refused_before_training() {
     );
     assert_refused(&o, &["another tokenizer than the student"]);
     assert!(!out.join("checkpoints").exists());
+    // A teacher that cannot attend over the training sequences (32 tokens).
+    let short = tmp.path().join("short");
+    ok(&shears(
+        BIN,
+        &[
+            "import",
+            model.to_str().unwrap(),
+            "--out",
+            short.to_str().unwrap(),
+        ],
+    ));
+    let cfg = short.join("config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["max_position_embeddings"] = 16.into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let (o, out) = train(
+        &plan("g.toml", &format!("teacher = \"{}\"", short.display())),
+        "g",
+    );
+    assert_refused(&o, &["at most 16 positions", "32 tokens"]);
+    assert!(!out.join("checkpoints").exists());
 }

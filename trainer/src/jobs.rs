@@ -258,6 +258,14 @@ pub fn train<B: ShearsAutodiff>(
             let name = teacher_model(&resolved)?.expect("a teacher when distilling");
             let t = load_model(&name)?;
             check_teacher(&files, &t)?;
+            let len = resolved.run.seq_len.unwrap_or(data.seq_len());
+            let max = t.config.max_position_embeddings;
+            if len > max {
+                return Err(Error::invalid(format!(
+                    "the teacher {} attends over at most {max} positions (max_position_embeddings), fewer than the training sequences' {len} tokens; lower run.seq_len or choose another teacher",
+                    t.source.display()
+                )));
+            }
             Some((spec, resolved.distill.alpha, t))
         }
         None => None,
