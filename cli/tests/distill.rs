@@ -1,37 +1,20 @@
 //! Distillation in continued pre-training end to end on the tiny model: `shears run` with the
 //! source as teacher, `shears train` finding the source a finalized model records, exact resume
 //! after `kill -9` with a teacher, and the refusals (no recorded source, a teacher with another
-//! vocabulary, settings out of range).
+//! tokenizer or a shorter context, settings out of range).
 
 use std::path::Path;
 
 use serde_json::Value;
 use shears_tests::runs::{
-    assert_refused, corpus, metrics, ok, run_killed_and_resumed, setup, shears, tiny_model, write,
-    TINY_TARGET,
+    assert_refused, metrics, ok, pipeline_head, run_killed_and_resumed, setup, shears, write,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_shears");
 
 fn pipeline_plan(dir: &Path, out: &Path) -> String {
-    let model = tiny_model(dir);
-    let mut domains = String::new();
-    for (name, p) in corpus(dir) {
-        domains.push_str(&format!(
-            "[data.domains.{name}]\ninputs = [\"{}\"]\n",
-            p.display()
-        ));
-    }
     format!(
-        r#"model = "{model}"
-out = "{out}"
-{TINY_TARGET}
-[data]
-tokenizer = "{model}"
-seq_len = 32
-eval_fraction = 0.15
-seed = 2
-{domains}
+        r#"{}
 [prune.run]
 steps = 8
 batch_size = 2
@@ -53,8 +36,7 @@ top_k = 8
 sequences = 3
 batch = 2
 "#,
-        model = model.display(),
-        out = out.display()
+        pipeline_head(dir, out)
     )
 }
 

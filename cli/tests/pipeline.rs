@@ -4,29 +4,13 @@
 use std::path::Path;
 
 use serde_json::Value;
-use shears_tests::runs::{corpus, shears, tiny_model, TINY_TARGET};
+use shears_tests::runs::{pipeline_head, shears};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shears");
 
 fn plan(dir: &Path, out: &Path) -> String {
-    let model = tiny_model(dir);
-    let mut domains = String::new();
-    for (name, p) in corpus(dir) {
-        domains.push_str(&format!(
-            "[data.domains.{name}]\ninputs = [\"{}\"]\n",
-            p.display()
-        ));
-    }
     format!(
-        r#"model = "{model}"
-out = "{out}"
-{TINY_TARGET}
-[data]
-tokenizer = "{model}"
-seq_len = 32
-eval_fraction = 0.15
-seed = 2
-{domains}
+        r#"{}
 [prune.run]
 steps = 12
 batch_size = 2
@@ -43,8 +27,7 @@ lr = 0.003
 sequences = 3
 batch = 2
 "#,
-        model = model.display(),
-        out = out.display()
+        pipeline_head(dir, out)
     )
 }
 

@@ -25,6 +25,7 @@ use burn::tensor::{activation, IndexingUpdateOp, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::llama::{to_dtype, upcast, Llama};
+use crate::loss::scalar;
 use crate::ops::{self, ShearsAutodiff, ShearsOps};
 
 /// Which divergence distillation minimises.
@@ -114,22 +115,10 @@ pub struct KdRows<B: Backend> {
 
 /// The KD term of student rows `h [n, d]` (head weight `w [vocab, d]`, both in the compute
 /// dtype) against teacher rows `ht [n, dt]` (head `wt [vocab, dt]`), in chunks of at most
-/// [`KD_CHUNK_ELEMS`] logits. `targets [n]` are the next tokens (for the NLL only).
-pub fn kd_chunked<B: ShearsOps>(
-    h: Tensor<B, 2>,
-    w: Tensor<B, 2>,
-    ht: Tensor<B, 2>,
-    wt: Tensor<B, 2>,
-    targets: Tensor<B, 1, Int>,
-    spec: &KdSpec,
-    scale: f64,
-) -> KdRows<B> {
-    kd_chunked_with(h, w, ht, wt, targets, spec, scale, KD_CHUNK_ELEMS)
-}
-
-/// [`kd_chunked`] with chunks of at most `chunk_elems` logits.
+/// `chunk_elems` logits ([`KD_CHUNK_ELEMS`] in training). `targets [n]` are the next tokens (for
+/// the NLL only).
 #[allow(clippy::too_many_arguments)]
-pub fn kd_chunked_with<B: ShearsOps>(
+pub fn kd_chunked<B: ShearsOps>(
     h: Tensor<B, 2>,
     w: Tensor<B, 2>,
     ht: Tensor<B, 2>,
@@ -180,13 +169,6 @@ pub fn kd_chunked_with<B: ShearsOps>(
         grad_h: Tensor::cat(grads_h, 0),
         grad_w,
     }
-}
-
-fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
-    t.into_data()
-        .convert::<f64>()
-        .into_vec::<f64>()
-        .expect("a scalar")[0]
 }
 
 /// The KD term's values for the metrics.
@@ -249,6 +231,7 @@ impl<B: ShearsAutodiff> Llama<B> {
             targets,
             spec,
             scale / n as f64,
+            KD_CHUNK_ELEMS,
         );
         let values = KdValues {
             kd: r.kd_sum / n as f64,

@@ -19,3 +19,11 @@ pub fn token_nll<B: Backend>(logits: Tensor<B, 3>, ids: Tensor<B, 2, Int>) -> Te
 pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, ids: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     token_nll(logits, ids).mean()
 }
+
+/// The value of a one-element tensor as f64 (a loss read back to the host).
+pub fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_data()
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .expect("a one-element tensor")[0]
+}

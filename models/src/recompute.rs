@@ -19,6 +19,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::{backend::AutodiffBackend, Int, Tensor};
 
 use crate::llama::Llama;
+use crate::loss::scalar;
 use crate::masks::{ForwardMasks, LayerMasks};
 use crate::ops::ShearsAutodiff;
 
@@ -41,7 +42,7 @@ pub fn backward_by_layers<B: ShearsAutodiff>(
 ) -> f64 {
     backward_by_layers_with_head(model, ids, masks, scale, on_grads, &mut |y, ids| {
         let loss = model.token_nll(y, ids).mean();
-        let value = loss.clone().into_scalar_f64();
+        let value = scalar(loss.clone());
         (loss, value)
     })
 }
@@ -120,17 +121,4 @@ pub fn backward_by_layers_with_head<B: ShearsAutodiff>(
     let e = model.embed(ids, m.as_ref());
     on_grads((e * Tensor::from_inner(g)).sum().backward());
     value
-}
-
-trait ScalarF64 {
-    fn into_scalar_f64(self) -> f64;
-}
-
-impl<B: burn::tensor::backend::Backend> ScalarF64 for Tensor<B, 1> {
-    fn into_scalar_f64(self) -> f64 {
-        self.into_data()
-            .convert::<f64>()
-            .into_vec::<f64>()
-            .expect("a scalar")[0]
-    }
 }

@@ -615,6 +615,25 @@ pub mod runs {
         (a, b)
     }
 
+    /// The head of a tiny `shears run` plan writing to `out`: the tiny model (written to `dir`),
+    /// [`TINY_TARGET`] and a `[data]` plan of the three-domain corpus (32-token sequences); the
+    /// caller appends the stages' sections.
+    pub fn pipeline_head(dir: &Path, out: &Path) -> String {
+        let model = tiny_model(dir);
+        let mut domains = String::new();
+        for (name, p) in corpus(dir) {
+            domains.push_str(&format!(
+                "[data.domains.{name}]\ninputs = [\"{}\"]\n",
+                p.display()
+            ));
+        }
+        format!(
+            "model = \"{model}\"\nout = \"{out}\"\n{TINY_TARGET}\n[data]\ntokenizer = \"{model}\"\nseq_len = 32\neval_fraction = 0.15\nseed = 2\n{domains}",
+            model = model.display(),
+            out = out.display()
+        )
+    }
+
     /// The tiny model and a prepared corpus (sequences of 32 tokens) under `dir`.
     pub fn setup(bin: &str, dir: &Path) -> (PathBuf, PathBuf) {
         let model = tiny_model(dir);

@@ -13,7 +13,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use shears_core::model_files::check_weights;
 use shears_core::tensor::HostData;
 use shears_core::{DType, LlamaConfig, WeightMap};
-use shears_models::distill::{kd_chunked_with, kd_rows, Divergence, KdSpec};
+use shears_models::distill::{kd_chunked, kd_rows, Divergence, KdSpec};
 use shears_models::{load, Llama, ShearsOps};
 use shears_tests::prune::{batch, source};
 
@@ -152,7 +152,7 @@ fn objective(
     let m = model::<F64>(cfg, w);
     let ids = batch::<F64>();
     let rows = m.distill_rows(ids.clone());
-    let r = kd_chunked_with(
+    let r = kd_chunked(
         rows,
         m.head_weight(),
         teacher.distill_rows(ids.clone()),
@@ -173,7 +173,7 @@ fn chunks_give_the_whole_result() {
     let teacher = model::<F64>(&cfg, &load::random_weights(&cfg, 5));
     let ids = batch::<F64>();
     let run = |chunk: usize| {
-        kd_chunked_with(
+        kd_chunked(
             student.distill_rows(ids.clone()),
             student.head_weight(),
             teacher.distill_rows(ids.clone()),

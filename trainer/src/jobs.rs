@@ -270,9 +270,8 @@ pub fn train<B: ShearsAutodiff>(
         }
         None => None,
     };
-    let n = resolved.run.devices;
     // The teacher's host weights, freed once every rank holds its copy.
-    let teacher = Mutex::new((teacher, 0usize));
+    let teacher = UntilEveryRank::new(teacher, resolved.run.devices);
     run_stage(
         job,
         &toml::to_string(&resolved).expect("toml"),
@@ -282,18 +281,39 @@ pub fn train<B: ShearsAutodiff>(
         files,
         |files, device| {
             let stage = LmStage::<B>::new(files, adamw, device)?.with_compute(compute);
-            let mut g = teacher.lock().unwrap_or_else(|e| e.into_inner());
-            let stage = match &g.0 {
-                Some((spec, alpha, t)) => stage.with_teacher(t, *spec, *alpha)?,
-                None => stage,
-            };
-            g.1 += 1;
-            if g.1 == n {
-                g.0 = None;
-            }
-            Ok(stage)
+            teacher.use_once(|t| match t {
+                Some((spec, alpha, t)) => stage.with_teacher(t, *spec, *alpha),
+                None => Ok(stage),
+            })
         },
     )
+}
+
+/// Host data every data-parallel rank builds its device copy from: kept until `ranks` ranks
+/// have used it, then freed.
+struct UntilEveryRank<T> {
+    value: Mutex<(Option<T>, usize)>,
+    ranks: usize,
+}
+
+impl<T> UntilEveryRank<T> {
+    fn new(value: T, ranks: usize) -> Self {
+        UntilEveryRank {
+            value: Mutex::new((Some(value), 0)),
+            ranks,
+        }
+    }
+
+    /// `f` of the value (one rank at a time); the last rank's call frees it.
+    fn use_once<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+        let mut g = self.value.lock().unwrap_or_else(|e| e.into_inner());
+        let r = f(g.0.as_ref().expect("host data until every rank is built"));
+        g.1 += 1;
+        if g.1 == self.ranks {
+            g.0 = None;
+        }
+        r
+    }
 }
 
 /// The teacher model `distill.teacher` names, `None` without one. `"source"` is the model the
@@ -413,20 +433,8 @@ fn run_stage<B: ShearsAutodiff, S: Stage<B>>(
         interrupt: job.interrupt.clone(),
         progress: job.progress,
     };
-    let files = Mutex::new((Some(files), 0usize));
-    let build = |device: &B::Device| -> Result<S> {
-        let mut g = files.lock().unwrap_or_else(|e| e.into_inner());
-        let stage = make_stage(
-            g.0.as_ref()
-                .expect("host weights until every rank is built"),
-            device,
-        );
-        g.1 += 1;
-        if g.1 == n {
-            g.0 = None;
-        }
-        stage
-    };
+    let files = UntilEveryRank::new(files, n);
+    let build = |device: &B::Device| -> Result<S> { files.use_once(|f| make_stage(f, device)) };
     let leader = Mutex::new(Some(dir));
     let settings = ParallelSettings {
         devices: n,

@@ -13,6 +13,7 @@ use shears_core::formats::safetensors::{self, LazyTensors};
 use shears_core::{DType, Error, ModelFiles, Result, WeightMap};
 use shears_data::Dataset;
 use shears_models::distill::KdSpec;
+use shears_models::loss::scalar;
 use shears_models::{load, recompute, Llama, ShearsOps};
 
 use crate::compute::Compute;
@@ -139,61 +140,52 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
         let (mut lm, mut kd) = (0.0, 0.0);
         for seqs in micro {
             let ids = batch_tensor::<B>(seqs, &self.device);
-            let scale = 1.0 / n as f64;
-            if let Some(t) = &self.teacher {
-                let rows = t.model.distill_rows(ids.clone().inner());
-                // (1 − α)·LM + α·KD on the final hidden states.
-                let mut head = |y: Tensor<B, 3>, ids: Tensor<B, 2, Int>| {
-                    let (sur, v) = model.distill_surrogate(
-                        y.clone(),
-                        ids.clone(),
-                        &t.model,
-                        rows.clone(),
-                        &t.spec,
-                        t.alpha,
-                    );
-                    kd += v.kd;
-                    if t.alpha < 1.0 {
-                        let loss = model.token_nll(y, ids).mean();
-                        let value = scalar(loss.clone());
-                        (loss.mul_scalar(1.0 - t.alpha) + sur, value)
-                    } else {
-                        (sur, v.nll)
-                    }
+            let rows = self
+                .teacher
+                .as_ref()
+                .map(|t| t.model.distill_rows(ids.clone().inner()));
+            // The objective on the final hidden states: the mean NLL, or (1 − α)·LM + α·KD.
+            let mut head = |y: Tensor<B, 3>, ids: Tensor<B, 2, Int>| {
+                let Some((t, rows)) = self.teacher.as_ref().zip(rows.as_ref()) else {
+                    let loss = model.token_nll(y, ids).mean();
+                    let value = scalar(loss.clone());
+                    return (loss, value);
                 };
-                if self.compute.by_layers() {
-                    lm += recompute::backward_by_layers_with_head(
-                        model,
-                        ids,
-                        &|| None,
-                        scale,
-                        &mut |g| {
-                            let g = GradientsParams::from_grads(g, model);
-                            params::accumulate::<B::InnerBackend>(&self.names, &mut acc, g);
-                        },
-                        &mut head,
-                    );
+                let (sur, v) = model.distill_surrogate(
+                    y.clone(),
+                    ids.clone(),
+                    &t.model,
+                    rows.clone(),
+                    &t.spec,
+                    t.alpha,
+                );
+                kd += v.kd;
+                if t.alpha < 1.0 {
+                    let loss = model.token_nll(y, ids).mean();
+                    let value = scalar(loss.clone());
+                    (loss.mul_scalar(1.0 - t.alpha) + sur, value)
                 } else {
-                    let y = model.hidden_states(ids.clone(), None);
-                    let (loss, value) = head(y, ids);
-                    lm += value;
-                    let g = GradientsParams::from_grads(loss.mul_scalar(scale).backward(), model);
-                    params::accumulate::<B::InnerBackend>(&self.names, &mut acc, g);
+                    (sur, v.nll)
                 }
-                continue;
-            }
+            };
             if self.compute.by_layers() {
-                lm += recompute::backward_by_layers(model, ids, &|| None, scale, &mut |g| {
-                    let g = GradientsParams::from_grads(g, model);
-                    params::accumulate::<B::InnerBackend>(&self.names, &mut acc, g);
-                });
-                continue;
+                lm += recompute::backward_by_layers_with_head(
+                    model,
+                    ids,
+                    &|| None,
+                    1.0 / n as f64,
+                    &mut |g| {
+                        let g = GradientsParams::from_grads(g, model);
+                        params::accumulate::<B::InnerBackend>(&self.names, &mut acc, g);
+                    },
+                    &mut head,
+                );
+            } else {
+                let (loss, value) = head(model.hidden_states(ids.clone(), None), ids);
+                lm += value;
+                let g = GradientsParams::from_grads(loss.div_scalar(n as f64).backward(), model);
+                params::accumulate::<B::InnerBackend>(&self.names, &mut acc, g);
             }
-            let loss = model.loss(ids);
-            lm += scalar(loss.clone());
-            let total = loss.div_scalar(n as f64);
-            let g = GradientsParams::from_grads(total.backward(), model);
-            params::accumulate::<B::InnerBackend>(&self.names, &mut acc, g);
         }
         self.pending = Some(acc);
         StepLosses {
@@ -303,11 +295,4 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
         self.pending = None;
         Ok(())
     }
-}
-
-fn scalar<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> f64 {
-    t.into_data()
-        .convert::<f64>()
-        .into_vec::<f64>()
-        .expect("a scalar")[0]
 }

@@ -9,11 +9,11 @@ use std::path::Path;
 
 use crate::optim::ShearsAdamW;
 use burn::optim::{adaptor::OptimizerAdaptor, GradientsParams, Optimizer};
-use burn::tensor::Tensor;
 use rand::{rngs::StdRng, SeedableRng};
 use shears_core::formats::safetensors::{self, LazyTensors};
 use shears_core::{DType, Error, ModelFiles, Result, WeightMap};
 use shears_data::Dataset;
+use shears_models::loss::scalar;
 use shears_models::{load, recompute, Llama};
 use shears_pruning::constraint::target_at;
 use shears_pruning::model::GroupGradients;
@@ -76,13 +76,6 @@ pub struct PruneStage<B: ShearsAutodiff> {
     pending: Option<[GradientsParams; 3]>,
     device: B::Device,
     compute: Compute,
-}
-
-fn scalar<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> f64 {
-    t.into_data()
-        .convert::<f64>()
-        .into_vec::<f64>()
-        .expect("scalar")[0]
 }
 
 fn aux(rates: &PruneRates) -> AdamWSettings {
