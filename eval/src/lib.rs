@@ -5,13 +5,15 @@
 //! - [`domain`]: per-domain eval loss and perplexity on a prepared dataset's eval shards (the
 //!   number the trainer logs and dynamic batch loading reads, method §5.3);
 //! - [`zeroshot`]: zero-shot multiple-choice and LAMBADA evaluation with lm-eval conventions
-//!   (method §8): loading the request sets, scoring them in batches, the metrics.
+//!   (method §8): loading the request sets, scoring them in batches, the metrics;
+//! - [`mmlu`]: MMLU's 5-shot OLMES formats (rc and mc) built from the package's Arrow data.
 //!
 //! It takes a model (or a forward function) and data; it must not know about training, run
 //! directories or checkpoints (the trainer's `checkpoint::Checkpoint` reads those).
 #![forbid(unsafe_code)]
 
 pub mod domain;
+pub mod mmlu;
 pub mod zeroshot;
 
 pub use domain::{DomainEval, EvalSettings};

