@@ -227,3 +227,96 @@ fn lm_eval_shaped_results_with_a_fractional_limit() {
         "a failed run leaves no results"
     );
 }
+
+/// MMLU through the CLI: one question per subject (`--limit 1` applies to each), the group
+/// and its 57 subjects in `results.json`, the macro average; a missing or damaged MMLU
+/// directory is a clear error that leaves no results behind.
+#[test]
+fn mmlu_groups_and_damaged_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = shears_tests::runs::tiny_model(tmp.path());
+    let m = model.to_str().unwrap();
+    let out = tmp.path().join("results");
+    let v = json(&shears(
+        BIN,
+        &[
+            "eval",
+            "--model",
+            m,
+            "--tasks",
+            "mmlu_mc_val",
+            "--limit",
+            "1",
+            "--output-path",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+    ));
+    let t = &v["tasks"]["mmlu_mc_val"];
+    assert_eq!(t["n"], 57);
+    assert_eq!(t["requests"], 57 * 4);
+    assert_eq!(t["documents_total"], 1531);
+    let subs = t["subtasks"].as_object().unwrap();
+    assert_eq!(subs.len(), 57);
+    let macro_acc = subs.values().map(|s| s["acc"].as_f64().unwrap()).sum::<f64>() / 57.0;
+    assert!((t["primary"].as_f64().unwrap() - macro_acc).abs() < 1e-12);
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let group = r["group_subtasks"]["mmlu_mc_val"].as_array().unwrap();
+    assert_eq!(group.len(), 57);
+    assert!(group.contains(&Value::from("mmlu_mc_val_virology")));
+    assert_eq!(r["results"]["mmlu_mc_val"]["acc_macro,none"], t["primary"]);
+    assert_eq!(r["results"]["mmlu_mc_val"]["acc,none"], t["acc"]);
+    let one = r["results"]["mmlu_mc_val_anatomy"]["acc,none"].as_f64().unwrap();
+    assert!(one == 0.0 || one == 1.0);
+    assert_eq!(r["n-shot"]["mmlu_mc_val"], 5);
+    assert_eq!(r["n-shot"]["mmlu_mc_val_anatomy"], 5);
+
+    // A directory that is not MMLU, and one whose Arrow file is cut short.
+    let src = shears_eval::mmlu::data_dir(|_| {}).unwrap();
+    let bad = tmp.path().join("mmlu");
+    for s in shears_eval::mmlu::SUBJECTS {
+        for split in ["dev", "validation", "test"] {
+            let d = bad.join(s).join(split);
+            std::fs::create_dir_all(&d).unwrap();
+            let f = "data-00000-of-00001.arrow";
+            let bytes = std::fs::read(src.join(s).join(split).join(f)).unwrap();
+            let keep = if s == "astronomy" && split == "validation" {
+                bytes.len() / 2
+            } else {
+                bytes.len()
+            };
+            std::fs::write(d.join(f), &bytes[..keep]).unwrap();
+        }
+    }
+    for (dir, want) in [
+        ("/nonexistent/mmlu".to_string(), "/nonexistent/mmlu".to_string()),
+        (
+            bad.to_str().unwrap().to_string(),
+            format!(
+                "{}: is not a readable Arrow IPC file",
+                bad.join("astronomy/validation/data-00000-of-00001.arrow").display()
+            ),
+        ),
+    ] {
+        let res = tmp.path().join("bad-results");
+        let o = shears(
+            BIN,
+            &[
+                "eval",
+                "--model",
+                m,
+                "--tasks",
+                "mmlu_rc_val",
+                "--mmlu-dir",
+                &dir,
+                "--output-path",
+                res.to_str().unwrap(),
+            ],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(&want) && !err.contains("panicked"), "{err}");
+        assert!(!res.exists(), "a failed run leaves no results");
+    }
+}
