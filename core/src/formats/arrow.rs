@@ -150,7 +150,7 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<Table, String> {
                         None => *slot = Some(col),
                     }
                 }
-                rows += n as usize;
+                rows = rows.checked_add(n as usize).ok_or("row counts overflow")?;
             }
             2 => return Err("dictionary-encoded columns are not supported".into()),
             t => return Err(format!("unexpected message type {t}")),
@@ -382,7 +382,8 @@ impl<'a> Cursor<'a> {
         let n = self.check_rows(name, rows)?;
         self.next_buffer(name)?; // validity
         let data = self.next_buffer(name)?;
-        if data.len() < n * bytes {
+        // Lengths come from the file: a huge one must fail here, not overflow.
+        if n.checked_mul(bytes).is_none_or(|need| data.len() < need) {
             return Err(format!(
                 "column '{name}': {} bytes for {n} values",
                 data.len()
@@ -418,7 +419,8 @@ fn offsets(
     if n == 0 && buf.is_empty() {
         return Ok(vec![0]);
     }
-    if buf.len() < (n + 1) * w {
+    let need = n.checked_add(1).and_then(|m| m.checked_mul(w));
+    if need.is_none_or(|need| buf.len() < need) {
         return Err(format!(
             "column '{name}': offsets buffer too short (truncated?)"
         ));
@@ -612,6 +614,15 @@ impl<'a> Vector<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lengths_from_the_file_cannot_overflow() {
+        for n in [usize::MAX, usize::MAX / 4, usize::MAX / 8 + 1] {
+            for wide in [false, true] {
+                assert!(offsets(&[0u8; 16], n, wide, "x").is_err());
+            }
+        }
+    }
 
     #[test]
     fn garbage_and_empty_input_are_errors_not_panics() {
