@@ -8,11 +8,11 @@ use shears_core::formats::arrow;
 use shears_core::{DType, ModelFiles};
 use shears_eval::mmlu::{self, SUBJECTS};
 use shears_eval::zeroshot::{self, score_with, Limit, ScoreSettings};
-use shears_models::backend::NdArrayBackend;
+use shears_models::backend::FlexBackend;
 use shears_models::load;
 use shears_tests::smollm2_gguf;
 
-type B = NdArrayBackend;
+type B = FlexBackend;
 
 fn data() -> PathBuf {
     mmlu::data_dir(|m| eprintln!("{m}")).unwrap()

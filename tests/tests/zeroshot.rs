@@ -1,14 +1,16 @@
 //! Zero-shot scoring against transformers on the first 25 documents of every task in
 //! `fixtures/smollm2/eval_loglik_first25.json`, batch-size independence, and clean failures.
+//! On flex, the default CPU backend with the fused kernels (ndarray scores 3-4x slower; its
+//! logits are held to transformers' in `smollm2_parity`).
 
 use serde_json::Value;
 use shears_core::{DType, ModelFiles};
 use shears_eval::zeroshot::{self, load_task};
-use shears_models::backend::NdArrayBackend;
+use shears_models::backend::FlexBackend;
 use shears_models::load;
 use shears_tests::{fixture, smollm2_gguf};
 
-type B = NdArrayBackend;
+type B = FlexBackend;
 
 fn fixture_tasks() -> Value {
     serde_json::from_str(
@@ -62,10 +64,14 @@ fn first_25_documents_match_transformers() {
                 s.doc_id,
                 s.idx
             );
-            let d = (s.sum_logprob - w["sum_logprob"].as_f64().unwrap()).abs();
+            // Flex's fused kernels sum in another order than transformers: a long
+            // continuation's sum drifts by a few 1e-6 of itself (piqa doc 22: -240.6782 vs
+            // -240.6768), so the bound is 1e-3 or 1e-5 of the sum, whichever is larger.
+            let want_sum = w["sum_logprob"].as_f64().unwrap();
+            let d = (s.sum_logprob - want_sum).abs();
             worst = worst.max(d);
             assert!(
-                d < 1e-3,
+                d < 1e-3f64.max(1e-5 * want_sum.abs()),
                 "{key} doc {} idx {}: {} vs {}",
                 s.doc_id,
                 s.idx,
