@@ -774,6 +774,66 @@ mod tests {
         c
     }
 
+    /// The task grid depends on the thread count, the sums do not: every C element comes from
+    /// one task with the same `KC` blocks and micro-tile, so any pool size gives the same bits
+    /// (column counts that split evenly, that do not, and too few panels for the columns alone).
+    #[test]
+    fn every_thread_count_gives_the_same_bits() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let isa = Isa::detect();
+        if isa == Isa::Baseline {
+            return;
+        }
+        for &(m, n, k) in &[
+            (120, 576, 70),
+            (100, 288, 300),
+            (130, 96, 90),
+            (40, 1600, 33),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random::<f32>() - 0.5).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.random::<f32>() - 0.5).collect();
+            let want = naive(m, n, k, &a, k, 1, &b, n, 1);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut c = vec![0f32; m * n];
+                pool.install(|| unsafe {
+                    sgemm_with(
+                        isa,
+                        m,
+                        n,
+                        k,
+                        1.0,
+                        Mat::rows(a.as_ptr(), k),
+                        Mat::rows(b.as_ptr(), n),
+                        c.as_mut_ptr(),
+                        n as isize,
+                        false,
+                        true,
+                    )
+                });
+                c
+            };
+            let one = run(1);
+            for (x, w) in one.iter().zip(&want) {
+                assert!(
+                    (*x as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
+                    "{m}x{n}x{k}"
+                );
+            }
+            for threads in 2..=5 {
+                let c = run(threads);
+                let same = c.iter().zip(&one).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(
+                    same,
+                    "{m}x{n}x{k} on {threads} threads differs from 1 thread"
+                );
+            }
+        }
+    }
+
     #[test]
     fn every_kernel_layout_and_edge_matches_naive() {
         let mut rng = StdRng::seed_from_u64(5);

@@ -80,7 +80,11 @@ fn restored_in_a_new_process_continues_identically() {
         .args([
             "--ignored",
             "--exact",
-            "sampler_child_process",
+            // The test's full name in this binary (`data_sampler::sampler_child_process`).
+            &format!(
+                "{}::sampler_child_process",
+                module_path!().split_once("::").map_or("", |(_, m)| m)
+            ),
             "--nocapture",
         ])
         .env("SHEARS_SAMPLER_STATE", &state_path)
