@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use shears_core::formats::arrow;
 use shears_core::{DType, ModelFiles};
 use shears_eval::mmlu::{self, SUBJECTS};
-use shears_eval::zeroshot::{self, score_with, Limit, ScoreSettings};
+use shears_eval::zeroshot::{self, Limit};
 use shears_models::backend::FlexBackend;
 use shears_models::load;
 use shears_tests::smollm2_gguf;
@@ -216,14 +216,7 @@ fn shared_preamble_matches_whole_scoring() {
             )
         });
         assert_eq!(task.requests.len(), 3 * 2 * 4);
-        let run = |prefix_reuse| {
-            let s = ScoreSettings {
-                batch: 8,
-                prefix_reuse,
-            };
-            score_with(&model, None, tok, &task.requests, s, |_| {}).unwrap()
-        };
-        let (a, b) = (run(true), run(false));
+        let (a, b) = crate::zeroshot::with_and_without_prefix_reuse(&model, tok, &task.requests);
         for (x, y) in a.iter().zip(&b) {
             assert_eq!(
                 (x.doc_id, x.idx, &x.ctx_ids, &x.cont_ids),

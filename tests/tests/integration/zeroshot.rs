@@ -12,6 +12,23 @@ use shears_tests::{fixture, smollm2_gguf};
 
 type B = FlexBackend;
 
+/// `requests` scored at batch 8 with the shared-context KV cache, then each whole (the MMLU
+/// tests use it too).
+pub(crate) fn with_and_without_prefix_reuse(
+    model: &shears_models::Llama<B>,
+    tok: &shears_core::Tokenizer,
+    requests: &[zeroshot::Request],
+) -> (Vec<zeroshot::Scored>, Vec<zeroshot::Scored>) {
+    let run = |prefix_reuse| {
+        let s = zeroshot::ScoreSettings {
+            batch: 8,
+            prefix_reuse,
+        };
+        zeroshot::score_with(model, None, tok, requests, s, |_| {}).unwrap()
+    };
+    (run(true), run(false))
+}
+
 fn fixture_tasks() -> Value {
     serde_json::from_str(
         &std::fs::read_to_string(fixture("smollm2/eval_loglik_first25.json")).unwrap(),
@@ -164,7 +181,6 @@ fn bad_task_inputs_are_clear_errors() {
 /// scoring each request whole (≤ 1e-4 per token), on every fixture task.
 #[test]
 fn prefix_reuse_matches_whole_scoring() {
-    use shears_eval::zeroshot::{score_with, ScoreSettings};
     let files = ModelFiles::load(smollm2_gguf()).unwrap();
     let tok = files.tokenizer().unwrap();
     let model = load::from_files::<B>(&files, &Default::default(), DType::F32).unwrap();
@@ -174,14 +190,7 @@ fn prefix_reuse_matches_whole_scoring() {
     for key in fixture_tasks()["tasks"].as_object().unwrap().keys() {
         let name = key.split('/').next().unwrap();
         let task = load_task(&dir, name, Some(6)).unwrap();
-        let run = |prefix_reuse| {
-            let s = ScoreSettings {
-                batch: 8,
-                prefix_reuse,
-            };
-            score_with(&model, None, tok, &task.requests, s, |_| {}).unwrap()
-        };
-        let (a, b) = (run(true), run(false));
+        let (a, b) = with_and_without_prefix_reuse(&model, tok, &task.requests);
         for (x, y) in a.iter().zip(&b) {
             assert_eq!(
                 (x.doc_id, x.idx, &x.cont_ids),
