@@ -1,6 +1,6 @@
 //! The cross-crate integration tests, one module per subject, in one test binary: the
 //! backend-generic model and trainer code is compiled once for all of them instead of once
-//! per file (each file was its own binary, and each spent 40-77 s of a 2-core build on the
+//! per file (each file was its own binary, and each spent up to 70 s of a 2-core build on the
 //! same monomorphizations). Four files stay separate binaries: `backends` and
 //! `compute_settings`, which the wgpu CI step and the CUDA device check build with other
 //! backend features, and `distill` and `prune_fd`, which run NdArray<f64> and must have their
