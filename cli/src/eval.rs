@@ -273,10 +273,13 @@ pub fn eval(backend: BackendKind, a: EvalArgs) -> Result<()> {
             fetch: impl FnOnce() -> shears_core::Result<PathBuf>,
             what: &str,
         ) -> Result<PathBuf> {
-            if slot.is_none() {
-                *slot = Some(fetch().with_context(|| format!("cannot get {what}"))?);
+            match slot {
+                Some(d) => Ok(d.clone()),
+                None => {
+                    let d = fetch().with_context(|| format!("cannot get {what}"))?;
+                    Ok(slot.insert(d).clone())
+                }
             }
-            Ok(slot.clone().expect("set above"))
         }
         let (mut oe_dir, mut mmlu_dir) = (a.tasks_dir.clone(), a.mmlu_dir.clone());
         let log = |m: &str| eprintln!("{m}");
