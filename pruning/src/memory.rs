@@ -418,7 +418,9 @@ fn generic_attention_bytes(d: &Dims, seq: u64, bytes: u64) -> Option<u64> {
 /// rows ([`generic_attention_bytes`]), plus the head: with generic kernels the logits,
 /// their log-softmax and its gradient in f32 (the loss is reduced in f32 under every
 /// precision); with the fused LM-head loss only the final norm's input and output and one
-/// log-sum-exp per token.
+/// log-sum-exp per token, plus in f32 the logits it keeps for its backward while they fit
+/// [`shears_models::ops::KEEP_LOGITS_ELEMS`] (the flex kernel's rule; other backends keep none,
+/// so there this over-counts by at most 256 MiB).
 pub fn activation_bytes(d: &Dims, s: &MemorySettings, micro: u64) -> Option<u64> {
     let tokens = micro.checked_mul(s.seq_len as u64)?;
     let bytes = match s.precision {
@@ -439,12 +441,29 @@ pub fn activation_bytes(d: &Dims, s: &MemorySettings, micro: u64) -> Option<u64>
         Kernels::Generic => d.vocab.checked_mul(3 * 4)?,
         Kernels::Fused => d.hidden.checked_mul(2 * bytes)?.checked_add(4)?,
     };
-    tokens.checked_mul(
-        per_token
-            .checked_mul(bytes)?
-            .checked_add(attn_layers.checked_mul(attention)?)?
-            .checked_add(head)?,
-    )
+    // The fused f32 loss keeps the micro-batch's logits (`micro · (seq_len - 1)` rows) for its
+    // backward when there are at most `KEEP_LOGITS_ELEMS` of them.
+    let kept = match (s.kernels, s.precision) {
+        (Kernels::Fused, Precision::F32) => {
+            let logits = micro
+                .checked_mul((s.seq_len as u64).saturating_sub(1))?
+                .checked_mul(d.vocab)?;
+            if logits <= shears_models::ops::KEEP_LOGITS_ELEMS as u64 {
+                logits.checked_mul(4)?
+            } else {
+                0
+            }
+        }
+        _ => 0,
+    };
+    tokens
+        .checked_mul(
+            per_token
+                .checked_mul(bytes)?
+                .checked_add(attn_layers.checked_mul(attention)?)?
+                .checked_add(head)?,
+        )?
+        .checked_add(kept)
 }
 
 /// Peak bytes of one evaluation forward of `eval_batch` sequences of `eval_len()` tokens: no
@@ -812,6 +831,21 @@ mod tests {
         );
         let layer = 7 * 4096 + 3 * 4096 + 2 * 4096 + 3 * 11008 + 32 + 2;
         assert_eq!(a(fused, 1), 4096 * (32 * layer * 4 + 2 * 4096 * 4 + 4));
+        // At 1024 tokens the fused f32 loss keeps its 1023 x 32000 logits (under 64 Mi), at
+        // 4096 it does not; bf16-mixed keeps none.
+        let short = MemorySettings {
+            kernels: Kernels::Fused,
+            ..MemorySettings::new(8, 1024)
+        };
+        assert_eq!(
+            a(short, 1),
+            1024 * (32 * layer * 4 + 2 * 4096 * 4 + 4) + 1023 * 32000 * 4
+        );
+        let short_bf16 = MemorySettings {
+            precision: Precision::Bf16Mixed,
+            ..short
+        };
+        assert_eq!(a(short_bf16, 1), 1024 * (32 * layer * 2 + 2 * 4096 * 2 + 4));
     }
 
     #[test]

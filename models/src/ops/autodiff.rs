@@ -183,13 +183,14 @@ impl<B: ShearsOps> Backward<B, 1> for RopeBackward {
 struct LmNllBackward;
 
 impl<B: ShearsOps> Backward<B, 2> for LmNllBackward {
-    /// h, w, vocab_major, targets, lse.
+    /// h, w, vocab_major, targets, lse, and the logits where the forward kept them.
     type State = (
         FloatTensor<B>,
         FloatTensor<B>,
         bool,
         IntTensor<B>,
         FloatTensor<B>,
+        Option<FloatTensor<B>>,
     );
 
     fn backward(
@@ -200,9 +201,14 @@ impl<B: ShearsOps> Backward<B, 2> for LmNllBackward {
     ) {
         let [nh, nw] = ops.parents;
         let dnll = grads.consume::<B>(&ops.node);
-        let (h, w, vocab_major, targets, lse) = ops.state;
-        let (dh, dw) = B::lm_nll_kernel_backward(h, w, vocab_major, targets, lse, dnll)
-            .expect("a backend with an LM-head NLL forward kernel has its backward kernel");
+        let (h, w, vocab_major, targets, lse, logits) = ops.state;
+        let (dh, dw) = match logits {
+            Some(logits) => {
+                B::lm_nll_kernel_backward_kept(h, w, vocab_major, targets, lse, dnll, logits)
+            }
+            None => B::lm_nll_kernel_backward(h, w, vocab_major, targets, lse, dnll),
+        }
+        .expect("a backend with an LM-head NLL forward kernel has its backward kernel");
         if let Some(node) = nh {
             grads.register::<B>(node.id, dh);
         }
@@ -351,21 +357,34 @@ impl<B: ShearsOps, C: CheckpointStrategy> ShearsOps for Autodiff<B, C> {
         vocab_major: bool,
         targets: IntTensor<Self>,
     ) -> Option<FloatTensor<Self>> {
-        let (nll, lse) = B::lm_nll_kernel(
-            h.primitive.clone(),
-            w.primitive.clone(),
-            vocab_major,
-            targets.clone(),
-        )?;
+        // Keep the logits for the backward only when there will be one.
+        let tracked = !(h.node.requirement.is_none() && w.node.requirement.is_none());
+        let (nll, lse, logits) = if tracked {
+            B::lm_nll_kernel_keep(
+                h.primitive.clone(),
+                w.primitive.clone(),
+                vocab_major,
+                targets.clone(),
+            )?
+        } else {
+            let (nll, lse) = B::lm_nll_kernel(
+                h.primitive.clone(),
+                w.primitive.clone(),
+                vocab_major,
+                targets.clone(),
+            )?;
+            (nll, lse, None)
+        };
         Some(
             match LmNllBackward
                 .prepare::<C>([h.node.clone(), w.node.clone()])
                 .compute_bound()
                 .stateful()
             {
-                OpsKind::Tracked(prep) => {
-                    prep.finish((h.primitive, w.primitive, vocab_major, targets, lse), nll)
-                }
+                OpsKind::Tracked(prep) => prep.finish(
+                    (h.primitive, w.primitive, vocab_major, targets, lse, logits),
+                    nll,
+                ),
                 OpsKind::UnTracked(prep) => prep.finish(nll),
             },
         )

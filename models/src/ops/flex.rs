@@ -727,6 +727,104 @@ impl ShearsOps for Flex {
         })
     }
 
+    fn lm_nll_kernel_keep(
+        h: FlexTensor,
+        w: FlexTensor,
+        vocab_major: bool,
+        tg: FlexTensor,
+    ) -> Option<(FlexTensor, FlexTensor, Option<FlexTensor>)> {
+        let sh = ce_shape(&h, &w, vocab_major)?;
+        if sh.n.checked_mul(sh.v)? > super::KEEP_LOGITS_ELEMS || sh.n == 0 || sh.v == 0 {
+            return Self::lm_nll_kernel(h, w, vocab_major, tg).map(|(a, b)| (a, b, None));
+        }
+        if !is_real(h.dtype()) {
+            return None;
+        }
+        let tg = targets(tg, sh.n, sh.v)?;
+        fn run<E: Real + burn::tensor::Element + bytemuck::Pod>(
+            sh: CeShape,
+            h: FlexTensor,
+            w: FlexTensor,
+            tg: &[usize],
+        ) -> (FlexTensor, FlexTensor, Option<FlexTensor>) {
+            let (h, w) = (contiguous(h), contiguous(w));
+            let (mut nll, mut lse) = (vec![E::ZERO; sh.n], vec![E::ZERO; sh.n]);
+            let mut logits = vec![E::ZERO; sh.n * sh.v];
+            ce_cpu::forward_keep(
+                sh,
+                slice(&h),
+                slice(&w),
+                tg,
+                &mut nll,
+                &mut lse,
+                &mut logits,
+            );
+            (
+                make(nll, vec![sh.n]),
+                make(lse, vec![sh.n]),
+                Some(make(logits, vec![sh.n, sh.v])),
+            )
+        }
+        Some(match h.dtype() {
+            DType::F32 => run::<f32>(sh, h, w, &tg),
+            _ => run::<f64>(sh, h, w, &tg),
+        })
+    }
+
+    fn lm_nll_kernel_backward_kept(
+        h: FlexTensor,
+        w: FlexTensor,
+        vocab_major: bool,
+        tg: FlexTensor,
+        lse: FlexTensor,
+        dnll: FlexTensor,
+        logits: FlexTensor,
+    ) -> Option<(FlexTensor, FlexTensor)> {
+        let sh = ce_shape(&h, &w, vocab_major)?;
+        let same = [lse.dtype(), dnll.dtype(), logits.dtype()]
+            .iter()
+            .all(|&d| d == h.dtype());
+        if !is_real(h.dtype()) || !same || logits.shape().num_elements() != sh.n * sh.v {
+            return None;
+        }
+        let tg = targets(tg, sh.n, sh.v)?;
+        fn run<E: Real + burn::tensor::Element + bytemuck::Pod>(
+            sh: CeShape,
+            [h, w, lse, g]: [FlexTensor; 4],
+            logits: FlexTensor,
+            tg: &[usize],
+        ) -> (FlexTensor, FlexTensor) {
+            let [h, w, lse, g] = [h, w, lse, g].map(contiguous);
+            // The backward owns the kept logits: overwrite them with their gradient (copied
+            // only if something else still holds them).
+            let mut logits = contiguous(logits);
+            let logits = &mut logits.storage_mut::<E>()[..sh.n * sh.v];
+            let mut dh = vec![E::ZERO; sh.n * sh.d];
+            let mut dw = vec![E::ZERO; sh.v * sh.d];
+            ce_cpu::backward_kept(
+                sh,
+                slice(&h),
+                slice(&w),
+                tg,
+                slice(&lse),
+                slice(&g),
+                logits,
+                &mut dh,
+                &mut dw,
+            );
+            let wshape = if sh.vocab_major {
+                vec![sh.v, sh.d]
+            } else {
+                vec![sh.d, sh.v]
+            };
+            (make(dh, vec![sh.n, sh.d]), make(dw, wshape))
+        }
+        Some(match h.dtype() {
+            DType::F32 => run::<f32>(sh, [h, w, lse, dnll], logits, &tg),
+            _ => run::<f64>(sh, [h, w, lse, dnll], logits, &tg),
+        })
+    }
+
     fn lm_nll_kernel_backward(
         h: FlexTensor,
         w: FlexTensor,

@@ -253,6 +253,36 @@ pub trait ShearsOps: Backend {
         None
     }
 
+    /// As [`Self::lm_nll_kernel`] when a backward will follow: also the `[n, V]` logits where
+    /// the backend keeps them for [`Self::lm_nll_kernel_backward_kept`] (at most
+    /// [`KEEP_LOGITS_ELEMS`]), `None` where the backward recomputes them.
+    #[allow(clippy::type_complexity)]
+    fn lm_nll_kernel_keep(
+        h: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        vocab_major: bool,
+        targets: IntTensor<Self>,
+    ) -> Option<(
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
+    )> {
+        Self::lm_nll_kernel(h, w, vocab_major, targets).map(|(nll, lse)| (nll, lse, None))
+    }
+
+    /// Native LM-head NLL backward from the logits [`Self::lm_nll_kernel_keep`] kept.
+    fn lm_nll_kernel_backward_kept(
+        _h: FloatTensor<Self>,
+        _w: FloatTensor<Self>,
+        _vocab_major: bool,
+        _targets: IntTensor<Self>,
+        _lse: FloatTensor<Self>,
+        _dnll: FloatTensor<Self>,
+        _logits: FloatTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+
     /// Native LM-head NLL backward: `(dh, dw)` for the NLL's gradient `dnll [n]`.
     fn lm_nll_kernel_backward(
         _h: FloatTensor<Self>,
@@ -492,7 +522,13 @@ pub fn lm_head_nll<B: ShearsOps>(
     lm_head_nll_generic(h, w, vocab_major, targets)
 }
 
-/// Logit elements the generic NLL materialises at once (64 Mi f32 = 256 MiB): rows are
+/// Logits (`rows × vocab`) the native LM-head loss keeps from its forward for the backward
+/// under autodiff, at most: 64 Mi elements, 256 MiB in f32 (SmolLM2-135M at 4 × 256 tokens
+/// keeps 201 MB, the tiny benchmark model at 8 × 256 67 MB). Above it the backward recomputes
+/// them tile by tile (a 7B-class run at 8 × 4096 tokens and a 32k vocabulary would need 4 GiB).
+pub const KEEP_LOGITS_ELEMS: usize = 1 << 26;
+
+/// Logit elements the generic NLL materialises at once (16 Mi f32 = 64 MiB): rows are
 /// scored in chunks of at most this many `rows × vocab` elements, so evaluating a batch never
 /// holds `[batch · t, vocab]` logits and their log-softmax (tens of GB at t = 4096 and a 128k
 /// vocabulary). Rows are independent, so chunking changes no value; under autodiff each
