@@ -107,6 +107,14 @@ unsafe fn logits_tile<T: Real>(
     );
 }
 
+/// Where the logits tile of rows `r0..r0 + m` and vocabulary `v0..v0 + nv` lives in a kept
+/// `[N, V]` buffer: tile by tile (row blocks in order, each holding its vocabulary chunks in
+/// order, every tile a contiguous `[m, nv]`), so each tile is one contiguous read.
+fn kept_tile(v: usize, r0: usize, m: usize, v0: usize, nv: usize) -> std::ops::Range<usize> {
+    let at = r0 * v + m * v0;
+    at..at + m * nv
+}
+
 /// Per-token NLL and log-sum-exp. Targets must be in `0..V` (checked by the caller).
 pub fn forward<T: Real>(
     sh: CeShape,
@@ -115,6 +123,35 @@ pub fn forward<T: Real>(
     targets: &[usize],
     nll: &mut [T],
     lse: &mut [T],
+) {
+    forward_into(sh, h, w, targets, nll, lse, None)
+}
+
+/// As [`forward`], keeping every logits tile in `logits` (`N · V` elements, tile-major; see
+/// [`kept_tile`]) for [`backward_kept`], which then reads each tile back instead of
+/// recomputing it (the recompute is a third of the head's GEMM work). The caller bounds
+/// `N · V` ([`super::KEEP_LOGITS_ELEMS`]).
+pub fn forward_keep<T: Real>(
+    sh: CeShape,
+    h: &[T],
+    w: &[T],
+    targets: &[usize],
+    nll: &mut [T],
+    lse: &mut [T],
+    logits: &mut [T],
+) {
+    assert_eq!(logits.len(), sh.n * sh.v);
+    forward_into(sh, h, w, targets, nll, lse, Some(logits))
+}
+
+fn forward_into<T: Real>(
+    sh: CeShape,
+    h: &[T],
+    w: &[T],
+    targets: &[usize],
+    nll: &mut [T],
+    lse: &mut [T],
+    mut keep: Option<&mut [T]>,
 ) {
     let CeShape { n, d, v, .. } = sh;
     assert_eq!(h.len(), n * d);
@@ -126,13 +163,20 @@ pub fn forward<T: Real>(
     // Per (row, chunk): running max and sum of exponentials; per row: the target logit.
     let mut stats = vec![(T::NEG_INFINITY, T::ZERO); n * vchunks];
     let mut target_logit = vec![T::ZERO; n];
-    let mut tile = vec![T::ZERO; RB.min(n) * VC.min(v)];
+    let mut scratch = if keep.is_some() {
+        vec![]
+    } else {
+        vec![T::ZERO; RB.min(n) * VC.min(v)]
+    };
     for r0 in (0..n).step_by(RB) {
         let m = RB.min(n - r0);
         for vc in 0..vchunks {
             let v0 = vc * VC;
             let nv = VC.min(v - v0);
-            let tile = &mut tile[..m * nv];
+            let tile = match keep.as_deref_mut() {
+                Some(k) => &mut k[kept_tile(v, r0, m, v0, nv)],
+                None => &mut scratch[..m * nv],
+            };
             unsafe { logits_tile(sh, h, w, r0, m, v0, nv, tile) };
             tile.par_chunks(nv * ROWS_PER_TASK)
                 .zip(
@@ -234,6 +278,40 @@ pub fn backward<T: Real>(
     dh: &mut [T],
     dw: &mut [T],
 ) {
+    backward_from(sh, h, w, targets, lse, g, dh, dw, None)
+}
+
+/// As [`backward`], reading each logits tile from what [`forward_keep`] kept (overwritten
+/// with the tile's gradient) instead of recomputing it. Same tiles, same sum order: the
+/// results equal [`backward`]'s bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_kept<T: Real>(
+    sh: CeShape,
+    h: &[T],
+    w: &[T],
+    targets: &[usize],
+    lse: &[T],
+    g: &[T],
+    logits: &mut [T],
+    dh: &mut [T],
+    dw: &mut [T],
+) {
+    assert_eq!(logits.len(), sh.n * sh.v);
+    backward_from(sh, h, w, targets, lse, g, dh, dw, Some(logits))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_from<T: Real>(
+    sh: CeShape,
+    h: &[T],
+    w: &[T],
+    targets: &[usize],
+    lse: &[T],
+    g: &[T],
+    dh: &mut [T],
+    dw: &mut [T],
+    mut keep: Option<&mut [T]>,
+) {
     let CeShape { n, d, v, .. } = sh;
     assert_eq!(h.len(), n * d);
     assert_eq!(w.len(), v * d);
@@ -243,14 +321,24 @@ pub fn backward<T: Real>(
     assert_eq!(g.len(), n);
     let (w_rs, w_cs) = sh.strides();
     let vchunks = v.div_ceil(VC);
-    let mut tile = vec![T::ZERO; RB.min(n) * VC.min(v)];
+    let mut scratch = if keep.is_some() {
+        vec![]
+    } else {
+        vec![T::ZERO; RB.min(n) * VC.min(v)]
+    };
     for vc in 0..vchunks {
         let v0 = vc * VC;
         let nv = VC.min(v - v0);
         for (bi, r0) in (0..n).step_by(RB).enumerate() {
             let m = RB.min(n - r0);
-            let tile = &mut tile[..m * nv];
-            unsafe { logits_tile(sh, h, w, r0, m, v0, nv, tile) };
+            let tile = match keep.as_deref_mut() {
+                Some(k) => &mut k[kept_tile(v, r0, m, v0, nv)],
+                None => {
+                    let t = &mut scratch[..m * nv];
+                    unsafe { logits_tile(sh, h, w, r0, m, v0, nv, t) };
+                    t
+                }
+            };
             tile.par_chunks_mut(nv * ROWS_PER_TASK)
                 .enumerate()
                 .for_each(|(ti, rows)| {
@@ -292,105 +380,6 @@ pub fn backward<T: Real>(
                 );
             }
         }
-    }
-}
-
-/// As [`forward`], keeping the whole `[N, V]` logits in `logits` for [`backward_kept`]: one
-/// `N × V × d` GEMM, then one row-parallel pass. The backward then skips recomputing them (a
-/// third of the head's GEMM work; on a small model the head is 40% of a training step). The
-/// caller bounds `N · V` ([`super::KEEP_LOGITS_ELEMS`]).
-pub fn forward_keep<T: Real>(
-    sh: CeShape,
-    h: &[T],
-    w: &[T],
-    targets: &[usize],
-    nll: &mut [T],
-    lse: &mut [T],
-    logits: &mut [T],
-) {
-    let CeShape { n, d, v, .. } = sh;
-    assert_eq!(h.len(), n * d);
-    assert_eq!(w.len(), v * d);
-    assert_eq!(targets.len(), n);
-    assert_eq!(nll.len(), n);
-    assert_eq!(lse.len(), n);
-    assert_eq!(logits.len(), n * v);
-    unsafe { logits_tile(sh, h, w, 0, n, 0, v, logits) };
-    logits
-        .par_chunks(v * ROWS_PER_TASK)
-        .zip(nll.par_chunks_mut(ROWS_PER_TASK))
-        .zip(lse.par_chunks_mut(ROWS_PER_TASK))
-        .zip(targets.par_chunks(ROWS_PER_TASK))
-        .for_each(|(((rows, nl), ls), tg)| {
-            for (rr, row) in rows.chunks_exact(v).enumerate() {
-                let (mx, s) = with_isa!(max_sumexp(row));
-                ls[rr] = mx + s.ln();
-                nl[rr] = ls[rr] - row[tg[rr]];
-            }
-        });
-}
-
-/// As [`backward`], from the logits [`forward_keep`] kept (overwritten with their gradient):
-/// one row-parallel pass, then `dW = dlogitsᵀ · h` and `dh = dlogits · W` as two GEMMs.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_kept<T: Real>(
-    sh: CeShape,
-    h: &[T],
-    w: &[T],
-    targets: &[usize],
-    lse: &[T],
-    g: &[T],
-    logits: &mut [T],
-    dh: &mut [T],
-    dw: &mut [T],
-) {
-    let CeShape { n, d, v, .. } = sh;
-    assert_eq!(h.len(), n * d);
-    assert_eq!(w.len(), v * d);
-    assert_eq!(dh.len(), n * d);
-    assert_eq!(dw.len(), v * d);
-    assert_eq!(lse.len(), n);
-    assert_eq!(g.len(), n);
-    assert_eq!(logits.len(), n * v);
-    let (w_rs, w_cs) = sh.strides();
-    logits
-        .par_chunks_mut(v * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(ti, rows)| {
-            let a = ti * ROWS_PER_TASK;
-            let b = a + rows.len() / v;
-            with_isa!(dlogits_tile(
-                rows,
-                v,
-                0,
-                &lse[a..b],
-                &g[a..b],
-                &targets[a..b]
-            ))
-        });
-    unsafe {
-        mm(
-            (v, d, n),
-            dw.as_mut_ptr(),
-            (w_rs, w_cs),
-            false,
-            logits.as_ptr(),
-            (1, v),
-            h.as_ptr(),
-            (d, 1),
-            T::ONE,
-        );
-        mm(
-            (n, d, v),
-            dh.as_mut_ptr(),
-            (d, 1),
-            false,
-            logits.as_ptr(),
-            (v, 1),
-            w.as_ptr(),
-            (w_rs, w_cs),
-            T::ONE,
-        );
     }
 }
 
@@ -453,7 +442,7 @@ mod tests {
             }
             let (mut dh, mut dw) = (vec![0.0; n * d], vec![0.0; v * d]);
             backward(sh, &h, &w, &tg, &lse, &g, &mut dh, &mut dw);
-            // The kept-logits path gives the same values (to rounding: other sum orders).
+            // The kept-logits path computes the same tiles in the same order: the same bits.
             let (mut nll2, mut lse2, mut logits) = (vec![0.0; n], vec![0.0; n], vec![0.0; n * v]);
             forward_keep(sh, &h, &w, &tg, &mut nll2, &mut lse2, &mut logits);
             for (a, b) in nll2.iter().zip(&nll).chain(lse2.iter().zip(&lse)) {
