@@ -705,26 +705,7 @@ impl ShearsOps for Flex {
         vocab_major: bool,
         tg: FlexTensor,
     ) -> Option<(FlexTensor, FlexTensor)> {
-        let sh = ce_shape(&h, &w, vocab_major)?;
-        if !is_real(h.dtype()) {
-            return None;
-        }
-        let tg = targets(tg, sh.n, sh.v)?;
-        fn run<E: Real + burn::tensor::Element + bytemuck::Pod>(
-            sh: CeShape,
-            h: FlexTensor,
-            w: FlexTensor,
-            tg: &[usize],
-        ) -> (FlexTensor, FlexTensor) {
-            let (h, w) = (contiguous(h), contiguous(w));
-            let (mut nll, mut lse) = (vec![E::ZERO; sh.n], vec![E::ZERO; sh.n]);
-            ce_cpu::forward(sh, slice(&h), slice(&w), tg, &mut nll, &mut lse);
-            (make(nll, vec![sh.n]), make(lse, vec![sh.n]))
-        }
-        Some(match h.dtype() {
-            DType::F32 => run::<f32>(sh, h, w, &tg),
-            _ => run::<f64>(sh, h, w, &tg),
-        })
+        lm_nll(h, w, vocab_major, tg, false).map(|(nll, lse, _)| (nll, lse))
     }
 
     fn lm_nll_kernel_keep(
@@ -733,42 +714,18 @@ impl ShearsOps for Flex {
         vocab_major: bool,
         tg: FlexTensor,
     ) -> Option<(FlexTensor, FlexTensor, Option<FlexTensor>)> {
-        let sh = ce_shape(&h, &w, vocab_major)?;
-        if sh.n.checked_mul(sh.v)? > super::KEEP_LOGITS_ELEMS || sh.n == 0 || sh.v == 0 {
-            return Self::lm_nll_kernel(h, w, vocab_major, tg).map(|(a, b)| (a, b, None));
-        }
-        if !is_real(h.dtype()) {
-            return None;
-        }
-        let tg = targets(tg, sh.n, sh.v)?;
-        fn run<E: Real + burn::tensor::Element + bytemuck::Pod>(
-            sh: CeShape,
-            h: FlexTensor,
-            w: FlexTensor,
-            tg: &[usize],
-        ) -> (FlexTensor, FlexTensor, Option<FlexTensor>) {
-            let (h, w) = (contiguous(h), contiguous(w));
-            let (mut nll, mut lse) = (vec![E::ZERO; sh.n], vec![E::ZERO; sh.n]);
-            let mut logits = vec![E::ZERO; sh.n * sh.v];
-            ce_cpu::forward_keep(
-                sh,
-                slice(&h),
-                slice(&w),
-                tg,
-                &mut nll,
-                &mut lse,
-                &mut logits,
-            );
-            (
-                make(nll, vec![sh.n]),
-                make(lse, vec![sh.n]),
-                Some(make(logits, vec![sh.n, sh.v])),
-            )
-        }
-        Some(match h.dtype() {
-            DType::F32 => run::<f32>(sh, h, w, &tg),
-            _ => run::<f64>(sh, h, w, &tg),
-        })
+        lm_nll(h, w, vocab_major, tg, true)
+    }
+
+    fn lm_nll_kernel_backward(
+        h: FlexTensor,
+        w: FlexTensor,
+        vocab_major: bool,
+        tg: FlexTensor,
+        lse: FlexTensor,
+        dnll: FlexTensor,
+    ) -> Option<(FlexTensor, FlexTensor)> {
+        lm_nll_backward(h, w, vocab_major, tg, lse, dnll, None)
     }
 
     fn lm_nll_kernel_backward_kept(
@@ -780,92 +737,103 @@ impl ShearsOps for Flex {
         dnll: FlexTensor,
         logits: FlexTensor,
     ) -> Option<(FlexTensor, FlexTensor)> {
-        let sh = ce_shape(&h, &w, vocab_major)?;
-        let same = [lse.dtype(), dnll.dtype(), logits.dtype()]
-            .iter()
-            .all(|&d| d == h.dtype());
-        if !is_real(h.dtype()) || !same || logits.shape().num_elements() != sh.n * sh.v {
-            return None;
-        }
-        let tg = targets(tg, sh.n, sh.v)?;
-        fn run<E: Real + burn::tensor::Element + bytemuck::Pod>(
-            sh: CeShape,
-            [h, w, lse, g]: [FlexTensor; 4],
-            logits: FlexTensor,
-            tg: &[usize],
-        ) -> (FlexTensor, FlexTensor) {
-            let [h, w, lse, g] = [h, w, lse, g].map(contiguous);
-            // The backward owns the kept logits: overwrite them with their gradient (copied
-            // only if something else still holds them).
-            let mut logits = contiguous(logits);
-            let logits = &mut logits.storage_mut::<E>()[..sh.n * sh.v];
-            let mut dh = vec![E::ZERO; sh.n * sh.d];
-            let mut dw = vec![E::ZERO; sh.v * sh.d];
-            ce_cpu::backward_kept(
-                sh,
-                slice(&h),
-                slice(&w),
-                tg,
-                slice(&lse),
-                slice(&g),
-                logits,
-                &mut dh,
-                &mut dw,
-            );
-            let wshape = if sh.vocab_major {
-                vec![sh.v, sh.d]
-            } else {
-                vec![sh.d, sh.v]
-            };
-            (make(dh, vec![sh.n, sh.d]), make(dw, wshape))
-        }
-        Some(match h.dtype() {
-            DType::F32 => run::<f32>(sh, [h, w, lse, dnll], logits, &tg),
-            _ => run::<f64>(sh, [h, w, lse, dnll], logits, &tg),
-        })
+        lm_nll_backward(h, w, vocab_major, tg, lse, dnll, Some(logits))
     }
+}
 
-    fn lm_nll_kernel_backward(
+/// The LM-head NLL forward: `(nll, lse)`, plus the logits tiles when `keep` and they fit
+/// [`super::KEEP_LOGITS_ELEMS`].
+#[allow(clippy::type_complexity)]
+fn lm_nll(
+    h: FlexTensor,
+    w: FlexTensor,
+    vocab_major: bool,
+    tg: FlexTensor,
+    keep: bool,
+) -> Option<(FlexTensor, FlexTensor, Option<FlexTensor>)> {
+    let sh = ce_shape(&h, &w, vocab_major)?;
+    if !is_real(h.dtype()) {
+        return None;
+    }
+    let tg = targets(tg, sh.n, sh.v)?;
+    let keep = keep && sh.n.checked_mul(sh.v)? <= super::KEEP_LOGITS_ELEMS;
+    fn run<E: Real + burn::tensor::Element + bytemuck::Pod>(
+        sh: CeShape,
         h: FlexTensor,
         w: FlexTensor,
-        vocab_major: bool,
-        tg: FlexTensor,
-        lse: FlexTensor,
-        dnll: FlexTensor,
-    ) -> Option<(FlexTensor, FlexTensor)> {
-        let sh = ce_shape(&h, &w, vocab_major)?;
-        if !is_real(h.dtype()) || lse.dtype() != h.dtype() || dnll.dtype() != h.dtype() {
+        tg: &[usize],
+        keep: bool,
+    ) -> (FlexTensor, FlexTensor, Option<FlexTensor>) {
+        let (h, w) = (contiguous(h), contiguous(w));
+        let (mut nll, mut lse) = (vec![E::ZERO; sh.n], vec![E::ZERO; sh.n]);
+        let (h, w) = (slice(&h), slice(&w));
+        let logits = if keep {
+            let mut logits = vec![E::ZERO; sh.n * sh.v];
+            ce_cpu::forward_keep(sh, h, w, tg, &mut nll, &mut lse, &mut logits);
+            Some(make(logits, vec![sh.n, sh.v]))
+        } else {
+            ce_cpu::forward(sh, h, w, tg, &mut nll, &mut lse);
+            None
+        };
+        (make(nll, vec![sh.n]), make(lse, vec![sh.n]), logits)
+    }
+    Some(match h.dtype() {
+        DType::F32 => run::<f32>(sh, h, w, &tg, keep),
+        _ => run::<f64>(sh, h, w, &tg, keep),
+    })
+}
+
+/// The LM-head NLL backward `(dh, dw)`: from the kept logits tiles when given (overwritten
+/// with their gradient), else recomputing each tile.
+fn lm_nll_backward(
+    h: FlexTensor,
+    w: FlexTensor,
+    vocab_major: bool,
+    tg: FlexTensor,
+    lse: FlexTensor,
+    dnll: FlexTensor,
+    logits: Option<FlexTensor>,
+) -> Option<(FlexTensor, FlexTensor)> {
+    let sh = ce_shape(&h, &w, vocab_major)?;
+    let dt = h.dtype();
+    if !is_real(dt) || lse.dtype() != dt || dnll.dtype() != dt {
+        return None;
+    }
+    if let Some(l) = &logits {
+        if l.dtype() != dt || l.shape().num_elements() != sh.n * sh.v {
             return None;
         }
-        let tg = targets(tg, sh.n, sh.v)?;
-        fn run<E: Real + burn::tensor::Element + bytemuck::Pod>(
-            sh: CeShape,
-            [h, w, lse, g]: [FlexTensor; 4],
-            tg: &[usize],
-        ) -> (FlexTensor, FlexTensor) {
-            let [h, w, lse, g] = [h, w, lse, g].map(contiguous);
-            let mut dh = vec![E::ZERO; sh.n * sh.d];
-            let mut dw = vec![E::ZERO; sh.v * sh.d];
-            ce_cpu::backward(
-                sh,
-                slice(&h),
-                slice(&w),
-                tg,
-                slice(&lse),
-                slice(&g),
-                &mut dh,
-                &mut dw,
-            );
-            let wshape = if sh.vocab_major {
-                vec![sh.v, sh.d]
-            } else {
-                vec![sh.d, sh.v]
-            };
-            (make(dh, vec![sh.n, sh.d]), make(dw, wshape))
-        }
-        Some(match h.dtype() {
-            DType::F32 => run::<f32>(sh, [h, w, lse, dnll], &tg),
-            _ => run::<f64>(sh, [h, w, lse, dnll], &tg),
-        })
     }
+    let tg = targets(tg, sh.n, sh.v)?;
+    fn run<E: Real + burn::tensor::Element + bytemuck::Pod>(
+        sh: CeShape,
+        [h, w, lse, g]: [FlexTensor; 4],
+        logits: Option<FlexTensor>,
+        tg: &[usize],
+    ) -> (FlexTensor, FlexTensor) {
+        let [h, w, lse, g] = [h, w, lse, g].map(contiguous);
+        let (h, w, lse, g) = (slice(&h), slice(&w), slice(&lse), slice(&g));
+        let mut dh = vec![E::ZERO; sh.n * sh.d];
+        let mut dw = vec![E::ZERO; sh.v * sh.d];
+        match logits {
+            Some(logits) => {
+                // The backward owns the kept logits: overwrite them with their gradient
+                // (copied only if something else still holds them).
+                let mut logits = contiguous(logits);
+                let logits = &mut logits.storage_mut::<E>()[..sh.n * sh.v];
+                ce_cpu::backward_kept(sh, h, w, tg, lse, g, logits, &mut dh, &mut dw);
+            }
+            None => ce_cpu::backward(sh, h, w, tg, lse, g, &mut dh, &mut dw),
+        }
+        let wshape = if sh.vocab_major {
+            vec![sh.v, sh.d]
+        } else {
+            vec![sh.d, sh.v]
+        };
+        (make(dh, vec![sh.n, sh.d]), make(dw, wshape))
+    }
+    Some(match dt {
+        DType::F32 => run::<f32>(sh, [h, w, lse, dnll], logits, &tg),
+        _ => run::<f64>(sh, [h, w, lse, dnll], logits, &tg),
+    })
 }
