@@ -96,8 +96,13 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    // 2^k through the exponent bits; k is in [-126, 128] after the clamp.
-    let ki = k as i32;
+    // 2^k through the exponent bits; k is in [-126, 128] after the clamp, or NaN (a NaN input
+    // passes `clamp`), replaced by 0 here: the result is then overridden below. With NaN ruled
+    // out the unchecked conversion is sound, and unlike `as i32` (saturating, NaN to 0) it
+    // vectorises to one `vcvttps2dq` instead of a scalar convert-and-fix-up per lane.
+    let kf = if k.is_nan() { 0.0 } else { k };
+    // SAFETY: `kf` is finite and within [-126, 128].
+    let ki: i32 = unsafe { kf.to_int_unchecked() };
     let scale = f32::from_bits(((ki.clamp(-126, 127) + 127) as u32) << 23);
     let mut y = p * scale;
     if ki > 127 {
