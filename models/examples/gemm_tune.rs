@@ -33,7 +33,10 @@ fn main() {
     for &(m, k, n) in shapes {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32) * 0.01).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32) * 0.01).collect();
-        let mut c = vec![0f32; m * n];
+        // C on a 64-byte boundary, as the model's buffers are (mimalloc): streaming stores need it.
+        let mut c_buf = vec![0f32; m * n + 16];
+        let off = c_buf.as_ptr().align_offset(64);
+        let c = unsafe { c_buf.as_mut_ptr().add(off) };
         // forward: A row-major [m,k], B row-major [k,n]; "nt": B given as [n,k] (transposed view)
         // "tn": A given as [k,m] (weight-gradient layout).
         for (name, am, bm) in [
@@ -41,27 +44,13 @@ fn main() {
             ("nt", Mat::rows(a.as_ptr(), k), Mat::rows(b.as_ptr(), k).t()),
             ("tn", Mat::rows(a.as_ptr(), m).t(), Mat::rows(b.as_ptr(), n)),
         ] {
-            let run = |c: &mut Vec<f32>| unsafe {
-                gemm(
-                    m,
-                    n,
-                    k,
-                    1.0f32,
-                    am,
-                    bm,
-                    c.as_mut_ptr(),
-                    n as isize,
-                    1,
-                    false,
-                    true,
-                )
-            };
-            run(&mut c);
+            let run = || unsafe { gemm(m, n, k, 1.0f32, am, bm, c, n as isize, 1, false, true) };
+            run();
             let iters = (1e10 / (2.0 * (m * n * k) as f64)).clamp(5.0, 400.0) as usize;
             let mut ts: Vec<f64> = (0..iters)
                 .map(|_| {
                     let t = Instant::now();
-                    run(&mut c);
+                    run();
                     t.elapsed().as_secs_f64()
                 })
                 .collect();

@@ -205,6 +205,28 @@ fn blocking(kern: &Kernel, k: usize) -> Blocking {
     }
 }
 
+/// Outputs of at least this many bytes, written once, use streaming stores
+/// (`SHEARS_GEMM_NT_MIN` overrides it, for tuning).
+fn nt_min_bytes() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("SHEARS_GEMM_NT_MIN")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(4 << 20)
+    })
+}
+
+/// Whether a GEMM writes C with streaming stores: C is written once (one `KC` block, nothing
+/// to accumulate), is large, and its rows start on 64-byte boundaries.
+fn streams(m: usize, n: usize, kblocks: usize, c: *mut f32, ldc: isize, accumulate: bool) -> bool {
+    !accumulate
+        && kblocks == 1
+        && m * n * 4 >= nt_min_bytes()
+        && (c as usize).is_multiple_of(64)
+        && (ldc * 4) % 64 == 0
+}
+
 /// One micro-kernel: `C[MR×NR] (row stride ldc) (+)= Ap · Bp` over `kc`.
 type MicroKernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, bool);
 
@@ -217,6 +239,8 @@ struct Kernel {
     /// `NC / nr`.
     nc_panels: usize,
     run: MicroKernel,
+    /// The same kernel writing C with non-temporal stores where it does not accumulate.
+    run_nt: MicroKernel,
 }
 
 fn kernel(isa: Isa) -> Kernel {
@@ -229,6 +253,7 @@ fn kernel(isa: Isa) -> Kernel {
             mc_panels: 12,
             nc_panels: 16,
             run: x86::kernel_12x32,
+            run_nt: x86::kernel_12x32_nt,
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => Kernel {
@@ -238,6 +263,7 @@ fn kernel(isa: Isa) -> Kernel {
             mc_panels: 24,
             nc_panels: 32,
             run: x86::kernel_6x16,
+            run_nt: x86::kernel_6x16,
         },
         _ => unreachable!("sgemm is only called with a vector ISA"),
     }
@@ -307,6 +333,10 @@ unsafe fn sgemm(
     let group_panels = mpanels.div_ceil(nrows);
     nrows = mpanels.div_ceil(group_panels);
 
+    // C written once (one `KC` block, nothing to accumulate) and large: bypass the caches.
+    // Regular stores would first read every line of C (write-allocate) and then evict it
+    // again; the rows must be 64-byte aligned for streaming stores.
+    let stream = streams(m, n, kblocks, c, ldc, accumulate);
     // Packed A: block `pb` of panel `ip` at `(pb·mpanels + ip)·mr·KC`.
     let kstride = mpanels * mr * kc_max;
     with_buffer(&APACK, kblocks * kstride, |apack| {
@@ -366,10 +396,16 @@ unsafe fn sgemm(
                             out.0.offset(i0 as isize * ldc + j0 as isize),
                             ldc,
                             accumulate || pb > 0,
+                            stream,
                         );
                     }
                 }
             });
+            if stream {
+                // Streaming stores are weakly ordered: make them visible before the task ends.
+                #[cfg(target_arch = "x86_64")]
+                std::arch::x86_64::_mm_sfence();
+            }
         };
         let tasks = nrows * ncols;
         if threads > 1 && tasks > 1 {
@@ -393,8 +429,10 @@ unsafe fn macro_block(
     c: *mut f32,
     ldc: isize,
     acc: bool,
+    stream: bool,
 ) {
     let (mr, nr) = (kern.mr, kern.nr);
+    let run = if stream { kern.run_nt } else { kern.run };
     let mut tile = [0f32; 12 * 32];
     for (jp, j0) in (0..n).step_by(nr).enumerate() {
         let nrr = nr.min(n - j0);
@@ -404,7 +442,7 @@ unsafe fn macro_block(
             let ap = apack.as_ptr().add(ip * a_panel_stride);
             let cp = c.offset(ii as isize * ldc + j0 as isize);
             if mrr == mr && nrr == nr {
-                (kern.run)(kc, ap, bp, cp, ldc as usize, acc);
+                run(kc, ap, bp, cp, ldc as usize, acc);
             } else {
                 (kern.run)(kc, ap, bp, tile.as_mut_ptr(), nr, false);
                 for i in 0..mrr {
@@ -606,6 +644,30 @@ mod x86 {
         ldc: usize,
         accumulate: bool,
     ) {
+        kernel_12x32_impl::<false>(kc, a, b, c, ldc, accumulate)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel_12x32_nt(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        kernel_12x32_impl::<true>(kc, a, b, c, ldc, accumulate)
+    }
+
+    #[inline(always)]
+    unsafe fn kernel_12x32_impl<const NT: bool>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
         // Named accumulators (not an array) so they stay in registers.
         let mut c0a = _mm512_setzero_ps();
         let mut c0b = _mm512_setzero_ps();
@@ -677,27 +739,32 @@ mod x86 {
             bp = bp.add(32);
         }
         #[inline(always)]
-        unsafe fn store(p: *mut f32, x0: __m512, x1: __m512, accumulate: bool) {
+        unsafe fn store<const NT: bool>(p: *mut f32, x0: __m512, x1: __m512, accumulate: bool) {
             let (mut x0, mut x1) = (x0, x1);
             if accumulate {
                 x0 = _mm512_add_ps(_mm512_loadu_ps(p), x0);
                 x1 = _mm512_add_ps(_mm512_loadu_ps(p.add(16)), x1);
             }
-            _mm512_storeu_ps(p, x0);
-            _mm512_storeu_ps(p.add(16), x1);
+            if NT && !accumulate && (p as usize).is_multiple_of(64) {
+                _mm512_stream_ps(p, x0);
+                _mm512_stream_ps(p.add(16), x1);
+            } else {
+                _mm512_storeu_ps(p, x0);
+                _mm512_storeu_ps(p.add(16), x1);
+            }
         }
-        store(c.add(0 * ldc), c0a, c0b, accumulate);
-        store(c.add(1 * ldc), c1a, c1b, accumulate);
-        store(c.add(2 * ldc), c2a, c2b, accumulate);
-        store(c.add(3 * ldc), c3a, c3b, accumulate);
-        store(c.add(4 * ldc), c4a, c4b, accumulate);
-        store(c.add(5 * ldc), c5a, c5b, accumulate);
-        store(c.add(6 * ldc), c6a, c6b, accumulate);
-        store(c.add(7 * ldc), c7a, c7b, accumulate);
-        store(c.add(8 * ldc), c8a, c8b, accumulate);
-        store(c.add(9 * ldc), c9a, c9b, accumulate);
-        store(c.add(10 * ldc), c10a, c10b, accumulate);
-        store(c.add(11 * ldc), c11a, c11b, accumulate);
+        store::<NT>(c.add(0 * ldc), c0a, c0b, accumulate);
+        store::<NT>(c.add(1 * ldc), c1a, c1b, accumulate);
+        store::<NT>(c.add(2 * ldc), c2a, c2b, accumulate);
+        store::<NT>(c.add(3 * ldc), c3a, c3b, accumulate);
+        store::<NT>(c.add(4 * ldc), c4a, c4b, accumulate);
+        store::<NT>(c.add(5 * ldc), c5a, c5b, accumulate);
+        store::<NT>(c.add(6 * ldc), c6a, c6b, accumulate);
+        store::<NT>(c.add(7 * ldc), c7a, c7b, accumulate);
+        store::<NT>(c.add(8 * ldc), c8a, c8b, accumulate);
+        store::<NT>(c.add(9 * ldc), c9a, c9b, accumulate);
+        store::<NT>(c.add(10 * ldc), c10a, c10b, accumulate);
+        store::<NT>(c.add(11 * ldc), c11a, c11b, accumulate);
     }
 
     /// 6 × 16 tile: two ymm of B and 6 broadcasts of A per k step, 12 accumulators.
@@ -844,6 +911,49 @@ mod tests {
         }
     }
 
+    /// Outputs large enough for streaming stores (full and partial tiles, one thread and
+    /// two), and the same output one float off the 64-byte boundary (regular stores).
+    #[test]
+    fn streaming_stores_match_naive() {
+        if Isa::detect() == Isa::Baseline {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(11);
+        let (m, n, k) = (1030, 1056, 40);
+        let a: Vec<f32> = (0..m * k).map(|_| rng.random::<f32>() - 0.5).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.random::<f32>() - 0.5).collect();
+        let want = naive(m, n, k, &a, k, 1, &b, n, 1);
+        let mut buf = vec![f32::NAN; m * n + 32];
+        let base = buf.as_ptr().align_offset(64);
+        for (skew, par) in [(0, false), (0, true), (1, true)] {
+            buf.fill(f32::NAN);
+            let c = unsafe { buf.as_mut_ptr().add(base + skew) };
+            assert_eq!(streams(m, n, 1, c, n as isize, false), skew == 0);
+            unsafe {
+                sgemm_with(
+                    Isa::detect(),
+                    m,
+                    n,
+                    k,
+                    1.0,
+                    Mat::rows(a.as_ptr(), k),
+                    Mat::rows(b.as_ptr(), n),
+                    c,
+                    n as isize,
+                    false,
+                    par,
+                )
+            };
+            let got = &buf[base + skew..base + skew + m * n];
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
+                    "skew {skew} par {par} at {i}: {g} vs {w}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn every_kernel_layout_and_edge_matches_naive() {
         let mut rng = StdRng::seed_from_u64(5);
@@ -934,6 +1044,148 @@ mod tests {
                         assert!((c[j * m + i] as f64 - w).abs() < 1e-4 * (1.0 + w.abs()));
                     }
                 }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod kbench {
+    use std::time::Instant;
+
+    #[test]
+    #[ignore]
+    fn kernel_rates() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let kc = 256;
+        let mpan = 12;
+        let npan = 16;
+        let a: Vec<f32> = (0..mpan * 12 * kc).map(|i| (i % 7) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..npan * 32 * kc).map(|i| (i % 5) as f32 * 0.1).collect();
+        let mut c = vec![0f32; 2048 * 512];
+        let flops = |calls: usize| (calls * 12 * 32 * kc * 2) as f64;
+        #[target_feature(enable = "avx512f")]
+        unsafe fn peak(n: usize) -> f32 {
+            use std::arch::x86_64::*;
+            let mut acc = [_mm512_set1_ps(0.0); 24];
+            let x = _mm512_set1_ps(1.000_001);
+            let y = _mm512_set1_ps(0.999_999);
+            for _ in 0..n {
+                for a in acc.iter_mut() {
+                    *a = _mm512_fmadd_ps(*a, x, y);
+                }
+            }
+            let mut s = _mm512_setzero_ps();
+            for a in acc {
+                s = _mm512_add_ps(s, a);
+            }
+            _mm512_reduce_add_ps(s)
+        }
+        let t = Instant::now();
+        let n = 20_000_000;
+        let r = unsafe { peak(n) };
+        println!(
+            "FMA peak: {:.1} GFLOP/s ({r})",
+            (n * 24 * 32) as f64 / t.elapsed().as_secs_f64() / 1e9
+        );
+        // 1: the same A and B panels each call, C the same tile (all L1).
+        for _ in 0..2 {
+            let t = Instant::now();
+            let calls = 200_000;
+            for _ in 0..calls {
+                unsafe {
+                    super::x86::kernel_12x32(kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), 32, false)
+                };
+            }
+            println!(
+                "L1 only: {:.1} GFLOP/s",
+                flops(calls) / t.elapsed().as_secs_f64() / 1e9
+            );
+            // 2: the macro-block sweep: B micro-panel fixed, A panels streamed, C tiles of a
+            // 144 x 512 block (ldc 512).
+            let t = Instant::now();
+            let reps = 1000;
+            for _ in 0..reps {
+                for jp in 0..npan {
+                    for ip in 0..mpan {
+                        unsafe {
+                            super::x86::kernel_12x32(
+                                kc,
+                                a.as_ptr().add(ip * 12 * kc),
+                                b.as_ptr().add(jp * 32 * kc),
+                                c.as_mut_ptr().add(ip * 12 * 512 + jp * 32),
+                                512,
+                                false,
+                            )
+                        };
+                    }
+                }
+            }
+            println!(
+                "sweep, C in L2: {:.1} GFLOP/s",
+                flops(reps * npan * mpan) / t.elapsed().as_secs_f64() / 1e9
+            );
+            // 3: same sweep, C in a 2048-row, 4 MB area (tiles move through memory).
+            let t = Instant::now();
+            let mut calls = 0;
+            for r in 0..100 {
+                let rows0 = (r * 144) % (2048 - 144);
+                for jp in 0..npan {
+                    for ip in 0..mpan {
+                        unsafe {
+                            super::x86::kernel_12x32(
+                                kc,
+                                a.as_ptr().add(ip * 12 * kc),
+                                b.as_ptr().add(jp * 32 * kc),
+                                c.as_mut_ptr().add((rows0 + ip * 12) * 512 + jp * 32),
+                                512,
+                                false,
+                            )
+                        };
+                        calls += 1;
+                    }
+                }
+            }
+            println!(
+                "sweep, C streamed: {:.1} GFLOP/s",
+                flops(calls) / t.elapsed().as_secs_f64() / 1e9
+            );
+            for (name, kern) in [
+                ("storeu", super::x86::kernel_12x32 as super::MicroKernel),
+                ("stream", super::x86::kernel_12x32_nt),
+            ] {
+                let mut big_buf = vec![1f32; 2048 * 8192 + 16];
+                let off = big_buf.as_ptr().align_offset(64);
+                let big = &mut big_buf[off..];
+                let t = Instant::now();
+                let mut calls = 0;
+                for ib in 0..2048 / 144 {
+                    for jc in 0..16 {
+                        for jp in 0..npan {
+                            for ip in 0..mpan {
+                                unsafe {
+                                    kern(
+                                        kc,
+                                        a.as_ptr().add(ip * 12 * kc),
+                                        b.as_ptr().add(jp * 32 * kc),
+                                        big.as_mut_ptr()
+                                            .add((ib * 144 + ip * 12) * 8192 + jc * 512 + jp * 32),
+                                        8192,
+                                        false,
+                                    )
+                                };
+                                calls += 1;
+                            }
+                        }
+                    }
+                }
+                println!(
+                    "64 MB C, {name}: {:.1} GFLOP/s (aligned {})",
+                    flops(calls) / t.elapsed().as_secs_f64() / 1e9,
+                    (big.as_ptr() as usize).is_multiple_of(64)
+                );
             }
         }
     }
