@@ -112,7 +112,7 @@ impl<B: ShearsOps> SimpleOptimizer<B> for ShearsAdamW {
             weight_decay: s.weight_decay,
             time,
         };
-        let prim = |t: &Tensor<B, D>| t.clone().into_primitive().tensor();
+        let prim = |t: Tensor<B, D>| t.into_primitive().tensor();
         if let Some(narrow) = self.state_dtype {
             // Widen the stored moments, step in f32, store them narrowed again.
             let wide = ShearsAdamW {
@@ -132,40 +132,37 @@ impl<B: ShearsOps> SimpleOptimizer<B> for ShearsAdamW {
             });
             return (p, st);
         }
-        let fused = shears_models::ops::fused_enabled()
-            .then(|| {
-                B::adamw_kernel(
-                    prim(&tensor),
-                    prim(&grad),
-                    state
-                        .as_ref()
-                        .map(|st| (prim(&st.momentum.moment_1), prim(&st.momentum.moment_2))),
-                    step,
-                )
-            })
-            .flatten();
         let wrap = |p| Tensor::<B, D>::from_primitive(TensorPrimitive::Float(p));
-        if let Some((p, m, v)) = fused {
-            let momentum = AdaptiveMomentumState {
-                time,
-                moment_1: wrap(m),
-                moment_2: wrap(v),
-                max_moment_2: None,
-            };
-            return (wrap(p), Some(AdamWState { momentum }));
-        }
+        let moments = state.map(|st| (st.momentum.moment_1, st.momentum.moment_2));
+        // The tensors move into the kernel (no clone held here), so buffers nobody else holds
+        // are updated in place; a backend without the kernel hands them back.
+        let (tensor, grad, moments) = if shears_models::ops::fused_enabled() {
+            match B::adamw_kernel(
+                prim(tensor),
+                prim(grad),
+                moments.map(|(m, v)| (prim(m), prim(v))),
+                step,
+            ) {
+                Ok((p, m, v)) => {
+                    let momentum = AdaptiveMomentumState {
+                        time,
+                        moment_1: wrap(m),
+                        moment_2: wrap(v),
+                        max_moment_2: None,
+                    };
+                    return (wrap(p), Some(AdamWState { momentum }));
+                }
+                Err((p, g, mv)) => (wrap(p), wrap(g), mv.map(|(m, v)| (wrap(m), wrap(v)))),
+            }
+        } else {
+            (tensor, grad, moments)
+        };
         // The composition, exactly burn's AdamW (burn-optim 0.21 `adamw.rs`).
         let (f1, f2) = (1.0 - s.beta1, 1.0 - s.beta2);
-        let (m, v) = match state {
-            Some(st) => (
-                st.momentum
-                    .moment_1
-                    .mul_scalar(s.beta1)
-                    .add(grad.clone().mul_scalar(f1)),
-                st.momentum
-                    .moment_2
-                    .mul_scalar(s.beta2)
-                    .add(grad.square().mul_scalar(f2)),
+        let (m, v) = match moments {
+            Some((m, v)) => (
+                m.mul_scalar(s.beta1).add(grad.clone().mul_scalar(f1)),
+                v.mul_scalar(s.beta2).add(grad.square().mul_scalar(f2)),
             ),
             None => (grad.clone().mul_scalar(f1), grad.square().mul_scalar(f2)),
         };
@@ -237,7 +234,7 @@ mod tests {
             weight_decay: 0.0,
             time: 1,
         };
-        assert!(Flex::adamw_kernel(prim(&t), prim(&t), None, step).is_some());
+        assert!(Flex::adamw_kernel(prim(&t), prim(&t), None, step).is_ok());
         for wd in [0.0f32, 0.1] {
             let settings = AdamWSettings {
                 lr: 3e-3,

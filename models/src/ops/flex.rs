@@ -13,7 +13,7 @@ use super::attention_cpu::{self, AttnShape};
 use super::ce_cpu::{self, CeShape};
 use super::gemm::{gemm, Mat};
 use super::simd::{with_isa, Real};
-use super::{AdamWStep, ShearsOps};
+use super::{AdamWInput, AdamWOutput, AdamWStep, ShearsOps};
 
 /// A contiguous copy (free when already contiguous) and its elements.
 fn contiguous(t: FlexTensor) -> FlexTensor {
@@ -575,7 +575,7 @@ impl ShearsOps for Flex {
         grad: FlexTensor,
         moments: Option<(FlexTensor, FlexTensor)>,
         st: AdamWStep,
-    ) -> Option<(FlexTensor, FlexTensor, FlexTensor)> {
+    ) -> Result<AdamWOutput<Self>, AdamWInput<Self>> {
         use rayon::prelude::*;
         let shape = param.shape();
         let all_f32 = param.dtype() == DType::F32
@@ -588,7 +588,7 @@ impl ShearsOps for Flex {
                 .as_ref()
                 .is_none_or(|(m, v)| m.shape() == shape && v.shape() == shape);
         if !all_f32 || !same || st.time == 0 {
-            return None;
+            return Err((param, grad, moments));
         }
         let n = shape.num_elements();
         let first = moments.is_none();
@@ -634,7 +634,7 @@ impl ShearsOps for Flex {
                     })
                 });
         }
-        Some((p, m, v))
+        Ok((p, m, v))
     }
 
     fn matmul_kernel(lhs: FlexTensor, rhs: FlexTensor) -> Option<FlexTensor> {

@@ -210,14 +210,16 @@ pub trait ShearsOps: Backend {
 
     /// One AdamW step in place where the buffers allow: `(param, m, v)` after the step, from
     /// the parameter, its gradient and the moments (`None` on the first step). Bit-identical
-    /// to burn's AdamW in f32. `None` where there is no kernel (then the composition runs).
+    /// to burn's AdamW in f32. Where there is no kernel it hands its inputs back untouched
+    /// (`Err`), and the caller runs the composition. The inputs are taken by value so that
+    /// buffers nobody else holds are updated in place instead of copied.
     fn adamw_kernel(
-        _param: FloatTensor<Self>,
-        _grad: FloatTensor<Self>,
-        _moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
         _step: AdamWStep,
-    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>)> {
-        None
+    ) -> Result<AdamWOutput<Self>, AdamWInput<Self>> {
+        Err((param, grad, moments))
     }
 
     /// Rotary position embedding of `x [b, t, heads, hd]` with the signed tables `cos, sin
@@ -295,6 +297,16 @@ pub trait ShearsOps: Backend {
         None
     }
 }
+
+/// `(param, m, v)` after an AdamW step.
+pub type AdamWOutput<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+/// `(param, grad, moments)` handed back by a backend without an AdamW kernel.
+pub type AdamWInput<B> = (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    Option<(FloatTensor<B>, FloatTensor<B>)>,
+);
 
 /// Scalars of one AdamW step (burn's formula: decoupled weight decay `p·(1 - lr·wd)`, moments
 /// `m = β1·m + (1-β1)·g`, `v = β2·v + (1-β2)·g²`, bias corrections by `1 - β^t`, update
