@@ -323,15 +323,20 @@ unsafe fn sgemm(
     let npanels = n.div_ceil(nr);
     let kblocks = k.div_ceil(kc_max);
     // Task grid: column chunks first (B is then packed once), row groups only when the
-    // columns alone cannot feed every thread twice.
+    // columns alone cannot feed every thread twice. Panels are spread evenly (chunks differ by
+    // at most one panel) over a multiple of the thread count, so every thread gets the same
+    // share: 18 panels as 5 + 5 + 5 + 3 left one of two threads idle for a sixth of the time.
     let want = if threads > 1 { 2 * threads } else { 1 };
     let max_chunk = blk.nc / nr;
     let mut ncols = npanels.div_ceil(max_chunk).max(want.min(npanels));
+    if threads > 1 && ncols > threads {
+        ncols = ncols.next_multiple_of(threads).min(npanels);
+    }
+    let nrows = want.div_ceil(ncols).min(mpanels);
+    // First panel of column chunk `c` / row group `g` (`c = ncols`, `g = nrows`: the end).
+    let col = |c: usize| c * npanels / ncols;
+    let row = |g: usize| g * mpanels / nrows;
     let chunk_panels = npanels.div_ceil(ncols);
-    ncols = npanels.div_ceil(chunk_panels);
-    let mut nrows = want.div_ceil(ncols).min(mpanels);
-    let group_panels = mpanels.div_ceil(nrows);
-    nrows = mpanels.div_ceil(group_panels);
 
     // C written once (one `KC` block, nothing to accumulate) and large: bypass the caches.
     // Regular stores would first read every line of C (write-allocate) and then evict it
@@ -371,10 +376,9 @@ unsafe fn sgemm(
         let task = |t: usize| {
             let out = out;
             let (rg, cg) = (t / ncols, t % ncols);
-            let j0 = cg * chunk_panels * nr;
-            let ncur = (chunk_panels * nr).min(n - j0);
-            let r0 = rg * group_panels;
-            let r1 = (r0 + group_panels).min(mpanels);
+            let j0 = col(cg) * nr;
+            let ncur = ((col(cg + 1) - col(cg)) * nr).min(n - j0);
+            let (r0, r1) = (row(rg), row(rg + 1));
             with_buffer(&BPACK, chunk_panels * nr * kc_max, |bpack| {
                 for pb in 0..kblocks {
                     let p0 = pb * kc_max;
