@@ -1053,6 +1053,10 @@ mod tests {
     }
 }
 
+/// Rates of the AVX-512 micro-kernel alone, where the data sits: the core's FMA peak, the kernel
+/// with everything in L1, the macro-block sweep (C in L2, then moving through memory), and
+/// C in a 64 MB area with regular and with streaming stores. A benchmark, not a check:
+/// `cargo test --release -p shears-models --lib kbench -- --ignored --nocapture`.
 #[cfg(all(test, target_arch = "x86_64"))]
 mod kbench {
     use std::time::Instant;
