@@ -338,9 +338,7 @@ unsafe fn sgemm(
     let row = |g: usize| g * mpanels / nrows;
     let chunk_panels = npanels.div_ceil(ncols);
 
-    // C written once (one `KC` block, nothing to accumulate) and large: bypass the caches.
-    // Regular stores would first read every line of C (write-allocate) and then evict it
-    // again; the rows must be 64-byte aligned for streaming stores.
+    // Regular stores would first read every line of C (write-allocate) and then evict it.
     let stream = streams(m, n, kblocks, c, ldc, accumulate);
     // Packed A: block `pb` of panel `ip` at `(pb·mpanels + ip)·mr·KC`.
     let kstride = mpanels * mr * kc_max;
@@ -1111,66 +1109,12 @@ mod kbench {
                 "L1 only: {:.1} GFLOP/s",
                 flops(calls) / t.elapsed().as_secs_f64() / 1e9
             );
-            // 2: the macro-block sweep: B micro-panel fixed, A panels streamed, C tiles of a
-            // 144 x 512 block (ldc 512).
-            let t = Instant::now();
-            let reps = 1000;
-            for _ in 0..reps {
-                for jp in 0..npan {
-                    for ip in 0..mpan {
-                        unsafe {
-                            super::x86::kernel_12x32(
-                                kc,
-                                a.as_ptr().add(ip * 12 * kc),
-                                b.as_ptr().add(jp * 32 * kc),
-                                c.as_mut_ptr().add(ip * 12 * 512 + jp * 32),
-                                512,
-                                false,
-                            )
-                        };
-                    }
-                }
-            }
-            println!(
-                "sweep, C in L2: {:.1} GFLOP/s",
-                flops(reps * npan * mpan) / t.elapsed().as_secs_f64() / 1e9
-            );
-            // 3: same sweep, C in a 2048-row, 4 MB area (tiles move through memory).
-            let t = Instant::now();
-            let mut calls = 0;
-            for r in 0..100 {
-                let rows0 = (r * 144) % (2048 - 144);
-                for jp in 0..npan {
-                    for ip in 0..mpan {
-                        unsafe {
-                            super::x86::kernel_12x32(
-                                kc,
-                                a.as_ptr().add(ip * 12 * kc),
-                                b.as_ptr().add(jp * 32 * kc),
-                                c.as_mut_ptr().add((rows0 + ip * 12) * 512 + jp * 32),
-                                512,
-                                false,
-                            )
-                        };
-                        calls += 1;
-                    }
-                }
-            }
-            println!(
-                "sweep, C streamed: {:.1} GFLOP/s",
-                flops(calls) / t.elapsed().as_secs_f64() / 1e9
-            );
-            for (name, kern) in [
-                ("storeu", super::x86::kernel_12x32 as super::MicroKernel),
-                ("stream", super::x86::kernel_12x32_nt),
-            ] {
-                let mut big_buf = vec![1f32; 2048 * 8192 + 16];
-                let off = big_buf.as_ptr().align_offset(64);
-                let big = &mut big_buf[off..];
-                let t = Instant::now();
-                let mut calls = 0;
-                for ib in 0..2048 / 144 {
-                    for jc in 0..16 {
+            // 2: the macro-block sweep (B micro-panels outer, A panels inner, as `macro_block`
+            // runs them) over 144 x 512 blocks of C starting at the given (row, column).
+            let sweep =
+                |kern: super::MicroKernel, c: *mut f32, ldc: usize, blocks: &[(usize, usize)]| {
+                    let t = Instant::now();
+                    for &(r0, c0) in blocks {
                         for jp in 0..npan {
                             for ip in 0..mpan {
                                 unsafe {
@@ -1178,22 +1122,39 @@ mod kbench {
                                         kc,
                                         a.as_ptr().add(ip * 12 * kc),
                                         b.as_ptr().add(jp * 32 * kc),
-                                        big.as_mut_ptr()
-                                            .add((ib * 144 + ip * 12) * 8192 + jc * 512 + jp * 32),
-                                        8192,
+                                        c.add((r0 + ip * 12) * ldc + c0 + jp * 32),
+                                        ldc,
                                         false,
                                     )
                                 };
-                                calls += 1;
                             }
                         }
                     }
-                }
-                println!(
-                    "64 MB C, {name}: {:.1} GFLOP/s (aligned {})",
-                    flops(calls) / t.elapsed().as_secs_f64() / 1e9,
-                    (big.as_ptr() as usize).is_multiple_of(64)
-                );
+                    flops(blocks.len() * npan * mpan) / t.elapsed().as_secs_f64() / 1e9
+                };
+            let l2 = sweep(
+                super::x86::kernel_12x32,
+                c.as_mut_ptr(),
+                512,
+                &[(0, 0); 1000],
+            );
+            println!("sweep, C in L2: {l2:.1} GFLOP/s");
+            // 3: the same, the block moving through a 2048-row, 4 MB C.
+            let moving: Vec<_> = (0..100).map(|r| ((r * 144) % (2048 - 144), 0)).collect();
+            let rate = sweep(super::x86::kernel_12x32, c.as_mut_ptr(), 512, &moving);
+            println!("sweep, C streamed: {rate:.1} GFLOP/s");
+            // 4: every block of a 2048 x 8192 C (64 MB, 64-byte aligned), both store kinds.
+            let whole: Vec<_> = (0..2048 / 144)
+                .flat_map(|ib| (0..16).map(move |jc| (ib * 144, jc * 512)))
+                .collect();
+            for (name, kern) in [
+                ("storeu", super::x86::kernel_12x32 as super::MicroKernel),
+                ("stream", super::x86::kernel_12x32_nt),
+            ] {
+                let mut big = vec![1f32; 2048 * 8192 + 16];
+                let off = big.as_ptr().align_offset(64);
+                let rate = sweep(kern, big[off..].as_mut_ptr(), 8192, &whole);
+                println!("64 MB C, {name}: {rate:.1} GFLOP/s");
             }
         }
     }
