@@ -54,13 +54,22 @@ pub fn read_i64(path: &Path, name: &str) -> (Vec<usize>, Vec<i64>) {
     SafeTensorsFile::open(path).unwrap().read_i64(name).unwrap()
 }
 
-/// Largest absolute elementwise difference.
+/// Largest absolute elementwise difference (NaN when any difference is NaN).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+        .fold(0.0, nan_max)
+}
+
+/// `max` that keeps a NaN (`f32::max` drops it, so a NaN difference would read as agreement).
+fn nan_max(m: f32, d: f32) -> f32 {
+    if m.is_nan() || d.is_nan() {
+        f32::NAN
+    } else {
+        m.max(d)
+    }
 }
 
 /// `‖a − b‖ / ‖b‖` in f64.

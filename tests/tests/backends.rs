@@ -1,15 +1,18 @@
 //! Every compiled backend runs the same tiny models (GQA and MHA, tied and untied, uniform and
 //! non-uniform layers) and agrees with the ndarray reference: logits within 1e-4, and the loss
-//! and gradients of a training step too. With `--features wgpu` this covers wgpu (Mesa's
-//! software Vulkan in CI).
+//! and gradients of a training step too; and the pruning stage (sampled masks, the Lagrangian,
+//! gradients of all three parameter groups, an optimizer step of each) agrees the same way.
+//! With `--features wgpu` this covers wgpu (Mesa's software Vulkan in CI), whose cubecl ops are
+//! the ones the cuda backend runs; the device check runs it with `--features cuda` on a GPU.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use shears_core::model_files::check_weights;
 use shears_core::{DType, LayerShape, LlamaConfig, WeightMap};
 use shears_models::{dispatch, dispatch_autodiff, load, AutodiffTask, BackendKind, BackendTask};
+use shears_pruning::PruningModel;
 use shears_tests::{max_abs_diff, rel_l2};
-use shears_trainer::{AdamWSettings, LmStage, Stage};
+use shears_trainer::{AdamWSettings, LmStage, PruneRates, PruneStage, Stage};
 
 struct Case {
     name: &'static str,
@@ -117,10 +120,23 @@ impl AutodiffTask for Step<'_> {
     }
 }
 
+/// How close a backend must come to ndarray: (logits, absolute; loss, absolute; gradients,
+/// relative L2). The CPU backends and wgpu compute in f32 throughout (measured: logits within
+/// 7.5e-8, gradients within 4e-7 on wgpu); cuda's f32 matmuls may run as TF32 (cubecl switches
+/// f32 staging to tf32 on tensor-core devices, 10 mantissa bits, about 5e-4 relative per
+/// product), so its bounds are those of TF32 sums over these widths.
+fn bounds(kind: BackendKind) -> (f32, f64, f64) {
+    match kind {
+        BackendKind::Cuda => (5e-3, 5e-3, 2e-2),
+        _ => (1e-4, 1e-4, 1e-3),
+    }
+}
+
 #[test]
 fn every_backend_agrees_with_ndarray() {
     let compiled = BackendKind::compiled();
     eprintln!("compiled backends: {compiled:?}");
+    let mut failures = vec![];
     for case in cases() {
         let weights = load::random_weights_for(&case.config, &case.layers, 11);
         check_weights(&case.config, &weights, std::path::Path::new("<test>")).unwrap();
@@ -144,22 +160,36 @@ fn every_backend_agrees_with_ndarray() {
             let worst_grad = ref_grads
                 .iter()
                 .map(|(n, g)| rel_l2(&grads[n].to_f32_vec(), &g.to_f32_vec()))
-                .fold(0f64, f64::max);
+                .fold(0f64, |m, r| {
+                    if m.is_nan() || r.is_nan() {
+                        f64::NAN
+                    } else {
+                        m.max(r)
+                    }
+                });
             eprintln!("{:<22} {kind:<8} max|dlogit| {d:.2e}  |dloss| {:.2e}  worst grad rel {worst_grad:.2e}",
                 case.name, (loss - ref_loss).abs());
-            assert!(d <= 1e-4, "{} on {kind}: logits differ by {d}", case.name);
-            assert!(
-                (loss - ref_loss).abs() <= 1e-4,
-                "{} on {kind}: loss {loss} vs {ref_loss}",
-                case.name
-            );
-            assert!(
-                worst_grad <= 1e-3,
-                "{} on {kind}: gradients differ ({worst_grad})",
-                case.name
-            );
+            // Every case is measured and printed before any assertion, so a failing device run
+            // still reports all of them.
+            let (dl, dloss, dg) = bounds(kind);
+            if d.is_nan() || d > dl {
+                failures.push(format!("{} on {kind}: logits differ by {d}", case.name));
+            }
+            if (loss - ref_loss).is_nan() || f64::from((loss - ref_loss).abs()) > dloss {
+                failures.push(format!(
+                    "{} on {kind}: loss {loss} vs {ref_loss}",
+                    case.name
+                ));
+            }
+            if worst_grad.is_nan() || worst_grad > dg {
+                failures.push(format!(
+                    "{} on {kind}: gradients differ ({worst_grad})",
+                    case.name
+                ));
+            }
         }
     }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 #[test]
@@ -206,4 +236,107 @@ fn half_precision_runs_where_supported_and_is_refused_where_not() {
             "bf16 logits too far from f32: {d}"
         );
     }
+}
+
+/// Two pruning steps of the tiny GQA source (every module masked, the Lagrangian on from the
+/// first step): the losses and every gradient of step 1, the losses of step 2 (after the three
+/// optimizer groups stepped), and the `log_alpha`s and multipliers after it.
+struct PruneSteps;
+
+struct PruneOutput {
+    losses: [(f64, f64); 2],
+    grads: WeightMap,
+    after: Vec<(String, Vec<f32>)>,
+}
+
+impl AutodiffTask for PruneSteps {
+    type Output = PruneOutput;
+    fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> PruneOutput {
+        use shears_tests::prune::{batch_ids, source, spec};
+        let model = load::random_model::<B>(&source(), 3, &device).unwrap();
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+        let state = PruningModel::new(model, &spec(), &mut rng).unwrap();
+        let rates = PruneRates {
+            lagrangian_warmup_steps: 0,
+            ..Default::default()
+        };
+        let mut stage = PruneStage::from_state(state, rates);
+        let ids = batch_ids();
+        let micro = vec![ids[..1].to_vec(), ids[1..].to_vec()];
+        let mut losses = [(0.0, 0.0); 2];
+        let mut grads = WeightMap::new();
+        for (t, l) in losses.iter_mut().enumerate() {
+            let s = stage.backward(&micro, t, &[5 + t as u64, 9]);
+            *l = (s.lm, s.lagrangian.expect("the Lagrangian is on"));
+            if t == 0 {
+                grads = stage.gradients();
+            }
+            stage.apply(1.0);
+        }
+        let st = stage.state().valid();
+        let host = |t: Tensor<B::InnerBackend, 2>| load::host_of(t, DType::F32).to_f32_vec();
+        let mut after: Vec<(String, Vec<f32>)> = st
+            .masks
+            .log_alphas()
+            .into_iter()
+            .map(|(m, la)| (format!("log_alpha {}", m.name()), host(la)))
+            .collect();
+        for (m, [l1, l2]) in st.lagrangian.values() {
+            after.push((format!("lambda {}", m.name()), vec![l1, l2]));
+        }
+        PruneOutput {
+            losses,
+            grads,
+            after,
+        }
+    }
+}
+
+#[test]
+fn every_backend_prunes_like_ndarray() {
+    let reference = dispatch_autodiff(BackendKind::NdArray, PruneSteps).unwrap();
+    for group in ["model.", "masks.", "multipliers."] {
+        assert!(
+            reference.grads.keys().any(|k| k.starts_with(group)),
+            "no {group} gradients"
+        );
+    }
+    let mut failures = vec![];
+    for kind in BackendKind::compiled() {
+        let got = dispatch_autodiff(kind, PruneSteps).unwrap();
+        let (_, dloss, dg) = bounds(kind);
+        for (t, ((lm, lag), (ref_lm, ref_lag))) in
+            got.losses.iter().zip(&reference.losses).enumerate()
+        {
+            eprintln!("prune step {t} {kind:<8} lm {lm:.6} (ndarray {ref_lm:.6}) lagrangian {lag:.6e} (ndarray {ref_lag:.6e})");
+            if lm.is_nan() || (lm - ref_lm).abs() > dloss * ref_lm.abs().max(1.0) {
+                failures.push(format!("{kind} step {t}: lm {lm} vs {ref_lm}"));
+            }
+            if lag.is_nan() || (lag - ref_lag).abs() > dloss * ref_lag.abs().max(1e-3) {
+                failures.push(format!("{kind} step {t}: lagrangian {lag} vs {ref_lag}"));
+            }
+        }
+        assert_eq!(
+            got.grads.keys().collect::<Vec<_>>(),
+            reference.grads.keys().collect::<Vec<_>>(),
+            "{kind}: the same gradients"
+        );
+        let mut worst = 0f64;
+        for (name, g) in &reference.grads {
+            let r = rel_l2(&got.grads[name].to_f32_vec(), &g.to_f32_vec());
+            worst = worst.max(r);
+            if r.is_nan() || r > dg {
+                failures.push(format!("{kind}: gradient of {name} differs by {r:.2e}"));
+            }
+        }
+        for ((name, x), (_, y)) in got.after.iter().zip(&reference.after) {
+            let r = rel_l2(x, y);
+            worst = worst.max(r);
+            if r.is_nan() || r > dg {
+                failures.push(format!("{kind}: {name} after two steps differs by {r:.2e}"));
+            }
+        }
+        eprintln!("prune {kind:<8} worst relative difference (gradients, log_alphas, multipliers) {worst:.2e}");
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
