@@ -4,15 +4,20 @@
 #   bash scripts/gpu-check.sh bundle [--cpu] [--out DIR]
 #       Here, on the Rust machine: build `shears` and the two test binaries the check runs
 #       (`backends`, `compute_settings`) with --features cuda (CUDARC_CUDA_VERSION=13000, the
-#       GPU machine's driver), strip them, copy the device script and the random-model
-#       generator beside them, and check the folder fits the device tool's 64 MiB (xz-compressed
-#       into shears.xz etc. when it does not). --cpu builds the same bundle without cuda, for the
+#       GPU machine's driver), strip them, copy the device script, the random-model generator
+#       and the tiny-train fixture (shared/ does not travel) beside them, and check the folder
+#       fits what the device tool carries: 64 MiB less the working tree (xz-compressed into
+#       shears.xz etc. when it does not). --cpu builds the same bundle without cuda, for the
 #       dry run. Default DIR: gpu-bundle/ (git-ignored).
 #
-#   bash scripts/gpu-check.sh run [--bundle DIR] [--out FILE] [--dry-run]
-#       On the GPU machine (no Rust, no network; python3): unpack what is compressed and run
-#       gpu_check.py, which writes one JSON file (default gpu-check.json). --dry-run runs every
-#       step on the flex CPU backend with tiny shapes (what CI does).
+#   bash scripts/gpu-check.sh run [--bundle DIR] [--out FILE] [--dry-run] [--budget-s S]
+#                                 [--peak-tflops T]
+#       On the GPU machine (no Rust, no network; python3): unpack what is compressed (xz, or
+#       python3's lzma where there is no xz) and run gpu_check.py, which writes one JSON file
+#       (default $OUT/gpu-check.json when $OUT is set, as on the device machine, else
+#       gpu-check.json), rewritten after every step. --dry-run runs every step on the flex CPU
+#       backend with tiny shapes (what CI does). From this machine, with the device tool:
+#         run(command="bash gpu-bundle/gpu-check.sh run", carry=["gpu-bundle"], timeout_s=560)
 #
 #   bash scripts/gpu-check.sh --dry-run
 #       Both halves on this machine: a --cpu bundle, then `run --dry-run` from it.
@@ -76,6 +81,15 @@ for line in sys.stdin:
   cp scripts/gpu_check.py scripts/gpu-check.sh "$out/"
   cp "$ROOT/../shared/gpu/gen_random_llama.py" "$out/" 2>/dev/null \
     || die "../shared/gpu/gen_random_llama.py not found"
+  # The compute_settings tests read the tiny-train fixture; ../shared does not travel to the
+  # device, so the bundle carries it (gpu_check.py points SHEARS_SHARED at the bundle).
+  mkdir -p "$out/fixtures"
+  cp -r "$ROOT/../shared/fixtures/tiny-train" "$out/fixtures/" \
+    || die "../shared/fixtures/tiny-train not found"
+  # The device call carries the working tree too, within the same 64 MiB.
+  local tree
+  tree=$(git -C "$ROOT" ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+  LIMIT=$((LIMIT - tree))
   local size
   size=$(du -sb "$out" | cut -f1)
   if [ "$size" -gt "$LIMIT" ]; then
@@ -85,28 +99,37 @@ for line in sys.stdin:
     xz -3 -T0 "$out/shears" "$out/tests/"*
     size=$(du -sb "$out" | cut -f1)
   fi
-  [ "$size" -le "$LIMIT" ] || die "bundle is $size bytes, over the 64 MiB a device call carries"
-  echo "bundle: $out ($size bytes, limit $LIMIT)"
+  [ "$size" -le "$LIMIT" ] || die "bundle is $size bytes, over the $LIMIT bytes a device call carries beside the $tree-byte working tree"
+  echo "bundle: $out ($size bytes, limit $LIMIT: 64 MiB less the $tree-byte working tree)"
   ls -l "$out" "$out/tests"
 }
 
 run() {
-  local dir="$ROOT/gpu-bundle" out="gpu-check.json" dry=()
+  # On the device machine only what is written under $OUT comes back: default there.
+  local dir="$ROOT/gpu-bundle" out="${OUT:+$OUT/}gpu-check.json" extra=()
   while [ $# -gt 0 ]; do
     case "$1" in
       --bundle) dir="$2"; shift ;;
       --out) out="$2"; shift ;;
-      --dry-run) dry=(--dry-run) ;;
+      --dry-run) extra+=(--dry-run) ;;
+      --budget-s|--peak-tflops) extra+=("$1" "$2"); shift ;;
       *) die "run: unknown argument $1" ;;
     esac
     shift
   done
   [ -d "$dir" ] || die "no bundle at $dir (build one with: bash scripts/gpu-check.sh bundle)"
   for f in "$dir"/shears.xz "$dir"/tests/*.xz; do
-    [ -e "$f" ] && xz -dkf "$f"
+    [ -e "$f" ] || continue
+    if command -v xz >/dev/null; then
+      xz -dkf "$f"
+    else
+      python3 -c 'import lzma, shutil, sys
+with lzma.open(sys.argv[1]) as i, open(sys.argv[1][:-3], "wb") as o:
+    shutil.copyfileobj(i, o)' "$f"
+    fi
   done
   chmod +x "$dir/shears" "$dir/tests/"*
-  python3 "$dir/gpu_check.py" --bundle "$dir" --out "$out" "${dry[@]}"
+  python3 "$dir/gpu_check.py" --bundle "$dir" --out "$out" "${extra[@]}"
 }
 
 # Inside a bundle (the GPU machine) there is no Cargo.toml: only `run` makes sense there.
@@ -120,5 +143,5 @@ case "${1:-}" in
     bundle --cpu --out "$tmp/bundle"
     run --bundle "$tmp/bundle" --dry-run --out "${1:-gpu-check-dry-run.json}"
     ;;
-  *) die "usage: gpu-check.sh bundle [--cpu] [--out DIR] | run [--bundle DIR] [--out FILE] [--dry-run] | --dry-run [OUT.json]" ;;
+  *) die "usage: gpu-check.sh bundle [--cpu] [--out DIR] | run [--bundle DIR] [--out FILE] [--dry-run] [--budget-s S] [--peak-tflops T] | --dry-run [OUT.json]" ;;
 esac
