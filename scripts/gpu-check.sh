@@ -4,10 +4,10 @@
 #   bash scripts/gpu-check.sh bundle [--cpu] [--out DIR]
 #       Here, on the Rust machine: build `shears` and the two test binaries the check runs
 #       (`backends`, `compute_settings`) with --features cuda (CUDARC_CUDA_VERSION=13000, the
-#       GPU machine's driver), strip them, copy the device script, the random-model generator
-#       and the tiny-train fixture (shared/ does not travel) beside them, and check the folder
-#       fits what the device tool carries: 64 MiB less the working tree (xz-compressed into
-#       shears.xz etc. when it does not). --cpu builds the same bundle without cuda, for the
+#       GPU machine's driver), strip them, copy the device script, cubecl.toml (the kernel
+#       cache), the random-model generator and the tiny-train fixture (shared/ does not travel)
+#       beside them, and check the folder fits what the device tool carries: 64 MiB less the
+#       working tree (xz-compressed into shears.xz etc. when it does not). --cpu builds the same bundle without cuda, for the
 #       dry run. Default DIR: gpu-bundle/ (git-ignored).
 #
 #   bash scripts/gpu-check.sh run [--bundle DIR] [--out FILE] [--dry-run] [--budget-s S]
@@ -78,7 +78,7 @@ for line in sys.stdin:
     cp "$exe" "$out/tests/$t"
   done
   strip "$out/shears" "$out/tests/"*
-  cp scripts/gpu_check.py scripts/gpu-check.sh "$out/"
+  cp scripts/gpu_check.py scripts/gpu-check.sh scripts/cubecl.toml "$out/"
   cp "$ROOT/../shared/gpu/gen_random_llama.py" "$out/" 2>/dev/null \
     || die "../shared/gpu/gen_random_llama.py not found"
   # The compute_settings tests read the tiny-train fixture; ../shared does not travel to the

@@ -81,7 +81,7 @@ class Check:
         t0 = time.time()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                               env=env or self.env)
+                               env=env or self.env, cwd=self.a.bundle)
             rc, out, err = p.returncode, p.stdout, p.stderr
         except subprocess.TimeoutExpired as e:
             rc, out, err = "timeout", e.stdout or "", e.stderr or ""
@@ -109,6 +109,7 @@ def probe(c):
     c.env["SHEARS_SHARED"] = os.path.abspath(c.a.bundle)
     info["fixtures"] = sorted(os.listdir(c.bin("fixtures"))) if os.path.isdir(c.bin("fixtures")) \
         else "missing"
+    info["cubecl_toml"] = os.path.isfile(c.bin("cubecl.toml"))
     if info["fixtures"] == "missing":
         c.result["failures"].append("probe: the bundle has no fixtures/ (the compute_settings tests need tiny-train)")
     smi = shutil.which("nvidia-smi")
@@ -272,7 +273,7 @@ def speed_and_memory(c, tmp):
         with MemorySampler() as m:
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, env=c.env,
-                                   timeout=max(5, min(150, c.left())))
+                                   timeout=max(5, min(150, c.left())), cwd=c.a.bundle)
             except subprocess.TimeoutExpired as e:
                 p = subprocess.CompletedProcess(cmd, "timeout", e.stdout or "", e.stderr or "")
         rc, out, err = p.returncode, p.stdout, p.stderr
@@ -351,6 +352,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     a = ap.parse_args()
+    # Every step runs in the bundle, where cubecl finds its cubecl.toml (the kernel cache).
+    a.bundle, a.out = os.path.abspath(a.bundle), os.path.abspath(a.out)
     c = Check(a)
     c.backend = "flex" if a.dry_run else "cuda"
     c.result["backend"] = c.backend

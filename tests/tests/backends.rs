@@ -340,3 +340,20 @@ fn every_backend_prunes_like_ndarray() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// The device check's `scripts/cubecl.toml` parses as cubecl's configuration (a malformed one
+/// panics every cuda process there) and turns the kernel cache on.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+#[test]
+fn the_device_checks_cubecl_config_parses() {
+    use burn_cubecl::cubecl::config::{cache::CacheConfig, CubeClRuntimeConfig};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/cubecl.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let config: CubeClRuntimeConfig = toml::from_str(&text).unwrap();
+    assert!(
+        matches!(config.compilation.cache, Some(CacheConfig::Local)),
+        "{}: {:?}",
+        path.display(),
+        config.compilation.cache
+    );
+}
