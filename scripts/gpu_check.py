@@ -44,6 +44,13 @@ import threading
 import time
 
 
+def text(output):
+    """A child's captured output as str (a timeout hands back bytes, or None)."""
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
+
+
 class Check:
     def __init__(self, a):
         self.a = a
@@ -84,9 +91,7 @@ class Check:
                                env=env or self.env, cwd=self.a.bundle)
             rc, out, err = p.returncode, p.stdout, p.stderr
         except subprocess.TimeoutExpired as e:
-            rc, out, err = "timeout", e.stdout or "", e.stderr or ""
-            out = out.decode(errors="replace") if isinstance(out, bytes) else out
-            err = err.decode(errors="replace") if isinstance(err, bytes) else err
+            rc, out, err = "timeout", text(e.stdout), text(e.stderr)
         except OSError as e:  # a missing or non-executable binary
             rc, out, err = f"OSError: {e}", "", ""
         step = {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.time() - t0, 2),
@@ -276,9 +281,7 @@ def speed_and_memory(c, tmp):
                                    timeout=max(5, min(150, c.left())), cwd=c.a.bundle)
             except subprocess.TimeoutExpired as e:
                 p = subprocess.CompletedProcess(cmd, "timeout", e.stdout or "", e.stderr or "")
-        rc, out, err = p.returncode, p.stdout, p.stderr
-        out = out.decode(errors="replace") if isinstance(out, bytes) else out
-        err = err.decode(errors="replace") if isinstance(err, bytes) else err
+        rc, out, err = p.returncode, text(p.stdout), text(p.stderr)
         measured = (m.peak - m.base) * 2**20 if m.base is not None and m.peak else None
     step = {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.time() - t0, 2),
             "stdout_tail": out[-4000:], "stderr_tail": err[-4000:]}

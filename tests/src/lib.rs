@@ -366,7 +366,9 @@ pub mod prune {
     use burn::tensor::{Int, Tensor, TensorData};
     use rand::{rngs::StdRng, Rng, SeedableRng};
     use shears_core::LlamaConfig;
-    use shears_pruning::{PerModule, PruningSpec, TargetShape};
+    use shears_models::{load, ShearsAutodiff};
+    use shears_pruning::{PerModule, PruningModel, PruningSpec, TargetShape};
+    use shears_trainer::{PruneRates, PruneStage};
 
     /// The tiny GQA source config.
     pub fn source() -> LlamaConfig {
@@ -410,6 +412,25 @@ pub mod prune {
         (0..2)
             .map(|r| (0..6).map(|c| ((r * 6 + c) * 7 + 3) % 24).collect())
             .collect()
+    }
+
+    /// [`batch_ids`] as two micro-batches of one sequence each.
+    pub fn micro_batches() -> Vec<Vec<Vec<u32>>> {
+        let ids = batch_ids();
+        vec![ids[..1].to_vec(), ids[1..].to_vec()]
+    }
+
+    /// A pruning stage over [`source`] (random weights, seed 3) with [`spec`]'s masks (seed 1)
+    /// and the Lagrangian on from the first step.
+    pub fn stage<B: ShearsAutodiff>(device: &B::Device) -> PruneStage<B> {
+        let model = load::random_model::<B>(&source(), 3, device).unwrap();
+        let mut rng = StdRng::seed_from_u64(1);
+        let state = PruningModel::new(model, &spec(), &mut rng).unwrap();
+        let rates = PruneRates {
+            lagrangian_warmup_steps: 0,
+            ..Default::default()
+        };
+        PruneStage::from_state(state, rates)
     }
 
     /// The test batch `[2, 6]` as a tensor.

@@ -10,9 +10,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use shears_core::model_files::check_weights;
 use shears_core::{DType, LayerShape, LlamaConfig, WeightMap};
 use shears_models::{dispatch, dispatch_autodiff, load, AutodiffTask, BackendKind, BackendTask};
-use shears_pruning::PruningModel;
 use shears_tests::{max_abs_diff, rel_l2};
-use shears_trainer::{AdamWSettings, LmStage, PruneRates, PruneStage, Stage};
+use shears_trainer::{AdamWSettings, LmStage, Stage};
 
 struct Case {
     name: &'static str,
@@ -252,17 +251,8 @@ struct PruneOutput {
 impl AutodiffTask for PruneSteps {
     type Output = PruneOutput;
     fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> PruneOutput {
-        use shears_tests::prune::{batch_ids, source, spec};
-        let model = load::random_model::<B>(&source(), 3, &device).unwrap();
-        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
-        let state = PruningModel::new(model, &spec(), &mut rng).unwrap();
-        let rates = PruneRates {
-            lagrangian_warmup_steps: 0,
-            ..Default::default()
-        };
-        let mut stage = PruneStage::from_state(state, rates);
-        let ids = batch_ids();
-        let micro = vec![ids[..1].to_vec(), ids[1..].to_vec()];
+        let mut stage = shears_tests::prune::stage::<B>(&device);
+        let micro = shears_tests::prune::micro_batches();
         let mut losses = [(0.0, 0.0); 2];
         let mut grads = WeightMap::new();
         for (t, l) in losses.iter_mut().enumerate() {

@@ -184,19 +184,9 @@ fn layer_checkpointing_gives_the_same_training_gradients() {
 
 fn prune_checkpointing<B: ShearsAutodiff>(what: &str) {
     let device = Default::default();
-    let stage = |c: Compute| {
-        let model = load::random_model::<B>(&source(), 3, &device).unwrap();
-        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
-        let state = PruningModel::new(model, &spec(), &mut rng).unwrap();
-        let rates = PruneRates {
-            lagrangian_warmup_steps: 0,
-            ..Default::default()
-        };
-        PruneStage::from_state(state, rates).with_compute(c)
-    };
+    let stage = |c: Compute| shears_tests::prune::stage::<B>(&device).with_compute(c);
     let (mut whole, mut layers) = (stage(Compute::default()), stage(by_layers()));
-    let ids = batch_ids();
-    let micro = vec![ids[..1].to_vec(), ids[1..].to_vec()];
+    let micro = shears_tests::prune::micro_batches();
     let before = recompute::segments_run();
     for t in 0..3 {
         let a = whole.backward(&micro, t, &[5 + t as u64, 9]);

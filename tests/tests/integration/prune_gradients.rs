@@ -6,11 +6,10 @@ use burn::module::AutodiffModule;
 use burn::tensor::{Tensor, TensorData};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use shears_models::backend::NdArrayBackend;
-use shears_models::load;
 use shears_pruning::hard_concrete;
-use shears_pruning::{L0Masks, PerModule, PruneModule, PruningModel};
-use shears_tests::prune::{batch_ids, log_alphas, source, spec};
-use shears_trainer::{PruneRates, PruneStage, Stage};
+use shears_pruning::{L0Masks, PerModule, PruneModule};
+use shears_tests::prune::{batch_ids, log_alphas, spec};
+use shears_trainer::Stage;
 
 #[test]
 fn a_multiplier_step_is_ascent() {
@@ -18,17 +17,8 @@ fn a_multiplier_step_is_ascent() {
     // negative, so ascent moves λ1 down (towards the sign of the gap) and λ2 up, and the
     // penalty λ1(e - t) + λ2(e - t)² becomes positive: the constraint starts to bite.
     type NA = Autodiff<NdArrayBackend>;
-    let cfg = source();
-    let device = Default::default();
-    let model = load::random_model::<NA>(&cfg, 3, &device).unwrap();
-    let mut rng = StdRng::seed_from_u64(1);
-    let state = PruningModel::new(model, &spec(), &mut rng).unwrap();
-    let rates = PruneRates {
-        lagrangian_warmup_steps: 0,
-        ..Default::default()
-    };
     // The production step, as the loop drives it (one micro-batch, no clipping).
-    let mut stage = PruneStage::from_state(state, rates);
+    let mut stage = shears_tests::prune::stage::<NA>(&Default::default());
     let ids = batch_ids();
     let before = stage.eval_extras(0).pruning.unwrap();
     for (m, e) in before.expected_sparsity.iter() {
