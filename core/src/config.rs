@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 /// Upper bounds on a config's sizes. Far above any published LLaMA-family model (the largest have
 /// ~256k vocabularies, 16k–26k widths, 126 layers, 128 heads, 10M-token contexts), they exist so
@@ -181,7 +181,7 @@ impl LlamaConfig {
     /// Read and validate `path` (a `config.json`).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).at(path, "cannot read")?;
+        let text = crate::fsutil::read_text(path, crate::fsutil::SETTINGS_FILE_BYTES)?;
         Self::from_json_str(&text).map_err(|m| Error::format(path, m))
     }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use crate::config::{LayerShape, LlamaConfig};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::formats::safetensors::{self, LazyTensors};
 use crate::formats::{gguf::GgufFile, gguf_llama};
 use crate::fsutil::StagedDir;
@@ -184,7 +184,7 @@ impl ModelFiles {
             .extra
             .insert("torch_dtype".into(), stored.torch_name().into());
         let p = dir.join("config.json");
-        std::fs::write(&p, config.to_json_string()?).at(&p, "cannot write")?;
+        crate::fsutil::write_new(&p, config.to_json_string()?.as_bytes())?;
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         tensors.write(dir.join("model.safetensors"), &meta)?;
@@ -203,7 +203,7 @@ impl ModelFiles {
         }
         let p = dir.join("generation_config.json");
         let text = serde_json::to_string_pretty(&json!(gen)).expect("json");
-        std::fs::write(&p, text).at(&p, "cannot write")?;
+        crate::fsutil::write_new(&p, text.as_bytes())?;
         stage.commit()
     }
 }
@@ -223,7 +223,7 @@ fn describe_layers(layers: &[LayerShape]) -> String {
 }
 
 fn read_sharded(index: &Path) -> Result<WeightMap> {
-    let text = std::fs::read_to_string(index).at(index, "cannot read")?;
+    let text = crate::fsutil::read_text(index, crate::fsutil::SETTINGS_FILE_BYTES)?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::format(index, format!("index does not parse: {e}")))?;
     let map = v

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 /// Instructions a chat template may run: a base budget plus a share per message.
 const TEMPLATE_FUEL_BASE: u64 = 1_000_000;
@@ -101,12 +101,12 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let tj = dir.join("tokenizer.json");
-        let json = std::fs::read_to_string(&tj).at(&tj, "cannot read")?;
+        let json = crate::fsutil::read_text(&tj, crate::fsutil::TEXT_FILE_BYTES)?;
         serde_json::from_str::<Value>(&json)
             .map_err(|e| Error::format(&tj, format!("tokenizer.json does not parse: {e}")))?;
         let tc = dir.join("tokenizer_config.json");
         let mut config = if tc.exists() {
-            let text = std::fs::read_to_string(&tc).at(&tc, "cannot read")?;
+            let text = crate::fsutil::read_text(&tc, crate::fsutil::SETTINGS_FILE_BYTES)?;
             match serde_json::from_str::<Value>(&text) {
                 Ok(Value::Object(m)) => m,
                 Ok(_) => {
@@ -127,7 +127,7 @@ impl Tokenizer {
         };
         let jinja = dir.join("chat_template.jinja");
         if !config.contains_key("chat_template") && jinja.exists() {
-            let t = std::fs::read_to_string(&jinja).at(&jinja, "cannot read")?;
+            let t = crate::fsutil::read_text(&jinja, crate::fsutil::SETTINGS_FILE_BYTES)?;
             config.insert("chat_template".into(), Value::String(t));
         }
         Self::from_json(json, config, &tj)
@@ -152,6 +152,19 @@ impl Tokenizer {
             .copied()
             .max()
             .unwrap_or(0)
+    }
+
+    /// An upper bound on the input bytes one token stands for: the longest token string, in
+    /// bytes (a byte-level BPE's `Ġ` or a SentencePiece `<0x0A>` take more bytes than the one
+    /// byte they stand for, so this over-estimates). At least 1.
+    pub fn longest_token_bytes(&self) -> usize {
+        self.inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1)
     }
 
     /// Encode `text`. With `add_special_tokens`, the tokenizer's post-processor adds what the
@@ -345,21 +358,19 @@ impl Tokenizer {
     /// Write `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` into `dir`.
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
-        let p = dir.join("tokenizer.json");
-        std::fs::write(&p, &self.json).at(&p, "cannot write")?;
-        let p = dir.join("tokenizer_config.json");
+        let write =
+            |name: &str, bytes: &[u8]| crate::fsutil::write_atomic(&dir.join(name), bytes, false);
+        write("tokenizer.json", self.json.as_bytes())?;
         let text = serde_json::to_string_pretty(&Value::Object(self.config.clone())).expect("json");
-        std::fs::write(&p, text).at(&p, "cannot write")?;
+        write("tokenizer_config.json", text.as_bytes())?;
         let mut map = Map::new();
         for k in ["bos_token", "eos_token", "unk_token", "pad_token"] {
             if let Some(t) = self.config_token(k) {
                 map.insert(k.into(), t.into());
             }
         }
-        let p = dir.join("special_tokens_map.json");
         let text = serde_json::to_string_pretty(&Value::Object(map)).expect("json");
-        std::fs::write(&p, text).at(&p, "cannot write")?;
-        Ok(())
+        write("special_tokens_map.json", text.as_bytes())
     }
 }
 

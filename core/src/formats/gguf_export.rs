@@ -169,15 +169,42 @@ fn model_metadata(
         kv.push(("llama.attention.key_length".into(), u32v(hd)?));
         kv.push(("llama.attention.value_length".into(), u32v(hd)?));
     }
-    if let RopeScaling::Linear { factor } = rope(c)?.scaling {
-        kv.push(("llama.rope.scaling.type".into(), s("linear")));
-        kv.push((
-            "llama.rope.scaling.factor".into(),
-            Value::F32(factor as f32),
-        ));
+    match rope(c)?.scaling {
+        RopeScaling::Linear { factor } => {
+            kv.push(("llama.rope.scaling.type".into(), s("linear")));
+            kv.push((
+                "llama.rope.scaling.factor".into(),
+                Value::F32(factor as f32),
+            ));
+        }
+        // llama.cpp reads Llama-3 scaling from `rope_freqs.weight` alone; the parameters go
+        // under Shears' own keys (which llama.cpp ignores), so Shears reads back exactly the
+        // config it wrote, whatever the factors.
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            for (k, v) in [
+                ("factor", factor),
+                ("low_freq_factor", low_freq_factor),
+                ("high_freq_factor", high_freq_factor),
+                (
+                    "original_max_position_embeddings",
+                    original_max_position_embeddings,
+                ),
+            ] {
+                kv.push((format!("{LLAMA3_KEYS}.{k}"), Value::F64(v)));
+            }
+        }
+        RopeScaling::None => {}
     }
     Ok(kv)
 }
+
+/// The metadata prefix of Shears' Llama-3 rope parameters.
+pub const LLAMA3_KEYS: &str = "shears.rope.llama3";
 
 fn rope(c: &LlamaConfig) -> Result<Rope> {
     c.rope()

@@ -89,14 +89,24 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
     }
     if let Some(info) = g.tensor_info("rope_freqs.weight") {
         let (_, freqs) = g.dequantize(info)?;
-        rope_scaling = Some(llama3_scaling_from_freqs(&freqs, head_dim as usize, theta).ok_or_else(
-            || {
-                Error::format(
-                    path,
-                    "rope_freqs.weight does not match Llama-3 rope scaling with any known parameters",
-                )
-            },
-        )?);
+        let params = shears_llama3_params(g);
+        rope_scaling = Some(
+            llama3_scaling_from_freqs(&freqs, head_dim as usize, theta, params).ok_or_else(
+                || {
+                    Error::format(
+                        path,
+                        format!(
+                            "rope_freqs.weight does not match Llama-3 rope scaling with {}",
+                            match params {
+                                Some(_) =>
+                                    "the parameters under shears.rope.llama3 or any known ones",
+                                None => "any known parameters",
+                            }
+                        ),
+                    )
+                },
+            )?,
+        );
     }
 
     let mut cfg = json!({
@@ -134,19 +144,36 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
     Ok(cfg)
 }
 
+/// The Llama-3 rope parameters Shears' exporter writes beside `rope_freqs.weight`
+/// (`shears.rope.llama3.*`: factor, low and high frequency factors, original context), when
+/// all four are there.
+fn shears_llama3_params(g: &GgufFile) -> Option<[f64; 4]> {
+    let k = crate::formats::gguf_export::LLAMA3_KEYS;
+    let get = |name: &str| g.get(&format!("{k}.{name}")).and_then(|v| v.as_f64());
+    Some([
+        get("factor")?,
+        get("low_freq_factor")?,
+        get("high_freq_factor")?,
+        get("original_max_position_embeddings")?,
+    ])
+}
+
 /// llama.cpp stores Llama-3.1/3.2 rope scaling as per-frequency divisors (`rope_freqs.weight`)
-/// rather than as parameters. Recover the parameters by regenerating the divisors for the
-/// published settings and keeping the set that reproduces the tensor.
+/// rather than as parameters. Recover the parameters: those the file names under Shears' keys
+/// (`given`) when they reproduce the tensor, else the published settings that do.
 fn llama3_scaling_from_freqs(
     freqs: &[f32],
     head_dim: usize,
     theta: f64,
+    given: Option<[f64; 4]>,
 ) -> Option<serde_json::Value> {
     if freqs.len() != head_dim / 2 {
         return None;
     }
     let factor = freqs.iter().cloned().fold(f32::MIN, f32::max) as f64;
-    for (low, high, orig) in [(1.0, 4.0, 8192.0), (1.0, 4.0, 4096.0), (1.0, 2.0, 8192.0)] {
+    let known = [(1.0, 4.0, 8192.0), (1.0, 4.0, 4096.0), (1.0, 2.0, 8192.0)]
+        .map(|(low, high, orig)| [factor, low, high, orig]);
+    for [factor, low, high, orig] in given.into_iter().chain(known) {
         let scaling = RopeScaling::Llama3 {
             factor,
             low_freq_factor: low,
@@ -159,9 +186,13 @@ fn llama3_scaling_from_freqs(
             (f - want).abs() <= 1e-4 * want.max(1.0)
         });
         if ok {
+            let orig = match orig.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(&orig) {
+                true => json!(orig as u64),
+                false => json!(orig),
+            };
             return Some(
                 json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                "high_freq_factor": high, "original_max_position_embeddings": orig as u64}),
+                "high_freq_factor": high, "original_max_position_embeddings": orig}),
             );
         }
     }
@@ -300,8 +331,30 @@ mod tests {
                 inv / scaling.scale_inv_freq(inv)
             })
             .collect();
-        let s = llama3_scaling_from_freqs(&freqs, hd, theta).unwrap();
+        let s = llama3_scaling_from_freqs(&freqs, hd, theta, None).unwrap();
         assert_eq!(s["factor"], 32.0);
         assert_eq!(s["original_max_position_embeddings"], 8192);
+        // Factors outside the published sets come back only when the file names them (as
+        // Shears' exporter does), and only if they reproduce the tensor.
+        let custom = [16.0, 2.0, 8.0, 4096.0];
+        let scaling = RopeScaling::Llama3 {
+            factor: custom[0],
+            low_freq_factor: custom[1],
+            high_freq_factor: custom[2],
+            original_max_position_embeddings: custom[3],
+        };
+        let freqs: Vec<f32> = (0..hd / 2)
+            .map(|i| {
+                let inv = 1.0 / (theta as f32).powf(2.0 * i as f32 / hd as f32);
+                inv / scaling.scale_inv_freq(inv)
+            })
+            .collect();
+        assert!(llama3_scaling_from_freqs(&freqs, hd, theta, None).is_none());
+        let s = llama3_scaling_from_freqs(&freqs, hd, theta, Some(custom)).unwrap();
+        assert_eq!(s["low_freq_factor"], 2.0);
+        assert_eq!(s["high_freq_factor"], 8.0);
+        assert_eq!(s["original_max_position_embeddings"], 4096);
+        let wrong = [16.0, 1.0, 8.0, 4096.0];
+        assert!(llama3_scaling_from_freqs(&freqs, hd, theta, Some(wrong)).is_none());
     }
 }

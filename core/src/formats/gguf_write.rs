@@ -2,13 +2,13 @@
 //! `general.alignment`, streamed one tensor at a time into a temporary file that is renamed over
 //! the target only when every byte is written (a failed export leaves nothing behind).
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::dequant::GgmlType;
 use super::gguf::Value;
 use crate::error::{Error, IoContext, Result};
+use crate::fsutil::AtomicFile;
 
 /// The alignment Shears writes (llama.cpp's default), stored as `general.alignment`.
 pub const ALIGNMENT: u64 = 32;
@@ -146,17 +146,6 @@ fn header(
     Ok(out)
 }
 
-/// Removes the temporary file unless the write completed.
-struct Partial(Option<PathBuf>);
-
-impl Drop for Partial {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 /// Write a GGUF v3 file at `path` (replacing it only if `overwrite`): `metadata` in order
 /// (`general.alignment` added when absent), then the directory of `tensors` and their data,
 /// `data(i)` giving tensor `i`'s bytes. Nothing exists at `path` unless the whole file was
@@ -181,10 +170,6 @@ pub fn write_gguf(
         ));
     }
     let head = header(metadata, tensors).map_err(|m| Error::format(path, m))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::format(path, "not a file name"))?
-        .to_string_lossy();
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -195,11 +180,8 @@ pub fn write_gguf(
             format!("the folder {} does not exist", dir.display()),
         ));
     }
-    let tmp = dir.join(format!(".{name}.partial-{}", std::process::id()));
-    let file = File::create(&tmp).at(&tmp, "cannot create")?;
-    let mut guard = Partial(Some(tmp.clone()));
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    w.write_all(&head).at(&tmp, "cannot write")?;
+    let mut w = AtomicFile::create(path)?;
+    w.write_all(&head).at(path, "cannot write")?;
     for (i, t) in tensors.iter().enumerate() {
         let bytes = data(i)?;
         if bytes.len() as u64 != t.n_bytes() {
@@ -210,18 +192,11 @@ pub fn write_gguf(
                 t.n_bytes()
             )));
         }
-        w.write_all(&bytes).at(&tmp, "cannot write")?;
+        w.write_all(&bytes).at(path, "cannot write")?;
         w.write_all(&vec![0u8; padding(bytes.len() as u64)])
-            .at(&tmp, "cannot write")?;
+            .at(path, "cannot write")?;
     }
-    let file = w
-        .into_inner()
-        .map_err(|e| e.into_error())
-        .at(&tmp, "cannot write")?;
-    file.sync_all().at(&tmp, "cannot sync")?;
-    drop(file);
-    std::fs::rename(&tmp, path).at(path, "cannot move the finished file into place")?;
-    guard.0 = None;
+    w.commit(true)?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -505,8 +505,7 @@ impl<'a> LazyTensors<'a> {
         while !header_bytes.len().is_multiple_of(8) {
             header_bytes.push(b' ');
         }
-        let file = std::fs::File::create(path).at(path, "cannot create")?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let mut w = crate::fsutil::AtomicFile::create(path)?;
         w.write_all(&(header_bytes.len() as u64).to_le_bytes())
             .and_then(|_| w.write_all(&header_bytes))
             .at(path, "cannot write")?;
@@ -524,11 +523,7 @@ impl<'a> LazyTensors<'a> {
             }
             w.write_all(&t.to_le_bytes()).at(path, "cannot write")?;
         }
-        let file = w
-            .into_inner()
-            .map_err(|e| Error::io(path, "cannot write", e.into_error()))?;
-        file.sync_all().at(path, "cannot sync")?;
-        Ok(())
+        w.commit(true)
     }
 }
 
