@@ -13,6 +13,12 @@
 //!
 //! A missing input is an error; a domain that ends up with no documents is an error. Documents
 //! whose text is empty are skipped and counted.
+//!
+//! Walks (a directory, a glob's `**`) follow symbolic links but visit each real directory once,
+//! so link cycles cost nothing, and take only regular files (a FIFO or a device inside a tree is
+//! passed over, never opened). A JSONL line longer than [`MAX_LINE_BYTES`] decompressed is
+//! skipped with a warning without being held in memory; a whole-file document may be at most
+//! [`MAX_FILE_BYTES`].
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -97,20 +103,115 @@ fn is_supported(p: &Path) -> bool {
         || name.ends_with(".jsonl.zst")
 }
 
-fn walk(dir: &Path, exts: &[String], out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .at(dir, "cannot list")?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            walk(&p, exts, out)?;
-        } else if is_supported(&p) || exts.contains(&extension_key(&p)) {
-            out.push(p);
+/// The longest JSONL line read (decompressed); a longer one is skipped with a warning.
+pub const MAX_LINE_BYTES: usize = 256 << 20;
+/// The largest file read whole as one document.
+pub const MAX_FILE_BYTES: u64 = 1 << 30;
+
+/// A directory's identity on disk, so a walk enters each real directory once.
+fn dir_id(p: &Path) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let c = std::fs::canonicalize(p).ok()?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&c, &mut h);
+        Some((0, std::hash::Hasher::finish(&h)))
+    }
+}
+
+/// Every regular file under `dir` (through symbolic links, each real directory once, at most
+/// `max_depth` directories down), sorted per directory, for which `keep` holds.
+fn walk(
+    dir: &Path,
+    max_depth: usize,
+    keep: &dyn Fn(&Path) -> bool,
+    out: &mut Vec<PathBuf>,
+) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![(dir.to_path_buf(), 0usize)];
+    while let Some((d, depth)) = stack.pop() {
+        if !dir_id(&d).is_some_and(|id| seen.insert(id)) {
+            continue;
         }
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&d)
+            .at(&d, "cannot list")?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        let mut subdirs = vec![];
+        for p in entries {
+            // metadata follows links: a link to a directory is walked (once), a link to a
+            // regular file read; anything else (FIFO, socket, device, dangling link) skipped.
+            match std::fs::metadata(&p) {
+                Ok(m) if m.is_dir() && depth < max_depth => subdirs.push((p, depth + 1)),
+                Ok(m) if m.is_file() && keep(&p) => out.push(p),
+                _ => {}
+            }
+        }
+        // Depth first, in name order.
+        stack.extend(subdirs.into_iter().rev());
     }
     Ok(())
+}
+
+/// The files a glob pattern matches, found by walking the directory before its first
+/// wildcard (see [`walk`]) and matching every regular file against the pattern (`*` stays
+/// inside one path component, `**` spans directories).
+fn glob_files(pattern: &str) -> Result<Vec<PathBuf>> {
+    let pat = glob::Pattern::new(pattern)
+        .map_err(|e| Error::invalid(format!("bad glob pattern '{pattern}': {e}")))?;
+    let k = pattern.find(['*', '?', '[']).unwrap_or(pattern.len());
+    let base = match pattern[..k].rfind('/') {
+        Some(0) => PathBuf::from("/"),
+        Some(j) => PathBuf::from(&pattern[..j]),
+        None => PathBuf::from("."),
+    };
+    let opts = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: false,
+    };
+    // The walk from "." puts "./" before what the pattern names without it.
+    let relative = base == Path::new(".") && !pattern.starts_with("./");
+    // Without `**` a match lies as many directories below the base as the pattern has
+    // separators after it.
+    let depth = if pattern.contains("**") {
+        usize::MAX
+    } else {
+        pattern[base.as_os_str().len().min(k)..]
+            .trim_start_matches('/')
+            .matches('/')
+            .count()
+    };
+    let mut found = vec![];
+    if base.is_dir() {
+        walk(
+            &base,
+            depth,
+            &|p: &Path| {
+                // Files under "." are matched without the "./" the walk puts in front.
+                let p = if relative {
+                    p.strip_prefix(".").unwrap_or(p)
+                } else {
+                    p
+                };
+                pat.matches_path_with(p, opts)
+            },
+            &mut found,
+        )?;
+    }
+    Ok(found
+        .into_iter()
+        .map(|p| match relative {
+            true => p.strip_prefix(".").map(Path::to_path_buf).unwrap_or(p),
+            false => p,
+        })
+        .collect())
 }
 
 /// Expand inputs (files, directories, globs) into a sorted, de-duplicated file list. Globs and
@@ -128,12 +229,7 @@ pub fn resolve_inputs(inputs: &[String], extensions: &[String]) -> Result<Vec<Pa
     let mut files = Vec::new();
     for input in inputs {
         if input.contains(['*', '?', '[']) {
-            let matches = glob::glob(input)
-                .map_err(|e| Error::invalid(format!("bad glob pattern '{input}': {e}")))?;
-            let mut found: Vec<PathBuf> = matches
-                .filter_map(|m| m.ok())
-                .filter(|p| p.is_file())
-                .collect();
+            let mut found = glob_files(input)?;
             if found.is_empty() {
                 return Err(Error::format(input, "glob pattern matches no file"));
             }
@@ -147,7 +243,8 @@ pub fn resolve_inputs(inputs: &[String], extensions: &[String]) -> Result<Vec<Pa
         }
         if p.is_dir() {
             let before = files.len();
-            walk(&p, &exts, &mut files)?;
+            let keep = |f: &Path| is_supported(f) || exts.contains(&extension_key(f));
+            walk(&p, usize::MAX, &keep, &mut files)?;
             if files.len() == before {
                 return Err(Error::format(&p, format!("directory holds no {listed}")));
             }
@@ -187,12 +284,57 @@ fn open_lines(path: &Path) -> Result<Box<dyn BufRead>> {
     Ok(Box::new(BufReader::with_capacity(1 << 20, reader)))
 }
 
+/// Read one line (with its newline) into `buf`, keeping at most [`MAX_LINE_BYTES`]: a longer
+/// line is read to its end but not kept (`buf` left empty). Returns the bytes consumed (0 at
+/// the end) and whether the line was too long.
+fn read_line_bounded(r: &mut dyn BufRead, buf: &mut Vec<u8>) -> std::io::Result<(usize, bool)> {
+    let (mut total, mut long) = (0, false);
+    loop {
+        let avail = r.fill_buf()?;
+        if avail.is_empty() {
+            return Ok((total, long));
+        }
+        let (n, done) = match avail.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (avail.len(), false),
+        };
+        if !long && buf.len() + n > MAX_LINE_BYTES {
+            long = true;
+            *buf = Vec::new();
+        }
+        if !long {
+            buf.extend_from_slice(&avail[..n]);
+        }
+        r.consume(n);
+        total += n;
+        if done {
+            return Ok((total, long));
+        }
+    }
+}
+
+/// A whole-file document's bytes, at most [`MAX_FILE_BYTES`].
+fn read_whole(path: &Path) -> Result<Vec<u8>> {
+    let f = std::fs::File::open(path).at(path, "cannot open")?;
+    let mut bytes = Vec::new();
+    f.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .at(path, "cannot read")?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(Error::format(
+            path,
+            format!("is larger than {MAX_FILE_BYTES} bytes, the most read as one document; split it or use JSONL"),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Read every document of `files`; `text_field` names the JSONL field.
 pub fn read_documents(files: Vec<PathBuf>, text_field: &str) -> Result<DomainDocuments> {
     let mut out = DomainDocuments::default();
     for (fi, path) in files.iter().enumerate() {
         if !is_jsonl(path) {
-            let bytes = std::fs::read(path).at(path, "cannot read")?;
+            let bytes = read_whole(path)?;
             let strict = extension_key(path) == "txt";
             let text = match text_of(bytes) {
                 Ok(t) => t,
@@ -218,7 +360,7 @@ pub fn read_documents(files: Vec<PathBuf>, text_field: &str) -> Result<DomainDoc
         let mut line_no = 0;
         loop {
             buf.clear();
-            let n = reader.read_until(b'\n', &mut buf).map_err(|e| {
+            let (n, long) = read_line_bounded(&mut reader, &mut buf).map_err(|e| {
                 Error::format(path, format!("read failed after line {line_no}: {e}"))
             })?;
             if n == 0 {
@@ -226,6 +368,12 @@ pub fn read_documents(files: Vec<PathBuf>, text_field: &str) -> Result<DomainDoc
             }
             line_no += 1;
             let warn = |why: String| format!("{}:{line_no}: {why}; line skipped", path.display());
+            if long {
+                out.warnings.push(warn(format!(
+                    "{n} bytes, longer than {MAX_LINE_BYTES} (the most read as one line)"
+                )));
+                continue;
+            }
             let Ok(line) = std::str::from_utf8(&buf) else {
                 out.warnings.push(warn("not valid UTF-8".into()));
                 continue;
@@ -384,5 +532,80 @@ mod tests {
         );
         assert_eq!(extension_key(Path::new("a/b.JSONL.GZ")), "jsonl.gz");
         assert_eq!(extension_key(Path::new(".bashrc")), "(none)");
+    }
+
+    /// Two link cycles in a tree (which made the walk exponential) cost nothing: each real
+    /// directory is visited once, by a directory walk and by a `**` glob alike; a FIFO in the
+    /// tree (which blocked the read forever) is passed over.
+    #[cfg(unix)]
+    #[test]
+    fn walks_visit_each_directory_once_and_read_only_regular_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("tree");
+        std::fs::create_dir_all(d.join("a/b")).unwrap();
+        std::fs::write(d.join("a/one.txt"), "one").unwrap();
+        std::fs::write(d.join("a/b/two.txt"), "two").unwrap();
+        std::os::unix::fs::symlink(&d, d.join("a/b/up")).unwrap();
+        std::os::unix::fs::symlink(d.join("a"), d.join("a/b/again")).unwrap();
+        let fifo = d.join("a/pipe.txt");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        let s = |p: &Path| p.to_string_lossy().to_string();
+        let t = std::time::Instant::now();
+        let files = resolve_inputs(&[s(&d)], &[]).unwrap();
+        let names: Vec<String> = files
+            .iter()
+            .map(|f| s(f.strip_prefix(&d).unwrap()))
+            .collect();
+        assert_eq!(names, ["a/one.txt", "a/b/two.txt"]);
+        let files = resolve_inputs(&[format!("{}/**/*.txt", s(&d))], &[]).unwrap();
+        assert_eq!(files.len(), 2, "{files:?}");
+        let docs = read_documents(files, "text").unwrap();
+        assert_eq!(docs.documents.len(), 2);
+        assert!(t.elapsed().as_secs() < 10);
+        // Named itself, the FIFO is refused, not opened.
+        let e = resolve_inputs(&[s(&fifo)], &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("pipe.txt") && e.contains("not a regular file"),
+            "{e}"
+        );
+        // A glob without `**` stays at its depth.
+        let files = resolve_inputs(&[format!("{}/a/*.txt", s(&d))], &[]).unwrap();
+        assert_eq!(files.len(), 1, "{files:?}");
+    }
+
+    /// A JSONL line longer than the bound (here a gzip that decompresses to one huge line) is
+    /// skipped with a warning naming file and line, never held whole.
+    #[test]
+    fn overlong_lines_are_skipped_unread() {
+        let mut r: &[u8] = b"short\nxxxxxxxxxxxxxxxxxxxx\nlast";
+        let mut buf = vec![];
+        assert_eq!(read_line_bounded(&mut r, &mut buf).unwrap(), (6, false));
+        assert_eq!(buf, b"short\n");
+        buf.clear();
+        // 21 bytes with a bound of MAX_LINE_BYTES: kept.
+        assert_eq!(read_line_bounded(&mut r, &mut buf).unwrap(), (21, false));
+        buf.clear();
+        assert_eq!(read_line_bounded(&mut r, &mut buf).unwrap(), (4, false));
+        buf.clear();
+        assert_eq!(read_line_bounded(&mut r, &mut buf).unwrap(), (0, false));
+        // One line of MAX_LINE_BYTES + 1 bytes streamed from a gzip.
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("bomb.jsonl.gz");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(b"{\"text\": \"").unwrap();
+        let chunk = vec![b'a'; 1 << 20];
+        for _ in 0..(MAX_LINE_BYTES >> 20) {
+            gz.write_all(&chunk).unwrap();
+        }
+        gz.write_all(b"\"}\n{\"text\": \"fine\"}\n").unwrap();
+        std::fs::write(&p, gz.finish().unwrap()).unwrap();
+        let docs = read_documents(vec![p], "text").unwrap();
+        assert_eq!(docs.documents.len(), 1);
+        assert_eq!(docs.documents[0].text, "fine");
+        assert!(
+            docs.warnings[0].contains("bomb.jsonl.gz:1")
+                && docs.warnings[0].contains("longer than")
+        );
     }
 }

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use shears_core::error::IoContext;
 use shears_core::{Error, Result};
 
 /// The format tag of this manifest version.
@@ -137,7 +136,7 @@ impl Manifest {
     /// Read `dir/manifest.json`.
     pub fn read(dir: &Path) -> Result<Self> {
         let p = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&p).at(&p, "cannot read")?;
+        let text = shears_core::fsutil::read_text(&p, shears_core::fsutil::TEXT_FILE_BYTES)?;
         let m: Manifest = serde_json::from_str(&text)
             .map_err(|e| Error::format(&p, format!("not a Shears data manifest: {e}")))?;
         if m.format != FORMAT {

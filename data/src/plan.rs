@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use shears_core::error::IoContext;
 use shears_core::{Error, Result};
 
 /// One domain of a data plan.
@@ -68,7 +67,7 @@ impl DataPlan {
     /// Read a TOML plan (the plan itself, or a run plan's `[data]` table).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).at(path, "cannot read")?;
+        let text = shears_core::fsutil::read_text(path, shears_core::fsutil::SETTINGS_FILE_BYTES)?;
         let v: toml::Value =
             toml::from_str(&text).map_err(|e| Error::format(path, format!("invalid TOML: {e}")))?;
         let table = v.get("data").cloned().unwrap_or(v);

@@ -146,7 +146,7 @@ fn write_split(
                 TokenDType::U32 => bytes.extend(id.to_le_bytes()),
             }
         }
-        let mut f = std::fs::File::create(&path).at(&path, "cannot create shard")?;
+        let mut f = shears_core::fsutil::create_new(&path)?;
         f.write_all(&bytes).at(&path, "cannot write shard")?;
         f.sync_all().at(&path, "cannot sync shard")?;
         shards.push(ShardInfo {
@@ -535,8 +535,12 @@ pub fn prepare(
         domains,
     };
     let p = dir.join("manifest.json");
-    std::fs::write(&p, serde_json::to_string_pretty(&manifest).expect("json"))
-        .at(&p, "cannot write")?;
+    shears_core::fsutil::write_new(
+        &p,
+        serde_json::to_string_pretty(&manifest)
+            .expect("json")
+            .as_bytes(),
+    )?;
     stage.commit()?;
     Ok(PrepareOutcome {
         manifest,

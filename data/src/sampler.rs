@@ -89,6 +89,62 @@ pub struct SamplerState {
     pub warnings: Vec<String>,
 }
 
+impl SamplerState {
+    /// Check a state read back from a file: a rank below the world size, weights that are
+    /// non-negative finite numbers summing to one over exactly the sampled domains (in the
+    /// history too, with finite non-negative losses), cursors inside their epoch's share and
+    /// draws that add up. A state that fails is refused, never sampled from.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let c = &self.config;
+        if c.world_size == 0 || c.world_size > 1 << 20 || c.rank >= c.world_size {
+            return Err(format!(
+                "sampler rank {} / world size {} is not a valid rank",
+                c.rank, c.world_size
+            ));
+        }
+        let names: Vec<String> = self.domains.keys().cloned().collect();
+        let check = |what: &str, w: &BTreeMap<String, f64>| -> std::result::Result<(), String> {
+            normalized_weights(w, &names).map_err(|e| format!("{what}: {e}"))?;
+            let sum: f64 = w.values().sum();
+            if (sum - 1.0).abs() > 1e-6 {
+                return Err(format!("{what} sum to {sum}, not 1"));
+            }
+            Ok(())
+        };
+        check("sampler weights", &self.weights)?;
+        for (i, u) in self.history.iter().enumerate() {
+            check(&format!("weight update {i} (step {})", u.step), &u.weights)?;
+            for (d, l) in u.losses.iter().flatten() {
+                if !l.is_finite() || *l < 0.0 {
+                    return Err(format!(
+                        "weight update {i}: loss {l} of domain '{d}' is not a non-negative number"
+                    ));
+                }
+            }
+        }
+        let mut drawn = 0u64;
+        for (d, cur) in &self.domains {
+            let share = cur.sequences.div_ceil(c.world_size as u64);
+            if cur.cursor > share {
+                return Err(format!(
+                    "domain '{d}': cursor {} is past this rank's {share} sequences",
+                    cur.cursor
+                ));
+            }
+            drawn = drawn
+                .checked_add(cur.drawn)
+                .ok_or_else(|| format!("domain '{d}': drawn {} overflows", cur.drawn))?;
+        }
+        if drawn != self.draws {
+            return Err(format!(
+                "the domains' draws add up to {drawn}, the sampler counted {}",
+                self.draws
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One drawn sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Draw {
@@ -231,6 +287,7 @@ impl DomainSampler {
                 "the sampler state was saved for other data (domains and sequences {saved:?}, now {sequences:?})"
             )));
         }
+        state.validate().map_err(Error::invalid)?;
         Ok(Self::from_state(state))
     }
 
