@@ -30,6 +30,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::size::Dims;
 
+/// Upper bounds on the settings a memory plan takes, the same a run plan checks: far above any
+/// real run, they keep every product of them inside 64 bits and every search over them short.
+pub mod limits {
+    /// Sequences per step, per forward, per eval forward.
+    pub const BATCH: usize = 1 << 24;
+    /// Data-parallel devices.
+    pub const DEVICES: usize = 1024;
+}
+
 /// Numeric precision of the forward and backward passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -207,6 +216,28 @@ impl MemorySettings {
     }
 
     fn check(&self) -> Result<(), String> {
+        for (name, v, most) in [
+            ("batch", self.batch, limits::BATCH),
+            ("micro-batch", self.micro(), limits::BATCH),
+            ("eval batch", self.eval_batch, limits::BATCH),
+            (
+                "seq_len",
+                self.seq_len,
+                shears_core::config::limits::POSITIONS,
+            ),
+            (
+                "eval seq_len",
+                self.eval_len(),
+                shears_core::config::limits::POSITIONS,
+            ),
+            ("devices", self.devices, limits::DEVICES),
+        ] {
+            if v > most {
+                return Err(format!(
+                    "{name} = {v} is beyond the most a run takes ({most})"
+                ));
+            }
+        }
         let m = self.micro();
         if self.batch == 0 || self.seq_len == 0 || m == 0 {
             return Err(format!(
@@ -599,12 +630,33 @@ pub fn estimate_with_teacher(
     let mut report = at(s.micro())?;
     if let Some(device) = s.device_memory {
         report.fits = Some(report.total <= device);
-        report.max_micro_batch = (1..=s.batch)
+        // Memory is not monotone in the micro-batch (a whole-batch step keeps no gradient
+        // accumulator), so every divisor is tried, largest first: at most a few hundred for a
+        // batch up to 2^24, found in sqrt(batch) steps.
+        report.max_micro_batch = divisors(s.batch)
+            .into_iter()
             .rev()
-            .filter(|m| s.batch.is_multiple_of(*m) && s.batch / m >= s.devices)
+            .filter(|m| s.batch / m >= s.devices)
             .find(|&m| matches!(totals(d, params, mask_entries, s, m as u64, teacher), Some(r) if r.total <= device));
     }
     Ok(report)
+}
+
+/// The divisors of `n`, ascending.
+fn divisors(n: usize) -> Vec<usize> {
+    let (mut low, mut high) = (vec![], vec![]);
+    let mut i = 1;
+    while i <= n / i {
+        if n.is_multiple_of(i) {
+            low.push(i);
+            if i != n / i {
+                high.push(n / i);
+            }
+        }
+        i += 1;
+    }
+    low.extend(high.into_iter().rev());
+    low
 }
 
 fn totals(
@@ -675,8 +727,12 @@ fn totals(
     Some(report)
 }
 
+/// The smallest device memory `parse_bytes` takes (anything below cannot hold a model).
+pub const MIN_DEVICE_BYTES: u64 = 1 << 20;
+
 /// A byte count as people write it: `141GB`, `80 GiB`, `512MiB`, `1.5TB` (decimal units are
-/// powers of 1000, binary ones of 1024). A bare number is refused: it is ambiguous.
+/// powers of 1000, binary ones of 1024). A bare number is refused: it is ambiguous; a size
+/// below [`MIN_DEVICE_BYTES`] too.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t
@@ -704,8 +760,13 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         }
     };
     let bytes = num * scale;
-    if !bytes.is_finite() || bytes <= 0.0 || bytes >= u64::MAX as f64 {
-        return Err(format!("{s:?} is not a positive size below 16 EiB"));
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("{s:?} is not a size below 16 EiB"));
+    }
+    if bytes < MIN_DEVICE_BYTES as f64 {
+        return Err(format!(
+            "{s:?} is {bytes} bytes, below 1 MiB: give the device's memory, e.g. 80GB or 141GB"
+        ));
     }
     Ok(bytes as u64)
 }

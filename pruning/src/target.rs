@@ -8,7 +8,6 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use shears_core::error::IoContext;
 use shears_core::{Error, LlamaConfig, Result};
 
 /// Target widths. Head dim and vocabulary are kept from the source.
@@ -76,7 +75,7 @@ impl TargetShape {
         } else {
             path.to_path_buf()
         };
-        let text = std::fs::read_to_string(&file).at(&file, "cannot read")?;
+        let text = shears_core::fsutil::read_text(&file, shears_core::fsutil::SETTINGS_FILE_BYTES)?;
         let bad = |m: String| Error::format(&file, format!("invalid target shape: {m}"));
         let parsed: TargetFile = if file.extension().is_some_and(|e| e == "toml") {
             let v: toml::Value = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -111,11 +111,9 @@ impl Drop for Staging {
     }
 }
 
-/// Write `bytes` to `path` and fsync it.
+/// Write `bytes` to `path` whole or not at all, and fsync it (never through a link).
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).at(path, "cannot create")?;
-    f.write_all(bytes).at(path, "cannot write")?;
-    f.sync_all().at(path, "cannot sync")
+    shears_core::fsutil::write_atomic(path, bytes, true)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -164,11 +162,32 @@ fn hash_file(path: &Path) -> Result<(u64, String)> {
 /// Check a checkpoint against its manifest: every file present with its size and hash.
 pub fn verify(dir: &Path) -> Result<usize> {
     let mpath = dir.join(MANIFEST);
-    let text = std::fs::read_to_string(&mpath).at(&mpath, "not a complete checkpoint")?;
+    let text = shears_core::fsutil::read_text(&mpath, shears_core::fsutil::SETTINGS_FILE_BYTES)?;
     let m: Manifest =
         serde_json::from_str(&text).map_err(|e| Error::format(&mpath, format!("invalid: {e}")))?;
+    let mut on_disk = list_files(dir)?;
+    on_disk.retain(|f| f != MANIFEST);
+    let listed: Vec<&String> = m.files.keys().collect();
+    if on_disk.iter().collect::<Vec<_>>() != listed {
+        return Err(Error::format(
+            &mpath,
+            format!(
+                "lists {} files but the checkpoint holds {} (files added, removed or renamed)",
+                listed.len(),
+                on_disk.len()
+            ),
+        ));
+    }
     for (rel, want) in &m.files {
         let p = dir.join(rel);
+        // Names come from list_files (inside, no links): only regular files are read.
+        let meta = std::fs::symlink_metadata(&p).at(&p, "cannot stat")?;
+        if !meta.is_file() || meta.len() != want.bytes {
+            return Err(Error::format(
+                &p,
+                "does not match the checkpoint manifest (not a regular file, or its size differs)",
+            ));
+        }
         let (bytes, sha) = hash_file(&p)?;
         if bytes != want.bytes || sha != want.sha256 {
             return Err(Error::format(
@@ -180,7 +199,9 @@ pub fn verify(dir: &Path) -> Result<usize> {
     Ok(m.step)
 }
 
-/// Complete-looking checkpoints under `root` (those with a manifest), newest first.
+/// Every checkpoint directory under `root` (`step-NNNNNNNN`, complete or not), newest first.
+/// Only a complete checkpoint is ever renamed to that name, so one without a valid manifest has
+/// been damaged since.
 pub fn list(root: &Path) -> Vec<(usize, PathBuf)> {
     let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(root)
         .into_iter()
@@ -189,24 +210,54 @@ pub fn list(root: &Path) -> Vec<(usize, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
             let step = name.strip_prefix("step-")?.parse::<usize>().ok()?;
-            let p = e.path();
-            p.join(MANIFEST).exists().then_some((step, p))
+            Some((step, e.path()))
         })
         .collect();
     out.sort_by_key(|e| std::cmp::Reverse(e.0));
     out
 }
 
-/// The newest checkpoint that verifies; damaged newer ones are reported through `warn` and
-/// skipped.
-pub fn newest_valid(root: &Path, mut warn: impl FnMut(String)) -> Option<(usize, PathBuf)> {
+/// A checkpoint that was not used, and why.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    pub path: PathBuf,
+    pub why: String,
+}
+
+/// The newest checkpoint under `root` that verifies (`None` when none does), and the newer ones
+/// rejected on the way with the reason of each.
+pub fn newest_valid(root: &Path) -> (Option<(usize, PathBuf)>, Vec<Rejected>) {
+    let mut rejected = vec![];
     for (step, p) in list(root) {
         match verify(&p) {
-            Ok(_) => return Some((step, p)),
-            Err(e) => warn(format!("skipping damaged checkpoint {}: {e}", p.display())),
+            Ok(s) if s == step => return (Some((step, p)), rejected),
+            Ok(s) => rejected.push(Rejected {
+                why: format!("its manifest is of step {s}"),
+                path: p,
+            }),
+            Err(e) => rejected.push(Rejected {
+                why: e.to_string(),
+                path: p,
+            }),
         }
     }
-    None
+    (None, rejected)
+}
+
+/// The error when checkpoints exist but none can be used: each one with its reason.
+pub fn nothing_valid(root: &Path, rejected: &[Rejected]) -> Error {
+    let list: Vec<String> = rejected
+        .iter()
+        .map(|r| format!("{}: {}", r.path.display(), r.why))
+        .collect();
+    Error::format(
+        root,
+        format!(
+            "no checkpoint verifies, so there is nothing to resume from (nothing was changed): {}; \
+             restore or remove the damaged checkpoints, or start a new run in another directory",
+            list.join("; ")
+        ),
+    )
 }
 
 /// Remove all but the newest `keep` checkpoints, and temporary leftovers of dead writers.
@@ -243,11 +294,27 @@ impl Checkpoint {
                 verify(&p)?;
                 p
             }
-            None => newest_valid(&root, |w| eprintln!("warning: {w}"))
-                .map(|(_, p)| p)
-                .ok_or_else(|| {
-                    Error::format(run, "has no complete checkpoint (is it a run directory?)")
-                })?,
+            None => match newest_valid(&root) {
+                (Some((_, p)), rejected) => {
+                    for r in rejected {
+                        eprintln!(
+                            "warning: skipping damaged checkpoint {}: {}",
+                            r.path.display(),
+                            r.why
+                        );
+                    }
+                    p
+                }
+                (None, rejected) if !rejected.is_empty() => {
+                    return Err(nothing_valid(&root, &rejected))
+                }
+                (None, _) => {
+                    return Err(Error::format(
+                        run,
+                        "has no complete checkpoint (is it a run directory?)",
+                    ))
+                }
+            },
         };
         let state = LoopState::read(&dir)?;
         Ok(Checkpoint { dir, state })
@@ -339,9 +406,33 @@ mod tests {
         assert_eq!(verify(&l[0].1).unwrap(), 3);
         // Damage the newest: resume falls back to the previous one.
         std::fs::write(l[0].1.join("model/w.bin"), vec![9u8; 10]).unwrap();
-        let mut warned = vec![];
-        let (step, _) = newest_valid(&root, |w| warned.push(w)).unwrap();
-        assert_eq!(step, 2);
-        assert!(warned[0].contains("w.bin"), "{warned:?}");
+        let (found, rejected) = newest_valid(&root);
+        assert_eq!(found.unwrap().0, 2);
+        assert!(rejected[0].why.contains("w.bin"), "{rejected:?}");
+        // A garbled manifest, a planted file, a manifest of another step: each is rejected
+        // with its reason, and with nothing valid left there is nothing to resume.
+        std::fs::write(l[1].1.join(MANIFEST), "{garbled").unwrap();
+        let (found, rejected) = newest_valid(&root);
+        assert!(found.is_none());
+        assert_eq!(rejected.len(), 2);
+        assert!(rejected[1].why.contains("invalid"), "{rejected:?}");
+        let e = nothing_valid(&root, &rejected).to_string();
+        assert!(
+            e.contains("nothing to resume") && e.contains("step-00000002"),
+            "{e}"
+        );
+        let s = Staging::begin(&root, 5).unwrap();
+        std::fs::write(s.path().join("state.json"), "{}").unwrap();
+        let p5 = s.commit().unwrap();
+        std::fs::write(p5.join("extra.bin"), "x").unwrap();
+        assert!(verify(&p5)
+            .unwrap_err()
+            .to_string()
+            .contains("lists 1 files"));
+        std::fs::remove_file(p5.join("extra.bin")).unwrap();
+        std::fs::rename(&p5, root.join(dir_name(6))).unwrap();
+        let (found, rejected) = newest_valid(&root);
+        assert!(found.is_none());
+        assert!(rejected[0].why.contains("of step 5"), "{rejected:?}");
     }
 }

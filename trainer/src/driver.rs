@@ -407,13 +407,35 @@ fn restore<B: ShearsAutodiff, S: Stage<B>>(
     comm: &Comm,
 ) -> Result<Start> {
     let sizes = train_sizes(inp.data)?;
+    // An explicit resume never starts over while checkpoints exist: when none of them
+    // verifies, the run stops (naming each and why) and leaves everything as it is.
     let found = if resume {
-        checkpoint::newest_valid(&dir.checkpoints(), |w| dir.log(&w))
+        let (found, rejected) = checkpoint::newest_valid(&dir.checkpoints());
+        if found.is_none() && !rejected.is_empty() {
+            return Err(checkpoint::nothing_valid(&dir.checkpoints(), &rejected));
+        }
+        for r in rejected {
+            dir.log(&format!(
+                "skipping damaged checkpoint {}: {}",
+                r.path.display(),
+                r.why
+            ));
+        }
+        found
     } else {
         None
     };
     if let Some((_, path)) = found {
         let st = LoopState::read(&path)?;
+        if st.step > inp.run.steps {
+            return Err(Error::format(
+                path.join("state.json"),
+                format!(
+                    "is at step {}, beyond the plan's {} steps",
+                    st.step, inp.run.steps
+                ),
+            ));
+        }
         if st.stage.kind() != stage.kind() {
             return Err(Error::format(
                 path.join("state.json"),
@@ -445,7 +467,9 @@ fn restore<B: ShearsAutodiff, S: Stage<B>>(
         });
     }
     if resume {
-        dir.log("no checkpoint to resume from; starting from step 0");
+        // No checkpoint was ever written (the run stopped before its first one): what the
+        // metrics hold is what starting over writes again.
+        dir.log("no checkpoint written yet; starting from step 0");
         dir.truncate_metrics(0)?;
     }
     let sampler = DomainSampler::new(
@@ -683,6 +707,20 @@ pub fn run_loop<B: ShearsAutodiff, S: Stage<B>>(
         let micro = ctx.draw_batch(len)?;
         let (rec, stop) = ctx.step(stage, t, micro, schedule.at(t))?;
         ctx.log_step(&rec)?;
+        if !rec.skipped && rec.grad_norm.0 == 0.0 {
+            // Every gradient exactly zero: the objective cannot move anything, so every further
+            // step would be a silent no-op.
+            ctx.pb.abandon();
+            return Err(Error::invalid(format!(
+                "stopped at step {}: the objective has no gradient (gradient norm exactly 0, \
+                 loss {}{}); training would change nothing. With [distill], a temperature far \
+                 below 1 makes both distributions one-hot (the KD term is then 0 with no gradient)",
+                t + 1,
+                rec.loss.0,
+                rec.kd_loss
+                    .map_or(String::new(), |k| format!(", kd_loss {}", k.0)),
+            )));
+        }
         if rec.skipped && ctx.bad >= run.max_bad_steps {
             let written = match leader {
                 true => format!(
@@ -753,9 +791,11 @@ mod tests {
 
     /// Resume is bit-exact: every float of a checkpoint's state.json (reference losses, domain
     /// weights, weight history, stage state) reads back with the bits it was written with.
+    /// (Losses are non-negative and weights sum to one, or the state is refused: the floats
+    /// are made so, keeping their arbitrary mantissas.)
     #[test]
     fn run_state_floats_round_trip_exactly() {
-        let xs = floats(3000);
+        let xs: Vec<f64> = floats(3000).into_iter().map(f64::abs).collect();
         let named = |off: usize| -> BTreeMap<String, f64> {
             (0..500)
                 .map(|i| (format!("d{i:03}"), xs[off + i]))
@@ -767,7 +807,18 @@ mod tests {
             .unwrap()
             .state()
             .clone();
-        sampler.weights = named(500);
+        // Mantissas of 500 floats in [1, 2), normalised.
+        let mantissas: BTreeMap<String, f64> = named(500)
+            .into_iter()
+            .map(|(k, x)| {
+                (
+                    k,
+                    f64::from_bits(x.to_bits() & ((1 << 52) - 1) | 1.0f64.to_bits()),
+                )
+            })
+            .collect();
+        let sum: f64 = mantissas.values().sum();
+        sampler.weights = mantissas.into_iter().map(|(k, x)| (k, x / sum)).collect();
         sampler.history[0].losses = Some(named(1000));
         let state = LoopState {
             format: STATE_FORMAT.into(),

@@ -369,6 +369,19 @@ pub fn check_teacher(student: &ModelFiles, teacher: &ModelFiles) -> Result<()> {
             student.source.display()
         )));
     }
+    let missing: Vec<String> = [student, teacher]
+        .iter()
+        .filter(|m| m.tokenizer.is_none())
+        .map(|m| m.source.display().to_string())
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "warning: {} has no tokenizer.json, so the teacher's and the student's tokenizers \
+             cannot be compared (only their vocabulary sizes, {s}, agree); distillation is \
+             meaningless if they tokenize differently",
+            missing.join(" and ")
+        );
+    }
     if let (Some(a), Some(b)) = (&student.tokenizer, &teacher.tokenizer) {
         let (a, b) = (
             shears_data::prepare::tokenizer_sha256(a),
@@ -418,10 +431,19 @@ fn run_stage<B: ShearsAutodiff, S: Stage<B>>(
     files: ModelFiles,
     make_stage: impl Fn(&ModelFiles, &B::Device) -> Result<S> + Sync,
 ) -> Result<Outcome> {
+    let n = p.run.devices;
+    // On the CPU backends every rank shares the one CPU device, with a share of the threads:
+    // each needs one of its own, or N replicas of the model crowd a few cores.
+    let threads = rayon::current_num_threads();
+    if n > threads && rank_device::<B>(&device, 1) == device {
+        return Err(Error::invalid(format!(
+            "run.devices = {n}: on the CPU backends each rank needs a CPU thread of its own and \
+             {threads} are available (--threads); use at most {threads}"
+        )));
+    }
     let dir = RunDir::open(&job.out, &job.plan_text, resolved, job.resume)?;
     let (initial_weights, from_run) = start_weights(p.dbl, data)?;
     let faults = Faults::from_env()?;
-    let n = p.run.devices;
     let inputs = LoopInputs {
         run: p.run,
         optim: p.optim,

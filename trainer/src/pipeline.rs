@@ -173,12 +173,7 @@ impl Layout {
 }
 
 fn write_json(p: &Path, v: &impl Serialize) -> Result<()> {
-    let tmp = p.with_extension("json.tmp");
-    checkpoint::write_synced(
-        &tmp,
-        serde_json::to_string_pretty(v).expect("json").as_bytes(),
-    )?;
-    std::fs::rename(&tmp, p).at(p, "cannot rename into place")
+    checkpoint::write_synced(p, serde_json::to_string_pretty(v).expect("json").as_bytes())
 }
 
 /// Progress reporting of the pipeline.
@@ -277,10 +272,45 @@ impl<'a, B: ShearsAutodiff> PipelineRun<'a, B> {
                 "already holds a pipeline run; pass --resume to continue it or choose another output directory",
             ));
         }
-        std::fs::create_dir_all(&lay.root).at(&lay.root, "cannot create")?;
         let saved_plan = lay.root.join("pipeline.toml");
+        // Like a stage's run directory: a pipeline writes only into a new or empty directory
+        // or one of its own (with pipeline.toml), never beside someone else's files, and never
+        // into what it reads.
+        if lay.root.exists() && !saved_plan.exists() {
+            let foreign = std::fs::read_dir(&lay.root)
+                .at(&lay.root, "cannot list")?
+                .next()
+                .is_some();
+            if foreign {
+                return Err(Error::format(
+                    &lay.root,
+                    "exists and is not a pipeline directory (no pipeline.toml); Shears writes a pipeline only into a new or empty directory, so choose another out",
+                ));
+            }
+        }
+        let mut inputs = vec![("model", PathBuf::from(&plan.model))];
+        match &plan.data {
+            DataSource::Prepared(p) => inputs.push(("data", p.clone())),
+            DataSource::Plan(dp) => inputs.extend(
+                dp.domains
+                    .values()
+                    .flat_map(|d| d.inputs.iter())
+                    .filter(|i| !i.contains(['*', '?', '[']))
+                    .map(|i| ("corpus input", PathBuf::from(i))),
+            ),
+        }
+        let existing: Vec<(&str, &Path)> = inputs
+            .iter()
+            .filter(|(_, p)| p.exists())
+            .map(|(w, p)| (*w, p.as_path()))
+            .collect();
+        shears_core::fsutil::check_output_apart(&lay.root, existing)?;
+        std::fs::create_dir_all(&lay.root).at(&lay.root, "cannot create")?;
         if saved_plan.exists() {
-            let old = std::fs::read_to_string(&saved_plan).at(&saved_plan, "cannot read")?;
+            let old = shears_core::fsutil::read_text(
+                &saved_plan,
+                shears_core::fsutil::SETTINGS_FILE_BYTES,
+            )?;
             if old != plan_text {
                 return Err(Error::format(
                     &saved_plan,

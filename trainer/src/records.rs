@@ -13,7 +13,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use shears_core::error::IoContext;
 use shears_core::{Error, Result};
 use shears_data::dbl::DomainValues;
 use shears_data::SamplerState;
@@ -227,13 +226,44 @@ impl LoopState {
     /// Read a checkpoint's `state.json`.
     pub fn read(dir: &Path) -> Result<LoopState> {
         let p = dir.join("state.json");
-        let text = std::fs::read_to_string(&p).at(&p, "cannot read")?;
+        let text = shears_core::fsutil::read_text(&p, shears_core::fsutil::SETTINGS_FILE_BYTES)?;
         let s: LoopState =
             serde_json::from_str(&text).map_err(|e| Error::format(&p, format!("invalid: {e}")))?;
         if s.format != STATE_FORMAT {
             return Err(Error::format(&p, format!("unknown format '{}'", s.format)));
         }
+        s.check().map_err(|m| Error::format(&p, m))?;
         Ok(s)
+    }
+
+    /// What a state must satisfy whatever the plan: reference losses that are finite and
+    /// non-negative, a sampler state that is one ([`SamplerState::validate`]), counts that fit
+    /// the step. (The step against the plan's `steps` is checked where the plan is known.)
+    pub fn check(&self) -> std::result::Result<(), String> {
+        for (d, l) in &self.reference_losses {
+            if !l.is_finite() || *l < 0.0 {
+                return Err(format!(
+                    "reference loss {l} of domain '{d}' is not a non-negative number"
+                ));
+            }
+        }
+        if self.bad_steps > self.step {
+            return Err(format!(
+                "{} consecutive bad steps after only {} steps",
+                self.bad_steps, self.step
+            ));
+        }
+        let groups = match &self.stage {
+            StageState::Prune(p) => &p.optimizer_steps,
+            StageState::Train(t) => &t.optimizer_steps,
+        };
+        if let Some((g, n)) = groups.iter().find(|(_, n)| **n > self.step) {
+            return Err(format!(
+                "optimizer group '{g}' took {n} steps in a run of {} steps",
+                self.step
+            ));
+        }
+        self.sampler.validate()
     }
 
     /// The text written to `state.json`.
@@ -319,7 +349,7 @@ pub struct StagesFile(pub BTreeMap<PipelineStage, StageDone>);
 impl StagesFile {
     /// Read `path`.
     pub fn read(path: &Path) -> Result<StagesFile> {
-        let text = std::fs::read_to_string(path).at(path, "cannot read")?;
+        let text = shears_core::fsutil::read_text(path, shears_core::fsutil::SETTINGS_FILE_BYTES)?;
         serde_json::from_str(&text).map_err(|e| Error::format(path, format!("invalid: {e}")))
     }
 }
@@ -388,7 +418,8 @@ pub struct Summary {
 /// Read every record of a run's `metrics.jsonl`.
 pub fn read_metrics(root: &Path) -> Result<Vec<MetricRecord>> {
     let p = root.join(crate::run_dir::METRICS);
-    let text = std::fs::read_to_string(&p).at(&p, "cannot read")?;
+    // A run's own log: one line per step and eval (about 1 KB each).
+    let text = shears_core::fsutil::read_text(&p, 4 << 30)?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())

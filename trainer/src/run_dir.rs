@@ -2,7 +2,7 @@
 //! `metrics.jsonl` (one JSON object per line: per step and per evaluation), `log.txt` (the human
 //! log) and `checkpoints/`. Everything needed to resume, inspect and plot a run.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -21,6 +21,27 @@ pub struct RunDir {
     log: Option<File>,
     /// Also print log lines to stderr.
     pub echo: bool,
+}
+
+/// Settings a run may resume with changed: how many devices it runs on (every rank draws the
+/// same global sample and noise, so only the order of per-rank sums changes).
+const RESUMABLE_WITH_ANOTHER: &[(&str, &str)] = &[("run", "devices")];
+
+/// Whether two resolved plans describe the same run, up to [`RESUMABLE_WITH_ANOTHER`].
+fn same_run(old: &str, new: &str) -> bool {
+    if old == new {
+        return true;
+    }
+    let strip = |text: &str| -> Option<toml::Table> {
+        let mut t: toml::Table = toml::from_str(text).ok()?;
+        for (section, key) in RESUMABLE_WITH_ANOTHER {
+            if let Some(toml::Value::Table(s)) = t.get_mut(*section) {
+                s.remove(*key);
+            }
+        }
+        Some(t)
+    };
+    matches!((strip(old), strip(new)), (Some(a), Some(b)) if a == b)
 }
 
 /// File names inside a run directory.
@@ -58,9 +79,11 @@ impl RunDir {
         }
         std::fs::create_dir_all(root).at(root, "cannot create the run directory")?;
         if has_run {
-            let old = std::fs::read_to_string(root.join(RESOLVED))
-                .at(root.join(RESOLVED), "cannot read")?;
-            if old != resolved {
+            let old = shears_core::fsutil::read_text(
+                &root.join(RESOLVED),
+                shears_core::fsutil::SETTINGS_FILE_BYTES,
+            )?;
+            if !same_run(&old, resolved) {
                 return Err(Error::format(
                     root.join(RESOLVED),
                     "the plan differs from the one this run was started with; resume with the same plan or start a new run",
@@ -71,18 +94,10 @@ impl RunDir {
             checkpoint::write_synced(&root.join(RESOLVED), resolved.as_bytes())?;
         }
         let mpath = root.join(METRICS);
-        let metrics = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&mpath)
-            .at(&mpath, "cannot open")?;
+        let metrics = shears_core::fsutil::open_append(&mpath)?;
         let metrics_len = metrics.metadata().at(&mpath, "cannot stat")?.len();
         let lpath = root.join(LOG);
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&lpath)
-            .at(&lpath, "cannot open")?;
+        let log = shears_core::fsutil::open_append(&lpath)?;
         Ok(RunDir {
             root: root.to_path_buf(),
             metrics: Some(metrics),

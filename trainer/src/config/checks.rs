@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use shears_core::error::IoContext;
 use shears_core::{Error, Result};
 use shears_data::{ReferenceSource, RuleConfig};
 
@@ -15,7 +14,7 @@ use super::{
 
 /// Read a TOML plan and check every number's range; errors name the file and the setting.
 pub fn read_toml<T: for<'de> Deserialize<'de> + CheckRanges>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).at(path, "cannot read")?;
+    let text = shears_core::fsutil::read_text(path, shears_core::fsutil::SETTINGS_FILE_BYTES)?;
     let plan: T =
         toml::from_str(&text).map_err(|e| Error::format(path, format!("invalid plan: {e}")))?;
     plan.check_ranges()
@@ -33,7 +32,9 @@ pub trait CheckRanges {
 /// (tokens per step, positions) inside 64 bits.
 pub mod limits {
     /// Sequences per step, per forward, per eval forward.
-    pub const BATCH: usize = 1 << 24;
+    pub const BATCH: usize = shears_pruning::memory::limits::BATCH;
+    /// Data-parallel devices.
+    pub const DEVICES: usize = shears_pruning::memory::limits::DEVICES;
     /// Optimizer steps (and warm-up, interval and checkpoint counts).
     pub const STEPS: usize = 1 << 40;
     /// Tokens per sequence (the model's `max_position_embeddings` is the real bound; this one
@@ -188,6 +189,10 @@ impl CheckRanges for TrainConfig {
     }
 }
 
+/// The smallest distillation temperature accepted: logit gaps of a few units divided by it
+/// already exceed f32's exp range (e^-104), so a lower one makes the KD term a no-op.
+pub const MIN_TEMPERATURE: f64 = 0.01;
+
 impl DistillSettings {
     /// `alpha` in [0, 1], a positive finite temperature, `top_k` at most a vocabulary's size,
     /// a non-empty teacher.
@@ -198,10 +203,21 @@ impl DistillSettings {
                 self.alpha
             ));
         }
-        if !(self.temperature.is_finite() && self.temperature > 0.0 && self.temperature <= 1e3) {
+        if !(self.temperature.is_finite()
+            && self.temperature >= MIN_TEMPERATURE
+            && self.temperature <= 1e3)
+        {
             return Err(format!(
-                "{prefix}.temperature = {} must be a positive number (at most 1000)",
+                "{prefix}.temperature = {} must be between {MIN_TEMPERATURE} and 1000 (below, \
+                 logits divided by it saturate both softmaxes to one-hot in f32: the KD term is 0 \
+                 with no gradient)",
                 self.temperature
+            ));
+        }
+        if self.top_k == 1 {
+            return Err(format!(
+                "{prefix}.top_k = 1 keeps one logit: both renormalised distributions are 1 there, \
+                 so the KD term is 0 with no gradient; use 0 (every logit) or at least 2"
             ));
         }
         if self.top_k > limits::VOCAB {
@@ -267,10 +283,11 @@ impl RunSettings {
                 self.batch_size
             ));
         }
-        if self.devices == 0 || self.devices > 1024 {
+        if self.devices == 0 || self.devices > limits::DEVICES {
             return bad(format!(
-                "run.devices = {} must be between 1 and 1024",
-                self.devices
+                "run.devices = {} must be between 1 and {}",
+                self.devices,
+                limits::DEVICES
             ));
         }
         if self.batch_size / micro < self.devices {
