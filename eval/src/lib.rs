@@ -16,4 +16,14 @@ pub mod domain;
 pub mod mmlu;
 pub mod zeroshot;
 
+/// Every task name `shears eval --tasks` takes: the 0-shot request-file tasks
+/// ([`zeroshot::TASKS`]) and MMLU's ([`mmlu::TASKS`]).
+pub fn task_names() -> Vec<&'static str> {
+    zeroshot::TASKS
+        .iter()
+        .map(|t| t.0)
+        .chain(mmlu::TASKS.iter().map(|t| t.0))
+        .collect()
+}
+
 pub use domain::{DomainEval, EvalSettings};

@@ -17,10 +17,12 @@
 //! `acc_per_char`, … fields are micro averages over all questions. The `_val` variants use
 //! the `validation` split (1,531 questions) instead of `test` (14,042).
 //!
-//! Every request records how many leading bytes of its context are the subject's few-shot
-//! preamble (header and shots), which [`crate::zeroshot::score_with`] runs once per subject.
+//! Every request carries the subject's few-shot preamble (header and shots) as its
+//! [`Request::preamble`], shared by reference, which [`crate::zeroshot::score_with`] runs once
+//! per subject. A question has at most [`MAX_CHOICES`] choices.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use shears_core::formats::arrow::{self, Column};
 use shears_core::{hub, Error, Result};
@@ -178,8 +180,10 @@ pub fn read_split(dir: &Path, subject: &str, split: &str) -> Result<Vec<Question
     (0..t.rows)
         .map(|i| {
             let n = c[i].len();
-            if n < 2 {
-                return Err(bad(format!("row {i} has {n} choices")));
+            if !(2..=MAX_CHOICES).contains(&n) {
+                return Err(bad(format!(
+                    "row {i} has {n} choices; a question has 2 to {MAX_CHOICES} (one letter each)"
+                )));
             }
             if a[i] < 0 || a[i] as usize >= n {
                 return Err(bad(format!(
@@ -197,6 +201,9 @@ pub fn read_split(dir: &Path, subject: &str, split: &str) -> Result<Vec<Question
 }
 
 const LETTERS: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
+/// The most choices a question may have: one letter each in the mc format.
+pub const MAX_CHOICES: usize = 26;
 
 /// `Question: …\nAnswer:` (rc) or with ` A. …` lines (mc).
 pub fn question_text(q: &Question, format: Format) -> String {
@@ -251,6 +258,8 @@ pub fn load(dir: &Path, name: &str, limit: Option<Limit>) -> Result<Task> {
     }
     let mut requests = vec![];
     let (mut doc_id, mut documents) = (0u64, 0usize);
+    // The preamble is shared by every request of a subject, a question's text by its choices:
+    // the requests hold references, never copies.
     for subject in SUBJECTS {
         let dev = read_split(dir, subject, "dev")?;
         if dev.len() < SHOTS {
@@ -262,25 +271,31 @@ pub fn load(dir: &Path, name: &str, limit: Option<Limit>) -> Result<Task> {
                 ),
             ));
         }
-        let pre = preamble(subject, &dev[..SHOTS], format);
+        let pre: Arc<str> = Arc::from(preamble(subject, &dev[..SHOTS], format));
         let qs = read_split(dir, subject, split)?;
         documents += qs.len();
         let keep = limit.map_or(qs.len(), |l| l.of(qs.len()));
         for q in qs.iter().take(keep) {
-            let context = format!("{pre}{}", question_text(q, format));
+            let context: Arc<str> = Arc::from(question_text(q, format));
             for (idx, cont) in continuations(q, format).into_iter().enumerate() {
                 requests.push(Request {
                     doc_id,
                     idx,
                     label: Some(q.answer),
+                    preamble: pre.clone(),
                     context: context.clone(),
                     continuation: cont,
-                    shared_prefix: pre.len(),
                     group: Some(subject.to_string()),
                 });
             }
             doc_id += 1;
         }
+    }
+    if requests.is_empty() {
+        return Err(Error::format(
+            dir,
+            format!("{name}: no question to score (every subject's {split} split is empty)"),
+        ));
     }
     Ok(Task {
         name: name.to_string(),
