@@ -239,9 +239,7 @@ pub fn score(backend: BackendKind, a: ScoreArgs) -> Result<()> {
     } = a;
     let model = model.as_str();
     let text = match (text_file, text) {
-        (Some(f), _) => {
-            std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?
-        }
+        (Some(f), _) => shears_core::fsutil::read_text(&f, shears_core::fsutil::TEXT_FILE_BYTES)?,
         (None, Some(t)) => t,
         (None, None) => bail!("give the text with --text-file or --text"),
     };

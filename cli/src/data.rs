@@ -104,6 +104,11 @@ fn build_plan(a: &PrepareArgs) -> Result<DataPlan> {
 pub fn prepare(a: PrepareArgs) -> Result<()> {
     let plan = build_plan(&a)?;
     let files = load_model_files(&plan.tokenizer)?;
+    // The model the tokenizer comes from is an input too (`prepare` checks the corpus itself).
+    shears_core::fsutil::check_output_apart(
+        &a.out,
+        [("tokenizer's model", files.source.as_path())],
+    )?;
     let tok = files.tokenizer()?;
     let bar = ProgressBar::new(0);
     bar.set_style(

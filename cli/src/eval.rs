@@ -215,7 +215,8 @@ impl BackendTask for EvalTask {
                     );
                     documents.insert(
                         task.name.clone(),
-                        json!(zeroshot::samples(&task.requests, &scored)),
+                        serde_json::to_value(zeroshot::samples(&task.requests, &scored))
+                            .expect("samples"),
                     );
                 }
             }
@@ -254,14 +255,67 @@ impl BackendTask for EvalTask {
     }
 }
 
-pub fn eval(backend: BackendKind, a: EvalArgs) -> Result<()> {
+/// An output directory `check_output_path` created: removed again (if still empty) unless the
+/// evaluation wrote into it, so a failed run leaves nothing behind.
+struct CreatedDir(Option<PathBuf>);
+
+impl Drop for CreatedDir {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// Check `--output-path` before anything is evaluated: a directory (created if missing) that
+/// can take new files, with no link where a result file goes.
+fn check_output_path(dir: &std::path::Path, a: &EvalArgs) -> Result<CreatedDir> {
+    if a.tasks.is_empty() {
+        bail!("--output-path writes zero-shot results: give --tasks");
+    }
+    if std::fs::symlink_metadata(dir).is_ok_and(|m| !m.is_dir() && !m.file_type().is_symlink())
+        || (dir.exists() && !dir.is_dir())
+    {
+        bail!(
+            "--output-path {} is not a directory; give a directory",
+            dir.display()
+        );
+    }
+    let created = CreatedDir((!dir.exists()).then(|| dir.to_path_buf()));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let probe = dir.join(format!(".shears-probe-{}", std::process::id()));
+    shears_core::fsutil::create_new(&probe)
+        .with_context(|| format!("--output-path {} cannot take new files", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    let mut files = vec!["results.json".to_string()];
+    if a.log_samples {
+        files.extend(a.tasks.iter().map(|t| format!("samples_{t}.jsonl")));
+    }
+    for f in files {
+        shears_core::fsutil::refuse_link(&dir.join(f))?;
+    }
+    Ok(created)
+}
+
+pub fn eval(backend: BackendKind, mut a: EvalArgs) -> Result<()> {
     if a.tasks.is_empty() && a.data.is_none() {
         bail!("give --tasks (zero-shot benchmarks) and/or --data (per-domain perplexity)");
     }
+    // A task named twice runs once (and counts once in the mean).
+    let mut seen = std::collections::BTreeSet::new();
+    let before = a.tasks.len();
+    a.tasks.retain(|t| seen.insert(t.clone()));
+    if a.tasks.len() < before {
+        eprintln!("note: tasks named more than once run once");
+    }
+    let mut created = match &a.output_path {
+        Some(dir) => check_output_path(dir, &a)?,
+        None => CreatedDir(None),
+    };
     let subject = subject(&a)?;
     let mut tasks = vec![];
     if !a.tasks.is_empty() {
-        let names = zeroshot::task_names();
+        let names = shears_eval::task_names();
         for t in &a.tasks {
             if !names.contains(&t.as_str()) {
                 bail!("unknown task '{t}'; known tasks: {}", names.join(", "));
@@ -319,17 +373,6 @@ pub fn eval(backend: BackendKind, a: EvalArgs) -> Result<()> {
         }
         None => None,
     };
-    if let Some(dir) = &a.output_path {
-        if dir.is_file() {
-            bail!(
-                "--output-path {} is a file; give a directory",
-                dir.display()
-            );
-        }
-        if a.tasks.is_empty() {
-            bail!("--output-path writes zero-shot results: give --tasks");
-        }
-    }
     let started = std::time::Instant::now();
     let v = dispatch(
         backend,
@@ -340,6 +383,7 @@ pub fn eval(backend: BackendKind, a: EvalArgs) -> Result<()> {
             settings: ScoreSettings {
                 batch: a.batch,
                 prefix_reuse: !a.no_prefix_reuse,
+                keep_ids: a.log_samples,
             },
             log_samples: a.log_samples,
             quiet: a.json,
@@ -347,6 +391,7 @@ pub fn eval(backend: BackendKind, a: EvalArgs) -> Result<()> {
     )??;
     if let Some(dir) = &a.output_path {
         write_lm_eval(dir, &v, &a, backend, started.elapsed().as_secs_f64())?;
+        created.0 = None;
     }
     if a.json {
         println!("{}", serde_json::to_string(&v)?);
@@ -410,11 +455,13 @@ pub fn eval(backend: BackendKind, a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// Write `text` to `path` through a temporary file in the same folder (no half-written file).
+/// Write `text` to `path` whole or not at all, never through a link.
 fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    Ok(shears_core::fsutil::write_atomic(
+        path,
+        text.as_bytes(),
+        false,
+    )?)
 }
 
 /// One task's row of lm-eval's `results` (`metric,none` and `metric_stderr,none`), its

@@ -110,12 +110,28 @@ enum Cmd {
     Bench(bench::BenchCmd),
 }
 
+/// The most CPU threads a process takes (far above any machine's cores; each thread reserves a
+/// stack).
+const MAX_THREADS: usize = 1024;
+
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
+    // RAYON_NUM_THREADS sizes the pool just as --threads does: both are bounded before a
+    // thread is spawned (100,000 threads aborted the process).
+    let from_env = std::env::var("RAYON_NUM_THREADS").ok();
+    if let Some(n) = from_env
+        .as_deref()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        if n > MAX_THREADS {
+            eprintln!("error: RAYON_NUM_THREADS={n} is more than {MAX_THREADS} threads");
+            return ExitCode::FAILURE;
+        }
+    }
     if let Some(n) = cli.threads {
-        if n == 0 {
-            eprintln!("error: --threads must be at least 1");
+        if n == 0 || n > MAX_THREADS {
+            eprintln!("error: --threads {n} must be between 1 and {MAX_THREADS}");
             return ExitCode::FAILURE;
         }
         // Before any backend touches rayon's global pool; RAYON_NUM_THREADS applies otherwise.

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
-use shears_core::error::IoContext;
 use shears_core::fsutil::StagedDir;
 use shears_core::{Error, Result};
 use shears_pruning::PruneModule;
@@ -398,14 +397,22 @@ pub fn write_report(run: &Path, out: Option<&Path>) -> Result<PathBuf> {
     let out = out
         .map(Path::to_path_buf)
         .unwrap_or_else(|| run.join("report"));
-    let stage = StagedDir::new(&out, true)?;
+    if shears_core::fsutil::resolved(run).starts_with(shears_core::fsutil::resolved(&out)) {
+        return Err(Error::format(
+            &out,
+            format!(
+                "the report would replace the run {} it is made from; choose another --out",
+                run.display()
+            ),
+        ));
+    }
+    let stage = StagedDir::replacing(&out, "index.html")?;
     let figures = figures(&steps, &evals);
     for f in &figures {
         plot(&stage.path().join(f.file), f.title, f.y_desc, &f.lines)?;
     }
     let page_path = stage.path().join("index.html");
-    std::fs::write(&page_path, page(run, &steps, &evals, &figures))
-        .at(&page_path, "cannot write")?;
+    shears_core::fsutil::write_new(&page_path, page(run, &steps, &evals, &figures).as_bytes())?;
     let out = stage.commit()?;
     Ok(out.join("index.html"))
 }

@@ -22,7 +22,10 @@ pub enum Ended {
 }
 
 fn read_plan(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    Ok(shears_core::fsutil::read_text(
+        path,
+        shears_core::fsutil::SETTINGS_FILE_BYTES,
+    )?)
 }
 
 fn backend_of(cli: BackendKind, run: &RunSettings) -> Result<BackendKind> {

@@ -84,13 +84,13 @@ pub fn fetch_demo(
     log: &(dyn Fn(&str) + Sync),
 ) -> Result<DemoReport> {
     std::fs::create_dir_all(&opts.downloads).at(&opts.downloads, "cannot create directory")?;
-    let stage = StagedDir::new(out, true)?;
+    let stage = StagedDir::replacing(out, "report.json")?;
     let mut writers: BTreeMap<&str, std::io::BufWriter<std::fs::File>> = BTreeMap::new();
     for d in DOMAINS {
         let p = stage.path().join(format!("{d}.jsonl"));
         writers.insert(
             d,
-            std::io::BufWriter::new(std::fs::File::create(&p).at(&p, "cannot create")?),
+            std::io::BufWriter::new(shears_core::fsutil::create_new(&p)?),
         );
     }
     let mut report = DemoReport {
@@ -142,10 +142,14 @@ pub fn fetch_demo(
         }
     }
     let p = stage.path().join("plan.toml");
-    std::fs::write(&p, plan).at(&p, "cannot write")?;
+    shears_core::fsutil::write_new(&p, plan.as_bytes())?;
     let p = stage.path().join("report.json");
-    std::fs::write(&p, serde_json::to_string_pretty(&report).expect("json"))
-        .at(&p, "cannot write")?;
+    shears_core::fsutil::write_new(
+        &p,
+        serde_json::to_string_pretty(&report)
+            .expect("json")
+            .as_bytes(),
+    )?;
     if report.missing_domains.len() == DOMAINS.len() {
         return Err(Error::invalid(
             "no source of the demo corpus could be fetched (no network, pip, apt or npm?)",
