@@ -158,7 +158,8 @@ fn lm_eval_shaped_results_with_a_fractional_limit() {
             "--model",
             model.to_str().unwrap(),
             "--tasks",
-            "arc_easy,lambada",
+            // Named twice, run and counted once.
+            "arc_easy,lambada,arc_easy",
             "--limit",
             "0.002",
             "--output-path",
@@ -205,15 +206,16 @@ fn lm_eval_shaped_results_with_a_fractional_limit() {
     assert_eq!(r["configs"]["lambada"]["output_type"], "loglikelihood");
     assert_eq!(r["higher_is_better"]["lambada"]["perplexity"], false);
     assert_eq!(r["config"]["limit"], 0.002);
+    assert_eq!(v["tasks"].as_object().unwrap().len(), 2);
     // A file as --output-path, and a bad limit, are refused before any work.
     let file = tmp.path().join("f");
     std::fs::write(&file, "x").unwrap();
     for (args, want) in [
-        (args(&file), "is a file"),
+        (args(&file), "is not a directory"),
         (args(&out).into_iter().map(|x| if x == "0.002" { "1.5".into() } else { x }).collect(), "--limit '1.5'"),
         // PIQA's first solution is 160 byte tokens, more than the tiny model's context (128).
         (
-            args(&tmp.path().join("piqa")).into_iter().map(|x| if x == "arc_easy,lambada" { "piqa".into() } else { x }).collect(),
+            args(&tmp.path().join("piqa")).into_iter().map(|x| if x == "arc_easy,lambada,arc_easy" { "piqa".into() } else { x }).collect(),
             "task piqa: document 0 choice 0: the continuation is 160 tokens, longer than the model's context of 128",
         ),
     ] {

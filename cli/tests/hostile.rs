@@ -503,6 +503,9 @@ fn numbers_out_of_range_are_refused_at_parse_time() {
     };
     ok(&plan("8", "4096"));
     let o = plan("1099511627776", "1099511627776");
+    assert_refused(&o, &["batch = 1099511627776 is beyond"]);
+    // The largest batch and sequence a run takes still overflow 64 bits of activations.
+    let o = plan("16777216", "268435456");
     assert_refused(&o, &["does not fit in 64 bits"]);
     let o = plan("0", "4096");
     assert_refused(&o, &["batch (0)", "at least 1"]);
@@ -648,4 +651,429 @@ fn huge_documents_prepare_in_bounded_memory() {
         .filter(|n| n.starts_with("data2"))
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Round 3, cause 1: `--force` never replaces an input, even one a model reads through a link
+/// from another directory (export HF and GGUF, import, finalize-style directory outputs,
+/// prepare with the tokenizer's model), and no output file is written through a link planted
+/// where it goes (eval's `--output-path`). A command that always regenerates its output
+/// (report, corpus fetch-demo) replaces only an earlier output of its own.
+#[cfg(unix)]
+#[test]
+fn force_never_replaces_an_input_behind_a_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tiny_hf(tmp.path());
+    // The model's weights live in another directory and are linked in (as the HF hub cache
+    // links its blobs).
+    let store = tmp.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    std::fs::rename(
+        hf.join("model.safetensors"),
+        store.join("model.safetensors"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        store.join("model.safetensors"),
+        hf.join("model.safetensors"),
+    )
+    .unwrap();
+    let before = snapshot(&store);
+    let hf_s = hf.to_str().unwrap();
+    let store_s = store.to_str().unwrap();
+    let into_weights = store.join("model.safetensors");
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["export", hf_s, "--out", store_s, "--force"],
+        vec!["import", hf_s, "--out", store_s, "--force"],
+        vec![
+            "export",
+            hf_s,
+            "--out",
+            into_weights.to_str().unwrap(),
+            "--format",
+            "gguf",
+            "--force",
+        ],
+        vec![
+            "prepare",
+            "--tokenizer",
+            hf_s,
+            "--domain",
+            "a=/dev/null",
+            "--out",
+            store_s,
+            "--force",
+        ],
+    ];
+    for args in cases {
+        let o = run(&args);
+        assert_refused(&o, &["model.safetensors", "never an input"]);
+        assert_eq!(
+            snapshot(&store),
+            before,
+            "{args:?} changed the linked weights"
+        );
+    }
+    // A link planted where eval writes its results: refused before anything is evaluated.
+    let victim = tmp.path().join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    let results = tmp.path().join("results");
+    std::fs::create_dir(&results).unwrap();
+    std::os::unix::fs::symlink(&victim, results.join("results.json")).unwrap();
+    let o = run(&[
+        "eval",
+        "--model",
+        hf_s,
+        "--tasks",
+        "arc_easy",
+        "--output-path",
+        results.to_str().unwrap(),
+    ]);
+    assert_refused(&o, &["results.json", "symbolic link"]);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    // Regenerated outputs replace only their own kind.
+    let notes = tmp.path().join("notes");
+    std::fs::create_dir(&notes).unwrap();
+    std::fs::write(notes.join("todo.txt"), "mine").unwrap();
+    let o = run(&["corpus", "fetch-demo", "--out", notes.to_str().unwrap()]);
+    assert_refused(&o, &["notes", "not an earlier output"]);
+    assert_eq!(
+        std::fs::read_to_string(notes.join("todo.txt")).unwrap(),
+        "mine"
+    );
+}
+
+/// Round 3, cause 2: an explicit `--resume` never starts over while checkpoints exist. When
+/// none verifies (a garbled manifest, an edited state, a swapped weights file) the run stops,
+/// naming each checkpoint and why, and changes nothing; a state file forged consistently
+/// (manifest hashes updated) is still refused when read (a step past the plan, a reference loss
+/// of -1e308, a NaN domain weight). A run may resume with another `--devices`.
+#[test]
+fn resume_never_starts_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = setup(BIN, tmp.path());
+    let plan = prune_plan(
+        tmp.path(),
+        "p.toml",
+        &model,
+        &data,
+        "[run]\nsteps = 4\nbatch_size = 2\nmicro_batch = 1\neval_interval = 2\n",
+    );
+    let run_dir = tmp.path().join("run");
+    let out = run_dir.to_str().unwrap();
+    let p = plan.to_str().unwrap();
+    ok(&run(&[
+        "prune",
+        "--config",
+        p,
+        "--out",
+        out,
+        "--devices",
+        "2",
+    ]));
+    // Resuming the finished 2-rank run on one device is the same run.
+    ok(&run(&[
+        "prune",
+        "--config",
+        p,
+        "--out",
+        out,
+        "--resume",
+        "--devices",
+        "1",
+    ]));
+    let pristine = snapshot(&run_dir);
+    let ckpts = run_dir.join("checkpoints");
+    let restore = |snap: &[(PathBuf, Vec<u8>)]| {
+        std::fs::remove_dir_all(&run_dir).unwrap();
+        for (f, b) in snap {
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(f, b).unwrap();
+        }
+    };
+    let resume = || run(&["prune", "--config", p, "--out", out, "--resume"]);
+    // Every checkpoint damaged, each in another way.
+    let names = shears_tests::runs::checkpoints(&run_dir);
+    assert_eq!(names, ["step-00000002", "step-00000004"]);
+    std::fs::write(ckpts.join(&names[1]).join("MANIFEST.json"), "{garbled").unwrap();
+    let state = ckpts.join(&names[0]).join("state.json");
+    let text = std::fs::read_to_string(&state).unwrap();
+    std::fs::write(&state, text.replace("\"step\": 2", "\"step\": 3")).unwrap();
+    let damaged = snapshot(&run_dir);
+    let err = assert_refused(
+        &resume(),
+        &[
+            "nothing to resume",
+            "step-00000004",
+            "step-00000002",
+            "MANIFEST.json",
+            "state.json",
+        ],
+    );
+    assert!(!err.contains("starting from step 0"), "{err}");
+    assert_eq!(
+        snapshot(&run_dir),
+        damaged,
+        "a refused resume changed the run"
+    );
+
+    // Forged consistently: the manifest's size and hash follow the edit. (Edited as text: the
+    // sampler's 128-bit RNG state does not survive a serde_json::Value.)
+    let forge = |edit: &dyn Fn(&str) -> String, says: &str| {
+        restore(&pristine);
+        let dir = ckpts.join(&names[1]);
+        let text = std::fs::read_to_string(dir.join("state.json")).unwrap();
+        let bytes = edit(&text).into_bytes();
+        assert_ne!(bytes, text.as_bytes(), "the edit changed nothing");
+        std::fs::write(dir.join("state.json"), &bytes).unwrap();
+        let mpath = dir.join("MANIFEST.json");
+        let mut m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+        m["files"]["state.json"] =
+            serde_json::json!({"bytes": bytes.len(), "sha256": sha256(&bytes)});
+        std::fs::write(&mpath, m.to_string()).unwrap();
+        let before = snapshot(&run_dir);
+        assert_refused(&resume(), &["state.json", says]);
+        assert_eq!(snapshot(&run_dir), before);
+    };
+    forge(
+        &|s| s.replacen("\"step\": 4,", "\"step\": 99,", 1),
+        "beyond the plan's 4 steps",
+    );
+    forge(
+        &|s| set_number(s, "\"reference_losses\"", "\"alpha\"", "-1e308"),
+        "reference loss",
+    );
+    forge(
+        &|s| set_number(s, "\"sampler\"", "\"beta\"", "\"NaN\""),
+        "invalid",
+    );
+    forge(
+        &|s| set_number(s, "\"sampler\"", "\"beta\"", "-0.5"),
+        "not a non-negative number",
+    );
+}
+
+/// `text` with the number after the first `key` that follows `section` replaced by `value`.
+fn set_number(text: &str, section: &str, key: &str, value: &str) -> String {
+    let s = text.find(section).expect("section");
+    let k = s + text[s..].find(key).expect("key") + key.len();
+    let colon = k + text[k..].find(':').unwrap() + 1;
+    let end = colon + text[colon..].find([',', '\n', '}']).unwrap();
+    format!("{} {value}{}", &text[..colon], &text[end..])
+}
+
+/// sha256 of `bytes` in hex, through the system's `sha256sum`.
+fn sha256(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)[..64].to_string()
+}
+
+/// Round 3, causes 3 and 5: MMLU requests share their few-shot preamble and context instead of
+/// copying them per (question, choice), and what the model cannot see is never tokenized: a
+/// folder whose every subject has 1 MB of shots scores in bounded memory (each request held a
+/// copy: 57 x 10 x 4 MB). A question with 27 choices, an empty subject under a fractional
+/// limit, and a folder with nothing to score are clear errors, never a panic or an empty row.
+#[cfg(unix)]
+#[test]
+fn mmlu_folders_cost_what_the_model_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let m = model.to_str().unwrap();
+    let eval = |dir: &Path, limit: &str| {
+        shears_limited(
+            BIN,
+            2048,
+            &[
+                "eval",
+                "--model",
+                m,
+                "--tasks",
+                "mmlu_mc",
+                "--mmlu-dir",
+                dir.to_str().unwrap(),
+                "--limit",
+                limit,
+                "--json",
+            ],
+        )
+    };
+    let big = shears_tests::mmlu_folder(&tmp.path().join("big"), |_, s| match s {
+        "dev" => "dev-big.arrow",
+        _ => "test.arrow",
+    });
+    let o = eval(&big, "10");
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["tasks"]["mmlu_mc"]["n"], 570);
+    let many =
+        shears_tests::mmlu_folder(&tmp.path().join("many"), |subject, s| match (subject, s) {
+            ("virology", "test") => "choices27.arrow",
+            (_, "dev") => "dev.arrow",
+            _ => "test.arrow",
+        });
+    assert_refused(&eval(&many, "1"), &["virology/test", "27 choices"]);
+    let empty = shears_tests::mmlu_folder(&tmp.path().join("empty"), |_, s| match s {
+        "dev" => "dev.arrow",
+        _ => "empty.arrow",
+    });
+    assert_refused(&eval(&empty, "0.5"), &["no question to score"]);
+}
+
+/// Round 3, cause 4: two symbolic-link cycles in a source tree (walked as a directory and
+/// through a `**` glob) and a FIFO inside it: each real directory is read once, the FIFO
+/// passed over, under a 2 GiB address-space limit (the cycles made the walk exponential and
+/// the FIFO blocked forever).
+#[cfg(unix)]
+#[test]
+fn prepare_walks_each_directory_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir_all(tree.join("a/b")).unwrap();
+    for (k, (name, _)) in shears_tests::runs::corpus(tmp.path()).iter().enumerate() {
+        std::fs::copy(
+            tmp.path().join(format!("{name}.jsonl")),
+            tree.join(if k == 0 { "a" } else { "a/b" })
+                .join(format!("{name}.jsonl")),
+        )
+        .unwrap();
+    }
+    std::os::unix::fs::symlink(&tree, tree.join("a/b/loop")).unwrap();
+    std::os::unix::fs::symlink(tree.join("a"), tree.join("a/b/again")).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(tree.join("a/b/stuck.jsonl"))
+        .status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+    let out = tmp.path().join("data");
+    let o = shears_limited(
+        BIN,
+        2048,
+        &[
+            "prepare",
+            "--tokenizer",
+            model.to_str().unwrap(),
+            "--domain",
+            &format!("walked={}", tree.display()),
+            "--domain",
+            &format!("globbed={}/**/*.jsonl", tree.display()),
+            "--seq-len",
+            "32",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    ok(&o);
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    for d in ["walked", "globbed"] {
+        assert_eq!(
+            m["domains"][d]["sources"].as_array().unwrap().len(),
+            3,
+            "{d}"
+        );
+    }
+}
+
+/// Round 3, causes 6 and 7: numbers a user gives that size a loop or an allocation are
+/// bounded before they do (`plan --batch 2^40` hung, `--device-memory 0.5B` was 0 bytes,
+/// `--devices 64` built 64 replicas on 2 cores), and settings under which the objective has no
+/// gradient are refused (`temperature = 1e-30`, `top_k = 1` trained to exit 0 with kd_loss 0).
+#[test]
+fn user_numbers_are_bounded_and_no_ops_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let target = shears_tests::runs::write(tmp.path(), "t.toml", TINY_TARGET);
+    let plan = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "--source",
+            model.to_str().unwrap(),
+            "--target",
+            target.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    assert_refused(
+        &plan(&["--batch", "1099511627776"]),
+        &["batch = 1099511627776", "beyond"],
+    );
+    // A command-line value clap refuses: its usage error (status 2) names the flag.
+    let o = plan(&["--device-memory", "0.5B"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--device-memory") && err.contains("below 1 MiB"),
+        "{err}"
+    );
+    // The largest fitting micro-batch of the largest batch a run takes comes at once.
+    let out = ok(&plan(&[
+        "--batch",
+        "16777216",
+        "--seq-len",
+        "32",
+        "--device-memory",
+        "80GB",
+    ]));
+    assert!(out.contains("largest micro-batch"), "{out}");
+
+    let o = run(&["--threads", "100000", "info", model.to_str().unwrap()]);
+    assert_refused(&o, &["--threads 100000", "between 1 and 1024"]);
+
+    let (_, data) = setup(BIN, tmp.path());
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let many = (threads + 1).to_string();
+    let p = prune_plan(
+        tmp.path(),
+        "dp.toml",
+        &model,
+        &data,
+        "[run]\nsteps = 1\nbatch_size = 64\nmicro_batch = 1\n",
+    );
+    let out = tmp.path().join("dp-run");
+    let o = run(&[
+        "prune",
+        "--config",
+        p.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--devices",
+        &many,
+    ]);
+    assert_refused(&o, &[&format!("run.devices = {many}"), "CPU thread"]);
+    assert!(!out.exists(), "a run directory was created");
+
+    for (distill, says) in [
+        ("temperature = 1e-30", "distill.temperature"),
+        ("top_k = 1", "distill.top_k = 1"),
+    ] {
+        let p = shears_tests::runs::write(
+            tmp.path(),
+            "train.toml",
+            &format!(
+                "model = \"{}\"\ndata = \"{}\"\n[distill]\nteacher = \"{}\"\n{distill}\n",
+                model.display(),
+                data.display(),
+                model.display()
+            ),
+        );
+        let out = tmp.path().join("kd-run");
+        let o = run(&[
+            "train",
+            "--config",
+            p.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_refused(&o, &[says, "no gradient"]);
+        assert!(!out.exists());
+    }
 }

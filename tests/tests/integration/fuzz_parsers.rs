@@ -1,6 +1,9 @@
 //! A mutation fuzzer for the parsers that read files a user hands Shears: GGUF (the whole model
-//! load: metadata, tensor directory, tokenizer, dequantisation, weight checks), safetensors and
-//! `config.json` (with everything sized from a config: parameter counts and `shears plan`).
+//! load: metadata, tensor directory, tokenizer, dequantisation, weight checks), safetensors,
+//! `config.json` (with everything sized from a config: parameter counts and `shears plan`),
+//! MMLU's Arrow rows (decoded into questions and both OLMES prompt formats, and a whole task
+//! loaded), and a run directory's checkpoint files (`MANIFEST.json` verified, `state.json` read
+//! and its sampler restored and drawn from, as `--resume` does).
 //!
 //! Each case takes a valid file, applies a few seeded mutations (bit flips, truncation, spliced
 //! boundary integers, duplicated or deleted ranges, and for JSON, structurally replaced values),
@@ -363,6 +366,135 @@ fn config_parser_survives_mutated_configs() {
                 // Plan errors (a batch too large) name settings, not the file.
                 Ok(_) | Err(_) => Ok(()),
             }
+        });
+    }
+    tally.finish();
+}
+
+/// MMLU rows: a fixture split mutated byte-wise, read as one subject's split and turned into
+/// prompts in both formats; every 25th case loads the whole task over a 57-subject folder.
+#[cfg(unix)]
+#[test]
+fn mmlu_rows_survive_mutated_files() {
+    use shears_eval::mmlu::{self, Format};
+    quiet_panics();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shears_tests::mmlu_folder(&tmp.path().join("mmlu"), |_, s| match s {
+        "dev" => "dev.arrow",
+        _ => "test.arrow",
+    });
+    let target = dir.join("anatomy/test/data-00000-of-00001.arrow");
+    std::fs::remove_file(&target).unwrap();
+    let bases: Vec<Vec<u8>> = ["dev.arrow", "test.arrow", "choices27.arrow", "empty.arrow"]
+        .iter()
+        .map(|f| std::fs::read(shears_tests::repo_fixture(&format!("mmlu-hostile/{f}"))).unwrap())
+        .collect();
+    let mut tally = Tally::new("MMLU arrow");
+    for seed in first_seed()..first_seed() + cases() {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut bytes = bases[rng.random_range(0..bases.len())].clone();
+        mutate(&mut rng, &mut bytes);
+        std::fs::write(&target, &bytes).unwrap();
+        tally.case(seed, "mmlu", || {
+            let qs = mmlu::read_split(&dir, "anatomy", "test").map_err(|e| e.to_string())?;
+            for format in [Format::Rc, Format::Mc] {
+                for q in &qs {
+                    let _ = mmlu::question_text(q, format);
+                    let _ = mmlu::continuations(q, format);
+                }
+                let _ = mmlu::preamble("anatomy", &qs[..qs.len().min(5)], format);
+            }
+            if seed % 25 == 0 {
+                mmlu::load(&dir, "mmlu_mc", Some(shears_eval::zeroshot::Limit::Docs(1)))
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        });
+    }
+    tally.finish();
+}
+
+/// A checkpoint's `state.json` (a valid one, mutated byte-wise or as JSON) and `MANIFEST.json`
+/// (mutated byte-wise): verified, read, and the sampler restored and drawn from, as `--resume`
+/// does. A state is refused by the checkpoint's manifest (byte mutations of state.json are
+/// written with a fresh manifest, so the reader itself is reached) or by its reader, naming
+/// the file; never a panic.
+#[test]
+fn run_state_files_survive_mutation() {
+    use shears_data::{DomainSampler, SamplerConfig};
+    use shears_trainer::checkpoint::{self, Staging};
+    use shears_trainer::records::{LoopState, StageState, TrainState, STATE_FORMAT};
+    quiet_panics();
+    let tmp = tempfile::tempdir().unwrap();
+    let sizes: BTreeMap<String, u64> = [("alpha", 40), ("beta", 7), ("gamma", 1)]
+        .map(|(k, n)| (k.to_string(), n))
+        .into();
+    let weights: BTreeMap<String, f64> = sizes.keys().map(|k| (k.clone(), 1.0)).collect();
+    let mut sampler = DomainSampler::new(SamplerConfig::default(), &sizes, &weights).unwrap();
+    for _ in 0..5 {
+        sampler.draw().unwrap();
+    }
+    let mut sampler = sampler.state().clone();
+    // A small RNG state, so the JSON mutations (through serde_json::Value, which has no
+    // 128-bit integers) keep it.
+    sampler.rng = rand_pcg::Pcg64Mcg::new(12345);
+    let state = LoopState {
+        format: STATE_FORMAT.into(),
+        step: 5,
+        finished: false,
+        metrics_bytes: 100,
+        sampler,
+        reference_losses: sizes.keys().map(|k| (k.clone(), 2.5)).collect(),
+        bad_steps: 0,
+        stage: StageState::Train(TrainState {
+            optimizer_steps: [("model".to_string(), 5)].into(),
+        }),
+    };
+    let base: Value = serde_json::to_value(&state).unwrap();
+    let root = tmp.path().join("checkpoints");
+    let mut tally = Tally::new("run state");
+    for seed in first_seed()..first_seed() + cases() {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let text = if rng.random_bool(0.6) {
+            let mut v = base.clone();
+            for _ in 0..rng.random_range(1..=3) {
+                mutate_json(&mut rng, &mut v, 0);
+            }
+            v.to_string().into_bytes()
+        } else {
+            let mut b = base.to_string().into_bytes();
+            mutate(&mut rng, &mut b);
+            b
+        };
+        let _ = std::fs::remove_dir_all(&root);
+        let s = Staging::begin(&root, 5).unwrap();
+        std::fs::write(s.path().join("state.json"), &text).unwrap();
+        let dir = s.commit().unwrap();
+        let damage_manifest = rng.random_bool(0.3);
+        if damage_manifest {
+            let mpath = dir.join(checkpoint::MANIFEST);
+            let mut m = std::fs::read(&mpath).unwrap();
+            mutate(&mut rng, &mut m);
+            std::fs::write(&mpath, m).unwrap();
+        }
+        let name = if damage_manifest {
+            "step-00000005"
+        } else {
+            "state.json"
+        };
+        tally.case(seed, name, || {
+            checkpoint::verify(&dir).map_err(|e| e.to_string())?;
+            let st = LoopState::read(&dir).map_err(|e| e.to_string())?;
+            // Past the reader: restoring against the data and drawing never panics (a
+            // refusal here is about the data, not the file).
+            if let Ok(mut s) = DomainSampler::restore(st.sampler, &sizes) {
+                for _ in 0..20 {
+                    if s.draw().is_err() {
+                        break;
+                    }
+                }
+            }
+            Ok(())
         });
     }
     tally.finish();

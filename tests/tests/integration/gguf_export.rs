@@ -371,17 +371,24 @@ fn sentencepiece_tokenizer_round_trips() {
     }
 }
 
-/// Rope scaling survives the trip: linear as `rope.scaling.*` keys, Llama-3 as the
-/// `rope_freqs.weight` divisors llama.cpp reads (from which the importer recovers the
-/// parameters; with too few frequencies they are ambiguous, though the divisors still agree).
+/// Rope scaling survives the trip for every type the exporter writes: linear as
+/// `rope.scaling.*` keys, Llama-3 as the `rope_freqs.weight` divisors llama.cpp reads plus the
+/// parameters under `shears.rope.llama3.*` (llama.cpp ignores them; the importer checks they
+/// reproduce the divisors), so factors outside the published sets come back too (they were
+/// exported with exit 0 and then refused by the importer). Scores agree.
 #[test]
 fn rope_scaling_round_trips() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, files) = tiny(tmp.path());
+    let ids: Vec<u32> = (0..100).map(|i| (i * 37 % 250) as u32).collect();
     for (i, scaling) in [
         serde_json::json!({"rope_type": "linear", "factor": 4.0}),
         serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+        serde_json::json!({"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 2.0,
+            "high_freq_factor": 8.0, "original_max_position_embeddings": 4096}),
+        serde_json::json!({"rope_type": "llama3", "factor": 3.5, "low_freq_factor": 0.5,
+            "high_freq_factor": 3.0, "original_max_position_embeddings": 32}),
     ]
     .into_iter()
     .enumerate()
@@ -394,12 +401,14 @@ fn rope_scaling_round_trips() {
         let out = tmp.path().join(format!("rope{i}.gguf"));
         write_llama_gguf(&f, GgufQuant::F32, "t", &out, false).unwrap();
         let g = GgufFile::open(&out).unwrap();
-        assert_eq!(g.tensor_info("rope_freqs.weight").is_some(), i == 1);
+        assert_eq!(g.tensor_info("rope_freqs.weight").is_some(), i >= 1);
         let back = ModelFiles::load(&out).unwrap();
-        assert_eq!(back.config.rope_scaling, Some(scaling));
+        assert_eq!(back.config.rope_scaling, Some(scaling.clone()));
         assert_eq!(
             back.config.rope().unwrap().scaling,
             f.config.rope().unwrap().scaling
         );
+        let (a, b) = (mean_nll(&f, &ids), mean_nll(&back, &ids));
+        assert!((a - b).abs() < 1e-5, "{scaling}: {a} vs {b}");
     }
 }

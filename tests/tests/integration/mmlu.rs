@@ -124,9 +124,15 @@ fn prompts_follow_olmes() {
             q.choices[q.answer]
         );
     }
-    assert_eq!(&r.context[..r.shared_prefix], want);
+    assert_eq!(&*r.preamble, want);
     want += &format!("Question: {}\nAnswer:", val[0].question.trim());
-    assert_eq!(r.context, want);
+    assert_eq!(r.full_context(), want);
+    // The choices share one context and the subject one preamble (references, not copies).
+    assert!(std::sync::Arc::ptr_eq(&r.context, &rc.requests[3].context));
+    assert!(std::sync::Arc::ptr_eq(
+        &r.preamble,
+        &rc.requests[3].preamble
+    ));
     let conts: Vec<&str> = rc.requests[..4]
         .iter()
         .map(|r| r.continuation.as_str())
@@ -152,8 +158,9 @@ fn prompts_follow_olmes() {
         t0.choices[2],
         t0.choices[3]
     );
-    assert!(r.context.ends_with(&want), "{}", r.context);
-    assert!(r.context.starts_with(&format!(
+    let context = r.full_context();
+    assert!(context.ends_with(&want), "{context}");
+    assert!(context.starts_with(&format!(
         "The following are multiple choice questions (with answers) about abstract algebra.\n\nQuestion: {}\n A. {}\n",
         dev[0].question.trim(),
         dev[0].choices[0]
@@ -177,7 +184,7 @@ fn prompts_follow_olmes() {
         mmlu::load(&dir, "mmlu_xx", None),
         Err(shears_core::Error::Invalid(_))
     ));
-    assert!(zeroshot::task_names().contains(&"mmlu_mc_val"));
+    assert!(shears_eval::task_names().contains(&"mmlu_mc_val"));
 }
 
 /// The few-shot preamble runs once per subject and every question continues from its cache:
@@ -195,8 +202,8 @@ fn shared_preamble_matches_whole_scoring() {
     for name in ["mmlu_rc_val", "mmlu_mc_val"] {
         let all = mmlu::load(&dir, name, Some(Limit::Docs(2))).unwrap();
         for r in all.requests.iter().step_by(4) {
-            let pre = tok.encode(&r.context[..r.shared_prefix], false).unwrap();
-            let ctx = tok.encode(&r.context, false).unwrap();
+            let pre = tok.encode(&r.preamble, false).unwrap();
+            let ctx = tok.encode(&r.full_context(), false).unwrap();
             let agree = pre.iter().zip(&ctx).take_while(|(a, b)| a == b).count();
             assert!(
                 agree + 2 >= pre.len() && agree > 100,
@@ -247,4 +254,62 @@ fn shared_preamble_matches_whole_scoring() {
         assert!(subs.values().all(|s| s.n == 2));
     }
     eprintln!("shared preamble vs whole: worst |Δ log-prob| = {worst:.2e}");
+}
+
+/// Valid but unusual folders: an empty subject under a fractional limit (it panicked), every
+/// split empty (0 questions exited 0), a question or a shot with 27 choices (cut silently, or
+/// a shot's answer past 'Z' panicked), and a 1 MB preamble that every request shares instead
+/// of copying.
+#[cfg(unix)]
+#[test]
+fn unusual_mmlu_folders_are_refused_or_shared() {
+    let tmp = tempfile::tempdir().unwrap();
+    let normal = shears_tests::mmlu_folder(&tmp.path().join("normal"), |_, s| match s {
+        "dev" => "dev.arrow",
+        _ => "test.arrow",
+    });
+    let t = mmlu::load(&normal, "mmlu_mc", Some(Limit::Fraction(0.5))).unwrap();
+    assert_eq!(t.requests.len(), 57 * 5 * 4);
+    let one_empty = shears_tests::mmlu_folder(&tmp.path().join("one-empty"), |subject, s| {
+        match (subject, s) {
+            (_, "dev") => "dev.arrow",
+            ("anatomy", _) => "empty.arrow",
+            _ => "test.arrow",
+        }
+    });
+    let t = mmlu::load(&one_empty, "mmlu_rc", Some(Limit::Fraction(0.5))).unwrap();
+    assert_eq!(t.requests.len(), 56 * 5 * 4);
+    let all_empty = shears_tests::mmlu_folder(&tmp.path().join("all-empty"), |_, s| match s {
+        "dev" => "dev.arrow",
+        _ => "empty.arrow",
+    });
+    let e = mmlu::load(&all_empty, "mmlu_mc_val", Some(Limit::Fraction(0.5)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no question to score"), "{e}");
+    for (split, name) in [("test", "many-choices"), ("dev", "many-shots")] {
+        let dir =
+            shears_tests::mmlu_folder(&tmp.path().join(name), |subject, s| match (subject, s) {
+                ("virology", x) if x == split => "choices27.arrow",
+                (_, "dev") => "dev.arrow",
+                _ => "test.arrow",
+            });
+        let e = mmlu::load(&dir, "mmlu_mc", Some(Limit::Docs(1)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("virology/{split}")) && e.contains("27 choices"),
+            "{e}"
+        );
+    }
+    let big = shears_tests::mmlu_folder(&tmp.path().join("big"), |_, s| match s {
+        "dev" => "dev-big.arrow",
+        _ => "test.arrow",
+    });
+    let t = mmlu::load(&big, "mmlu_rc", None).unwrap();
+    assert_eq!(t.requests.len(), 57 * 10 * 4);
+    assert!(t.requests[0].preamble.len() > 1_000_000);
+    for r in &t.requests[..40] {
+        assert!(std::sync::Arc::ptr_eq(&r.preamble, &t.requests[0].preamble));
+    }
 }

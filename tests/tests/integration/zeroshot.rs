@@ -23,6 +23,7 @@ pub(crate) fn with_and_without_prefix_reuse(
         let s = zeroshot::ScoreSettings {
             batch: 8,
             prefix_reuse,
+            keep_ids: true,
         };
         zeroshot::score_with(model, None, tok, requests, s, |_| {}).unwrap()
     };
@@ -218,4 +219,50 @@ fn prefix_reuse_matches_whole_scoring() {
         "no fixture task shares a context: the prefix path went untested"
     );
     eprintln!("prefix reuse vs whole: worst |Δ log-prob| = {worst:.2e}");
+}
+
+/// A context longer than the model can see (a 4.8 MB few-shot preamble before a 128-token
+/// model) is cut before it is tokenized: only the end the model reads is tokenized, once per
+/// document, and the scores equal those of the same request with the preamble's last 4 KB
+/// alone (the window is the same).
+#[test]
+fn contexts_past_the_window_are_cut_before_tokenizing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = ModelFiles::load(shears_tests::runs::tiny_model(tmp.path())).unwrap();
+    let tok = files.tokenizer().unwrap();
+    let model = load::from_files::<B>(&files, &Default::default(), DType::F32).unwrap();
+    let window = model.config.max_position_embeddings;
+    let long: String = "the cat sat on the mat. ".repeat(200_000);
+    let requests = |pre: &str| -> Vec<zeroshot::Request> {
+        let pre: std::sync::Arc<str> = std::sync::Arc::from(pre);
+        let ctx: std::sync::Arc<str> = std::sync::Arc::from("Question: the?\nAnswer:");
+        [" the", " cat", " mat", " sat on"]
+            .iter()
+            .enumerate()
+            .map(|(i, c)| zeroshot::Request {
+                preamble: pre.clone(),
+                ..zeroshot::Request::new(0, i, Some(1), ctx.clone(), c)
+            })
+            .collect()
+    };
+    let short = &long[long.len() - 4096..];
+    for reuse in [true, false] {
+        let s = zeroshot::ScoreSettings {
+            batch: 4,
+            prefix_reuse: reuse,
+            keep_ids: true,
+        };
+        let a = zeroshot::score_with(&model, None, tok, &requests(&long), s, |_| {}).unwrap();
+        let b = zeroshot::score_with(&model, None, tok, &requests(short), s, |_| {}).unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            assert!(x.context_cut && y.context_cut, "{reuse}");
+            assert!(x.ctx_tokens < 100_000, "{} tokens", x.ctx_tokens);
+            assert_eq!(x.cont_ids, y.cont_ids);
+            let tail = |s: &zeroshot::Scored| s.ctx_ids[s.ctx_ids.len() - window..].to_vec();
+            assert_eq!(tail(x), tail(y));
+            for (p, q) in x.token_logprobs.iter().zip(&y.token_logprobs) {
+                assert!((p - q).abs() <= 1e-5, "{p} vs {q}");
+            }
+        }
+    }
 }

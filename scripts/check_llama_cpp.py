@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Check Shears' GGUF exports against llama.cpp, the runtime users deploy on.
+
+For SmolLM2-135M exported as f32 GGUF with each rope type the exporter writes (none, linear,
+Llama-3 with the published factors and with others), score one text with `shears score` on the
+exported file and with llama.cpp (node-llama-cpp@3.21.1's prebuilt CPU binaries, through
+scripts/llama_cpp_score.mjs): the token ids must be equal and the mean NLL agree within 2e-3
+(llama.cpp keeps an f16 KV cache). The scaled ropes must also change the scores (so a scaling
+that one side ignores cannot pass).
+
+    python3 scripts/check_llama_cpp.py [--shears PATH] [--work DIR]
+
+node-llama-cpp is installed with npm into $SHEARS_CACHE/node-llama-cpp (default
+~/.cache/shears) on first use. Exit status 1 when a check fails.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VERSION = "3.21.1"
+TOLERANCE = 2e-3
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Shears prunes large language models into "
+    "smaller ones, and llama.cpp runs them on laptops. In 1905, Albert Einstein published four "
+    "papers that changed physics: on the photoelectric effect, Brownian motion, special "
+    "relativity and the equivalence of mass and energy.\n"
+)
+ROPES = [
+    ("default", None),
+    ("linear x2", {"rope_type": "linear", "factor": 2.0}),
+    (
+        "llama3 (published factors)",
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    ),
+    (
+        "llama3 (other factors)",
+        {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 2.0,
+         "high_freq_factor": 8.0, "original_max_position_embeddings": 64},
+    ),
+]
+
+
+def run(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        sys.exit(f"command failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-4000:]}")
+    return r.stdout
+
+
+def install(cache):
+    """node-llama-cpp and its linux-x64 CPU binaries (not the CUDA / Vulkan ones)."""
+    dest = os.path.join(cache, "node-llama-cpp")
+    marker = os.path.join(dest, "node_modules", "node-llama-cpp", "package.json")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f).get("version") == VERSION:
+                return dest
+    os.makedirs(dest, exist_ok=True)
+    with open(os.path.join(dest, "package.json"), "w") as f:
+        json.dump({"name": "shears-llama-cpp-check", "private": True}, f)
+    run(["npm", "i", "-E", "--no-audit", "--no-fund", "--omit=optional",
+         f"node-llama-cpp@{VERSION}", f"@node-llama-cpp/linux-x64@{VERSION}"], cwd=dest)
+    return dest
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shears", default=os.path.join(
+        os.environ.get("CARGO_TARGET_DIR", os.path.join(HERE, "..", "target")), "debug", "shears"))
+    ap.add_argument("--work", help="folder for the exports (default: a temporary one)")
+    a = ap.parse_args()
+    cache = os.environ.get("SHEARS_CACHE", os.path.expanduser("~/.cache/shears"))
+    node_dir = install(cache)
+    work = a.work or tempfile.mkdtemp(prefix="shears-llama-cpp-")
+    os.makedirs(work, exist_ok=True)
+    text = os.path.join(work, "text.txt")
+    with open(text, "w") as f:
+        f.write(TEXT)
+    hf = os.path.join(work, "smollm2")
+    run([a.shears, "import", "smollm2", "--out", hf, "--force"])
+    with open(os.path.join(hf, "config.json")) as f:
+        base = json.load(f)
+    failures, means = [], {}
+    print(f"{'rope':<28} {'tokens':>6} {'shears':>10} {'llama.cpp':>10} {'|diff|':>9}")
+    for name, rope in ROPES:
+        cfg = dict(base)
+        for k in ("rope_scaling", "rope_parameters"):
+            cfg.pop(k, None)
+        if rope:
+            cfg["rope_scaling"] = rope
+        model = os.path.join(work, f"rope-{len(means)}")
+        if os.path.exists(model):
+            shutil.rmtree(model)
+        shutil.copytree(hf, model)
+        with open(os.path.join(model, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        gguf = model + ".gguf"
+        run([a.shears, "export", model, "--out", gguf, "--quant", "f32", "--force"])
+        ours = json.loads(run([a.shears, "score", "--model", gguf, "--text-file", text, "--json"]))
+        env = dict(os.environ, NODE_LLAMA_CPP_DIR=node_dir)
+        theirs = json.loads(run(["node", os.path.join(HERE, "llama_cpp_score.mjs"), gguf, text],
+                                env=env))
+        diff = abs(ours["mean_nll"] - theirs["mean_nll"])
+        means[name] = ours["mean_nll"]
+        print(f"{name:<28} {len(ours['token_ids']):>6} {ours['mean_nll']:>10.5f} "
+              f"{theirs['mean_nll']:>10.5f} {diff:>9.2e}")
+        if ours["token_ids"] != theirs["token_ids"]:
+            failures.append(f"{name}: token ids differ")
+        if not diff <= TOLERANCE:
+            failures.append(f"{name}: mean NLL differs by {diff:.2e} (> {TOLERANCE})")
+    for name, _ in ROPES[1:]:
+        if abs(means[name] - means["default"]) < 1e-3:
+            failures.append(f"{name}: scores equal the unscaled model's (scaling not applied?)")
+    if not a.work:
+        shutil.rmtree(work, ignore_errors=True)
+    if failures:
+        sys.exit("llama.cpp check failed:\n  " + "\n  ".join(failures))
+    print("llama.cpp agrees with Shears on every export")
+
+
+if __name__ == "__main__":
+    main()
