@@ -1,6 +1,9 @@
 //! The `shears` command-line tool: the binary edge of the workspace, where library errors get
 //! their context and become exit codes.
 
+// Unsafe code only where it is named (the allocator's option setter).
+#![deny(unsafe_code)]
+
 mod bench;
 mod bench_kernels;
 mod commands;
@@ -37,7 +40,10 @@ const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 fn tune_allocator() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: a plain setter of an integer option; any value is valid.
-        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+        #[allow(unsafe_code)]
+        unsafe {
+            mi_option_set(MI_OPTION_PURGE_DELAY, -1)
+        };
     }
 }
 

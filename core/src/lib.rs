@@ -6,10 +6,14 @@
 //! templates, and atomic output directories. It must not depend on burn: format code stays testable without a backend and
 //! quick to build.
 
+// Unsafe code only where it is named (the read-only memory maps of model files).
+#![deny(unsafe_code)]
+
 pub mod config;
 pub mod error;
 pub mod formats;
 pub mod fsutil;
+pub mod gguf_export;
 pub mod hub;
 pub mod layer_tensors;
 pub mod model_files;

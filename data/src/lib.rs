@@ -4,13 +4,15 @@
 //!
 //! - [`documents`]: reading a domain's input files into documents;
 //! - [`plan`]: the data plan;
-//! - [`prepare`]: tokenizing, splitting train/eval by document, packing into token shards;
+//! - [`prepare`](mod@prepare): tokenizing, splitting train/eval by document, packing into token shards;
 //! - [`manifest`] and [`shards`]: the prepared dataset on disk, memory-mapped;
 //! - [`sampler`]: deterministic, resumable, rank-aware per-sample domain draws;
 //! - [`dbl`]: dynamic batch loading (reweighting rules and reference losses).
 //!
 //! It must not run models (the trainer measures losses and hands them to [`dbl`]) or reach the
 //! network (the demo corpus fetcher is the CLI's).
+// Unsafe code only where it is named (the read-only memory maps of token shards).
+#![deny(unsafe_code)]
 
 pub mod dbl;
 pub mod documents;

@@ -52,6 +52,7 @@ impl SplitShards {
             let p = dir.join(&s.file);
             let f = std::fs::File::open(&p).at(&p, "cannot open shard")?;
             // SAFETY: read-only map of a file written once by `prepare`.
+            #[allow(unsafe_code)]
             let m = unsafe { Mmap::map(&f) }.at(&p, "cannot memory-map shard")?;
             let want = (s.sequences as usize)
                 .checked_mul(seq_len)

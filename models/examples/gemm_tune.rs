@@ -36,6 +36,8 @@ fn main() {
         // C on a 64-byte boundary, as the model's buffers are (mimalloc): streaming stores need it.
         let mut c_buf = vec![0f32; m * n + 16];
         let off = c_buf.as_ptr().align_offset(64);
+        // SAFETY: `c_buf` holds the m × n output at offset `off` plus the alignment slack, and A
+        // and B are the m × k and k × n buffers above.
         let c = unsafe { c_buf.as_mut_ptr().add(off) };
         // forward: A row-major [m,k], B row-major [k,n]; "nt": B given as [n,k] (transposed view)
         // "tn": A given as [k,m] (weight-gradient layout).
@@ -44,6 +46,8 @@ fn main() {
             ("nt", Mat::rows(a.as_ptr(), k), Mat::rows(b.as_ptr(), k).t()),
             ("tn", Mat::rows(a.as_ptr(), m).t(), Mat::rows(b.as_ptr(), n)),
         ] {
+            // SAFETY: `c_buf` holds the m × n output at offset `off` plus the alignment slack, and
+            // A and B are the m × k and k × n buffers above.
             let run = || unsafe { gemm(m, n, k, 1.0f32, am, bm, c, n as isize, 1, false, true) };
             run();
             let iters = (1e10 / (2.0 * (m * n * k) as f64)).clamp(5.0, 400.0) as usize;

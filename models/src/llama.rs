@@ -9,7 +9,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear};
-use burn::tensor::{activation, backend::Backend, Bool, DType, Int, Tensor};
+use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor};
 use shears_core::{LlamaConfig, Rope};
 
 use crate::cache::{KvCache, LayerCache};
@@ -17,40 +17,9 @@ use crate::masks::{ForwardMasks, LayerMasks};
 use crate::ops::{self, ShearsOps};
 use crate::rope;
 
-/// `sigmoid`, exact in f64: burn's own computes in f32 whatever the input type, which is fine
-/// for f32 and half models but not for f64 checks (finite differences).
-pub fn sigmoid<const D: usize, B: Backend>(x: Tensor<B, D>) -> Tensor<B, D> {
-    match x.dtype() {
-        DType::F64 => x.neg().exp().add_scalar(1.0).recip(),
-        _ => activation::sigmoid(x),
-    }
-}
-
-/// `x · sigmoid(x)` (exact in f64).
-pub fn silu<const D: usize, B: Backend>(x: Tensor<B, D>) -> Tensor<B, D> {
-    match x.dtype() {
-        DType::F64 => x.clone() * sigmoid(x),
-        _ => activation::silu(x),
-    }
-}
-
-/// Half-precision values are widened to f32 for reductions (as HF does); f32 and f64 stay.
-pub fn upcast<const D: usize, B: Backend>(x: Tensor<B, D>) -> Tensor<B, D> {
-    match x.dtype() {
-        DType::F16 | DType::BF16 => x.cast(DType::F32),
-        _ => x,
-    }
-}
-
-/// `x` in `dtype` (a cast only when it differs): autocast's weight cast, in the graph so the
-/// gradient comes back in the parameter's dtype.
-pub fn to_dtype<const D: usize, B: Backend>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
-    if x.dtype() == dtype {
-        x
-    } else {
-        x.cast(dtype)
-    }
-}
+// The small tensor helpers live with the ops (which use them too); re-exported here, where
+// the rest of the workspace has always found them.
+pub use crate::ops::tensor::{sigmoid, silu, to_dtype, upcast};
 
 /// Root-mean-square layer norm, computed in f32 whatever the parameter dtype (as HF does).
 #[derive(Module, Debug)]

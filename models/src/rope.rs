@@ -55,21 +55,8 @@ pub fn apply<B: crate::ShearsOps>(
     crate::ops::rope(x, cos, sin)
 }
 
-/// The generic definition of [`apply`], in burn ops.
-pub fn apply_generic<B: Backend>(
-    x: Tensor<B, 4>,
-    cos: &Tensor<B, 2>,
-    sin: &Tensor<B, 2>,
-) -> Tensor<B, 4> {
-    let [_, t, _, d] = x.dims();
-    let half = d / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let swapped = Tensor::cat(vec![x2, x1], 3);
-    let cos = cos.clone().reshape([1, t, 1, d]);
-    let sin = sin.clone().reshape([1, t, 1, d]);
-    x * cos + swapped * sin
-}
+/// The generic definition of [`apply`], in burn ops ([`crate::ops::rope_generic`]).
+pub use crate::ops::rope_generic as apply_generic;
 
 #[cfg(test)]
 mod tests {

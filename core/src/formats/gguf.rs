@@ -389,6 +389,7 @@ impl GgufFile {
         let path = path.as_ref();
         let file = std::fs::File::open(path).at(path, "cannot open")?;
         // SAFETY: read-only map; see SafeTensorsFile::open.
+        #[allow(unsafe_code)]
         let mmap = unsafe { Mmap::map(&file) }.at(path, "cannot memory-map")?;
         let mut c = Cursor {
             buf: &mmap,

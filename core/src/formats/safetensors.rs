@@ -185,6 +185,7 @@ impl SafeTensorsFile {
         let file = std::fs::File::open(path).at(path, "cannot open")?;
         // SAFETY: the map is read-only; a file truncated underneath us is the user's doing and
         // is the documented hazard of memory-mapping.
+        #[allow(unsafe_code)]
         let mmap = unsafe { Mmap::map(&file) }.at(path, "cannot memory-map")?;
         let bad = |msg: String| Error::format(path, format!("invalid safetensors file: {msg}"));
         if mmap.len() < 8 {
@@ -413,7 +414,7 @@ type Maker<'a> = Box<dyn FnOnce() -> Cow<'a, HostTensor> + 'a>;
 /// Tensors to write whose host copies are made one at a time, as the writer reaches each: the
 /// header needs only names, dtypes and shapes, so a checkpoint of a model whose weights and
 /// optimizer moments live on a device (or in the autodiff graph's parameters) never holds more
-/// than one tensor's host copy at once. Written in name order, like [`write`].
+/// than one tensor's host copy at once. Written in name order, like [`write()`].
 #[derive(Default)]
 pub struct LazyTensors<'a> {
     items: BTreeMap<String, (DType, Vec<usize>, Maker<'a>)>,

@@ -54,6 +54,10 @@ impl AttnShape {
 }
 
 /// `dst[m×n] (row stride ldd) (+)= alpha · A[m×k] · B[k×n]`, strides in elements.
+///
+/// # Safety
+/// As [`super::gemm::gemm`]: every element the shapes and strides address must be valid, and
+/// `dst` must alias neither input.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn mm<T: Real>(
@@ -71,27 +75,30 @@ unsafe fn mm<T: Real>(
     b_cs: usize,
     alpha: T,
 ) {
-    super::gemm::gemm(
-        m,
-        n,
-        k,
-        alpha,
-        super::gemm::Mat {
-            ptr: a,
-            rs: a_rs as isize,
-            cs: a_cs as isize,
-        },
-        super::gemm::Mat {
-            ptr: bm,
-            rs: b_rs as isize,
-            cs: b_cs as isize,
-        },
-        dst,
-        ldd as isize,
-        1,
-        accumulate,
-        false,
-    )
+    // SAFETY: this function's contract is `gemm`'s, to which the pointers and strides go unchanged.
+    unsafe {
+        super::gemm::gemm(
+            m,
+            n,
+            k,
+            alpha,
+            super::gemm::Mat {
+                ptr: a,
+                rs: a_rs as isize,
+                cs: a_cs as isize,
+            },
+            super::gemm::Mat {
+                ptr: bm,
+                rs: b_rs as isize,
+                cs: b_cs as isize,
+            },
+            dst,
+            ldd as isize,
+            1,
+            accumulate,
+            false,
+        )
+    }
 }
 
 /// Mask the scores of row `r` of a tile whose first query is `qi0` and first key `kj0`:
@@ -171,6 +178,8 @@ pub fn forward<T: Real>(
                 hd
             ));
             // acc += P · V
+            // SAFETY: the indices stay within the lengths asserted above, and the tile buffers hold
+            // the m · BK (or m · hd) elements the product writes.
             unsafe {
                 mm(
                     m,

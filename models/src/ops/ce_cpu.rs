@@ -45,6 +45,10 @@ impl CeShape {
 }
 
 /// `dst (+)= alpha · A · B` with every stride explicit (elements), over every thread.
+///
+/// # Safety
+/// As [`super::gemm::gemm`]: every element the shapes and strides address must be valid, and
+/// `dst` must alias neither input.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn mm<T: Real>(
@@ -58,30 +62,37 @@ unsafe fn mm<T: Real>(
     (b_rs, b_cs): (usize, usize),
     alpha: T,
 ) {
-    super::gemm::gemm(
-        m,
-        n,
-        k,
-        alpha,
-        super::gemm::Mat {
-            ptr: a,
-            rs: a_rs as isize,
-            cs: a_cs as isize,
-        },
-        super::gemm::Mat {
-            ptr: b,
-            rs: b_rs as isize,
-            cs: b_cs as isize,
-        },
-        dst,
-        d_rs as isize,
-        d_cs as isize,
-        accumulate,
-        true,
-    )
+    // SAFETY: this function's contract is `gemm`'s, to which the pointers and strides go unchanged.
+    unsafe {
+        super::gemm::gemm(
+            m,
+            n,
+            k,
+            alpha,
+            super::gemm::Mat {
+                ptr: a,
+                rs: a_rs as isize,
+                cs: a_cs as isize,
+            },
+            super::gemm::Mat {
+                ptr: b,
+                rs: b_rs as isize,
+                cs: b_cs as isize,
+            },
+            dst,
+            d_rs as isize,
+            d_cs as isize,
+            accumulate,
+            true,
+        )
+    }
 }
 
 /// Logits tile `[m, nv]` = `h[r0..r0+m] · W[v0..v0+nv]ᵀ`.
+///
+/// # Safety
+/// `h` must hold rows `r0..r0 + m` of width `sh.d`, `w` the rows `v0..v0 + nv` of the LM head
+/// in `sh`'s layout, and `out` at least `m · nv` floats.
 unsafe fn logits_tile<T: Real>(
     sh: CeShape,
     h: &[T],
@@ -92,19 +103,23 @@ unsafe fn logits_tile<T: Real>(
     nv: usize,
     out: &mut [T],
 ) {
-    let (w_rs, w_cs) = sh.strides();
-    mm(
-        (m, nv, sh.d),
-        out.as_mut_ptr(),
-        (nv, 1),
-        false,
-        h.as_ptr().add(r0 * sh.d),
-        (sh.d, 1),
-        w.as_ptr().add(v0 * w_rs),
-        // Wᵀ: element (dd, vv) is W[v0 + vv, dd].
-        (w_cs, w_rs),
-        T::ONE,
-    );
+    // SAFETY: this function's contract: rows `r0..r0 + m` of `h` and rows `v0..v0 + nv` of `W` (in
+    // `sh`'s layout) lie inside the slices, and `out` holds the `m · nv` tile, apart from both.
+    unsafe {
+        let (w_rs, w_cs) = sh.strides();
+        mm(
+            (m, nv, sh.d),
+            out.as_mut_ptr(),
+            (nv, 1),
+            false,
+            h.as_ptr().add(r0 * sh.d),
+            (sh.d, 1),
+            w.as_ptr().add(v0 * w_rs),
+            // Wᵀ: element (dd, vv) is W[v0 + vv, dd].
+            (w_cs, w_rs),
+            T::ONE,
+        );
+    }
 }
 
 /// Where the logits tile of rows `r0..r0 + m` and vocabulary `v0..v0 + nv` lives in a kept
@@ -128,7 +143,7 @@ pub fn forward<T: Real>(
 }
 
 /// As [`forward`], keeping every logits tile in `logits` (`N · V` elements, tile-major; see
-/// [`kept_tile`]) for [`backward_kept`], which then reads each tile back instead of
+/// `kept_tile`) for [`backward_kept`], which then reads each tile back instead of
 /// recomputing it (the recompute is a third of the head's GEMM work). The caller bounds
 /// `N · V` ([`super::KEEP_LOGITS_ELEMS`]).
 pub fn forward_keep<T: Real>(
@@ -177,6 +192,9 @@ fn forward_into<T: Real>(
                 Some(k) => &mut k[kept_tile(v, r0, m, v0, nv)],
                 None => &mut scratch[..m * nv],
             };
+            // SAFETY: the tile is the `[m, nv]` block of rows `r0..r0 + m` and vocabulary rows
+            // `v0..v0 + nv`, inside `h`, `w` and the tile slice (shapes checked where the kernel is
+            // entered).
             unsafe { logits_tile(sh, h, w, r0, m, v0, nv, tile) };
             tile.par_chunks(nv * ROWS_PER_TASK)
                 .zip(
@@ -335,6 +353,9 @@ fn backward_from<T: Real>(
                 Some(k) => &mut k[kept_tile(v, r0, m, v0, nv)],
                 None => {
                     let t = &mut scratch[..m * nv];
+                    // SAFETY: the tile is the `[m, nv]` block of rows `r0..r0 + m` and vocabulary
+                    // rows `v0..v0 + nv`, inside `h`, `w` and the tile slice (shapes checked where
+                    // the kernel is entered).
                     unsafe { logits_tile(sh, h, w, r0, m, v0, nv, t) };
                     t
                 }
@@ -353,6 +374,9 @@ fn backward_from<T: Real>(
                         &targets[a..b]
                     ))
                 });
+            // SAFETY: the tile is the `[m, nv]` block of rows `r0..r0 + m` and vocabulary rows
+            // `v0..v0 + nv`, inside `h`, `w` and the tile slice (shapes checked where the kernel is
+            // entered).
             unsafe {
                 // dW[v0.., :] (+)= dlogitsᵀ · h_block, summed over row blocks in order.
                 mm(

@@ -40,12 +40,16 @@ mod flex;
 )]
 pub mod gemm;
 pub mod simd;
+pub mod tensor;
 
 /// A raw output pointer the parallel tasks of one kernel call share; each task writes a
 /// disjoint set of elements (the kernels' safety argument), so it may cross threads.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut<T>(pub(crate) *mut T);
+// SAFETY: the tasks of one kernel call write disjoint elements through it (each kernel's own
+// safety argument) and the call joins every task before the buffer is read or freed.
 unsafe impl<T> Send for SharedMut<T> {}
+// SAFETY: as for `Send`: no element is written by two tasks, none is read while written.
 unsafe impl<T> Sync for SharedMut<T> {}
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -54,7 +58,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{activation, Bool, Int, Tensor, TensorPrimitive};
 
-use crate::llama::upcast;
+use self::tensor::{silu, upcast};
 
 /// A backend the model runs on: burn's `Backend` plus Shears' fused operations.
 pub trait ShearsOps: Backend {
@@ -407,15 +411,31 @@ pub fn rms_norm_fused<B: ShearsOps, const D: usize>(
 }
 
 /// RoPE of `x [b, t, heads, hd]` with the tables `cos, sin [t, hd]` of
-/// [`crate::rope::tables`]: the native kernel where there is one, else
-/// [`crate::rope::apply_generic`].
+/// [`crate::rope::tables`]: the native kernel where there is one, else [`rope_generic`].
 pub fn rope<B: ShearsOps>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
     if fused_enabled() {
         if let Some(out) = B::fused_rope(prim(x.clone()), prim(cos.clone()), prim(sin.clone())) {
             return tensor(out);
         }
     }
-    crate::rope::apply_generic(x, cos, sin)
+    rope_generic(x, cos, sin)
+}
+
+/// The generic definition of [`rope`], in burn ops: HF's `x·cos + rotate_half(x)·sin` with the
+/// sign of `rotate_half` folded into the tables' `sin`.
+pub fn rope_generic<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 2>,
+    sin: &Tensor<B, 2>,
+) -> Tensor<B, 4> {
+    let [_, t, _, d] = x.dims();
+    let half = d / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let swapped = Tensor::cat(vec![x2, x1], 3);
+    let cos = cos.clone().reshape([1, t, 1, d]);
+    let sin = sin.clone().reshape([1, t, 1, d]);
+    x * cos + swapped * sin
 }
 
 /// `silu(gate) · up`: the native kernel where there is one, else the composition.
@@ -425,7 +445,7 @@ pub fn swiglu<B: ShearsOps, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>
             return tensor(out);
         }
     }
-    crate::llama::silu(gate) * up
+    silu(gate) * up
 }
 
 /// `silu(gate) · (up · z)` with `z [I]` along the last axis of `gate, up [.., I]` (the
@@ -447,7 +467,7 @@ pub fn swiglu_masked<B: ShearsOps, const D: usize>(
             return tensor::<B, 2>(out).reshape(dims);
         }
     }
-    crate::llama::silu(gate) * (up * z.clone().unsqueeze::<D>())
+    silu(gate) * (up * z.clone().unsqueeze::<D>())
 }
 
 /// Causal attention `softmax(q kᵀ · scale + causal) v` with grouped-query heads: the native

@@ -60,8 +60,9 @@ macro_rules! with_isa {
                 f()
             }
             match $crate::ops::simd::Isa::detect() {
-                // SAFETY: the CPU supports the features the copy was compiled for.
+                // SAFETY: `Isa::detect` found AVX-512F, AVX2 and FMA on this CPU.
                 $crate::ops::simd::Isa::Avx512 => unsafe { avx512(|| $body) },
+                // SAFETY: `Isa::detect` found AVX2 and FMA on this CPU.
                 $crate::ops::simd::Isa::Avx2 => unsafe { avx2(|| $body) },
                 $crate::ops::simd::Isa::Baseline => $body,
             }
