@@ -10,7 +10,7 @@
 //! - [`size`]: parameter accounting and the expected remaining size;
 //! - [`constraint`]: the per-module Lagrangian and its multipliers;
 //! - [`model`]: the three parameter groups (weights, masks, multipliers) of a pruning run;
-//! - [`finalize`]: folding deterministic masks into the weights and slicing out the dense model;
+//! - [`finalize`](mod@finalize): folding deterministic masks into the weights and slicing out the dense model;
 //! - [`plan`]: the pre-flight report of `shears plan`.
 //!
 //! It must not own training loops or data: the trainer drives it. Mask math is f32 (or wider)

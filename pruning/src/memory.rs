@@ -316,7 +316,6 @@ impl MemoryReport {
     /// The human-readable block of `shears plan`.
     pub fn render(&self) -> String {
         let s = &self.settings;
-        let gib = crate::plan::gib;
         let mut o = format!(
             "\nmemory per device ({}): batch {} (micro-batch {}) x {} tokens, eval batch {} x {} tokens, precision {}, optimizer state {}, checkpointing {}, kernels {}\n",
             s.device,
@@ -446,7 +445,7 @@ fn generic_attention_bytes(d: &Dims, seq: u64, bytes: u64) -> Option<u64> {
 /// Activation bytes of one micro-batch of `micro` sequences: every layer's kept tensors (or,
 /// with layer checkpointing, every layer's input plus one layer's kept tensors during its
 /// recomputation) in the compute precision, with generic kernels also those layers' attention
-/// rows ([`generic_attention_bytes`]), plus the head: with generic kernels the logits,
+/// rows (`generic_attention_bytes`), plus the head: with generic kernels the logits,
 /// their log-softmax and its gradient in f32 (the loss is reduced in f32 under every
 /// precision); with the fused LM-head loss only the final norm's input and output and one
 /// log-sum-exp per token, plus in f32 the logits it keeps for its backward while they fit
@@ -640,6 +639,11 @@ pub fn estimate_with_teacher(
             .find(|&m| matches!(totals(d, params, mask_entries, s, m as u64, teacher), Some(r) if r.total <= device));
     }
     Ok(report)
+}
+
+/// A byte count in GiB, as the reports print it.
+pub(crate) fn gib(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
 }
 
 /// The divisors of `n`, ascending.

@@ -5,7 +5,7 @@
 use serde::Serialize;
 use shears_core::LlamaConfig;
 
-use crate::memory::{MemoryReport, MemorySettings, TeacherShape};
+use crate::memory::{gib, MemoryReport, MemorySettings, TeacherShape};
 use crate::size::Dims;
 use crate::target::{PruneModule, PruningSpec, TargetShape};
 
@@ -150,10 +150,6 @@ pub fn plan(spec: &PruningSpec, run: &MemorySettings) -> shears_core::Result<Pla
         train_memory,
         distill_memory,
     })
-}
-
-pub(crate) fn gib(b: u64) -> String {
-    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
 }
 
 fn group(n: u64) -> String {
