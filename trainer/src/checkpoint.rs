@@ -16,7 +16,7 @@ use shears_core::{Error, ModelFiles, Result};
 use shears_pruning::{L0Masks, Lagrangian, PerModule, PruningSpec};
 
 use crate::records::LoopState;
-use crate::run_dir::CHECKPOINTS;
+use crate::records::CHECKPOINTS;
 
 /// Manifest file name; its presence marks a complete checkpoint.
 pub const MANIFEST: &str = "MANIFEST.json";
@@ -84,11 +84,12 @@ impl Staging {
             files,
         };
         let mpath = self.tmp.join(MANIFEST);
-        write_synced(
+        shears_core::fsutil::write_atomic(
             &mpath,
             serde_json::to_string_pretty(&manifest)
                 .expect("manifest")
                 .as_bytes(),
+            true,
         )?;
         sync_dir(&self.tmp)?;
         let target = self.root.join(dir_name(self.step));
@@ -109,11 +110,6 @@ impl Drop for Staging {
             let _ = std::fs::remove_dir_all(&self.tmp);
         }
     }
-}
-
-/// Write `bytes` to `path` whole or not at all, and fsync it (never through a link).
-pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    shears_core::fsutil::write_atomic(path, bytes, true)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

@@ -19,7 +19,7 @@ use shears_data::dbl::DomainValues;
 use shears_data::{Dataset, DomainSampler, ReferenceSource, SamplerConfig, Split};
 
 use crate::checkpoint::{self, Staging};
-use crate::config::{DblSettings, Faults, OptimSettings, RunSettings, StageKind};
+use crate::config::{DblSettings, Faults, LoopSettings, StageKind};
 use crate::parallel::Comm;
 use crate::records::{
     EvalExtras, EvalRecord, LoopState, MetricRecord, Num, ReferenceRecord, StageState, StepRecord,
@@ -132,9 +132,8 @@ pub trait Stage<B: ShearsAutodiff> {
 
 /// The loop's inputs besides the stage.
 pub struct LoopInputs<'a> {
-    /// Resolved run settings.
-    pub run: &'a RunSettings,
-    pub optim: &'a OptimSettings,
+    /// Every setting the loop reads, resolved (no default is filled in here).
+    pub settings: &'a LoopSettings,
     pub dbl: &'a DblSettings,
     pub faults: &'a Faults,
     pub data: &'a Dataset,
@@ -177,35 +176,6 @@ fn train_sizes(data: &Dataset) -> Result<BTreeMap<String, u64>> {
         .into_iter()
         .map(|d| Ok((d.clone(), data.split(&d, Split::Train)?.len())))
         .collect()
-}
-
-/// The training sequence length of `run` on `data`.
-pub fn seq_len(run: &RunSettings, data: &Dataset) -> Result<usize> {
-    let n = run.seq_len.unwrap_or(data.seq_len());
-    if n > data.seq_len() {
-        return Err(Error::invalid(format!(
-            "run.seq_len {n} is longer than the data's sequences ({})",
-            data.seq_len()
-        )));
-    }
-    Ok(n)
-}
-
-/// Eval settings of `run` on `data`.
-pub fn eval_settings(run: &RunSettings, data: &Dataset) -> Result<EvalSettings> {
-    let train = seq_len(run, data)?;
-    let n = run.eval_seq_len.unwrap_or(train);
-    if n > data.seq_len() {
-        return Err(Error::invalid(format!(
-            "run.eval_seq_len {n} is longer than the data's sequences ({})",
-            data.seq_len()
-        )));
-    }
-    Ok(EvalSettings {
-        sequences: run.eval_sequences,
-        seq_len: n,
-        batch: run.eval_batch.max(1),
-    })
 }
 
 /// Default starting weights: each domain's share of the train tokens.
@@ -329,12 +299,13 @@ impl Ctx<'_, '_> {
             reference_losses: self.reference.clone(),
             bad_steps: self.bad,
         };
-        checkpoint::write_synced(
+        shears_core::fsutil::write_atomic(
             &staging.path().join("state.json"),
             state.to_json().as_bytes(),
+            true,
         )?;
         let path = staging.commit()?;
-        checkpoint::prune_old(&root, self.inp.run.keep_checkpoints)?;
+        checkpoint::prune_old(&root, self.inp.settings.keep_checkpoints)?;
         self.log(&format!("checkpoint {}", path.display()));
         Ok(path)
     }
@@ -427,12 +398,12 @@ fn restore<B: ShearsAutodiff, S: Stage<B>>(
     };
     if let Some((_, path)) = found {
         let st = LoopState::read(&path)?;
-        if st.step > inp.run.steps {
+        if st.step > inp.settings.steps {
             return Err(Error::format(
                 path.join("state.json"),
                 format!(
                     "is at step {}, beyond the plan's {} steps",
-                    st.step, inp.run.steps
+                    st.step, inp.settings.steps
                 ),
             ));
         }
@@ -474,7 +445,7 @@ fn restore<B: ShearsAutodiff, S: Stage<B>>(
     }
     let sampler = DomainSampler::new(
         SamplerConfig {
-            seed: inp.run.seed,
+            seed: inp.settings.seed,
             rank: 0,
             world_size: 1,
             exhaustion: inp.dbl.exhaustion,
@@ -523,18 +494,18 @@ fn progress_bar(show: bool, kind: StageKind, steps: usize, start: usize) -> Prog
 impl Ctx<'_, '_> {
     /// The next global batch, cut into micro-batches of `len` tokens per sequence.
     fn draw_batch(&mut self, len: usize) -> Result<Vec<Vec<Vec<u32>>>> {
-        let run = self.inp.run;
-        let mut micro = Vec::with_capacity(run.batch_size.div_ceil(run.micro()));
-        let mut current = Vec::with_capacity(run.micro());
-        for _ in 0..run.batch_size {
+        let s = self.inp.settings;
+        let mut micro = Vec::with_capacity(s.batch_size.div_ceil(s.micro_batch));
+        let mut current = Vec::with_capacity(s.micro_batch);
+        for _ in 0..s.batch_size {
             let d = self.sampler.draw()?;
-            let s = self
+            let seq = self
                 .inp
                 .data
                 .split(&d.domain, Split::Train)?
                 .sequence(d.index)?;
-            current.push(s[..len].to_vec());
-            if current.len() == run.micro() {
+            current.push(seq[..len].to_vec());
+            if current.len() == s.micro_batch {
                 micro.push(std::mem::take(&mut current));
             }
         }
@@ -555,13 +526,13 @@ impl Ctx<'_, '_> {
         micro: Vec<Vec<Vec<u32>>>,
         lr_scale: f64,
     ) -> Result<(StepRecord, bool)> {
-        let (run, faults, comm) = (self.inp.run, self.inp.faults, self.comm);
+        let (s, faults, comm) = (self.inp.settings, self.inp.faults, self.comm);
         let of = micro.len();
         let tokens: usize = micro.iter().flatten().map(Vec::len).sum();
         let (world, rank) = (comm.world(), comm.rank());
         let seeds: Vec<u64> = (rank..of)
             .step_by(world)
-            .map(|i| micro_seed(run.seed, t, i))
+            .map(|i| micro_seed(s.seed, t, i))
             .collect();
         let mine: Vec<Vec<Vec<u32>>> = micro.into_iter().skip(rank).step_by(world).collect();
         faults.at_rank(rank, t + 1, comm)?;
@@ -596,7 +567,7 @@ impl Ctx<'_, '_> {
             && losses.distill.is_none_or(|d| d.kd.is_finite())
             && norm.is_finite();
         if finite {
-            let clip = self.inp.optim.grad_clip;
+            let clip = s.grad_clip;
             if clip > 0.0 {
                 let coef = clip / (norm + 1e-6);
                 if coef < 1.0 {
@@ -666,17 +637,13 @@ pub fn run_loop<B: ShearsAutodiff, S: Stage<B>>(
     resume: bool,
     comm: &Comm,
 ) -> Result<Outcome> {
-    let run = inp.run;
+    let run = inp.settings;
     let steps = run.steps;
-    let len = seq_len(run, inp.data)?;
-    let es = eval_settings(run, inp.data)?;
+    let (len, es) = (run.seq_len, run.eval);
     let schedule = CosineWithWarmup {
-        warmup: inp
-            .optim
-            .warmup_steps
-            .unwrap_or_else(|| stage.kind().warmup_steps(steps)),
+        warmup: run.warmup_steps,
         max: steps,
-        final_ratio: inp.optim.final_lr_ratio,
+        final_ratio: run.final_lr_ratio,
     };
     let (start, sampler, reference, bad) = match restore(stage, inp, dir, resume, &es, comm)? {
         Start::Finished(outcome) => return Ok(outcome),
@@ -698,10 +665,9 @@ pub fn run_loop<B: ShearsAutodiff, S: Stage<B>>(
         reference,
         bad,
     };
-    let eval_every = run.eval_every(stage.kind());
-    let ckpt_every = run.checkpoint_every(stage.kind());
+    let (eval_every, ckpt_every) = (run.eval_interval, run.checkpoint_interval);
     for t in start..steps {
-        if (t == 0 && run.eval_first.unwrap_or(false)) || (t > 0 && t % eval_every == 0) {
+        if (t == 0 && run.eval_first) || (t > 0 && t % eval_every == 0) {
             ctx.evaluate(stage, t, &es)?;
         }
         let micro = ctx.draw_batch(len)?;

@@ -30,6 +30,7 @@ pub mod checkpoint;
 pub mod compute;
 pub mod config;
 pub mod driver;
+pub mod inputs;
 pub mod jobs;
 pub mod lm_stage;
 pub mod optim;

@@ -16,7 +16,6 @@ use shears_models::ShearsOps;
 
 /// AdamW as `torch.optim.AdamW` defines it (decoupled weight decay).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
 pub struct AdamWSettings {
     /// Learning rate.
     pub lr: f64,
@@ -30,9 +29,11 @@ pub struct AdamWSettings {
     pub weight_decay: f32,
 }
 
-impl Default for AdamWSettings {
-    /// PyTorch's defaults.
-    fn default() -> Self {
+impl AdamWSettings {
+    /// `torch.optim.AdamW`'s own defaults (lr 1e-3, betas 0.9 / 0.999, eps 1e-8, weight decay
+    /// 1e-2), for benchmarks and parity tests against PyTorch. A run's optimizer comes from its
+    /// plan ([`crate::config::OptimSettings`], the one place plan defaults live), never from here.
+    pub fn pytorch() -> Self {
         AdamWSettings {
             lr: 1e-3,
             beta1: 0.9,

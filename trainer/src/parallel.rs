@@ -40,6 +40,7 @@ use burn_collective::{
     ReduceOperation,
 };
 use shears_core::{Error, Result};
+use shears_models::ShearsAutodiff;
 
 /// What ranks share with the coordinator.
 struct Shared {
@@ -198,6 +199,11 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(no message)".into())
 }
 
+/// What a rank's thread ends with: its result, or its panic.
+type Ended<T> = std::thread::Result<Result<T>>;
+/// What a rank thread sends back: its rank and how it ended.
+type RankResult<T> = (usize, Ended<T>);
+
 /// Run `work` on `settings.devices` ranks, each in its own thread with `threads / devices` CPU
 /// threads (rayon pool) and the device `device_of(rank)`, registered with burn-collective on
 /// backend `B` (the inner, non-autodiff backend the gradients live on). Returns rank 0's result
@@ -224,88 +230,122 @@ pub fn run_ranks<B: Backend, T: Send>(
         secondary: (0..n).map(|_| AtomicBool::new(false)).collect(),
         aborted: AtomicBool::new(false),
     });
-    let per_rank = (rayon::current_num_threads() / n).max(1);
-    let config = CollectiveConfig::default().with_num_devices(n);
-    let (tx, rx) = mpsc::channel::<(usize, std::thread::Result<Result<T>>)>();
-    let mut results: Vec<Option<std::thread::Result<Result<T>>>> = (0..n).map(|_| None).collect();
-    let mut timeout: Option<Failure> = None;
-    std::thread::scope(|scope| {
+    let (tx, rx) = mpsc::channel::<RankResult<T>>();
+    let (results, timeout) = std::thread::scope(|scope| {
         for rank in 0..n {
-            let tx = tx.clone();
-            let comm = Comm {
-                rank,
-                world: n,
-                shared: Some(shared.clone()),
-            };
-            let (work, device_of, config) = (&work, &device_of, config.clone());
-            std::thread::Builder::new()
-                .name(format!("shears-rank-{rank}"))
-                .spawn_scoped(scope, move || {
-                    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        let device = device_of(rank);
-                        let pool = rayon::ThreadPoolBuilder::new()
-                            .num_threads(per_rank)
-                            .thread_name(move |i| format!("shears-rank-{rank}-{i}"))
-                            .build()
-                            .map_err(|e| Error::invalid(format!("rank {rank}: threads: {e}")))?;
-                        pool.install(|| {
-                            comm.collective("registering with the collective", || {
-                                register::<B>(comm.peer(), device.clone(), config)
-                                    .map_err(|e| format!("{e:?}"))
-                            })?;
-                            let out = work(comm.clone(), device);
-                            if out.is_ok() {
-                                let _ = finish_collective::<B>(comm.peer());
-                            }
-                            out
-                        })
-                    }));
-                    let _ = tx.send((rank, r));
-                })
-                .expect("spawn a rank thread");
+            spawn_rank::<B, T>(scope, rank, n, &shared, tx.clone(), &device_of, &work);
         }
         drop(tx);
-        let mut left = n;
-        let abort = |shared: &Shared| {
-            if !shared.aborted.swap(true, Ordering::SeqCst) {
-                reset_collective::<B>();
-            }
-        };
-        while left > 0 {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok((rank, r)) => {
-                    left -= 1;
-                    if !matches!(r, Ok(Ok(_))) {
-                        abort(&shared);
-                    }
-                    results[rank] = Some(r);
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if shared.aborted.load(Ordering::SeqCst) {
-                        // Wake waiters that entered a collective after the reset.
-                        reset_collective::<B>();
-                        continue;
-                    }
-                    let now = shared.start.elapsed().as_millis() as u64 + 1;
-                    for (rank, e) in shared.entered.iter().enumerate() {
-                        let since = e.load(Ordering::SeqCst);
-                        if since > 0
-                            && now.saturating_sub(since) > settings.timeout.as_millis() as u64
-                        {
-                            timeout = Some(Failure::Timeout {
-                                rank,
-                                waited: (now - since) as f64 / 1e3,
-                            });
-                            abort(&shared);
-                            break;
-                        }
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        }
+        supervise::<B, T>(&rx, n, &shared, settings.timeout)
     });
     reset_collective::<B>();
+    collect(results, timeout, &shared, n, settings.timeout)
+}
+
+/// Start rank `rank` of `n` in a thread of `scope`: its device, its share of the CPU threads,
+/// registration with the collective, then `work`; the result (or the panic) goes to `tx`.
+fn spawn_rank<'s, 'e, B: Backend, T: Send + 's>(
+    scope: &'s std::thread::Scope<'s, 'e>,
+    rank: usize,
+    n: usize,
+    shared: &Arc<Shared>,
+    tx: mpsc::Sender<RankResult<T>>,
+    device_of: &'s (impl Fn(usize) -> B::Device + Sync),
+    work: &'s (impl Fn(Comm, B::Device) -> Result<T> + Sync),
+) {
+    let per_rank = (rayon::current_num_threads() / n).max(1);
+    let config = CollectiveConfig::default().with_num_devices(n);
+    let comm = Comm {
+        rank,
+        world: n,
+        shared: Some(shared.clone()),
+    };
+    std::thread::Builder::new()
+        .name(format!("shears-rank-{rank}"))
+        .spawn_scoped(scope, move || {
+            let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let device = device_of(rank);
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(per_rank)
+                    .thread_name(move |i| format!("shears-rank-{rank}-{i}"))
+                    .build()
+                    .map_err(|e| Error::invalid(format!("rank {rank}: threads: {e}")))?;
+                pool.install(|| {
+                    comm.collective("registering with the collective", || {
+                        register::<B>(comm.peer(), device.clone(), config)
+                            .map_err(|e| format!("{e:?}"))
+                    })?;
+                    let out = work(comm.clone(), device);
+                    if out.is_ok() {
+                        let _ = finish_collective::<B>(comm.peer());
+                    }
+                    out
+                })
+            }));
+            let _ = tx.send((rank, r));
+        })
+        .expect("spawn a rank thread");
+}
+
+/// Wait for the `n` ranks' results, stopping the collective when one fails and when one waits
+/// in a collective longer than `timeout` (the hung rank is reported).
+fn supervise<B: Backend, T>(
+    rx: &mpsc::Receiver<RankResult<T>>,
+    n: usize,
+    shared: &Shared,
+    timeout: Duration,
+) -> (Vec<Option<Ended<T>>>, Option<Failure>) {
+    let mut results: Vec<Option<Ended<T>>> = (0..n).map(|_| None).collect();
+    let mut hung: Option<Failure> = None;
+    let abort = |shared: &Shared| {
+        if !shared.aborted.swap(true, Ordering::SeqCst) {
+            reset_collective::<B>();
+        }
+    };
+    let mut left = n;
+    while left > 0 {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok((rank, r)) => {
+                left -= 1;
+                if !matches!(r, Ok(Ok(_))) {
+                    abort(shared);
+                }
+                results[rank] = Some(r);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if shared.aborted.load(Ordering::SeqCst) {
+                    // Wake waiters that entered a collective after the reset.
+                    reset_collective::<B>();
+                    continue;
+                }
+                let now = shared.start.elapsed().as_millis() as u64 + 1;
+                for (rank, e) in shared.entered.iter().enumerate() {
+                    let since = e.load(Ordering::SeqCst);
+                    if since > 0 && now.saturating_sub(since) > timeout.as_millis() as u64 {
+                        hung = Some(Failure::Timeout {
+                            rank,
+                            waited: (now - since) as f64 / 1e3,
+                        });
+                        abort(shared);
+                        break;
+                    }
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    (results, hung)
+}
+
+/// Rank 0's result when every rank succeeded, else the error of the run: the lowest rank
+/// whose failure was a cause (not a consequence of the stop), or the timeout.
+fn collect<T>(
+    results: Vec<Option<Ended<T>>>,
+    timeout: Option<Failure>,
+    shared: &Shared,
+    n: usize,
+    limit: Duration,
+) -> Result<T> {
     let mut failure: Option<Failure> = None;
     let mut outs = Vec::with_capacity(n);
     for (rank, r) in results.into_iter().enumerate() {
@@ -331,11 +371,49 @@ pub fn run_ranks<B: Backend, T: Send>(
         ))),
         Some(Failure::Timeout { rank, waited }) => Err(Error::invalid(format!(
             "rank {rank} of {n} waited {waited:.1} s in a collective (more than run.collective_timeout_s = {:.1}); another rank did not arrive, so the run stopped",
-            settings.timeout.as_secs_f64()
+            limit.as_secs_f64()
         ))),
         None if outs.len() == n => Ok(outs.swap_remove(0)),
         None => Err(Error::invalid(
             "a rank ended without a result (its error was a consequence of another rank's stop)",
         )),
     }
+}
+/// Host data every data-parallel rank builds its device copy from: kept until `ranks` ranks
+/// have used it, then freed.
+pub struct UntilEveryRank<T> {
+    value: Mutex<(Option<T>, usize)>,
+    ranks: usize,
+}
+
+impl<T> UntilEveryRank<T> {
+    pub fn new(value: T, ranks: usize) -> Self {
+        UntilEveryRank {
+            value: Mutex::new((Some(value), 0)),
+            ranks,
+        }
+    }
+
+    /// `f` of the value (one rank at a time); the last rank's call frees it.
+    pub fn use_once<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+        let mut g = self.value.lock().unwrap_or_else(|e| e.into_inner());
+        let r = f(g.0.as_ref().expect("host data until every rank is built"));
+        g.1 += 1;
+        if g.1 == self.ranks {
+            g.0 = None;
+        }
+        r
+    }
+}
+
+/// The device of data-parallel rank `rank`: `device`'s kind with index `rank` (`cuda:rank`);
+/// on the CPU backends every rank gets the one CPU device.
+pub fn rank_device<B: ShearsAutodiff>(device: &B::Device, rank: usize) -> B::Device {
+    use burn::tensor::backend::Device;
+    if rank == 0 {
+        return device.clone();
+    }
+    let mut id = device.to_id();
+    id.index_id = id.index_id.saturating_add(rank as u16);
+    <B::Device as Device>::from_id(id)
 }

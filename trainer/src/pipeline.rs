@@ -16,7 +16,6 @@ use shears_data::Dataset;
 use shears_pruning::size::Dims;
 use shears_pruning::{FinalizeOptions, TargetShape};
 
-use crate::checkpoint;
 use crate::config::{
     DblSettings, DistillSettings, OptimSettings, PruneConfig, PruningSettings, RunSettings,
     TrainConfig, SOURCE_TEACHER,
@@ -173,7 +172,11 @@ impl Layout {
 }
 
 fn write_json(p: &Path, v: &impl Serialize) -> Result<()> {
-    checkpoint::write_synced(p, serde_json::to_string_pretty(v).expect("json").as_bytes())
+    shears_core::fsutil::write_atomic(
+        p,
+        serde_json::to_string_pretty(v).expect("json").as_bytes(),
+        true,
+    )
 }
 
 /// Progress reporting of the pipeline.
@@ -318,7 +321,7 @@ impl<'a, B: ShearsAutodiff> PipelineRun<'a, B> {
                 ));
             }
         } else {
-            checkpoint::write_synced(&saved_plan, plan_text.as_bytes())?;
+            shears_core::fsutil::write_atomic(&saved_plan, plan_text.as_bytes(), true)?;
         }
         let stages = Stages {
             done: if stages_path.exists() {
@@ -328,9 +331,10 @@ impl<'a, B: ShearsAutodiff> PipelineRun<'a, B> {
             },
             path: stages_path,
         };
-        let source_files = jobs::load_model(&plan.model)?;
+        let source_files = crate::inputs::load_model(&plan.model)?;
         let data_dir = prepare_data(plan, &lay, &source_files)?;
-        let data = jobs::open_data(&data_dir, &source_files, opts.allow_tokenizer_mismatch)?;
+        let data =
+            crate::inputs::open_data(&data_dir, &source_files, opts.allow_tokenizer_mismatch)?;
         let es = EvalSettings {
             sequences: plan.eval.sequences,
             seq_len: plan
@@ -451,7 +455,7 @@ impl<'a, B: ShearsAutodiff> PipelineRun<'a, B> {
         resolved_run.resolve(crate::config::StageKind::Prune);
         let mut job = self.job(self.lay.prune(), toml::to_string(&cfg).expect("toml"));
         // The source's eval losses are the reference losses when the stage evaluates alike.
-        if crate::driver::eval_settings(&resolved_run, &self.data)? == self.es {
+        if crate::config::eval_settings(&resolved_run, &self.data)? == self.es {
             job.source_losses = self
                 .evals
                 .get(&PipelineStage::EvalSource)
@@ -580,7 +584,9 @@ fn prepare_data(plan: &PipelinePlan, lay: &Layout, source: &ModelFiles) -> Resul
             let tok = if dp.tokenizer == plan.model {
                 source.tokenizer()?.clone()
             } else {
-                jobs::load_model(&dp.tokenizer)?.tokenizer()?.clone()
+                crate::inputs::load_model(&dp.tokenizer)?
+                    .tokenizer()?
+                    .clone()
             };
             let noop = |_p: Progress| {};
             let outcome = shears_data::prepare(dp, &tok, &dp.tokenizer, &lay.data(), false, &noop)?;

@@ -43,20 +43,32 @@ pub struct PruneRates {
     pub lagrangian_warmup_steps: usize,
 }
 
-impl Default for PruneRates {
-    /// The reference recipe's (method §7).
-    fn default() -> Self {
+impl PruneRates {
+    /// The rates of a resolved pruning plan.
+    pub fn of(plan: &crate::config::PruneConfig) -> Self {
         PruneRates {
-            model: AdamWSettings {
-                lr: 1e-4,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.0,
-            },
-            mask_lr: 1.0,
-            multiplier_lr: 1.0,
-            lagrangian_warmup_steps: 640,
+            model: plan.optim.adamw(),
+            mask_lr: plan.pruning.mask_lr,
+            multiplier_lr: plan.pruning.multiplier_lr,
+            lagrangian_warmup_steps: plan.pruning.lagrangian_warmup_steps.unwrap_or(0),
+        }
+    }
+}
+
+impl Default for PruneRates {
+    /// The reference recipe's (method §7), from the plan defaults: lr 1e-4, betas 0.9 / 0.95,
+    /// mask and multiplier rates 1.0, a target ramp over 20% of 3200 steps (640).
+    fn default() -> Self {
+        use crate::config::{OptimSettings, PruningSettings, RunSettings, StageKind};
+        let steps = RunSettings::default().steps;
+        let p = PruningSettings::default();
+        PruneRates {
+            model: OptimSettings::default().adamw(),
+            mask_lr: p.mask_lr,
+            multiplier_lr: p.multiplier_lr,
+            lagrangian_warmup_steps: p
+                .lagrangian_warmup_steps
+                .unwrap_or(StageKind::Prune.lagrangian_warmup_steps(steps)),
         }
     }
 }

@@ -21,6 +21,13 @@ use shears_pruning::{PerModule, PruneModule, TargetShape};
 use crate::config::StageKind;
 use shears_eval::domain::DomainEval;
 
+/// File names inside a run directory.
+pub const PLAN: &str = "plan.toml";
+pub const RESOLVED: &str = "resolved.toml";
+pub const METRICS: &str = "metrics.jsonl";
+pub const LOG: &str = "log.txt";
+pub const CHECKPOINTS: &str = "checkpoints";
+
 /// A number JSON may not hold: non-finite values are written as strings (`"NaN"`, `"inf"`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Num(pub f64);
@@ -417,7 +424,7 @@ pub struct Summary {
 
 /// Read every record of a run's `metrics.jsonl`.
 pub fn read_metrics(root: &Path) -> Result<Vec<MetricRecord>> {
-    let p = root.join(crate::run_dir::METRICS);
+    let p = root.join(METRICS);
     // A run's own log: one line per step and eval (about 1 KB each).
     let text = shears_core::fsutil::read_text(&p, 4 << 30)?;
     text.lines()

@@ -10,8 +10,6 @@ use crate::records::MetricRecord;
 use shears_core::error::IoContext;
 use shears_core::{Error, Result};
 
-use crate::checkpoint;
-
 /// An open run directory. The leader (rank 0 of a data-parallel run, or the only rank) holds
 /// the files; a [`RunDir::follower_of`] reads checkpoints and writes nothing.
 pub struct RunDir {
@@ -44,12 +42,7 @@ fn same_run(old: &str, new: &str) -> bool {
     matches!((strip(old), strip(new)), (Some(a), Some(b)) if a == b)
 }
 
-/// File names inside a run directory.
-pub const PLAN: &str = "plan.toml";
-pub const RESOLVED: &str = "resolved.toml";
-pub const METRICS: &str = "metrics.jsonl";
-pub const LOG: &str = "log.txt";
-pub const CHECKPOINTS: &str = "checkpoints";
+pub use crate::records::{CHECKPOINTS, LOG, METRICS, PLAN, RESOLVED};
 
 impl RunDir {
     /// Open `root` for a new run (it must not hold one) or, with `resume`, for continuing the
@@ -90,8 +83,8 @@ impl RunDir {
                 ));
             }
         } else {
-            checkpoint::write_synced(&root.join(PLAN), plan_text.as_bytes())?;
-            checkpoint::write_synced(&root.join(RESOLVED), resolved.as_bytes())?;
+            shears_core::fsutil::write_atomic(&root.join(PLAN), plan_text.as_bytes(), true)?;
+            shears_core::fsutil::write_atomic(&root.join(RESOLVED), resolved.as_bytes(), true)?;
         }
         let mpath = root.join(METRICS);
         let metrics = shears_core::fsutil::open_append(&mpath)?;

@@ -15,7 +15,9 @@ use crate::compute::{Checkpointing, Compute, Precision, StatePrecision};
 use crate::optim::AdamWSettings;
 
 mod checks;
+mod resolve;
 pub use checks::{limits, read_toml, CheckRanges};
+pub use resolve::{eval_settings, resolve_prune, resolve_train, seq_len, LoopSettings};
 
 /// The loop: length, batches, evaluation, checkpoints and guards.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -531,18 +533,6 @@ impl RunSettings {
             .get_or_insert(stage.eval_interval().min(self.steps.max(1)));
         self.eval_first.get_or_insert(stage.eval_first());
         self.checkpoint_interval.get_or_insert(interval);
-    }
-
-    /// Evaluation interval: the plan's, else the stage's default.
-    pub fn eval_every(&self, stage: StageKind) -> usize {
-        self.eval_interval
-            .unwrap_or_else(|| stage.eval_interval().min(self.steps.max(1)))
-    }
-
-    /// Checkpoint interval: the plan's, else the evaluation interval.
-    pub fn checkpoint_every(&self, stage: StageKind) -> usize {
-        self.checkpoint_interval
-            .unwrap_or_else(|| self.eval_every(stage))
     }
 
     /// The compute settings on a backend (`cuda`: whether it is the CUDA one, where
