@@ -222,7 +222,7 @@ impl AutodiffTask for TrainBench {
     fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> Self::Output {
         let config = tiny_config(self.len);
         let model = load::random_model::<B>(&config, 0, &device)?;
-        let mut trainer = LmStage::from_model(model, AdamWSettings::default());
+        let mut trainer = LmStage::from_model(model, AdamWSettings::pytorch());
         let ids = random_seqs(self.batch, self.len, config.vocab_size, 2);
         let mut t = 0;
         let secs = timed(self.iters, || {
@@ -246,7 +246,7 @@ impl AutodiffTask for ModelTrainBench<'_> {
     type Output = shears_core::Result<Vec<(usize, f64, f64)>>;
     fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> Self::Output {
         let vocab = self.files.config.vocab_size;
-        let mut trainer = LmStage::<B>::new(self.files, AdamWSettings::default(), &device)?;
+        let mut trainer = LmStage::<B>::new(self.files, AdamWSettings::pytorch(), &device)?;
         Ok(self
             .batches
             .iter()

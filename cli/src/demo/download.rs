@@ -39,46 +39,13 @@ pub(super) fn find_file(dir: &Path, pred: &dyn Fn(&str) -> bool) -> Option<PathB
         .find(|p| pred(&p.file_name().unwrap_or_default().to_string_lossy()))
 }
 
-/// A PyPI distribution file, downloaded with pip (cached).
+/// A PyPI distribution file, downloaded with pip into `dl` (a cache):
+/// [`shears_core::hub::pip_download`].
 pub(super) fn pip(dl: &Path, requirement: &str, extra: &[&str]) -> FetchResult<PathBuf> {
-    let name = requirement
-        .split("==")
-        .next()
-        .unwrap_or(requirement)
-        .replace('-', "_");
-    let matches = |f: &str| {
-        f.to_lowercase()
-            .replace('-', "_")
-            .starts_with(&name.to_lowercase())
-    };
-    if let Some(p) = find_file(dl, &matches) {
-        return Ok(p);
-    }
-    let what = format!("pip download {requirement}");
-    run(
-        Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--disable-pip-version-check",
-                "-q",
-                "-d",
-            ])
-            .arg(dl)
-            .args(extra)
-            .arg(requirement),
-        &what,
-    )?;
-    find_file(dl, &matches).ok_or_else(|| FetchError::NothingDownloaded {
-        command: what,
-        expected: format!("{name}* distribution file"),
-        dir: dl.to_path_buf(),
-    })
+    shears_core::hub::pip_download(dl, requirement, extra, &mut |_| {})
+        .map_err(FetchError::Download)
 }
 
-/// A Debian package unpacked with `apt-get download` + `dpkg-deb -x` (cached).
 pub(super) fn apt(dl: &Path, package: &str) -> FetchResult<PathBuf> {
     let root = dl.join(format!("deb-{package}"));
     if root.join(".complete").exists() {

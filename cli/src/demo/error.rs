@@ -31,6 +31,9 @@ pub enum FetchError {
         /// What to try next, if anything.
         hint: Option<&'static str>,
     },
+    /// A download from PyPI failed (the message names the requirement and pip's complaint).
+    #[error("{0}")]
+    Download(#[source] shears_core::Error),
     /// A tool reported success but did not leave the file it should have.
     #[error("{command} left no {expected} in {dir}")]
     NothingDownloaded {

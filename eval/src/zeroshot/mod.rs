@@ -8,7 +8,7 @@
 //! - [`requests`]: the request sets (loading, limits);
 //! - [`scoring`]: lm-eval's encoding and the two scoring loops (grouped with prefix reuse,
 //!   whole);
-//! - [`metrics`]: a task's metrics and per-document samples.
+//! - [`metrics`](mod@metrics): a task's metrics and per-document samples.
 
 pub mod metrics;
 pub mod requests;

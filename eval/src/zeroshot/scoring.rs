@@ -1,6 +1,6 @@
 //! Scoring requests with a model: lm-eval's encoding of each (context, continuation) pair,
 //! then either a context shared by several requests run once with every continuation from its
-//! KV cache ([`Scorer::group`], prefix reuse), or each request whole ([`Scorer::whole`]). Only
+//! KV cache (`Scorer::group`, prefix reuse), or each request whole (`Scorer::whole`). Only
 //! what the model can see is ever tokenized, and a document's context is tokenized once for
 //! all its requests.
 
