@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use shears_tests::runs::{
-    checkpoints, metrics, ok, run_killed_and_resumed, setup, shears, shears_faulty, steps, write,
-    TINY_TARGET,
+    checkpoints, metrics, ok, setup, shears, shears_faulty, steps, write, KillResume, TINY_TARGET,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_shears");
@@ -21,26 +20,28 @@ fn prune_plan(model: &Path, data: &Path, run: &str, extra: &str) -> String {
     )
 }
 
-fn same_files(a: &Path, b: &Path, names: &[&str]) {
-    for n in names {
-        let x = std::fs::read(a.join(n)).unwrap();
-        let y = std::fs::read(b.join(n)).unwrap();
-        assert!(
-            x == y,
-            "{n} differs between {} and {}",
-            a.display(),
-            b.display()
-        );
+/// `shears STAGE --config PLAN --out RUN`, with `faults` (a `SHEARS_FAULTS` table) injected
+/// when given: the one way these tests start a run.
+fn stage_run(stage: &str, plan: &Path, out: &Path, faults: Option<&str>) -> std::process::Output {
+    let args = [
+        stage,
+        "--config",
+        plan.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    match faults {
+        Some(f) => shears_faulty(BIN, &args, f),
+        None => shears(BIN, &args),
     }
 }
 
-fn seed_from_time(lo: usize, hi: usize) -> usize {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as usize;
-    lo + n % (hi - lo)
-}
+/// The files of a pruning checkpoint that a resumed run must reproduce byte for byte.
+const PRUNE_FILES: [&str; 3] = [
+    "model/model.safetensors",
+    "pruning.safetensors",
+    "optimizer.safetensors",
+];
 
 #[test]
 fn pruning_resumes_exactly_after_kill_9() {
@@ -56,23 +57,14 @@ fn pruning_resumes_exactly_after_kill_9() {
             "[pruning]\nlagrangian_warmup_steps = 10",
         ),
     );
-    let kill_after = seed_from_time(6, 24);
-    let (a, b) = run_killed_and_resumed(BIN, "prune", &plan, tmp.path(), kill_after);
-    let (ma, mb) = (metrics(&a), metrics(&b));
-    assert_eq!(ma.len(), mb.len());
-    for (x, y) in ma.iter().zip(&mb) {
-        assert_eq!(x, y, "killed after {kill_after} steps");
+    let (a, b) = KillResume {
+        stage: "prune",
+        plan: &plan,
+        kill_in: 6..24,
+        last_step: 30,
+        files: &PRUNE_FILES,
     }
-    let last = "checkpoints/step-00000030";
-    same_files(
-        &a,
-        &b,
-        &[
-            &format!("{last}/model/model.safetensors"),
-            &format!("{last}/pruning.safetensors"),
-            &format!("{last}/optimizer.safetensors"),
-        ],
-    );
+    .check(BIN, tmp.path());
     let log = std::fs::read_to_string(b.join("log.txt")).unwrap();
     assert!(log.contains("resumed from"), "{log}");
     // keep_checkpoints = 2.
@@ -178,23 +170,16 @@ fn bf16_mixed_pruning_with_layer_checkpointing_resumes_exactly_after_kill_9() {
             "[pruning]\nlagrangian_warmup_steps = 10",
         ),
     );
-    let kill_after = seed_from_time(5, 16);
-    let (a, b) = run_killed_and_resumed(BIN, "prune", &plan, tmp.path(), kill_after);
-    let (ma, mb) = (metrics(&a), metrics(&b));
-    assert_eq!(ma.len(), mb.len());
-    for (x, y) in ma.iter().zip(&mb) {
-        assert_eq!(x, y, "killed after {kill_after} steps");
+    let (a, b) = KillResume {
+        stage: "prune",
+        plan: &plan,
+        kill_in: 5..16,
+        last_step: 20,
+        files: &PRUNE_FILES,
     }
+    .check(BIN, tmp.path());
+    let ma = metrics(&a);
     let last = "checkpoints/step-00000020";
-    same_files(
-        &a,
-        &b,
-        &[
-            &format!("{last}/model/model.safetensors"),
-            &format!("{last}/pruning.safetensors"),
-            &format!("{last}/optimizer.safetensors"),
-        ],
-    );
     // The checkpoint holds the f32 master weights, and the plan says what ran.
     let dtypes = safetensors_dtypes(&a.join(format!("{last}/model/model.safetensors")));
     assert!(
@@ -258,16 +243,7 @@ fn pruning_reaches_the_target_and_lambda_moves_as_the_spec_says() {
         ),
     );
     let run = tmp.path().join("run");
-    ok(&shears(
-        BIN,
-        &[
-            "prune",
-            "--config",
-            plan.to_str().unwrap(),
-            "--out",
-            run.to_str().unwrap(),
-        ],
-    ));
+    ok(&stage_run("prune", &plan, &run, None));
     let ev = evals(&run);
     let lag: Vec<f64> = metrics(&run)
         .iter()
@@ -378,10 +354,15 @@ fn training_resumes_exactly_after_kill_9_and_after_sigterm() {
             "[optim]\nlr = 0.003",
         ),
     );
-    let kill_after = seed_from_time(5, 24);
-    let (a, b) = run_killed_and_resumed(BIN, "train", &plan, tmp.path(), kill_after);
-    let (ma, mb) = (metrics(&a), metrics(&b));
-    assert_eq!(ma, mb, "killed after {kill_after} steps");
+    let (a, _) = KillResume {
+        stage: "train",
+        plan: &plan,
+        kill_in: 5..24,
+        last_step: 30,
+        files: &["model/model.safetensors", "optimizer.safetensors"],
+    }
+    .check(BIN, tmp.path());
+    let ma = metrics(&a);
     // eval_first: an eval before step 1, then every 6 steps, and one at the end.
     let steps_of: Vec<u64> = ma
         .iter()
@@ -397,14 +378,6 @@ fn training_resumes_exactly_after_kill_9_and_after_sigterm() {
         .as_f64()
         .unwrap();
     assert!(last < first, "{first} -> {last}");
-    same_files(
-        &a,
-        &b,
-        &[
-            "checkpoints/step-00000030/model/model.safetensors",
-            "checkpoints/step-00000030/optimizer.safetensors",
-        ],
-    );
 
     // SIGTERM: a checkpoint at the current step, exit status 130, then an exact resume.
     let c = tmp.path().join("train-c");
@@ -492,16 +465,7 @@ fn dynamic_batch_loading_raises_a_lagging_domain_and_constant_does_not() {
     );
     for (plan, name) in [(&code, "code"), (&constant, "constant")] {
         let out = tmp.path().join(name);
-        ok(&shears(
-            BIN,
-            &[
-                "train",
-                "--config",
-                plan.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ],
-        ));
+        ok(&stage_run("train", plan, &out, None));
     }
     let w = weights_over_evals(&tmp.path().join("code"), "alpha");
     assert_eq!(w.len(), 5);
@@ -550,16 +514,11 @@ fn non_finite_steps_are_skipped_and_k_in_a_row_stop_with_a_checkpoint() {
         ),
     );
     let run = tmp.path().join("one");
-    ok(&shears_faulty(
-        BIN,
-        &[
-            "prune",
-            "--config",
-            one.to_str().unwrap(),
-            "--out",
-            run.to_str().unwrap(),
-        ],
-        "nan_loss_at_steps = [3]",
+    ok(&stage_run(
+        "prune",
+        &one,
+        &run,
+        Some("nan_loss_at_steps = [3]"),
     ));
     let m = metrics(&run);
     let s3 = m
@@ -588,17 +547,7 @@ fn non_finite_steps_are_skipped_and_k_in_a_row_stop_with_a_checkpoint() {
         ),
     );
     let run = tmp.path().join("two");
-    let o = shears_faulty(
-        BIN,
-        &[
-            "prune",
-            "--config",
-            two.to_str().unwrap(),
-            "--out",
-            run.to_str().unwrap(),
-        ],
-        "nan_loss_at_steps = [4, 5, 6]",
-    );
+    let o = stage_run("prune", &two, &run, Some("nan_loss_at_steps = [4, 5, 6]"));
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -627,16 +576,11 @@ fn a_failed_checkpoint_write_is_a_clear_error_and_keeps_the_previous_one() {
         ),
     );
     let run = tmp.path().join("run");
-    let o = shears_faulty(
-        BIN,
-        &[
-            "prune",
-            "--config",
-            plan.to_str().unwrap(),
-            "--out",
-            run.to_str().unwrap(),
-        ],
-        "checkpoint_error_at_steps = [4]",
+    let o = stage_run(
+        "prune",
+        &plan,
+        &run,
+        Some("checkpoint_error_at_steps = [4]"),
     );
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);

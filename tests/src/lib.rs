@@ -661,6 +661,49 @@ pub mod runs {
         (a, b)
     }
 
+    /// One `kill -9` / resume case: `stage` run from `plan` to the end, and again in another
+    /// directory killed with SIGKILL after a step drawn from `kill_in` (from the clock, so CI
+    /// covers a different point each time) and resumed. [`KillResume::check`] asserts the two
+    /// runs wrote the same metrics (wall-clock fields aside) and the same bytes in `files` of
+    /// the checkpoint after `last_step`.
+    pub struct KillResume<'a> {
+        pub stage: &'a str,
+        pub plan: &'a Path,
+        pub kill_in: std::ops::Range<usize>,
+        pub last_step: usize,
+        /// Files of the last checkpoint, relative to it.
+        pub files: &'a [&'a str],
+    }
+
+    impl KillResume<'_> {
+        /// Run the case under `dir` and check it; returns the uninterrupted and the resumed run
+        /// directories for further checks.
+        pub fn check(&self, bin: &str, dir: &Path) -> (PathBuf, PathBuf) {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos() as usize;
+            let span = self.kill_in.end.saturating_sub(self.kill_in.start).max(1);
+            let kill_after = self.kill_in.start + nanos % span;
+            let (a, b) = run_killed_and_resumed(bin, self.stage, self.plan, dir, kill_after);
+            let (ma, mb) = (metrics(&a), metrics(&b));
+            assert_eq!(ma.len(), mb.len(), "killed after {kill_after} steps");
+            for (x, y) in ma.iter().zip(&mb) {
+                assert_eq!(x, y, "killed after {kill_after} steps");
+            }
+            let last = format!("checkpoints/step-{:08}", self.last_step);
+            for f in self.files {
+                let (x, y) = (a.join(&last).join(f), b.join(&last).join(f));
+                assert!(
+                    std::fs::read(&x).unwrap() == std::fs::read(&y).unwrap(),
+                    "{} differs between the runs (killed after {kill_after} steps)",
+                    x.display()
+                );
+            }
+            (a, b)
+        }
+    }
+
     /// The head of a tiny `shears run` plan writing to `out`: the tiny model (written to `dir`),
     /// [`TINY_TARGET`] and a `[data]` plan of the three-domain corpus (32-token sequences); the
     /// caller appends the stages' sections.

@@ -113,7 +113,7 @@ impl AutodiffTask for Step<'_> {
     fn run<B: shears_models::ShearsAutodiff>(self, device: B::Device) -> Self::Output {
         let model =
             load::build::<B>(self.config, self.layers, self.weights, &device, DType::F32).unwrap();
-        let mut stage = LmStage::from_model(model, AdamWSettings::default());
+        let mut stage = LmStage::from_model(model, AdamWSettings::pytorch());
         let loss = stage.backward(&[batch_ids()], 0, &[0]).lm;
         (loss as f32, stage.gradients())
     }

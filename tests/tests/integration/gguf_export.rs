@@ -4,8 +4,8 @@
 
 use shears_core::formats::dequant::{dequantize, GgmlType};
 use shears_core::formats::gguf::{GgufFile, Value};
-use shears_core::formats::gguf_export::{write_llama_gguf, GgufQuant};
 use shears_core::formats::quantize;
+use shears_core::gguf_export::{write_llama_gguf, GgufQuant};
 use shears_core::{DType, ModelFiles};
 use shears_models::backend::NdArrayBackend;
 use shears_models::{generate, load};
@@ -320,7 +320,7 @@ fn smollm2_exports_and_scores() {
 /// the scores alone (what llama.cpp's SentencePiece tokenizer merges by).
 #[test]
 fn sentencepiece_tokenizer_round_trips() {
-    use shears_core::formats::gguf_export::tokenizer_metadata;
+    use shears_core::formats::gguf_vocab::tokenizer_metadata;
     use shears_core::formats::gguf_write::write_gguf as write_file;
     let tmp = tempfile::tempdir().unwrap();
     let src = GgufFile::open(shears_tests::spm_gguf(tmp.path())).unwrap();
