@@ -133,14 +133,17 @@ fn attention_rows<B: ShearsAutodiff>(s: &KernelShapes, device: &B::Device, rows:
     let q = Tensor::<B, 4>::random([b, t, h, hd], Distribution::Default, device);
     let k = Tensor::<B, 4>::random([b, t, g, hd], Distribution::Default, device);
     let v = Tensor::<B, 4>::random([b, t, g, hd], Distribution::Default, device);
-    let mask = ops::causal_mask::<B>(0, t, device);
+    let mask = ops::causal_mask::<B>(0, t, None, device);
     // Causal: half the t x t scores, two GEMMs of hd each.
     let attn_flops = 2.0 * 2.0 * (b * h * t * t * hd) as f64 / 2.0;
     let fused_ok = B::fused_attention(
         q.clone().into_primitive().tensor(),
         k.clone().into_primitive().tensor(),
         v.clone().into_primitive().tensor(),
-        1.0,
+        ops::AttnSpec {
+            scale: 1.0,
+            window: None,
+        },
     )
     .is_some();
     let (qi, ki, vi) = (q.clone().inner(), k.clone().inner(), v.clone().inner());
@@ -160,6 +163,7 @@ fn attention_rows<B: ShearsAutodiff>(s: &KernelShapes, device: &B::Device, rows:
                 ki.clone(),
                 vi.clone(),
                 Some(&mask_i),
+                None,
             ))
         })
     });
@@ -172,7 +176,7 @@ fn attention_rows<B: ShearsAutodiff>(s: &KernelShapes, device: &B::Device, rows:
     });
     let fus = fused_ok.then(|| {
         time(it, || {
-            let o = ops::causal_attention(qg.clone(), kg.clone(), vg.clone(), Some(&mask));
+            let o = ops::causal_attention(qg.clone(), kg.clone(), vg.clone(), Some(&mask), None);
             let _ = o.sum().backward();
         })
     });

@@ -80,8 +80,9 @@ pub struct LlamaConfig {
     /// Biases on the MLP projections (unsupported when true).
     #[serde(default)]
     pub mlp_bias: bool,
-    /// Mistral's sliding-window attention span; Shears runs full attention and refuses contexts
-    /// longer than the window.
+    /// Mistral's sliding-window attention span: each query attends to itself and the
+    /// `sliding_window - 1` keys before it, in every layer (see
+    /// [`LlamaConfig::attention_window`]). LLaMA models ignore the key, as transformers does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
     /// Beginning-of-sequence token id.
@@ -193,6 +194,18 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
+    /// Whether this is a Mistral model (by `model_type` or `architectures`).
+    pub fn is_mistral(&self) -> bool {
+        self.model_type == "mistral" || self.architectures.iter().any(|a| a == "MistralForCausalLM")
+    }
+
+    /// The sliding window of layer `layer`'s attention, if it has one: Mistral's
+    /// `sliding_window` applies to every layer (transformers' `MistralAttention`); LLaMA
+    /// attends over every earlier position.
+    pub fn attention_window(&self, _layer: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| self.is_mistral())
+    }
+
     /// Check that Shears can run this configuration.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let known = ["LlamaForCausalLM", "MistralForCausalLM"];
@@ -243,6 +256,9 @@ impl LlamaConfig {
                     "{name} = {v} is beyond what Shears supports ({max}); the config is corrupt or not a LLaMA-family model"
                 ));
             }
+        }
+        if self.sliding_window == Some(0) {
+            return Err("sliding_window = 0 leaves a query nothing to attend to; give a positive window or null".into());
         }
         if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return Err(format!(

@@ -12,7 +12,7 @@ use crate::config::{LlamaConfig, Rope, RopeScaling};
 use crate::error::{Error, Result};
 use crate::formats::dequant::GgmlType;
 use crate::formats::gguf::Value;
-use crate::formats::gguf_llama::LLAMA3_KEYS;
+use crate::formats::gguf_llama::{LLAMA3_KEYS, SLIDING_WINDOW_KEY};
 use crate::formats::gguf_vocab::tokenizer_metadata;
 use crate::formats::gguf_write::{write_gguf, TensorEntry};
 use crate::formats::quantize;
@@ -122,6 +122,7 @@ fn model_metadata(
     files: &ModelFiles,
     quant: GgufQuant,
     name: &str,
+    warnings: &mut Vec<String>,
 ) -> Result<Vec<(String, Value)>> {
     let c = &files.config;
     let l = &files.layers[0];
@@ -199,6 +200,16 @@ fn model_metadata(
         }
         RopeScaling::None => {}
     }
+    if let Some(w) = c.attention_window(0) {
+        // Shears reads the window back from its own key; llama.cpp's `llama` architecture has
+        // none and attends over everything.
+        kv.push((SLIDING_WINDOW_KEY.into(), u32v(w)?));
+        warnings.push(format!(
+            "the model attends over a sliding window of {w} tokens; llama.cpp runs the `llama` \
+             architecture with full attention, so its scores differ from Shears' past {w} tokens \
+             (Shears reads the window back from {SLIDING_WINDOW_KEY})"
+        ));
+    }
     Ok(kv)
 }
 
@@ -253,7 +264,7 @@ pub fn write_llama_gguf(
     })?;
     let c = &files.config;
     let mut warnings = vec![];
-    let mut metadata = model_metadata(files, quant, name)?;
+    let mut metadata = model_metadata(files, quant, name, &mut warnings)?;
     metadata.extend(tokenizer_metadata(tok, c.vocab_size, &mut warnings)?);
 
     let mut names: Vec<(String, String)> = vec![("token_embd.weight".into(), EMBED_TOKENS.into())];

@@ -93,6 +93,9 @@ pub struct Attention<B: Backend> {
     pub num_kv_heads: usize,
     /// Width of one head.
     pub head_dim: usize,
+    /// Sliding window: each query sees itself and the `window - 1` keys before it; `None`:
+    /// every earlier key.
+    pub window: Option<usize>,
 }
 
 /// `x [.., in] · W [in, out]` as one 2-D GEMM over all leading positions (`[b·t, in]`), on the
@@ -130,7 +133,7 @@ impl<B: ShearsOps> Attention<B> {
             Some(c) => c.append(k, v),
             None => (k, v),
         };
-        ops::causal_attention(q, k, v, mask)
+        ops::causal_attention(q, k, v, mask, self.window)
     }
 
     /// Merge the heads of `ctx [b, t, H, hd]` and project back to the residual width.
@@ -182,10 +185,10 @@ impl<B: ShearsOps> DecoderLayer<B> {
         x: Tensor<B, 3>,
         cos: &Tensor<B, 2>,
         sin: &Tensor<B, 2>,
-        mask: Option<&Tensor<B, 2, Bool>>,
+        masks: &AttnMasks<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        self.forward_masked(x, cos, sin, mask, cache, &LayerMasks::none())
+        self.forward_masked(x, cos, sin, masks, cache, &LayerMasks::none())
     }
 
     /// The block with pruning masks applied where the spec puts them (§1.3, §11.1).
@@ -194,7 +197,7 @@ impl<B: ShearsOps> DecoderLayer<B> {
         x: Tensor<B, 3>,
         cos: &Tensor<B, 2>,
         sin: &Tensor<B, 2>,
-        mask: Option<&Tensor<B, 2, Bool>>,
+        masks: &AttnMasks<B>,
         cache: Option<&mut LayerCache<B>>,
         m: &LayerMasks<B>,
     ) -> Tensor<B, 3> {
@@ -218,7 +221,7 @@ impl<B: ShearsOps> DecoderLayer<B> {
             norm(&self.input_layernorm, x.clone()),
             cos,
             sin,
-            mask,
+            masks.get(self.self_attn.window),
             cache,
         );
         if let Some(z) = &m.heads {
@@ -230,6 +233,37 @@ impl<B: ShearsOps> DecoderLayer<B> {
             m.intermediate.as_ref(),
         );
         x + scale_out(y)
+    }
+}
+
+/// The attention masks of one forward (`[t, past + t]`, true = hidden), which only the generic
+/// attention reads: the causal one, and one per sliding window some layer uses.
+#[derive(Debug, Clone)]
+pub struct AttnMasks<B: Backend> {
+    causal: Option<Tensor<B, 2, Bool>>,
+    windowed: Vec<(usize, Tensor<B, 2, Bool>)>,
+}
+
+impl<B: Backend> AttnMasks<B> {
+    /// The masks of `len` new positions after `past` cached ones, for attention with each of
+    /// `windows` (and none).
+    pub fn new(past: usize, len: usize, windows: &[usize], device: &B::Device) -> Self {
+        let causal = ops::needs_mask(past, len, None)
+            .then(|| ops::causal_mask::<B>(past, len, None, device));
+        let windowed = windows
+            .iter()
+            .filter(|&&w| ops::needs_mask(past, len, Some(w)))
+            .map(|&w| (w, ops::causal_mask::<B>(past, len, Some(w), device)))
+            .collect();
+        AttnMasks { causal, windowed }
+    }
+
+    /// The mask of attention with `window` (`None` when nothing needs hiding).
+    pub fn get(&self, window: Option<usize>) -> Option<&Tensor<B, 2, Bool>> {
+        match window {
+            None => self.causal.as_ref(),
+            Some(w) => self.windowed.iter().find(|(x, _)| *x == w).map(|(_, m)| m),
+        }
     }
 }
 
@@ -281,12 +315,12 @@ impl<B: ShearsOps> Llama<B> {
         self.model.embed_tokens.weight.val().device()
     }
 
-    /// RoPE tables and causal mask for `len` new positions after `past` cached ones.
+    /// RoPE tables and attention masks for `len` new positions after `past` cached ones.
     pub fn position_inputs(
         &self,
         past: usize,
         len: usize,
-    ) -> (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 2, Bool>>) {
+    ) -> (Tensor<B, 2>, Tensor<B, 2>, AttnMasks<B>) {
         let device = self.device();
         let (cos, sin) = rope::tables::<B>(
             &self.rope,
@@ -296,8 +330,15 @@ impl<B: ShearsOps> Llama<B> {
             self.compute_dtype(),
             &device,
         );
-        let mask = (len > 1).then(|| ops::causal_mask::<B>(past, len, &device));
-        (cos, sin, mask)
+        let mut windows: Vec<usize> = self
+            .model
+            .layers
+            .iter()
+            .filter_map(|l| l.self_attn.window)
+            .collect();
+        windows.sort_unstable();
+        windows.dedup();
+        (cos, sin, AttnMasks::new(past, len, &windows, &device))
     }
 
     /// Final-norm hidden states `[batch, len, d]`. With a cache, `ids` continue the cached
@@ -331,20 +372,13 @@ impl<B: ShearsOps> Llama<B> {
                 for (l, (layer, slot)) in
                     self.model.layers.iter().zip(cache.layers_mut()).enumerate()
                 {
-                    x = layer.forward_masked(
-                        x,
-                        &cos,
-                        &sin,
-                        mask.as_ref(),
-                        Some(slot),
-                        &layer_masks(l),
-                    );
+                    x = layer.forward_masked(x, &cos, &sin, &mask, Some(slot), &layer_masks(l));
                 }
                 cache.advance(t);
             }
             None => {
                 for (l, layer) in self.model.layers.iter().enumerate() {
-                    x = layer.forward_masked(x, &cos, &sin, mask.as_ref(), None, &layer_masks(l));
+                    x = layer.forward_masked(x, &cos, &sin, &mask, None, &layer_masks(l));
                 }
             }
         }
@@ -461,7 +495,7 @@ impl<B: ShearsOps> Llama<B> {
 
     /// Refuse contexts the model cannot attend over faithfully: longer than its
     /// `max_position_embeddings` (positions it was never trained on, and attention buffers
-    /// that grow with the square of the length), or than Mistral's sliding window.
+    /// that grow with the square of the length). A sliding window is attended as the model does.
     pub fn check_context(&self, len: usize) -> shears_core::Result<()> {
         let max = self.config.max_position_embeddings;
         if len > max {
@@ -469,13 +503,6 @@ impl<B: ShearsOps> Llama<B> {
                 "context of {len} tokens exceeds the model's max_position_embeddings of {max}; \
                  shorten the input"
             )));
-        }
-        if let Some(w) = self.config.sliding_window {
-            if len > w {
-                return Err(shears_core::Error::invalid(format!(
-                    "context of {len} tokens exceeds the model's sliding window of {w}; Shears runs full attention only"
-                )));
-            }
         }
         Ok(())
     }

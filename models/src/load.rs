@@ -131,6 +131,7 @@ pub fn build<B: Backend>(
                     num_heads: shape.num_attention_heads,
                     num_kv_heads: shape.num_key_value_heads,
                     head_dim: config.head_dim(),
+                    window: config.attention_window(l),
                 },
                 mlp: Mlp {
                     gate_proj: linear(LayerTensor::GateProj),

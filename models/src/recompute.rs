@@ -84,7 +84,7 @@ pub fn backward_by_layers_with_head<B: ShearsAutodiff>(
                 Some(m) => m.layer(l, kept),
                 None => LayerMasks::none(),
             };
-            x = layer.forward_masked(x, &cos, &sin, mask.as_ref(), None, &lm);
+            x = layer.forward_masked(x, &cos, &sin, &mask, None, &lm);
         }
         inputs.push(x);
     }
@@ -107,7 +107,7 @@ pub fn backward_by_layers_with_head<B: ShearsAutodiff>(
             x.clone(),
             &cos,
             &sin,
-            mask.as_ref(),
+            &mask,
             None,
             &layer_masks(m.as_ref(), l),
         );

@@ -70,6 +70,63 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
     let ctx = opt("context_length").unwrap_or(2048);
     let tied = g.tensor_info("output.weight").is_none();
 
+    let rope_scaling = rope_scaling_of(g, &arch, head_dim, theta)?;
+
+    let mut cfg = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": req("feed_forward_length")?,
+        "num_hidden_layers": req("block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": head_dim,
+        "rms_norm_eps": eps,
+        "rope_theta": theta,
+        "max_position_embeddings": ctx,
+        "tie_word_embeddings": tied,
+        "hidden_act": "silu",
+    });
+    let obj = cfg.as_object_mut().expect("object");
+    if let Some(s) = rope_scaling {
+        obj.insert("rope_scaling".into(), s);
+    }
+    if let Some(w) = g.get(SLIDING_WINDOW_KEY).and_then(|v| v.as_u64()) {
+        // A Mistral model Shears exported: its window makes it one again.
+        obj.insert("architectures".into(), json!(["MistralForCausalLM"]));
+        obj.insert("model_type".into(), json!("mistral"));
+        obj.insert("sliding_window".into(), w.into());
+    }
+    for (hf, gg) in [
+        ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+        ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+        ("pad_token_id", "tokenizer.ggml.padding_token_id"),
+    ] {
+        if let Some(id) = g.get(gg).and_then(|v| v.as_u64()) {
+            obj.insert(hf.into(), id.into());
+        }
+    }
+    let cfg: LlamaConfig = serde_json::from_value(cfg)
+        .map_err(|e| Error::format(path, format!("metadata gives an invalid config: {e}")))?;
+    cfg.validate().map_err(|m| Error::format(path, m))?;
+    Ok(cfg)
+}
+
+/// Where Shears' exporter records a Mistral sliding window (llama.cpp's `llama` architecture has
+/// no such key; it attends over everything).
+pub const SLIDING_WINDOW_KEY: &str = "shears.attention.sliding_window";
+
+/// The config's `rope_scaling` from a GGUF: llama.cpp's linear scaling keys, or Llama-3's
+/// `rope_freqs.weight` (see [`llama3_scaling_from_freqs`]).
+fn rope_scaling_of(
+    g: &GgufFile,
+    arch: &str,
+    head_dim: u64,
+    theta: f64,
+) -> Result<Option<serde_json::Value>> {
+    let path = g.path();
+    let key = |k: &str| format!("{arch}.{k}");
     let mut rope_scaling = None;
     match g.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
         None | Some("none") => {}
@@ -109,39 +166,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
         );
     }
 
-    let mut cfg = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": req("feed_forward_length")?,
-        "num_hidden_layers": req("block_count")?,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "head_dim": head_dim,
-        "rms_norm_eps": eps,
-        "rope_theta": theta,
-        "max_position_embeddings": ctx,
-        "tie_word_embeddings": tied,
-        "hidden_act": "silu",
-    });
-    let obj = cfg.as_object_mut().expect("object");
-    if let Some(s) = rope_scaling {
-        obj.insert("rope_scaling".into(), s);
-    }
-    for (hf, gg) in [
-        ("bos_token_id", "tokenizer.ggml.bos_token_id"),
-        ("eos_token_id", "tokenizer.ggml.eos_token_id"),
-        ("pad_token_id", "tokenizer.ggml.padding_token_id"),
-    ] {
-        if let Some(id) = g.get(gg).and_then(|v| v.as_u64()) {
-            obj.insert(hf.into(), id.into());
-        }
-    }
-    let cfg: LlamaConfig = serde_json::from_value(cfg)
-        .map_err(|e| Error::format(path, format!("metadata gives an invalid config: {e}")))?;
-    cfg.validate().map_err(|m| Error::format(path, m))?;
-    Ok(cfg)
+    Ok(rope_scaling)
 }
 
 /// The metadata prefix of the Llama-3 rope parameters Shears' exporter writes beside

@@ -4,9 +4,10 @@
 //! Tile products run on [`super::gemm`] (AVX-512 or AVX2 micro-kernels).
 //!
 //! Layouts, all contiguous row-major: `q [b, t, h, hd]`, `k, v [b, s, g, hd]` with `s ≥ t`
-//! (the first `s - t` keys are the cached past: query `i` sees keys `0 ..= s - t + i`),
-//! `out [b, t, h, hd]`, `lse [b, h, t]` (the log-sum-exp of each row's scaled scores, kept for the
-//! backward).
+//! (the first `s - t` keys are the cached past: query `i` sees keys `0 ..= s - t + i`, or with a
+//! sliding window `w` only the last `w` of them), `out [b, t, h, hd]`, `lse [b, h, t]` (the
+//! log-sum-exp of each row's scaled scores, kept for the backward). Tiles wholly outside a
+//! query tile's window are skipped, like those past its diagonal.
 
 use rayon::prelude::*;
 
@@ -33,11 +34,25 @@ pub struct AttnShape {
     pub g: usize,
     /// Head width.
     pub hd: usize,
+    /// Sliding window: query `i` sees keys `past + i - w < j ≤ past + i`; `None`: every key up
+    /// to its own position.
+    pub window: Option<usize>,
 }
 
 impl AttnShape {
     fn past(&self) -> usize {
         self.s - self.t
+    }
+    /// The first key query `qi` sees.
+    fn first_key(&self, qi: usize) -> usize {
+        match self.window {
+            Some(w) => (self.past() + qi + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
+    /// The first key tile (a multiple of `BK`) any query of `i0..` sees.
+    fn first_tile(&self, i0: usize) -> usize {
+        self.first_key(i0) / BK * BK
     }
     fn r(&self) -> usize {
         self.h / self.g
@@ -50,6 +65,7 @@ impl AttnShape {
             && self.g > 0
             && self.h % self.g == 0
             && self.hd > 0
+            && self.window != Some(0)
     }
 }
 
@@ -101,12 +117,14 @@ unsafe fn mm<T: Real>(
     }
 }
 
-/// Mask the scores of row `r` of a tile whose first query is `qi0` and first key `kj0`:
-/// key `kj0 + c` is visible to query `qi0 + r` iff `kj0 + c ≤ past + qi0 + r`. Returns the
-/// number of visible columns.
+/// The columns of a tile (first key `kj0`, `n` keys) that query `qi` sees: key `kj0 + c` is
+/// visible iff `first ≤ kj0 + c ≤ past + qi`, with `first` the query's first key
+/// ([`AttnShape::first_key`]).
 #[inline]
-fn visible(past: usize, qi: usize, kj0: usize, n: usize) -> usize {
-    (past + qi + 1).saturating_sub(kj0).min(n)
+fn visible(sh: &AttnShape, qi: usize, kj0: usize, n: usize) -> std::ops::Range<usize> {
+    let hi = (sh.past() + qi + 1).saturating_sub(kj0).min(n);
+    let lo = sh.first_key(qi).saturating_sub(kj0).min(hi);
+    lo..hi
 }
 
 /// Forward: fills `out` and `lse`.
@@ -119,7 +137,9 @@ pub fn forward<T: Real>(
     out: &mut [T],
     lse: &mut [T],
 ) {
-    let AttnShape { b, t, s, h, g, hd } = sh;
+    let AttnShape {
+        b, t, s, h, g, hd, ..
+    } = sh;
     assert!(sh.supported());
     assert_eq!(q.len(), b * t * h * hd);
     assert_eq!(k.len(), b * s * g * hd);
@@ -145,7 +165,7 @@ pub fn forward<T: Real>(
         let mut l = vec![T::ZERO; m];
         let qrow = (bi * t + i0) * h * hd + head * hd;
         let (q_rs, kv_rs) = (h * hd, g * hd);
-        for j0 in (0..last).step_by(BK) {
+        for j0 in (sh.first_tile(i0)..last).step_by(BK) {
             let n = BK.min(last - j0);
             let kbase = (bi * s + j0) * kv_rs + kvh * hd;
             // SAFETY: indices are within the asserted lengths; sc has m*BK >= m*n elements.
@@ -169,7 +189,7 @@ pub fn forward<T: Real>(
             with_isa!(online_softmax_tile(
                 &mut sc[..m * n],
                 n,
-                past,
+                &sh,
                 i0,
                 j0,
                 &mut mx,
@@ -267,7 +287,7 @@ fn exp_sum<T: Real>(row: &mut [T], shift: T) -> T {
 fn online_softmax_tile<T: Real>(
     sc: &mut [T],
     n: usize,
-    past: usize,
+    sh: &AttnShape,
     i0: usize,
     j0: usize,
     mx: &mut [T],
@@ -276,10 +296,16 @@ fn online_softmax_tile<T: Real>(
     hd: usize,
 ) {
     for (rr, row) in sc.chunks_exact_mut(n).enumerate() {
-        let vis = visible(past, i0 + rr, j0, n);
-        let (seen, masked) = row.split_at_mut(vis);
-        for x in masked {
+        let vis = visible(sh, i0 + rr, j0, n);
+        let (before, rest) = row.split_at_mut(vis.start);
+        let (seen, after) = rest.split_at_mut(vis.len());
+        for x in before.iter_mut().chain(after) {
             *x = T::ZERO;
+        }
+        if seen.is_empty() {
+            // A row whose window lies wholly in later tiles: nothing to add (its zero row of
+            // P adds nothing to the accumulator either).
+            continue;
         }
         let m_new = row_max(seen, mx[rr]);
         let sum = exp_sum(seen, m_new);
@@ -296,15 +322,16 @@ fn online_softmax_tile<T: Real>(
 
 /// `p = e^(scaled score - lse)` for one tile, masked entries 0.
 #[inline(always)]
-fn probs_tile<T: Real>(sc: &mut [T], n: usize, past: usize, i0: usize, j0: usize, lse: &[T]) {
+fn probs_tile<T: Real>(sc: &mut [T], n: usize, sh: &AttnShape, i0: usize, j0: usize, lse: &[T]) {
     for (rr, row) in sc.chunks_exact_mut(n).enumerate() {
-        let vis = visible(past, i0 + rr, j0, n);
+        let vis = visible(sh, i0 + rr, j0, n);
         let m = lse[rr];
-        for x in &mut row[..vis] {
-            *x = (*x - m).exp();
-        }
-        for x in &mut row[vis..] {
-            *x = T::ZERO;
+        for (c, x) in row.iter_mut().enumerate() {
+            *x = if vis.contains(&c) {
+                (*x - m).exp()
+            } else {
+                T::ZERO
+            };
         }
     }
 }
@@ -398,9 +425,9 @@ impl<T: Real> Backward<'_, T> {
             );
         }
         let (lse, dsum) = (&self.lse[lrow..lrow + m], &self.dsum[lrow..lrow + m]);
-        let past = self.sh.past();
+        let sh = self.sh;
         with_isa!({
-            probs_tile(&mut p[..m * n], n, past, i0, j0, lse);
+            probs_tile(&mut p[..m * n], n, &sh, i0, j0, lse);
             dscores_tile(&p[..m * n], &mut dp[..m * n], n, dsum);
         });
     }
@@ -422,7 +449,7 @@ impl<T: Real> Backward<'_, T> {
             let mut p = vec![T::ZERO; m * BK];
             let mut dp = vec![T::ZERO; m * BK];
             let mut acc = vec![T::ZERO; m * hd];
-            for j0 in (0..last).step_by(BK) {
+            for j0 in (self.sh.first_tile(i0)..last).step_by(BK) {
                 let n = BK.min(last - j0);
                 self.tile(bi, head, (i0, m), (j0, n), &mut p, &mut dp);
                 let (_, kbase, _) = self.offsets(bi, head, i0, j0);
@@ -462,7 +489,9 @@ impl<T: Real> Backward<'_, T> {
     /// tile), over the r query heads that read the kv head and the query tiles that see the
     /// key tile.
     fn dkv(&self, dk: &mut [T], dv: &mut [T]) {
-        let AttnShape { b, t, s, h, g, hd } = self.sh;
+        let AttnShape {
+            b, t, s, h, g, hd, ..
+        } = self.sh;
         let (q_rs, kv_rs, r) = (h * hd, g * hd, self.sh.r());
         let ktiles = s.div_ceil(BK);
         let dkp = Shared(dk.as_mut_ptr());
@@ -478,10 +507,15 @@ impl<T: Real> Backward<'_, T> {
             let mut dp = vec![T::ZERO; BQ * n];
             let mut dk_acc = vec![T::ZERO; n * hd];
             let mut dv_acc = vec![T::ZERO; n * hd];
-            // The first query that sees key j0 is i = j0 - past (all of them when j0 < past).
+            // The first query that sees key j0 is i = j0 - past (all of them when j0 < past);
+            // with a window, no query past j0 + n - 1 + w - past sees the tile.
             let first_q = j0.saturating_sub(self.sh.past());
+            let end_q = match self.sh.window {
+                Some(w) => (j0 + n + w - 1).saturating_sub(self.sh.past()).min(t),
+                None => t,
+            };
             for head in kvh * r..(kvh + 1) * r {
-                for i0 in ((first_q / BQ) * BQ..t).step_by(BQ) {
+                for i0 in ((first_q / BQ) * BQ..end_q).step_by(BQ) {
                     let m = BQ.min(t - i0);
                     self.tile(bi, head, (i0, m), (j0, n), &mut p, &mut dp);
                     let (qrow, _, _) = self.offsets(bi, head, i0, j0);
@@ -554,7 +588,9 @@ pub fn backward<T: Real>(
     dk: &mut [T],
     dv: &mut [T],
 ) {
-    let AttnShape { b, t, s, h, g, hd } = sh;
+    let AttnShape {
+        b, t, s, h, g, hd, ..
+    } = sh;
     assert!(sh.supported());
     assert_eq!(q.len(), b * t * h * hd);
     assert_eq!(out.len(), q.len());
@@ -595,7 +631,9 @@ pub fn backward<T: Real>(
 
 /// The plain definition (scores, mask, softmax, weighted sum) in f64, for tests.
 pub fn reference(sh: AttnShape, q: &[f64], k: &[f64], v: &[f64], scale: f64) -> Vec<f64> {
-    let AttnShape { b, t, s, h, g, hd } = sh;
+    let AttnShape {
+        b, t, s, h, g, hd, ..
+    } = sh;
     let (past, r) = (sh.past(), sh.r());
     let mut out = vec![0.0; b * t * h * hd];
     for bi in 0..b {
@@ -603,8 +641,8 @@ pub fn reference(sh: AttnShape, q: &[f64], k: &[f64], v: &[f64], scale: f64) -> 
             let kvh = head / r;
             for i in 0..t {
                 let qo = ((bi * t + i) * h + head) * hd;
-                let vis = past + i + 1;
-                let sc: Vec<f64> = (0..vis)
+                let (first, vis) = (sh.first_key(i), past + i + 1);
+                let sc: Vec<f64> = (first..vis)
                     .map(|j| {
                         let ko = ((bi * s + j) * g + kvh) * hd;
                         (0..hd).map(|d| q[qo + d] * k[ko + d]).sum::<f64>() * scale
@@ -613,7 +651,7 @@ pub fn reference(sh: AttnShape, q: &[f64], k: &[f64], v: &[f64], scale: f64) -> 
                 let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
-                for (j, ej) in e.iter().enumerate() {
+                for (j, ej) in (first..vis).zip(&e) {
                     let vo = ((bi * s + j) * g + kvh) * hd;
                     for d in 0..hd {
                         out[qo + d] += ej / z * v[vo + d];
@@ -719,7 +757,49 @@ mod tests {
             (1, 1, 129, 2, 2, 32), // one decode step
         ];
         for (i, (b, t, s, h, g, hd)) in shapes.into_iter().enumerate() {
-            check(AttnShape { b, t, s, h, g, hd }, i as u64);
+            let window = None;
+            check(
+                AttnShape {
+                    b,
+                    t,
+                    s,
+                    h,
+                    g,
+                    hd,
+                    window,
+                },
+                i as u64,
+            );
+        }
+    }
+
+    /// Sliding windows: shorter than a tile, across tile boundaries (rows whose window starts
+    /// in a later tile than the tile's first row's), with a cached past longer than the window,
+    /// a decode step, a window of one key, and one longer than everything (no effect).
+    #[test]
+    fn sliding_windows_match_reference_and_finite_differences() {
+        let shapes = [
+            (1, 20, 20, 2, 1, 8, 5),
+            (1, 150, 150, 4, 2, 8, 70),
+            (2, 130, 130, 2, 2, 8, 64),
+            (1, 9, 140, 3, 1, 8, 33), // past of 131 keys, most outside the window
+            (1, 1, 129, 2, 2, 16, 40),
+            (1, 12, 12, 2, 1, 8, 1),
+            (1, 30, 30, 2, 2, 8, 1000),
+        ];
+        for (i, (b, t, s, h, g, hd, w)) in shapes.into_iter().enumerate() {
+            check(
+                AttnShape {
+                    b,
+                    t,
+                    s,
+                    h,
+                    g,
+                    hd,
+                    window: Some(w),
+                },
+                100 + i as u64,
+            );
         }
     }
 }

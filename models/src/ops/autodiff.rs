@@ -10,7 +10,7 @@ use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_autodiff::Autodiff;
 
-use super::ShearsOps;
+use super::{AttnSpec, ShearsOps};
 
 #[derive(Debug)]
 struct MatmulBackward;
@@ -132,7 +132,7 @@ impl<B: ShearsOps> Backward<B, 3> for AttentionBackward {
         FloatTensor<B>,
         FloatTensor<B>,
         FloatTensor<B>,
-        f64,
+        AttnSpec,
     );
 
     fn backward(
@@ -143,8 +143,8 @@ impl<B: ShearsOps> Backward<B, 3> for AttentionBackward {
     ) {
         let [nq, nk, nv] = ops.parents;
         let dout = grads.consume::<B>(&ops.node);
-        let (q, k, v, out, lse, scale) = ops.state;
-        let (dq, dk, dv) = B::attention_kernel_backward(q, k, v, out, lse, dout, scale)
+        let (q, k, v, out, lse, spec) = ops.state;
+        let (dq, dk, dv) = B::attention_kernel_backward(q, k, v, out, lse, dout, spec)
             .expect("a backend with an attention forward kernel has its backward kernel");
         for (node, grad) in [(nq, dq), (nk, dk), (nv, dv)] {
             if let Some(node) = node {
@@ -298,13 +298,13 @@ impl<B: ShearsOps, C: CheckpointStrategy> ShearsOps for Autodiff<B, C> {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        scale: f64,
+        spec: AttnSpec,
     ) -> Option<FloatTensor<Self>> {
         let (out, lse) = B::attention_kernel(
             q.primitive.clone(),
             k.primitive.clone(),
             v.primitive.clone(),
-            scale,
+            spec,
         )?;
         Some(
             match AttentionBackward
@@ -319,7 +319,7 @@ impl<B: ShearsOps, C: CheckpointStrategy> ShearsOps for Autodiff<B, C> {
                         v.primitive,
                         out.clone(),
                         lse,
-                        scale,
+                        spec,
                     ),
                     out,
                 ),

@@ -13,7 +13,7 @@ use super::attention_cpu::{self, AttnShape};
 use super::ce_cpu::{self, CeShape};
 use super::gemm::{gemm, Mat};
 use super::simd::{with_isa, Real};
-use super::{AdamWInput, AdamWOutput, AdamWStep, ShearsOps};
+use super::{AdamWInput, AdamWOutput, AdamWStep, AttnSpec, ShearsOps};
 
 /// A contiguous copy (free when already contiguous) and its elements.
 fn contiguous(t: FlexTensor) -> FlexTensor {
@@ -33,7 +33,12 @@ fn dims<const D: usize>(t: &FlexTensor) -> Option<[usize; D]> {
     t.shape().as_slice().try_into().ok()
 }
 
-fn attn_shape(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> Option<AttnShape> {
+fn attn_shape(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    window: Option<usize>,
+) -> Option<AttnShape> {
     let [b, t, h, hd] = dims::<4>(q)?;
     let [bk, s, g, hdk] = dims::<4>(k)?;
     if dims::<4>(v)? != [bk, s, g, hdk] || bk != b || hdk != hd {
@@ -42,7 +47,15 @@ fn attn_shape(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> Option<AttnShap
     if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
         return None;
     }
-    let sh = AttnShape { b, t, s, h, g, hd };
+    let sh = AttnShape {
+        b,
+        t,
+        s,
+        h,
+        g,
+        hd,
+        window,
+    };
     sh.supported().then_some(sh)
 }
 
@@ -669,9 +682,10 @@ impl ShearsOps for Flex {
         q: FlexTensor,
         k: FlexTensor,
         v: FlexTensor,
-        scale: f64,
+        spec: AttnSpec,
     ) -> Option<(FlexTensor, FlexTensor)> {
-        let sh = attn_shape(&q, &k, &v)?;
+        let sh = attn_shape(&q, &k, &v, spec.window)?;
+        let scale = spec.scale;
         match q.dtype() {
             DType::F32 => Some(attn_fwd::<f32>(sh, q, k, v, scale)),
             DType::F64 => Some(attn_fwd::<f64>(sh, q, k, v, scale)),
@@ -686,9 +700,10 @@ impl ShearsOps for Flex {
         out: FlexTensor,
         lse: FlexTensor,
         dout: FlexTensor,
-        scale: f64,
+        spec: AttnSpec,
     ) -> Option<(FlexTensor, FlexTensor, FlexTensor)> {
-        let sh = attn_shape(&q, &k, &v)?;
+        let sh = attn_shape(&q, &k, &v, spec.window)?;
+        let scale = spec.scale;
         if dout.dtype() != q.dtype() || out.dtype() != q.dtype() || lse.dtype() != q.dtype() {
             return None;
         }

@@ -79,14 +79,15 @@ pub trait ShearsOps: Backend {
 
     /// Causal attention through a native kernel, or `None` (then the generic definition runs).
     /// `q [b, t, h, hd]`, `k, v [b, s, g, hd]` (`s ≥ t`; the first `s - t` keys are a cached
-    /// past), output `[b, t, h, hd]`. The default uses [`ShearsOps::attention_kernel`].
+    /// past), output `[b, t, h, hd]`, attending as `spec` says (scale, sliding window). The
+    /// default uses [`ShearsOps::attention_kernel`].
     fn fused_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        scale: f64,
+        spec: AttnSpec,
     ) -> Option<FloatTensor<Self>> {
-        Self::attention_kernel(q, k, v, scale).map(|(out, _)| out)
+        Self::attention_kernel(q, k, v, spec).map(|(out, _)| out)
     }
 
     /// Per-token NLL `[n]` of `targets [n]` under the logits `h · Wᵀ`, never materialising
@@ -107,7 +108,7 @@ pub trait ShearsOps: Backend {
         _q: FloatTensor<Self>,
         _k: FloatTensor<Self>,
         _v: FloatTensor<Self>,
-        _scale: f64,
+        _spec: AttnSpec,
     ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
         None
     }
@@ -121,7 +122,7 @@ pub trait ShearsOps: Backend {
         _out: FloatTensor<Self>,
         _lse: FloatTensor<Self>,
         _dout: FloatTensor<Self>,
-        _scale: f64,
+        _spec: AttnSpec,
     ) -> Option<(FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>)> {
         None
     }
@@ -470,20 +471,35 @@ pub fn swiglu_masked<B: ShearsOps, const D: usize>(
     silu(gate) * (up * z.clone().unsqueeze::<D>())
 }
 
-/// Causal attention `softmax(q kᵀ · scale + causal) v` with grouped-query heads: the native
-/// kernel where the backend has one (and [`fused_enabled`]), else [`causal_attention_generic`].
-/// `mask` (`[t, s]`, true = hidden) is only read by the generic path.
+/// How one causal attention call attends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnSpec {
+    /// The scores' scale (`1 / √head_dim`).
+    pub scale: f64,
+    /// A sliding window: each query sees itself and the `window - 1` keys before it
+    /// (transformers' `kv_idx > q_idx - sliding_window`); `None`: every earlier key.
+    pub window: Option<usize>,
+}
+
+/// Causal attention `softmax(q kᵀ · scale + causal) v` with grouped-query heads, over a
+/// sliding `window` of keys when given: the native kernel where the backend has one (and
+/// [`fused_enabled`]), else [`causal_attention_generic`]. `mask` (`[t, s]`, true = hidden, the
+/// window's mask from [`causal_mask`]) is only read by the generic path.
 pub fn causal_attention<B: ShearsOps>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     mask: Option<&Tensor<B, 2, Bool>>,
+    window: Option<usize>,
 ) -> Tensor<B, 4> {
     let hd = q.dims()[3];
-    let scale = 1.0 / (hd as f64).sqrt();
+    let spec = AttnSpec {
+        scale: 1.0 / (hd as f64).sqrt(),
+        window,
+    };
     if fused_enabled() {
         if let Some(out) =
-            B::fused_attention(prim(q.clone()), prim(k.clone()), prim(v.clone()), scale)
+            B::fused_attention(prim(q.clone()), prim(k.clone()), prim(v.clone()), spec)
         {
             return tensor(out);
         }
@@ -527,9 +543,32 @@ pub fn causal_attention_generic<B: Backend>(
     probs.matmul(v).reshape([b, h, t, hd]).swap_dims(1, 2)
 }
 
-/// The causal mask `[t, past + t]` (true = hidden) the generic attention reads.
-pub fn causal_mask<B: Backend>(past: usize, t: usize, device: &B::Device) -> Tensor<B, 2, Bool> {
-    Tensor::<B, 2, Bool>::tril_mask([t, past + t], past as i64, device)
+/// The causal mask `[t, past + t]` (true = hidden) the generic attention reads: query `i`
+/// (position `past + i`) sees keys `j ≤ past + i`, and with a sliding `window` only those with
+/// `j > past + i - window`.
+pub fn causal_mask<B: Backend>(
+    past: usize,
+    t: usize,
+    window: Option<usize>,
+    device: &B::Device,
+) -> Tensor<B, 2, Bool> {
+    let later = Tensor::<B, 2, Bool>::tril_mask([t, past + t], past as i64, device);
+    match window {
+        // `triu_mask` hides `j < i + offset`: with offset `past - window + 1`, the keys at or
+        // before `past + i - window`.
+        Some(w) if past + t > w => {
+            let before =
+                Tensor::<B, 2, Bool>::triu_mask([t, past + t], past as i64 - w as i64 + 1, device);
+            later.bool_or(before)
+        }
+        _ => later,
+    }
+}
+
+/// Whether attention over `past + t` keys with `window` needs a mask at all (a single new token
+/// sees every cached key unless the window cuts some off).
+pub fn needs_mask(past: usize, t: usize, window: Option<usize>) -> bool {
+    t > 1 || window.is_some_and(|w| past + t > w)
 }
 
 /// Per-token NLL `[n]` of `targets [n]` under logits `h [n, d] · Wᵀ` (`w [V, d]` when
