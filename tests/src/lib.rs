@@ -458,6 +458,102 @@ pub mod prune {
 
 /// Fixtures for the trainer's end-to-end tests: the tiny GGUF model and a small prepared
 /// three-domain corpus tokenized with its byte-level tokenizer.
+/// Tiny models of each supported family whose weights come from a formula (the fixture
+/// generator `tests/fixtures/gen_families.py` computes the same), with transformers' outputs on
+/// them in `tests/fixtures/families/<family>.json`.
+pub mod families {
+    use std::path::{Path, PathBuf};
+
+    use shears_core::layer_tensors::{EMBED_TOKENS, FINAL_NORM, LM_HEAD};
+    use shears_core::{HostTensor, LayerTensor, LlamaConfig, ModelFiles, WeightMap};
+
+    fn fnv1a64(s: &str) -> u64 {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for b in s.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h
+    }
+
+    fn splitmix64(x: u64) -> u64 {
+        let mut x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^ (x >> 31)
+    }
+
+    /// The tensor `name` of `shape` as the generator's formula makes it.
+    pub fn formula(name: &str, shape: &[usize]) -> HostTensor {
+        let n: usize = shape.iter().product();
+        let base = fnv1a64(name);
+        let fan_in = *shape.last().unwrap_or(&1) as f64;
+        let vals = (0..n as u64)
+            .map(|i| {
+                let u = (splitmix64(base.wrapping_add(i)) >> 11) as f64 / (1u64 << 53) as f64;
+                let x = 2.0 * u - 1.0;
+                (if name.ends_with("norm.weight") {
+                    1.0 + 0.02 * x
+                } else if name == EMBED_TOKENS || name == LM_HEAD {
+                    x
+                } else {
+                    x * 2.0 / fan_in.sqrt()
+                }) as f32
+            })
+            .collect();
+        HostTensor::f32(shape.to_vec(), vals)
+    }
+
+    /// Every weight of a model of `config` from the formula.
+    pub fn formula_weights(config: &LlamaConfig) -> WeightMap {
+        let (v, d) = (config.vocab_size, config.hidden_size);
+        let mut w = WeightMap::new();
+        w.insert(EMBED_TOKENS.into(), formula(EMBED_TOKENS, &[v, d]));
+        w.insert(FINAL_NORM.into(), formula(FINAL_NORM, &[d]));
+        if !config.tie_word_embeddings {
+            w.insert(LM_HEAD.into(), formula(LM_HEAD, &[v, d]));
+        }
+        let shapes = config.uniform_layer_shapes();
+        for (l, shape) in shapes.iter().enumerate() {
+            for t in LayerTensor::ALL {
+                let name = t.key(l);
+                let dims = t.shape(config, shape);
+                w.insert(name.clone(), formula(&name, &dims));
+            }
+        }
+        w
+    }
+
+    /// The fixture of `family` (config and transformers' scores).
+    pub fn fixture(family: &str) -> serde_json::Value {
+        let p = super::repo_fixture(&format!("families/{family}.json"));
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    /// The model of `family`'s fixture, with the SmolLM2 tokenizer.
+    pub fn model(family: &str) -> ModelFiles {
+        let config: LlamaConfig = serde_json::from_value(fixture(family)["config"].clone())
+            .expect("the fixture's config");
+        config.validate().expect("a supported config");
+        let tok = ModelFiles::load(super::smollm2_gguf())
+            .unwrap()
+            .tokenizer
+            .expect("SmolLM2's tokenizer");
+        ModelFiles {
+            layers: config.uniform_layer_shapes(),
+            weights: formula_weights(&config),
+            tokenizer: Some(tok),
+            source: PathBuf::from(family),
+            config,
+        }
+    }
+
+    /// The generator's path, for messages.
+    pub fn generator() -> &'static Path {
+        Path::new("tests/fixtures/gen_families.py")
+    }
+}
+
 pub mod runs {
     use std::path::{Path, PathBuf};
     use std::process::{Command, Output, Stdio};

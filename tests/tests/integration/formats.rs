@@ -135,33 +135,43 @@ fn non_uniform_models_run_but_are_not_exported_as_llama() {
     );
 }
 
+/// Mistral's sliding window is attended (every layer gets it; contexts past it are no longer
+/// refused), a LLaMA config's `sliding_window` is ignored as transformers ignores it, a window
+/// of 0 is refused, and the context bound is `max_position_embeddings`.
 #[test]
-fn mistral_sliding_window_is_enforced() {
-    let mut config = LlamaConfig::from_json_str(
-        r#"{"architectures":["MistralForCausalLM"],"model_type":"mistral","vocab_size":64,
-        "hidden_size":16,"intermediate_size":32,"num_hidden_layers":1,"num_attention_heads":4,
-        "num_key_value_heads":2,"rms_norm_eps":1e-5,"sliding_window":8}"#,
-    )
-    .unwrap();
-    let model = load::random_model::<shears_models::backend::NdArrayBackend>(
-        &config,
-        1,
-        &Default::default(),
-    )
-    .unwrap();
-    assert!(model.check_context(8).is_ok());
-    let e = model.check_context(9).unwrap_err().to_string();
-    assert!(e.contains("sliding window of 8"), "{e}");
-    config.sliding_window = None;
-    let model = load::random_model::<shears_models::backend::NdArrayBackend>(
-        &config,
-        1,
-        &Default::default(),
-    )
-    .unwrap();
+fn mistral_sliding_window_is_attended() {
+    let text = r#"{"architectures":["MistralForCausalLM"],"model_type":"mistral","vocab_size":64,
+        "hidden_size":16,"intermediate_size":32,"num_hidden_layers":2,"num_attention_heads":4,
+        "num_key_value_heads":2,"rms_norm_eps":1e-5,"sliding_window":8}"#;
+    let mut config = LlamaConfig::from_json_str(text).unwrap();
+    let random = |c: &LlamaConfig| {
+        load::random_model::<shears_models::backend::NdArrayBackend>(c, 1, &Default::default())
+            .unwrap()
+    };
+    let model = random(&config);
+    assert!(model
+        .model
+        .layers
+        .iter()
+        .all(|l| l.self_attn.window == Some(8)));
+    assert!(model.check_context(9).is_ok());
     // Without a window the bound is max_position_embeddings (2048 when the config omits it).
     assert!(model.check_context(2048).is_ok());
     let e = model.check_context(2049).unwrap_err().to_string();
     assert!(e.contains("max_position_embeddings of 2048"), "{e}");
     assert!(model.check_context(usize::MAX).is_err());
+    let llama = LlamaConfig::from_json_str(
+        &text
+            .replace("MistralForCausalLM", "LlamaForCausalLM")
+            .replace("\"mistral\"", "\"llama\""),
+    )
+    .unwrap();
+    assert!(random(&llama)
+        .model
+        .layers
+        .iter()
+        .all(|l| l.self_attn.window.is_none()));
+    config.sliding_window = Some(0);
+    let e = config.validate().unwrap_err();
+    assert!(e.contains("sliding_window = 0"), "{e}");
 }

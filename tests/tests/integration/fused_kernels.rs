@@ -54,8 +54,17 @@ fn leaf<const D: usize>(t: &Tensor<AD, D>) -> Tensor<AD, D> {
 /// Fused attention (through `Autodiff<Flex>`'s node) against the generic composition:
 /// outputs and the gradients of `Σ out ∘ w` with respect to q, k and v.
 fn check_attention(b: usize, t: usize, past: usize, h: usize, g: usize, hd: usize, dtype: DType) {
+    check_window_attention((b, t, past, h, g, hd), None, dtype)
+}
+
+/// [`check_attention`] with a sliding `window` (the generic path reads the window's mask).
+fn check_window_attention(
+    (b, t, past, h, g, hd): (usize, usize, usize, usize, usize, usize),
+    window: Option<usize>,
+    dtype: DType,
+) {
     let s = past + t;
-    let tag = format!("b{b} t{t} past{past} h{h} g{g} hd{hd} {dtype:?}");
+    let tag = format!("b{b} t{t} past{past} h{h} g{g} hd{hd} window{window:?} {dtype:?}");
     let seed = (b * 1000 + t * 10 + h + g + hd + past) as u64;
     let q = rand([b, t, h, hd], dtype, seed);
     let k = rand([b, s, g, hd], dtype, seed + 1);
@@ -63,13 +72,16 @@ fn check_attention(b: usize, t: usize, past: usize, h: usize, g: usize, hd: usiz
     let w = rand([b, t, h, hd], dtype, seed + 3);
     let (qg, kg, vg) = (leaf(&q), leaf(&k), leaf(&v));
     let (qf, kf, vf) = (leaf(&q), leaf(&k), leaf(&v));
-    let mask = ops::causal_mask::<AD>(past, t, &Default::default());
+    let mask = ops::causal_mask::<AD>(past, t, window, &Default::default());
     let generic = ops::causal_attention_generic(qg.clone(), kg.clone(), vg.clone(), Some(&mask));
     let fused = AD::fused_attention(
         qf.clone().into_primitive().tensor(),
         kf.clone().into_primitive().tensor(),
         vf.clone().into_primitive().tensor(),
-        1.0 / (hd as f64).sqrt(),
+        ops::AttnSpec {
+            scale: 1.0 / (hd as f64).sqrt(),
+            window,
+        },
     )
     .map(|p| Tensor::<AD, 4>::from_primitive(burn::tensor::TensorPrimitive::Float(p)))
     .expect("flex has an attention kernel for f32 and f64");
@@ -90,6 +102,23 @@ fn check_attention(b: usize, t: usize, past: usize, h: usize, g: usize, hd: usiz
             tol,
         );
     }
+}
+
+/// Sliding windows (Mistral's, Gemma's local layers): shorter than a tile, across tile edges,
+/// a cached past longer than the window, a decode step, with GQA; forward and gradients.
+#[test]
+fn sliding_window_attention_matches_generic() {
+    for &(shape, w) in &[
+        ((1, 40, 0, 4, 2, 16), 7),
+        ((2, 150, 0, 6, 2, 32), 70),
+        ((1, 130, 0, 4, 4, 64), 64),
+        ((1, 9, 140, 9, 3, 32), 33),
+        ((2, 1, 100, 3, 1, 32), 40),
+        ((1, 30, 0, 2, 1, 8), 1),
+    ] {
+        check_window_attention(shape, Some(w), DType::F32);
+    }
+    check_window_attention((1, 70, 10, 4, 2, 16), Some(25), DType::F64);
 }
 
 #[test]
@@ -285,15 +314,33 @@ fn inputs_without_a_kernel_fall_back_to_the_generic_op() {
     let k = Tensor::<B, 4>::random([1, 9, 2, 8], Distribution::Default, &dev).cast(DType::F16);
     let v = Tensor::<B, 4>::random([1, 9, 2, 8], Distribution::Default, &dev).cast(DType::F16);
     let prim = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
-    assert!(B::fused_attention(prim(&q), prim(&k), prim(&v), 0.3).is_none());
-    let mask = ops::causal_mask::<B>(0, 9, &dev);
-    let via_entry = ops::causal_attention(q.clone(), k.clone(), v.clone(), Some(&mask));
+    assert!(B::fused_attention(
+        prim(&q),
+        prim(&k),
+        prim(&v),
+        ops::AttnSpec {
+            scale: 0.3,
+            window: None
+        }
+    )
+    .is_none());
+    let mask = ops::causal_mask::<B>(0, 9, None, &dev);
+    let via_entry = ops::causal_attention(q.clone(), k.clone(), v.clone(), Some(&mask), None);
     let generic = ops::causal_attention_generic(q, k, v, Some(&mask));
     assert_eq!(vals(via_entry), vals(generic));
     // Mismatched shapes (kv heads not dividing the query heads) get no kernel either.
     let q = Tensor::<B, 4>::random([1, 3, 4, 8], Distribution::Default, &dev);
     let k = Tensor::<B, 4>::random([1, 3, 3, 8], Distribution::Default, &dev);
-    assert!(B::fused_attention(prim(&q), prim(&k), prim(&k), 0.3).is_none());
+    assert!(B::fused_attention(
+        prim(&q),
+        prim(&k),
+        prim(&k),
+        ops::AttnSpec {
+            scale: 0.3,
+            window: None
+        }
+    )
+    .is_none());
     // A target outside the vocabulary: no kernel (the generic op reports it as burn does).
     let h = Tensor::<B, 2>::random([2, 8], Distribution::Default, &dev);
     let w = Tensor::<B, 2>::random([5, 8], Distribution::Default, &dev);
@@ -319,12 +366,13 @@ fn turning_kernels_off_gives_the_generic_path() {
     let dev = Default::default();
     let q = Tensor::<B, 4>::random([2, 10, 4, 8], Distribution::Default, &dev);
     let k = Tensor::<B, 4>::random([2, 10, 2, 8], Distribution::Default, &dev);
-    let mask = ops::causal_mask::<B>(0, 10, &dev);
+    let mask = ops::causal_mask::<B>(0, 10, None, &dev);
     let fused = vals(ops::causal_attention(
         q.clone(),
         k.clone(),
         k.clone(),
         Some(&mask),
+        None,
     ));
     let generic = vals(ops::causal_attention_generic(q, k.clone(), k, Some(&mask)));
     assert!(rel_l2(&fused, &generic) < 1e-5);
@@ -364,14 +412,14 @@ fn kernels_off_child() {
     let dev = Default::default();
     let q = Tensor::<B, 4>::random([2, 10, 4, 8], Distribution::Default, &dev);
     let k = Tensor::<B, 4>::random([2, 10, 2, 8], Distribution::Default, &dev);
-    let mask = ops::causal_mask::<B>(0, 10, &dev);
+    let mask = ops::causal_mask::<B>(0, 10, None, &dev);
     let generic = vals(ops::causal_attention_generic(
         q.clone(),
         k.clone(),
         k.clone(),
         Some(&mask),
     ));
-    let off = vals(ops::causal_attention(q, k.clone(), k, Some(&mask)));
+    let off = vals(ops::causal_attention(q, k.clone(), k, Some(&mask), None));
     assert_eq!(off, generic);
 }
 
@@ -386,7 +434,7 @@ fn fused_backward_passes_are_deterministic() {
         let q = leaf(&rand([2, 70, 6, 16], DType::F32, 7));
         let k = leaf(&rand([2, 70, 2, 16], DType::F32, 8));
         let nll = ops::lm_head_nll(h.clone(), w.clone(), true, tg);
-        let att = ops::causal_attention(q.clone(), k.clone(), k.clone(), None);
+        let att = ops::causal_attention(q.clone(), k.clone(), k.clone(), None, None);
         let g = (nll.sum() + att.powi_scalar(2).sum()).backward();
         let bits =
             |t: Tensor<B, 2>| -> Vec<u32> { vals(t).into_iter().map(f32::to_bits).collect() };

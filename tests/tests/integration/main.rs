@@ -12,6 +12,7 @@
 mod data_prepare;
 mod data_sampler;
 mod dequant;
+mod families;
 mod formats;
 mod fused_kernels;
 mod fuzz_parsers;

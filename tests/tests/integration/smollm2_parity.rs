@@ -157,7 +157,9 @@ fn layer0_intermediates<B: ShearsOps>() {
         to_vec(layer.self_attn.v_proj.forward(n1.clone())),
         1e-5,
     );
-    let ctx = layer.self_attn.context(n1, &cos, &sin, mask.as_ref(), None);
+    let ctx = layer
+        .self_attn
+        .context(n1, &cos, &sin, mask.get(None), None);
     let [_, _, h, hd] = ctx.dims();
     check(
         "L0_attn_context",
@@ -187,7 +189,7 @@ fn layer0_intermediates<B: ShearsOps>() {
 
     let mut x = model.model.embed_tokens.forward(ids_tensor(&ids));
     for l in &model.model.layers {
-        x = l.forward(x, &cos, &sin, mask.as_ref(), None);
+        x = l.forward(x, &cos, &sin, &mask, None);
     }
     check("L29_output_hidden", to_vec(x.clone()), 1e-5);
     // (The fixture's `final_norm_hidden` matches no position of this text, so the final norm is
