@@ -28,6 +28,92 @@ pub mod limits {
     pub const POSITIONS: usize = 1 << 28;
 }
 
+/// A model family Shears runs: which tensors its layers have (see
+/// `layer_tensors::LayerTensor::of`) and how its forward differs from LLaMA's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    /// LLaMA's layers with a sliding window over every layer.
+    Mistral,
+    /// Biases on q/k/v; an optional sliding window from `max_window_layers` on.
+    Qwen2,
+}
+
+impl Family {
+    /// The `architectures` entries Shears runs, with their family.
+    pub const ARCHITECTURES: [(&'static str, Family); 3] = [
+        ("LlamaForCausalLM", Family::Llama),
+        ("MistralForCausalLM", Family::Mistral),
+        ("Qwen2ForCausalLM", Family::Qwen2),
+    ];
+
+    /// The family of an `architectures` entry.
+    pub fn of_architecture(a: &str) -> Option<Family> {
+        Self::ARCHITECTURES
+            .iter()
+            .find(|(name, _)| *name == a)
+            .map(|(_, f)| *f)
+    }
+
+    /// The family of a `model_type`.
+    pub fn of_model_type(t: &str) -> Option<Family> {
+        match t {
+            "llama" => Some(Family::Llama),
+            "mistral" => Some(Family::Mistral),
+            "qwen2" => Some(Family::Qwen2),
+            _ => None,
+        }
+    }
+
+    /// The supported architectures, for messages.
+    pub fn supported() -> String {
+        Self::ARCHITECTURES
+            .iter()
+            .map(|(a, _)| *a)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Whether q, k and v have biases.
+    pub fn has_qkv_bias(self) -> bool {
+        self == Family::Qwen2
+    }
+
+    /// llama.cpp's architecture (`general.architecture`) for the family: Mistral runs as
+    /// `llama`.
+    pub fn gguf_arch(self) -> &'static str {
+        match self {
+            Family::Llama | Family::Mistral => "llama",
+            Family::Qwen2 => "qwen2",
+        }
+    }
+
+    /// The family of a GGUF architecture.
+    pub fn of_gguf_arch(a: &str) -> Option<Family> {
+        match a {
+            "llama" => Some(Family::Llama),
+            "mistral" => Some(Family::Mistral),
+            "qwen2" => Some(Family::Qwen2),
+            _ => None,
+        }
+    }
+
+    /// Whether llama.cpp stores q/k rows permuted for its interleaved RoPE (its `llama`
+    /// architecture does; `qwen2` runs the NEOX layout, which is HF's).
+    pub fn gguf_permutes_qk(self) -> bool {
+        self.gguf_arch() == "llama"
+    }
+
+    /// HF's `architectures` entry and `model_type` of the family.
+    pub fn hf_names(self) -> (&'static str, &'static str) {
+        match self {
+            Family::Llama => ("LlamaForCausalLM", "llama"),
+            Family::Mistral => ("MistralForCausalLM", "mistral"),
+            Family::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        }
+    }
+}
+
 /// An HF LLaMA-family `config.json`. Field names and meanings are HF's; keys Shears does not use
 /// are kept in `extra` and written back unchanged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -194,31 +280,96 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
-    /// Whether this is a Mistral model (by `model_type` or `architectures`).
-    pub fn is_mistral(&self) -> bool {
-        self.model_type == "mistral" || self.architectures.iter().any(|a| a == "MistralForCausalLM")
+    /// The model family: the first of `architectures` Shears knows, else `model_type`.
+    pub fn family(&self) -> Family {
+        self.architectures
+            .iter()
+            .find_map(|a| Family::of_architecture(a))
+            .or_else(|| Family::of_model_type(&self.model_type))
+            .unwrap_or(Family::Llama)
     }
 
-    /// The sliding window of layer `layer`'s attention, if it has one: Mistral's
-    /// `sliding_window` applies to every layer (transformers' `MistralAttention`); LLaMA
-    /// attends over every earlier position.
-    pub fn attention_window(&self, _layer: usize) -> Option<usize> {
-        self.sliding_window.filter(|_| self.is_mistral())
+    /// Whether this is a Mistral model.
+    pub fn is_mistral(&self) -> bool {
+        self.family() == Family::Mistral
+    }
+
+    /// A boolean or list key of `config.json` Shears reads but does not model (kept in
+    /// `extra`, written back unchanged).
+    fn extra_bool(&self, key: &str) -> Option<bool> {
+        self.extra.get(key).and_then(|v| v.as_bool())
+    }
+
+    /// The sliding window of layer `layer`'s attention, if it has one, as transformers decides
+    /// it: Mistral's `sliding_window` applies to every layer; Qwen2's only with
+    /// `use_sliding_window`, to the layers `layer_types` marks `sliding_attention` (or, in
+    /// configs without `layer_types`, from `max_window_layers` on); LLaMA attends over every
+    /// earlier position.
+    pub fn attention_window(&self, layer: usize) -> Option<usize> {
+        match self.family() {
+            Family::Llama => None,
+            Family::Mistral => self.sliding_window,
+            Family::Qwen2 => {
+                if self.extra_bool("use_sliding_window") != Some(true) {
+                    return None;
+                }
+                let sliding = match self.extra.get("layer_types").and_then(|v| v.as_array()) {
+                    Some(types) => {
+                        types.get(layer).and_then(|t| t.as_str()) == Some("sliding_attention")
+                    }
+                    None => {
+                        let from = self
+                            .extra
+                            .get("max_window_layers")
+                            .and_then(|v| v.as_u64())
+                            .unwrap_or(0);
+                        layer as u64 >= from
+                    }
+                };
+                self.sliding_window.filter(|_| sliding)
+            }
+        }
+    }
+
+    /// `layer_types`, when given, names one known attention kind per layer.
+    fn check_layer_types(&self) -> std::result::Result<(), String> {
+        let Some(v) = self.extra.get("layer_types") else {
+            return Ok(());
+        };
+        let types = v
+            .as_array()
+            .ok_or("layer_types must be a list of attention kinds")?;
+        if types.len() != self.num_hidden_layers {
+            return Err(format!(
+                "layer_types names {} layers but num_hidden_layers is {}",
+                types.len(),
+                self.num_hidden_layers
+            ));
+        }
+        for (i, t) in types.iter().enumerate() {
+            if !matches!(t.as_str(), Some("full_attention" | "sliding_attention")) {
+                return Err(format!(
+                    "layer_types[{i}] = {t} is not \"full_attention\" or \"sliding_attention\""
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Check that Shears can run this configuration.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        let known = ["LlamaForCausalLM", "MistralForCausalLM"];
         if !self
             .architectures
             .iter()
-            .any(|a| known.contains(&a.as_str()))
+            .any(|a| Family::of_architecture(a).is_some())
         {
             return Err(format!(
-                "architectures {:?} is not supported (expected LlamaForCausalLM or MistralForCausalLM)",
-                self.architectures
+                "architectures {:?} is not supported; Shears runs {}",
+                self.architectures,
+                Family::supported()
             ));
         }
+        self.check_layer_types()?;
         let nonzero = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),

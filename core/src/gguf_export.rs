@@ -12,7 +12,7 @@ use crate::config::{LlamaConfig, Rope, RopeScaling};
 use crate::error::{Error, Result};
 use crate::formats::dequant::GgmlType;
 use crate::formats::gguf::Value;
-use crate::formats::gguf_llama::{LLAMA3_KEYS, SLIDING_WINDOW_KEY};
+use crate::formats::gguf_llama::{LLAMA3_KEYS, SLIDING_LAYERS_KEY, SLIDING_WINDOW_KEY};
 use crate::formats::gguf_vocab::tokenizer_metadata;
 use crate::formats::gguf_write::{write_gguf, TensorEntry};
 use crate::formats::quantize;
@@ -117,7 +117,8 @@ fn u32v(n: usize) -> Result<Value> {
         .map_err(|_| Error::invalid(format!("{n} does not fit GGUF's 32-bit field")))
 }
 
-/// The `llama.*` (and `general.*`) metadata of a model.
+/// The `<arch>.*` (and `general.*`) metadata of a model (`arch`: llama.cpp's architecture
+/// of its family).
 fn model_metadata(
     files: &ModelFiles,
     quant: GgufQuant,
@@ -126,8 +127,9 @@ fn model_metadata(
 ) -> Result<Vec<(String, Value)>> {
     let c = &files.config;
     let l = &files.layers[0];
+    let arch = c.family().gguf_arch();
     let mut kv = vec![
-        ("general.architecture".into(), s("llama")),
+        ("general.architecture".into(), s(arch)),
         ("general.name".into(), s(name)),
         ("general.file_type".into(), Value::U32(quant.file_type())),
     ];
@@ -136,44 +138,44 @@ fn model_metadata(
     }
     let hd = c.head_dim();
     kv.extend([
-        ("llama.vocab_size".into(), u32v(c.vocab_size)?),
+        (format!("{arch}.vocab_size"), u32v(c.vocab_size)?),
         (
-            "llama.context_length".into(),
+            format!("{arch}.context_length"),
             u32v(c.max_position_embeddings)?,
         ),
-        ("llama.embedding_length".into(), u32v(c.hidden_size)?),
-        ("llama.block_count".into(), u32v(files.layers.len())?),
+        (format!("{arch}.embedding_length"), u32v(c.hidden_size)?),
+        (format!("{arch}.block_count"), u32v(files.layers.len())?),
         (
-            "llama.feed_forward_length".into(),
+            format!("{arch}.feed_forward_length"),
             u32v(l.intermediate_size)?,
         ),
         (
-            "llama.attention.head_count".into(),
+            format!("{arch}.attention.head_count"),
             u32v(l.num_attention_heads)?,
         ),
         (
-            "llama.attention.head_count_kv".into(),
+            format!("{arch}.attention.head_count_kv"),
             u32v(l.num_key_value_heads)?,
         ),
-        ("llama.rope.dimension_count".into(), u32v(hd)?),
+        (format!("{arch}.rope.dimension_count"), u32v(hd)?),
         (
-            "llama.rope.freq_base".into(),
+            format!("{arch}.rope.freq_base"),
             Value::F32(rope(c)?.theta as f32),
         ),
         (
-            "llama.attention.layer_norm_rms_epsilon".into(),
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
             Value::F32(c.rms_norm_eps as f32),
         ),
     ]);
     if hd * l.num_attention_heads != c.hidden_size {
-        kv.push(("llama.attention.key_length".into(), u32v(hd)?));
-        kv.push(("llama.attention.value_length".into(), u32v(hd)?));
+        kv.push((format!("{arch}.attention.key_length"), u32v(hd)?));
+        kv.push((format!("{arch}.attention.value_length"), u32v(hd)?));
     }
     match rope(c)?.scaling {
         RopeScaling::Linear { factor } => {
-            kv.push(("llama.rope.scaling.type".into(), s("linear")));
+            kv.push((format!("{arch}.rope.scaling.type"), s("linear")));
             kv.push((
-                "llama.rope.scaling.factor".into(),
+                format!("{arch}.rope.scaling.factor"),
                 Value::F32(factor as f32),
             ));
         }
@@ -200,17 +202,35 @@ fn model_metadata(
         }
         RopeScaling::None => {}
     }
-    if let Some(w) = c.attention_window(0) {
-        // Shears reads the window back from its own key; llama.cpp's `llama` architecture has
-        // none and attends over everything.
-        kv.push((SLIDING_WINDOW_KEY.into(), u32v(w)?));
-        warnings.push(format!(
-            "the model attends over a sliding window of {w} tokens; llama.cpp runs the `llama` \
-             architecture with full attention, so its scores differ from Shears' past {w} tokens \
-             (Shears reads the window back from {SLIDING_WINDOW_KEY})"
-        ));
-    }
+    kv.extend(window_metadata(c, warnings)?);
     Ok(kv)
+}
+
+/// A sliding window under Shears' own keys (the window and the layers it applies to): llama.cpp
+/// has no such key for the `llama` and `qwen2` architectures and attends over everything, so
+/// the export warns; Shears reads the windows back.
+fn window_metadata(c: &LlamaConfig, warnings: &mut Vec<String>) -> Result<Vec<(String, Value)>> {
+    let layers: Vec<usize> = (0..c.num_hidden_layers)
+        .filter(|&l| c.attention_window(l).is_some())
+        .collect();
+    let Some(w) = layers.first().and_then(|&l| c.attention_window(l)) else {
+        return Ok(vec![]);
+    };
+    warnings.push(format!(
+        "the model attends over a sliding window of {w} tokens in {} of its {} layers; llama.cpp \
+         runs the `{}` architecture with full attention, so its scores differ from Shears' past \
+         {w} tokens (Shears reads the window back from {SLIDING_WINDOW_KEY})",
+        layers.len(),
+        c.num_hidden_layers,
+        c.family().gguf_arch()
+    ));
+    Ok(vec![
+        (SLIDING_WINDOW_KEY.into(), u32v(w)?),
+        (
+            SLIDING_LAYERS_KEY.into(),
+            Value::Array(layers.into_iter().map(u32v).collect::<Result<_>>()?),
+        ),
+    ])
 }
 
 fn rope(c: &LlamaConfig) -> Result<Rope> {
@@ -269,7 +289,7 @@ pub fn write_llama_gguf(
 
     let mut names: Vec<(String, String)> = vec![("token_embd.weight".into(), EMBED_TOKENS.into())];
     for i in 0..files.layers.len() {
-        for t in LayerTensor::ALL {
+        for t in LayerTensor::of(c) {
             names.push((format!("blk.{i}.{}", t.gguf_name()), t.key(i)));
         }
     }
@@ -310,7 +330,9 @@ pub fn write_llama_gguf(
             }
         };
         let permute = match LayerTensor::parse(&hf) {
-            Some((_, LayerTensor::QProj | LayerTensor::KProj)) => Some(shape[0] / hd),
+            Some((_, LayerTensor::QProj | LayerTensor::KProj)) if c.family().gguf_permutes_qk() => {
+                Some(shape[0] / hd)
+            }
             _ => None,
         };
         plan.push(Planned {

@@ -50,10 +50,14 @@ pub enum LayerTensor {
     GateProj,
     UpProj,
     DownProj,
+    /// Qwen2's q/k/v biases.
+    QBias,
+    KBias,
+    VBias,
 }
 
 impl LayerTensor {
-    /// Every per-layer tensor, in HF order.
+    /// Every per-layer tensor of a LLaMA model, in HF order.
     pub const ALL: [LayerTensor; 9] = [
         LayerTensor::InputLayernorm,
         LayerTensor::QProj,
@@ -64,6 +68,35 @@ impl LayerTensor {
         LayerTensor::GateProj,
         LayerTensor::UpProj,
         LayerTensor::DownProj,
+    ];
+
+    /// The q/k/v biases of the families that have them (Qwen2).
+    pub const QKV_BIASES: [LayerTensor; 3] =
+        [LayerTensor::QBias, LayerTensor::KBias, LayerTensor::VBias];
+
+    /// Every per-layer tensor a model of `config` has: LLaMA's, plus its family's (biases).
+    pub fn of(config: &LlamaConfig) -> Vec<LayerTensor> {
+        let mut v = Self::ALL.to_vec();
+        if config.family().has_qkv_bias() {
+            v.extend(Self::QKV_BIASES);
+        }
+        v
+    }
+
+    /// Every variant (for name lookups).
+    const EVERY: [LayerTensor; 12] = [
+        LayerTensor::InputLayernorm,
+        LayerTensor::QProj,
+        LayerTensor::KProj,
+        LayerTensor::VProj,
+        LayerTensor::OProj,
+        LayerTensor::PostAttentionLayernorm,
+        LayerTensor::GateProj,
+        LayerTensor::UpProj,
+        LayerTensor::DownProj,
+        LayerTensor::QBias,
+        LayerTensor::KBias,
+        LayerTensor::VBias,
     ];
 
     /// HF name inside a layer (`model.layers.N.<name>`).
@@ -78,6 +111,9 @@ impl LayerTensor {
             LayerTensor::GateProj => "mlp.gate_proj.weight",
             LayerTensor::UpProj => "mlp.up_proj.weight",
             LayerTensor::DownProj => "mlp.down_proj.weight",
+            LayerTensor::QBias => "self_attn.q_proj.bias",
+            LayerTensor::KBias => "self_attn.k_proj.bias",
+            LayerTensor::VBias => "self_attn.v_proj.bias",
         }
     }
 
@@ -93,6 +129,9 @@ impl LayerTensor {
             LayerTensor::GateProj => "ffn_gate.weight",
             LayerTensor::UpProj => "ffn_up.weight",
             LayerTensor::DownProj => "ffn_down.weight",
+            LayerTensor::QBias => "attn_q.bias",
+            LayerTensor::KBias => "attn_k.bias",
+            LayerTensor::VBias => "attn_v.bias",
         }
     }
 
@@ -106,12 +145,41 @@ impl LayerTensor {
             LayerTensor::OProj => &[Hidden, QueryHeads],
             LayerTensor::GateProj | LayerTensor::UpProj => &[Intermediate, Hidden],
             LayerTensor::DownProj => &[Hidden, Intermediate],
+            LayerTensor::QBias => &[QueryHeads],
+            LayerTensor::KBias | LayerTensor::VBias => &[KvHeads],
         }
     }
 
-    /// An RMSNorm weight (1-D) rather than a projection.
-    pub fn is_norm(self) -> bool {
+    /// A 1-D tensor (a norm gain or a bias) rather than a projection matrix.
+    pub fn is_vector(self) -> bool {
         self.axes().len() == 1
+    }
+
+    /// An RMSNorm gain.
+    pub fn is_norm(self) -> bool {
+        self.is_vector() && !self.is_bias()
+    }
+
+    /// A projection's bias.
+    pub fn is_bias(self) -> bool {
+        Self::QKV_BIASES.contains(&self)
+    }
+
+    /// The bias of a projection, for the families whose projections have one.
+    pub fn bias(self) -> Option<LayerTensor> {
+        Self::QKV_BIASES
+            .into_iter()
+            .find(|b| b.bias_of() == Some(self))
+    }
+
+    /// The projection a bias belongs to.
+    pub fn bias_of(self) -> Option<LayerTensor> {
+        match self {
+            LayerTensor::QBias => Some(LayerTensor::QProj),
+            LayerTensor::KBias => Some(LayerTensor::KProj),
+            LayerTensor::VBias => Some(LayerTensor::VProj),
+            _ => None,
+        }
     }
 
     /// The shape in a layer of `shape` of a model with `config`'s hidden size and head size.
@@ -129,13 +197,13 @@ impl LayerTensor {
     pub fn parse(key: &str) -> Option<(usize, LayerTensor)> {
         let (layer, rest) = key.strip_prefix("model.layers.")?.split_once('.')?;
         let layer = layer.parse().ok()?;
-        let t = LayerTensor::ALL.into_iter().find(|t| t.name() == rest)?;
+        let t = LayerTensor::EVERY.into_iter().find(|t| t.name() == rest)?;
         Some((layer, t))
     }
 
     /// The tensor a GGUF block suffix (`attn_q.weight`) names.
     pub fn from_gguf(suffix: &str) -> Option<LayerTensor> {
-        LayerTensor::ALL
+        LayerTensor::EVERY
             .into_iter()
             .find(|t| t.gguf_name() == suffix)
     }
@@ -147,8 +215,8 @@ mod tests {
 
     #[test]
     fn names_are_unique_and_parse_back() {
-        for (i, a) in LayerTensor::ALL.iter().enumerate() {
-            for b in &LayerTensor::ALL[i + 1..] {
+        for (i, a) in LayerTensor::EVERY.iter().enumerate() {
+            for b in &LayerTensor::EVERY[i + 1..] {
                 assert_ne!(a.name(), b.name());
                 assert_ne!(a.gguf_name(), b.gguf_name());
             }
@@ -160,6 +228,10 @@ mod tests {
             None
         );
         assert_eq!(LayerTensor::parse("model.layers.3.mlp.up_proj.bias"), None);
+        assert_eq!(
+            LayerTensor::parse("model.layers.3.self_attn.k_proj.bias"),
+            Some((3, LayerTensor::KBias))
+        );
     }
 
     #[test]

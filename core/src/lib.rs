@@ -20,7 +20,7 @@ pub mod model_files;
 pub mod tensor;
 pub mod tokenizer;
 
-pub use config::{LayerShape, LlamaConfig, Rope, RopeScaling};
+pub use config::{Family, LayerShape, LlamaConfig, Rope, RopeScaling};
 pub use error::{Error, Result};
 pub use layer_tensors::{Axis, LayerTensor};
 pub use model_files::ModelFiles;

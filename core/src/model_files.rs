@@ -299,6 +299,7 @@ pub fn check_weights(
             config.num_hidden_layers
         )));
     }
+    let tensors = LayerTensor::of(config);
     let mut layers = Vec::with_capacity(held);
     for l in 0..held {
         // Heads and MLP width are read off q/k/gate; every tensor is then checked against the
@@ -331,24 +332,32 @@ pub fn check_weights(
             num_key_value_heads: g,
             intermediate_size: gate[0],
         };
-        for t in LayerTensor::ALL {
+        for t in &tensors {
             expect(&t.key(l), &t.shape(config, &layer))?;
         }
         layers.push(layer);
     }
-    let known = 2 + usize::from(!config.tie_word_embeddings) + LayerTensor::ALL.len() * held;
+    let known = 2 + usize::from(!config.tie_word_embeddings) + tensors.len() * held;
     if weights.len() != known {
         let extra: Vec<&String> = weights
             .keys()
             .filter(|k| {
                 ![EMBED_TOKENS, FINAL_NORM, LM_HEAD].contains(&k.as_str())
-                    && LayerTensor::parse(k).is_none_or(|(l, _)| l >= held)
+                    && LayerTensor::parse(k).is_none_or(|(l, t)| l >= held || !tensors.contains(&t))
             })
             .take(5)
             .collect();
+        let hint = if !config.family().has_qkv_bias()
+            && extra.iter().any(|k| k.ends_with("_proj.bias"))
+        {
+            "; the checkpoint has attention biases that config.json (attention_bias / architectures) says this family does not have"
+        } else {
+            ""
+        };
         return Err(bad(format!(
-            "unexpected tensors for a {}-layer LLaMA model: {extra:?}",
-            config.num_hidden_layers
+            "unexpected tensors for a {}-layer {:?} model: {extra:?}{hint}",
+            config.num_hidden_layers,
+            config.family()
         )));
     }
     Ok(layers)

@@ -106,7 +106,13 @@ pub fn linear<B: ShearsOps>(l: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [b, t, d] = x.dims();
     let w = to_dtype(l.weight.val(), x.dtype());
     let n = w.dims()[1];
-    ops::matmul(x.reshape([b * t, d]), w).reshape([b, t, n])
+    let dtype = x.dtype();
+    let y = ops::matmul(x.reshape([b * t, d]), w);
+    let y = match &l.bias {
+        Some(bias) => y + to_dtype(bias.val(), dtype).unsqueeze::<2>(),
+        None => y,
+    };
+    y.reshape([b, t, n])
 }
 
 impl<B: ShearsOps> Attention<B> {

@@ -71,6 +71,11 @@ impl<B: Backend> Builder<'_, B> {
     /// projections multiply with (`x [n, in] · W [in, out]`): transposed once here, on the host,
     /// instead of a transposed view that every call would copy.
     fn linear(&self, name: &str) -> Linear<B> {
+        self.linear_with(name, None)
+    }
+
+    /// [`Self::linear`] with the bias stored under `bias` (a family's q/k/v biases).
+    fn linear_with(&self, name: &str, bias: Option<&str>) -> Linear<B> {
         let t = self.host(name);
         let (rows, cols) = (t.shape[0], t.shape[1]);
         let data = transpose_2d(&t.to_f32_vec(), rows, cols);
@@ -81,7 +86,7 @@ impl<B: Backend> Builder<'_, B> {
         };
         Linear {
             weight: Param::from_tensor(w),
-            bias: None,
+            bias: bias.map(|b| Param::from_tensor(self.tensor(b))),
         }
     }
 
@@ -120,7 +125,10 @@ pub fn build<B: Backend>(
         .iter()
         .enumerate()
         .map(|(l, shape)| {
-            let linear = |t: LayerTensor| b.linear(&t.key(l));
+            let linear = |t: LayerTensor| {
+                let bias = t.bias().filter(|_| config.family().has_qkv_bias());
+                b.linear_with(&t.key(l), bias.map(|x| x.key(l)).as_deref())
+            };
             let norm = |t: LayerTensor| b.norm(&t.key(l), eps);
             DecoderLayer {
                 self_attn: Attention {
@@ -187,18 +195,30 @@ pub trait ParamVisitor<B: Backend> {
     );
 }
 
-/// A layer's parameter for a table entry.
+/// A layer's parameter for a table entry: a 1-D gain or bias, or a linear weight.
 enum LayerParam<'a, B: Backend> {
-    Norm(&'a Param<Tensor<B, 1>>),
+    Vector(&'a Param<Tensor<B, 1>>),
     Linear(&'a Param<Tensor<B, 2>>),
 }
 
 fn layer_param<B: Backend>(layer: &DecoderLayer<B>, t: LayerTensor) -> LayerParam<'_, B> {
     let (a, m) = (&layer.self_attn, &layer.mlp);
     match t {
-        LayerTensor::InputLayernorm => LayerParam::Norm(&layer.input_layernorm.weight),
+        LayerTensor::InputLayernorm => LayerParam::Vector(&layer.input_layernorm.weight),
         LayerTensor::PostAttentionLayernorm => {
-            LayerParam::Norm(&layer.post_attention_layernorm.weight)
+            LayerParam::Vector(&layer.post_attention_layernorm.weight)
+        }
+        LayerTensor::QBias | LayerTensor::KBias | LayerTensor::VBias => {
+            let proj = match t {
+                LayerTensor::QBias => &a.q_proj,
+                LayerTensor::KBias => &a.k_proj,
+                _ => &a.v_proj,
+            };
+            LayerParam::Vector(
+                proj.bias
+                    .as_ref()
+                    .expect("a family with biases builds its projections with them"),
+            )
         }
         LayerTensor::QProj => LayerParam::Linear(&a.q_proj.weight),
         LayerTensor::KProj => LayerParam::Linear(&a.k_proj.weight),
@@ -215,9 +235,9 @@ fn layer_param<B: Backend>(layer: &DecoderLayer<B>, t: LayerTensor) -> LayerPara
 pub fn visit_params<B: Backend, V: ParamVisitor<B>>(model: &Llama<B>, v: &mut V) {
     v.visit(EMBED_TOKENS.into(), &model.model.embed_tokens.weight, false);
     for (l, layer) in model.model.layers.iter().enumerate() {
-        for t in LayerTensor::ALL {
+        for t in LayerTensor::of(&model.config) {
             match layer_param(layer, t) {
-                LayerParam::Norm(p) => v.visit(t.key(l), p, false),
+                LayerParam::Vector(p) => v.visit(t.key(l), p, false),
                 LayerParam::Linear(p) => v.visit(t.key(l), p, true),
             }
         }
@@ -322,16 +342,22 @@ pub fn random_weights_for(config: &LlamaConfig, layers: &[LayerShape], seed: u64
     }
     // Projections first, then norms: the order the random streams were always drawn in.
     for (l, shape) in layers.iter().enumerate() {
-        for t in LayerTensor::ALL.into_iter().filter(|t| !t.is_norm()) {
+        let tensors = LayerTensor::of(config);
+        for t in tensors.iter().filter(|t| !t.is_vector()) {
             let s = t.shape(config, shape);
             put(t.key(l), s.clone(), normal(s.iter().product(), 0.02));
         }
-        for t in LayerTensor::ALL.into_iter().filter(|t| t.is_norm()) {
+        for t in tensors.iter().filter(|t| t.is_norm()) {
             put(
                 t.key(l),
                 vec![d],
                 normal(d, 0.1).iter().map(|x| 1.0 + x).collect(),
             );
+        }
+        // Biases last: models without them draw the same streams as before they existed.
+        for t in tensors.iter().filter(|t| t.is_bias()) {
+            let s = t.shape(config, shape);
+            put(t.key(l), s.clone(), normal(s.iter().product(), 0.02));
         }
     }
     w

@@ -202,10 +202,15 @@ impl LayerKeep {
             LayerTensor::OProj => (Some(&self.written), Some(&self.head_scale)),
             LayerTensor::DownProj => (Some(&self.written), None),
             LayerTensor::UpProj => (Some(&self.int_scale), None),
+            // A pruned head takes its q/k/v bias rows with it; the kept ones are unscaled (head
+            // masks act on the attention context, hidden masks on the projections' inputs).
             LayerTensor::QProj
             | LayerTensor::KProj
             | LayerTensor::VProj
-            | LayerTensor::GateProj => (None, None),
+            | LayerTensor::GateProj
+            | LayerTensor::QBias
+            | LayerTensor::KBias
+            | LayerTensor::VBias => (None, None),
         }
     }
 }
@@ -270,13 +275,13 @@ pub fn finalize(
         intermediate_size: src.intermediate_size,
     };
     for (new_l, lk) in keep.layers.iter().enumerate() {
-        for tensor in LayerTensor::ALL {
+        for tensor in LayerTensor::of(src) {
             let w = f32w(&tensor.key(lk.layer))?;
             let (row_scale, col_scale) = lk.folds(&keep, tensor);
             let axes = tensor.axes();
             let cols_axis = axes[axes.len() - 1];
             let cols = lk.along(&keep, cols_axis);
-            let (rows, shape): (&[usize], Vec<usize>) = if tensor.is_norm() {
+            let (rows, shape): (&[usize], Vec<usize>) = if tensor.is_vector() {
                 (&[0], vec![cols.len()])
             } else {
                 let rows = lk.along(&keep, axes[0]);

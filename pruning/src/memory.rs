@@ -789,6 +789,7 @@ mod tests {
             intermediate: 11008,
             vocab: 32000,
             tied: false,
+            qkv_bias: false,
         }
     }
 

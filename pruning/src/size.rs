@@ -20,6 +20,8 @@ pub struct Dims {
     pub intermediate: u64,
     pub vocab: u64,
     pub tied: bool,
+    /// q/k/v have biases (Qwen2): `(heads + 2 · kv_heads) · head_dim` per layer.
+    pub qkv_bias: bool,
 }
 
 impl Dims {
@@ -34,6 +36,7 @@ impl Dims {
             intermediate: c.intermediate_size as u64,
             vocab: c.vocab_size as u64,
             tied: c.tie_word_embeddings,
+            qkv_bias: c.family().has_qkv_bias(),
         }
     }
 
@@ -65,11 +68,17 @@ impl Dims {
         self.layers * (self.attention_per_layer() + self.mlp_per_layer())
     }
 
-    /// Everything: prunable, embedding, LM head (when untied), and the 2L+1 norms.
+    /// Everything: prunable, embedding, LM head (when untied), the 2L+1 norms, and the q/k/v
+    /// biases of the families that have them.
     pub fn total(&self) -> u64 {
         let embed = self.vocab * self.hidden;
         let head = if self.tied { 0 } else { embed };
-        self.prunable() + embed + head + (2 * self.layers + 1) * self.hidden
+        let biases = if self.qkv_bias {
+            self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim
+        } else {
+            0
+        };
+        self.prunable() + embed + head + (2 * self.layers + 1) * self.hidden + biases
     }
 }
 

@@ -494,6 +494,8 @@ pub mod families {
                 let x = 2.0 * u - 1.0;
                 (if name.ends_with("norm.weight") {
                     1.0 + 0.02 * x
+                } else if name.ends_with(".bias") {
+                    0.5 * x
                 } else if name == EMBED_TOKENS || name == LM_HEAD {
                     x
                 } else {
@@ -515,7 +517,7 @@ pub mod families {
         }
         let shapes = config.uniform_layer_shapes();
         for (l, shape) in shapes.iter().enumerate() {
-            for t in LayerTensor::ALL {
+            for t in LayerTensor::of(config) {
                 let name = t.key(l);
                 let dims = t.shape(config, shape);
                 w.insert(name.clone(), formula(&name, &dims));

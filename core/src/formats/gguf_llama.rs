@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use super::gguf::GgufFile;
-use crate::config::{LlamaConfig, RopeScaling};
+use crate::config::{Family, LlamaConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::layer_tensors::{LayerTensor, EMBED_TOKENS, FINAL_NORM, LM_HEAD};
 use crate::tensor::{HostTensor, WeightMap};
@@ -14,11 +14,11 @@ fn arch(g: &GgufFile) -> Result<String> {
         .get("general.architecture")
         .and_then(|v| v.as_str())
         .ok_or_else(|| Error::format(g.path(), "general.architecture is missing"))?;
-    match a {
-        "llama" | "mistral" => Ok(a.to_string()),
-        other => Err(Error::format(
+    match Family::of_gguf_arch(a) {
+        Some(_) => Ok(a.to_string()),
+        None => Err(Error::format(
             g.path(),
-            format!("GGUF architecture '{other}' is not supported (llama-family models only)"),
+            format!("GGUF architecture '{a}' is not supported (llama, mistral and qwen2 are)"),
         )),
     }
 }
@@ -72,9 +72,12 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
 
     let rope_scaling = rope_scaling_of(g, &arch, head_dim, theta)?;
 
+    let (hf_arch, model_type) = Family::of_gguf_arch(&arch)
+        .unwrap_or(Family::Llama)
+        .hf_names();
     let mut cfg = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [hf_arch],
+        "model_type": model_type,
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": req("feed_forward_length")?,
@@ -93,10 +96,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
         obj.insert("rope_scaling".into(), s);
     }
     if let Some(w) = g.get(SLIDING_WINDOW_KEY).and_then(|v| v.as_u64()) {
-        // A Mistral model Shears exported: its window makes it one again.
-        obj.insert("architectures".into(), json!(["MistralForCausalLM"]));
-        obj.insert("model_type".into(), json!("mistral"));
-        obj.insert("sliding_window".into(), w.into());
+        restore_window(obj, g, w)?;
     }
     for (hf, gg) in [
         ("bos_token_id", "tokenizer.ggml.bos_token_id"),
@@ -113,9 +113,49 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
     Ok(cfg)
 }
 
-/// Where Shears' exporter records a Mistral sliding window (llama.cpp's `llama` architecture has
-/// no such key; it attends over everything).
+/// The sliding window a file Shears exported records, back into the config: a `llama` file
+/// with a window was a Mistral model; a `qwen2` one gets `use_sliding_window` and `layer_types`
+/// for the layers the file lists.
+fn restore_window(
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+    g: &GgufFile,
+    w: u64,
+) -> Result<()> {
+    obj.insert("sliding_window".into(), w.into());
+    let n = obj["num_hidden_layers"].as_u64().unwrap_or(0);
+    let layers: Vec<u64> = match g.get(SLIDING_LAYERS_KEY).and_then(|v| v.as_array()) {
+        Some(a) => a.iter().filter_map(|v| v.as_u64()).collect(),
+        None => (0..n).collect(),
+    };
+    if obj["model_type"] == "qwen2" {
+        let types: Vec<&str> = (0..n)
+            .map(|l| match layers.contains(&l) {
+                true => "sliding_attention",
+                false => "full_attention",
+            })
+            .collect();
+        obj.insert("use_sliding_window".into(), json!(true));
+        obj.insert("layer_types".into(), json!(types));
+        let first = layers.first().copied().unwrap_or(n);
+        obj.insert("max_window_layers".into(), json!(first));
+    } else {
+        if layers.len() as u64 != n {
+            return Err(Error::format(
+                g.path(),
+                format!("{SLIDING_LAYERS_KEY} lists {} of {n} layers; a llama-architecture model windows all or none", layers.len()),
+            ));
+        }
+        obj.insert("architectures".into(), json!(["MistralForCausalLM"]));
+        obj.insert("model_type".into(), json!("mistral"));
+    }
+    Ok(())
+}
+
+/// Where Shears' exporter records a sliding window (llama.cpp's `llama` and `qwen2`
+/// architectures have no such key; they attend over everything) ...
 pub const SLIDING_WINDOW_KEY: &str = "shears.attention.sliding_window";
+/// ... and the layers it applies to.
+pub const SLIDING_LAYERS_KEY: &str = "shears.attention.sliding_window_layers";
 
 /// The config's `rope_scaling` from a GGUF: llama.cpp's linear scaling keys, or Llama-3's
 /// `rope_freqs.weight` (see [`llama3_scaling_from_freqs`]).
@@ -293,6 +333,7 @@ pub fn weights_from_gguf(g: &GgufFile, cfg: &LlamaConfig) -> Result<WeightMap> {
         })?;
         let (shape, mut data) = g.dequantize(t)?;
         let heads = match LayerTensor::parse(&name) {
+            _ if !cfg.family().gguf_permutes_qk() => None,
             Some((_, LayerTensor::QProj)) => Some(cfg.num_attention_heads),
             Some((_, LayerTensor::KProj)) => Some(cfg.num_kv_heads()),
             _ => None,
@@ -342,7 +383,11 @@ mod tests {
             "model.layers.12.self_attn.q_proj.weight"
         );
         assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
-        assert!(hf_name("blk.1.attn_q.bias").is_none());
+        assert_eq!(
+            hf_name("blk.1.attn_q.bias").unwrap(),
+            "model.layers.1.self_attn.q_proj.bias"
+        );
+        assert!(hf_name("blk.1.attn_q.scale").is_none());
     }
 
     #[test]

@@ -100,15 +100,28 @@ fn mistral_sliding_window_matches_transformers() {
     cache_matches_whole::<NdArrayBackend>("mistral-window", &[3, 10, 1, 1, 9]);
 }
 
-/// The window survives Shears' own exports: HF keeps `sliding_window` and the architecture,
-/// GGUF records it under `shears.attention.sliding_window` (with a warning that llama.cpp's
-/// `llama` architecture attends over everything); both score as the original.
+/// A family survives Shears' own exports: HF keeps the config (architecture, window) and every
+/// tensor (Qwen2's biases), GGUF writes llama.cpp's architecture of the family (`qwen2` with its
+/// `attn_q.bias` and unpermuted q/k; Mistral as `llama` with the window under
+/// `shears.attention.sliding_window`); both read back as the same family and score as the
+/// original.
 #[test]
-fn the_window_survives_hf_and_gguf_exports() {
+fn families_survive_hf_and_gguf_exports() {
+    for (family, arch) in [
+        ("mistral-window", "llama"),
+        ("qwen2", "qwen2"),
+        ("qwen2-window", "qwen2"),
+    ] {
+        round_trip(family, arch);
+    }
+}
+
+fn round_trip(family: &str, arch: &str) {
+    use shears_core::formats::gguf::GgufFile;
     use shears_core::gguf_export::{write_llama_gguf, GgufQuant};
     use shears_core::ModelFiles;
     let tmp = tempfile::tempdir().unwrap();
-    let files = families::model("mistral-window");
+    let files = families::model(family);
     let ids = files
         .tokenizer()
         .unwrap()
@@ -127,23 +140,49 @@ fn the_window_survives_hf_and_gguf_exports() {
     files.write_hf_dir(&hf, None, false).unwrap();
     let g = tmp.path().join("m.gguf");
     let report = write_llama_gguf(&files, GgufQuant::F32, "m", &g, false).unwrap();
-    assert!(
-        report
-            .warnings
-            .iter()
-            .any(|w| w.contains("sliding window of 7")),
+    let meta = GgufFile::open(&g).unwrap();
+    assert_eq!(
+        meta.get("general.architecture").and_then(|v| v.as_str()),
+        Some(arch)
+    );
+    let windowed = family.ends_with("window");
+    assert_eq!(
+        report.warnings.iter().any(|w| w.contains("sliding window")),
+        windowed,
         "{:?}",
         report.warnings
     );
+    let windows = |c: &shears_core::LlamaConfig| -> Vec<Option<usize>> {
+        (0..c.num_hidden_layers)
+            .map(|l| c.attention_window(l))
+            .collect()
+    };
     for p in [hf, g] {
         let back = ModelFiles::load(&p).unwrap();
-        assert_eq!(back.config.attention_window(0), Some(7), "{}", p.display());
-        assert!(back.config.is_mistral());
+        let at = p.display();
+        assert_eq!(back.config.family(), files.config.family(), "{at}");
+        assert_eq!(back.weights.len(), files.weights.len(), "{at}");
+        assert_eq!(windows(&back.config), windows(&files.config), "{at}");
         let got = mean(&back);
-        assert!(
-            (got - base).abs() < 1e-5,
-            "{}: {got} vs {base}",
-            p.display()
-        );
+        assert!((got - base).abs() < 1e-5, "{family} {at}: {got} vs {base}");
     }
+}
+
+/// Qwen2: q/k/v biases, rope theta 1e6, an untied LM head; and with `use_sliding_window` a
+/// window on the layers from `max_window_layers` on (layer 0 full, layer 1 windowed), as
+/// `layer_types` says.
+#[test]
+fn qwen2_matches_transformers() {
+    for family in ["qwen2", "qwen2-window"] {
+        let fused = parity::<FlexBackend>(family);
+        let generic = parity::<NdArrayBackend>(family);
+        eprintln!("{family}: worst token |dNLL| fused {fused:.2e}, generic {generic:.2e}");
+    }
+    let c = families::model("qwen2-window").config;
+    assert_eq!(
+        (c.attention_window(0), c.attention_window(1)),
+        (None, Some(5))
+    );
+    assert_eq!(families::model("qwen2").config.attention_window(1), None);
+    cache_matches_whole::<FlexBackend>("qwen2-window", &[3, 1, 1, 1, 1, 1, 1, 9]);
 }

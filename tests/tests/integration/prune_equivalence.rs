@@ -1,7 +1,9 @@
 //! Masked forward with deterministic (exact-target) masks equals the finalized dense model's
 //! forward, over random source shapes (MHA and GQA, tied and untied), random `log_alpha`s
 //! (with ties at the clamp) and random targets that remove layers, whole kv groups, query
-//! heads, hidden channels and MLP channels. Runs on flex, through the fused kernels.
+//! heads, hidden channels and MLP channels, for every family (LLaMA; Qwen2, whose pruned heads
+//! take their q/k/v bias rows with them; Mistral with a sliding window). Runs on flex, through
+//! the fused kernels.
 
 use burn::tensor::{Int, Tensor, TensorData};
 use proptest::prelude::*;
@@ -29,9 +31,18 @@ struct Case {
     hidden: usize,
     inter: usize,
     tied: bool,
+    /// 0: LLaMA, 1: Qwen2 (q/k/v biases), 2: Mistral with a window of 3.
+    family: usize,
     target: TargetShape,
     seed: u64,
 }
+
+/// The `config.json` keys of each family of [`Case::family`].
+const FAMILIES: [&str; 3] = [
+    r#""architectures":["LlamaForCausalLM"],"model_type":"llama""#,
+    r#""architectures":["Qwen2ForCausalLM"],"model_type":"qwen2""#,
+    r#""architectures":["MistralForCausalLM"],"model_type":"mistral","sliding_window":3"#,
+];
 
 fn arb_case() -> impl Strategy<Value = Case> {
     (
@@ -42,36 +53,40 @@ fn arb_case() -> impl Strategy<Value = Case> {
         3usize..=20,
         2usize..=16,
         any::<bool>(),
-        any::<u64>(),
+        (any::<u64>(), 0usize..FAMILIES.len()),
     )
-        .prop_flat_map(|(layers, kv, r, head_dim, hidden, inter, tied, seed)| {
-            (1..=layers, 1..=kv, 1..=r, 1..=hidden, 1..=inter).prop_map(
-                move |(lt, gt, rt, dt, it)| Case {
-                    layers,
-                    kv,
-                    r,
-                    head_dim,
-                    hidden,
-                    inter,
-                    tied,
-                    target: TargetShape {
-                        num_hidden_layers: lt,
-                        hidden_size: dt,
-                        num_attention_heads: gt * rt,
-                        num_key_value_heads: gt,
-                        intermediate_size: it,
+        .prop_flat_map(
+            |(layers, kv, r, head_dim, hidden, inter, tied, (seed, family))| {
+                (1..=layers, 1..=kv, 1..=r, 1..=hidden, 1..=inter).prop_map(
+                    move |(lt, gt, rt, dt, it)| Case {
+                        layers,
+                        kv,
+                        r,
+                        head_dim,
+                        hidden,
+                        inter,
+                        tied,
+                        family,
+                        target: TargetShape {
+                            num_hidden_layers: lt,
+                            hidden_size: dt,
+                            num_attention_heads: gt * rt,
+                            num_key_value_heads: gt,
+                            intermediate_size: it,
+                        },
+                        seed,
                     },
-                    seed,
-                },
-            )
-        })
+                )
+            },
+        )
 }
 
 fn config(c: &Case) -> LlamaConfig {
     LlamaConfig::from_json_str(&format!(
-        r#"{{"vocab_size":40,"hidden_size":{},"intermediate_size":{},"num_hidden_layers":{},
+        r#"{{{},"vocab_size":40,"hidden_size":{},"intermediate_size":{},"num_hidden_layers":{},
         "num_attention_heads":{},"num_key_value_heads":{},"head_dim":{},"rms_norm_eps":1e-5,
         "tie_word_embeddings":{}}}"#,
+        FAMILIES[c.family],
         c.hidden,
         c.inter,
         c.layers,
@@ -191,6 +206,7 @@ fn fixed(
         hidden: 16,
         inter: 12,
         tied,
+        family: 0,
         target: TargetShape {
             num_hidden_layers: target.0,
             hidden_size: target.1,
@@ -219,6 +235,15 @@ fn removed_layers_whole_groups_and_heads_inside_groups() {
         FinalizeOptions::default(),
     );
     assert_close(&m, &d, "mha");
+    // Qwen2's biases and Mistral's window, the same cut.
+    for family in [1, 2] {
+        let c = Case {
+            family,
+            ..fixed(4, 3, 3, false, (2, 9, 2, 1, 5))
+        };
+        let (m, d) = compare(&c, FinalizeOptions::default());
+        assert_close(&m, &d, FAMILIES[family]);
+    }
     // Nothing pruned at all: finalize is the identity up to the soft mask values.
     let (m, d) = compare(
         &fixed(2, 2, 2, true, (2, 16, 2, 2, 12)),
