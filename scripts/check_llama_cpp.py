@@ -2,11 +2,13 @@
 """Check Shears' GGUF exports against llama.cpp, the runtime users deploy on.
 
 For SmolLM2-135M exported as f32 GGUF with each rope type the exporter writes (none, linear,
-Llama-3 with the published factors and with others), score one text with `shears score` on the
-exported file and with llama.cpp (node-llama-cpp@3.21.1's prebuilt CPU binaries, through
+Llama-3 with the published factors and with others), and SmolLM2's weights relabelled as the
+other families Shears exports (Qwen2 with q/k/v biases added, written as llama.cpp's `qwen2`;
+Mistral with a window wider than the text, written as `llama`), score one text with `shears
+score` on the exported file and with llama.cpp (node-llama-cpp@3.21.1's prebuilt CPU binaries, through
 scripts/llama_cpp_score.mjs): the token ids must be equal and the mean NLL agree within 2e-3
-(llama.cpp keeps an f16 KV cache). The scaled ropes must also change the scores (so a scaling
-that one side ignores cannot pass).
+(llama.cpp keeps an f16 KV cache). The scaled ropes and the biases must also change the
+scores (so a scaling or bias that one side ignores cannot pass).
 
     python3 scripts/check_llama_cpp.py [--shears PATH] [--work DIR]
 
@@ -17,7 +19,9 @@ node-llama-cpp is installed with npm into $SHEARS_CACHE/node-llama-cpp (default
 import argparse
 import json
 import os
+import random
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -46,6 +50,13 @@ ROPES = [
     ),
 ]
 
+FAMILIES = [
+    ("qwen2 (q/k/v biases)", {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+                              "use_sliding_window": False}),
+    ("mistral (window > text)", {"architectures": ["MistralForCausalLM"],
+                                 "model_type": "mistral", "sliding_window": 4096}),
+]
+
 
 def run(cmd, **kw):
     r = subprocess.run(cmd, capture_output=True, text=True, **kw)
@@ -70,6 +81,53 @@ def install(cache):
     return dest
 
 
+def add_tensors(src, dst, extra):
+    """Copy safetensors file `src` to `dst` with the f32 tensors of `extra` (name -> (shape,
+    values)) added, in plain Python (no numpy)."""
+    with open(src, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        start = 8 + n
+        end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+        blobs = []
+        for name, (shape, values) in extra.items():
+            blob = struct.pack(f"<{len(values)}f", *values)
+            header[name] = {"dtype": "F32", "shape": shape,
+                            "data_offsets": [end, end + len(blob)]}
+            end += len(blob)
+            blobs.append(blob)
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        with open(dst, "wb") as out:
+            out.write(struct.pack("<Q", len(text)))
+            out.write(text)
+            f.seek(start)
+            shutil.copyfileobj(f, out, 1 << 24)
+            for blob in blobs:
+                out.write(blob)
+
+
+def family_model(hf, base, model, overrides):
+    """SmolLM2 relabelled as another family; Qwen2 gets q/k/v biases large enough to move the
+    scores."""
+    cfg = dict(base, **overrides)
+    shutil.copytree(hf, model, ignore=shutil.ignore_patterns("model.safetensors"))
+    extra = {}
+    if cfg["model_type"] == "qwen2":
+        rng = random.Random(39)
+        hd = cfg["hidden_size"] // cfg["num_attention_heads"]
+        rows = {"q": cfg["num_attention_heads"] * hd, "k": cfg["num_key_value_heads"] * hd,
+                "v": cfg["num_key_value_heads"] * hd}
+        for layer in range(cfg["num_hidden_layers"]):
+            for p, r in rows.items():
+                extra[f"model.layers.{layer}.self_attn.{p}_proj.bias"] = (
+                    [r], [rng.uniform(-0.5, 0.5) for _ in range(r)])
+    add_tensors(os.path.join(hf, "model.safetensors"), os.path.join(model, "model.safetensors"),
+                extra)
+    with open(os.path.join(model, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shears", default=os.path.join(
@@ -87,20 +145,24 @@ def main():
     run([a.shears, "import", "smollm2", "--out", hf, "--force"])
     with open(os.path.join(hf, "config.json")) as f:
         base = json.load(f)
+    for k in ("rope_scaling", "rope_parameters"):
+        base.pop(k, None)
     failures, means = [], {}
-    print(f"{'rope':<28} {'tokens':>6} {'shears':>10} {'llama.cpp':>10} {'|diff|':>9}")
-    for name, rope in ROPES:
-        cfg = dict(base)
-        for k in ("rope_scaling", "rope_parameters"):
-            cfg.pop(k, None)
-        if rope:
-            cfg["rope_scaling"] = rope
-        model = os.path.join(work, f"rope-{len(means)}")
+    print(f"{'model':<28} {'tokens':>6} {'shears':>10} {'llama.cpp':>10} {'|diff|':>9}")
+    for name, rope, family in [(n, r, None) for n, r in ROPES] + [
+            (n, None, f) for n, f in FAMILIES]:
+        model = os.path.join(work, f"model-{len(means)}")
         if os.path.exists(model):
             shutil.rmtree(model)
-        shutil.copytree(hf, model)
-        with open(os.path.join(model, "config.json"), "w") as f:
-            json.dump(cfg, f)
+        if family:
+            family_model(hf, base, model, family)
+        else:
+            shutil.copytree(hf, model)
+            cfg = dict(base)
+            if rope:
+                cfg["rope_scaling"] = rope
+            with open(os.path.join(model, "config.json"), "w") as f:
+                json.dump(cfg, f)
         gguf = model + ".gguf"
         run([a.shears, "export", model, "--out", gguf, "--quant", "f32", "--force"])
         ours = json.loads(run([a.shears, "score", "--model", gguf, "--text-file", text, "--json"]))
@@ -115,9 +177,12 @@ def main():
             failures.append(f"{name}: token ids differ")
         if not diff <= TOLERANCE:
             failures.append(f"{name}: mean NLL differs by {diff:.2e} (> {TOLERANCE})")
-    for name, _ in ROPES[1:]:
+        if not a.work:
+            shutil.rmtree(model, ignore_errors=True)
+            os.remove(gguf)
+    for name, _ in ROPES[1:] + FAMILIES[:1]:
         if abs(means[name] - means["default"]) < 1e-3:
-            failures.append(f"{name}: scores equal the unscaled model's (scaling not applied?)")
+            failures.append(f"{name}: scores equal the plain model's (scaling or bias ignored?)")
     if not a.work:
         shutil.rmtree(work, ignore_errors=True)
     if failures:
