@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+pub use crate::family::{Activation, Family};
 
 /// Upper bounds on a config's sizes. Far above any published LLaMA-family model (the largest have
 /// ~256k vocabularies, 16k–26k widths, 126 layers, 128 heads, 10M-token contexts), they exist so
@@ -26,92 +27,6 @@ pub mod limits {
     pub const HEAD_DIM: usize = 1 << 14;
     /// `max_position_embeddings`.
     pub const POSITIONS: usize = 1 << 28;
-}
-
-/// A model family Shears runs: which tensors its layers have (see
-/// `layer_tensors::LayerTensor::of`) and how its forward differs from LLaMA's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    Llama,
-    /// LLaMA's layers with a sliding window over every layer.
-    Mistral,
-    /// Biases on q/k/v; an optional sliding window from `max_window_layers` on.
-    Qwen2,
-}
-
-impl Family {
-    /// The `architectures` entries Shears runs, with their family.
-    pub const ARCHITECTURES: [(&'static str, Family); 3] = [
-        ("LlamaForCausalLM", Family::Llama),
-        ("MistralForCausalLM", Family::Mistral),
-        ("Qwen2ForCausalLM", Family::Qwen2),
-    ];
-
-    /// The family of an `architectures` entry.
-    pub fn of_architecture(a: &str) -> Option<Family> {
-        Self::ARCHITECTURES
-            .iter()
-            .find(|(name, _)| *name == a)
-            .map(|(_, f)| *f)
-    }
-
-    /// The family of a `model_type`.
-    pub fn of_model_type(t: &str) -> Option<Family> {
-        match t {
-            "llama" => Some(Family::Llama),
-            "mistral" => Some(Family::Mistral),
-            "qwen2" => Some(Family::Qwen2),
-            _ => None,
-        }
-    }
-
-    /// The supported architectures, for messages.
-    pub fn supported() -> String {
-        Self::ARCHITECTURES
-            .iter()
-            .map(|(a, _)| *a)
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    /// Whether q, k and v have biases.
-    pub fn has_qkv_bias(self) -> bool {
-        self == Family::Qwen2
-    }
-
-    /// llama.cpp's architecture (`general.architecture`) for the family: Mistral runs as
-    /// `llama`.
-    pub fn gguf_arch(self) -> &'static str {
-        match self {
-            Family::Llama | Family::Mistral => "llama",
-            Family::Qwen2 => "qwen2",
-        }
-    }
-
-    /// The family of a GGUF architecture.
-    pub fn of_gguf_arch(a: &str) -> Option<Family> {
-        match a {
-            "llama" => Some(Family::Llama),
-            "mistral" => Some(Family::Mistral),
-            "qwen2" => Some(Family::Qwen2),
-            _ => None,
-        }
-    }
-
-    /// Whether llama.cpp stores q/k rows permuted for its interleaved RoPE (its `llama`
-    /// architecture does; `qwen2` runs the NEOX layout, which is HF's).
-    pub fn gguf_permutes_qk(self) -> bool {
-        self.gguf_arch() == "llama"
-    }
-
-    /// HF's `architectures` entry and `model_type` of the family.
-    pub fn hf_names(self) -> (&'static str, &'static str) {
-        match self {
-            Family::Llama => ("LlamaForCausalLM", "llama"),
-            Family::Mistral => ("MistralForCausalLM", "mistral"),
-            Family::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
-        }
-    }
 }
 
 /// An HF LLaMA-family `config.json`. Field names and meanings are HF's; keys Shears does not use
@@ -183,6 +98,11 @@ pub struct LlamaConfig {
     /// Every other key, preserved.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+    /// Read from a multimodal checkpoint's `text_config` (a `Gemma3ForConditionalGeneration`):
+    /// its text weights are stored under `language_model`. Not written back: Shears writes
+    /// the text decoder alone.
+    #[serde(skip)]
+    pub from_multimodal: bool,
 }
 
 fn default_architectures() -> Vec<String> {
@@ -274,8 +194,12 @@ impl LlamaConfig {
 
     /// Parse and validate JSON text; the error is a message without the path.
     pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
-        let cfg: LlamaConfig =
+        let mut raw: Map<String, Value> =
             serde_json::from_str(text).map_err(|e| format!("invalid model config: {e}"))?;
+        let multimodal = crate::family::resolve_config(&mut raw)?;
+        let mut cfg: LlamaConfig = serde_json::from_value(Value::Object(raw))
+            .map_err(|e| format!("invalid model config: {e}"))?;
+        cfg.from_multimodal = multimodal;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -300,35 +224,112 @@ impl LlamaConfig {
         self.extra.get(key).and_then(|v| v.as_bool())
     }
 
-    /// The sliding window of layer `layer`'s attention, if it has one, as transformers decides
-    /// it: Mistral's `sliding_window` applies to every layer; Qwen2's only with
-    /// `use_sliding_window`, to the layers `layer_types` marks `sliding_attention` (or, in
-    /// configs without `layer_types`, from `max_window_layers` on); LLaMA attends over every
-    /// earlier position.
-    pub fn attention_window(&self, layer: usize) -> Option<usize> {
+    /// Whether layer `layer` is a sliding-window ("local") layer, as transformers decides it:
+    /// Mistral's are all (given a `sliding_window`); Qwen2's and Qwen3's only with
+    /// `use_sliding_window`, those `layer_types` marks `sliding_attention` (or, in configs
+    /// without `layer_types`, from `max_window_layers` on); Gemma 3's those `layer_types` marks
+    /// (or, without it, all but every `sliding_window_pattern`-th, default 6); LLaMA's none.
+    pub fn is_sliding_layer(&self, layer: usize) -> bool {
+        let marked = || {
+            self.extra
+                .get("layer_types")
+                .and_then(|v| v.as_array())
+                .map(|types| types.get(layer).and_then(|t| t.as_str()) == Some("sliding_attention"))
+        };
         match self.family() {
-            Family::Llama => None,
-            Family::Mistral => self.sliding_window,
-            Family::Qwen2 => {
-                if self.extra_bool("use_sliding_window") != Some(true) {
-                    return None;
-                }
-                let sliding = match self.extra.get("layer_types").and_then(|v| v.as_array()) {
-                    Some(types) => {
-                        types.get(layer).and_then(|t| t.as_str()) == Some("sliding_attention")
-                    }
-                    None => {
-                        let from = self
-                            .extra
-                            .get("max_window_layers")
-                            .and_then(|v| v.as_u64())
-                            .unwrap_or(0);
+            Family::Llama => false,
+            Family::Mistral => self.sliding_window.is_some(),
+            Family::Qwen2 | Family::Qwen3 => {
+                self.extra_bool("use_sliding_window") == Some(true)
+                    && marked().unwrap_or_else(|| {
+                        let from = self.extra_u64("max_window_layers").unwrap_or(0);
                         layer as u64 >= from
-                    }
-                };
-                self.sliding_window.filter(|_| sliding)
+                    })
             }
+            Family::Gemma3 => marked().unwrap_or_else(|| {
+                let pattern = self.extra_u64("sliding_window_pattern").unwrap_or(6).max(1);
+                !(layer as u64 + 1).is_multiple_of(pattern)
+            }),
         }
+    }
+
+    /// The sliding window of layer `layer`'s attention, if it has one (see
+    /// [`LlamaConfig::is_sliding_layer`]): each query sees itself and the `window - 1` keys
+    /// before it.
+    pub fn attention_window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| self.is_sliding_layer(layer))
+    }
+
+    /// This config with only the source layers `kept` (in order): `num_hidden_layers` and, where
+    /// layers differ in kind (Gemma 3, Qwen with a window, any config with `layer_types`), an
+    /// explicit `layer_types` naming each kept layer's kind, so dropping layers never changes
+    /// which attention a kept layer runs.
+    pub fn with_layers(&self, kept: &[usize]) -> LlamaConfig {
+        let mut c = self.clone();
+        c.num_hidden_layers = kept.len();
+        let explicit = self.extra.contains_key("layer_types")
+            || self.family() == Family::Gemma3
+            || (matches!(self.family(), Family::Qwen2 | Family::Qwen3)
+                && self.extra_bool("use_sliding_window") == Some(true));
+        if explicit {
+            let types: Vec<Value> = kept
+                .iter()
+                .map(|&l| {
+                    Value::from(if self.is_sliding_layer(l) {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    })
+                })
+                .collect();
+            c.extra.insert("layer_types".into(), Value::Array(types));
+        }
+        c
+    }
+
+    fn extra_u64(&self, key: &str) -> Option<u64> {
+        self.extra.get(key).and_then(|v| v.as_u64())
+    }
+
+    fn extra_f64(&self, key: &str) -> Option<f64> {
+        self.extra.get(key).and_then(|v| v.as_f64())
+    }
+
+    /// The gated MLP's activation.
+    pub fn activation(&self) -> std::result::Result<Activation, String> {
+        match self.hidden_act.as_str() {
+            "silu" | "swish" if self.family() != Family::Gemma3 => Ok(Activation::Silu),
+            "gelu_pytorch_tanh" | "gelu_tanh" if self.family() == Family::Gemma3 => {
+                Ok(Activation::GeluTanh)
+            }
+            other => Err(format!(
+                "hidden_act '{other}' is not supported for {:?} models ({})",
+                self.family(),
+                if self.family() == Family::Gemma3 {
+                    "gelu_pytorch_tanh"
+                } else {
+                    "silu"
+                }
+            )),
+        }
+    }
+
+    /// The attention scores' scale: `query_pre_attn_scalar^-1/2` for Gemma 3, else
+    /// `head_dim^-1/2`.
+    pub fn attention_scale(&self) -> f64 {
+        let denom = match self.family() {
+            Family::Gemma3 => self
+                .extra_f64("query_pre_attn_scalar")
+                .unwrap_or(self.head_dim() as f64),
+            _ => self.head_dim() as f64,
+        };
+        1.0 / denom.sqrt()
+    }
+
+    /// What the embedding output is multiplied by: Gemma's `sqrt(hidden_size)` (rounded to
+    /// the parameter dtype, as transformers does), else nothing.
+    pub fn embed_scale(&self) -> Option<f64> {
+        (self.family() == Family::Gemma3).then(|| (self.hidden_size as f64).sqrt())
     }
 
     /// `layer_types`, when given, names one known attention kind per layer.
@@ -354,6 +355,37 @@ impl LlamaConfig {
             }
         }
         Ok(())
+    }
+
+    /// Keys of a family's config that would change the model in ways Shears does not run.
+    fn check_family_keys(&self) -> std::result::Result<(), String> {
+        if self.family() != Family::Gemma3 {
+            return Ok(());
+        }
+        for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
+            if self.extra.get(key).is_some_and(|v| !v.is_null()) {
+                return Err(format!(
+                    "{key} = {} is not supported (Gemma 3 has none; Gemma 2's softcapping is not run)",
+                    self.extra[key]
+                ));
+            }
+        }
+        if self.extra_bool("use_bidirectional_attention") == Some(true) {
+            return Err("use_bidirectional_attention = true (an encoder) is not supported".into());
+        }
+        match self.extra_f64("query_pre_attn_scalar") {
+            Some(q) if q.is_finite() && q > 0.0 => {}
+            None => {}
+            Some(q) => return Err(format!("query_pre_attn_scalar {q} must be positive")),
+        }
+        if self.sliding_window.is_none()
+            && (0..self.num_hidden_layers).any(|l| self.is_sliding_layer(l))
+        {
+            return Err(
+                "layer_types has sliding_attention layers but sliding_window is null".into(),
+            );
+        }
+        self.rope_of_kind(true).map(|_| ())
     }
 
     /// Check that Shears can run this configuration.
@@ -424,15 +456,19 @@ impl LlamaConfig {
                 self.head_dim()
             ));
         }
-        if self.hidden_act != "silu" {
+        self.activation()?;
+        if self.attention_bias || self.mlp_bias {
             return Err(format!(
-                "hidden_act '{}' is not supported (only silu)",
-                self.hidden_act
+                "attention_bias / mlp_bias = true is not supported for {:?} models{}",
+                self.family(),
+                if self.family() == Family::Qwen2 {
+                    ""
+                } else {
+                    " (Qwen2's q/k/v biases are, as Qwen2ForCausalLM)"
+                }
             ));
         }
-        if self.attention_bias || self.mlp_bias {
-            return Err("attention_bias / mlp_bias = true is not supported".into());
-        }
+        self.check_family_keys()?;
         if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err(format!(
                 "rms_norm_eps {} must be positive",
@@ -487,22 +523,73 @@ impl LlamaConfig {
             .map(|v| v as u32)
     }
 
-    /// Resolve the RoPE settings from either config form.
+    /// The RoPE of the full-attention layers (every layer, outside Gemma 3), from either
+    /// config form.
     pub fn rope(&self) -> std::result::Result<Rope, String> {
-        let params = self.rope_parameters.as_ref().and_then(|v| v.as_object());
+        self.rope_of_kind(false)
+    }
+
+    /// The RoPE of layer `layer`: Gemma 3's local layers have their own base
+    /// (`rope_local_base_freq`, or `rope_parameters.sliding_attention`) and no scaling.
+    pub fn rope_of_layer(&self, layer: usize) -> std::result::Result<Rope, String> {
+        self.rope_of_kind(self.family() == Family::Gemma3 && self.is_sliding_layer(layer))
+    }
+
+    /// Gemma 3's `rope_parameters`, keyed by layer kind (transformers 5), when given so.
+    fn rope_parameters_by_kind(&self) -> Option<&Map<String, Value>> {
+        let p = self.rope_parameters.as_ref()?.as_object()?;
+        (self.family() == Family::Gemma3
+            && (p.contains_key("full_attention") || p.contains_key("sliding_attention")))
+        .then_some(p)
+    }
+
+    fn rope_of_kind(&self, local: bool) -> std::result::Result<Rope, String> {
+        let by_kind = self.rope_parameters_by_kind();
+        let params = match by_kind {
+            Some(p) => {
+                let kind = if local {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                };
+                match p.get(kind) {
+                    Some(Value::Object(o)) => Some(o),
+                    Some(Value::Null) | None => None,
+                    Some(_) => return Err(format!("rope_parameters.{kind} is not an object")),
+                }
+            }
+            None if local => None,
+            None => self.rope_parameters.as_ref().and_then(|v| v.as_object()),
+        };
+        let gemma = self.family() == Family::Gemma3;
+        let (top_theta, top_scaling, default_theta) = match (gemma, local) {
+            (true, true) => (self.extra_f64("rope_local_base_freq"), None, 10_000.0),
+            (true, false) => (self.rope_theta, self.rope_scaling.as_ref(), 1_000_000.0),
+            (false, _) => (self.rope_theta, self.rope_scaling.as_ref(), 10_000.0),
+        };
+        self.rope_from(params, top_theta, top_scaling, default_theta)
+    }
+
+    fn rope_from(
+        &self,
+        params: Option<&Map<String, Value>>,
+        top_theta: Option<f64>,
+        top_scaling: Option<&Value>,
+        default_theta: f64,
+    ) -> std::result::Result<Rope, String> {
         let inner = params
             .and_then(|p| p.get("rope_theta"))
             .and_then(|v| v.as_f64());
         // transformers 4 reads the top-level value, transformers 5 the one in rope_parameters:
         // two different values would make one file two different models.
-        if let (Some(a), Some(b)) = (inner, self.rope_theta) {
+        if let (Some(a), Some(b)) = (inner, top_theta) {
             if a != b {
                 return Err(format!(
                     "rope_theta {b} and rope_parameters.rope_theta {a} disagree"
                 ));
             }
         }
-        let theta = inner.or(self.rope_theta).unwrap_or(10000.0);
+        let theta = inner.or(top_theta).unwrap_or(default_theta);
         // transformers 5 keeps the scaling keys inside rope_parameters; older files use
         // rope_scaling. Given both, they must describe the same scaling (see rope_theta above).
         let parse = |s: &Map<String, Value>| -> std::result::Result<RopeScaling, String> {
@@ -535,9 +622,7 @@ impl LlamaConfig {
             })
         };
         let from_params = params.map(parse).transpose()?;
-        let from_old = self
-            .rope_scaling
-            .as_ref()
+        let from_old = top_scaling
             .and_then(|v| v.as_object())
             .map(parse)
             .transpose()?;
@@ -589,43 +674,26 @@ impl LlamaConfig {
 
     /// A copy with the RoPE settings written in both forms (top-level `rope_theta` /
     /// `rope_scaling` for transformers 4, `rope_parameters` for transformers 5), so every loader
-    /// reads the same thing.
+    /// reads the same thing. Gemma 3's are keyed by layer kind, its local base also written as
+    /// `rope_local_base_freq`.
     pub fn with_canonical_rope(&self) -> std::result::Result<Self, String> {
         let rope = self.rope()?;
         let mut c = self.clone();
         c.rope_theta = Some(rope.theta);
-        let mut params = Map::new();
-        params.insert("rope_theta".into(), rope.theta.into());
-        match rope.scaling {
-            RopeScaling::None => {
-                params.insert("rope_type".into(), "default".into());
-                c.rope_scaling = None;
-            }
-            RopeScaling::Linear { factor } => {
-                params.insert("rope_type".into(), "linear".into());
-                params.insert("factor".into(), factor.into());
-                c.rope_scaling = Some(serde_json::json!({"rope_type": "linear", "factor": factor}));
-            }
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
-                let s = serde_json::json!({
-                    "rope_type": "llama3",
-                    "factor": factor,
-                    "low_freq_factor": low_freq_factor,
-                    "high_freq_factor": high_freq_factor,
-                    "original_max_position_embeddings": original_max_position_embeddings as u64,
-                });
-                for (k, v) in s.as_object().unwrap() {
-                    params.insert(k.clone(), v.clone());
-                }
-                c.rope_scaling = Some(s);
-            }
+        let (params, scaling) = rope_json(&rope);
+        c.rope_scaling = scaling;
+        if self.family() == Family::Gemma3 {
+            let local = self.rope_of_kind(true)?;
+            c.extra
+                .insert("rope_local_base_freq".into(), local.theta.into());
+            let (local_params, _) = rope_json(&local);
+            c.rope_parameters = Some(serde_json::json!({
+                "full_attention": params,
+                "sliding_attention": local_params,
+            }));
+        } else {
+            c.rope_parameters = Some(Value::Object(params));
         }
-        c.rope_parameters = Some(Value::Object(params));
         Ok(c)
     }
 
@@ -634,6 +702,39 @@ impl LlamaConfig {
         let c = self.with_canonical_rope().map_err(Error::invalid)?;
         Ok(serde_json::to_string_pretty(&c).expect("config serialises"))
     }
+}
+
+/// `rope` as transformers 5's `rope_parameters` object and transformers 4's `rope_scaling`.
+fn rope_json(rope: &Rope) -> (Map<String, Value>, Option<Value>) {
+    let mut params = Map::new();
+    params.insert("rope_theta".into(), rope.theta.into());
+    let scaling = match rope.scaling {
+        RopeScaling::None => {
+            params.insert("rope_type".into(), "default".into());
+            None
+        }
+        RopeScaling::Linear { factor } => {
+            Some(serde_json::json!({"rope_type": "linear", "factor": factor}))
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => Some(serde_json::json!({
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_max_position_embeddings as u64,
+        })),
+    };
+    if let Some(Value::Object(o)) = &scaling {
+        for (k, v) in o {
+            params.insert(k.clone(), v.clone());
+        }
+    }
+    (params, scaling)
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
-//! Shears models to GGUF v3 for llama.cpp, ollama and LM Studio: `llama` architecture metadata,
-//! q/k rows permuted for llama.cpp's interleaved RoPE, the tokenizer as `tokenizer.ggml.*`, the
+//! Shears models to GGUF v3 for llama.cpp, ollama and LM Studio: the metadata of llama.cpp's
+//! architecture for the model's family (`llama`, `qwen2`, `qwen3`, `gemma3`), q/k rows permuted
+//! for the `llama` architecture's interleaved RoPE, Gemma's norm gains stored as applied
+//! (`1 + w`), the tokenizer as `tokenizer.ggml.*`, the
 //! chat template, and the weights as F32 / F16 / BF16 or quantised (Q8_0, Q4_0, Q4_1) with
 //! llama.cpp's reference rounding. The inverse of `formats::gguf_llama` +
 //! `formats::gguf_tokenizer` (the tokenizer's half is `formats::gguf_vocab`): Shears' own
@@ -8,11 +10,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::config::Family;
 use crate::config::{LlamaConfig, Rope, RopeScaling};
 use crate::error::{Error, Result};
 use crate::formats::dequant::GgmlType;
 use crate::formats::gguf::Value;
-use crate::formats::gguf_llama::{LLAMA3_KEYS, SLIDING_LAYERS_KEY, SLIDING_WINDOW_KEY};
+use crate::formats::gguf_llama::{
+    is_norm, LLAMA3_KEYS, QUERY_SCALAR_KEY, SLIDING_LAYERS_KEY, SLIDING_WINDOW_KEY,
+};
 use crate::formats::gguf_vocab::tokenizer_metadata;
 use crate::formats::gguf_write::{write_gguf, TensorEntry};
 use crate::formats::quantize;
@@ -202,7 +207,68 @@ fn model_metadata(
         }
         RopeScaling::None => {}
     }
-    kv.extend(window_metadata(c, warnings)?);
+    if c.family() == Family::Gemma3 {
+        kv.extend(gemma3_metadata(c, warnings)?);
+    } else {
+        kv.extend(window_metadata(c, warnings)?);
+    }
+    Ok(kv)
+}
+
+/// Gemma 3's local layers (llama.cpp's `gemma3.attention.sliding_window`, and Shears' list of
+/// them), their RoPE base and the query scale. llama.cpp fixes what it does not read (every
+/// sixth layer global, the query scale from the head width), so the export warns where the
+/// model differs, e.g. after layers were pruned.
+fn gemma3_metadata(c: &LlamaConfig, warnings: &mut Vec<String>) -> Result<Vec<(String, Value)>> {
+    let n = c.num_hidden_layers;
+    let sliding: Vec<usize> = (0..n)
+        .filter(|&l| c.attention_window(l).is_some())
+        .collect();
+    let local = c
+        .rope_of_layer(sliding.first().copied().unwrap_or(0))
+        .map_err(Error::invalid)?;
+    let scalar = 1.0 / c.attention_scale().powi(2);
+    let mut kv = vec![
+        (
+            "gemma3.rope.freq_base_swa".into(),
+            Value::F32(local.theta as f32),
+        ),
+        (QUERY_SCALAR_KEY.into(), Value::F64(scalar)),
+        (
+            SLIDING_LAYERS_KEY.into(),
+            Value::Array(sliding.iter().map(|&l| u32v(l)).collect::<Result<_>>()?),
+        ),
+    ];
+    if let Some(w) = c.sliding_window.filter(|_| !sliding.is_empty()) {
+        kv.push(("gemma3.attention.sliding_window".into(), u32v(w)?));
+    }
+    let llama_cpp_sliding: Vec<usize> = (0..n).filter(|l| (l + 1) % 6 != 0).collect();
+    let mut differs = vec![];
+    if sliding != llama_cpp_sliding {
+        differs
+            .push("which layers are local (llama.cpp makes every sixth layer global)".to_string());
+    }
+    if local.theta != 10_000.0 || local.scaling != RopeScaling::None {
+        differs.push(format!(
+            "the local RoPE (base {}, llama.cpp uses 10000)",
+            local.theta
+        ));
+    }
+    let llama_cpp_scalar = match n {
+        62 => (c.hidden_size / c.num_attention_heads.max(1)) as f64,
+        _ => c.head_dim() as f64,
+    };
+    if scalar != llama_cpp_scalar {
+        differs.push(format!(
+            "query_pre_attn_scalar {scalar} (llama.cpp uses {llama_cpp_scalar})"
+        ));
+    }
+    if !differs.is_empty() {
+        warnings.push(format!(
+            "llama.cpp's gemma3 architecture will not run this model as Shears does: it differs in {}; Shears reads the model's own settings back",
+            differs.join(", ")
+        ));
+    }
     Ok(kv)
 }
 
@@ -264,7 +330,7 @@ struct Planned {
     permute: Option<usize>,
 }
 
-/// Write `files` as a GGUF v3 `llama` model at `out` (replaced only with `overwrite`).
+/// Write `files` as a GGUF v3 model of its family's llama.cpp architecture at `out` (replaced only with `overwrite`).
 /// `name` goes into `general.name`.
 pub fn write_llama_gguf(
     files: &ModelFiles,
@@ -290,7 +356,7 @@ pub fn write_llama_gguf(
     let mut names: Vec<(String, String)> = vec![("token_embd.weight".into(), EMBED_TOKENS.into())];
     for i in 0..files.layers.len() {
         for t in LayerTensor::of(c) {
-            names.push((format!("blk.{i}.{}", t.gguf_name()), t.key(i)));
+            names.push((format!("blk.{i}.{}", t.gguf_name(c.family())), t.key(i)));
         }
     }
     names.push(("output_norm.weight".into(), FINAL_NORM.into()));
@@ -351,7 +417,11 @@ pub fn write_llama_gguf(
         let data = match &p.hf {
             None => freqs.clone().expect("planned only with rope factors"),
             Some(hf) => {
-                let w = files.weights[hf].to_f32_vec();
+                let mut w = files.weights[hf].to_f32_vec();
+                // llama.cpp stores Gemma's norm gains as applied (`1 + w`).
+                if c.family().gguf_norms_offset() && is_norm(hf) {
+                    w.iter_mut().for_each(|x| *x += 1.0);
+                }
                 match p.permute {
                     Some(heads) => permute_qk(&w, p.entry.shape[0], p.entry.shape[1], heads),
                     None => w,

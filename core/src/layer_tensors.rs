@@ -1,9 +1,10 @@
 //! The tensors of a LLaMA-family model in one table: HF name, GGUF name, shape from the config
-//! and which structure each dimension counts (so which mask prunes it). Loading, export, random
+//! and which structure each dimension counts (so which mask prunes it); which of them a family
+//! has is [`LayerTensor::of`]. Loading, export, random
 //! initialisation, finalize and the GGUF importer all read this table; nothing else spells a
 //! per-layer tensor name.
 
-use crate::config::{LayerShape, LlamaConfig};
+use crate::config::{Family, LayerShape, LlamaConfig};
 
 /// HF name of the token embedding `[vocab, hidden]`.
 pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
@@ -24,6 +25,8 @@ pub enum Axis {
     KvHeads,
     /// MLP channels (`intermediate_size`): pruned by the intermediate mask.
     Intermediate,
+    /// The channels of one head (`head_dim`), shared by every head: never pruned.
+    HeadDim,
 }
 
 impl Axis {
@@ -34,6 +37,7 @@ impl Axis {
             Axis::QueryHeads => shape.num_attention_heads * head_dim,
             Axis::KvHeads => shape.num_key_value_heads * head_dim,
             Axis::Intermediate => shape.intermediate_size,
+            Axis::HeadDim => head_dim,
         }
     }
 }
@@ -54,6 +58,13 @@ pub enum LayerTensor {
     QBias,
     KBias,
     VBias,
+    /// Qwen3's and Gemma 3's per-head RMSNorm gains on q and k (`[head_dim]`).
+    QNorm,
+    KNorm,
+    /// Gemma 3's norm on the MLP input (LLaMA's `post_attention_layernorm` is Gemma's norm
+    /// on the attention output) and on the MLP output.
+    PreFeedforwardLayernorm,
+    PostFeedforwardLayernorm,
 }
 
 impl LayerTensor {
@@ -74,17 +85,33 @@ impl LayerTensor {
     pub const QKV_BIASES: [LayerTensor; 3] =
         [LayerTensor::QBias, LayerTensor::KBias, LayerTensor::VBias];
 
-    /// Every per-layer tensor a model of `config` has: LLaMA's, plus its family's (biases).
+    /// The per-head q/k norms (Qwen3, Gemma 3).
+    pub const QK_NORMS: [LayerTensor; 2] = [LayerTensor::QNorm, LayerTensor::KNorm];
+
+    /// Gemma 3's norms around the MLP.
+    pub const FFN_NORMS: [LayerTensor; 2] = [
+        LayerTensor::PreFeedforwardLayernorm,
+        LayerTensor::PostFeedforwardLayernorm,
+    ];
+
+    /// Every per-layer tensor a model of `config` has: LLaMA's, plus its family's.
     pub fn of(config: &LlamaConfig) -> Vec<LayerTensor> {
+        let family = config.family();
         let mut v = Self::ALL.to_vec();
-        if config.family().has_qkv_bias() {
+        if family.has_qkv_bias() {
             v.extend(Self::QKV_BIASES);
+        }
+        if family.has_qk_norm() {
+            v.extend(Self::QK_NORMS);
+        }
+        if family.has_sandwich_norms() {
+            v.extend(Self::FFN_NORMS);
         }
         v
     }
 
     /// Every variant (for name lookups).
-    const EVERY: [LayerTensor; 12] = [
+    const EVERY: [LayerTensor; 16] = [
         LayerTensor::InputLayernorm,
         LayerTensor::QProj,
         LayerTensor::KProj,
@@ -97,6 +124,10 @@ impl LayerTensor {
         LayerTensor::QBias,
         LayerTensor::KBias,
         LayerTensor::VBias,
+        LayerTensor::QNorm,
+        LayerTensor::KNorm,
+        LayerTensor::PreFeedforwardLayernorm,
+        LayerTensor::PostFeedforwardLayernorm,
     ];
 
     /// HF name inside a layer (`model.layers.N.<name>`).
@@ -114,12 +145,21 @@ impl LayerTensor {
             LayerTensor::QBias => "self_attn.q_proj.bias",
             LayerTensor::KBias => "self_attn.k_proj.bias",
             LayerTensor::VBias => "self_attn.v_proj.bias",
+            LayerTensor::QNorm => "self_attn.q_norm.weight",
+            LayerTensor::KNorm => "self_attn.k_norm.weight",
+            LayerTensor::PreFeedforwardLayernorm => "pre_feedforward_layernorm.weight",
+            LayerTensor::PostFeedforwardLayernorm => "post_feedforward_layernorm.weight",
         }
     }
 
-    /// llama.cpp's name inside a block (`blk.N.<name>`).
-    pub fn gguf_name(self) -> &'static str {
+    /// llama.cpp's name inside a block (`blk.N.<name>`) in a model of `family`: Gemma's
+    /// `post_attention_layernorm` is llama.cpp's `post_attention_norm`, its
+    /// `pre_feedforward_layernorm` the `ffn_norm` LLaMA's `post_attention_layernorm` is.
+    pub fn gguf_name(self, family: Family) -> &'static str {
         match self {
+            LayerTensor::PostAttentionLayernorm if family.has_sandwich_norms() => {
+                "post_attention_norm.weight"
+            }
             LayerTensor::InputLayernorm => "attn_norm.weight",
             LayerTensor::QProj => "attn_q.weight",
             LayerTensor::KProj => "attn_k.weight",
@@ -132,6 +172,10 @@ impl LayerTensor {
             LayerTensor::QBias => "attn_q.bias",
             LayerTensor::KBias => "attn_k.bias",
             LayerTensor::VBias => "attn_v.bias",
+            LayerTensor::QNorm => "attn_q_norm.weight",
+            LayerTensor::KNorm => "attn_k_norm.weight",
+            LayerTensor::PreFeedforwardLayernorm => "ffn_norm.weight",
+            LayerTensor::PostFeedforwardLayernorm => "post_ffw_norm.weight",
         }
     }
 
@@ -139,7 +183,11 @@ impl LayerTensor {
     pub fn axes(self) -> &'static [Axis] {
         use Axis::*;
         match self {
-            LayerTensor::InputLayernorm | LayerTensor::PostAttentionLayernorm => &[Hidden],
+            LayerTensor::InputLayernorm
+            | LayerTensor::PostAttentionLayernorm
+            | LayerTensor::PreFeedforwardLayernorm
+            | LayerTensor::PostFeedforwardLayernorm => &[Hidden],
+            LayerTensor::QNorm | LayerTensor::KNorm => &[HeadDim],
             LayerTensor::QProj => &[QueryHeads, Hidden],
             LayerTensor::KProj | LayerTensor::VProj => &[KvHeads, Hidden],
             LayerTensor::OProj => &[Hidden, QueryHeads],
@@ -201,11 +249,11 @@ impl LayerTensor {
         Some((layer, t))
     }
 
-    /// The tensor a GGUF block suffix (`attn_q.weight`) names.
-    pub fn from_gguf(suffix: &str) -> Option<LayerTensor> {
+    /// The tensor a GGUF block suffix (`attn_q.weight`) names in a model of `family`.
+    pub fn from_gguf(suffix: &str, family: Family) -> Option<LayerTensor> {
         LayerTensor::EVERY
             .into_iter()
-            .find(|t| t.gguf_name() == suffix)
+            .find(|t| t.gguf_name(family) == suffix)
     }
 }
 
@@ -218,10 +266,22 @@ mod tests {
         for (i, a) in LayerTensor::EVERY.iter().enumerate() {
             for b in &LayerTensor::EVERY[i + 1..] {
                 assert_ne!(a.name(), b.name());
-                assert_ne!(a.gguf_name(), b.gguf_name());
+                for f in [Family::Llama, Family::Gemma3] {
+                    // Only the tensors one family has need distinct GGUF names in it.
+                    if !(f == Family::Llama
+                        && [a, b].contains(&&LayerTensor::PreFeedforwardLayernorm))
+                    {
+                        assert_ne!(a.gguf_name(f), b.gguf_name(f), "{a:?} {b:?} {f:?}");
+                    }
+                }
             }
             assert_eq!(LayerTensor::parse(&a.key(17)), Some((17, *a)));
-            assert_eq!(LayerTensor::from_gguf(a.gguf_name()), Some(*a));
+            let f = if *a == LayerTensor::PreFeedforwardLayernorm {
+                Family::Gemma3
+            } else {
+                Family::Llama
+            };
+            assert_eq!(LayerTensor::from_gguf(a.gguf_name(f), f), Some(*a));
         }
         assert_eq!(
             LayerTensor::parse("model.layers.x.mlp.up_proj.weight"),

@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod error;
+pub mod family;
 pub mod formats;
 pub mod fsutil;
 pub mod gguf_export;
@@ -20,7 +21,7 @@ pub mod model_files;
 pub mod tensor;
 pub mod tokenizer;
 
-pub use config::{Family, LayerShape, LlamaConfig, Rope, RopeScaling};
+pub use config::{Activation, Family, LayerShape, LlamaConfig, Rope, RopeScaling};
 pub use error::{Error, Result};
 pub use layer_tensors::{Axis, LayerTensor};
 pub use model_files::ModelFiles;

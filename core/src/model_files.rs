@@ -93,13 +93,24 @@ impl ModelFiles {
         let config = LlamaConfig::from_file(dir.join("config.json"))?;
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
+        // A multimodal checkpoint's text decoder: its tensors renamed, the rest never read.
+        let rename = |name: &str| -> Option<String> {
+            match config.from_multimodal {
+                true => crate::family::text_tensor_name(name),
+                false => Some(name.to_string()),
+            }
+        };
         let (weights, weights_path) = if single.exists() {
-            (
-                safetensors::SafeTensorsFile::open(&single)?.all_tensors()?,
-                single,
-            )
+            let file = safetensors::SafeTensorsFile::open(&single)?;
+            let mut w = WeightMap::new();
+            for name in file.names() {
+                if let Some(to) = rename(name) {
+                    w.insert(to, file.tensor(name)?);
+                }
+            }
+            (w, single)
         } else if index.exists() {
-            (read_sharded(&index)?, index)
+            (read_sharded(&index, rename)?, index)
         } else {
             return Err(Error::format(
                 dir,
@@ -117,6 +128,12 @@ impl ModelFiles {
             weights.remove("lm_head.weight");
         }
         weights.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
+        if config.from_multimodal && !weights.contains_key(EMBED_TOKENS) {
+            return Err(Error::format(
+                &weights_path,
+                "a Gemma3ForConditionalGeneration checkpoint without its text weights (no language_model.model.* / model.language_model.* tensors); Shears shears the text decoder",
+            ));
+        }
         let layers = check_weights(&config, &weights, &weights_path)?;
         Ok(ModelFiles {
             config,
@@ -222,7 +239,9 @@ fn describe_layers(layers: &[LayerShape]) -> String {
         .join("; ")
 }
 
-fn read_sharded(index: &Path) -> Result<WeightMap> {
+/// The tensors a sharded checkpoint's index names, under the names `rename` gives them (those
+/// it maps to `None` are not read).
+fn read_sharded(index: &Path, rename: impl Fn(&str) -> Option<String>) -> Result<WeightMap> {
     let text = crate::fsutil::read_text(index, crate::fsutil::SETTINGS_FILE_BYTES)?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::format(index, format!("index does not parse: {e}")))?;
@@ -231,8 +250,11 @@ fn read_sharded(index: &Path) -> Result<WeightMap> {
         .and_then(|m| m.as_object())
         .ok_or_else(|| Error::format(index, "index has no 'weight_map' object"))?;
     let dir = index.parent().unwrap_or(Path::new("."));
-    let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut by_file: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     for (name, file) in map {
+        let Some(to) = rename(name) else {
+            continue;
+        };
         let file = file.as_str().ok_or_else(|| {
             Error::format(index, format!("weight_map['{name}'] is not a file name"))
         })?;
@@ -245,13 +267,13 @@ fn read_sharded(index: &Path) -> Result<WeightMap> {
         by_file
             .entry(file.to_string())
             .or_default()
-            .push(name.clone());
+            .push((name.clone(), to));
     }
     let mut out = WeightMap::new();
     for (file, names) in by_file {
         let shard = safetensors::SafeTensorsFile::open(dir.join(&file))?;
-        for n in names {
-            out.insert(n.clone(), shard.tensor(&n)?);
+        for (n, to) in names {
+            out.insert(to, shard.tensor(&n)?);
         }
     }
     Ok(out)

@@ -10,7 +10,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear};
 use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor};
-use shears_core::{LlamaConfig, Rope};
+use shears_core::{Activation, LlamaConfig, Rope};
 
 use crate::cache::{KvCache, LayerCache};
 use crate::masks::{ForwardMasks, LayerMasks};
@@ -24,18 +24,35 @@ pub use crate::ops::tensor::{sigmoid, silu, to_dtype, upcast};
 /// Root-mean-square layer norm, computed in f32 whatever the parameter dtype (as HF does).
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
-    /// Per-channel gain `[d]`.
+    /// Per-channel gain `[d]` (minus [`RmsNorm::offset`]).
     pub weight: Param<Tensor<B, 1>>,
     /// Added to the mean square before the square root.
     pub eps: f64,
+    /// Added to the stored weight to give the gain: 0, or 1 for Gemma's `x · (1 + w)`.
+    pub offset: f64,
 }
 
 impl<B: ShearsOps> RmsNorm<B> {
+    /// The gain `weight + offset` `[d]`, in the parameter dtype.
+    fn gain(&self) -> Tensor<B, 1> {
+        match self.offset {
+            0.0 => self.weight.val(),
+            off => self.weight.val().add_scalar(off),
+        }
+    }
+
+    /// Whether the fused kernel computes what HF does on `x`: same dtype, and for an offset
+    /// gain full precision (HF adds the offset in f32; a half-precision `1 + w` would round).
+    fn fusable(&self, dtype: DType) -> bool {
+        dtype == self.weight.val().dtype()
+            && (self.offset == 0.0 || matches!(dtype, DType::F32 | DType::F64))
+    }
+
     /// Normalise over the last axis (the fused kernel where the backend has one).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let d = x.dims()[D - 1];
-        if x.dtype() == self.weight.val().dtype() {
-            if let Some(y) = ops::rms_norm_fused(&x, &self.weight.val(), self.eps, d) {
+        if self.fusable(x.dtype()) {
+            if let Some(y) = ops::rms_norm_fused(&x, &self.gain(), self.eps, d) {
                 return y;
             }
         }
@@ -55,8 +72,8 @@ impl<B: ShearsOps> RmsNorm<B> {
         z: &Tensor<B, 1>,
         kept: usize,
     ) -> Tensor<B, D> {
-        if x.dtype() == self.weight.val().dtype() {
-            let wz = self.weight.val() * to_dtype(z.clone(), x.dtype());
+        if self.fusable(x.dtype()) {
+            let wz = self.gain() * to_dtype(z.clone(), x.dtype());
             if let Some(y) = ops::rms_norm_fused(&x, &wz, self.eps, kept) {
                 return y;
             }
@@ -76,7 +93,13 @@ impl<B: ShearsOps> RmsNorm<B> {
         // A true division: burn-ndarray's SIMD `recip` is an approximation (~2e-5 relative
         // gradient error against PyTorch with it, ~5e-7 without).
         let normed = xf / var.add_scalar(self.eps).sqrt();
-        normed.cast(dtype) * to_dtype(self.weight.val(), dtype).unsqueeze::<D>()
+        if self.offset == 0.0 {
+            normed.cast(dtype) * to_dtype(self.weight.val(), dtype).unsqueeze::<D>()
+        } else {
+            // Gemma: `normed · (1 + w)` in f32, then the cast.
+            let gain = upcast(self.weight.val()).add_scalar(self.offset);
+            (normed * gain.unsqueeze::<D>()).cast(dtype)
+        }
     }
 }
 
@@ -96,6 +119,14 @@ pub struct Attention<B: Backend> {
     /// Sliding window: each query sees itself and the `window - 1` keys before it; `None`:
     /// every earlier key.
     pub window: Option<usize>,
+    /// Per-head RMSNorm of the queries and keys `[head_dim]`, before RoPE (Qwen3, Gemma 3).
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
+    /// Multiplies the queries so that the attention's `1/sqrt(head_dim)` gives the family's
+    /// score scale (Gemma's `query_pre_attn_scalar^-1/2`); 1 elsewhere.
+    pub query_scale: f64,
+    /// Index of this layer's RoPE tables in [`Positions::ropes`].
+    pub rope: usize,
 }
 
 /// `x [.., in] · W [in, out]` as one 2-D GEMM over all leading positions (`[b·t, in]`), on the
@@ -123,16 +154,25 @@ impl<B: ShearsOps> Attention<B> {
     pub fn context(
         &self,
         x: Tensor<B, 3>,
-        cos: &Tensor<B, 2>,
-        sin: &Tensor<B, 2>,
-        mask: Option<&Tensor<B, 2, Bool>>,
+        pos: &Positions<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 4> {
         let [b, t, _] = x.dims();
         let (h, g, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = linear(&self.q_proj, x.clone()).reshape([b, t, h, hd]);
-        let k = linear(&self.k_proj, x.clone()).reshape([b, t, g, hd]);
+        let mut q = linear(&self.q_proj, x.clone()).reshape([b, t, h, hd]);
+        let mut k = linear(&self.k_proj, x.clone()).reshape([b, t, g, hd]);
         let v = linear(&self.v_proj, x).reshape([b, t, g, hd]);
+        if let Some(n) = &self.q_norm {
+            q = n.forward(q);
+        }
+        if let Some(n) = &self.k_norm {
+            k = n.forward(k);
+        }
+        if self.query_scale != 1.0 {
+            q = q.mul_scalar(self.query_scale);
+        }
+        let (cos, sin) = &pos.ropes[self.rope];
+        let mask = pos.masks.get(self.window);
         let q = rope::apply(q, cos, sin);
         let k = rope::apply(k, cos, sin);
         let (k, v) = match cache {
@@ -149,12 +189,23 @@ impl<B: ShearsOps> Attention<B> {
     }
 }
 
-/// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+/// Gated MLP: `down(act(gate(x)) * up(x))`, SwiGLU (SiLU) or Gemma's GELU-tanh.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
+    #[module(skip)]
+    pub act: Activation,
+}
+
+/// GELU, tanh approximation (PyTorch's `gelu(x, approximate="tanh")`), in `x`'s dtype:
+/// `x/2 · (1 + tanh(sqrt(2/π) · (x + 0.044715 x³)))`.
+pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let cube = x.clone() * x.clone() * x.clone();
+    let inner = (x.clone() + cube.mul_scalar(0.044715)).mul_scalar(c);
+    x.mul_scalar(0.5) * inner.tanh().add_scalar(1.0)
 }
 
 impl<B: ShearsOps> Mlp<B> {
@@ -167,49 +218,70 @@ impl<B: ShearsOps> Mlp<B> {
     pub fn forward_masked(&self, x: Tensor<B, 3>, z_int: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
         let gate = linear(&self.gate_proj, x.clone());
         let up = linear(&self.up_proj, x);
-        let act = match z_int {
-            Some(z) => ops::swiglu_masked(gate, up, z),
-            None => ops::swiglu(gate, up),
+        let act = match (self.act, z_int) {
+            (Activation::Silu, Some(z)) => ops::swiglu_masked(gate, up, z),
+            (Activation::Silu, None) => ops::swiglu(gate, up),
+            (Activation::GeluTanh, z) => {
+                let y = gelu_tanh(gate) * up;
+                match z {
+                    Some(z) => {
+                        let z = to_dtype(z.clone(), y.dtype());
+                        y * z.unsqueeze::<3>()
+                    }
+                    None => y,
+                }
+            }
         };
         linear(&self.down_proj, act)
     }
 }
 
-/// One pre-norm decoder block.
+/// One pre-norm decoder block; Gemma's "sandwich" block when it has the feedforward norms.
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
     pub self_attn: Attention<B>,
     pub mlp: Mlp<B>,
     pub input_layernorm: RmsNorm<B>,
+    /// Before the MLP (LLaMA); after attention, on its output (Gemma's sandwich).
     pub post_attention_layernorm: RmsNorm<B>,
+    /// Gemma: before the MLP.
+    pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
+    /// Gemma: after the MLP, on its output.
+    pub post_feedforward_layernorm: Option<RmsNorm<B>>,
 }
 
 impl<B: ShearsOps> DecoderLayer<B> {
-    /// `x + attn(norm1(x))`, then `+ mlp(norm2(.))`.
+    /// `x + attn(norm1(x))`, then `+ mlp(norm2(.))` (Gemma: each sublayer's output normed too).
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        cos: &Tensor<B, 2>,
-        sin: &Tensor<B, 2>,
-        masks: &AttnMasks<B>,
+        pos: &Positions<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        self.forward_masked(x, cos, sin, masks, cache, &LayerMasks::none())
+        self.forward_masked(x, pos, cache, &LayerMasks::none())
     }
 
     /// The block with pruning masks applied where the spec puts them (§1.3, §11.1).
     pub fn forward_masked(
         &self,
         x: Tensor<B, 3>,
-        cos: &Tensor<B, 2>,
-        sin: &Tensor<B, 2>,
-        masks: &AttnMasks<B>,
+        pos: &Positions<B>,
         cache: Option<&mut LayerCache<B>>,
         m: &LayerMasks<B>,
     ) -> Tensor<B, 3> {
         let norm = |n: &RmsNorm<B>, x: Tensor<B, 3>| match &m.hidden {
             Some((z, kept)) => n.forward_masked(x, z, *kept),
             None => n.forward(x),
+        };
+        // A norm on a sublayer's output (Gemma's post norms): the output is non-zero on pruned
+        // channels too, so it is restricted to the kept ones first; the mean square then runs
+        // over the kept channels, as in the finalized model, and `z` comes in with `scale_out`.
+        let post_norm = |n: &RmsNorm<B>, y: Tensor<B, 3>| match &m.hidden {
+            Some((z, kept)) => {
+                let ind = to_dtype(z.clone().not_equal_elem(0.0).float(), y.dtype());
+                n.forward_masked(y * ind.clone().unsqueeze::<3>(), &ind, *kept)
+            }
+            None => n.forward(y),
         };
         // Layer and hidden masks scale what a sublayer adds to the residual stream: one factor
         // `z_layer · z_hidden` (a `[d]` product), so each sublayer output is multiplied once.
@@ -223,23 +295,36 @@ impl<B: ShearsOps> DecoderLayer<B> {
             Some(z) => y * z.clone().unsqueeze::<3>(),
             None => y,
         };
-        let mut ctx = self.self_attn.context(
-            norm(&self.input_layernorm, x.clone()),
-            cos,
-            sin,
-            masks.get(self.self_attn.window),
-            cache,
-        );
+        let mut ctx = self
+            .self_attn
+            .context(norm(&self.input_layernorm, x.clone()), pos, cache);
         if let Some(z) = &m.heads {
             ctx = ctx * z.clone().reshape([1, 1, self.self_attn.num_heads, 1]);
         }
-        let x = x + scale_out(self.self_attn.project(ctx));
-        let y = self.mlp.forward_masked(
-            norm(&self.post_attention_layernorm, x.clone()),
-            m.intermediate.as_ref(),
-        );
+        let a = self.self_attn.project(ctx);
+        let (a, pre_mlp) = match &self.pre_feedforward_layernorm {
+            Some(pre) => (post_norm(&self.post_attention_layernorm, a), pre),
+            None => (a, &self.post_attention_layernorm),
+        };
+        let x = x + scale_out(a);
+        let y = self
+            .mlp
+            .forward_masked(norm(pre_mlp, x.clone()), m.intermediate.as_ref());
+        let y = match &self.post_feedforward_layernorm {
+            Some(post) => post_norm(post, y),
+            None => y,
+        };
         x + scale_out(y)
     }
+}
+
+/// What every layer of one forward reads besides its input: the RoPE tables (`cos`, `sin`
+/// `[len, head_dim]`) of each rope the model's layers use, and the attention masks.
+#[derive(Debug, Clone)]
+pub struct Positions<B: Backend> {
+    /// Indexed by [`Attention::rope`].
+    pub ropes: Vec<(Tensor<B, 2>, Tensor<B, 2>)>,
+    pub masks: AttnMasks<B>,
 }
 
 /// The attention masks of one forward (`[t, past + t]`, true = hidden), which only the generic
@@ -290,8 +375,10 @@ pub struct Llama<B: Backend> {
     /// The HF config the model was built from.
     #[module(skip)]
     pub config: LlamaConfig,
+    /// The distinct RoPEs of the layers (Gemma 3: global and local), indexed by
+    /// [`Attention::rope`].
     #[module(skip)]
-    pub rope: Rope,
+    pub ropes: Vec<Rope>,
     /// The dtype activations and matmuls run in when it differs from the parameters'
     /// (mixed precision: f32 parameters, the master weights, cast to bf16 at each use inside
     /// the graph, so gradients come back in f32). `None`: compute in the parameter dtype.
@@ -322,20 +409,22 @@ impl<B: ShearsOps> Llama<B> {
     }
 
     /// RoPE tables and attention masks for `len` new positions after `past` cached ones.
-    pub fn position_inputs(
-        &self,
-        past: usize,
-        len: usize,
-    ) -> (Tensor<B, 2>, Tensor<B, 2>, AttnMasks<B>) {
+    pub fn position_inputs(&self, past: usize, len: usize) -> Positions<B> {
         let device = self.device();
-        let (cos, sin) = rope::tables::<B>(
-            &self.rope,
-            self.config.head_dim(),
-            past,
-            len,
-            self.compute_dtype(),
-            &device,
-        );
+        let ropes = self
+            .ropes
+            .iter()
+            .map(|r| {
+                rope::tables::<B>(
+                    r,
+                    self.config.head_dim(),
+                    past,
+                    len,
+                    self.compute_dtype(),
+                    &device,
+                )
+            })
+            .collect();
         let mut windows: Vec<usize> = self
             .model
             .layers
@@ -344,7 +433,10 @@ impl<B: ShearsOps> Llama<B> {
             .collect();
         windows.sort_unstable();
         windows.dedup();
-        (cos, sin, AttnMasks::new(past, len, &windows, &device))
+        Positions {
+            ropes,
+            masks: AttnMasks::new(past, len, &windows, &device),
+        }
     }
 
     /// Final-norm hidden states `[batch, len, d]`. With a cache, `ids` continue the cached
@@ -366,7 +458,7 @@ impl<B: ShearsOps> Llama<B> {
     ) -> Tensor<B, 3> {
         let [_, t] = ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let (cos, sin, mask) = self.position_inputs(past, t);
+        let pos = self.position_inputs(past, t);
         let kept = masks.and_then(|m| m.hidden_kept());
         let layer_masks = |l: usize| match masks {
             Some(m) => m.layer(l, kept),
@@ -378,23 +470,29 @@ impl<B: ShearsOps> Llama<B> {
                 for (l, (layer, slot)) in
                     self.model.layers.iter().zip(cache.layers_mut()).enumerate()
                 {
-                    x = layer.forward_masked(x, &cos, &sin, &mask, Some(slot), &layer_masks(l));
+                    x = layer.forward_masked(x, &pos, Some(slot), &layer_masks(l));
                 }
                 cache.advance(t);
             }
             None => {
                 for (l, layer) in self.model.layers.iter().enumerate() {
-                    x = layer.forward_masked(x, &cos, &sin, &mask, None, &layer_masks(l));
+                    x = layer.forward_masked(x, &pos, None, &layer_masks(l));
                 }
             }
         }
         self.final_norm(x, masks, kept)
     }
 
-    /// The embedding of `ids` in the compute dtype, times `z_hidden` when masked: the input of
+    /// The embedding of `ids` in the compute dtype (Gemma: times `sqrt(hidden_size)`, rounded to
+    /// the parameter dtype as transformers does), times `z_hidden` when masked: the input of
     /// layer 0.
     pub fn embed(&self, ids: Tensor<B, 2, Int>, masks: Option<&ForwardMasks<B>>) -> Tensor<B, 3> {
-        let x = to_dtype(self.model.embed_tokens.forward(ids), self.compute_dtype());
+        let e = self.model.embed_tokens.forward(ids);
+        let e = match self.config.embed_scale() {
+            Some(s) => e.mul_scalar(s as f32 as f64),
+            None => e,
+        };
+        let x = to_dtype(e, self.compute_dtype());
         match masks.and_then(|m| m.hidden.as_ref()) {
             Some(z) => {
                 let z = to_dtype(z.clone(), x.dtype());

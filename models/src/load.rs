@@ -90,10 +90,11 @@ impl<B: Backend> Builder<'_, B> {
         }
     }
 
-    fn norm(&self, name: &str, eps: f64) -> RmsNorm<B> {
+    fn norm(&self, name: &str, eps: f64, offset: f64) -> RmsNorm<B> {
         RmsNorm {
             weight: Param::from_tensor(self.tensor(name)),
             eps,
+            offset,
         }
     }
 }
@@ -114,22 +115,40 @@ pub fn build<B: Backend>(
             B::name(device)
         )));
     }
-    let rope = config.rope().map_err(Error::invalid)?;
+    // The distinct ropes, and each layer's index among them.
+    let mut ropes = Vec::new();
+    let mut rope_index = Vec::with_capacity(layers.len());
+    for l in 0..layers.len() {
+        let r = config.rope_of_layer(l).map_err(Error::invalid)?;
+        let i = ropes.iter().position(|x| *x == r).unwrap_or_else(|| {
+            ropes.push(r);
+            ropes.len() - 1
+        });
+        rope_index.push(i);
+    }
+    if ropes.is_empty() {
+        ropes.push(config.rope().map_err(Error::invalid)?);
+    }
+    let act = config.activation().map_err(Error::invalid)?;
     let b = Builder::<B> {
         weights,
         device,
         dtype: bdt,
     };
-    let eps = config.rms_norm_eps;
+    let (eps, family) = (config.rms_norm_eps, config.family());
+    let offset = family.norm_offset() as f64;
+    let query_scale = config.attention_scale() * (config.head_dim() as f64).sqrt();
     let decoder = layers
         .iter()
         .enumerate()
         .map(|(l, shape)| {
             let linear = |t: LayerTensor| {
-                let bias = t.bias().filter(|_| config.family().has_qkv_bias());
+                let bias = t.bias().filter(|_| family.has_qkv_bias());
                 b.linear_with(&t.key(l), bias.map(|x| x.key(l)).as_deref())
             };
-            let norm = |t: LayerTensor| b.norm(&t.key(l), eps);
+            let norm = |t: LayerTensor| b.norm(&t.key(l), eps, offset);
+            let qk_norm = |t: LayerTensor| family.has_qk_norm().then(|| norm(t));
+            let ffn_norm = |t: LayerTensor| family.has_sandwich_norms().then(|| norm(t));
             DecoderLayer {
                 self_attn: Attention {
                     q_proj: linear(LayerTensor::QProj),
@@ -140,14 +159,26 @@ pub fn build<B: Backend>(
                     num_kv_heads: shape.num_key_value_heads,
                     head_dim: config.head_dim(),
                     window: config.attention_window(l),
+                    q_norm: qk_norm(LayerTensor::QNorm),
+                    k_norm: qk_norm(LayerTensor::KNorm),
+                    // Exactly 1 where the scale is head_dim's, so no multiply is added.
+                    query_scale: if (query_scale - 1.0).abs() < 1e-12 {
+                        1.0
+                    } else {
+                        query_scale
+                    },
+                    rope: rope_index[l],
                 },
                 mlp: Mlp {
                     gate_proj: linear(LayerTensor::GateProj),
                     up_proj: linear(LayerTensor::UpProj),
                     down_proj: linear(LayerTensor::DownProj),
+                    act,
                 },
                 input_layernorm: norm(LayerTensor::InputLayernorm),
                 post_attention_layernorm: norm(LayerTensor::PostAttentionLayernorm),
+                pre_feedforward_layernorm: ffn_norm(LayerTensor::PreFeedforwardLayernorm),
+                post_feedforward_layernorm: ffn_norm(LayerTensor::PostFeedforwardLayernorm),
             }
         })
         .collect();
@@ -157,11 +188,11 @@ pub fn build<B: Backend>(
                 weight: Param::from_tensor(b.tensor(EMBED_TOKENS)),
             },
             layers: decoder,
-            norm: b.norm(FINAL_NORM, eps),
+            norm: b.norm(FINAL_NORM, eps, offset),
         },
         lm_head: (!config.tie_word_embeddings).then(|| b.linear(LM_HEAD)),
         config: config.clone(),
-        rope,
+        ropes,
         autocast: None,
     })
 }
@@ -219,6 +250,22 @@ fn layer_param<B: Backend>(layer: &DecoderLayer<B>, t: LayerTensor) -> LayerPara
                     .as_ref()
                     .expect("a family with biases builds its projections with them"),
             )
+        }
+        LayerTensor::QNorm | LayerTensor::KNorm => {
+            let n = if t == LayerTensor::QNorm {
+                &a.q_norm
+            } else {
+                &a.k_norm
+            };
+            LayerParam::Vector(&n.as_ref().expect("a family with q/k norms has them").weight)
+        }
+        LayerTensor::PreFeedforwardLayernorm | LayerTensor::PostFeedforwardLayernorm => {
+            let n = if t == LayerTensor::PreFeedforwardLayernorm {
+                &layer.pre_feedforward_layernorm
+            } else {
+                &layer.post_feedforward_layernorm
+            };
+            LayerParam::Vector(&n.as_ref().expect("a sandwich family has them").weight)
         }
         LayerTensor::QProj => LayerParam::Linear(&a.q_proj.weight),
         LayerTensor::KProj => LayerParam::Linear(&a.k_proj.weight),
@@ -332,11 +379,10 @@ pub fn random_weights_for(config: &LlamaConfig, layers: &[LayerShape], seed: u64
         w.insert(name, HostTensor::f32(shape, data));
     };
     put(EMBED_TOKENS.into(), vec![v, d], normal(v * d, 0.02));
-    put(
-        FINAL_NORM.into(),
-        vec![d],
-        normal(d, 0.1).iter().map(|x| 1.0 + x).collect(),
-    );
+    let offset = config.family().norm_offset();
+    let norm_gain =
+        |noise: Vec<f32>| -> Vec<f32> { noise.iter().map(|x| 1.0 - offset + x).collect() };
+    put(FINAL_NORM.into(), vec![d], norm_gain(normal(d, 0.1)));
     if !config.tie_word_embeddings {
         put(LM_HEAD.into(), vec![v, d], normal(v * d, 0.02));
     }
@@ -348,11 +394,8 @@ pub fn random_weights_for(config: &LlamaConfig, layers: &[LayerShape], seed: u64
             put(t.key(l), s.clone(), normal(s.iter().product(), 0.02));
         }
         for t in tensors.iter().filter(|t| t.is_norm()) {
-            put(
-                t.key(l),
-                vec![d],
-                normal(d, 0.1).iter().map(|x| 1.0 + x).collect(),
-            );
+            let n = t.shape(config, shape)[0];
+            put(t.key(l), vec![n], norm_gain(normal(n, 0.1)));
         }
         // Biases last: models without them draw the same streams as before they existed.
         for t in tensors.iter().filter(|t| t.is_bias()) {

@@ -76,7 +76,7 @@ pub fn backward_by_layers_with_head<B: ShearsAutodiff>(
     // Forward without a graph: the input of every layer.
     let mut inputs = Vec::with_capacity(inner.model.layers.len());
     {
-        let (cos, sin, mask) = inner.position_inputs(0, t);
+        let pos = inner.position_inputs(0, t);
         let mut x = inner.embed(ids.clone().inner(), inner_masks.as_ref());
         for (l, layer) in inner.model.layers.iter().enumerate() {
             inputs.push(x.clone());
@@ -84,7 +84,7 @@ pub fn backward_by_layers_with_head<B: ShearsAutodiff>(
                 Some(m) => m.layer(l, kept),
                 None => LayerMasks::none(),
             };
-            x = layer.forward_masked(x, &cos, &sin, &mask, None, &lm);
+            x = layer.forward_masked(x, &pos, None, &lm);
         }
         inputs.push(x);
     }
@@ -99,18 +99,11 @@ pub fn backward_by_layers_with_head<B: ShearsAutodiff>(
     on_grads(grads);
 
     // The layers, top down, each from its recorded input.
-    let (cos, sin, mask) = model.position_inputs(0, t);
+    let pos = model.position_inputs(0, t);
     for (l, layer) in model.model.layers.iter().enumerate().rev() {
         let x = Tensor::<B, 3>::from_inner(inputs.pop().expect("layer input")).require_grad();
         let m = masks();
-        let y = layer.forward_masked(
-            x.clone(),
-            &cos,
-            &sin,
-            &mask,
-            None,
-            &layer_masks(m.as_ref(), l),
-        );
+        let y = layer.forward_masked(x.clone(), &pos, None, &layer_masks(m.as_ref(), l));
         let grads = (y * Tensor::from_inner(g)).sum().backward();
         g = x.grad(&grads).expect("a layer input's gradient");
         on_grads(grads);

@@ -42,6 +42,19 @@ fn gather(
     out
 }
 
+/// A norm's kept gains: `w[c]`, or with a fold `(w[c] + offset) · f - offset`, so the gain
+/// `w + offset` the model applies (Gemma's `1 + w`) is what carries the factor.
+fn gather_norm(w: &[f32], cols: &[usize], scale: Option<&[f32]>, offset: f32) -> Vec<f32> {
+    match scale {
+        None => cols.iter().map(|&c| w[c]).collect(),
+        Some(s) => cols
+            .iter()
+            .zip(s)
+            .map(|(&c, f)| (w[c] + offset) * f - offset)
+            .collect(),
+    }
+}
+
 fn nonzero(v: &[f32]) -> Vec<usize> {
     v.iter()
         .enumerate()
@@ -71,6 +84,10 @@ struct Keep {
     hidden: Vec<usize>,
     /// `z_hidden` of the kept channels.
     hidden_scale: Vec<f32>,
+    /// Every channel of a head (`0..head_dim`): what q/k norms keep.
+    head_dim: Vec<usize>,
+    /// Gemma's sandwich: the post norms, not o_proj/down_proj, carry `written`.
+    sandwich: bool,
     layers: Vec<LayerKeep>,
 }
 
@@ -171,6 +188,8 @@ impl Keep {
         Ok(Keep {
             hidden,
             hidden_scale,
+            head_dim: (0..hd).collect(),
+            sandwich: src.family().has_sandwich_norms(),
             layers,
         })
     }
@@ -184,24 +203,35 @@ impl LayerKeep {
             Axis::QueryHeads => &self.q_rows,
             Axis::KvHeads => &self.kv_rows,
             Axis::Intermediate => &self.int,
+            Axis::HeadDim => &keep.head_dim,
         }
     }
 
-    /// Where the masks' values fold into `tensor` (row and column scales): norms carry
-    /// z_hidden; o_proj's input columns carry each kept head's factor; the rows o_proj and
-    /// down_proj write carry z_layer · z_hidden; up_proj's rows carry z_int.
+    /// Where the masks' values fold into `tensor` (row and column scales): norms on the
+    /// residual stream carry z_hidden; o_proj's input columns carry each kept head's factor;
+    /// what a sublayer writes to the stream carries z_layer · z_hidden (the rows of o_proj and
+    /// down_proj, or with Gemma's sandwich the post norms' gains); up_proj's rows carry z_int.
     fn folds<'a>(
         &'a self,
         keep: &'a Keep,
         tensor: LayerTensor,
     ) -> (Option<&'a [f32]>, Option<&'a [f32]>) {
+        let written = (!keep.sandwich).then_some(self.written.as_slice());
         match tensor {
-            LayerTensor::InputLayernorm | LayerTensor::PostAttentionLayernorm => {
-                (None, Some(&keep.hidden_scale))
+            LayerTensor::PostAttentionLayernorm | LayerTensor::PostFeedforwardLayernorm
+                if keep.sandwich =>
+            {
+                (None, Some(&self.written))
             }
-            LayerTensor::OProj => (Some(&self.written), Some(&self.head_scale)),
-            LayerTensor::DownProj => (Some(&self.written), None),
+            LayerTensor::InputLayernorm
+            | LayerTensor::PostAttentionLayernorm
+            | LayerTensor::PreFeedforwardLayernorm
+            | LayerTensor::PostFeedforwardLayernorm => (None, Some(&keep.hidden_scale)),
+            LayerTensor::OProj => (written, Some(&self.head_scale)),
+            LayerTensor::DownProj => (written, None),
             LayerTensor::UpProj => (Some(&self.int_scale), None),
+            // q/k norms act inside each head, on every channel of it: kept whole and unscaled.
+            LayerTensor::QNorm | LayerTensor::KNorm => (None, None),
             // A pruned head takes its q/k/v bias rows with it; the kept ones are unscaled (head
             // masks act on the attention context, hidden masks on the projections' inputs).
             LayerTensor::QProj
@@ -239,24 +269,49 @@ pub fn finalize(
         out.insert(name, HostTensor::f32(shape, data));
     };
 
+    let offset = src.family().norm_offset();
     // Embedding columns carry z_hidden: the embedding output is masked (and, when tied, the LM
-    // head carries the factor of the final norm's masked output exactly once).
+    // head carries the factor of the final norm's masked output exactly once). A scaled
+    // embedding (Gemma's sqrt(d)) is rescaled to the new width's scale, and a tied LM head's
+    // final norm takes the inverse, so neither the layers' input nor the logits change.
+    let ratio = match (src.embed_scale(), t.config(src).embed_scale()) {
+        (Some(s), Some(s_new)) => (s as f32) / (s_new as f32),
+        _ => 1.0,
+    };
+    let embed_cols: Vec<f32> = zh.iter().map(|z| z * ratio).collect();
     put(
         EMBED_TOKENS.into(),
         vec![vocab, hidden.len()],
-        gather(&f32w(EMBED_TOKENS)?, d, &all_vocab, hidden, None, Some(zh)),
+        gather(
+            &f32w(EMBED_TOKENS)?,
+            d,
+            &all_vocab,
+            hidden,
+            None,
+            Some(&embed_cols),
+        ),
     );
     let fold_final_norm = !src.tie_word_embeddings || opts.compat_reference_lm_head;
+    let final_scale: Vec<f32> = zh
+        .iter()
+        .map(|z| {
+            let z = if fold_final_norm { *z } else { 1.0 };
+            if src.tie_word_embeddings {
+                z / ratio
+            } else {
+                z
+            }
+        })
+        .collect();
+    let any_final = fold_final_norm || ratio != 1.0;
     put(
         FINAL_NORM.into(),
         vec![hidden.len()],
-        gather(
+        gather_norm(
             &f32w(FINAL_NORM)?,
-            d,
-            &[0],
             hidden,
-            None,
-            fold_final_norm.then_some(zh),
+            any_final.then_some(final_scale.as_slice()),
+            offset,
         ),
     );
     if !src.tie_word_embeddings {
@@ -288,14 +343,20 @@ pub fn finalize(
                 (rows, vec![rows.len(), cols.len()])
             };
             let n_cols = cols_axis.len(d, src.head_dim(), &src_layer);
-            put(
-                tensor.key(new_l),
-                shape,
-                gather(&w, n_cols, rows, cols, row_scale, col_scale),
-            );
+            let data = if tensor.is_norm() {
+                gather_norm(&w, cols, col_scale, offset)
+            } else {
+                gather(&w, n_cols, rows, cols, row_scale, col_scale)
+            };
+            put(tensor.key(new_l), shape, data);
         }
     }
-    let config = t.config(src);
+    // The target's widths, and the kept layers' own attention kinds.
+    let mut config = t.config(src);
+    let kept: Vec<usize> = keep.layers.iter().map(|lk| lk.layer).collect();
+    if let Some(types) = src.with_layers(&kept).extra.remove("layer_types") {
+        config.extra.insert("layer_types".into(), types);
+    }
     check_weights(&config, &out, std::path::Path::new("<finalized>"))?;
     Ok((config, out))
 }

@@ -408,9 +408,35 @@ impl MemoryReport {
 /// products (8 × hidden), q, context and o_proj input (3 × heads × head_dim), k and v before
 /// and after RoPE (4 × kv_heads × head_dim) and four MLP intermediates (4 × intermediate); its
 /// attention rows are counted in bytes by [`generic_attention_bytes`].
+///
+/// Family extras: Gemma's two post norms (their input, mask products and output: 4 × hidden
+/// fused, 8 generic), q/k norms (their outputs; the generic norm also its squares and
+/// statistics: 1 or 3 × (q + kv width)), and the GELU-tanh composition's intermediates
+/// (4 × intermediate).
 fn layer_elems_per_token(d: &Dims, kernels: Kernels) -> Option<u64> {
     let q_width = d.heads.checked_mul(d.head_dim)?;
     let kv_width = d.kv_heads.checked_mul(d.head_dim)?;
+    let generic = u64::from(kernels == Kernels::Generic);
+    let extras = [
+        if d.hidden_norms > 2 {
+            d.hidden.checked_mul(4 + 4 * generic)?
+        } else {
+            0
+        },
+        if d.qk_norm {
+            q_width
+                .checked_add(kv_width)?
+                .checked_mul(1 + 2 * generic)?
+        } else {
+            0
+        },
+        if d.gelu {
+            d.intermediate.checked_mul(4)?
+        } else {
+            0
+        },
+    ];
+    let extra = extras.into_iter().try_fold(0u64, u64::checked_add)?;
     let terms = match kernels {
         Kernels::Fused => [
             d.hidden.checked_mul(7)?,
@@ -427,7 +453,7 @@ fn layer_elems_per_token(d: &Dims, kernels: Kernels) -> Option<u64> {
             0,
         ],
     };
-    terms.into_iter().try_fold(0u64, u64::checked_add)
+    terms.into_iter().try_fold(extra, u64::checked_add)
 }
 
 /// Bytes per token one decoder layer's generic attention keeps for its backward: per head the
@@ -790,6 +816,9 @@ mod tests {
             vocab: 32000,
             tied: false,
             qkv_bias: false,
+            hidden_norms: 2,
+            qk_norm: false,
+            gelu: false,
         }
     }
 

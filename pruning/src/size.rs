@@ -22,6 +22,12 @@ pub struct Dims {
     pub tied: bool,
     /// q/k/v have biases (Qwen2): `(heads + 2 · kv_heads) · head_dim` per layer.
     pub qkv_bias: bool,
+    /// Per-layer norms over the hidden dimension: 2, or Gemma's 4.
+    pub hidden_norms: u64,
+    /// Per-head q and k norms (`[head_dim]` each) in every layer (Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// Gemma's GELU-tanh MLP (a composition, no fused kernel).
+    pub gelu: bool,
 }
 
 impl Dims {
@@ -37,6 +43,13 @@ impl Dims {
             vocab: c.vocab_size as u64,
             tied: c.tie_word_embeddings,
             qkv_bias: c.family().has_qkv_bias(),
+            hidden_norms: if c.family().has_sandwich_norms() {
+                4
+            } else {
+                2
+            },
+            qk_norm: c.family().has_qk_norm(),
+            gelu: c.activation() == Ok(shears_core::Activation::GeluTanh),
         }
     }
 
@@ -78,7 +91,9 @@ impl Dims {
         } else {
             0
         };
-        self.prunable() + embed + head + (2 * self.layers + 1) * self.hidden + biases
+        let qk_norms = if self.qk_norm { 2 * self.head_dim } else { 0 };
+        let norms = self.layers * (self.hidden_norms * self.hidden + qk_norms) + self.hidden;
+        self.prunable() + embed + head + norms + biases
     }
 }
 

@@ -160,9 +160,10 @@ impl TargetShape {
 
     /// The target's HF config: the source's with the target widths (and an explicit head_dim).
     pub fn config(&self, source: &LlamaConfig) -> LlamaConfig {
-        let mut c = source.clone();
+        // The first layers' kinds; finalize names the kept layers' own.
+        let first: Vec<usize> = (0..self.num_hidden_layers).collect();
+        let mut c = source.with_layers(&first);
         c.head_dim = Some(source.head_dim());
-        c.num_hidden_layers = self.num_hidden_layers;
         c.hidden_size = self.hidden_size;
         c.num_attention_heads = self.num_attention_heads;
         c.num_key_value_heads = Some(self.num_key_value_heads);

@@ -18,7 +18,10 @@ fn arch(g: &GgufFile) -> Result<String> {
         Some(_) => Ok(a.to_string()),
         None => Err(Error::format(
             g.path(),
-            format!("GGUF architecture '{a}' is not supported (llama, mistral and qwen2 are)"),
+            format!(
+                "GGUF architecture '{a}' is not supported ({} are)",
+                Family::supported_gguf()
+            ),
         )),
     }
 }
@@ -72,9 +75,8 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
 
     let rope_scaling = rope_scaling_of(g, &arch, head_dim, theta)?;
 
-    let (hf_arch, model_type) = Family::of_gguf_arch(&arch)
-        .unwrap_or(Family::Llama)
-        .hf_names();
+    let family = Family::of_gguf_arch(&arch).unwrap_or(Family::Llama);
+    let (hf_arch, model_type) = family.hf_names();
     let mut cfg = json!({
         "architectures": [hf_arch],
         "model_type": model_type,
@@ -89,13 +91,15 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
         "rope_theta": theta,
         "max_position_embeddings": ctx,
         "tie_word_embeddings": tied,
-        "hidden_act": "silu",
+        "hidden_act": if family == Family::Gemma3 { "gelu_pytorch_tanh" } else { "silu" },
     });
     let obj = cfg.as_object_mut().expect("object");
     if let Some(s) = rope_scaling {
         obj.insert("rope_scaling".into(), s);
     }
-    if let Some(w) = g.get(SLIDING_WINDOW_KEY).and_then(|v| v.as_u64()) {
+    if family == Family::Gemma3 {
+        gemma3_keys(obj, g, head_dim)?;
+    } else if let Some(w) = g.get(SLIDING_WINDOW_KEY).and_then(|v| v.as_u64()) {
         restore_window(obj, g, w)?;
     }
     for (hf, gg) in [
@@ -127,7 +131,7 @@ fn restore_window(
         Some(a) => a.iter().filter_map(|v| v.as_u64()).collect(),
         None => (0..n).collect(),
     };
-    if obj["model_type"] == "qwen2" {
+    if obj["model_type"] == "qwen2" || obj["model_type"] == "qwen3" {
         let types: Vec<&str> = (0..n)
             .map(|l| match layers.contains(&l) {
                 true => "sliding_attention",
@@ -150,6 +154,55 @@ fn restore_window(
     }
     Ok(())
 }
+
+/// Gemma 3's local layers, their RoPE base and the query scale, from llama.cpp's keys
+/// (`gemma3.attention.sliding_window`, `gemma3.rope.freq_base_swa`) and what llama.cpp assumes
+/// where a file has none (every sixth layer global, a local base of 10000, queries scaled by
+/// `head_dim^-1/2`, or `(hidden / heads)^-1/2` for the 62-layer 27B), unless Shears' own keys
+/// record the model's.
+fn gemma3_keys(
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+    g: &GgufFile,
+    head_dim: u64,
+) -> Result<()> {
+    let n = obj["num_hidden_layers"].as_u64().unwrap_or(0);
+    let window = g
+        .get("gemma3.attention.sliding_window")
+        .or_else(|| g.get(SLIDING_WINDOW_KEY))
+        .and_then(|v| v.as_u64());
+    let sliding: Vec<u64> = match g.get(SLIDING_LAYERS_KEY).and_then(|v| v.as_array()) {
+        Some(a) => a.iter().filter_map(|v| v.as_u64()).collect(),
+        None if window.is_some() => (0..n).filter(|l| (l + 1) % 6 != 0).collect(),
+        None => vec![],
+    };
+    let types: Vec<&str> = (0..n)
+        .map(|l| match sliding.contains(&l) {
+            true => "sliding_attention",
+            false => "full_attention",
+        })
+        .collect();
+    obj.insert("layer_types".into(), json!(types));
+    obj.insert("sliding_window".into(), json!(window));
+    let local = g
+        .get("gemma3.rope.freq_base_swa")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(10_000.0);
+    obj.insert("rope_local_base_freq".into(), json!(local));
+    let scalar = match g.get(QUERY_SCALAR_KEY).and_then(|v| v.as_f64()) {
+        Some(q) => q,
+        None if n == 62 => {
+            let hidden = obj["hidden_size"].as_u64().unwrap_or(0);
+            let heads = obj["num_attention_heads"].as_u64().unwrap_or(1).max(1);
+            (hidden / heads) as f64
+        }
+        None => head_dim as f64,
+    };
+    obj.insert("query_pre_attn_scalar".into(), json!(scalar));
+    Ok(())
+}
+
+/// Where Shears' exporter records Gemma 3's `query_pre_attn_scalar` (llama.cpp derives it).
+pub const QUERY_SCALAR_KEY: &str = "shears.attention.query_pre_attn_scalar";
 
 /// Where Shears' exporter records a sliding window (llama.cpp's `llama` and `qwen2`
 /// architectures have no such key; they attend over everything) ...
@@ -268,8 +321,8 @@ fn llama3_scaling_from_freqs(
     None
 }
 
-/// Map a GGUF tensor name to its HF name.
-fn hf_name(name: &str) -> Option<String> {
+/// Map a GGUF tensor name to its HF name in a model of `family`.
+fn hf_name(name: &str, family: Family) -> Option<String> {
     let fixed = match name {
         "token_embd.weight" => Some(EMBED_TOKENS),
         "output_norm.weight" => Some(FINAL_NORM),
@@ -282,7 +335,7 @@ fn hf_name(name: &str) -> Option<String> {
     let rest = name.strip_prefix("blk.")?;
     let (layer, suffix) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    Some(LayerTensor::from_gguf(suffix)?.key(layer))
+    Some(LayerTensor::from_gguf(suffix, family)?.key(layer))
 }
 
 /// Undo llama.cpp's row permutation of q/k projections (made for its interleaved RoPE): view
@@ -301,6 +354,11 @@ pub fn unpermute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f
         }
     }
     out
+}
+
+/// Whether the HF tensor `name` is an RMSNorm gain.
+pub fn is_norm(name: &str) -> bool {
+    name == FINAL_NORM || LayerTensor::parse(name).is_some_and(|(_, t)| t.is_norm())
 }
 
 /// Dequantise every tensor of a GGUF LLaMA model to f32 under its HF name and in HF layout.
@@ -322,7 +380,7 @@ pub fn weights_from_gguf(g: &GgufFile, cfg: &LlamaConfig) -> Result<WeightMap> {
         if t.name == "rope_freqs.weight" {
             continue; // folded into the config's rope_scaling
         }
-        let name = hf_name(&t.name).ok_or_else(|| {
+        let name = hf_name(&t.name, cfg.family()).ok_or_else(|| {
             Error::format(
                 g.path(),
                 format!(
@@ -346,6 +404,10 @@ pub fn weights_from_gguf(g: &GgufFile, cfg: &LlamaConfig) -> Result<WeightMap> {
                 ));
             }
             data = unpermute_qk(&data, shape[0], shape[1], n_head);
+        }
+        // llama.cpp stores Gemma's norm gains as applied (`1 + w`), HF the `w`.
+        if cfg.family().gguf_norms_offset() && is_norm(&name) {
+            data.iter_mut().for_each(|x| *x -= 1.0);
         }
         out.insert(name, HostTensor::f32(shape, data));
     }
@@ -378,16 +440,30 @@ mod tests {
 
     #[test]
     fn names_map() {
+        let l = Family::Llama;
         assert_eq!(
-            hf_name("blk.12.attn_q.weight").unwrap(),
+            hf_name("blk.12.attn_q.weight", l).unwrap(),
             "model.layers.12.self_attn.q_proj.weight"
         );
-        assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
+        assert_eq!(hf_name("output.weight", l).unwrap(), "lm_head.weight");
         assert_eq!(
-            hf_name("blk.1.attn_q.bias").unwrap(),
+            hf_name("blk.1.attn_q.bias", l).unwrap(),
             "model.layers.1.self_attn.q_proj.bias"
         );
-        assert!(hf_name("blk.1.attn_q.scale").is_none());
+        assert!(hf_name("blk.1.attn_q.scale", l).is_none());
+        assert_eq!(
+            hf_name("blk.2.ffn_norm.weight", l).unwrap(),
+            "model.layers.2.post_attention_layernorm.weight"
+        );
+        let g = Family::Gemma3;
+        assert_eq!(
+            hf_name("blk.2.ffn_norm.weight", g).unwrap(),
+            "model.layers.2.pre_feedforward_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("blk.2.post_attention_norm.weight", g).unwrap(),
+            "model.layers.2.post_attention_layernorm.weight"
+        );
     }
 
     #[test]

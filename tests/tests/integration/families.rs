@@ -186,3 +186,38 @@ fn qwen2_matches_transformers() {
     assert_eq!(families::model("qwen2").config.attention_window(1), None);
     cache_matches_whole::<FlexBackend>("qwen2-window", &[3, 1, 1, 1, 1, 1, 1, 9]);
 }
+
+/// Qwen3: per-head RMSNorm on q and k before RoPE, `head_dim` 16 where hidden / heads is 8; and
+/// with `use_sliding_window` a windowed second layer and an untied head.
+#[test]
+fn qwen3_matches_transformers() {
+    for family in ["qwen3", "qwen3-window"] {
+        let fused = parity::<FlexBackend>(family);
+        let generic = parity::<NdArrayBackend>(family);
+        eprintln!("{family}: worst token |dNLL| fused {fused:.2e}, generic {generic:.2e}");
+    }
+    let c = families::model("qwen3").config;
+    assert_eq!(
+        (c.head_dim(), c.hidden_size / c.num_attention_heads),
+        (16, 8)
+    );
+    cache_matches_whole::<FlexBackend>("qwen3-window", &[4, 1, 1, 1, 1, 1, 1, 9]);
+}
+
+/// Gemma 3 text: `x · (1 + w)` norms (four a layer), `sqrt(d)`-scaled embeddings, GELU-tanh,
+/// q/k norms, `query_pre_attn_scalar` 24 against head_dim 16, local layers with a window of 6
+/// and rope base 1e4 beside global ones with 1e6 (linearly scaled in the untied variant).
+#[test]
+fn gemma3_matches_transformers() {
+    for family in ["gemma3", "gemma3-untied"] {
+        let fused = parity::<FlexBackend>(family);
+        let generic = parity::<NdArrayBackend>(family);
+        eprintln!("{family}: worst token |dNLL| fused {fused:.2e}, generic {generic:.2e}");
+    }
+    let c = families::model("gemma3").config;
+    let kinds: Vec<Option<usize>> = (0..4).map(|l| c.attention_window(l)).collect();
+    assert_eq!(kinds, [Some(6), None, Some(6), Some(6)]);
+    assert_ne!(c.rope_of_layer(0).unwrap(), c.rope_of_layer(1).unwrap());
+    cache_matches_whole::<FlexBackend>("gemma3", &[5, 1, 1, 1, 1, 1, 1, 1, 9]);
+    cache_matches_whole::<NdArrayBackend>("gemma3-untied", &[3, 10, 1, 9]);
+}
