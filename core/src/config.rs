@@ -317,13 +317,18 @@ impl LlamaConfig {
     /// The attention scores' scale: `query_pre_attn_scalar^-1/2` for Gemma 3, else
     /// `head_dim^-1/2`.
     pub fn attention_scale(&self) -> f64 {
-        let denom = match self.family() {
+        1.0 / self.query_pre_attn_scalar().sqrt()
+    }
+
+    /// What the attention scores are scaled by the inverse square root of: Gemma 3's
+    /// `query_pre_attn_scalar`, else `head_dim`.
+    pub fn query_pre_attn_scalar(&self) -> f64 {
+        match self.family() {
             Family::Gemma3 => self
                 .extra_f64("query_pre_attn_scalar")
                 .unwrap_or(self.head_dim() as f64),
             _ => self.head_dim() as f64,
-        };
-        1.0 / denom.sqrt()
+        }
     }
 
     /// What the embedding output is multiplied by: Gemma's `sqrt(hidden_size)` (rounded to

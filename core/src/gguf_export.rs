@@ -227,7 +227,7 @@ fn gemma3_metadata(c: &LlamaConfig, warnings: &mut Vec<String>) -> Result<Vec<(S
     let local = c
         .rope_of_layer(sliding.first().copied().unwrap_or(0))
         .map_err(Error::invalid)?;
-    let scalar = 1.0 / c.attention_scale().powi(2);
+    let scalar = c.query_pre_attn_scalar();
     let mut kv = vec![
         (
             "gemma3.rope.freq_base_swa".into(),

@@ -100,23 +100,29 @@ fn mistral_sliding_window_matches_transformers() {
     cache_matches_whole::<NdArrayBackend>("mistral-window", &[3, 10, 1, 1, 9]);
 }
 
-/// A family survives Shears' own exports: HF keeps the config (architecture, window) and every
-/// tensor (Qwen2's biases), GGUF writes llama.cpp's architecture of the family (`qwen2` with its
-/// `attn_q.bias` and unpermuted q/k; Mistral as `llama` with the window under
+/// A family survives Shears' own exports: HF keeps the config (architecture, window, layer
+/// kinds) and every tensor (Qwen2's biases, q/k norms, Gemma's four norms), GGUF writes
+/// llama.cpp's architecture of the family (`qwen2` with its `attn_q.bias` and unpermuted q/k;
+/// `qwen3`, `gemma3` with its `1 + w` norms; Mistral as `llama` with the window under
 /// `shears.attention.sliding_window`); both read back as the same family and score as the
-/// original.
+/// original. The export warns exactly where llama.cpp would run the model differently.
 #[test]
 fn families_survive_hf_and_gguf_exports() {
-    for (family, arch) in [
-        ("mistral-window", "llama"),
-        ("qwen2", "qwen2"),
-        ("qwen2-window", "qwen2"),
+    for (family, arch, warning) in [
+        ("mistral-window", "llama", Some("sliding window")),
+        ("qwen2", "qwen2", None),
+        ("qwen2-window", "qwen2", Some("sliding window")),
+        ("qwen3", "qwen3", None),
+        ("qwen3-window", "qwen3", Some("sliding window")),
+        // Layers [local, global, local, local] and query_pre_attn_scalar 24: not llama.cpp's.
+        ("gemma3", "gemma3", Some("query_pre_attn_scalar 24")),
+        ("gemma3-untied", "gemma3", None),
     ] {
-        round_trip(family, arch);
+        round_trip(family, arch, warning);
     }
 }
 
-fn round_trip(family: &str, arch: &str) {
+fn round_trip(family: &str, arch: &str, warning: Option<&str>) {
     use shears_core::formats::gguf::GgufFile;
     use shears_core::gguf_export::{write_llama_gguf, GgufQuant};
     use shears_core::ModelFiles;
@@ -145,13 +151,18 @@ fn round_trip(family: &str, arch: &str) {
         meta.get("general.architecture").and_then(|v| v.as_str()),
         Some(arch)
     );
-    let windowed = family.ends_with("window");
-    assert_eq!(
-        report.warnings.iter().any(|w| w.contains("sliding window")),
-        windowed,
-        "{:?}",
-        report.warnings
-    );
+    match warning {
+        Some(w) => assert!(
+            report.warnings.iter().any(|x| x.contains(w)),
+            "{family}: {:?}",
+            report.warnings
+        ),
+        None => assert!(
+            report.warnings.is_empty(),
+            "{family}: {:?}",
+            report.warnings
+        ),
+    }
     let windows = |c: &shears_core::LlamaConfig| -> Vec<Option<usize>> {
         (0..c.num_hidden_layers)
             .map(|l| c.attention_window(l))
@@ -163,6 +174,16 @@ fn round_trip(family: &str, arch: &str) {
         assert_eq!(back.config.family(), files.config.family(), "{at}");
         assert_eq!(back.weights.len(), files.weights.len(), "{at}");
         assert_eq!(windows(&back.config), windows(&files.config), "{at}");
+        let ropes = |c: &shears_core::LlamaConfig| -> Vec<_> {
+            (0..c.num_hidden_layers)
+                .map(|l| c.rope_of_layer(l).unwrap())
+                .collect()
+        };
+        assert_eq!(ropes(&back.config), ropes(&files.config), "{at}");
+        assert_eq!(
+            back.config.attention_scale(),
+            files.config.attention_scale()
+        );
         let got = mean(&back);
         assert!((got - base).abs() < 1e-5, "{family} {at}: {got} vs {base}");
     }

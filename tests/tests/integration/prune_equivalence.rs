@@ -31,17 +31,25 @@ struct Case {
     hidden: usize,
     inter: usize,
     tied: bool,
-    /// 0: LLaMA, 1: Qwen2 (q/k/v biases), 2: Mistral with a window of 3.
+    /// An index into [`FAMILIES`].
     family: usize,
     target: TargetShape,
     seed: u64,
 }
 
-/// The `config.json` keys of each family of [`Case::family`].
-const FAMILIES: [&str; 3] = [
+/// The `config.json` keys of each family of [`Case::family`]: LLaMA; Qwen2 (q/k/v biases);
+/// Mistral with a window of 3; Qwen3 (q/k norms) with a window from layer 1 on; Gemma 3 (four
+/// `1 + w` norms a layer, the scaled embedding, GELU-tanh, q/k norms, its own score scale, every
+/// second layer global with its own rope), whose kept layers must keep their kinds.
+const FAMILIES: [&str; 5] = [
     r#""architectures":["LlamaForCausalLM"],"model_type":"llama""#,
     r#""architectures":["Qwen2ForCausalLM"],"model_type":"qwen2""#,
     r#""architectures":["MistralForCausalLM"],"model_type":"mistral","sliding_window":3"#,
+    r#""architectures":["Qwen3ForCausalLM"],"model_type":"qwen3","use_sliding_window":true,
+       "sliding_window":3,"max_window_layers":1"#,
+    r#""architectures":["Gemma3ForCausalLM"],"model_type":"gemma3_text","sliding_window":3,
+       "sliding_window_pattern":2,"query_pre_attn_scalar":7,"rope_local_base_freq":100.0,
+       "rope_theta":1000.0"#,
 ];
 
 fn arb_case() -> impl Strategy<Value = Case> {
@@ -235,8 +243,8 @@ fn removed_layers_whole_groups_and_heads_inside_groups() {
         FinalizeOptions::default(),
     );
     assert_close(&m, &d, "mha");
-    // Qwen2's biases and Mistral's window, the same cut.
-    for family in [1, 2] {
+    // Every other family, the same cut.
+    for family in 1..FAMILIES.len() {
         let c = Case {
             family,
             ..fixed(4, 3, 3, false, (2, 9, 2, 1, 5))
