@@ -73,7 +73,7 @@ enum Cmd {
     RenderChatTemplate,
     /// Convert an HF model directory or a GGUF file into an HF-format model directory.
     Import(commands::ImportArgs),
-    /// Export a model through Shears' model to an HF directory (LlamaForCausalLM) or a GGUF file.
+    /// Export a model through Shears' model to an HF directory (the family's `*ForCausalLM`) or a GGUF file.
     Export(commands::ExportArgs),
     /// Per-token negative log-likelihoods, perplexity and top last-position logits of a text.
     Score(commands::ScoreArgs),

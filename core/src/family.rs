@@ -180,10 +180,10 @@ fn defaults(family: Family) -> Value {
             "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": true,
             "query_pre_attn_scalar": 256, "sliding_window": 4096,
         }),
-        Family::Qwen2 => json!({"rms_norm_eps": 1e-6, "sliding_window": 4096,
-                                "max_window_layers": 28}),
-        Family::Qwen3 => json!({"rms_norm_eps": 1e-6, "sliding_window": 4096,
-                                "max_window_layers": 28, "head_dim": 128}),
+        // Qwen's `sliding_window` (4096) only counts with `use_sliding_window`: see
+        // `resolve_config`.
+        Family::Qwen2 => json!({"rms_norm_eps": 1e-6, "max_window_layers": 28}),
+        Family::Qwen3 => json!({"rms_norm_eps": 1e-6, "max_window_layers": 28, "head_dim": 128}),
         Family::Llama | Family::Mistral => json!({}),
     }
 }
@@ -228,6 +228,11 @@ pub fn resolve_config(cfg: &mut Map<String, Value>) -> Result<bool, String> {
         for (k, v) in d {
             cfg.entry(k).or_insert(v);
         }
+    }
+    // transformers' Qwen configs keep their window (default 4096) only with use_sliding_window.
+    let qwen = matches!(family, Family::Qwen2 | Family::Qwen3);
+    if qwen && cfg.get("use_sliding_window") == Some(&Value::Bool(true)) {
+        cfg.entry("sliding_window").or_insert(json!(4096));
     }
     if family == Family::Gemma3 && !cfg.contains_key("hidden_act") {
         let act = cfg["hidden_activation"].clone();
