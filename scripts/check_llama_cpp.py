@@ -4,13 +4,14 @@
 For SmolLM2-135M exported as f32 GGUF with each rope type the exporter writes (none, linear,
 Llama-3 with the published factors and with others), and SmolLM2's weights relabelled as the
 other families Shears exports (Qwen2 with q/k/v biases added, written as llama.cpp's `qwen2`;
-Mistral with a window wider than the text, written as `llama`), score one text with `shears
+Mistral with a window wider than the text, written as `llama`; Qwen3 with q/k norms added, as
+`qwen3`; Gemma 3 with its extra norms added and a 16-token window, as `gemma3`), score one text with `shears
 score` on the exported file and with llama.cpp (node-llama-cpp@3.21.1's prebuilt CPU binaries, through
 scripts/llama_cpp_score.mjs): the token ids must be equal and the mean NLL agree within 2e-3
 (llama.cpp keeps an f16 KV cache). The scaled ropes and the biases must also change the
 scores (so a scaling or bias that one side ignores cannot pass).
 
-    python3 scripts/check_llama_cpp.py [--shears PATH] [--work DIR]
+    python3 scripts/check_llama_cpp.py [--shears PATH] [--work DIR] [--only NAME ...]
 
 node-llama-cpp is installed with npm into $SHEARS_CACHE/node-llama-cpp (default
 ~/.cache/shears) on first use. Exit status 1 when a check fails.
@@ -55,6 +56,17 @@ FAMILIES = [
                               "use_sliding_window": False}),
     ("mistral (window > text)", {"architectures": ["MistralForCausalLM"],
                                  "model_type": "mistral", "sliding_window": 4096}),
+    ("qwen3 (q/k norms)", {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+                           "head_dim": 64, "use_sliding_window": False}),
+    # llama.cpp's gemma3: every sixth layer global, local rope base 1e4, scale head_dim^-1/2;
+    # a window of 16 tokens, far shorter than the text.
+    ("gemma3 (window 16)", {"architectures": ["Gemma3ForCausalLM"],
+                            "model_type": "gemma3_text", "head_dim": 64,
+                            "hidden_act": "gelu_pytorch_tanh",
+                            "hidden_activation": "gelu_pytorch_tanh",
+                            "query_pre_attn_scalar": 64, "sliding_window": 16,
+                            "rope_local_base_freq": 10000.0, "final_logit_softcapping": None,
+                            "attn_logit_softcapping": None}),
 ]
 
 
@@ -108,13 +120,24 @@ def add_tensors(src, dst, extra):
 
 
 def family_model(hf, base, model, overrides):
-    """SmolLM2 relabelled as another family; Qwen2 gets q/k/v biases large enough to move the
-    scores."""
+    """SmolLM2 relabelled as another family: Qwen2 gets q/k/v biases large enough to move the
+    scores, Qwen3 per-head q/k norms, Gemma 3 those and its feedforward norms (its gains are
+    `1 + w`, so every norm of SmolLM2 becomes another gain: any weights make a Gemma model)."""
     cfg = dict(base, **overrides)
     shutil.copytree(hf, model, ignore=shutil.ignore_patterns("model.safetensors"))
     extra = {}
+    rng = random.Random(39)
+    if cfg["model_type"] in ("qwen3", "gemma3_text"):
+        gain = 1.0 if cfg["model_type"] == "qwen3" else 0.0
+        names = ["self_attn.q_norm", "self_attn.k_norm"]
+        if cfg["model_type"] == "gemma3_text":
+            names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        for layer in range(cfg["num_hidden_layers"]):
+            for n in names:
+                width = cfg["head_dim"] if n.startswith("self_attn") else cfg["hidden_size"]
+                extra[f"model.layers.{layer}.{n}.weight"] = (
+                    [width], [gain + rng.uniform(-0.5, 0.5) for _ in range(width)])
     if cfg["model_type"] == "qwen2":
-        rng = random.Random(39)
         hd = cfg["hidden_size"] // cfg["num_attention_heads"]
         rows = {"q": cfg["num_attention_heads"] * hd, "k": cfg["num_key_value_heads"] * hd,
                 "v": cfg["num_key_value_heads"] * hd}
@@ -133,6 +156,8 @@ def main():
     ap.add_argument("--shears", default=os.path.join(
         os.environ.get("CARGO_TARGET_DIR", os.path.join(HERE, "..", "target")), "debug", "shears"))
     ap.add_argument("--work", help="folder for the exports (default: a temporary one)")
+    ap.add_argument("--only", nargs="*", default=[],
+                    help="run only the cases whose name starts with one of these")
     a = ap.parse_args()
     cache = os.environ.get("SHEARS_CACHE", os.path.expanduser("~/.cache/shears"))
     node_dir = install(cache)
@@ -151,6 +176,8 @@ def main():
     print(f"{'model':<28} {'tokens':>6} {'shears':>10} {'llama.cpp':>10} {'|diff|':>9}")
     for name, rope, family in [(n, r, None) for n, r in ROPES] + [
             (n, None, f) for n, f in FAMILIES]:
+        if a.only and not any(name.startswith(o) for o in a.only):
+            continue
         model = os.path.join(work, f"model-{len(means)}")
         if os.path.exists(model):
             shutil.rmtree(model)
@@ -180,7 +207,9 @@ def main():
         if not a.work:
             shutil.rmtree(model, ignore_errors=True)
             os.remove(gguf)
-    for name, _ in ROPES[1:] + FAMILIES[:1]:
+    for name, _ in ROPES[1:] + FAMILIES[:1] + FAMILIES[2:3]:
+        if name not in means or "default" not in means:
+            continue
         if abs(means[name] - means["default"]) < 1e-3:
             failures.append(f"{name}: scores equal the plain model's (scaling or bias ignored?)")
     if not a.work:

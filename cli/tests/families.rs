@@ -153,6 +153,16 @@ fn pipeline(family: &str, arch: &str) {
     ));
     let (a, b) = (mean_nll(export), mean_nll(&gguf));
     assert!((a - b).abs() < 1e-4, "{family}: HF {a} vs GGUF {b}");
+    // For scripts/check_transformers.py and check_llama_cpp.py to load the exports.
+    if let Some(keep) = std::env::var_os("SHEARS_FAMILY_EXPORTS") {
+        let dir = Path::new(&keep).join(family);
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in std::fs::read_dir(export).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        std::fs::copy(&gguf, Path::new(&keep).join(format!("{family}.gguf"))).unwrap();
+    }
 }
 
 #[test]
