@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde_json::Value;
 use shears_tests::families;
-use shears_tests::runs::{corpus, ok, shears, TINY_TARGET};
+use shears_tests::runs::{assert_refused, corpus, ok, shears, TINY_TARGET};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shears");
 
@@ -183,4 +183,248 @@ fn gemma3_runs_the_pipeline() {
 #[test]
 fn mistral_with_a_window_runs_the_pipeline() {
     pipeline("mistral-window", "MistralForCausalLM");
+}
+
+/// The tiny model of `family` as an HF directory `dir/name`, its `config.json` edited by `edit`
+/// and its weights by `weights`.
+fn edited(
+    dir: &Path,
+    name: &str,
+    family: &str,
+    edit: impl FnOnce(&mut Value),
+    weights: impl FnOnce(&mut shears_core::WeightMap),
+) -> std::path::PathBuf {
+    let p = dir.join(name);
+    let mut files = families::model(family);
+    weights(&mut files.weights);
+    files.write_hf_dir(&p, None, false).unwrap();
+    let mut cfg = read(&p.join("config.json"));
+    edit(&mut cfg);
+    std::fs::write(p.join("config.json"), cfg.to_string()).unwrap();
+    if name.starts_with("multimodal") {
+        // The weights under the multimodal checkpoint's names, beside a vision tower's.
+        let mut w: shears_core::WeightMap = files
+            .weights
+            .iter()
+            .map(|(k, v)| (k.replacen("model.", "model.language_model.", 1), v.clone()))
+            .collect();
+        if name.ends_with("vision-only") {
+            w.retain(|k, _| !k.starts_with("model.language_model."));
+        }
+        w.insert(
+            "model.vision_tower.vision_model.post_layernorm.weight".into(),
+            shears_core::HostTensor::f32(vec![4], vec![1.0; 4]),
+        );
+        w.insert(
+            "model.multi_modal_projector.mm_soft_emb_norm.weight".into(),
+            shears_core::HostTensor::f32(vec![4], vec![1.0; 4]),
+        );
+        shears_core::formats::safetensors::write(
+            p.join("model.safetensors"),
+            &w,
+            &Default::default(),
+        )
+        .unwrap();
+    }
+    p
+}
+
+fn score(model: &Path) -> std::process::Output {
+    shears(
+        BIN,
+        &[
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            "one two three four",
+        ],
+    )
+}
+
+/// A Gemma 3 multimodal checkpoint (`Gemma3ForConditionalGeneration`: the decoder's config in
+/// `text_config`, its weights under `model.language_model.`, a vision tower beside them) is
+/// read as its text decoder and scores as the text-only model does.
+#[test]
+fn a_gemma3_multimodal_checkpoint_is_read_as_its_text_decoder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let multimodal = |c: &mut Value| {
+        let text = c.clone();
+        *c = serde_json::json!({
+            "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+            "text_config": text, "vision_config": {"hidden_size": 4}, "eos_token_id": [1, 106],
+        });
+    };
+    let plain = edited(tmp.path(), "plain", "gemma3", |_| {}, |_| {});
+    let mm = edited(tmp.path(), "multimodal", "gemma3", multimodal, |_| {});
+    let (a, b) = (mean_nll(&plain), mean_nll(&mm));
+    assert_eq!(a, b);
+    // Exported, it is a text model (Gemma3ForCausalLM) with the outer config's token ids.
+    let out = tmp.path().join("out");
+    ok(&shears(
+        BIN,
+        &[
+            "export",
+            mm.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    ));
+    let cfg = read(&out.join("config.json"));
+    assert_eq!(cfg["architectures"][0], "Gemma3ForCausalLM");
+    assert_eq!(cfg["eos_token_id"], serde_json::json!([1, 106]));
+    assert_eq!(mean_nll(&out), a);
+    let only = edited(
+        tmp.path(),
+        "multimodal-vision-only",
+        "gemma3",
+        multimodal,
+        |_| {},
+    );
+    assert_refused(
+        &score(&only),
+        &["model.safetensors", "without its text weights"],
+    );
+}
+
+/// Family configs Shears cannot run as transformers does, and weights that disagree with their
+/// family: each is refused naming the file and the problem.
+#[test]
+fn family_configs_and_weights_that_disagree_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let set = |k: &'static str, v: Value| move |c: &mut Value| c[k] = v;
+    let cases: Vec<(std::path::PathBuf, Vec<&str>)> = vec![
+        (
+            edited(
+                d,
+                "phi",
+                "qwen2",
+                set("architectures", serde_json::json!(["Phi3ForCausalLM"])),
+                |_| {},
+            ),
+            vec![
+                "config.json",
+                "Phi3ForCausalLM",
+                "Qwen3ForCausalLM, Gemma3ForCausalLM",
+            ],
+        ),
+        (
+            edited(
+                d,
+                "types",
+                "gemma3",
+                set("layer_types", serde_json::json!(["full_attention"])),
+                |_| {},
+            ),
+            vec![
+                "config.json",
+                "layer_types names 1 layers but num_hidden_layers is 4",
+            ],
+        ),
+        (
+            edited(
+                d,
+                "kind",
+                "qwen3-window",
+                set(
+                    "layer_types",
+                    serde_json::json!(["full_attention", "chunked_attention"]),
+                ),
+                |_| {},
+            ),
+            vec!["config.json", "layer_types[1]"],
+        ),
+        (
+            edited(
+                d,
+                "bias",
+                "gemma3",
+                set("attention_bias", Value::Bool(true)),
+                |_| {},
+            ),
+            vec!["config.json", "attention_bias"],
+        ),
+        (
+            edited(
+                d,
+                "softcap",
+                "gemma3",
+                set("final_logit_softcapping", serde_json::json!(30.0)),
+                |_| {},
+            ),
+            vec!["config.json", "final_logit_softcapping"],
+        ),
+        (
+            edited(
+                d,
+                "act",
+                "gemma3",
+                set("hidden_activation", serde_json::json!("silu")),
+                |_| {},
+            ),
+            vec!["config.json", "hidden_act"],
+        ),
+        // Qwen2 without its biases; Qwen3 with biases its config does not declare.
+        (
+            edited(
+                d,
+                "nobias",
+                "qwen2",
+                |_| {},
+                |w| w.retain(|k, _| !k.ends_with("_proj.bias")),
+            ),
+            vec!["model.safetensors", "self_attn.q_proj.bias"],
+        ),
+        (
+            edited(
+                d,
+                "extrabias",
+                "qwen3",
+                |_| {},
+                |w| {
+                    let b = families::model("qwen2").weights
+                        ["model.layers.0.self_attn.k_proj.bias"]
+                        .clone();
+                    w.insert("model.layers.0.self_attn.k_proj.bias".into(), b);
+                },
+            ),
+            vec!["model.safetensors", "k_proj.bias"],
+        ),
+        // Qwen3 weights under a Gemma 3 config: its feedforward norms are missing.
+        (
+            edited(
+                d,
+                "crossed",
+                "qwen3",
+                |c| {
+                    let g = families::fixture("gemma3")["config"].clone();
+                    let keep = [
+                        "hidden_size",
+                        "num_hidden_layers",
+                        "num_attention_heads",
+                        "num_key_value_heads",
+                        "head_dim",
+                        "intermediate_size",
+                        "vocab_size",
+                        "tie_word_embeddings",
+                    ];
+                    let mut n = g.clone();
+                    for k in keep {
+                        n[k] = c[k].clone();
+                    }
+                    n["layer_types"] = serde_json::json!(["sliding_attention", "full_attention"]);
+                    *c = n;
+                },
+                |_| {},
+            ),
+            vec!["model.safetensors", "pre_feedforward_layernorm"],
+        ),
+    ];
+    for (model, needles) in cases {
+        let before = shears_tests::runs::snapshot(&model);
+        eprintln!("{}", model.display());
+        assert_refused(&score(&model), &needles);
+        assert_eq!(shears_tests::runs::snapshot(&model), before);
+    }
 }

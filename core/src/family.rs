@@ -206,15 +206,18 @@ pub fn resolve_config(cfg: &mut Map<String, Value>) -> Result<bool, String> {
             Some(_) => return Err("text_config is not an object".into()),
             None => Map::new(),
         };
-        for k in [
-            "bos_token_id",
-            "eos_token_id",
-            "pad_token_id",
-            "tie_word_embeddings",
-        ] {
-            if let (Some(v), false) = (cfg.get(k), text.contains_key(k)) {
+        // The outer config's token ids are the checkpoint's (its `text_config` often keeps the
+        // class defaults); tying is the decoder's unless only the outer config says.
+        for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+            if let Some(v) = cfg.get(k).filter(|v| !v.is_null()) {
                 text.insert(k.into(), v.clone());
             }
+        }
+        if let (Some(v), false) = (
+            cfg.get("tie_word_embeddings"),
+            text.contains_key("tie_word_embeddings"),
+        ) {
+            text.insert("tie_word_embeddings".into(), v.clone());
         }
         let (arch, model_type) = Family::Gemma3.hf_names();
         text.insert("architectures".into(), json!([arch]));
@@ -234,7 +237,8 @@ pub fn resolve_config(cfg: &mut Map<String, Value>) -> Result<bool, String> {
     if qwen && cfg.get("use_sliding_window") == Some(&Value::Bool(true)) {
         cfg.entry("sliding_window").or_insert(json!(4096));
     }
-    if family == Family::Gemma3 && !cfg.contains_key("hidden_act") {
+    // transformers' Gemma 3 reads `hidden_activation` (a `hidden_act` beside it is ignored).
+    if family == Family::Gemma3 {
         let act = cfg["hidden_activation"].clone();
         cfg.insert("hidden_act".into(), act);
     }
