@@ -326,10 +326,34 @@ fn config_parser_survives_mutated_configs() {
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         "bos_token_id": 1, "eos_token_id": [2, 3]
     });
+    // The families' own keys: a multimodal Gemma 3 (text_config, layer_types, ropes by layer
+    // kind) and a Qwen3 with a window.
+    let gemma = json!({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "eos_token_id": [1, 106],
+        "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "query_pre_attn_scalar": 24, "sliding_window": 8, "vocab_size": 512,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention",
+                "full_attention"],
+            "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0,
+                "rope_theta": 1000000.0}, "sliding_attention": {"rope_type": "default",
+                "rope_theta": 10000.0}}},
+        "vision_config": {"hidden_size": 8}
+    });
+    let qwen = json!({
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 512,
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "use_sliding_window": true, "sliding_window": 16, "max_window_layers": 1,
+        "rope_theta": 1000000.0, "tie_word_embeddings": false
+    });
+    let bases = [base, gemma, qwen];
     let path = tmp.path().join("config.json");
     let mut tally = Tally::new("config.json");
     for seed in first_seed()..first_seed() + cases() {
         let mut rng = StdRng::seed_from_u64(seed);
+        let base = &bases[rng.random_range(0..bases.len())];
         let text = if rng.random_bool(0.7) {
             let mut v = base.clone();
             for _ in 0..rng.random_range(1..=3) {
@@ -348,6 +372,14 @@ fn config_parser_survives_mutated_configs() {
             let cfg = LlamaConfig::from_file(&path).map_err(|e| e.to_string())?;
             // Everything sized from a config: layer shapes, parameter counts, the plan.
             let _ = cfg.uniform_layer_shapes();
+            // Everything a family decides per layer, and the kept layers' config.
+            let layers = cfg.num_hidden_layers.min(64);
+            for l in 0..layers {
+                let _ = (cfg.attention_window(l), cfg.rope_of_layer(l));
+            }
+            let _ = (cfg.activation(), cfg.attention_scale(), cfg.embed_scale());
+            let kept: Vec<usize> = (0..layers).step_by(2).collect();
+            let _ = cfg.with_layers(&kept).validate();
             let dims = shears_pruning::size::Dims::of(&cfg);
             let _ = dims.total();
             let target = shears_pruning::TargetShape {
