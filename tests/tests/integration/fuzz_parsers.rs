@@ -223,13 +223,18 @@ fn gguf_loader_survives_mutated_files() {
     let valid = tmp.path().join("valid.gguf");
     let (meta, tensors) = tiny_gguf_model();
     write_gguf(&valid, &meta, &tensors, None);
-    let base = std::fs::read(&valid).unwrap();
-    ModelFiles::load(&valid).expect("the unmutated file loads");
+    let files = ModelFiles::load(&valid).expect("the unmutated file loads");
+    let gemma = tmp.path().join("gemma3.gguf");
+    as_gemma3(files, &gemma);
+    let bases = [
+        std::fs::read(&valid).unwrap(),
+        std::fs::read(&gemma).unwrap(),
+    ];
     let mut tally = Tally::new("gguf");
     let path = tmp.path().join("case.gguf");
     for seed in first_seed()..first_seed() + cases() {
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut bytes = base.clone();
+        let mut bytes = bases[rng.random_range(0..bases.len())].clone();
         // Half the cases aim at the header and metadata, where the counts and lengths live.
         if rng.random_bool(0.5) {
             let head = bytes.len().min(4096);
@@ -247,6 +252,39 @@ fn gguf_loader_survives_mutated_files() {
         });
     }
     tally.finish();
+}
+
+/// The tiny model as a Gemma 3 (its norms as they are, the family's extra ones added, two
+/// layer kinds), exported as llama.cpp's `gemma3` GGUF with Shears' own keys.
+fn as_gemma3(mut files: ModelFiles, out: &std::path::Path) {
+    use shears_core::gguf_export::{write_llama_gguf, GgufQuant};
+    let mut c = serde_json::to_value(&files.config).unwrap();
+    c["architectures"] = json!(["Gemma3ForCausalLM"]);
+    c["model_type"] = json!("gemma3_text");
+    c["hidden_activation"] = json!("gelu_pytorch_tanh");
+    c["sliding_window"] = json!(4);
+    c["query_pre_attn_scalar"] = json!(12);
+    let n = files.config.num_hidden_layers;
+    c["layer_types"] = json!((0..n)
+        .map(|l| if l % 2 == 0 {
+            "sliding_attention"
+        } else {
+            "full_attention"
+        })
+        .collect::<Vec<_>>());
+    files.config = LlamaConfig::from_json_str(&c.to_string()).unwrap();
+    let shapes = files.config.uniform_layer_shapes();
+    for (l, shape) in shapes.iter().enumerate() {
+        for t in shears_core::LayerTensor::of(&files.config) {
+            let dims = t.shape(&files.config, shape);
+            files
+                .weights
+                .entry(t.key(l))
+                .or_insert_with(|| HostTensor::f32(dims.clone(), vec![0.1; dims.iter().product()]));
+        }
+    }
+    write_llama_gguf(&files, GgufQuant::F32, "gemma", out, false).unwrap();
+    ModelFiles::load(out).expect("the Gemma 3 export loads");
 }
 
 fn tiny_weights() -> WeightMap {
