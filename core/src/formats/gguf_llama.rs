@@ -117,6 +117,43 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
     Ok(cfg)
 }
 
+/// The block count, refused beyond what Shears supports before anything per layer is built.
+fn layer_count(obj: &serde_json::Map<String, serde_json::Value>, g: &GgufFile) -> Result<u64> {
+    let n = obj["num_hidden_layers"].as_u64().unwrap_or(0);
+    if n > crate::config::limits::LAYERS as u64 {
+        return Err(Error::format(
+            g.path(),
+            format!(
+                "block_count {n} is beyond what Shears supports ({})",
+                crate::config::limits::LAYERS
+            ),
+        ));
+    }
+    Ok(n)
+}
+
+/// The layers [`SLIDING_LAYERS_KEY`] lists, each below `n` (`None` without the key).
+fn listed_layers(g: &GgufFile, n: u64) -> Result<Option<std::collections::BTreeSet<u64>>> {
+    let Some(a) = g.get(SLIDING_LAYERS_KEY).and_then(|v| v.as_array()) else {
+        return Ok(None);
+    };
+    let mut set = std::collections::BTreeSet::new();
+    for v in a {
+        match v.as_u64() {
+            Some(l) if l < n => {
+                set.insert(l);
+            }
+            _ => {
+                return Err(Error::format(
+                    g.path(),
+                    format!("{SLIDING_LAYERS_KEY} lists {v:?}, not a layer of the {n}"),
+                ))
+            }
+        }
+    }
+    Ok(Some(set))
+}
+
 /// The sliding window a file Shears exported records, back into the config: a `llama` file
 /// with a window was a Mistral model; a `qwen2` one gets `use_sliding_window` and `layer_types`
 /// for the layers the file lists.
@@ -126,14 +163,14 @@ fn restore_window(
     w: u64,
 ) -> Result<()> {
     obj.insert("sliding_window".into(), w.into());
-    let n = obj["num_hidden_layers"].as_u64().unwrap_or(0);
-    let layers: Vec<u64> = match g.get(SLIDING_LAYERS_KEY).and_then(|v| v.as_array()) {
-        Some(a) => a.iter().filter_map(|v| v.as_u64()).collect(),
+    let n = layer_count(obj, g)?;
+    let layers: Vec<u64> = match listed_layers(g, n)? {
+        Some(set) => set.into_iter().collect(),
         None => (0..n).collect(),
     };
     if obj["model_type"] == "qwen2" || obj["model_type"] == "qwen3" {
         let types: Vec<&str> = (0..n)
-            .map(|l| match layers.contains(&l) {
+            .map(|l| match layers.binary_search(&l).is_ok() {
                 true => "sliding_attention",
                 false => "full_attention",
             })
@@ -165,15 +202,15 @@ fn gemma3_keys(
     g: &GgufFile,
     head_dim: u64,
 ) -> Result<()> {
-    let n = obj["num_hidden_layers"].as_u64().unwrap_or(0);
+    let n = layer_count(obj, g)?;
     let window = g
         .get("gemma3.attention.sliding_window")
         .or_else(|| g.get(SLIDING_WINDOW_KEY))
         .and_then(|v| v.as_u64());
-    let sliding: Vec<u64> = match g.get(SLIDING_LAYERS_KEY).and_then(|v| v.as_array()) {
-        Some(a) => a.iter().filter_map(|v| v.as_u64()).collect(),
+    let sliding = match listed_layers(g, n)? {
+        Some(set) => set,
         None if window.is_some() => (0..n).filter(|l| (l + 1) % 6 != 0).collect(),
-        None => vec![],
+        None => Default::default(),
     };
     let types: Vec<&str> = (0..n)
         .map(|l| match sliding.contains(&l) {
