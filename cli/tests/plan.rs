@@ -435,3 +435,81 @@ fn real_scale_recipes_fit_one_h200() {
         assert!(!o.status.success() && err.contains(what), "{bad:?}: {err}");
     }
 }
+
+/// Parameters of a decoder counted from its widths, independently of `Dims`: embeddings (and an
+/// untied head), per layer the projections, q/k/v biases, q/k norms (`[head_dim]` each) and
+/// `norms` gains over the hidden dimension, and the final norm.
+#[allow(clippy::too_many_arguments)]
+fn closed_form(
+    (v, d, l, h, kv, hd, i): (u64, u64, u64, u64, u64, u64, u64),
+    tied: bool,
+    bias: bool,
+    qk_norm: bool,
+    norms: u64,
+) -> u64 {
+    let per_layer = d * hd * (2 * h + 2 * kv)
+        + 3 * d * i
+        + norms * d
+        + if bias { (h + 2 * kv) * hd } else { 0 }
+        + if qk_norm { 2 * hd } else { 0 };
+    v * d * if tied { 1 } else { 2 } + l * per_layer + d
+}
+
+/// The family recipes in `examples/`: Qwen2.5-7B → Qwen2.5-3B's widths, Qwen3-8B → Qwen3-4B's,
+/// Gemma 3 4B (its multimodal config, read as the text decoder) → a 1B shape. `shears plan`
+/// counts every parameter (biases, q/k norms, Gemma's four norms) as the published checkpoints
+/// have them (Qwen2.5-7B 7,615,616,512; Qwen3-8B 8,190,735,360; Gemma 3 4B's decoder 3.88B of
+/// the 4.3B with its vision tower), and each run plan fits one 141 GB device, KD included.
+#[test]
+fn family_recipes_fit_one_h200() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for (dir, plan, source, target) in [
+        (
+            "qwen2.5-7b",
+            "prune-3b.toml",
+            closed_form((152064, 3584, 28, 28, 4, 128, 18944), false, true, false, 2),
+            closed_form((152064, 2048, 28, 16, 4, 128, 11008), false, true, false, 2),
+        ),
+        (
+            "qwen3-8b",
+            "prune-4b.toml",
+            closed_form((151936, 4096, 36, 32, 8, 128, 12288), false, false, true, 2),
+            closed_form((151936, 2560, 36, 32, 8, 128, 9728), false, false, true, 2),
+        ),
+        (
+            "gemma-3-4b",
+            "prune-1b.toml",
+            closed_form((262208, 2560, 34, 8, 4, 256, 10240), true, false, true, 4),
+            closed_form((262208, 1152, 26, 4, 2, 256, 6912), true, false, true, 4),
+        ),
+    ] {
+        let src = root.join(dir).join("config.json");
+        let plan = root.join(dir).join(plan);
+        let o = shears(&[
+            "plan",
+            "--config",
+            plan.to_str().unwrap(),
+            "--source",
+            src.to_str().unwrap(),
+            "--device-memory",
+            "141GB",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["source"]["total_params"], source, "{dir}");
+        assert_eq!(v["target"]["total_params"], target, "{dir}");
+        for m in ["memory", "train_memory", "distill_memory"] {
+            assert_eq!(v[m]["fits"], true, "{dir} {m}: {}", v[m]);
+        }
+        assert!(v["memory"]["total"].as_u64().unwrap() <= 141_000_000_000);
+    }
+    assert_eq!(
+        closed_form((152064, 3584, 28, 28, 4, 128, 18944), false, true, false, 2),
+        7_615_616_512
+    );
+    assert_eq!(
+        closed_form((151936, 4096, 36, 32, 8, 128, 12288), false, false, true, 2),
+        8_190_735_360
+    );
+}
