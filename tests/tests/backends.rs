@@ -20,8 +20,13 @@ struct Case {
 }
 
 fn config(heads: usize, kv: usize, tied: bool) -> LlamaConfig {
+    family_config(r#""architectures":["LlamaForCausalLM"]"#, heads, kv, tied)
+}
+
+/// The tiny shape with a family's own keys.
+fn family_config(keys: &str, heads: usize, kv: usize, tied: bool) -> LlamaConfig {
     LlamaConfig::from_json_str(&format!(
-        r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":96,"hidden_size":32,"intermediate_size":48,
+        r#"{{{keys},"vocab_size":96,"hidden_size":32,"intermediate_size":48,
         "num_hidden_layers":2,"num_attention_heads":{heads},"num_key_value_heads":{kv},"head_dim":8,
         "rms_norm_eps":1e-5,"rope_theta":10000.0,"tie_word_embeddings":{tied}}}"#
     ))
@@ -47,7 +52,34 @@ fn cases() -> Vec<Case> {
             intermediate_size: 20,
         },
     ];
-    vec![
+    // The other families, windows shorter than the 12-token batch.
+    let qwen2 = family_config(
+        r#""architectures":["Qwen2ForCausalLM"],"use_sliding_window":true,"sliding_window":5,
+        "max_window_layers":1"#,
+        4,
+        2,
+        false,
+    );
+    let qwen3 = family_config(r#""architectures":["Qwen3ForCausalLM"]"#, 4, 2, true);
+    let gemma3 = family_config(
+        r#""architectures":["Gemma3ForCausalLM"],"sliding_window":5,"sliding_window_pattern":2,
+        "query_pre_attn_scalar":6,"rope_local_base_freq":100.0"#,
+        4,
+        2,
+        true,
+    );
+    let families = [
+        ("qwen2-window", qwen2),
+        ("qwen3", qwen3),
+        ("gemma3", gemma3),
+    ]
+    .into_iter()
+    .map(|(name, config)| Case {
+        name,
+        layers: config.uniform_layer_shapes(),
+        config,
+    });
+    let mut cases = vec![
         Case {
             name: "gqa-untied",
             layers: gqa.uniform_layer_shapes(),
@@ -68,7 +100,9 @@ fn cases() -> Vec<Case> {
             config: ragged,
             layers: ragged_layers,
         },
-    ]
+    ];
+    cases.extend(families);
+    cases
 }
 
 fn batch_ids() -> Vec<Vec<u32>> {
