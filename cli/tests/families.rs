@@ -219,12 +219,35 @@ fn edited(
             "model.multi_modal_projector.mm_soft_emb_norm.weight".into(),
             shears_core::HostTensor::f32(vec![4], vec![1.0; 4]),
         );
-        shears_core::formats::safetensors::write(
-            p.join("model.safetensors"),
-            &w,
-            &Default::default(),
-        )
-        .unwrap();
+        if name.ends_with("sharded") {
+            // Two shards and an index, as the published checkpoints ship.
+            std::fs::remove_file(p.join("model.safetensors")).unwrap();
+            let mut map = serde_json::Map::new();
+            let names: Vec<String> = w.keys().cloned().collect();
+            for (i, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+                let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+                let shard: shears_core::WeightMap =
+                    part.iter().map(|k| (k.clone(), w[k].clone())).collect();
+                shears_core::formats::safetensors::write(
+                    p.join(&file),
+                    &shard,
+                    &Default::default(),
+                )
+                .unwrap();
+                for k in part {
+                    map.insert(k.clone(), Value::from(file.clone()));
+                }
+            }
+            let index = serde_json::json!({"metadata": {}, "weight_map": map});
+            std::fs::write(p.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        } else {
+            shears_core::formats::safetensors::write(
+                p.join("model.safetensors"),
+                &w,
+                &Default::default(),
+            )
+            .unwrap();
+        }
     }
     p
 }
@@ -259,6 +282,15 @@ fn a_gemma3_multimodal_checkpoint_is_read_as_its_text_decoder() {
     let mm = edited(tmp.path(), "multimodal", "gemma3", multimodal, |_| {});
     let (a, b) = (mean_nll(&plain), mean_nll(&mm));
     assert_eq!(a, b);
+    let sharded = edited(
+        tmp.path(),
+        "multimodal-sharded",
+        "gemma3",
+        multimodal,
+        |_| {},
+    );
+    assert!(sharded.join("model.safetensors.index.json").exists());
+    assert_eq!(mean_nll(&sharded), a);
     // Exported, it is a text model (Gemma3ForCausalLM) with the outer config's token ids.
     let out = tmp.path().join("out");
     ok(&shears(
