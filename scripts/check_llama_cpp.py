@@ -12,6 +12,12 @@ scripts/llama_cpp_score.mjs): the token ids must be equal and the mean NLL agree
 scores (so a scaling or bias that one side ignores cannot pass).
 
     python3 scripts/check_llama_cpp.py [--shears PATH] [--work DIR] [--only NAME ...]
+        [--family-exports DIR]
+
+With `--family-exports DIR` (what `SHEARS_FAMILY_EXPORTS=DIR cargo test -p shears-cli --test
+families` leaves: each family's tiny model pruned, trained with KD and exported as f32 GGUF), the
+exports llama.cpp runs as Shears does (no window it ignores, its layer pattern and query scale)
+are scored too: Qwen2, Qwen3, and Gemma 3 with a window of 4 over the text.
 
 node-llama-cpp is installed with npm into $SHEARS_CACHE/node-llama-cpp (default
 ~/.cache/shears) on first use. Exit status 1 when a check fails.
@@ -50,6 +56,9 @@ ROPES = [
          "high_freq_factor": 8.0, "original_max_position_embeddings": 64},
     ),
 ]
+
+# The pruned family exports (cli/tests/families.rs) whose GGUF llama.cpp runs as Shears does.
+FAMILY_EXPORTS = ["qwen2", "qwen3", "gemma3-untied"]
 
 FAMILIES = [
     ("qwen2 (q/k/v biases)", {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
@@ -156,6 +165,7 @@ def main():
     ap.add_argument("--shears", default=os.path.join(
         os.environ.get("CARGO_TARGET_DIR", os.path.join(HERE, "..", "target")), "debug", "shears"))
     ap.add_argument("--work", help="folder for the exports (default: a temporary one)")
+    ap.add_argument("--family-exports", help="folder of pruned family GGUFs (see above)")
     ap.add_argument("--only", nargs="*", default=[],
                     help="run only the cases whose name starts with one of these")
     a = ap.parse_args()
@@ -207,6 +217,19 @@ def main():
         if not a.work:
             shutil.rmtree(model, ignore_errors=True)
             os.remove(gguf)
+    for fam in (FAMILY_EXPORTS if a.family_exports else []):
+        gguf = os.path.join(a.family_exports, fam + ".gguf")
+        ours = json.loads(run([a.shears, "score", "--model", gguf, "--text-file", text, "--json"]))
+        theirs = json.loads(run(["node", os.path.join(HERE, "llama_cpp_score.mjs"), gguf, text],
+                                env=dict(os.environ, NODE_LLAMA_CPP_DIR=node_dir)))
+        diff = abs(ours["mean_nll"] - theirs["mean_nll"])
+        name = f"pruned {fam}"
+        print(f"{name:<28} {len(ours['token_ids']):>6} {ours['mean_nll']:>10.5f} "
+              f"{theirs['mean_nll']:>10.5f} {diff:>9.2e}")
+        if ours["token_ids"] != theirs["token_ids"]:
+            failures.append(f"{name}: token ids differ")
+        if not diff <= TOLERANCE:
+            failures.append(f"{name}: mean NLL differs by {diff:.2e} (> {TOLERANCE})")
     for name, _ in ROPES[1:] + FAMILIES[:1] + FAMILIES[2:3]:
         if name not in means or "default" not in means:
             continue
