@@ -18,6 +18,7 @@ pub mod masks;
 pub mod ops;
 pub mod recompute;
 pub mod rope;
+pub mod taps;
 
 pub use backend::{dispatch, dispatch_autodiff, AutodiffTask, BackendKind, BackendTask};
 pub use cache::{KvCache, LayerCache};

@@ -16,6 +16,7 @@ use crate::cache::{KvCache, LayerCache};
 use crate::masks::{ForwardMasks, LayerMasks};
 use crate::ops::{self, ShearsOps};
 use crate::rope;
+use crate::taps::LayerTaps;
 
 // The small tensor helpers live with the ops (which use them too); re-exported here, where
 // the rest of the workspace has always found them.
@@ -216,6 +217,11 @@ impl<B: ShearsOps> Mlp<B> {
 
     /// Apply the MLP with the intermediate mask `z_int [I]` on the `up_proj` output.
     pub fn forward_masked(&self, x: Tensor<B, 3>, z_int: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
+        linear(&self.down_proj, self.activation(x, z_int))
+    }
+
+    /// The gated activation `act(gate(x)) · up(x) [· z_int]` `[b, t, I]`, `down_proj`'s input.
+    pub fn activation(&self, x: Tensor<B, 3>, z_int: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
         let gate = linear(&self.gate_proj, x.clone());
         let up = linear(&self.up_proj, x);
         let act = match (self.act, z_int) {
@@ -232,7 +238,7 @@ impl<B: ShearsOps> Mlp<B> {
                 }
             }
         };
-        linear(&self.down_proj, act)
+        act
     }
 }
 
@@ -269,6 +275,21 @@ impl<B: ShearsOps> DecoderLayer<B> {
         cache: Option<&mut LayerCache<B>>,
         m: &LayerMasks<B>,
     ) -> Tensor<B, 3> {
+        self.forward_tapped(x, pos, cache, m, None)
+    }
+
+    /// [`DecoderLayer::forward_masked`], adding what `taps` reads at the mask points: each
+    /// head's context, the norm outputs feeding the sublayers, the MLP activation, and the
+    /// block's input and output.
+    pub fn forward_tapped(
+        &self,
+        x: Tensor<B, 3>,
+        pos: &Positions<B>,
+        cache: Option<&mut LayerCache<B>>,
+        m: &LayerMasks<B>,
+        mut taps: Option<&mut LayerTaps<B>>,
+    ) -> Tensor<B, 3> {
+        let input = taps.is_some().then(|| x.clone());
         let norm = |n: &RmsNorm<B>, x: Tensor<B, 3>| match &m.hidden {
             Some((z, kept)) => n.forward_masked(x, z, *kept),
             None => n.forward(x),
@@ -295,11 +316,16 @@ impl<B: ShearsOps> DecoderLayer<B> {
             Some(z) => y * z.clone().unsqueeze::<3>(),
             None => y,
         };
-        let mut ctx = self
-            .self_attn
-            .context(norm(&self.input_layernorm, x.clone()), pos, cache);
+        let n1 = norm(&self.input_layernorm, x.clone());
+        if let Some(t) = taps.as_deref_mut() {
+            t.add_hidden(&n1);
+        }
+        let mut ctx = self.self_attn.context(n1, pos, cache);
         if let Some(z) = &m.heads {
             ctx = ctx * z.clone().reshape([1, 1, self.self_attn.num_heads, 1]);
+        }
+        if let Some(t) = taps.as_deref_mut() {
+            t.add_heads(&ctx);
         }
         let a = self.self_attn.project(ctx);
         let (a, pre_mlp) = match &self.pre_feedforward_layernorm {
@@ -307,14 +333,22 @@ impl<B: ShearsOps> DecoderLayer<B> {
             None => (a, &self.post_attention_layernorm),
         };
         let x = x + scale_out(a);
-        let y = self
-            .mlp
-            .forward_masked(norm(pre_mlp, x.clone()), m.intermediate.as_ref());
+        let n2 = norm(pre_mlp, x.clone());
+        let act = self.mlp.activation(n2.clone(), m.intermediate.as_ref());
+        if let Some(t) = taps.as_deref_mut() {
+            t.add_hidden(&n2);
+            t.add_intermediate(&act);
+        }
+        let y = linear(&self.mlp.down_proj, act);
         let y = match &self.post_feedforward_layernorm {
             Some(post) => post_norm(post, y),
             None => y,
         };
-        x + scale_out(y)
+        let out = x + scale_out(y);
+        if let (Some(t), Some(input)) = (taps, input) {
+            t.add_block(&input, &out);
+        }
+        out
     }
 }
 
@@ -481,6 +515,18 @@ impl<B: ShearsOps> Llama<B> {
             }
         }
         self.final_norm(x, masks, kept)
+    }
+
+    /// Run `ids` through every layer without a graph's cache, adding each layer's statistics to
+    /// `taps` (one per layer; see [`crate::taps`]). Returns the number of tokens tapped.
+    pub fn tap(&self, ids: Tensor<B, 2, Int>, taps: &mut [LayerTaps<B>]) -> usize {
+        let [b, t] = ids.dims();
+        let pos = self.position_inputs(0, t);
+        let mut x = self.embed(ids, None);
+        for (layer, tap) in self.model.layers.iter().zip(taps.iter_mut()) {
+            x = layer.forward_tapped(x, &pos, None, &LayerMasks::none(), Some(tap));
+        }
+        b * t
     }
 
     /// The embedding of `ids` in the compute dtype (Gemma: times `sqrt(hidden_size)`, rounded to

@@ -11,7 +11,8 @@
 //! - [`constraint`]: the per-module Lagrangian and its multipliers;
 //! - [`model`]: the three parameter groups (weights, masks, multipliers) of a pruning run;
 //! - [`finalize`](mod@finalize): folding deterministic masks into the weights and slicing out the dense model;
-//! - [`plan`]: the pre-flight report of `shears plan`.
+//! - [`plan`]: the pre-flight report of `shears plan`;
+//! - [`importance`]: activation importance, importance-initialised masks and one-shot pruning.
 //!
 //! It must not own training loops or data: the trainer drives it. Mask math is f32 (or wider)
 //! whatever the model's dtype.
@@ -20,6 +21,7 @@
 pub mod constraint;
 pub mod finalize;
 pub mod hard_concrete;
+pub mod importance;
 pub mod masks;
 pub mod memory;
 pub mod model;
@@ -30,6 +32,7 @@ pub mod target;
 
 pub use constraint::Lagrangian;
 pub use finalize::{finalize, FinalizeOptions};
+pub use importance::Importance;
 pub use masks::{HostMasks, L0Masks, MaskValues};
 pub use model::PruningModel;
 pub use per_module::PerModule;

@@ -17,6 +17,7 @@ mod formats;
 mod fused_kernels;
 mod fuzz_parsers;
 mod gguf_export;
+mod importance;
 mod mmlu;
 mod prune_equivalence;
 mod prune_gradients;
