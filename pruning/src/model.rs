@@ -55,6 +55,21 @@ impl<B: ShearsOps> PruningModel<B> {
         })
     }
 
+    /// [`PruningModel::new`] with the masks' `log_alpha`s given (an importance init, method §12).
+    pub fn from_log_alphas(
+        model: Llama<B>,
+        spec: &PruningSpec,
+        log_alphas: &PerModule<Vec<f32>>,
+    ) -> Result<Self> {
+        check_model(&model, spec)?;
+        let device = model.device();
+        Ok(PruningModel {
+            masks: L0Masks::from_values(spec, log_alphas, &device),
+            lagrangian: Lagrangian::new(spec, &device),
+            model,
+        })
+    }
+
     /// Clamp the masks' `log_alpha` in place; call before every training forward, as the
     /// reference does at every L0 call.
     pub fn clamp_masks(mut self) -> Self {

@@ -14,10 +14,11 @@ use shears_data::{Dataset, ReferenceSource};
 use shears_pruning::size::Dims;
 use shears_pruning::{finalize, FinalizeOptions};
 
+use crate::calibrate;
 use crate::checkpoint::Checkpoint;
 use crate::config::{
-    resolve_prune, resolve_train, CheckRanges, DblSettings, Faults, LoopSettings, OptimSettings,
-    PruneConfig, RunSettings, StageKind, TrainConfig,
+    resolve_prune, resolve_train, CheckRanges, DblSettings, Faults, LoopSettings, MaskInit,
+    OptimSettings, PruneConfig, RunSettings, StageKind, TrainConfig,
 };
 use crate::driver::{self, run_loop, LoopInputs, Outcome, Stage};
 use crate::inputs::{load_model, load_teacher, open_data, run_source_model, SOURCE_MODEL_KEY};
@@ -113,18 +114,38 @@ pub fn prune<B: ShearsAutodiff>(
     };
     let seed = resolved.run.seed;
     let compute = resolved.run.compute(false);
-    // Every rank starts from the same weights and the same mask initialisation (`seed`).
-    run_stage(
+    // An importance init, unless a checkpoint restores the masks.
+    let resuming = job.resume && Checkpoint::find(&job.out, None).is_ok();
+    let importance = match resolved.pruning.init {
+        MaskInit::Importance if !resuming => Some(calibrate::importance::<B>(
+            &resolved.pruning,
+            &files,
+            &data,
+            &job.out,
+            &device,
+        )?),
+        _ => None,
+    };
+    let init = importance.as_ref().map(|(imp, _)| imp.log_alphas(&spec));
+    // Every rank starts from the same weights and the same mask initialisation (`seed`, or the
+    // importance ranking).
+    let outcome = run_stage(
         job,
         &toml::to_string(&resolved).expect("toml"),
         parts,
         &data,
         device,
-        files,
+        files.clone(),
         |files, device| {
-            PruneStage::<B>::new(files, &spec, rates, seed, device).map(|s| s.with_compute(compute))
+            PruneStage::<B>::new_with(files, &spec, rates, seed, init.as_ref(), device)
+                .map(|s| s.with_compute(compute))
         },
-    )
+    )?;
+    // The scores stay with the run (a resume or another target reads them back).
+    if let Some((imp, true)) = &importance {
+        imp.save(&job.out.join(calibrate::IMPORTANCE_FILE), &files.config)?;
+    }
+    Ok(outcome)
 }
 
 /// `shears train`: run (or resume) continued pre-training.

@@ -3,6 +3,7 @@
 //! Training: the pruning stage and continued pre-training, with what a long run needs around
 //! them. It owns:
 //!
+//! - [`calibrate`]: calibration sequences and importance scores for a pruning run;
 //! - [`compute`]: precision (f32 or bf16-mixed), optimizer-state precision, activation
 //!   checkpointing;
 //! - [`config`]: the TOML run plans and their defaults (method §7);
@@ -26,6 +27,7 @@
 //! `models`, `pruning`, `data` and `eval`.
 #![forbid(unsafe_code)]
 
+pub mod calibrate;
 pub mod checkpoint;
 pub mod compute;
 pub mod config;

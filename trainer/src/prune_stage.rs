@@ -106,9 +106,26 @@ impl<B: ShearsAutodiff> PruneStage<B> {
         seed: u64,
         device: &B::Device,
     ) -> Result<Self> {
+        Self::new_with(files, spec, rates, seed, None, device)
+    }
+
+    /// [`PruneStage::new`] with the masks' initial `log_alpha`s given (importance init).
+    pub fn new_with(
+        files: &ModelFiles,
+        spec: &PruningSpec,
+        rates: PruneRates,
+        seed: u64,
+        init: Option<&PerModule<Vec<f32>>>,
+        device: &B::Device,
+    ) -> Result<Self> {
         let model = load::from_files::<B>(files, device, DType::F32)?;
-        let mut rng = StdRng::seed_from_u64(seed ^ 0x6d61_736b);
-        let state = PruningModel::new(model, spec, &mut rng)?;
+        let state = match init {
+            Some(las) => PruningModel::from_log_alphas(model, spec, las)?,
+            None => {
+                let mut rng = StdRng::seed_from_u64(seed ^ 0x6d61_736b);
+                PruningModel::new(model, spec, &mut rng)?
+            }
+        };
         let mut meta = files.clone();
         meta.weights = WeightMap::new();
         Ok(Self::with_meta(state, meta, rates))

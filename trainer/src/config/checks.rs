@@ -109,6 +109,12 @@ impl PruningSettings {
     pub fn check_ranges(&self, prefix: &str) -> std::result::Result<(), String> {
         non_negative(&format!("{prefix}.mask_lr"), self.mask_lr)?;
         non_negative(&format!("{prefix}.multiplier_lr"), self.multiplier_lr)?;
+        if self.calib == 0 {
+            return Err(format!(
+                "{prefix}.calib = 0: importance needs at least one calibration sequence"
+            ));
+        }
+        at_most(&format!("{prefix}.calib"), Some(self.calib), 1 << 20)?;
         at_most(
             &format!("{prefix}.lagrangian_warmup_steps"),
             self.lagrangian_warmup_steps,

@@ -246,6 +246,27 @@ pub struct PruningSettings {
     pub lagrangian_warmup_steps: Option<usize>,
     /// Pruned modules (default: every module whose target differs from the source).
     pub modules: Option<Vec<PruneModule>>,
+    /// Where the masks start (method §12): "uniform" (every `log_alpha` at the clamp's top, the
+    /// reference's init) or "importance" (the step-0 deterministic mask is the activation
+    /// importance top-k of the target shape, measured on `calib` sequences of the data).
+    pub init: MaskInit,
+    /// Calibration sequences for the importance scores, drawn evenly from every domain's
+    /// training split (deterministic).
+    pub calib: usize,
+    /// Scores measured earlier (an `importance.safetensors` of a run on the same source), read
+    /// instead of measuring again.
+    pub importance_file: Option<PathBuf>,
+}
+
+/// How the masks start (`[pruning] init`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskInit {
+    /// Every `log_alpha` from `N(5, 0.01)`, clamped to `ln 100` (the reference).
+    #[default]
+    Uniform,
+    /// Ranked by activation importance (method §12).
+    Importance,
 }
 
 impl Default for PruningSettings {
@@ -255,6 +276,9 @@ impl Default for PruningSettings {
             multiplier_lr: 1.0,
             lagrangian_warmup_steps: None,
             modules: None,
+            init: MaskInit::Uniform,
+            calib: 256,
+            importance_file: None,
         }
     }
 }
