@@ -7,7 +7,7 @@ use shears_core::DType;
 use shears_models::{dispatch, dispatch_autodiff, AutodiffTask, BackendKind, BackendTask};
 use shears_pruning::{FinalizeOptions, TargetShape};
 use shears_trainer::compute::{Checkpointing, Precision, StatePrecision};
-use shears_trainer::config::{read_toml, RunSettings};
+use shears_trainer::config::{read_toml, PruneMethod, RunSettings};
 use shears_trainer::jobs::{self, JobOptions};
 use shears_trainer::pipeline::{
     self, DataSource, EvalPart, ExportPart, PipelineOptions, PipelineOutcome, PipelinePlan,
@@ -148,6 +148,9 @@ pub fn prune(backend: BackendKind, a: StageArgs) -> Result<Ended> {
     let text = read_plan(config)?;
     let mut cfg: PruneConfig = read_toml(config)?;
     let out = out_dir(a.out.clone(), config, "prune");
+    if cfg.pruning.method == PruneMethod::Importance {
+        return one_shot(backend, cfg, out, &a);
+    }
     let kind = backend_of(backend, &cfg.run)?;
     a.compute.apply(&mut cfg.run, kind);
     let outcome = dispatch_autodiff(
@@ -158,6 +161,55 @@ pub fn prune(backend: BackendKind, a: StageArgs) -> Result<Ended> {
         },
     )??;
     Ok(report(outcome, "pruning", &out))
+}
+
+struct OneShotTask {
+    config: PruneConfig,
+    out: PathBuf,
+    overwrite: bool,
+    allow_tokenizer_mismatch: bool,
+}
+
+impl BackendTask for OneShotTask {
+    type Output = shears_core::Result<jobs::FinalizeReport>;
+    fn run<B: shears_models::ShearsOps>(self, device: B::Device) -> Self::Output {
+        jobs::prune_one_shot::<B>(
+            &self.config,
+            &self.out,
+            self.overwrite,
+            self.allow_tokenizer_mismatch,
+            &device,
+        )
+    }
+}
+
+/// `shears prune` with `[pruning] method = "importance"`: the dense model of the target, in
+/// one pass (`--resume` replaces an earlier one-shot output).
+fn one_shot(backend: BackendKind, cfg: PruneConfig, out: PathBuf, a: &StageArgs) -> Result<Ended> {
+    let kind = backend_of(backend, &cfg.run)?;
+    let r = dispatch(
+        kind,
+        OneShotTask {
+            config: cfg,
+            out: out.clone(),
+            overwrite: a.resume,
+            allow_tokenizer_mismatch: a.allow_tokenizer_mismatch,
+        },
+    )?
+    .with_context(|| format!("cannot prune into {}", out.display()))?;
+    let t = TargetShape::of(&r.config);
+    eprintln!(
+        "pruned in one shot by activation importance: {} → {} parameters; {} layers, hidden {}, {} heads ({} kv), intermediate {}",
+        r.source_params,
+        r.pruned_params,
+        t.num_hidden_layers,
+        t.hidden_size,
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        t.intermediate_size
+    );
+    println!("{}", r.out.display());
+    Ok(Ended::Done)
 }
 
 pub fn train(backend: BackendKind, a: StageArgs) -> Result<Ended> {

@@ -148,3 +148,99 @@ fn bad_importance_settings_are_refused_before_a_run_exists() {
     assert_refused(&prune(&p, &out), &["other.safetensors", "another model"]);
     assert!(!out.exists());
 }
+
+/// `method = "importance"`: `shears prune` writes the dense target model in one pass (no
+/// training steps), with exactly 0/1 masks equal to the importance top-k and the scores beside
+/// it; `shears train` distils it from its recorded source; `shears run` takes the same setting
+/// (prune and finalize in one stage, training from the data's token shares).
+#[test]
+fn one_shot_pruning_writes_the_target_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = setup(BIN, tmp.path());
+    let source = ModelFiles::load(&model).unwrap().config;
+    let out = tmp.path().join("oneshot");
+    let p = plan(
+        tmp.path(),
+        "o.toml",
+        &model,
+        &data,
+        TINY_TARGET,
+        "method = \"importance\"\ncalib = 8",
+    );
+    ok(&prune(&p, &out));
+    let pruned = ModelFiles::load(&out).unwrap();
+    assert_eq!(
+        TargetShape::of(&pruned.config),
+        TargetShape {
+            num_hidden_layers: 1,
+            hidden_size: 16,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            intermediate_size: 32,
+        }
+    );
+    let imp = Importance::load(&out.join("importance.safetensors"), &source).unwrap();
+    let spec = PruningSpec::new(&source, TargetShape::of(&pruned.config), None).unwrap();
+    let want = imp.masks(&spec);
+    let masks =
+        shears_core::formats::safetensors::SafeTensorsFile::open(out.join("masks.safetensors"))
+            .unwrap();
+    for m in spec.modules.clone() {
+        let (_, v) = masks.read_f32(&format!("z_{}", m.name())).unwrap();
+        assert_eq!(v.as_slice(), want.get(m).unwrap(), "{}", m.name());
+    }
+    // A second one-shot into the same place is refused without --resume (which replaces it).
+    assert_refused(&prune(&p, &out), &["oneshot"]);
+
+    // Train it with its source as teacher (recorded in masks.safetensors).
+    let train = tmp.path().join("t.toml");
+    std::fs::write(
+        &train,
+        format!(
+            "model = \"{}\"\ndata = \"{}\"\n[run]\nsteps = 2\nbatch_size = 2\neval_interval = 2\neval_sequences = 2\n[distill]\nteacher = \"source\"\n",
+            out.display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let t = tmp.path().join("train");
+    ok(&shears(
+        BIN,
+        &[
+            "train",
+            "--config",
+            train.to_str().unwrap(),
+            "--out",
+            t.to_str().unwrap(),
+        ],
+    ));
+}
+
+/// `shears run` with one-shot pruning: the prune stage writes `pruned/` itself, training starts
+/// from the data's token shares, and the pipeline finishes (and resumes to the same summary).
+#[test]
+fn the_pipeline_runs_with_one_shot_pruning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pipe");
+    let p = tmp.path().join("pipeline.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "{}\n[prune.pruning]\nmethod = \"importance\"\ncalib = 8\n[train.run]\nsteps = 4\nbatch_size = 2\neval_interval = 2\neval_sequences = 2\n[eval]\nsequences = 3\nbatch = 2\n",
+            shears_tests::runs::pipeline_head(tmp.path(), &out)
+        ),
+    )
+    .unwrap();
+    ok(&shears(BIN, &["run", p.to_str().unwrap()]));
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["pruned"]["config"]["hidden_size"], 16);
+    assert!(out.join("pruned").join("importance.safetensors").exists());
+    assert!(!out.join("prune").join("checkpoints").exists());
+    assert_eq!(shears_tests::runs::steps(&out.join("train")), 4);
+    assert!(s["trained"]["per_domain_ppl"].as_object().unwrap().len() == 3);
+    ok(&shears(BIN, &["run", p.to_str().unwrap(), "--resume"]));
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(again, s);
+}

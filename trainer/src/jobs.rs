@@ -277,6 +277,66 @@ pub struct FinalizeReport {
     pub config: shears_core::LlamaConfig,
 }
 
+/// `shears prune` with `method = "importance"`: measure (or read) the source's activation
+/// importance, keep each mask row's top-k as exact 0/1 masks, and write the dense model of the
+/// target to `out` with `masks.safetensors` and `importance.safetensors` (method §12).
+pub fn prune_one_shot<B: ShearsOps>(
+    config: &PruneConfig,
+    out: &Path,
+    overwrite: bool,
+    allow_tokenizer_mismatch: bool,
+    device: &B::Device,
+) -> Result<FinalizeReport> {
+    config.check_ranges().map_err(Error::invalid)?;
+    shears_core::fsutil::check_output_apart(
+        out,
+        [
+            ("data", config.data.as_path()),
+            ("model", Path::new(&config.model)),
+        ],
+    )?;
+    let files = load_model(&config.model)?;
+    let (resolved, spec) = resolve_prune(config, &files.config)?;
+    let data = open_data(&resolved.data, &files, allow_tokenizer_mismatch)?;
+    let (imp, _) = calibrate::importance::<B>(&resolved.pruning, &files, &data, out, device)?;
+    let masks = imp.masks(&spec);
+    let (pruned_config, weights) = finalize(&files.weights, &masks, FinalizeOptions::default())?;
+    let mut pruned = files.clone();
+    pruned.config = pruned_config.clone();
+    pruned.layers = pruned.config.uniform_layer_shapes();
+    pruned.weights = weights;
+    let stage = StagedDir::new(out, overwrite)?;
+    pruned.write_hf_dir(stage.path(), None, true)?;
+    let meta: BTreeMap<String, String> = [
+        ("method".to_string(), "importance".to_string()),
+        (
+            SOURCE_MODEL_KEY.to_string(),
+            std::fs::canonicalize(&config.model)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| config.model.clone()),
+        ),
+    ]
+    .into();
+    shears_core::formats::safetensors::write(
+        stage.path().join("masks.safetensors"),
+        &masks.to_weight_map(),
+        &meta,
+    )?;
+    imp.save(
+        &stage.path().join(calibrate::IMPORTANCE_FILE),
+        &files.config,
+    )?;
+    let out = stage.commit()?;
+    Ok(FinalizeReport {
+        checkpoint: out.clone(),
+        step: 0,
+        out,
+        source_params: Dims::of(&files.config).total(),
+        pruned_params: Dims::of(&pruned_config).total(),
+        config: pruned_config,
+    })
+}
+
 /// `shears finalize`: fold a pruning checkpoint's deterministic masks into its weights and
 /// write the dense model of exactly the target shape, with `masks.safetensors` (the masks and
 /// `log_alpha`s) next to it.

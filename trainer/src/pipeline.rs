@@ -17,8 +17,8 @@ use shears_pruning::size::Dims;
 use shears_pruning::{FinalizeOptions, TargetShape};
 
 use crate::config::{
-    DblSettings, DistillSettings, OptimSettings, PruneConfig, PruningSettings, RunSettings,
-    TrainConfig, SOURCE_TEACHER,
+    DblSettings, DistillSettings, OptimSettings, PruneConfig, PruneMethod, PruningSettings,
+    RunSettings, TrainConfig, SOURCE_TEACHER,
 };
 use crate::driver::Outcome;
 use crate::jobs::{self, JobOptions};
@@ -451,6 +451,9 @@ impl<'a, B: ShearsAutodiff> PipelineRun<'a, B> {
             dbl: plan.prune.dbl.clone(),
         };
         let t = Instant::now();
+        if cfg.pruning.method == PruneMethod::Importance {
+            return self.prune_one_shot(&cfg, t).map(|()| None);
+        }
         let mut resolved_run = cfg.run.clone();
         resolved_run.resolve(crate::config::StageKind::Prune);
         let mut job = self.job(self.lay.prune(), toml::to_string(&cfg).expect("toml"));
@@ -464,6 +467,36 @@ impl<'a, B: ShearsAutodiff> PipelineRun<'a, B> {
         log("== prune");
         let outcome = jobs::prune::<B>(&cfg, &job, self.device.clone())?;
         self.loop_ended(PipelineStage::Prune, outcome, t)
+    }
+
+    /// One-shot pruning (method §12): the dense model straight into `pruned/`, which is then
+    /// the finalize stage's output too.
+    fn prune_one_shot(&mut self, cfg: &PruneConfig, t: Instant) -> Result<()> {
+        log("== prune (one shot, by activation importance)");
+        let r = jobs::prune_one_shot::<B::InnerBackend>(
+            cfg,
+            &self.lay.pruned(),
+            true,
+            self.opts.allow_tokenizer_mismatch,
+            &self.device.clone(),
+        )?;
+        let seconds = t.elapsed().as_secs_f64();
+        self.stages
+            .mark(PipelineStage::Prune, StageDone::Loop { steps: 0, seconds })?;
+        self.stages.mark(
+            PipelineStage::Finalize,
+            StageDone::Finalized {
+                checkpoint: r.out.clone(),
+                params: r.pruned_params,
+            },
+        )?;
+        log(&format!(
+            "pruned {} → {} parameters into {} in {seconds:.1} s",
+            r.source_params,
+            r.pruned_params,
+            r.out.display()
+        ));
+        Ok(())
     }
 
     fn finalize(&mut self) -> Result<()> {
@@ -503,7 +536,9 @@ impl<'a, B: ShearsAutodiff> PipelineRun<'a, B> {
         }
         let plan = self.plan;
         let mut dbl = plan.train.dbl.clone();
-        if dbl.initial_weights.is_none() && dbl.initial_weights_from.is_none() {
+        // The pruning run's final domain weights, when it ran a loop (one shot has none).
+        let looped = plan.prune.pruning.method == PruneMethod::L0;
+        if dbl.initial_weights.is_none() && dbl.initial_weights_from.is_none() && looped {
             dbl.initial_weights_from = Some(self.lay.prune());
         }
         let cfg = TrainConfig {

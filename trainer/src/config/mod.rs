@@ -256,6 +256,21 @@ pub struct PruningSettings {
     /// Scores measured earlier (an `importance.safetensors` of a run on the same source), read
     /// instead of measuring again.
     pub importance_file: Option<PathBuf>,
+    /// "l0" (learned masks, the Lagrangian stage) or "importance": one-shot pruning to the
+    /// target by activation importance (method §12), no training steps; `shears prune` then
+    /// writes the dense model to `--out`, ready for `shears train`.
+    pub method: PruneMethod,
+}
+
+/// How `shears prune` prunes (`[pruning] method`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PruneMethod {
+    /// Learned hard-concrete masks with Lagrangian constraints (method §1-§4).
+    #[default]
+    L0,
+    /// One shot, by activation importance (method §12).
+    Importance,
 }
 
 /// How the masks start (`[pruning] init`).
@@ -279,6 +294,7 @@ impl Default for PruningSettings {
             init: MaskInit::Uniform,
             calib: 256,
             importance_file: None,
+            method: PruneMethod::L0,
         }
     }
 }
