@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::Value;
 use shears_tests::runs::{
-    assert_refused, metrics, ok, pipeline_head, setup, shears, write, KillResume,
+    assert_refused, metrics, ok, pipeline_head, setup, shears, write, KillResume, TINY_TARGET,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_shears");
@@ -191,4 +191,72 @@ fn teachers_that_cannot_be_used_are_refused_before_training() {
     );
     assert_refused(&o, &["at most 16 positions", "32 tokens"]);
     assert!(!out.join("checkpoints").exists());
+}
+
+/// KD while pruning (`[distill]` in a prune plan, `teacher = "source"`: the model being pruned,
+/// frozen): every step logs the KD term and minimises `(1 − α)·LM + α·KD + Lagrangian`; layer
+/// checkpointing computes the same losses; the pipeline's `[prune.distill]` does the same.
+#[test]
+fn pruning_distils_from_its_frozen_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = setup(BIN, tmp.path());
+    let run = |name: &str, extra: &str| -> Vec<Value> {
+        let plan = write(
+            tmp.path(),
+            &format!("{name}.toml"),
+            &format!(
+                "model = \"{}\"\ndata = \"{}\"\n{TINY_TARGET}\n[run]\nsteps = 3\nbatch_size = 2\nmicro_batch = 1\neval_interval = 3\neval_sequences = 2\n{extra}\n[optim]\nlr = 0.02\n[distill]\nteacher = \"source\"\nalpha = 0.7\n",
+                model.display(),
+                data.display()
+            ),
+        );
+        let out = tmp.path().join(name);
+        ok(&shears(
+            BIN,
+            &[
+                "prune",
+                "--config",
+                plan.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        ));
+        steps_of(&out)
+    };
+    let plain = run("kd", "");
+    let layers = run("kd-layers", "checkpointing = \"layers\"");
+    assert_eq!(plain.len(), 3);
+    for (a, b) in plain.iter().zip(&layers) {
+        let (lm, kd, lag, loss) = (
+            a["lm_loss"].as_f64().unwrap(),
+            a["kd_loss"].as_f64().unwrap(),
+            a["lagrangian_loss"].as_f64().unwrap(),
+            a["loss"].as_f64().unwrap(),
+        );
+        // Step 1: the sampled masks are all 1 and the student is its teacher (KD 0 to
+        // rounding); from then on the weights have moved.
+        if a["step"] == 1 {
+            assert!(kd.abs() < 1e-6, "{a}");
+        } else {
+            assert!(kd > 1e-6, "{a}");
+        }
+        assert!(
+            (loss - (0.3 * lm + 0.7 * kd + lag)).abs() < 1e-9 * loss.abs().max(1.0),
+            "{a}"
+        );
+        for k in ["lm_loss", "kd_loss", "lagrangian_loss"] {
+            let (x, y) = (a[k].as_f64().unwrap(), b[k].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1e-3) + 1e-8,
+                "{k}: {x} vs {y}"
+            );
+        }
+        if a["step"] != 1 {
+            let (x, y) = (
+                a["kd_loss"].as_f64().unwrap(),
+                b["kd_loss"].as_f64().unwrap(),
+            );
+            assert!(x > 0.0 && y > 0.0);
+        }
+    }
 }

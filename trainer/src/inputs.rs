@@ -7,7 +7,7 @@ use std::path::Path;
 use shears_core::{hub, Error, ModelFiles, Result};
 use shears_data::Dataset;
 
-use crate::config::{TrainConfig, SOURCE_TEACHER};
+use crate::config::{DistillSettings, PruneConfig, RunSettings, TrainConfig, SOURCE_TEACHER};
 
 /// Load a model argument (HF directory, `.gguf`, known name).
 pub fn load_model(arg: &str) -> Result<ModelFiles> {
@@ -174,13 +174,47 @@ pub fn load_teacher(
     files: &ModelFiles,
     data: &Dataset,
 ) -> Result<Option<(shears_models::distill::KdSpec, f64, ModelFiles)>> {
-    let Some(spec) = resolved.distill.spec() else {
+    if resolved.distill.spec().is_none() {
+        return Ok(None);
+    }
+    let name = teacher_model(resolved)?.expect("a teacher when distilling");
+    teacher_for(&resolved.distill, &resolved.run, &name, files, data)
+}
+
+/// The teacher of a pruning run (`[distill]` of its plan): `"source"` is the model being
+/// pruned, loaded again as a frozen copy.
+pub fn load_prune_teacher(
+    resolved: &PruneConfig,
+    files: &ModelFiles,
+    data: &Dataset,
+) -> Result<Option<(shears_models::distill::KdSpec, f64, ModelFiles)>> {
+    let Some(t) = resolved
+        .distill
+        .teacher
+        .as_ref()
+        .filter(|_| resolved.distill.spec().is_some())
+    else {
         return Ok(None);
     };
-    let name = teacher_model(resolved)?.expect("a teacher when distilling");
-    let t = load_model(&name)?;
+    let name = if t == SOURCE_TEACHER {
+        &resolved.model
+    } else {
+        t
+    };
+    teacher_for(&resolved.distill, &resolved.run, name, files, data)
+}
+
+fn teacher_for(
+    distill: &DistillSettings,
+    run: &RunSettings,
+    name: &str,
+    files: &ModelFiles,
+    data: &Dataset,
+) -> Result<Option<(shears_models::distill::KdSpec, f64, ModelFiles)>> {
+    let spec = distill.spec().expect("a teacher when distilling");
+    let t = load_model(name)?;
     check_teacher(files, &t)?;
-    let len = resolved.run.seq_len.unwrap_or(data.seq_len());
+    let len = run.seq_len.unwrap_or(data.seq_len());
     let max = t.config.max_position_embeddings;
     if len > max {
         return Err(Error::invalid(format!(
@@ -188,5 +222,5 @@ pub fn load_teacher(
             t.source.display()
         )));
     }
-    Ok(Some((spec, resolved.distill.alpha, t)))
+    Ok(Some((spec, distill.alpha, t)))
 }

@@ -21,7 +21,9 @@ use crate::config::{
     OptimSettings, PruneConfig, RunSettings, StageKind, TrainConfig,
 };
 use crate::driver::{self, run_loop, LoopInputs, Outcome, Stage};
-use crate::inputs::{load_model, load_teacher, open_data, run_source_model, SOURCE_MODEL_KEY};
+use crate::inputs::{
+    load_model, load_prune_teacher, load_teacher, open_data, run_source_model, SOURCE_MODEL_KEY,
+};
 use crate::lm_stage::LmStage;
 use crate::parallel::{rank_device, run_ranks, ParallelSettings, UntilEveryRank};
 use crate::prune_stage::{PruneRates, PruneStage};
@@ -127,6 +129,9 @@ pub fn prune<B: ShearsAutodiff>(
         _ => None,
     };
     let init = importance.as_ref().map(|(imp, _)| imp.log_alphas(&spec));
+    let teacher = load_prune_teacher(&resolved, &files, &data)?;
+    // The teacher's host weights, freed once every rank holds its copy.
+    let teacher = UntilEveryRank::new(teacher, resolved.run.devices);
     // Every rank starts from the same weights and the same mask initialisation (`seed`, or the
     // importance ranking).
     let outcome = run_stage(
@@ -137,8 +142,13 @@ pub fn prune<B: ShearsAutodiff>(
         device,
         files.clone(),
         |files, device| {
-            PruneStage::<B>::new_with(files, &spec, rates, seed, init.as_ref(), device)
-                .map(|s| s.with_compute(compute))
+            let stage =
+                PruneStage::<B>::new_with(files, &spec, rates, seed, init.as_ref(), device)?
+                    .with_compute(compute);
+            teacher.use_once(|t| match t {
+                Some((spec, alpha, t)) => stage.with_teacher(t, *spec, *alpha),
+                None => Ok(stage),
+            })
         },
     )?;
     // The scores stay with the run (a resume or another target reads them back).

@@ -11,6 +11,7 @@
 //!   clipping, the cosine schedule, per-domain eval and dynamic batch loading, guards, signals);
 //! - [`prune_stage`] / [`lm_stage`]: what differs between the two stages: the one step
 //!   implementation production, the PyTorch parity tests and the benchmarks all run;
+//! - [`teacher`]: the distillation teacher and the objective both stages share;
 //! - [`checkpoint`] / [`run_dir`]: atomic checkpoints and the run directory, for exact resume;
 //!   [`checkpoint::Checkpoint`] is how everything outside the loop reads a run's checkpoint;
 //! - [`params`]: parameters by name (clipping, optimizer state across restarts, all-reduce);
@@ -43,6 +44,7 @@ pub mod prune_stage;
 pub mod records;
 pub mod run_dir;
 pub mod schedule;
+pub mod teacher;
 
 pub use compute::Compute;
 pub use config::{PruneConfig, TrainConfig};

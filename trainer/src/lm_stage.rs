@@ -13,8 +13,7 @@ use shears_core::formats::safetensors::{self, LazyTensors};
 use shears_core::{DType, Error, ModelFiles, Result, WeightMap};
 use shears_data::Dataset;
 use shears_models::distill::KdSpec;
-use shears_models::loss::scalar;
-use shears_models::{load, recompute, Llama, ShearsOps};
+use shears_models::{load, recompute, Llama};
 
 use crate::compute::Compute;
 use crate::config::StageKind;
@@ -23,6 +22,7 @@ use crate::optim::AdamWSettings;
 use crate::parallel::Comm;
 use crate::params::{self, NamedParam};
 use crate::records::{EvalExtras, StageState, TrainState};
+use crate::teacher::{objective, Teacher};
 use shears_eval::domain::{batch_tensor, domain_sums, summed_nll, DomainSum, EvalSettings, Part};
 
 /// A continued pre-training run's model and optimizer.
@@ -36,14 +36,6 @@ pub struct LmStage<B: ShearsAutodiff> {
     device: B::Device,
     compute: Compute,
     teacher: Option<Teacher<B::InnerBackend>>,
-}
-
-/// The distillation teacher: forward only, on the inner (non-autodiff) backend.
-struct Teacher<B: ShearsOps> {
-    model: Llama<B>,
-    spec: KdSpec,
-    /// Weight of the KD term; the LM loss gets `1 − alpha`.
-    alpha: f64,
 }
 
 impl<B: ShearsAutodiff> LmStage<B> {
@@ -86,15 +78,7 @@ impl<B: ShearsAutodiff> LmStage<B> {
     /// bf16-mixed) with weight `alpha` on the KD term (call after [`LmStage::with_compute`]).
     /// `alpha = 0` keeps no teacher: training is exactly the LM loss's.
     pub fn with_teacher(mut self, teacher: &ModelFiles, spec: KdSpec, alpha: f64) -> Result<Self> {
-        if alpha <= 0.0 {
-            return Ok(self);
-        }
-        let dtype = match self.compute.precision {
-            crate::compute::Precision::F32 => DType::F32,
-            crate::compute::Precision::Bf16Mixed => DType::BF16,
-        };
-        let model = load::from_files::<B::InnerBackend>(teacher, &self.device, dtype)?;
-        self.teacher = Some(Teacher { model, spec, alpha });
+        self.teacher = Teacher::load(teacher, spec, alpha, self.compute.precision, &self.device)?;
         Ok(self)
     }
 
@@ -145,28 +129,9 @@ impl<B: ShearsAutodiff> Stage<B> for LmStage<B> {
                 .as_ref()
                 .map(|t| t.model.distill_rows(ids.clone().inner()));
             // The objective on the final hidden states: the mean NLL, or (1 − α)·LM + α·KD.
+            let teacher = self.teacher.as_ref().zip(rows.as_ref());
             let mut head = |y: Tensor<B, 3>, ids: Tensor<B, 2, Int>| {
-                let Some((t, rows)) = self.teacher.as_ref().zip(rows.as_ref()) else {
-                    let loss = model.token_nll(y, ids).mean();
-                    let value = scalar(loss.clone());
-                    return (loss, value);
-                };
-                let (sur, v) = model.distill_surrogate(
-                    y.clone(),
-                    ids.clone(),
-                    &t.model,
-                    rows.clone(),
-                    &t.spec,
-                    t.alpha,
-                );
-                kd += v.kd;
-                if t.alpha < 1.0 {
-                    let loss = model.token_nll(y, ids).mean();
-                    let value = scalar(loss.clone());
-                    (loss.mul_scalar(1.0 - t.alpha) + sur, value)
-                } else {
-                    (sur, v.nll)
-                }
+                objective(model, teacher, y, ids, &mut kd)
             };
             if self.compute.by_layers() {
                 lm += recompute::backward_by_layers_with_head(

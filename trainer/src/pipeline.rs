@@ -43,6 +43,8 @@ pub struct PrunePart {
     pub optim: OptimSettings,
     pub pruning: PruningSettings,
     pub dbl: DblSettings,
+    /// Distillation while pruning (`[prune.distill]`; `teacher = "source"`: the source).
+    pub distill: DistillSettings,
 }
 
 /// The continued pre-training stage of a pipeline. Its domain weights start from the pruning
@@ -449,6 +451,7 @@ impl<'a, B: ShearsAutodiff> PipelineRun<'a, B> {
             optim: plan.prune.optim.clone(),
             pruning: plan.prune.pruning.clone(),
             dbl: plan.prune.dbl.clone(),
+            distill: plan.prune.distill.clone(),
         };
         let t = Instant::now();
         if cfg.pruning.method == PruneMethod::Importance {

@@ -8,11 +8,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::optim::ShearsAdamW;
+use crate::teacher::{objective, Teacher};
 use burn::optim::{adaptor::OptimizerAdaptor, GradientsParams, Optimizer};
+use burn::tensor::{Int, Tensor};
 use rand::{rngs::StdRng, SeedableRng};
 use shears_core::formats::safetensors::{self, LazyTensors};
 use shears_core::{DType, Error, ModelFiles, Result, WeightMap};
 use shears_data::Dataset;
+use shears_models::distill::KdSpec;
 use shears_models::loss::scalar;
 use shears_models::{load, recompute, Llama};
 use shears_pruning::constraint::target_at;
@@ -22,7 +25,7 @@ use shears_pruning::{L0Masks, Lagrangian, PerModule, PruningModel, PruningSpec};
 
 use crate::compute::Compute;
 use crate::config::StageKind;
-use crate::driver::{Stage, StepLosses};
+use crate::driver::{DistillLoss, Stage, StepLosses};
 use crate::optim::AdamWSettings;
 use crate::parallel::Comm;
 use crate::params::{self, NamedParam};
@@ -88,6 +91,9 @@ pub struct PruneStage<B: ShearsAutodiff> {
     pending: Option<[GradientsParams; 3]>,
     device: B::Device,
     compute: Compute,
+    /// KD during pruning (method §12): the frozen source (or another model) as teacher of the
+    /// masked student.
+    teacher: Option<Teacher<B::InnerBackend>>,
 }
 
 fn aux(rates: &PruneRates) -> AdamWSettings {
@@ -157,9 +163,17 @@ impl<B: ShearsAutodiff> PruneStage<B> {
             pending: None,
             device,
             compute: Compute::default(),
+            teacher: None,
         };
         s.refresh_names();
         s
+    }
+
+    /// Distil from `teacher` while pruning, with weight `alpha` on the KD term (call after
+    /// [`PruneStage::with_compute`]); `alpha = 0` keeps no teacher.
+    pub fn with_teacher(mut self, teacher: &ModelFiles, spec: KdSpec, alpha: f64) -> Result<Self> {
+        self.teacher = Teacher::load(teacher, spec, alpha, self.compute.precision, &self.device)?;
+        Ok(self)
     }
 
     /// Compute with `compute`'s precision, optimizer-state precision (of the model weights; the
@@ -209,6 +223,54 @@ impl<B: ShearsAutodiff> PruneStage<B> {
     }
 }
 
+/// One micro-batch of a pruning step.
+struct Micro<B: ShearsAutodiff> {
+    ids: Tensor<B, 2, Int>,
+    /// Seeds the mask sample (the same for every recomputed segment).
+    seed: u64,
+    step: usize,
+    warmup: usize,
+    /// `1 / micro-batches`.
+    scale: f64,
+    by_layers: bool,
+}
+
+/// The gradients of one micro-batch's `(1 − α)·LM + α·KD` on the masked student (layer by
+/// layer when checkpointing) plus the Lagrangian, handed to `add` per parameter group.
+/// Returns the mean NLL and the Lagrangian's value.
+fn distill_micro<B: ShearsAutodiff>(
+    state: &PruningModel<B>,
+    m: Micro<B>,
+    teacher: (&Teacher<B::InnerBackend>, &Tensor<B::InnerBackend, 2>),
+    kd: &mut f64,
+    add: &mut dyn FnMut(GroupGradients),
+) -> (f64, f64) {
+    let model = &state.model;
+    let masks = || Some(state.sample_masks(&mut StdRng::seed_from_u64(m.seed)));
+    let mut head =
+        |y: Tensor<B, 3>, ids: Tensor<B, 2, Int>| objective(model, Some(teacher), y, ids, kd);
+    let lm = if m.by_layers {
+        recompute::backward_by_layers_with_head(
+            model,
+            m.ids,
+            &masks,
+            m.scale,
+            &mut |g| add(state.split_gradients(g)),
+            &mut head,
+        )
+    } else {
+        let fm = masks().expect("masks");
+        let y = model.hidden_states_masked(m.ids.clone(), None, Some(&fm));
+        let (loss, value) = head(y, m.ids);
+        add(state.split_gradients(loss.mul_scalar(m.scale).backward()));
+        value
+    };
+    let term = state.lagrangian_term(m.step, m.warmup);
+    let lag = scalar(term.clone());
+    add(state.split_gradients(term.mul_scalar(m.scale).backward()));
+    (lm, lag)
+}
+
 impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
     fn kind(&self) -> StageKind {
         StageKind::Prune
@@ -228,7 +290,7 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
             GradientsParams::new(),
             GradientsParams::new(),
         ];
-        let (mut lm, mut lag) = (0.0, 0.0);
+        let (mut lm, mut lag, mut kd) = (0.0, 0.0, 0.0);
         let names = &self.names;
         let add = |acc: &mut [GradientsParams; 3], g: GroupGradients| {
             params::accumulate::<B::InnerBackend>(&names[0], &mut acc[0], g.model);
@@ -237,6 +299,23 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
         };
         for (i, seqs) in micro.iter().enumerate() {
             let ids = batch_tensor::<B>(seqs, &self.device);
+            if let Some(t) = &self.teacher {
+                let rows = t.model.distill_rows(ids.clone().inner());
+                let micro = Micro {
+                    ids,
+                    seed: seeds[i],
+                    step,
+                    warmup: self.rates.lagrangian_warmup_steps,
+                    scale: 1.0 / n as f64,
+                    by_layers: self.compute.by_layers(),
+                };
+                let (l, g) = distill_micro(&state, micro, (t, &rows), &mut kd, &mut |g| {
+                    add(&mut acc, g)
+                });
+                lm += l;
+                lag = g;
+                continue;
+            }
             if self.compute.by_layers() {
                 // The LM loss segment by segment (masks re-sampled from the same seed for each),
                 // then the Lagrangian, which depends on the masks' parameters only.
@@ -269,7 +348,10 @@ impl<B: ShearsAutodiff> Stage<B> for PruneStage<B> {
         StepLosses {
             lm: lm / n as f64,
             lagrangian: Some(lag),
-            distill: None,
+            distill: self.teacher.as_ref().map(|t| DistillLoss {
+                alpha: t.alpha,
+                kd: kd / n as f64,
+            }),
         }
     }
 

@@ -182,7 +182,8 @@ impl CheckRanges for PruneConfig {
         self.run.check_ranges("run")?;
         self.optim.check_ranges("optim")?;
         self.pruning.check_ranges("pruning")?;
-        self.dbl.check_ranges("dbl")
+        self.dbl.check_ranges("dbl")?;
+        self.distill.check_ranges("distill")
     }
 }
 

@@ -380,6 +380,10 @@ pub struct PruneConfig {
     pub pruning: PruningSettings,
     #[serde(default)]
     pub dbl: DblSettings,
+    /// Distillation while pruning (method §12): `teacher = "source"` is the model being pruned,
+    /// frozen as it was before the stage (one extra forward-only copy).
+    #[serde(default)]
+    pub distill: DistillSettings,
 }
 
 /// `shears train --config train.toml`: continued pre-training.
