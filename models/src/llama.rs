@@ -224,7 +224,7 @@ impl<B: ShearsOps> Mlp<B> {
     pub fn activation(&self, x: Tensor<B, 3>, z_int: Option<&Tensor<B, 1>>) -> Tensor<B, 3> {
         let gate = linear(&self.gate_proj, x.clone());
         let up = linear(&self.up_proj, x);
-        let act = match (self.act, z_int) {
+        match (self.act, z_int) {
             (Activation::Silu, Some(z)) => ops::swiglu_masked(gate, up, z),
             (Activation::Silu, None) => ops::swiglu(gate, up),
             (Activation::GeluTanh, z) => {
@@ -237,8 +237,7 @@ impl<B: ShearsOps> Mlp<B> {
                     None => y,
                 }
             }
-        };
-        act
+        }
     }
 }
 

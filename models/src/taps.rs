@@ -6,7 +6,7 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::llama::upcast;
+use crate::ops::tensor::upcast;
 
 /// One layer's sums over every tapped token, in f32 on the model's device.
 #[derive(Debug, Clone)]

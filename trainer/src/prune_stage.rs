@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::optim::ShearsAdamW;
-use crate::teacher::{objective, Teacher};
+use crate::teacher::{objective, Teacher, TeacherRows};
 use burn::optim::{adaptor::OptimizerAdaptor, GradientsParams, Optimizer};
 use burn::tensor::{Int, Tensor};
 use rand::{rngs::StdRng, SeedableRng};
@@ -241,7 +241,7 @@ struct Micro<B: ShearsAutodiff> {
 fn distill_micro<B: ShearsAutodiff>(
     state: &PruningModel<B>,
     m: Micro<B>,
-    teacher: (&Teacher<B::InnerBackend>, &Tensor<B::InnerBackend, 2>),
+    teacher: TeacherRows<'_, B::InnerBackend>,
     kd: &mut f64,
     add: &mut dyn FnMut(GroupGradients),
 ) -> (f64, f64) {

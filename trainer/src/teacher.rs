@@ -40,12 +40,15 @@ impl<B: ShearsOps> Teacher<B> {
     }
 }
 
+/// A teacher with its rows for the micro-batch at hand (`Llama::distill_rows` of the ids).
+pub type TeacherRows<'a, B> = (&'a Teacher<B>, &'a Tensor<B, 2>);
+
 /// The step objective on the student's final hidden states `y` for `ids`, given the teacher and
 /// its rows for the same ids (`Llama::distill_rows`): the tensor to differentiate and the mean
 /// NLL's value; the mean KD value is added to `kd`.
 pub fn objective<B: ShearsAutodiff>(
     model: &Llama<B>,
-    teacher: Option<(&Teacher<B::InnerBackend>, &Tensor<B::InnerBackend, 2>)>,
+    teacher: Option<TeacherRows<'_, B::InnerBackend>>,
     y: Tensor<B, 3>,
     ids: Tensor<B, 2, Int>,
     kd: &mut f64,
