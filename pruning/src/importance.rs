@@ -2,7 +2,7 @@
 //! calibration sequences, read through the model's activation taps, and the two ways Shears uses
 //! them: L0 masks whose step-0 deterministic mask is the importance-ranked target
 //! ([`Importance::log_alphas`]), and one-shot pruning to the target ([`Importance::masks`], then
-//! [`crate::finalize`]).
+//! [`crate::finalize()`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -147,7 +147,7 @@ impl Importance {
     }
 
     /// One-shot pruning's masks: exactly 1 on every row's importance top-k, 0 elsewhere (the
-    /// kept sets of [`Importance::log_alphas`]' step-0 mask), for [`crate::finalize`].
+    /// kept sets of [`Importance::log_alphas`]' step-0 mask), for [`crate::finalize()`].
     pub fn masks(&self, spec: &PruningSpec) -> HostMasks {
         let values = PerModule::from_fn(&spec.modules, |m| {
             let k = spec.target_kept(m);
