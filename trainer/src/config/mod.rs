@@ -465,7 +465,7 @@ impl StageKind {
     /// The plan sections this stage reads, besides `model`, `data` (and `target`).
     fn sections(self) -> &'static [&'static str] {
         match self {
-            StageKind::Prune => &["run", "optim", "pruning", "dbl"],
+            StageKind::Prune => &["run", "optim", "pruning", "dbl", "distill"],
             StageKind::Train => &["run", "optim", "dbl", "distill"],
         }
     }
@@ -496,12 +496,10 @@ impl StageKind {
             ),
             ("dbl.initial_weights_from", "unset".into()),
         ];
-        if self == StageKind::Train {
-            d.push((
-                "distill.teacher",
-                "unset (no distillation); \"source\" or a model".into(),
-            ));
-        }
+        d.push((
+            "distill.teacher",
+            "unset (no distillation); \"source\" or a model".into(),
+        ));
         if self == StageKind::Prune {
             d.push((
                 "pruning.lagrangian_warmup_steps",
@@ -510,6 +508,10 @@ impl StageKind {
             d.push((
                 "pruning.modules",
                 "every module whose target differs from the source".into(),
+            ));
+            d.push((
+                "pruning.importance_file",
+                "unset (measured on pruning.calib sequences when importance is used)".into(),
             ));
         }
         d
