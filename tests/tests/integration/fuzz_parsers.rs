@@ -569,3 +569,58 @@ fn run_state_files_survive_mutation() {
     }
     tally.finish();
 }
+
+/// `importance.safetensors`: a valid score file mutated byte-wise, read for its source, then
+/// turned into importance-initialised `log_alpha`s and one-shot masks for a target.
+#[test]
+fn importance_files_survive_mutation() {
+    use shears_pruning::{Importance, PruningSpec, TargetShape};
+    quiet_panics();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = LlamaConfig::from_json_str(
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":16,"hidden_size":8,"intermediate_size":6,
+        "num_hidden_layers":3,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":2,
+        "rms_norm_eps":1e-5}"#,
+    )
+    .unwrap();
+    let imp = Importance {
+        heads: vec![vec![0.5, 1.0, 2.0, 0.1]; 3],
+        intermediate: vec![vec![1.0, 3.0, 2.0, 0.0, 5.0, 4.0]; 3],
+        hidden: (0..8).map(|i| i as f32).collect(),
+        layers: vec![0.3, 0.1, 0.2],
+        tokens: 64,
+    };
+    let path = tmp.path().join("importance.safetensors");
+    imp.save(&path, &cfg).unwrap();
+    let base = std::fs::read(&path).unwrap();
+    let target = TargetShape {
+        num_hidden_layers: 2,
+        hidden_size: 4,
+        num_attention_heads: 1,
+        num_key_value_heads: 1,
+        intermediate_size: 3,
+    };
+    let spec = PruningSpec::new(&cfg, target, None).unwrap();
+    let mut tally = Tally::new("importance.safetensors");
+    for seed in first_seed()..first_seed() + cases() {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut bytes = base.clone();
+        mutate(&mut rng, &mut bytes);
+        std::fs::write(&path, &bytes).unwrap();
+        tally.case(seed, "importance.safetensors", || {
+            let got = Importance::load(&path, &cfg).map_err(|e| e.to_string())?;
+            let las = got.log_alphas(&spec);
+            let masks = got.masks(&spec);
+            for m in spec.modules.clone() {
+                let (rows, n) = spec.mask_shape(m);
+                if las.get(m).map(Vec::len) != Some(rows * n)
+                    || masks.get(m).map(<[f32]>::len) != Some(rows * n)
+                {
+                    panic!("{}: wrong mask size", m.name());
+                }
+            }
+            Ok(())
+        });
+    }
+    tally.finish();
+}
