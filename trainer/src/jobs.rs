@@ -119,7 +119,7 @@ pub fn prune<B: ShearsAutodiff>(
     // An importance init, unless a checkpoint restores the masks.
     let resuming = job.resume && Checkpoint::find(&job.out, None).is_ok();
     let importance = match resolved.pruning.init {
-        MaskInit::Importance if !resuming => Some(calibrate::importance::<B>(
+        MaskInit::Importance if !resuming => Some(calibrate::importance::<B::InnerBackend>(
             &resolved.pruning,
             &files,
             &data,
