@@ -44,8 +44,9 @@ seed = 17
 exhaustion = "wrap"
 [pruning]
 $2
-$3
 PLAN
+  # Extra sections, with \n for newlines (a variant is one line: see `read` below).
+  printf '%b\n' "$3" >> "$OUT/$1.toml"
 }
 
 evaluate() { # name, model
@@ -55,7 +56,7 @@ evaluate() { # name, model
 
 variants=("l0-uniform|init = \"uniform\"|" "l0-importance|init = \"importance\"|" "oneshot|method = \"importance\"|")
 if [ "$KD" = 1 ]; then
-  kd=$'[distill]\nteacher = "source"\nalpha = 1.0'
+  kd='[distill]\nteacher = "source"\nalpha = 1.0'
   variants+=("l0-uniform-kd|init = \"uniform\"|$kd" "l0-importance-kd|init = \"importance\"|$kd")
 fi
 [ -f "$OUT/source.eval.json" ] || evaluate source smollm2
