@@ -197,9 +197,19 @@ fn one_shot(backend: BackendKind, cfg: PruneConfig, out: PathBuf, a: &StageArgs)
         },
     )?
     .with_context(|| format!("cannot prune into {}", out.display()))?;
-    let t = TargetShape::of(&r.config);
     eprintln!(
-        "pruned in one shot by activation importance: {} → {} parameters; {} layers, hidden {}, {} heads ({} kv), intermediate {}",
+        "pruned in one shot by activation importance: {}",
+        pruned_shape(&r)
+    );
+    println!("{}", r.out.display());
+    Ok(Ended::Done)
+}
+
+/// `N → M parameters; the target's shape`, as finalize and one-shot pruning report it.
+fn pruned_shape(r: &jobs::FinalizeReport) -> String {
+    let t = TargetShape::of(&r.config);
+    format!(
+        "{} → {} parameters; {} layers, hidden {}, {} heads ({} kv), intermediate {}",
         r.source_params,
         r.pruned_params,
         t.num_hidden_layers,
@@ -207,9 +217,7 @@ fn one_shot(backend: BackendKind, cfg: PruneConfig, out: PathBuf, a: &StageArgs)
         t.num_attention_heads,
         t.num_key_value_heads,
         t.intermediate_size
-    );
-    println!("{}", r.out.display());
-    Ok(Ended::Done)
+    )
 }
 
 pub fn train(backend: BackendKind, a: StageArgs) -> Result<Ended> {
@@ -321,18 +329,11 @@ pub fn finalize(backend: BackendKind, a: FinalizeArgs) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        let t = TargetShape::of(&r.config);
         eprintln!(
-            "finalized {} (step {}): {} → {} parameters; {} layers, hidden {}, {} heads ({} kv), intermediate {}",
+            "finalized {} (step {}): {}",
             r.checkpoint.display(),
             r.step,
-            r.source_params,
-            r.pruned_params,
-            t.num_hidden_layers,
-            t.hidden_size,
-            t.num_attention_heads,
-            t.num_key_value_heads,
-            t.intermediate_size
+            pruned_shape(&r)
         );
         println!("{}", r.out.display());
     }

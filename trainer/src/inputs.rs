@@ -115,11 +115,16 @@ pub fn teacher_model(c: &TrainConfig) -> Result<Option<String>> {
 pub fn run_source_model(run: &Path) -> Option<String> {
     let text = std::fs::read_to_string(run.join(crate::run_dir::RESOLVED)).ok()?;
     let v: toml::Value = toml::from_str(&text).ok()?;
-    let model = v.get("model")?.as_str()?.to_string();
-    Some(match std::fs::canonicalize(&model) {
+    Some(source_model_name(v.get("model")?.as_str()?))
+}
+
+/// A model argument as a finalized model records its source: an absolute path where it names an
+/// existing file or directory, else the name as given.
+pub fn source_model_name(model: &str) -> String {
+    match std::fs::canonicalize(model) {
         Ok(p) => p.display().to_string(),
-        Err(_) => model,
-    })
+        Err(_) => model.to_string(),
+    }
 }
 
 /// The metadata key of `masks.safetensors` that records the source model of a finalized model.

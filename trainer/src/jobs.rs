@@ -22,7 +22,8 @@ use crate::config::{
 };
 use crate::driver::{self, run_loop, LoopInputs, Outcome, Stage};
 use crate::inputs::{
-    load_model, load_prune_teacher, load_teacher, open_data, run_source_model, SOURCE_MODEL_KEY,
+    load_model, load_prune_teacher, load_teacher, open_data, run_source_model, source_model_name,
+    SOURCE_MODEL_KEY,
 };
 use crate::lm_stage::LmStage;
 use crate::parallel::{rank_device, run_ranks, ParallelSettings, UntilEveryRank};
@@ -321,9 +322,7 @@ pub fn prune_one_shot<B: ShearsOps>(
         ("method".to_string(), "importance".to_string()),
         (
             SOURCE_MODEL_KEY.to_string(),
-            std::fs::canonicalize(&config.model)
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|_| config.model.clone()),
+            source_model_name(&config.model),
         ),
     ]
     .into();
